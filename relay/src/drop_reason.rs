@@ -1,0 +1,116 @@
+//! Why the relay refused a packet. Every refusal has exactly one reason, counted per
+//! worker and exported by name.
+
+/// The reason a packet was dropped instead of forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Shorter than the four-byte message header.
+    Truncated,
+    /// A known type whose length is not the exact handshake size, or a transport
+    /// message shorter than 32 bytes or not a multiple of 16.
+    BadLength,
+    /// One of the three reserved header bytes is not zero.
+    ReservedNonZero,
+    /// The first byte is not 1, 2, 3 or 4.
+    UnknownType,
+    /// An initiation whose mac1 matches no configured exit.
+    NoExit,
+    /// An initiation on a listen port pinned to an exit, whose mac1 is not for that exit.
+    Mac1Mismatch,
+    /// The source exceeded its handshake rate.
+    RateLimited,
+    /// The table of pending handshakes is full; new handshakes wait until it drains.
+    PendingFull,
+    /// The session table is full; established sessions are never evicted for new ones.
+    SessionsFull,
+    /// This client address already has the most sessions one address may hold.
+    ClientSessionLimit,
+    /// A response, cookie reply or transport message from an address with no session.
+    UnknownClient,
+    /// A message from a known client whose receiver index the exit never assigned.
+    UnknownIndex,
+    /// A message of a kind that never travels in this direction.
+    UnexpectedMessage,
+    /// A packet from an exit for a session that has gone (closed between receive and handling).
+    NoSession,
+    /// Sending would give an unverified client address more bytes than it sent us.
+    AmplificationLimit,
+    /// The exit-facing socket for a new session could not be opened.
+    SocketUnavailable,
+    /// The kernel refused to send the packet.
+    SendFailed,
+}
+
+impl DropReason {
+    /// Every reason, in the order of [`DropReason::index`].
+    pub const ALL: [DropReason; 17] = [
+        DropReason::Truncated,
+        DropReason::BadLength,
+        DropReason::ReservedNonZero,
+        DropReason::UnknownType,
+        DropReason::NoExit,
+        DropReason::Mac1Mismatch,
+        DropReason::RateLimited,
+        DropReason::PendingFull,
+        DropReason::SessionsFull,
+        DropReason::ClientSessionLimit,
+        DropReason::UnknownClient,
+        DropReason::UnknownIndex,
+        DropReason::UnexpectedMessage,
+        DropReason::NoSession,
+        DropReason::AmplificationLimit,
+        DropReason::SocketUnavailable,
+        DropReason::SendFailed,
+    ];
+    /// Number of distinct reasons.
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// A dense index for per-reason counter arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The stable name used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Truncated => "truncated",
+            DropReason::BadLength => "bad_length",
+            DropReason::ReservedNonZero => "reserved_nonzero",
+            DropReason::UnknownType => "unknown_type",
+            DropReason::NoExit => "no_exit",
+            DropReason::Mac1Mismatch => "mac1_mismatch",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::PendingFull => "pending_full",
+            DropReason::SessionsFull => "sessions_full",
+            DropReason::ClientSessionLimit => "client_session_limit",
+            DropReason::UnknownClient => "unknown_client",
+            DropReason::UnknownIndex => "unknown_index",
+            DropReason::UnexpectedMessage => "unexpected_message",
+            DropReason::NoSession => "no_session",
+            DropReason::AmplificationLimit => "amplification_limit",
+            DropReason::SocketUnavailable => "socket_unavailable",
+            DropReason::SendFailed => "send_failed",
+        }
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_matches_position_in_all_and_names_are_unique() {
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+            assert!(names.insert(r.as_str()), "duplicate name {}", r.as_str());
+        }
+    }
+}

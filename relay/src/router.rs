@@ -1,0 +1,771 @@
+//! The sans-IO DoubleHop router (DESIGN §3): per-client NAT for WireGuard.
+//!
+//! Bytes, their source and `now` go in; an [`Action`] for that very buffer comes out, plus
+//! [`Command`]s for the I/O layer (open or close an exit-facing socket). The router never
+//! touches a socket or the clock, so every rule below is tested with a virtual clock.
+//!
+//! Routing:
+//! - An initiation from client address `C` picks its exit by the listen port it arrived on
+//!   (a port pinned to one exit) or else by mac1 against every exit's key. The pair
+//!   `(C, exit)` gets a session with its own exit-facing socket, connected to the exit, so the
+//!   exit sees one endpoint per client and can start handshakes towards it.
+//! - Client → exit packets are found by `C` and the receiver index, which must be one the
+//!   exit assigned (seen in its responses and initiations as they passed through).
+//! - Exit → client packets are found by the socket (slot) they arrived on.
+//!
+//! Security (DESIGN §3 requirements): nothing is sent anywhere but to a session's client or
+//! through a session's socket to its exit; a session never moves, so a spoofed packet moves
+//! nothing; until the client proves it receives what we send to it (by using an index the
+//! exit sent only to it), it never gets more bytes than it sent.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::drop_reason::DropReason;
+use crate::keys::PublicKey;
+use crate::ratelimit::HandshakeRateLimiter;
+use crate::table::ExitTable;
+use crate::wire::{Initiation, Message};
+
+/// Limits and timeouts of one worker's router.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Most sessions (pending and established) this router holds.
+    pub max_sessions: usize,
+    /// Most sessions still waiting for the exit's response.
+    pub max_pending: usize,
+    /// Most sessions one client address may hold (one per exit it talks to).
+    pub max_sessions_per_client: usize,
+    /// A handshake the exit has not answered within this time is forgotten. WireGuard
+    /// clients retry every REKEY_TIMEOUT (5 s).
+    pub pending_timeout: Duration,
+    /// A session without a packet either way for this long is closed. WireGuard throws its
+    /// keys away after 3 × REJECT_AFTER_TIME (540 s).
+    pub idle_timeout: Duration,
+    /// Handshake initiations per second allowed from one source address (or IPv6 /64).
+    pub handshakes_per_second: u32,
+    /// Initiations one source may send at once.
+    pub handshake_burst: u32,
+    /// Buckets of the per-source rate limiter.
+    pub rate_limit_buckets: usize,
+    /// Sessions examined per [`Router::handle_timeout`] call after a table swap.
+    pub swap_sweep_budget: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            max_sessions: 65_536,
+            max_pending: 8_192,
+            max_sessions_per_client: MAX_SESSIONS_PER_CLIENT,
+            pending_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(540),
+            handshakes_per_second: 20,
+            handshake_burst: 5,
+            rate_limit_buckets: 8_192,
+            swap_sweep_budget: 4_096,
+        }
+    }
+}
+
+/// The hard upper bound of [`RouterConfig::max_sessions_per_client`].
+pub const MAX_SESSIONS_PER_CLIENT: usize = 4;
+
+/// How many exit-assigned receiver indices a session remembers (WireGuard keeps a
+/// previous, current and next keypair, plus handshakes in flight).
+const EXIT_INDICES: usize = 8;
+
+/// A session's slot, naming its exit-facing socket. The generation tells a recycled slot
+/// from the session that used it before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionSlot {
+    pub index: u32,
+    pub generation: u32,
+}
+
+impl SessionSlot {
+    /// Packs the slot into one integer, for epoll tokens and io_uring user data.
+    pub fn to_u64(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+    pub fn from_u64(v: u64) -> Self {
+        SessionSlot {
+            index: v as u32,
+            generation: (v >> 32) as u32,
+        }
+    }
+}
+
+/// The relay socket a client packet arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Listener {
+    /// The I/O layer's own number for the socket; replies go out the same socket.
+    pub id: u16,
+    /// Its local port, for port-pinned exits.
+    pub port: u16,
+}
+
+/// What to do with the packet just handled. The payload is sent from the buffer it was
+/// received into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send through the session's exit-facing socket (connected to its exit).
+    ToExit(SessionSlot),
+    /// Send from the listener to the client.
+    ToClient {
+        listener: Listener,
+        client: SocketAddr,
+    },
+    /// Refuse it; already counted.
+    Drop(DropReason),
+}
+
+/// Work for the I/O layer. Drain these with [`Router::poll_command`] after every
+/// `handle_*` call and before acting on its [`Action`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Open a UDP socket connected to `exit` for `slot`; report failure with
+    /// [`Router::socket_failed`].
+    OpenExitSocket { slot: SessionSlot, exit: SocketAddr },
+    /// Close the socket of `slot`.
+    CloseExitSocket { slot: SessionSlot },
+}
+
+/// Packets and bytes in one direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Traffic {
+    fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+/// Counters of one router; plain integers, summed across workers at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouterStats {
+    pub client_to_exit: Traffic,
+    pub exit_to_client: Traffic,
+    /// Initiations forwarded from clients to exits.
+    pub client_handshakes: u64,
+    /// Initiations forwarded from exits to clients.
+    pub exit_handshakes: u64,
+    /// Cookie replies forwarded, either way.
+    pub cookie_replies: u64,
+    pub sessions_opened: u64,
+    pub sessions_established: u64,
+    pub sessions_expired_pending: u64,
+    pub sessions_expired_idle: u64,
+    /// Closed because their exit left the table (or changed endpoint).
+    pub sessions_closed_by_table: u64,
+    /// Closed on request (operator kill).
+    pub sessions_closed_by_request: u64,
+    pub table_swaps: u64,
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl RouterStats {
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+    /// Adds `other` into `self` (for summing workers).
+    pub fn merge(&mut self, other: &RouterStats) {
+        let t = |a: &mut Traffic, b: &Traffic| {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        };
+        t(&mut self.client_to_exit, &other.client_to_exit);
+        t(&mut self.exit_to_client, &other.exit_to_client);
+        self.client_handshakes += other.client_handshakes;
+        self.exit_handshakes += other.exit_handshakes;
+        self.cookie_replies += other.cookie_replies;
+        self.sessions_opened += other.sessions_opened;
+        self.sessions_established += other.sessions_established;
+        self.sessions_expired_pending += other.sessions_expired_pending;
+        self.sessions_expired_idle += other.sessions_expired_idle;
+        self.sessions_closed_by_table += other.sessions_closed_by_table;
+        self.sessions_closed_by_request += other.sessions_closed_by_request;
+        self.table_swaps += other.table_swaps;
+        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *a += b;
+        }
+    }
+}
+
+/// A view of one session for listings; never any payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub slot: SessionSlot,
+    pub client: SocketAddr,
+    pub listen_port: u16,
+    pub exit_key: PublicKey,
+    pub exit_endpoint: SocketAddr,
+    pub established: bool,
+    pub verified: bool,
+    pub to_exit: Traffic,
+    pub to_client: Traffic,
+    pub handshakes: u64,
+    pub age: Duration,
+    pub idle: Duration,
+}
+
+/// Receiver indices an exit assigned to one client, newest last.
+#[derive(Debug, Clone, Copy, Default)]
+struct IndexRing {
+    indices: [u32; EXIT_INDICES],
+    len: u8,
+    next: u8,
+}
+
+impl IndexRing {
+    fn push(&mut self, index: u32) {
+        if self.contains(index) {
+            return;
+        }
+        self.indices[self.next as usize] = index;
+        self.next = (self.next + 1) % EXIT_INDICES as u8;
+        self.len = (self.len + 1).min(EXIT_INDICES as u8);
+    }
+    fn contains(&self, index: u32) -> bool {
+        self.indices[..self.len as usize].contains(&index)
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    client: SocketAddr,
+    listener: Listener,
+    exit_key: PublicKey,
+    exit_endpoint: SocketAddr,
+    established: bool,
+    /// The client has shown it receives what is sent to its address.
+    verified: bool,
+    /// While unverified: bytes received from the client not yet matched by bytes sent to it.
+    budget: u64,
+    exit_indices: IndexRing,
+    created: Instant,
+    /// When the current pending handshake started (meaningful while not established).
+    pending_since: Instant,
+    last_activity: Instant,
+    to_exit: Traffic,
+    to_client: Traffic,
+    handshakes: u64,
+}
+
+impl Session {
+    fn deadline(&self, cfg: &RouterConfig) -> Instant {
+        if self.established {
+            self.last_activity + cfg.idle_timeout
+        } else {
+            self.pending_since + cfg.pending_timeout
+        }
+    }
+}
+
+/// The sessions of one client address (at most [`MAX_SESSIONS_PER_CLIENT`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct ClientSessions {
+    slots: [u32; MAX_SESSIONS_PER_CLIENT],
+    len: u8,
+}
+
+impl ClientSessions {
+    fn as_slice(&self) -> &[u32] {
+        &self.slots[..self.len as usize]
+    }
+    fn push(&mut self, index: u32) {
+        self.slots[self.len as usize] = index;
+        self.len += 1;
+    }
+    fn remove(&mut self, index: u32) {
+        if let Some(pos) = self.as_slice().iter().position(|&s| s == index) {
+            self.slots.copy_within(pos + 1..self.len as usize, pos);
+            self.len -= 1;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SlotEntry {
+    generation: u32,
+    session: Option<Session>,
+}
+
+/// Why a session ends, for counters.
+#[derive(Debug, Clone, Copy)]
+enum CloseCause {
+    PendingExpired,
+    Idle,
+    Table,
+    Request,
+    SocketFailed,
+}
+
+/// One worker's DoubleHop state machine.
+#[derive(Debug)]
+pub struct Router {
+    cfg: RouterConfig,
+    table: Arc<ExitTable>,
+    slots: Vec<SlotEntry>,
+    free: Vec<u32>,
+    clients: HashMap<SocketAddr, ClientSessions>,
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    commands: VecDeque<Command>,
+    rate_limiter: HandshakeRateLimiter,
+    live: usize,
+    pending: usize,
+    /// Next slot index to examine after a table swap, if a sweep is under way.
+    sweep: Option<u32>,
+    stats: RouterStats,
+}
+
+impl Router {
+    pub fn new(cfg: RouterConfig, table: Arc<ExitTable>, now: Instant) -> Self {
+        let mut cfg = cfg;
+        cfg.max_sessions_per_client = cfg
+            .max_sessions_per_client
+            .clamp(1, MAX_SESSIONS_PER_CLIENT);
+        let rate_limiter = HandshakeRateLimiter::new(
+            cfg.handshakes_per_second,
+            cfg.handshake_burst,
+            cfg.rate_limit_buckets,
+            now,
+        );
+        Router {
+            cfg,
+            table,
+            slots: Vec::new(),
+            free: Vec::new(),
+            clients: HashMap::new(),
+            timers: BinaryHeap::new(),
+            commands: VecDeque::new(),
+            rate_limiter,
+            live: 0,
+            pending: 0,
+            sweep: None,
+            stats: RouterStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+
+    pub fn table(&self) -> &Arc<ExitTable> {
+        &self.table
+    }
+
+    pub fn stats(&self) -> &RouterStats {
+        &self.stats
+    }
+
+    /// Sessions held, pending ones included.
+    pub fn session_count(&self) -> usize {
+        self.live
+    }
+
+    /// Sessions still waiting for the exit's first answer.
+    pub fn pending_count(&self) -> usize {
+        self.pending
+    }
+
+    /// Next command for the I/O layer.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// When [`Router::handle_timeout`] next has a session to expire, if ever. While
+    /// [`Router::sweeping`] it has work on every call.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|r| r.0 .0)
+    }
+
+    /// Counts a drop decided by the I/O layer (for example a failed send).
+    pub fn record_drop(&mut self, reason: DropReason) {
+        self.stats.drops[reason.index()] += 1;
+    }
+
+    fn drop_packet(&mut self, reason: DropReason) -> Action {
+        self.record_drop(reason);
+        Action::Drop(reason)
+    }
+
+    /// A datagram from a client arrived on `listener` from `from`.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Action {
+        let msg = match Message::parse(packet) {
+            Ok(m) => m,
+            Err(reason) => return self.drop_packet(reason),
+        };
+        let len = packet.len();
+        let (index, proves_receipt) = match msg {
+            Message::Initiation(init) => return self.client_initiation(now, listener, from, init),
+            // A response answers the exit's initiation and a cookie reply refuses it: both
+            // carry the index the exit chose, which only the real client has seen.
+            Message::Response(r) => (r.receiver_index(), true),
+            Message::CookieReply(c) => (c.receiver_index(), true),
+            Message::Transport(t) => (t.receiver_index(), true),
+        };
+        let Some(sessions) = self.clients.get(&from) else {
+            return self.drop_packet(DropReason::UnknownClient);
+        };
+        let found = sessions.as_slice().iter().copied().find(|&i| {
+            self.slots[i as usize]
+                .session
+                .as_ref()
+                .is_some_and(|s| s.exit_indices.contains(index))
+        });
+        let Some(slot_index) = found else {
+            return self.drop_packet(DropReason::UnknownIndex);
+        };
+        let entry = &mut self.slots[slot_index as usize];
+        let generation = entry.generation;
+        let s = entry
+            .session
+            .as_mut()
+            .expect("slot listed for a client holds a session");
+        s.verified |= proves_receipt;
+        s.last_activity = now;
+        s.to_exit.add(len);
+        self.stats.client_to_exit.add(len);
+        match msg {
+            Message::Response(_) => {
+                s.handshakes += 1;
+                if !s.established {
+                    s.established = true;
+                    self.pending -= 1;
+                    self.stats.sessions_established += 1;
+                }
+            }
+            Message::CookieReply(_) => self.stats.cookie_replies += 1,
+            _ => {}
+        }
+        Action::ToExit(SessionSlot {
+            index: slot_index,
+            generation,
+        })
+    }
+
+    fn client_initiation(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        init: Initiation<'_>,
+    ) -> Action {
+        if !self.rate_limiter.allow(from.ip(), now) {
+            return self.drop_packet(DropReason::RateLimited);
+        }
+        let exit = match self.table.pinned(listener.port) {
+            Some(id) => {
+                let exit = self.table.get(id).expect("pinned id is in its table");
+                if !exit.mac1_key().verify(init.mac1_input(), init.mac1()) {
+                    return self.drop_packet(DropReason::Mac1Mismatch);
+                }
+                id
+            }
+            None => match self.table.match_mac1(init.mac1_input(), init.mac1()) {
+                Some(id) => id,
+                None => return self.drop_packet(DropReason::NoExit),
+            },
+        };
+        let spec = &self.table.get(exit).expect("matched id is in its table").spec;
+        let (exit_key, exit_endpoint) = (spec.public_key, spec.endpoint);
+        let len = init.bytes().len();
+
+        let existing = self.clients.get(&from).and_then(|c| {
+            c.as_slice().iter().copied().find(|&i| {
+                self.slots[i as usize]
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.exit_key == exit_key && s.exit_endpoint == exit_endpoint)
+            })
+        });
+        let slot = match existing {
+            Some(index) => {
+                let entry = &mut self.slots[index as usize];
+                let s = entry.session.as_mut().expect("listed slot holds a session");
+                if !s.established {
+                    // A retry: the exit gets another pending_timeout to answer.
+                    s.pending_since = now;
+                }
+                if !s.verified {
+                    s.budget += len as u64;
+                }
+                s.last_activity = now;
+                s.to_exit.add(len);
+                s.handshakes += 1;
+                SessionSlot {
+                    index,
+                    generation: entry.generation,
+                }
+            }
+            None => {
+                let per_client = self.clients.get(&from).map_or(0, |c| c.len as usize);
+                if per_client >= self.cfg.max_sessions_per_client {
+                    return self.drop_packet(DropReason::ClientSessionLimit);
+                }
+                if self.live >= self.cfg.max_sessions {
+                    return self.drop_packet(DropReason::SessionsFull);
+                }
+                if self.pending >= self.cfg.max_pending {
+                    return self.drop_packet(DropReason::PendingFull);
+                }
+                let mut to_exit = Traffic::default();
+                to_exit.add(len);
+                let session = Session {
+                    client: from,
+                    listener,
+                    exit_key,
+                    exit_endpoint,
+                    established: false,
+                    verified: false,
+                    budget: len as u64,
+                    exit_indices: IndexRing::default(),
+                    created: now,
+                    pending_since: now,
+                    last_activity: now,
+                    to_exit,
+                    to_client: Traffic::default(),
+                    handshakes: 1,
+                };
+                let slot = self.insert(session);
+                self.pending += 1;
+                self.commands.push_back(Command::OpenExitSocket {
+                    slot,
+                    exit: exit_endpoint,
+                });
+                slot
+            }
+        };
+        self.stats.client_handshakes += 1;
+        self.stats.client_to_exit.add(len);
+        Action::ToExit(slot)
+    }
+
+    fn insert(&mut self, session: Session) -> SessionSlot {
+        let deadline = session.deadline(&self.cfg);
+        let client = session.client;
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(SlotEntry::default());
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let entry = &mut self.slots[index as usize];
+        entry.generation = entry.generation.wrapping_add(1);
+        entry.session = Some(session);
+        let generation = entry.generation;
+        self.clients.entry(client).or_default().push(index);
+        self.timers.push(Reverse((deadline, index, generation)));
+        self.live += 1;
+        self.stats.sessions_opened += 1;
+        SessionSlot { index, generation }
+    }
+
+    /// A datagram arrived on the exit-facing socket of `slot`.
+    pub fn handle_exit(&mut self, now: Instant, slot: SessionSlot, packet: &[u8]) -> Action {
+        let msg = match Message::parse(packet) {
+            Ok(m) => m,
+            Err(reason) => return self.drop_packet(reason),
+        };
+        let Some(entry) = self.slots.get_mut(slot.index as usize) else {
+            return self.drop_packet(DropReason::NoSession);
+        };
+        if entry.generation != slot.generation {
+            return self.drop_packet(DropReason::NoSession);
+        }
+        let Some(s) = entry.session.as_mut() else {
+            return self.drop_packet(DropReason::NoSession);
+        };
+        let len = packet.len() as u64;
+        if !s.verified {
+            if s.budget < len {
+                self.stats.drops[DropReason::AmplificationLimit.index()] += 1;
+                return Action::Drop(DropReason::AmplificationLimit);
+            }
+            s.budget -= len;
+        }
+        match msg {
+            Message::Initiation(init) => {
+                s.exit_indices.push(init.sender_index());
+                s.handshakes += 1;
+                self.stats.exit_handshakes += 1;
+            }
+            Message::Response(r) => {
+                s.exit_indices.push(r.sender_index());
+                if !s.established {
+                    s.established = true;
+                    self.pending -= 1;
+                    self.stats.sessions_established += 1;
+                }
+            }
+            Message::CookieReply(_) => self.stats.cookie_replies += 1,
+            Message::Transport(_) => {}
+        }
+        s.last_activity = now;
+        s.to_client.add(packet.len());
+        self.stats.exit_to_client.add(packet.len());
+        Action::ToClient {
+            listener: s.listener,
+            client: s.client,
+        }
+    }
+
+    /// The I/O layer could not open the socket of `slot`: forget the session.
+    pub fn socket_failed(&mut self, slot: SessionSlot) {
+        if self.close(slot, CloseCause::SocketFailed) {
+            self.record_drop(DropReason::SocketUnavailable);
+        }
+    }
+
+    /// Closes a session on request (operator kill). Returns whether it existed.
+    pub fn close_session(&mut self, slot: SessionSlot) -> bool {
+        self.close(slot, CloseCause::Request)
+    }
+
+    fn close(&mut self, slot: SessionSlot, cause: CloseCause) -> bool {
+        let Some(entry) = self.slots.get_mut(slot.index as usize) else {
+            return false;
+        };
+        if entry.generation != slot.generation {
+            return false;
+        }
+        let Some(s) = entry.session.take() else {
+            return false;
+        };
+        if let Some(c) = self.clients.get_mut(&s.client) {
+            c.remove(slot.index);
+            if c.len == 0 {
+                self.clients.remove(&s.client);
+            }
+        }
+        self.free.push(slot.index);
+        self.live -= 1;
+        if !s.established {
+            self.pending -= 1;
+        }
+        match cause {
+            CloseCause::PendingExpired => self.stats.sessions_expired_pending += 1,
+            CloseCause::Idle => self.stats.sessions_expired_idle += 1,
+            CloseCause::Table => self.stats.sessions_closed_by_table += 1,
+            CloseCause::Request => self.stats.sessions_closed_by_request += 1,
+            CloseCause::SocketFailed => {}
+        }
+        self.commands.push_back(Command::CloseExitSocket { slot });
+        true
+    }
+
+    /// Expires sessions whose time has come and continues a swap sweep.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((deadline, index, generation))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let entry = &self.slots[index as usize];
+            if entry.generation != generation {
+                continue;
+            }
+            let Some(s) = entry.session.as_ref() else {
+                continue;
+            };
+            let actual = s.deadline(&self.cfg);
+            if actual > now {
+                self.timers.push(Reverse((actual, index, generation)));
+                continue;
+            }
+            let cause = if s.established {
+                CloseCause::Idle
+            } else {
+                CloseCause::PendingExpired
+            };
+            self.close(SessionSlot { index, generation }, cause);
+        }
+        self.continue_sweep();
+    }
+
+    /// Makes `table` the one new handshakes are routed by. Sessions whose exit is still in
+    /// it (same key, same endpoint) carry on; the others are closed by a sweep spread over
+    /// the next [`Router::handle_timeout`] calls, so a swap never stalls the worker.
+    pub fn set_table(&mut self, table: Arc<ExitTable>) {
+        if Arc::ptr_eq(&table, &self.table) {
+            return;
+        }
+        self.table = table;
+        self.stats.table_swaps += 1;
+        self.sweep = Some(0);
+    }
+
+    fn continue_sweep(&mut self) {
+        let Some(start) = self.sweep else { return };
+        let end = (start as usize + self.cfg.swap_sweep_budget).min(self.slots.len());
+        for index in start as usize..end {
+            let entry = &self.slots[index];
+            let Some(s) = entry.session.as_ref() else {
+                continue;
+            };
+            let keep = self
+                .table
+                .by_key(&s.exit_key)
+                .and_then(|id| self.table.get(id))
+                .is_some_and(|e| e.spec.endpoint == s.exit_endpoint);
+            if !keep {
+                let slot = SessionSlot {
+                    index: index as u32,
+                    generation: entry.generation,
+                };
+                self.close(slot, CloseCause::Table);
+            }
+        }
+        self.sweep = (end < self.slots.len()).then_some(end as u32);
+    }
+
+    /// Whether a swap sweep is still under way.
+    pub fn sweeping(&self) -> bool {
+        self.sweep.is_some()
+    }
+
+    /// Every live session, for listings. Not for the packet path.
+    pub fn sessions(&self, now: Instant) -> impl Iterator<Item = SessionInfo> + '_ {
+        self.slots.iter().enumerate().filter_map(move |(i, e)| {
+            let s = e.session.as_ref()?;
+            Some(SessionInfo {
+                slot: SessionSlot {
+                    index: i as u32,
+                    generation: e.generation,
+                },
+                client: s.client,
+                listen_port: s.listener.port,
+                exit_key: s.exit_key,
+                exit_endpoint: s.exit_endpoint,
+                established: s.established,
+                verified: s.verified,
+                to_exit: s.to_exit,
+                to_client: s.to_client,
+                handshakes: s.handshakes,
+                age: now.saturating_duration_since(s.created),
+                idle: now.saturating_duration_since(s.last_activity),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
