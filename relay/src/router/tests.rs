@@ -159,7 +159,10 @@ fn initiation_opens_a_socket_to_the_exit_its_mac1_names() {
     );
     assert_eq!((h.r.session_count(), h.r.pending_count()), (1, 1));
     // A retry reuses the session and its socket.
-    assert_eq!(h.client(MAIN, c, &initiation(key(2), 8)), Action::ToExit(slot));
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(2), 8)),
+        Action::ToExit(slot)
+    );
     assert!(h.commands().is_empty());
     assert_eq!(h.r.stats().client_handshakes, 2);
 }
@@ -300,7 +303,10 @@ fn cookie_replies_reach_the_client_and_the_retry_goes_through() {
             client: c
         }
     );
-    assert_eq!(h.client(MAIN, c, &initiation(key(1), 42)), Action::ToExit(slot));
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(1), 42)),
+        Action::ToExit(slot)
+    );
     assert!(matches!(
         h.exit(slot, &response(77, 42)),
         Action::ToClient { .. }
@@ -431,8 +437,14 @@ fn bounds_refuse_new_handshakes_and_never_evict() {
         Action::Drop(DropReason::PendingFull)
     );
     // The established sessions in the full router are untouched.
-    assert_eq!(h.client(MAIN, client(0), &transport(10, 32)), Action::ToExit(s0));
-    assert_eq!(h.client(MAIN, client(1), &transport(11, 32)), Action::ToExit(s1));
+    assert_eq!(
+        h.client(MAIN, client(0), &transport(10, 32)),
+        Action::ToExit(s0)
+    );
+    assert_eq!(
+        h.client(MAIN, client(1), &transport(11, 32)),
+        Action::ToExit(s1)
+    );
     assert_eq!(h.r.stats().dropped(DropReason::SessionsFull), 1);
 }
 
@@ -623,7 +635,10 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(client, bytes)| Step::ClientRaw { client, bytes }),
         (0u8..8, 0u32..6).prop_map(|(slot, sender)| Step::ExitResponse { slot, sender }),
         (0u8..8, 0u32..6).prop_map(|(slot, sender)| Step::ExitInit { slot, sender }),
-        (0u8..8, 2u16..100).prop_map(|(slot, len)| Step::ExitTransport { slot, len: len * 16 }),
+        (0u8..8, 2u16..100).prop_map(|(slot, len)| Step::ExitTransport {
+            slot,
+            len: len * 16
+        }),
         (0u8..8, proptest::collection::vec(any::<u8>(), 0..200))
             .prop_map(|(slot, bytes)| Step::ExitRaw { slot, bytes }),
         (0u32..20_000).prop_map(|millis| Step::Advance { millis }),
