@@ -561,9 +561,9 @@ fn malformed_packets_are_dropped_with_their_reason() {
         (vec![], DropReason::Truncated),
         (vec![1, 0, 0], DropReason::Truncated),
         (vec![1, 0, 0, 0, 9], DropReason::BadLength),
-        (vec![4, 0, 0, 0].repeat(4), DropReason::BadLength),
-        (vec![1, 1, 0, 0].repeat(37), DropReason::ReservedNonZero),
-        (vec![9, 0, 0, 0].repeat(8), DropReason::UnknownType),
+        ([4, 0, 0, 0].repeat(7), DropReason::BadLength),
+        ([1, 1, 0, 0].repeat(37), DropReason::ReservedNonZero),
+        ([9, 0, 0, 0].repeat(8), DropReason::UnknownType),
     ];
     for (bytes, reason) in &cases {
         assert_eq!(h.client(MAIN, client(1), bytes), Action::Drop(*reason));
