@@ -59,11 +59,10 @@ impl Relay {
         self.dp.stats()
     }
 
-    /// Publishes a new exit table and wakes the workers.
+    /// Publishes a new exit table (binding any newly pinned port) and wakes the workers.
     pub fn set_exits(&self, generation: u64, exits: Vec<ExitSpec>) {
-        self.table
+        self.dp
             .publish(ExitTable::new(generation, exits).expect("valid test table"));
-        self.dp.nudge();
     }
 }
 
