@@ -102,9 +102,47 @@ pub enum StartError {
     Poll(io::Error),
 }
 
+/// A fixed-bucket latency histogram: plain integers, bounds 1 µs · 2^i.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// `buckets[i]` counts samples ≤ [`LatencyHistogram::bound_ns`]`(i)` and above the
+    /// previous bound; the last bucket also holds everything larger.
+    pub buckets: [u64; LatencyHistogram::BUCKETS],
+    pub sum_ns: u64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    pub const BUCKETS: usize = 16;
+
+    /// Upper bound of bucket `i` in nanoseconds (1 µs, 2 µs, … 32.8 ms).
+    pub fn bound_ns(i: usize) -> u64 {
+        1_000 << i
+    }
+
+    pub fn record(&mut self, ns: u64) {
+        let i = (ns.max(1).div_ceil(1_000))
+            .next_power_of_two()
+            .trailing_zeros() as usize;
+        self.buckets[i.min(Self::BUCKETS - 1)] += 1;
+        self.sum_ns += ns;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, o: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+        self.count += o.count;
+    }
+}
+
 /// I/O counters of one worker, beside its router's.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IoStats {
+    /// Time from a batch's arrival to the return of its last send.
+    pub batch_latency: LatencyHistogram,
     pub recv_calls: u64,
     pub send_calls: u64,
     /// Datagrams that arrived coalesced by GRO (counted per train).
@@ -119,6 +157,7 @@ pub struct IoStats {
 
 impl IoStats {
     pub fn merge(&mut self, o: &IoStats) {
+        self.batch_latency.merge(&o.batch_latency);
         self.recv_calls += o.recv_calls;
         self.send_calls += o.send_calls;
         self.gro_trains += o.gro_trains;
@@ -496,5 +535,23 @@ impl DataPlane {
 impl Drop for DataPlane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_by_powers_of_two_microseconds() {
+        let mut h = LatencyHistogram::default();
+        for ns in [1, 999, 1_000, 1_001, 3_000, 40_000_000] {
+            h.record(ns);
+        }
+        assert_eq!(h.buckets[0], 3, "up to 1 µs");
+        assert_eq!(h.buckets[1], 1, "up to 2 µs");
+        assert_eq!(h.buckets[2], 1, "up to 4 µs");
+        assert_eq!(h.buckets[LatencyHistogram::BUCKETS - 1], 1, "overflow");
+        assert_eq!(h.count, 6);
     }
 }

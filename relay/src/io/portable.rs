@@ -370,8 +370,12 @@ impl Worker {
                     return false;
                 }
             };
-            self.route_batch(n, source, Instant::now());
+            let arrived = Instant::now();
+            self.route_batch(n, source, arrived);
             self.transmit();
+            self.io
+                .batch_latency
+                .record(arrived.elapsed().as_nanos() as u64);
             if n < self.recv.capacity() {
                 return false;
             }
