@@ -146,6 +146,7 @@ impl Node {
     pub fn start(cfg: Config) -> Result<Node> {
         let dir = &cfg.control.state_dir;
         create_private_dir(dir)?;
+        remove_stale_temp_files(dir);
         let file = StateFile::new(dir.join("state.json"));
         let state = match file.load().map_err(anyhow::Error::msg)? {
             Some(saved) => {
@@ -277,6 +278,27 @@ fn load_sessions(path: &Path) -> Vec<SessionSnapshot> {
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable sessions file");
             Vec::new()
+        }
+    }
+}
+
+/// Removes temporary files a killed node left behind (see [`write_atomically`]).
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(".json.tmp.") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %name, "removed a temporary file left by an earlier crash")
+                }
+                Err(err) => {
+                    tracing::warn!(file = %name, error = %err, "cannot remove stale temporary file")
+                }
+            }
         }
     }
 }
