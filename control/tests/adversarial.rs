@@ -369,7 +369,7 @@ impl Tunnel {
         mut exit: WgNode,
         bind: SocketAddr,
         timeout: Duration,
-    ) -> Result<Tunnel, WgNode> {
+    ) -> Result<Tunnel, Box<WgNode>> {
         let mut client = WgNode::bind(bind, KeyPair::generate()).unwrap();
         let cp = client.add_peer(
             exit.keys().public,
@@ -393,7 +393,7 @@ impl Tunnel {
             }
             t.client.initiate(t.cp).ok();
         }
-        Err(t.exit)
+        Err(Box::new(t.exit))
     }
 
     /// Sends `size`-byte IP packets client → exit for `time`, paced at `pps` or as fast as
