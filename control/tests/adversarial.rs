@@ -11,7 +11,9 @@
 //! Every test is short by default (each well under a minute, in CI). For the figures in
 //! RELIABILITY.md, `tools/adversarial` runs them in release with longer phases:
 //! `WRAITHGATE_ADVERSARIAL_SECS` sets a phase's length, `WRAITHGATE_SOAK_SECS` the soak's,
-//! and `WRAITHGATE_ADVERSARIAL_REPORT=FILE` appends each test's figures to FILE as JSON.
+//! `WRAITHGATE_ADVERSARIAL_SOURCES` and `_FLOOD_PPS` the handshake flood's size,
+//! `WRAITHGATE_ADVERSARIAL_UNPACED=1` lets the real session send as fast as it can, and
+//! `WRAITHGATE_ADVERSARIAL_REPORT=FILE` appends each test's figures to FILE as JSON.
 //! The tests take a lock so that they never load the machine at the same time.
 
 use std::collections::HashMap;
@@ -47,6 +49,13 @@ fn env_secs(name: &str, default: f64) -> Duration {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(default);
     Duration::from_secs_f64(secs)
+}
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Length of one measured phase.
@@ -652,8 +661,8 @@ fn adversarial_handshake_flood_from_spoofed_sources_spares_a_real_session() {
 
     let quiet = tunnel.run(t, pace, 1200);
     let before = node.settled_metrics();
-    let n_sources = 512usize;
-    let flood_pps = 20_000.0;
+    let n_sources = env_count("WRAITHGATE_ADVERSARIAL_SOURCES", 512);
+    let flood_pps = env_count("WRAITHGATE_ADVERSARIAL_FLOOD_PPS", 20_000) as f64;
     let stop = Arc::new(AtomicBool::new(false));
     let attacker = flood(
         sources(20, n_sources),
