@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wraithgate_control::config::{Config, ConfigError};
+use wraithgate_control::state::DesiredState;
 use wraithgate_relay::router::{Router, MAX_SESSIONS_PER_CLIENT};
 
 pub fn check(data: &[u8]) {
@@ -31,6 +32,16 @@ pub fn check(data: &[u8]) {
             for s in c.table.specs() {
                 assert!(s.endpoint.port() != 0 && !s.endpoint.ip().is_unspecified());
                 assert_ne!(s.listen_port, Some(0));
+            }
+            // On first start the node seeds its state from these exits and refuses to run
+            // on a state that does not validate: a file `--check` passes must start.
+            let seed = DesiredState {
+                generation: 1,
+                exits: c.table.specs().cloned().collect(),
+                peers: vec![],
+            };
+            if let Err(e) = seed.validate() {
+                panic!("accepted a file whose exits make an invalid state: {e}");
             }
             // A worker can be built from it.
             let router = Router::new(r.clone(), Arc::new(c.table), Instant::now());
