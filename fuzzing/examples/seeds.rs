@@ -1,6 +1,7 @@
-//! Writes the hand-made seed inputs of every fuzz target into `fuzz/corpus/<target>/`
-//! (`cargo run -p wraithgate-fuzzing --example seeds`). The fuzzer grows the corpus from
-//! them; `tools/fuzz` minimises it.
+//! Writes the hand-made seed inputs of every fuzz target into `fuzz/seeds/<target>/`
+//! (`cargo run -p wraithgate-fuzzing --example seeds`). They stay as they are: `tools/fuzz`
+//! hands them to libFuzzer beside the corpus it grows and minimises (`fuzz/corpus/`), and
+//! the stable replay runs both.
 
 use std::path::{Path, PathBuf};
 
@@ -327,7 +328,7 @@ fn main() {
     let root = std::env::args()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds"));
     write(&root, "router", router_seeds());
     write(&root, "wire", wire_seeds());
     write(&root, "config", config_seeds());

@@ -1,24 +1,32 @@
-//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) through the very checks the
-//! fuzz targets run, on stable, in every `cargo test`. A failing input found by the fuzzer
-//! is committed into its target's corpus, so it stays fixed.
+//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/` and `fuzz/seeds/<target>/`)
+//! through the very checks the fuzz targets run, on stable, in every `cargo test`. An input
+//! the fuzzer found failing is committed as `fuzz/seeds/<target>/regression-*`, so it stays
+//! fixed (minimisation never removes it).
 
 use std::path::PathBuf;
 
 use wraithgate_fuzzing::TARGETS;
 
+/// The target's corpus (`fuzz/corpus/<target>/`, grown and minimised by the fuzzer) and its
+/// seeds (`fuzz/seeds/<target>/`: hand-made inputs and `regression-*` inputs that once
+/// failed, kept as they are).
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
-        .map(|e| e.expect("directory entry").path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let bytes = std::fs::read(&p).expect("readable corpus file");
-            (p, bytes)
-        })
-        .collect();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let mut inputs = Vec::new();
+    for dir in [
+        root.join("corpus").join(target),
+        root.join("seeds").join(target),
+    ] {
+        let entries =
+            std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()));
+        for e in entries {
+            let p = e.expect("directory entry").path();
+            if p.is_file() {
+                let bytes = std::fs::read(&p).expect("readable corpus file");
+                inputs.push((p, bytes));
+            }
+        }
+    }
     inputs.sort();
     inputs
 }
