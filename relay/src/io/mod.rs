@@ -6,6 +6,7 @@
 //! nothing but the read-only [`ExitTable`] snapshot, and talk to the rest of the process
 //! only through a request channel drained once per loop iteration.
 
+mod plan;
 pub mod portable;
 pub mod sys;
 

@@ -19,10 +19,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use socket2::Socket;
 
-use super::sys::{self, RecvBatch, SendBatch, Transmit, MAX_GSO_SEGMENTS};
+use super::plan::{self, Run, Source, Target};
+use super::sys::{self, RecvBatch, SendBatch, Transmit};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
-use crate::router::{Action, Command, Listener, Router, SessionSlot};
+use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
 
 /// Token of the waker that interrupts a worker's wait.
@@ -56,24 +57,6 @@ struct ListenerSocket {
 struct ExitSocket {
     generation: u32,
     socket: Socket,
-}
-
-/// Where a run of segments goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Exit(SessionSlot),
-    Client { listener: u16, addr: SocketAddr },
-}
-
-/// Consecutive segments of one received message going to one target.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    target: Target,
-    msg: usize,
-    start: usize,
-    len: usize,
-    segment: usize,
-    segments: usize,
 }
 
 struct Worker {
@@ -200,17 +183,19 @@ impl Worker {
         }
         self.router.handle_timeout(now);
         self.apply_commands();
-        while let Ok(req) = self.requests.try_recv() {
-            match req {
-                WorkerRequest::Sessions(reply) => {
-                    let _ = reply.send(self.router.sessions(now).collect());
-                }
-                WorkerRequest::CloseSession { slot, reply } => {
-                    let _ = reply.send(self.router.close_session(slot));
-                    self.apply_commands();
-                }
-            }
-        }
+        let Worker {
+            requests,
+            router,
+            poll,
+            exits,
+            cfg,
+            io,
+            id,
+            ..
+        } = self;
+        plan::answer_all(requests, router, now, |router| {
+            apply_commands(*id, cfg, poll, exits, io, router)
+        });
         if now.duration_since(self.last_report) >= REPORT_EVERY {
             self.publish(now);
         }
@@ -218,13 +203,7 @@ impl Worker {
 
     fn publish(&mut self, now: Instant) {
         self.last_report = now;
-        if let Ok(mut r) = self.report.lock() {
-            r.router.clone_from(self.router.stats());
-            r.io.clone_from(&self.io);
-            r.sessions = self.router.session_count();
-            r.pending = self.router.pending_count();
-            r.table_generation = self.router.table().generation();
-        }
+        plan::publish(&self.report, &self.router, &self.io);
     }
 
     /// Binds this worker's socket for listen ports pinned by a new table.
@@ -258,54 +237,14 @@ impl Worker {
     }
 
     fn apply_commands(&mut self) {
-        while let Some(cmd) = self.router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket { slot, exit } => {
-                    match sys::exit_socket(exit, self.cfg.exit_source, self.cfg.exit_socket_buffer)
-                    {
-                        Ok((socket, _gro)) => {
-                            let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
-                            let reg = self.poll.registry().register(
-                                &mut SourceFd(&socket.as_raw_fd()),
-                                token,
-                                Interest::READABLE,
-                            );
-                            if let Err(e) = reg {
-                                tracing::warn!(worker = self.id, error = %e, "cannot register exit socket");
-                                self.router.socket_failed(slot);
-                                continue;
-                            }
-                            let i = slot.index as usize;
-                            if self.exits.len() <= i {
-                                self.exits.resize_with(i + 1, || None);
-                            }
-                            self.exits[i] = Some(ExitSocket {
-                                generation: slot.generation,
-                                socket,
-                            });
-                            self.io.exit_sockets_open += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
-                            self.router.socket_failed(slot);
-                        }
-                    }
-                }
-                Command::CloseExitSocket { slot } => {
-                    let i = slot.index as usize;
-                    if let Some(Some(s)) = self.exits.get(i) {
-                        if s.generation == slot.generation {
-                            let _ = self
-                                .poll
-                                .registry()
-                                .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
-                            self.exits[i] = None;
-                            self.io.exit_sockets_open -= 1;
-                        }
-                    }
-                }
-            }
-        }
+        apply_commands(
+            self.id,
+            &self.cfg,
+            &self.poll,
+            &mut self.exits,
+            &mut self.io,
+            &mut self.router,
+        );
     }
 
     /// Serves one ready socket for a turn. Returns whether it may have more to read.
@@ -358,59 +297,32 @@ impl Worker {
             let Some(meta) = self.recv.meta(msg) else {
                 continue;
             };
-            if meta.stride < meta.len {
-                self.io.gro_trains += 1;
+            let Worker {
+                id,
+                cfg,
+                router,
+                poll,
+                exits,
+                recv,
+                runs,
+                gso,
+                io,
+                ..
+            } = self;
+            if plan::is_train(meta.len, meta.stride) {
+                io.gro_trains += 1;
             }
-            let mut offset = 0;
-            while offset < meta.len {
-                let seg_len = meta.stride.min(meta.len - offset);
-                let seg = &self.recv.payload(msg)[offset..offset + seg_len];
-                let action = match source {
-                    Source::Client(l) => self.router.handle_client(now, l, meta.from, seg),
-                    Source::Exit(slot) => self.router.handle_exit(now, slot, seg),
-                };
-                // Opening an exit socket must happen before anything is sent through it.
-                self.apply_commands();
-                let target = match action {
-                    Action::ToExit(slot) => Some(Target::Exit(slot)),
-                    Action::ToClient { listener, client } => Some(Target::Client {
-                        listener: listener.id,
-                        addr: client,
-                    }),
-                    Action::Drop(_) => None,
-                };
-                if let Some(target) = target {
-                    self.plan(target, msg, offset, seg_len);
-                }
-                offset += seg_len;
-            }
+            plan::route_message(
+                router,
+                now,
+                source,
+                meta.from,
+                recv.payload(msg),
+                meta.stride,
+                |router| apply_commands(*id, cfg, poll, exits, io, router),
+                |target, offset, len| plan::plan(runs, *gso, target, msg, offset, len),
+            );
         }
-    }
-
-    fn plan(&mut self, target: Target, msg: usize, start: usize, len: usize) {
-        if let Some(run) = self.runs.last_mut() {
-            let contiguous = run.msg == msg && run.start + run.len == start;
-            // GSO needs equal segments, only the last may be shorter.
-            let fits = len <= run.segment && run.len == run.segment * run.segments;
-            if self.gso
-                && contiguous
-                && fits
-                && run.target == target
-                && run.segments < MAX_GSO_SEGMENTS
-            {
-                run.len += len;
-                run.segments += 1;
-                return;
-            }
-        }
-        self.runs.push(Run {
-            target,
-            msg,
-            start,
-            len,
-            segment: len,
-            segments: 1,
-        });
     }
 
     /// Sends every planned run: runs to exits through their sessions' sockets, runs to
@@ -422,9 +334,14 @@ impl Worker {
             match run.target {
                 Target::Exit(slot) => self.send_to_exit(slot, run),
                 Target::Client { listener, addr } => {
-                    let seg = (run.segments > 1).then_some(run.segment as u16);
-                    self.client_tx
-                        .push((listener, addr, run.msg, run.start, run.len, seg));
+                    self.client_tx.push((
+                        listener,
+                        addr,
+                        run.msg,
+                        run.start,
+                        run.len,
+                        run.segment_size(),
+                    ));
                 }
             }
         }
@@ -446,7 +363,7 @@ impl Worker {
         let tx = Transmit {
             dest: None,
             contents: &self.recv.payload(run.msg)[run.start..run.start + run.len],
-            segment_size: (run.segments > 1).then_some(run.segment as u16),
+            segment_size: run.segment_size(),
         };
         self.io.send_calls += 1;
         if run.segments > 1 {
@@ -526,6 +443,63 @@ impl Worker {
     }
 }
 
+/// Opens and closes exit sockets as the router asks.
+fn apply_commands(
+    id: usize,
+    cfg: &DataPlaneConfig,
+    poll: &mio::Poll,
+    exits: &mut Vec<Option<ExitSocket>>,
+    io: &mut IoStats,
+    router: &mut Router,
+) {
+    while let Some(cmd) = router.poll_command() {
+        match cmd {
+            Command::OpenExitSocket { slot, exit } => {
+                match sys::exit_socket(exit, cfg.exit_source, cfg.exit_socket_buffer) {
+                    Ok((socket, _gro)) => {
+                        let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
+                        let reg = poll.registry().register(
+                            &mut SourceFd(&socket.as_raw_fd()),
+                            token,
+                            Interest::READABLE,
+                        );
+                        if let Err(e) = reg {
+                            tracing::warn!(worker = id, error = %e, "cannot register exit socket");
+                            router.socket_failed(slot);
+                            continue;
+                        }
+                        let i = slot.index as usize;
+                        if exits.len() <= i {
+                            exits.resize_with(i + 1, || None);
+                        }
+                        exits[i] = Some(ExitSocket {
+                            generation: slot.generation,
+                            socket,
+                        });
+                        io.exit_sockets_open += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = id, %exit, error = %e, "cannot open exit socket");
+                        router.socket_failed(slot);
+                    }
+                }
+            }
+            Command::CloseExitSocket { slot } => {
+                let i = slot.index as usize;
+                if let Some(Some(s)) = exits.get(i) {
+                    if s.generation == slot.generation {
+                        let _ = poll
+                            .registry()
+                            .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
+                        exits[i] = None;
+                        io.exit_sockets_open -= 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Most datagrams gathered into one sendmmsg towards clients.
 const SEND_CHUNK: usize = 64;
 
@@ -572,10 +546,4 @@ impl Outbox<'_> {
             self.router.record_drop(DropReason::SendFailed);
         }
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Client(Listener),
-    Exit(SessionSlot),
 }
