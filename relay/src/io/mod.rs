@@ -9,6 +9,9 @@
 mod plan;
 pub mod portable;
 pub mod sys;
+pub mod uring;
+
+pub use uring::UringUnavailable;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +33,8 @@ pub enum BackendChoice {
     /// io_uring where it can be set up, the portable backend otherwise.
     #[default]
     Auto,
+    /// io_uring only; starting fails when it cannot be set up.
+    Uring,
     /// recvmmsg/sendmmsg over epoll; works everywhere.
     Portable,
 }
@@ -38,6 +43,7 @@ impl BackendChoice {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendChoice::Auto => "auto",
+            BackendChoice::Uring => "uring",
             BackendChoice::Portable => "portable",
         }
     }
@@ -65,6 +71,9 @@ pub struct DataPlaneConfig {
     pub exit_socket_buffer: usize,
     /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
     pub gso: bool,
+    /// io_uring backend: receive buffers per worker (rounded up to a power of two), each
+    /// big enough for a whole GRO train; they bound the worker's buffer memory.
+    pub ring_buffers: usize,
 }
 
 impl Default for DataPlaneConfig {
@@ -81,6 +90,7 @@ impl Default for DataPlaneConfig {
             listener_socket_buffer: 16 << 20,
             exit_socket_buffer: 1 << 20,
             gso: true,
+            ring_buffers: 256,
         }
     }
 }
@@ -101,6 +111,8 @@ pub enum StartError {
     Thread(io::Error),
     #[error("cannot set up the event loop: {0}")]
     Poll(io::Error),
+    #[error("the io_uring backend was asked for but cannot run here: {0}")]
+    Uring(#[from] UringUnavailable),
 }
 
 /// I/O counters of one worker, beside its router's.
@@ -116,6 +128,10 @@ pub struct IoStats {
     pub gso_fallbacks: u64,
     pub recv_errors: u64,
     pub exit_sockets_open: u64,
+    /// io_uring: `io_uring_enter` calls (submit and wait).
+    pub ring_enters: u64,
+    /// io_uring: multishot receives that ended because every buffer was in use.
+    pub ring_starved: u64,
 }
 
 impl IoStats {
@@ -127,6 +143,8 @@ impl IoStats {
         self.gso_fallbacks += o.gso_fallbacks;
         self.recv_errors += o.recv_errors;
         self.exit_sockets_open += o.exit_sockets_open;
+        self.ring_enters += o.ring_enters;
+        self.ring_starved += o.ring_starved;
     }
 }
 
@@ -170,6 +188,54 @@ pub struct DataPlane {
     backend: &'static str,
 }
 
+/// What a worker thread starts with, whichever backend it runs.
+pub(crate) struct WorkerContext {
+    pub id: usize,
+    pub cfg: DataPlaneConfig,
+    pub table: SharedTable,
+    pub listeners: Vec<BoundListener>,
+    /// Its waker's registry: the worker learns of requests and shutdown through it.
+    pub poll: mio::Poll,
+    pub requests: mpsc::Receiver<WorkerRequest>,
+    pub report: Arc<Mutex<WorkerReport>>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// The backend workers actually run.
+#[derive(Debug, Clone, Copy)]
+enum Chosen {
+    Uring,
+    Portable,
+}
+
+impl Chosen {
+    fn as_str(self) -> &'static str {
+        match self {
+            Chosen::Uring => "uring",
+            Chosen::Portable => "portable",
+        }
+    }
+}
+
+/// Resolves `auto`: io_uring when this process can set it up, otherwise the portable
+/// backend with one log line saying why.
+fn choose_backend(choice: BackendChoice) -> Result<Chosen, StartError> {
+    match choice {
+        BackendChoice::Portable => Ok(Chosen::Portable),
+        BackendChoice::Uring => {
+            uring::probe()?;
+            Ok(Chosen::Uring)
+        }
+        BackendChoice::Auto => match uring::probe() {
+            Ok(()) => Ok(Chosen::Uring),
+            Err(e) => {
+                tracing::warn!("{e}; falling back to the portable backend (epoll + recvmmsg)");
+                Ok(Chosen::Portable)
+            }
+        },
+    }
+}
+
 /// Listener sockets for one worker, bound before any worker starts so that port 0 resolves
 /// to one port shared by all.
 pub(crate) struct BoundListener {
@@ -185,6 +251,7 @@ impl DataPlane {
             return Err(StartError::NoListen);
         }
         let workers = cfg.workers.max(1);
+        let chosen = choose_backend(cfg.backend)?;
         let _ = sys::raise_nofile_limit();
         let mut addrs = cfg.listen.clone();
         let pinned: Vec<u16> = table.load().pinned_ports().collect();
@@ -224,6 +291,7 @@ impl DataPlane {
         let shutdown = Arc::new(AtomicBool::new(false));
         let backend = cfg.backend;
         let mut handles = Vec::with_capacity(workers);
+        let (ready_tx, ready_rx) = mpsc::channel();
         for (id, listeners) in per_worker.into_iter().enumerate() {
             let poll = mio::Poll::new().map_err(StartError::Poll)?;
             let waker = Arc::new(
@@ -233,11 +301,11 @@ impl DataPlane {
             let (tx, rx) = mpsc::channel();
             let report = Arc::new(Mutex::new(WorkerReport {
                 worker: id,
-                backend: "portable",
+                backend: chosen.as_str(),
                 ..Default::default()
             }));
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
-            let ctx = portable::WorkerContext {
+            let ctx = WorkerContext {
                 id,
                 cfg: cfg.clone(),
                 table: table.clone(),
@@ -247,6 +315,7 @@ impl DataPlane {
                 report: report.clone(),
                 shutdown: shutdown.clone(),
             };
+            let ready = ready_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("wg-worker-{id}"))
                 .spawn(move || {
@@ -255,7 +324,13 @@ impl DataPlane {
                             tracing::warn!(worker = id, core = core.id, "could not pin worker");
                         }
                     }
-                    portable::run(ctx)
+                    match chosen {
+                        Chosen::Uring => uring::run(ctx, ready),
+                        Chosen::Portable => {
+                            let _ = ready.send(Ok(()));
+                            portable::run(ctx)
+                        }
+                    }
                 })
                 .map_err(StartError::Thread)?;
             handles.push(WorkerHandle {
@@ -265,19 +340,37 @@ impl DataPlane {
                 report,
             });
         }
-        tracing::info!(
-            workers,
-            backend = backend.as_str(),
-            chosen = "portable",
-            listen = ?local,
-            "data plane started"
-        );
-        Ok(DataPlane {
+        drop(ready_tx);
+        let mut plane = DataPlane {
             workers: handles,
             shutdown,
             local,
-            backend: "portable",
-        })
+            backend: chosen.as_str(),
+        };
+        // Each worker sets up its own ring (a ring is tied to the thread that made it).
+        for _ in 0..workers {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    plane.stop();
+                    return Err(StartError::Uring(e));
+                }
+                Err(_) => {
+                    plane.stop();
+                    return Err(StartError::Thread(io::Error::other(
+                        "a worker died starting",
+                    )));
+                }
+            }
+        }
+        tracing::info!(
+            workers,
+            backend = backend.as_str(),
+            chosen = chosen.as_str(),
+            listen = ?plane.local,
+            "data plane started"
+        );
+        Ok(plane)
     }
 
     /// The addresses actually bound (port 0 resolved), listen addresses first.

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
-use super::sys::MAX_GSO_SEGMENTS;
-use super::{IoStats, WorkerReport, WorkerRequest};
+use super::sys::{self, MAX_GSO_SEGMENTS};
+use super::{BoundListener, DataPlaneConfig, IoStats, WorkerReport, WorkerRequest};
 use crate::router::{Action, Listener, Router, SessionSlot};
 
 /// The socket a message arrived on, as the router knows it.
@@ -156,6 +156,38 @@ pub(crate) fn answer_all(
             commands(router);
         }
     }
+}
+
+/// Binds a worker's sockets for the listen ports a new table pins, on every listen IP,
+/// leaving out addresses in `bound`. Failures are logged and skipped: the other ports
+/// keep working.
+pub(crate) fn pinned_listeners(
+    worker: usize,
+    cfg: &DataPlaneConfig,
+    ports: &[u16],
+    bound: &[SocketAddr],
+) -> Vec<BoundListener> {
+    let mut out = Vec::new();
+    for ip in cfg.listen.iter().map(|a| a.ip()) {
+        for &port in ports {
+            let addr = SocketAddr::new(ip, port);
+            if bound.contains(&addr) || out.iter().any(|l: &BoundListener| l.local == addr) {
+                continue;
+            }
+            match sys::listener_socket(addr, cfg.listener_socket_buffer) {
+                Ok((socket, gro)) => {
+                    tracing::info!(worker, %addr, "listening on pinned port");
+                    out.push(BoundListener {
+                        socket,
+                        local: addr,
+                        gro,
+                    });
+                }
+                Err(e) => tracing::warn!(worker, %addr, error = %e, "cannot bind pinned port"),
+            }
+        }
+    }
+    out
 }
 
 /// Publishes a worker's counters for the control side.

@@ -21,7 +21,7 @@ use socket2::Socket;
 
 use super::plan::{self, Run, Source, Target};
 use super::sys::{self, RecvBatch, SendBatch, Transmit};
-use super::{BoundListener, DataPlaneConfig, IoStats, WorkerReport, WorkerRequest};
+use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
@@ -36,17 +36,6 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 const REPORT_EVERY: Duration = Duration::from_millis(50);
 /// Batches taken from one socket before the others get their turn.
 const BATCHES_PER_TURN: usize = 4;
-
-pub(crate) struct WorkerContext {
-    pub id: usize,
-    pub cfg: DataPlaneConfig,
-    pub table: SharedTable,
-    pub listeners: Vec<BoundListener>,
-    pub poll: mio::Poll,
-    pub requests: mpsc::Receiver<WorkerRequest>,
-    pub report: Arc<Mutex<WorkerReport>>,
-    pub shutdown: Arc<AtomicBool>,
-}
 
 struct ListenerSocket {
     socket: Socket,
@@ -208,30 +197,11 @@ impl Worker {
 
     /// Binds this worker's socket for listen ports pinned by a new table.
     fn bind_pinned(&mut self, ports: &[u16]) {
-        let ips: Vec<_> = self.cfg.listen.iter().map(|a| a.ip()).collect();
-        for ip in ips {
-            for &port in ports {
-                let addr = SocketAddr::new(ip, port);
-                if self.listeners.iter().any(|l| l.local == addr) {
-                    continue;
-                }
-                match sys::listener_socket(addr, self.cfg.listener_socket_buffer) {
-                    Ok((socket, gro)) => {
-                        let bound = BoundListener {
-                            socket,
-                            local: addr,
-                            gro,
-                        };
-                        if let Err(e) = self.add_listener(bound) {
-                            tracing::warn!(worker = self.id, %addr, error = %e, "cannot register pinned port");
-                        } else {
-                            tracing::info!(worker = self.id, %addr, "listening on pinned port");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(worker = self.id, %addr, error = %e, "cannot bind pinned port")
-                    }
-                }
+        let bound: Vec<SocketAddr> = self.listeners.iter().map(|l| l.local).collect();
+        for l in plan::pinned_listeners(self.id, &self.cfg, ports, &bound) {
+            let addr = l.local;
+            if let Err(e) = self.add_listener(l) {
+                tracing::warn!(worker = self.id, %addr, error = %e, "cannot register pinned port");
             }
         }
     }
