@@ -65,6 +65,9 @@ impl Relay {
             table.clone(),
         )
         .expect("relay starts");
+        if backend != BackendChoice::Auto {
+            assert_eq!(dp.backend(), backend.as_str(), "the backend asked for runs");
+        }
         let addr = dp.local_addrs()[0];
         Relay { dp, table, addr }
     }

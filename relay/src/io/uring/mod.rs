@@ -146,7 +146,7 @@ fn build_ring(cq_entries: u32) -> Result<IoUring, UringUnavailable> {
 /// a provided buffer ring, and a multishot recvmsg the kernel accepts. Cheap; leaves
 /// nothing behind.
 pub fn probe() -> Result<(), UringUnavailable> {
-    let mut ring = build_ring(64)?;
+    let mut ring = build_ring(2 * SQ_ENTRIES)?;
     let bufs = BufRing::new(1, 4096, BUFFER_GROUP).map_err(|e| UringUnavailable::new("mmap", e))?;
     bufs.register(&ring.submitter())
         .map_err(|e| UringUnavailable::new("registering a buffer ring", e))?;
