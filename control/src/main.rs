@@ -62,15 +62,31 @@ enum Cmd {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Data-path backend of the relay.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
     },
     /// Print a commented example configuration.
     ExampleConfig,
 }
 
+/// `auto` picks io_uring where the kernel allows it and says in the log why not otherwise;
+/// `uring` refuses to start without it.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Backend {
     Auto,
+    Uring,
     Portable,
+}
+
+impl From<Backend> for BackendChoice {
+    fn from(b: Backend) -> Self {
+        match b {
+            Backend::Auto => BackendChoice::Auto,
+            Backend::Uring => BackendChoice::Uring,
+            Backend::Portable => BackendChoice::Portable,
+        }
+    }
 }
 
 fn main() {
@@ -101,6 +117,7 @@ fn real_main(cli: Cli) -> Result<()> {
             rate_mbps,
             workers,
             json,
+            backend,
         } => {
             if clients == 0 || clients > 200 {
                 bail!("--clients must be between 1 and 200");
@@ -116,6 +133,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 duration: Duration::from_secs_f64(seconds),
                 rate_mbps,
                 workers: workers.max(1),
+                backend: backend.into(),
                 ..DemoOptions::default()
             };
             let report = demo::run(&opts)?;
@@ -146,10 +164,7 @@ fn run(path: PathBuf, workers: Option<usize>, backend: Option<Backend>, check: b
         cfg.data_plane.workers = w;
     }
     if let Some(b) = backend {
-        cfg.data_plane.backend = match b {
-            Backend::Auto => BackendChoice::Auto,
-            Backend::Portable => BackendChoice::Portable,
-        };
+        cfg.data_plane.backend = b.into();
     }
     if check {
         println!(

@@ -111,7 +111,7 @@ pub enum StartError {
     Thread(io::Error),
     #[error("cannot set up the event loop: {0}")]
     Poll(io::Error),
-    #[error("the io_uring backend was asked for but cannot run here: {0}")]
+    #[error("the io_uring backend was asked for but cannot run here")]
     Uring(#[from] UringUnavailable),
 }
 

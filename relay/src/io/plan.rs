@@ -91,20 +91,31 @@ pub(crate) fn plan(
     });
 }
 
-/// Runs each `stride`-sized segment of `payload` (one received message from `from`)
-/// through the router. After every segment `commands` executes the router's commands
+/// One received message: a datagram, or a GRO train of `stride`-sized datagrams.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Message<'a> {
+    pub source: Source,
+    pub from: SocketAddr,
+    pub payload: &'a [u8],
+    pub stride: usize,
+}
+
+/// Runs each segment of `msg` through the router. After every segment `commands` executes the router's commands
 /// (an exit socket must exist before anything is sent through it), then `forward` gets
 /// the target, offset and length of each segment the router forwards.
 pub(crate) fn route_message(
     router: &mut Router,
     now: Instant,
-    source: Source,
-    from: SocketAddr,
-    payload: &[u8],
-    stride: usize,
+    msg: Message<'_>,
     mut commands: impl FnMut(&mut Router),
     mut forward: impl FnMut(Target, usize, usize),
 ) {
+    let Message {
+        source,
+        from,
+        payload,
+        stride,
+    } = msg;
     let len = payload.len();
     let stride = if stride == 0 { len } else { stride };
     let mut offset = 0;

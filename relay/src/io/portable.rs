@@ -285,10 +285,12 @@ impl Worker {
             plan::route_message(
                 router,
                 now,
-                source,
-                meta.from,
-                recv.payload(msg),
-                meta.stride,
+                plan::Message {
+                    source,
+                    from: meta.from,
+                    payload: recv.payload(msg),
+                    stride: meta.stride,
+                },
                 |router| apply_commands(*id, cfg, poll, exits, io, router),
                 |target, offset, len| plan::plan(runs, *gso, target, msg, offset, len),
             );

@@ -86,7 +86,7 @@ fn user_data(kind: u64, id: u32) -> u64 {
 
 /// Why io_uring cannot drive the data path on this machine.
 #[derive(Debug, thiserror::Error)]
-#[error("io_uring unavailable: {step} failed: {error} ({hint})")]
+#[error("io_uring unavailable: {step} failed: {error}; likely cause: {hint}")]
 pub struct UringUnavailable {
     /// What was being set up.
     pub step: &'static str,
@@ -853,10 +853,12 @@ impl Worker {
         plan::route_message(
             router,
             now,
-            source,
-            msg.from,
-            payload,
-            msg.stride,
+            plan::Message {
+                source,
+                from: msg.from,
+                payload,
+                stride: msg.stride,
+            },
             |router| plane.apply_commands(router),
             // Runs are planned as if every socket did GSO; `send_run` splits them for
             // sockets that fell back.
