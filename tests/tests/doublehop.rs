@@ -444,3 +444,55 @@ fn removing_an_exit_ends_its_sessions_and_keeps_the_others() {
         );
     });
 }
+
+#[test]
+fn killed_session_stops_forwarding_and_a_new_handshake_reopens_it() {
+    for_each_backend(|backend| {
+        let mut x = node();
+        let mut a = node();
+        let relay = Relay::start(backend, vec![exit_spec("x", &x, None)]);
+        let (ap, xa) = pair(relay.addr, &mut x, &mut a);
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"first")).is_some());
+        // Kill and reopen a few times: the relay recycles the slot (and its socket id) while
+        // the killed socket's receive may still be completing.
+        for round in 1..=3u64 {
+            let sessions = relay.dp.sessions(WAIT);
+            assert_eq!(sessions.len(), 1, "round {round}: {sessions:?}");
+            let (worker, info) = &sessions[0];
+            assert!(relay.dp.close_session(*worker, info.slot, WAIT));
+            assert!(
+                !relay.dp.close_session(*worker, info.slot, WAIT),
+                "already gone"
+            );
+
+            a.send_ip(ap, &ip(1, b"into the void")).unwrap();
+            let mut nodes: Vec<&mut WgNode> = vec![&mut x, &mut a];
+            assert!(!pump(&mut nodes, Duration::from_millis(300), |i, r| i == 0
+                && matches!(r, Received::Packet { .. })));
+            assert_eq!(relay.stats().sessions_closed_by_request, round);
+
+            let before = a.handshakes(ap);
+            a.initiate(ap).unwrap();
+            let mut nodes: Vec<&mut WgNode> = vec![&mut a, &mut x];
+            pump(&mut nodes, WAIT, |i, r| {
+                i == 0 && matches!(r, Received::Control { .. })
+            });
+            assert_eq!(a.handshakes(ap), before + 1, "round {round}");
+            let body = format!("round {round}");
+            assert_eq!(
+                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body.as_bytes())),
+                Some(xa)
+            );
+            assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, body.as_bytes())).is_some());
+        }
+        // Workers publish at most every 50 ms and wake at least every 100 ms when idle.
+        std::thread::sleep(Duration::from_millis(300));
+        let open: u64 = relay
+            .dp
+            .reports()
+            .iter()
+            .map(|r| r.io.exit_sockets_open)
+            .sum();
+        assert_eq!(open, 1, "one socket per live session");
+    });
+}
