@@ -238,7 +238,9 @@ impl From<ChangeError> for ApiError {
                 | wraithgate_relay::table::TableError::DuplicatePort { .. }
                 | wraithgate_relay::table::TableError::DuplicateName { .. },
             ))
-            | ChangeError::Invalid(crate::state::StateError::DuplicatePeer { .. })
+            | ChangeError::Invalid(crate::state::StateError::Table(
+                wraithgate_relay::table::TableError::DuplicatePeer { .. },
+            ))
             | ChangeError::Conflict(_) => StatusCode::CONFLICT,
             ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
             ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
