@@ -12,6 +12,7 @@ pub mod ratelimit;
 pub mod router;
 pub mod table;
 pub mod wire;
+pub mod zhop;
 
 pub use drop_reason::DropReason;
 pub use keys::PublicKey;

@@ -147,6 +147,11 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// Counts one packet of `bytes`.
+    pub fn add_bytes(&mut self, bytes: usize) {
+        self.add(bytes);
+    }
+
     fn add(&mut self, bytes: usize) {
         self.packets += 1;
         self.bytes += bytes as u64;

@@ -36,7 +36,28 @@ impl Relay {
         router: RouterConfig,
         workers: usize,
     ) -> Relay {
-        let table = SharedTable::new(ExitTable::new(1, exits).expect("valid test table"));
+        Self::start_full(
+            backend,
+            ExitTable::new(1, exits).expect("valid test table"),
+            router,
+            workers,
+            None,
+        )
+    }
+
+    /// A relay that also terminates Z-HOP outer tunnels with `node_key`.
+    pub fn start_zhop(backend: BackendChoice, table: ExitTable, node_key: [u8; 32]) -> Relay {
+        Self::start_full(backend, table, RouterConfig::default(), 2, Some(node_key))
+    }
+
+    fn start_full(
+        backend: BackendChoice,
+        table: ExitTable,
+        router: RouterConfig,
+        workers: usize,
+        node_key: Option<[u8; 32]>,
+    ) -> Relay {
+        let table = SharedTable::new(table);
         let dp = DataPlane::start(
             DataPlaneConfig {
                 listen: vec![any_loopback()],
@@ -44,6 +65,7 @@ impl Relay {
                 pin_workers: false,
                 backend,
                 router,
+                node_key,
                 ..DataPlaneConfig::default()
             },
             table.clone(),
@@ -57,6 +79,11 @@ impl Relay {
     pub fn stats(&self) -> RouterStats {
         std::thread::sleep(Duration::from_millis(120));
         self.dp.stats()
+    }
+
+    /// Publishes a whole new table (exits and peers).
+    pub fn set_table(&self, table: ExitTable) {
+        self.dp.publish(table);
     }
 
     /// Publishes a new exit table (binding any newly pinned port) and wakes the workers.

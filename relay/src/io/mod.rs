@@ -64,6 +64,9 @@ pub struct DataPlaneConfig {
     pub exit_socket_buffer: usize,
     /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
     pub gso: bool,
+    /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
+    /// is off without one.
+    pub node_key: Option<[u8; 32]>,
 }
 
 impl Default for DataPlaneConfig {
@@ -80,6 +83,7 @@ impl Default for DataPlaneConfig {
             listener_socket_buffer: 16 << 20,
             exit_socket_buffer: 1 << 20,
             gso: true,
+            node_key: None,
         }
     }
 }
@@ -178,6 +182,7 @@ pub struct WorkerReport {
     pub sessions: usize,
     pub pending: usize,
     pub table_generation: u64,
+    pub zhop: crate::zhop::ZhopStats,
 }
 
 /// Questions the control side may ask a worker; answered between batches.
