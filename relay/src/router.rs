@@ -439,6 +439,11 @@ impl Router {
         self.pending
     }
 
+    /// Whether `client` has a session (pending or established).
+    pub fn knows_client(&self, client: SocketAddr) -> bool {
+        self.clients.contains_key(&client)
+    }
+
     /// Next command for the I/O layer.
     pub fn poll_command(&mut self) -> Option<Command> {
         self.commands.pop_front()

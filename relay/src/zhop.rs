@@ -181,9 +181,11 @@ impl Zhop {
     }
 
     /// Whether this datagram from a client is Z-HOP's: an initiation addressed (by mac1)
-    /// to the node, or anything from an address with an outer tunnel, or a transport
-    /// message naming one of this worker's tunnels by index (a peer that roamed).
-    pub fn claims(&self, from: SocketAddr, packet: &[u8]) -> bool {
+    /// to the node, anything from an address with an outer tunnel, or — only from an
+    /// address the DoubleHop router does not know (`doublehop_client`) — a transport
+    /// message naming one of this worker's tunnels by index (a peer that roamed). Indices
+    /// chosen by exits are random, so a DoubleHop client's index may look like ours.
+    pub fn claims(&self, from: SocketAddr, packet: &[u8], doublehop_client: bool) -> bool {
         let Some((_, mac1)) = &self.key else {
             return false;
         };
@@ -192,7 +194,9 @@ impl Zhop {
         }
         match Message::parse(packet) {
             Ok(Message::Initiation(init)) => mac1.verify(init.mac1_input(), init.mac1()),
-            Ok(Message::Transport(t)) => self.peer_by_index(t.receiver_index()).is_some(),
+            Ok(Message::Transport(t)) if !doublehop_client => {
+                self.peer_by_index(t.receiver_index()).is_some()
+            }
             _ => false,
         }
     }
@@ -560,5 +564,118 @@ impl Zhop {
             self.free_flows.push(flow.index);
             out(ZhopOut::CloseFlow { flow });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{ExitSpec, PeerSpec};
+
+    const L: Listener = Listener { id: 0, port: 51820 };
+
+    fn setup() -> (Zhop, Tunn, SocketAddr) {
+        let node = NodeKey::from_secret([7; 32]);
+        let client_secret = x25519::StaticSecret::from([9; 32]);
+        let client_public = x25519::PublicKey::from(&client_secret);
+        let exit = ExitSpec {
+            name: "x".into(),
+            public_key: PublicKey([1; 32]),
+            endpoint: "192.0.2.1:51820".parse().unwrap(),
+            listen_port: None,
+        };
+        let peer = PeerSpec {
+            public_key: PublicKey(client_public.to_bytes()),
+            name: String::new(),
+            allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
+            preshared_key: None,
+            allowed_exits: vec![PublicKey([1; 32])],
+        };
+        let table = ExitTable::new(1, vec![exit])
+            .unwrap()
+            .with_peers(vec![peer])
+            .unwrap();
+        let z = Zhop::new(Some(node.clone()), Arc::new(table), Instant::now());
+        let client = Tunn::new(client_secret, node.public, None, None, 77, None);
+        (z, client, "198.51.100.1:4000".parse().unwrap())
+    }
+
+    #[test]
+    fn answers_a_provisioned_peer_and_claims_only_what_is_its_own() {
+        let (mut z, mut client, from) = setup();
+        let mut buf = [0u8; 256];
+        let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation")
+        };
+        let init = init.to_vec();
+        assert!(
+            z.claims(from, &init, true),
+            "an initiation for the node is always Z-HOP's"
+        );
+        let mut sent = Vec::new();
+        z.handle_client(Instant::now(), L, from, &init, &mut |o| {
+            if let ZhopOut::ToPeer { to, bytes, .. } = o {
+                sent.push((to, bytes.to_vec()));
+            }
+        })
+        .unwrap();
+        assert_eq!(sent.len(), 1, "one handshake response");
+        assert_eq!(sent[0].0, from);
+        assert_eq!(sent[0].1[0], 2);
+        // Our tunnel is peer 0: indices 0x000000nn. A transport from an unknown address
+        // naming it is a roaming peer -- unless that address is a DoubleHop client.
+        let mut t = vec![0u8; 64];
+        t[0] = 4;
+        t[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let other: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+        assert!(z.claims(other, &t, false));
+        assert!(!z.claims(other, &t, true));
+        assert!(
+            z.claims(from, &t, true),
+            "the peer's own address is always Z-HOP's"
+        );
+        // An initiation for someone else's key is not claimed.
+        let mut stranger = Tunn::new(
+            x25519::StaticSecret::from([3; 32]),
+            x25519::PublicKey::from([5; 32]),
+            None,
+            None,
+            1,
+            None,
+        );
+        let TunnResult::WriteToNetwork(other_init) =
+            stranger.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!()
+        };
+        assert!(!z.claims(other, other_init, false));
+        assert_eq!(z.stats().outer_handshakes, 1);
+    }
+
+    #[test]
+    fn an_unprovisioned_key_is_refused() {
+        let (mut z, _, from) = setup();
+        let node_public = z.key.as_ref().unwrap().0.public;
+        let mut stranger = Tunn::new(
+            x25519::StaticSecret::from([4; 32]),
+            node_public,
+            None,
+            None,
+            1,
+            None,
+        );
+        let mut buf = [0u8; 256];
+        let TunnResult::WriteToNetwork(init) =
+            stranger.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!()
+        };
+        let init = init.to_vec();
+        assert!(z.claims(from, &init, false));
+        let r = z.handle_client(Instant::now(), L, from, &init, &mut |_| {
+            panic!("nothing is sent")
+        });
+        assert_eq!(r, Err(DropReason::UnknownPeer));
     }
 }

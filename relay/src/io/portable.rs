@@ -445,27 +445,37 @@ impl Worker {
             while offset < meta.len {
                 let seg_len = meta.stride.min(meta.len - offset);
                 let seg = &self.recv.payload(msg)[offset..offset + seg_len];
-                let action = match source {
-                    Source::Client(l) if self.zhop.claims(meta.from, seg) => {
+                let zhop = match source {
+                    Source::Client(l)
+                        if self.zhop.claims(
+                            meta.from,
+                            seg,
+                            self.router.knows_client(meta.from),
+                        ) =>
+                    {
                         let mut io = zhop_io!(self);
                         let r = self
                             .zhop
                             .handle_client(now, l, meta.from, seg, &mut |o| io.handle(o));
-                        let failed = io.failed;
-                        self.zhop_result(r, failed);
-                        offset += seg_len;
-                        continue;
+                        Some((r, io.failed))
                     }
                     Source::Flow(flow) => {
                         let mut io = zhop_io!(self);
                         let r = self.zhop.handle_exit(now, flow, seg, &mut |o| io.handle(o));
-                        let failed = io.failed;
-                        self.zhop_result(r, failed);
-                        offset += seg_len;
-                        continue;
+                        Some((r, io.failed))
                     }
+                    _ => None,
+                };
+                if let Some((r, failed)) = zhop {
+                    self.zhop_result(r, failed);
+                    offset += seg_len;
+                    continue;
+                }
+                let action = match source {
                     Source::Client(l) => self.router.handle_client(now, l, meta.from, seg),
                     Source::Exit(slot) => self.router.handle_exit(now, slot, seg),
+                    // Handled by Z-HOP above.
+                    Source::Flow(_) => Action::Drop(DropReason::NoSession),
                 };
                 // Opening an exit socket must happen before anything is sent through it.
                 self.apply_commands();
