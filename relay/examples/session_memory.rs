@@ -133,7 +133,10 @@ fn main() {
     println!("backend              {backend}");
     println!("relay alive          {alive}");
     println!("sessions requested   {sessions}");
-    println!("responses from exit  {} (all: {all})", responses.load(Ordering::Relaxed));
+    println!(
+        "responses from exit  {} (all: {all})",
+        responses.load(Ordering::Relaxed)
+    );
     println!("established (client got the response) {answered}");
     println!("set-up time          {:.1} s", setup.as_secs_f64());
     println!("relay RSS idle       {:.1} MiB", idle as f64 / 1024.0);
@@ -185,7 +188,8 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 fn rss_kib(child: &Child) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

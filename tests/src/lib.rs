@@ -52,7 +52,28 @@ impl Relay {
         router: RouterConfig,
         workers: usize,
     ) -> Relay {
-        let table = SharedTable::new(ExitTable::new(1, exits).expect("valid test table"));
+        Self::start_full(
+            backend,
+            ExitTable::new(1, exits).expect("valid test table"),
+            router,
+            workers,
+            None,
+        )
+    }
+
+    /// A relay that also terminates Z-HOP outer tunnels with `node_key`.
+    pub fn start_zhop(backend: BackendChoice, table: ExitTable, node_key: [u8; 32]) -> Relay {
+        Self::start_full(backend, table, RouterConfig::default(), 2, Some(node_key))
+    }
+
+    fn start_full(
+        backend: BackendChoice,
+        table: ExitTable,
+        router: RouterConfig,
+        workers: usize,
+        node_key: Option<[u8; 32]>,
+    ) -> Relay {
+        let table = SharedTable::new(table);
         let dp = DataPlane::start(
             DataPlaneConfig {
                 listen: vec![any_loopback()],
@@ -60,6 +81,7 @@ impl Relay {
                 pin_workers: false,
                 backend,
                 router,
+                node_key,
                 ..DataPlaneConfig::default()
             },
             table.clone(),
@@ -78,11 +100,15 @@ impl Relay {
         self.dp.stats()
     }
 
-    /// Publishes a new exit table and wakes the workers.
+    /// Publishes a whole new table (exits and peers).
+    pub fn set_table(&self, table: ExitTable) {
+        self.dp.publish(table);
+    }
+
+    /// Publishes a new exit table (binding any newly pinned port) and wakes the workers.
     pub fn set_exits(&self, generation: u64, exits: Vec<ExitSpec>) {
-        self.table
+        self.dp
             .publish(ExitTable::new(generation, exits).expect("valid test table"));
-        self.dp.nudge();
     }
 }
 

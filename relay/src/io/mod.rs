@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use crate::router::{RouterConfig, RouterStats, SessionInfo, SessionSlot};
-use crate::table::SharedTable;
+use crate::router::{RouterConfig, RouterStats, SessionInfo, SessionSlot, SessionSnapshot};
+use crate::table::{ExitTable, SharedTable};
 
 /// Which data-path implementation workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -71,6 +71,9 @@ pub struct DataPlaneConfig {
     pub exit_socket_buffer: usize,
     /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
     pub gso: bool,
+    /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
+    /// is off without one.
+    pub node_key: Option<[u8; 32]>,
     /// io_uring backend: receive buffers per worker (rounded up to a power of two), each
     /// big enough for a whole GRO train; they bound the worker's buffer memory.
     pub ring_buffers: usize,
@@ -90,6 +93,7 @@ impl Default for DataPlaneConfig {
             listener_socket_buffer: 16 << 20,
             exit_socket_buffer: 1 << 20,
             gso: true,
+            node_key: None,
             ring_buffers: 256,
         }
     }
@@ -115,9 +119,47 @@ pub enum StartError {
     Uring(#[from] UringUnavailable),
 }
 
+/// A fixed-bucket latency histogram: plain integers, bounds 1 µs · 2^i.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// `buckets[i]` counts samples ≤ [`LatencyHistogram::bound_ns`]`(i)` and above the
+    /// previous bound; the last bucket also holds everything larger.
+    pub buckets: [u64; LatencyHistogram::BUCKETS],
+    pub sum_ns: u64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    pub const BUCKETS: usize = 16;
+
+    /// Upper bound of bucket `i` in nanoseconds (1 µs, 2 µs, … 32.8 ms).
+    pub fn bound_ns(i: usize) -> u64 {
+        1_000 << i
+    }
+
+    pub fn record(&mut self, ns: u64) {
+        let i = (ns.max(1).div_ceil(1_000))
+            .next_power_of_two()
+            .trailing_zeros() as usize;
+        self.buckets[i.min(Self::BUCKETS - 1)] += 1;
+        self.sum_ns += ns;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, o: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+        self.count += o.count;
+    }
+}
+
 /// I/O counters of one worker, beside its router's.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IoStats {
+    /// Time from a batch's arrival to the return of its last send.
+    pub batch_latency: LatencyHistogram,
     pub recv_calls: u64,
     pub send_calls: u64,
     /// Datagrams that arrived coalesced by GRO (counted per train).
@@ -136,6 +178,7 @@ pub struct IoStats {
 
 impl IoStats {
     pub fn merge(&mut self, o: &IoStats) {
+        self.batch_latency.merge(&o.batch_latency);
         self.recv_calls += o.recv_calls;
         self.send_calls += o.send_calls;
         self.gro_trains += o.gro_trains;
@@ -158,12 +201,17 @@ pub struct WorkerReport {
     pub sessions: usize,
     pub pending: usize,
     pub table_generation: u64,
+    pub zhop: crate::zhop::ZhopStats,
 }
 
 /// Questions the control side may ask a worker; answered between batches.
 #[derive(Debug)]
 pub enum WorkerRequest {
     Sessions(mpsc::Sender<Vec<SessionInfo>>),
+    /// Every session with its exit-facing socket's local port, for a restart.
+    Snapshot(mpsc::Sender<Vec<SessionSnapshot>>),
+    /// A socket for a newly pinned listen port, bound centrally in worker order.
+    AddListener(BoundListener),
     CloseSession {
         slot: SessionSlot,
         reply: mpsc::Sender<bool>,
@@ -186,6 +234,12 @@ pub struct DataPlane {
     shutdown: Arc<AtomicBool>,
     local: Vec<SocketAddr>,
     backend: &'static str,
+    table: SharedTable,
+    /// Every address listened on (pinned ports added as tables pin them).
+    bound: Mutex<Vec<SocketAddr>>,
+    listen_ips: Vec<IpAddr>,
+    listener_socket_buffer: usize,
+    steering: bool,
 }
 
 /// What a worker thread starts with, whichever backend it runs.
@@ -194,6 +248,8 @@ pub(crate) struct WorkerContext {
     pub cfg: DataPlaneConfig,
     pub table: SharedTable,
     pub listeners: Vec<BoundListener>,
+    /// Sessions saved before a restart that this worker's clients are steered to.
+    pub restore: Vec<SessionSnapshot>,
     /// Its waker's registry: the worker learns of requests and shutdown through it.
     pub poll: mio::Poll,
     pub requests: mpsc::Receiver<WorkerRequest>,
@@ -236,17 +292,66 @@ fn choose_backend(choice: BackendChoice) -> Result<Chosen, StartError> {
     }
 }
 
-/// Listener sockets for one worker, bound before any worker starts so that port 0 resolves
-/// to one port shared by all.
-pub(crate) struct BoundListener {
-    pub socket: Socket,
-    pub local: SocketAddr,
-    pub gro: bool,
+/// A listener socket for one worker. All workers' sockets for an address are bound by the
+/// control side, in worker order, so that port 0 resolves to one port shared by all and
+/// the steering program's socket index is the worker's number.
+#[derive(Debug)]
+pub struct BoundListener {
+    pub(crate) socket: Socket,
+    pub(crate) local: SocketAddr,
+    pub(crate) gro: bool,
+}
+
+/// Binds one socket per worker on `addr` (in worker order) and steers clients over them.
+/// Returns the sockets and the address actually bound.
+fn bind_group(
+    addr: SocketAddr,
+    workers: usize,
+    buffer: usize,
+    steering: &mut bool,
+) -> Result<(Vec<BoundListener>, SocketAddr), StartError> {
+    let mut resolved = addr;
+    let mut group = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (socket, gro) = sys::listener_socket(resolved, buffer)
+            .map_err(|source| StartError::Bind { addr, source })?;
+        resolved = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(resolved);
+        group.push(BoundListener {
+            socket,
+            local: resolved,
+            gro,
+        });
+    }
+    if workers > 1 {
+        if let Err(e) = sys::attach_steering(&group[0].socket, addr.is_ipv6(), workers) {
+            if *steering {
+                tracing::warn!(%addr, error = %e,
+                    "cannot steer clients to workers by address; the kernel's hash decides, \
+                     and restored sessions may land on the wrong worker");
+            }
+            *steering = false;
+        }
+    }
+    Ok((group, resolved))
 }
 
 impl DataPlane {
     /// Binds every listen address once per worker and starts the workers.
     pub fn start(cfg: DataPlaneConfig, table: SharedTable) -> Result<DataPlane, StartError> {
+        Self::start_restoring(cfg, table, Vec::new())
+    }
+
+    /// Starts the data plane with sessions saved by [`DataPlane::snapshot`] before a
+    /// restart; each goes to the worker its client is steered to.
+    pub fn start_restoring(
+        cfg: DataPlaneConfig,
+        table: SharedTable,
+        restore_sessions: Vec<SessionSnapshot>,
+    ) -> Result<DataPlane, StartError> {
         if cfg.listen.is_empty() {
             return Err(StartError::NoListen);
         }
@@ -265,23 +370,18 @@ impl DataPlane {
         }
         let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
         let mut local = Vec::new();
+        let mut steering = true;
         for addr in addrs {
-            let mut resolved = addr;
-            for w in per_worker.iter_mut() {
-                let (socket, gro) = sys::listener_socket(resolved, cfg.listener_socket_buffer)
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                resolved = socket
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(resolved);
-                w.push(BoundListener {
-                    socket,
-                    local: resolved,
-                    gro,
-                });
+            let (group, resolved) =
+                bind_group(addr, workers, cfg.listener_socket_buffer, &mut steering)?;
+            for (w, l) in per_worker.iter_mut().zip(group) {
+                w.push(l);
             }
             local.push(resolved);
+        }
+        let mut restore: Vec<Vec<SessionSnapshot>> = (0..workers).map(|_| Vec::new()).collect();
+        for snap in restore_sessions {
+            restore[sys::steer(snap.client, workers)].push(snap);
         }
         let cores = if cfg.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
@@ -292,7 +392,7 @@ impl DataPlane {
         let backend = cfg.backend;
         let mut handles = Vec::with_capacity(workers);
         let (ready_tx, ready_rx) = mpsc::channel();
-        for (id, listeners) in per_worker.into_iter().enumerate() {
+        for (id, (listeners, restore)) in per_worker.into_iter().zip(restore).enumerate() {
             let poll = mio::Poll::new().map_err(StartError::Poll)?;
             let waker = Arc::new(
                 mio::Waker::new(poll.registry(), portable::WAKER_TOKEN)
@@ -310,6 +410,7 @@ impl DataPlane {
                 cfg: cfg.clone(),
                 table: table.clone(),
                 listeners,
+                restore,
                 poll,
                 requests: rx,
                 report: report.clone(),
@@ -344,8 +445,13 @@ impl DataPlane {
         let mut plane = DataPlane {
             workers: handles,
             shutdown,
+            bound: Mutex::new(local.clone()),
             local,
             backend: chosen.as_str(),
+            table,
+            listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
+            listener_socket_buffer: cfg.listener_socket_buffer,
+            steering,
         };
         // Each worker sets up its own ring (a ring is tied to the thread that made it).
         for _ in 0..workers {
@@ -440,6 +546,67 @@ impl DataPlane {
         rx.recv_timeout(timeout).unwrap_or(false)
     }
 
+    /// Makes `table` the one workers route by: binds any listen port it newly pins (on
+    /// every listen address, one socket per worker), publishes it, and wakes the workers.
+    /// Sessions whose exit stays carry on. A port that cannot be bound is logged and
+    /// skipped; the table is published regardless (mac1 routing still reaches the exit).
+    pub fn publish(&self, table: ExitTable) {
+        let ports: Vec<u16> = table.pinned_ports().collect();
+        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let mut steering = self.steering;
+        for ip in &self.listen_ips {
+            for &port in &ports {
+                let addr = SocketAddr::new(*ip, port);
+                if bound.contains(&addr) {
+                    continue;
+                }
+                match bind_group(
+                    addr,
+                    self.workers.len(),
+                    self.listener_socket_buffer,
+                    &mut steering,
+                ) {
+                    Ok((group, _)) => {
+                        for (w, l) in self.workers.iter().zip(group) {
+                            let _ = w.requests.send(WorkerRequest::AddListener(l));
+                        }
+                        bound.push(addr);
+                        tracing::info!(%addr, "listening on pinned port");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pinned port not bound"),
+                }
+            }
+        }
+        drop(bound);
+        self.table.publish(table);
+        self.nudge();
+    }
+
+    /// The table workers route by.
+    pub fn table(&self) -> Arc<ExitTable> {
+        self.table.load()
+    }
+
+    /// Every session with what a restart needs to keep it (see
+    /// [`DataPlane::start_restoring`]).
+    pub fn snapshot(&self, timeout: Duration) -> Vec<SessionSnapshot> {
+        let mut out = Vec::new();
+        let mut pending = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = mpsc::channel();
+            if w.requests.send(WorkerRequest::Snapshot(tx)).is_ok() {
+                let _ = w.waker.wake();
+                pending.push(rx);
+            }
+        }
+        for rx in pending {
+            if let Ok(list) = rx.recv_timeout(timeout) {
+                out.extend(list);
+            }
+        }
+        out
+    }
+
     /// Wakes workers so that they notice a new table at once rather than at their next
     /// packet or tick.
     pub fn nudge(&self) {
@@ -469,5 +636,23 @@ impl DataPlane {
 impl Drop for DataPlane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_by_powers_of_two_microseconds() {
+        let mut h = LatencyHistogram::default();
+        for ns in [1, 999, 1_000, 1_001, 3_000, 40_000_000] {
+            h.record(ns);
+        }
+        assert_eq!(h.buckets[0], 3, "up to 1 µs");
+        assert_eq!(h.buckets[1], 1, "up to 2 µs");
+        assert_eq!(h.buckets[2], 1, "up to 4 µs");
+        assert_eq!(h.buckets[LatencyHistogram::BUCKETS - 1], 1, "overflow");
+        assert_eq!(h.count, 6);
     }
 }

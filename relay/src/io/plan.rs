@@ -1,23 +1,43 @@
 //! What both backends do between receiving and sending: run every segment of a received
-//! message (a datagram or a GRO train) through the router, and group what it forwards into
-//! runs, each of which leaves as one send (a GSO send when it holds several segments).
+//! message (a datagram or a GRO train) through Z-HOP or the DoubleHop router, group what
+//! the router forwards into runs, each of which leaves as one send (a GSO send when it
+//! holds several segments), answer control requests and restore sessions.
 //!
-//! The backends differ only in how they receive, open sockets and send; this module keeps
-//! the routing, the run grouping and the control-request answers in one place.
+//! The backends differ only in how they receive, open sockets and send: that is
+//! [`WorkerIo`]. The rest lives here once.
 
 use std::net::SocketAddr;
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
-use super::sys::{self, MAX_GSO_SEGMENTS};
-use super::{BoundListener, DataPlaneConfig, IoStats, WorkerReport, WorkerRequest};
-use crate::router::{Action, Listener, Router, SessionSlot};
+use super::sys::MAX_GSO_SEGMENTS;
+use super::{BoundListener, IoStats, WorkerReport, WorkerRequest};
+use crate::drop_reason::DropReason;
+use crate::router::{Action, Listener, Router, SessionSlot, SessionSnapshot};
+use crate::table::ExitTable;
+use crate::zhop::{Zhop, ZhopOut};
 
-/// The socket a message arrived on, as the router knows it.
+/// A backend's sockets, as the shared logic needs them.
+pub(crate) trait WorkerIo {
+    /// Carries out the router's pending commands (open or close exit sockets).
+    fn router_commands(&mut self, router: &mut Router);
+    /// Carries out one Z-HOP event. Returns `false` when a send in it failed.
+    fn zhop_event(&mut self, out: ZhopOut<'_>) -> bool;
+    /// Takes a listener bound by the control side for a newly pinned port.
+    fn add_listener(&mut self, l: BoundListener);
+    /// The local port of session `slot`'s exit-facing socket.
+    fn exit_port(&self, slot: SessionSlot) -> Option<u16>;
+    /// The listener on `port` for clients of `client`'s address family.
+    fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener>;
+}
+
+/// The socket a message arrived on, as the router and Z-HOP know it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Source {
     Client(Listener),
     Exit(SessionSlot),
+    /// A Z-HOP flow's socket towards an exit.
+    Flow(SessionSlot),
 }
 
 /// Where a run of segments goes.
@@ -100,14 +120,22 @@ pub(crate) struct Message<'a> {
     pub stride: usize,
 }
 
-/// Runs each segment of `msg` through the router. After every segment `commands` executes the router's commands
-/// (an exit socket must exist before anything is sent through it), then `forward` gets
-/// the target, offset and length of each segment the router forwards.
+/// Whether a message of `len` bytes received with GRO segment size `stride` is a train of
+/// several datagrams.
+pub(crate) fn is_train(len: usize, stride: usize) -> bool {
+    stride != 0 && stride < len
+}
+
+/// Runs each segment of `msg` through Z-HOP (what it claims, and whatever arrives on a
+/// flow socket) or the router. Z-HOP's events and the router's commands are carried out
+/// by `io` as they come (an exit socket must exist before anything is sent through it);
+/// `forward` gets the target, offset and length of each segment the router forwards.
 pub(crate) fn route_message(
     router: &mut Router,
+    zhop: &mut Zhop,
+    io: &mut impl WorkerIo,
     now: Instant,
     msg: Message<'_>,
-    mut commands: impl FnMut(&mut Router),
     mut forward: impl FnMut(Target, usize, usize),
 ) {
     let Message {
@@ -122,93 +150,139 @@ pub(crate) fn route_message(
     while offset < len {
         let seg_len = stride.min(len - offset);
         let seg = &payload[offset..offset + seg_len];
+        offset += seg_len;
+        let mut failed = 0;
+        let mut out = |o: ZhopOut<'_>| {
+            if !io.zhop_event(o) {
+                failed += 1;
+            }
+        };
+        let zhop_result = match source {
+            Source::Client(l) if zhop.claims(from, seg, router.knows_client(from)) => {
+                Some(zhop.handle_client(now, l, from, seg, &mut out))
+            }
+            Source::Flow(flow) => Some(zhop.handle_exit(now, flow, seg, &mut out)),
+            _ => None,
+        };
+        if let Some(r) = zhop_result {
+            record_zhop(router, r, failed);
+            continue;
+        }
         let action = match source {
             Source::Client(l) => router.handle_client(now, l, from, seg),
             Source::Exit(slot) => router.handle_exit(now, slot, seg),
+            Source::Flow(_) => continue,
         };
-        commands(router);
+        io.router_commands(router);
         if let Some(target) = Target::of(action) {
-            forward(target, offset, seg_len);
-        }
-        offset += seg_len;
-    }
-}
-
-/// Whether a message of `len` bytes received with GRO segment size `stride` is a train of
-/// several datagrams.
-pub(crate) fn is_train(len: usize, stride: usize) -> bool {
-    stride != 0 && stride < len
-}
-
-/// Answers one control request. Returns whether the router may have commands to run (a
-/// session was closed).
-pub(crate) fn answer(router: &mut Router, req: WorkerRequest, now: Instant) -> bool {
-    match req {
-        WorkerRequest::Sessions(reply) => {
-            let _ = reply.send(router.sessions(now).collect());
-            false
-        }
-        WorkerRequest::CloseSession { slot, reply } => {
-            let _ = reply.send(router.close_session(slot));
-            true
+            forward(target, offset - seg_len, seg_len);
         }
     }
 }
 
-/// Answers every waiting control request, running the router's commands after each.
-pub(crate) fn answer_all(
-    requests: &mpsc::Receiver<WorkerRequest>,
+/// Counts what Z-HOP refused and the sends of its events that failed.
+fn record_zhop(router: &mut Router, r: Result<(), DropReason>, failed_sends: usize) {
+    if let Err(reason) = r {
+        router.record_drop(reason);
+    }
+    for _ in 0..failed_sends {
+        router.record_drop(DropReason::SendFailed);
+    }
+}
+
+/// Runs `f` with a sink for Z-HOP events that `io` carries out, counting failed sends.
+fn with_zhop_events(
     router: &mut Router,
-    now: Instant,
-    mut commands: impl FnMut(&mut Router),
+    io: &mut impl WorkerIo,
+    f: impl FnOnce(&mut dyn FnMut(ZhopOut<'_>)),
 ) {
+    let mut failed = 0;
+    f(&mut |o: ZhopOut<'_>| {
+        if !io.zhop_event(o) {
+            failed += 1;
+        }
+    });
+    record_zhop(router, Ok(()), failed);
+}
+
+/// The periodic part of a worker's loop that does not touch packets: a new table, router
+/// and Z-HOP timers, control requests.
+pub(crate) fn housekeeping(
+    router: &mut Router,
+    zhop: &mut Zhop,
+    io: &mut impl WorkerIo,
+    new_table: Option<std::sync::Arc<ExitTable>>,
+    requests: &mpsc::Receiver<WorkerRequest>,
+    now: Instant,
+) {
+    if let Some(t) = new_table {
+        router.set_table(t.clone());
+        with_zhop_events(router, io, |out| zhop.set_table(t, out));
+    }
+    router.handle_timeout(now);
+    io.router_commands(router);
+    with_zhop_events(router, io, |out| zhop.tick(now, out));
     while let Ok(req) = requests.try_recv() {
-        if answer(router, req, now) {
-            commands(router);
+        match req {
+            WorkerRequest::Sessions(reply) => {
+                let _ = reply.send(router.sessions(now).collect());
+            }
+            WorkerRequest::CloseSession { slot, reply } => {
+                let _ = reply.send(router.close_session(slot));
+                io.router_commands(router);
+            }
+            WorkerRequest::Snapshot(reply) => {
+                let snaps = router
+                    .sessions(now)
+                    .filter_map(|info| {
+                        let port = io.exit_port(info.slot)?;
+                        Some(SessionSnapshot::new(info, port))
+                    })
+                    .collect();
+                let _ = reply.send(snaps);
+            }
+            WorkerRequest::AddListener(l) => io.add_listener(l),
         }
     }
 }
 
-/// Binds a worker's sockets for the listen ports a new table pins, on every listen IP,
-/// leaving out addresses in `bound`. Failures are logged and skipped: the other ports
-/// keep working.
-pub(crate) fn pinned_listeners(
+/// Re-creates sessions saved before a restart, each on the listener its client used.
+pub(crate) fn restore(
     worker: usize,
-    cfg: &DataPlaneConfig,
-    ports: &[u16],
-    bound: &[SocketAddr],
-) -> Vec<BoundListener> {
-    let mut out = Vec::new();
-    for ip in cfg.listen.iter().map(|a| a.ip()) {
-        for &port in ports {
-            let addr = SocketAddr::new(ip, port);
-            if bound.contains(&addr) || out.iter().any(|l: &BoundListener| l.local == addr) {
-                continue;
-            }
-            match sys::listener_socket(addr, cfg.listener_socket_buffer) {
-                Ok((socket, gro)) => {
-                    tracing::info!(worker, %addr, "listening on pinned port");
-                    out.push(BoundListener {
-                        socket,
-                        local: addr,
-                        gro,
-                    });
-                }
-                Err(e) => tracing::warn!(worker, %addr, error = %e, "cannot bind pinned port"),
-            }
+    router: &mut Router,
+    io: &mut impl WorkerIo,
+    sessions: &[SessionSnapshot],
+    now: Instant,
+) {
+    let mut restored = 0;
+    for snap in sessions {
+        let Some(listener) = io.listener_for(snap.listen_port, snap.client) else {
+            continue;
+        };
+        if router.restore(now, listener, snap).is_ok() {
+            restored += 1;
         }
+        io.router_commands(router);
     }
-    out
+    if !sessions.is_empty() {
+        tracing::info!(
+            worker,
+            restored,
+            offered = sessions.len(),
+            "sessions restored"
+        );
+    }
 }
 
 /// Publishes a worker's counters for the control side.
-pub(crate) fn publish(report: &Mutex<WorkerReport>, router: &Router, io: &IoStats) {
+pub(crate) fn publish(report: &Mutex<WorkerReport>, router: &Router, zhop: &Zhop, io: &IoStats) {
     if let Ok(mut r) = report.lock() {
         r.router.clone_from(router.stats());
         r.io.clone_from(io);
         r.sessions = router.session_count();
         r.pending = router.pending_count();
         r.table_generation = router.table().generation();
+        r.zhop = zhop.stats();
     }
 }
 

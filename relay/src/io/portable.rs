@@ -19,23 +19,42 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use socket2::Socket;
 
-use super::plan::{self, Run, Source, Target};
+use super::plan::{self, Run, Source, Target, WorkerIo};
 use super::sys::{self, RecvBatch, SendBatch, Transmit};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
+use crate::zhop::{NodeKey, Zhop, ZhopOut};
 
 /// Token of the waker that interrupts a worker's wait.
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
 /// Tokens below this name listeners; from here on, exit-facing sockets by slot index.
 const EXIT_TOKEN_BASE: usize = 1 << 16;
+/// From here on, Z-HOP flow sockets by flow index.
+const FLOW_TOKEN_BASE: usize = 1 << 40;
 /// Longest wait for readiness, so that shutdown and table swaps are noticed when idle.
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often a worker publishes its counters.
 const REPORT_EVERY: Duration = Duration::from_millis(50);
 /// Batches taken from one socket before the others get their turn.
 const BATCHES_PER_TURN: usize = 4;
+
+/// The worker's sockets, borrowed field by field so that the router, Z-HOP and the
+/// receive buffers stay free to borrow.
+macro_rules! portable_io {
+    ($w:ident) => {
+        PortableIo {
+            worker: $w.id,
+            cfg: &$w.cfg,
+            poll: &$w.poll,
+            listeners: &mut $w.listeners,
+            exits: &mut $w.exits,
+            flows: &mut $w.flows,
+            io: &mut $w.io,
+        }
+    };
+}
 
 struct ListenerSocket {
     socket: Socket,
@@ -52,6 +71,9 @@ struct Worker {
     id: usize,
     cfg: DataPlaneConfig,
     router: Router,
+    zhop: Zhop,
+    /// Z-HOP flow sockets by flow index.
+    flows: Vec<Option<ExitSocket>>,
     table: SharedTable,
     poll: mio::Poll,
     listeners: Vec<ListenerSocket>,
@@ -76,6 +98,12 @@ pub(crate) fn run(ctx: WorkerContext) {
     let table = ctx.table.load();
     let mut w = Worker {
         id: ctx.id,
+        zhop: Zhop::new(
+            ctx.cfg.node_key.map(NodeKey::from_secret),
+            table.clone(),
+            now,
+        ),
+        flows: Vec::new(),
         router: Router::new(ctx.cfg.router.clone(), table, now),
         recv: RecvBatch::new(ctx.cfg.batch, ctx.cfg.recv_buffer),
         send: SendBatch::new(ctx.cfg.batch),
@@ -95,10 +123,9 @@ pub(crate) fn run(ctx: WorkerContext) {
         last_report: now,
     };
     for l in ctx.listeners {
-        if let Err(e) = w.add_listener(l) {
-            tracing::error!(worker = w.id, error = %e, "cannot register listener");
-        }
+        portable_io!(w).add_listener(l);
     }
+    plan::restore(w.id, &mut w.router, &mut portable_io!(w), &ctx.restore, now);
     if let Err(e) = w.event_loop() {
         tracing::error!(worker = w.id, error = %e, "worker stopped");
     }
@@ -106,25 +133,6 @@ pub(crate) fn run(ctx: WorkerContext) {
 }
 
 impl Worker {
-    fn add_listener(&mut self, l: BoundListener) -> io::Result<()> {
-        let id = self.listeners.len() as u16;
-        self.poll.registry().register(
-            &mut SourceFd(&l.socket.as_raw_fd()),
-            Token(id as usize),
-            Interest::READABLE,
-        )?;
-        tracing::debug!(worker = self.id, local = %l.local, gro = l.gro, "listening");
-        self.listeners.push(ListenerSocket {
-            listener: Listener {
-                id,
-                port: l.local.port(),
-            },
-            local: l.local,
-            socket: l.socket,
-        });
-        Ok(())
-    }
-
     fn event_loop(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
@@ -164,27 +172,18 @@ impl Worker {
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        if let Some(t) = self.table.load_if_changed(self.router.table()) {
+        let new_table = self.table.load_if_changed(self.router.table());
+        if let Some(t) = &new_table {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
-            let ports: Vec<u16> = t.pinned_ports().collect();
-            self.router.set_table(t);
-            self.bind_pinned(&ports);
         }
-        self.router.handle_timeout(now);
-        self.apply_commands();
-        let Worker {
-            requests,
-            router,
-            poll,
-            exits,
-            cfg,
-            io,
-            id,
-            ..
-        } = self;
-        plan::answer_all(requests, router, now, |router| {
-            apply_commands(*id, cfg, poll, exits, io, router)
-        });
+        plan::housekeeping(
+            &mut self.router,
+            &mut self.zhop,
+            &mut portable_io!(self),
+            new_table,
+            &self.requests,
+            now,
+        );
         if now.duration_since(self.last_report) >= REPORT_EVERY {
             self.publish(now);
         }
@@ -192,29 +191,7 @@ impl Worker {
 
     fn publish(&mut self, now: Instant) {
         self.last_report = now;
-        plan::publish(&self.report, &self.router, &self.io);
-    }
-
-    /// Binds this worker's socket for listen ports pinned by a new table.
-    fn bind_pinned(&mut self, ports: &[u16]) {
-        let bound: Vec<SocketAddr> = self.listeners.iter().map(|l| l.local).collect();
-        for l in plan::pinned_listeners(self.id, &self.cfg, ports, &bound) {
-            let addr = l.local;
-            if let Err(e) = self.add_listener(l) {
-                tracing::warn!(worker = self.id, %addr, error = %e, "cannot register pinned port");
-            }
-        }
-    }
-
-    fn apply_commands(&mut self) {
-        apply_commands(
-            self.id,
-            &self.cfg,
-            &self.poll,
-            &mut self.exits,
-            &mut self.io,
-            &mut self.router,
-        );
+        plan::publish(&self.report, &self.router, &self.zhop, &self.io);
     }
 
     /// Serves one ready socket for a turn. Returns whether it may have more to read.
@@ -224,6 +201,18 @@ impl Worker {
                 match self.listeners.get(token.0) {
                     Some(l) => (l.socket.as_raw_fd(), Source::Client(l.listener)),
                     None => return false,
+                }
+            } else if token.0 >= FLOW_TOKEN_BASE {
+                let index = token.0 - FLOW_TOKEN_BASE;
+                match self.flows.get(index) {
+                    Some(Some(s)) => (
+                        s.socket.as_raw_fd(),
+                        Source::Flow(SessionSlot {
+                            index: index as u32,
+                            generation: s.generation,
+                        }),
+                    ),
+                    _ => return false,
                 }
             } else {
                 let index = token.0 - EXIT_TOKEN_BASE;
@@ -251,8 +240,12 @@ impl Worker {
                     return false;
                 }
             };
-            self.route_batch(n, source, Instant::now());
+            let arrived = Instant::now();
+            self.route_batch(n, source, arrived);
             self.transmit();
+            self.io
+                .batch_latency
+                .record(arrived.elapsed().as_nanos() as u64);
             if n < self.recv.capacity() {
                 return false;
             }
@@ -260,39 +253,29 @@ impl Worker {
         true
     }
 
-    /// Runs every received segment through the router and plans the sends.
+    /// Runs every received segment through Z-HOP or the router and plans the sends.
     fn route_batch(&mut self, n: usize, source: Source, now: Instant) {
         self.runs.clear();
         for msg in 0..n {
             let Some(meta) = self.recv.meta(msg) else {
                 continue;
             };
-            let Worker {
-                id,
-                cfg,
-                router,
-                poll,
-                exits,
-                recv,
-                runs,
-                gso,
-                io,
-                ..
-            } = self;
             if plan::is_train(meta.len, meta.stride) {
-                io.gro_trains += 1;
+                self.io.gro_trains += 1;
             }
+            let (runs, gso) = (&mut self.runs, self.gso);
             plan::route_message(
-                router,
+                &mut self.router,
+                &mut self.zhop,
+                &mut portable_io!(self),
                 now,
                 plan::Message {
                     source,
                     from: meta.from,
-                    payload: recv.payload(msg),
+                    payload: self.recv.payload(msg),
                     stride: meta.stride,
                 },
-                |router| apply_commands(*id, cfg, poll, exits, io, router),
-                |target, offset, len| plan::plan(runs, *gso, target, msg, offset, len),
+                |target, offset, len| plan::plan(runs, gso, target, msg, offset, len),
             );
         }
     }
@@ -415,63 +398,6 @@ impl Worker {
     }
 }
 
-/// Opens and closes exit sockets as the router asks.
-fn apply_commands(
-    id: usize,
-    cfg: &DataPlaneConfig,
-    poll: &mio::Poll,
-    exits: &mut Vec<Option<ExitSocket>>,
-    io: &mut IoStats,
-    router: &mut Router,
-) {
-    while let Some(cmd) = router.poll_command() {
-        match cmd {
-            Command::OpenExitSocket { slot, exit } => {
-                match sys::exit_socket(exit, cfg.exit_source, cfg.exit_socket_buffer) {
-                    Ok((socket, _gro)) => {
-                        let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
-                        let reg = poll.registry().register(
-                            &mut SourceFd(&socket.as_raw_fd()),
-                            token,
-                            Interest::READABLE,
-                        );
-                        if let Err(e) = reg {
-                            tracing::warn!(worker = id, error = %e, "cannot register exit socket");
-                            router.socket_failed(slot);
-                            continue;
-                        }
-                        let i = slot.index as usize;
-                        if exits.len() <= i {
-                            exits.resize_with(i + 1, || None);
-                        }
-                        exits[i] = Some(ExitSocket {
-                            generation: slot.generation,
-                            socket,
-                        });
-                        io.exit_sockets_open += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(worker = id, %exit, error = %e, "cannot open exit socket");
-                        router.socket_failed(slot);
-                    }
-                }
-            }
-            Command::CloseExitSocket { slot } => {
-                let i = slot.index as usize;
-                if let Some(Some(s)) = exits.get(i) {
-                    if s.generation == slot.generation {
-                        let _ = poll
-                            .registry()
-                            .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
-                        exits[i] = None;
-                        io.exit_sockets_open -= 1;
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Most datagrams gathered into one sendmmsg towards clients.
 const SEND_CHUNK: usize = 64;
 
@@ -517,5 +443,160 @@ impl Outbox<'_> {
         for _ in 0..tx.contents.len().div_ceil(segment) {
             self.router.record_drop(DropReason::SendFailed);
         }
+    }
+}
+
+/// A portable worker's sockets, for the logic shared with the io_uring backend.
+struct PortableIo<'a> {
+    worker: usize,
+    cfg: &'a DataPlaneConfig,
+    poll: &'a mio::Poll,
+    listeners: &'a mut Vec<ListenerSocket>,
+    exits: &'a mut Vec<Option<ExitSocket>>,
+    flows: &'a mut Vec<Option<ExitSocket>>,
+    io: &'a mut IoStats,
+}
+
+impl PortableIo<'_> {
+    /// Opens a socket connected to `exit` and registers it under `token`.
+    fn open(&self, exit: SocketAddr, local_port: Option<u16>, token: Token) -> io::Result<Socket> {
+        let (socket, _gro) = sys::exit_socket(
+            exit,
+            self.cfg.exit_source,
+            local_port,
+            self.cfg.exit_socket_buffer,
+        )?;
+        self.poll.registry().register(
+            &mut SourceFd(&socket.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )?;
+        Ok(socket)
+    }
+
+    /// Deregisters and drops the socket of `slot` in `table`, if it is still that one.
+    fn close(poll: &mio::Poll, table: &mut [Option<ExitSocket>], slot: SessionSlot) -> bool {
+        match table.get_mut(slot.index as usize) {
+            Some(entry @ Some(_))
+                if entry
+                    .as_ref()
+                    .is_some_and(|s| s.generation == slot.generation) =>
+            {
+                if let Some(s) = entry.take() {
+                    let _ = poll
+                        .registry()
+                        .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket) {
+    let i = slot.index as usize;
+    if table.len() <= i {
+        table.resize_with(i + 1, || None);
+    }
+    table[i] = Some(ExitSocket {
+        generation: slot.generation,
+        socket,
+    });
+}
+
+impl WorkerIo for PortableIo<'_> {
+    fn router_commands(&mut self, router: &mut Router) {
+        while let Some(cmd) = router.poll_command() {
+            match cmd {
+                Command::OpenExitSocket {
+                    slot,
+                    exit,
+                    local_port,
+                } => {
+                    let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
+                    match self.open(exit, local_port, token) {
+                        Ok(socket) => {
+                            put(self.exits, slot, socket);
+                            self.io.exit_sockets_open += 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open exit socket");
+                            router.socket_failed(slot);
+                        }
+                    }
+                }
+                Command::CloseExitSocket { slot } => {
+                    if Self::close(self.poll, self.exits, slot) {
+                        self.io.exit_sockets_open -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn zhop_event(&mut self, o: ZhopOut<'_>) -> bool {
+        match o {
+            ZhopOut::ToPeer {
+                listener,
+                to,
+                bytes,
+            } => self
+                .listeners
+                .get(listener.id as usize)
+                .is_some_and(|l| l.socket.send_to(bytes, &to.into()).is_ok()),
+            ZhopOut::ToExit { flow, bytes } => match self.flows.get(flow.index as usize) {
+                Some(Some(s)) if s.generation == flow.generation => s.socket.send(bytes).is_ok(),
+                _ => false,
+            },
+            ZhopOut::OpenFlow { flow, exit } => {
+                let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
+                match self.open(exit, None, token) {
+                    Ok(socket) => put(self.flows, flow, socket),
+                    Err(e) => {
+                        tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open flow socket")
+                    }
+                }
+                true
+            }
+            ZhopOut::CloseFlow { flow } => {
+                Self::close(self.poll, self.flows, flow);
+                true
+            }
+        }
+    }
+
+    fn add_listener(&mut self, l: BoundListener) {
+        let id = self.listeners.len() as u16;
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&l.socket.as_raw_fd()),
+            Token(id as usize),
+            Interest::READABLE,
+        ) {
+            tracing::warn!(worker = self.worker, local = %l.local, error = %e, "cannot register listener");
+            return;
+        }
+        tracing::debug!(worker = self.worker, local = %l.local, gro = l.gro, "listening");
+        self.listeners.push(ListenerSocket {
+            listener: Listener {
+                id,
+                port: l.local.port(),
+            },
+            local: l.local,
+            socket: l.socket,
+        });
+    }
+
+    fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
+        let s = self.exits.get(slot.index as usize)?.as_ref()?;
+        (s.generation == slot.generation).then_some(())?;
+        Some(s.socket.local_addr().ok()?.as_socket()?.port())
+    }
+
+    fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {
+        self.listeners
+            .iter()
+            .find(|l| l.listener.port == port && l.local.is_ipv4() == client.is_ipv4())
+            .map(|l| l.listener)
     }
 }

@@ -43,12 +43,13 @@ use socket2::Socket;
 
 use self::bufring::BufRing;
 use self::sendq::{SendInfo, SendSlots};
-use super::plan::{self, Run, Source, Target};
+use super::plan::{self, Run, Source, Target, WorkerIo};
 use super::sys::{self, is_gso_errno};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
+use crate::zhop::{NodeKey, Zhop, ZhopOut};
 
 /// Longest wait for a completion, so that shutdown and table swaps are noticed when idle.
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -222,6 +223,8 @@ fn recv_msghdr() -> Box<libc::msghdr> {
 enum Role {
     Listener(Listener),
     Exit(SessionSlot),
+    /// A Z-HOP flow's socket towards an exit.
+    Flow(SessionSlot),
 }
 
 struct IoSocket {
@@ -245,6 +248,8 @@ struct Sockets {
     listeners: Vec<u32>,
     /// Socket id by session slot index (`NONE` when the slot has no socket).
     exits: Vec<u32>,
+    /// Socket id by Z-HOP flow index.
+    flows: Vec<u32>,
 }
 
 const NONE: u32 = u32::MAX;
@@ -280,6 +285,19 @@ impl Sockets {
                 closing: false,
                 ..
             } if *s == slot => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The open socket of Z-HOP flow `flow`, if it has one.
+    fn flow(&self, flow: SessionSlot) -> Option<u32> {
+        let id = *self.flows.get(flow.index as usize)?;
+        match self.get(id)? {
+            IoSocket {
+                role: Role::Flow(f),
+                closing: false,
+                ..
+            } if *f == flow => Some(id),
             _ => None,
         }
     }
@@ -385,6 +403,117 @@ impl Plane {
         unsafe { self.ring.push(&entry) };
     }
 
+    /// Opens a socket connected to `exit` for `role`, registers it under `table[index]`
+    /// and arms its receive.
+    fn open(&mut self, role: Role, exit: SocketAddr, local_port: Option<u16>) -> io::Result<()> {
+        let (socket, _gro) = sys::exit_socket(
+            exit,
+            self.cfg.exit_source,
+            local_port,
+            self.cfg.exit_socket_buffer,
+        )?;
+        let sid = self.sockets.insert(IoSocket {
+            socket,
+            role,
+            local: None,
+            gso: self.cfg.gso,
+            recv_armed: false,
+            closing: false,
+            refs: 0,
+        });
+        let (table, slot) = match role {
+            Role::Exit(slot) => (&mut self.sockets.exits, slot),
+            Role::Flow(slot) => (&mut self.sockets.flows, slot),
+            Role::Listener(_) => return Ok(()),
+        };
+        let i = slot.index as usize;
+        if table.len() <= i {
+            table.resize(i + 1, NONE);
+        }
+        table[i] = sid;
+        self.arm_recv(sid);
+        Ok(())
+    }
+
+    /// Starts closing socket `sid`: nothing new goes out on it, its receive is cancelled,
+    /// and it is dropped once nothing names it any more.
+    fn close(&mut self, sid: u32) {
+        let Some(s) = self.sockets.get_mut(sid) else {
+            return;
+        };
+        s.closing = true;
+        if s.recv_armed {
+            s.refs += 1;
+            let entry = opcode::AsyncCancel::new(user_data(RECV, sid))
+                .build()
+                .user_data(user_data(CANCEL, sid));
+            // SAFETY: a cancellation points at nothing but a user data value.
+            unsafe { self.ring.push(&entry) };
+        }
+        self.sockets.finish_if_unused(sid);
+    }
+}
+
+impl WorkerIo for Plane {
+    fn router_commands(&mut self, router: &mut Router) {
+        while let Some(cmd) = router.poll_command() {
+            match cmd {
+                Command::OpenExitSocket {
+                    slot,
+                    exit,
+                    local_port,
+                } => match self.open(Role::Exit(slot), exit, local_port) {
+                    Ok(()) => self.io.exit_sockets_open += 1,
+                    Err(e) => {
+                        tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
+                        router.socket_failed(slot);
+                    }
+                },
+                Command::CloseExitSocket { slot } => {
+                    if let Some(sid) = self.sockets.exit(slot) {
+                        self.sockets.exits[slot.index as usize] = NONE;
+                        self.io.exit_sockets_open -= 1;
+                        self.close(sid);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Z-HOP decrypts into its own buffer, valid only during this call, so its sends are
+    /// plain synchronous ones; Z-HOP's flow sockets receive through the ring like exits.
+    fn zhop_event(&mut self, o: ZhopOut<'_>) -> bool {
+        match o {
+            ZhopOut::ToPeer {
+                listener,
+                to,
+                bytes,
+            } => self
+                .sockets
+                .listener(listener.id)
+                .and_then(|sid| self.sockets.get(sid))
+                .is_some_and(|s| s.socket.send_to(bytes, &to.into()).is_ok()),
+            ZhopOut::ToExit { flow, bytes } => self
+                .sockets
+                .flow(flow)
+                .and_then(|sid| self.sockets.get(sid))
+                .is_some_and(|s| s.socket.send(bytes).is_ok()),
+            ZhopOut::OpenFlow { flow, exit } => {
+                if let Err(e) = self.open(Role::Flow(flow), exit, None) {
+                    tracing::warn!(worker = self.id, %exit, error = %e, "cannot open flow socket");
+                }
+                true
+            }
+            ZhopOut::CloseFlow { flow } => {
+                if let Some(sid) = self.sockets.flow(flow) {
+                    self.sockets.flows[flow.index as usize] = NONE;
+                    self.close(sid);
+                }
+                true
+            }
+        }
+    }
+
     fn add_listener(&mut self, l: BoundListener) {
         let id = self.sockets.listeners.len() as u16;
         tracing::debug!(worker = self.id, local = %l.local, gro = l.gro, "listening");
@@ -404,59 +533,24 @@ impl Plane {
         self.arm_recv(sid);
     }
 
-    /// Opens and closes exit sockets as the router asks.
-    fn apply_commands(&mut self, router: &mut Router) {
-        while let Some(cmd) = router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket { slot, exit } => {
-                    match sys::exit_socket(exit, self.cfg.exit_source, self.cfg.exit_socket_buffer)
-                    {
-                        Ok((socket, _gro)) => {
-                            let sid = self.sockets.insert(IoSocket {
-                                socket,
-                                role: Role::Exit(slot),
-                                local: None,
-                                gso: self.cfg.gso,
-                                recv_armed: false,
-                                closing: false,
-                                refs: 0,
-                            });
-                            let i = slot.index as usize;
-                            if self.sockets.exits.len() <= i {
-                                self.sockets.exits.resize(i + 1, NONE);
-                            }
-                            self.sockets.exits[i] = sid;
-                            self.io.exit_sockets_open += 1;
-                            self.arm_recv(sid);
-                        }
-                        Err(e) => {
-                            tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
-                            router.socket_failed(slot);
-                        }
-                    }
+    fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
+        let s = self.sockets.get(self.sockets.exit(slot)?)?;
+        Some(s.socket.local_addr().ok()?.as_socket()?.port())
+    }
+
+    fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {
+        self.sockets
+            .slots
+            .iter()
+            .flatten()
+            .find_map(|s| match (s.role, s.local) {
+                (Role::Listener(l), Some(local))
+                    if l.port == port && local.is_ipv4() == client.is_ipv4() =>
+                {
+                    Some(l)
                 }
-                Command::CloseExitSocket { slot } => {
-                    let Some(sid) = self.sockets.exit(slot) else {
-                        continue;
-                    };
-                    self.sockets.exits[slot.index as usize] = NONE;
-                    self.io.exit_sockets_open -= 1;
-                    let Some(s) = self.sockets.get_mut(sid) else {
-                        continue;
-                    };
-                    s.closing = true;
-                    if s.recv_armed {
-                        s.refs += 1;
-                        let entry = opcode::AsyncCancel::new(user_data(RECV, sid))
-                            .build()
-                            .user_data(user_data(CANCEL, sid));
-                        // SAFETY: a cancellation points at nothing but a user data value.
-                        unsafe { self.ring.push(&entry) };
-                    }
-                    self.sockets.finish_if_unused(sid);
-                }
-            }
-        }
+                _ => None,
+            })
     }
 }
 
@@ -484,6 +578,7 @@ impl Buffers {
 struct Worker {
     plane: Plane,
     router: Router,
+    zhop: Zhop,
     bufs: Buffers,
     sends: SendSlots,
     table: SharedTable,
@@ -537,8 +632,14 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
     let _ = ready.send(Ok(()));
     let now = Instant::now();
     let nbufs = bufring.entries();
+    let table = ctx.table.load();
     let mut w = Worker {
-        router: Router::new(ctx.cfg.router.clone(), ctx.table.load(), now),
+        zhop: Zhop::new(
+            ctx.cfg.node_key.map(NodeKey::from_secret),
+            table.clone(),
+            now,
+        ),
+        router: Router::new(ctx.cfg.router.clone(), table, now),
         plane: Plane {
             id: ctx.id,
             cfg: ctx.cfg,
@@ -574,6 +675,7 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
     for l in ctx.listeners {
         w.plane.add_listener(l);
     }
+    plan::restore(w.plane.id, &mut w.router, &mut w.plane, &ctx.restore, now);
     w.event_loop();
     w.publish(Instant::now());
     w.teardown();
@@ -624,32 +726,22 @@ impl Worker {
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        if let Some(t) = self.table.load_if_changed(self.router.table()) {
+        let new_table = self.table.load_if_changed(self.router.table());
+        if let Some(t) = &new_table {
             tracing::debug!(
                 worker = self.plane.id,
                 generation = t.generation(),
                 "new table"
             );
-            let ports: Vec<u16> = t.pinned_ports().collect();
-            self.router.set_table(t);
-            let bound: Vec<SocketAddr> = self
-                .plane
-                .sockets
-                .slots
-                .iter()
-                .flatten()
-                .filter_map(|s| s.local)
-                .collect();
-            for l in plan::pinned_listeners(self.plane.id, &self.plane.cfg, &ports, &bound) {
-                self.plane.add_listener(l);
-            }
         }
-        self.router.handle_timeout(now);
-        self.plane.apply_commands(&mut self.router);
-        let (plane, router) = (&mut self.plane, &mut self.router);
-        plan::answer_all(&self.requests, router, now, |router| {
-            plane.apply_commands(router)
-        });
+        plan::housekeeping(
+            &mut self.router,
+            &mut self.zhop,
+            &mut self.plane,
+            new_table,
+            &self.requests,
+            now,
+        );
         if now.duration_since(self.last_report) >= REPORT_EVERY {
             self.publish(now);
         }
@@ -658,7 +750,7 @@ impl Worker {
     fn publish(&mut self, now: Instant) {
         self.last_report = now;
         self.plane.io.ring_enters = self.plane.ring.enters;
-        plan::publish(&self.report, &self.router, &self.plane.io);
+        plan::publish(&self.report, &self.router, &self.zhop, &self.plane.io);
     }
 
     /// Watches the waker's epoll descriptor, which becomes readable when the control side
@@ -804,10 +896,18 @@ impl Worker {
     /// Routes every received message and queues its sends, then resends refused GSO
     /// sends one segment at a time.
     fn process(&mut self, now: Instant) {
+        let batch = !self.arrived.is_empty();
         while let Some(a) = self.arrived.pop_front() {
             self.route(a, now);
             self.bufs.release(a.buf);
             self.plane.sockets.release(a.socket);
+        }
+        if batch {
+            // From the reaping of a batch to its sends queued; the next enter submits them.
+            self.plane
+                .io
+                .batch_latency
+                .record(now.elapsed().as_nanos() as u64);
         }
         while let Some(info) = self.retries.pop_front() {
             let seg = usize::from(info.segment.unwrap_or(1).max(1));
@@ -833,6 +933,7 @@ impl Worker {
             Some(s) if !s.closing => match s.role {
                 Role::Listener(l) => Source::Client(l),
                 Role::Exit(slot) => Source::Exit(slot),
+                Role::Flow(flow) => Source::Flow(flow),
             },
             // Its session ended after the message arrived: as if it arrived a moment later.
             _ => return,
@@ -848,10 +949,12 @@ impl Worker {
             self.plane.io.gro_trains += 1;
         }
         let payload = &buffer[msg.offset..msg.offset + msg.len];
-        let (plane, router, runs) = (&mut self.plane, &mut self.router, &mut self.runs);
+        let runs = &mut self.runs;
         runs.clear();
         plan::route_message(
-            router,
+            &mut self.router,
+            &mut self.zhop,
+            &mut self.plane,
             now,
             plan::Message {
                 source,
@@ -859,7 +962,6 @@ impl Worker {
                 payload,
                 stride: msg.stride,
             },
-            |router| plane.apply_commands(router),
             // Runs are planned as if every socket did GSO; `send_run` splits them for
             // sockets that fell back.
             |target, offset, len| {
