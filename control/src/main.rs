@@ -249,10 +249,21 @@ fn run(args: RunArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let s = node.control.dp.stats();
+    let mut io = wraithgate_relay::io::IoStats::default();
+    for r in node.control.dp.reports() {
+        io.merge(&r.io);
+    }
     tracing::info!(
+        backend = node.control.dp.backend(),
         to_exit_packets = s.client_to_exit.packets,
         to_client_packets = s.exit_to_client.packets,
         drops = s.total_drops(),
+        worker_cpu_seconds = io.cpu_ns as f64 / 1e9,
+        send_calls = io.send_calls,
+        gso_sends = io.gso_sends,
+        gso_fallbacks = io.gso_fallbacks,
+        ring_enters = io.ring_enters,
+        ring_starved = io.ring_starved,
         "stopping"
     );
     node.stop();

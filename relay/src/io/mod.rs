@@ -170,6 +170,8 @@ pub struct IoStats {
     pub gso_fallbacks: u64,
     pub recv_errors: u64,
     pub exit_sockets_open: u64,
+    /// CPU time the worker thread has used, in nanoseconds (read when it publishes).
+    pub cpu_ns: u64,
     /// io_uring: `io_uring_enter` calls (submit and wait).
     pub ring_enters: u64,
     /// io_uring: multishot receives that ended because every buffer was in use.
@@ -186,6 +188,7 @@ impl IoStats {
         self.gso_fallbacks += o.gso_fallbacks;
         self.recv_errors += o.recv_errors;
         self.exit_sockets_open += o.exit_sockets_open;
+        self.cpu_ns += o.cpu_ns;
         self.ring_enters += o.ring_enters;
         self.ring_starved += o.ring_starved;
     }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
-use super::sys::MAX_GSO_SEGMENTS;
+use super::sys::{self, MAX_GSO_SEGMENTS};
 use super::{BoundListener, IoStats, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Action, Listener, Router, SessionSlot, SessionSnapshot};
@@ -279,6 +279,7 @@ pub(crate) fn publish(report: &Mutex<WorkerReport>, router: &Router, zhop: &Zhop
     if let Ok(mut r) = report.lock() {
         r.router.clone_from(router.stats());
         r.io.clone_from(io);
+        r.io.cpu_ns = sys::thread_cpu_time().as_nanos() as u64;
         r.sessions = router.session_count();
         r.pending = router.pending_count();
         r.table_generation = router.table().generation();

@@ -555,6 +555,20 @@ pub fn attach_steering(sock: &Socket, ipv6: bool, workers: usize) -> io::Result<
     }
 }
 
+/// CPU time the calling thread has used (user and system).
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Raises the soft open-files limit to the hard limit (one socket per session).
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
