@@ -15,6 +15,14 @@ WD=${WD:-target/relay-bench-uring}
 DURATION=${DURATION:-5}
 RUNS=${RUNS:-3}
 mkdir -p "$WD"
+WD=$(cd "$WD" && pwd)
+REAL_WG=$(realpath "$WG")
+# The node keeps state in a directory (default /var/lib/wraithgate) that would outlive a
+# run and seed the next one: every start gets a fresh one.
+WRAP="$WD/wraithgate-fresh-state"
+printf '#!/bin/sh\nd=$(mktemp -d "%s/state.XXXXXX")\nexec "%s" "$@" --state-dir "$d"\n' \
+    "$WD" "$REAL_WG" > "$WRAP"
+chmod +x "$WRAP"
 
 # Total CPU seconds (utime+stime of every thread) of the newest process matching $1,
 # sampled until it exits; prints the last sample.
@@ -42,13 +50,13 @@ for run in $(seq 1 "$RUNS"); do
       for c in wraithgate-uring wraithgate-portable naive-tokio; do
         case $c in
           naive-tokio) pat="relay-bench naive-relay" ;;
-          *) pat="$WG run --config" ;;
+          *) pat="$REAL_WG run --config" ;;
         esac
         cpu_file=$(mktemp)
         (cpu_of "$pat" > "$cpu_file") &
         sampler=$!
         line=$("$BENCH" --quick --runs 1 --duration "$DURATION" --topology "$topo" \
-            --contenders "$c" --scenarios "$sc" --no-e2e --wraithgate "$WG" \
+            --contenders "$c" --scenarios "$sc" --no-e2e --wraithgate "$WRAP" \
             --prefix ru --workdir "$WD" --svg "$WD/last.svg" 2>&1 >/dev/null \
             | grep -E "^\[$topo run" || true)
         wait "$sampler" || true

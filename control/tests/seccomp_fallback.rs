@@ -114,10 +114,16 @@ fn seccomp_child() {
     let dir = std::env::temp_dir().join(format!("wraithgate-seccomp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("relay.toml");
+    // Its own state directory and no API: nothing outside `dir` is touched.
     std::fs::write(
         &conf,
-        "[relay]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n[[exit]]\nname = \"x\"\n\
-         public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\nendpoint = \"127.0.0.1:9\"\n",
+        format!(
+            "[relay]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n\
+             [control]\napi_enabled = false\nstate_dir = \"{}\"\n\n\
+             [[exit]]\nname = \"x\"\n\
+             public_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\nendpoint = \"127.0.0.1:9\"\n",
+            dir.join("state").display()
+        ),
     )
     .unwrap();
     let mut run = bin();

@@ -54,12 +54,14 @@ fn main() {
         &conf,
         format!(
             "[relay]\nlisten = [\"{relay_addr}\"]\nworkers = 1\nbackend = \"{backend}\"\n\n\
+             [control]\napi_enabled = false\nstate_dir = \"{state}\"\n\n\
              [limits]\nmax_sessions = {max}\nmax_pending = {max}\n\
              handshakes_per_second = 1000000\nhandshake_burst = 1000000\n\
              pending_timeout_secs = 60\n\n\
              [[exit]]\nname = \"x\"\npublic_key = \"{key}\"\nendpoint = \"{exit_addr}\"\n",
             max = sessions + 1024,
             key = exit_key.to_base64(),
+            state = dir.join("state").display(),
         ),
     )
     .unwrap();
