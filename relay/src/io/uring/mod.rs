@@ -1058,7 +1058,7 @@ impl Worker {
                 .as_ptr()
                 .add(info.start as usize)
         };
-        let Some((slot, hdr)) = self.sends.take(info, payload) else {
+        let Some(prepared) = self.sends.take(info, payload) else {
             // Unreachable: a slot was made free above.
             self.bufs.release(info.buf);
             self.plane.sockets.release(info.socket);
@@ -1068,12 +1068,20 @@ impl Worker {
         if info.segment.is_some() {
             self.plane.io.gso_sends += 1;
         }
-        let entry = opcode::SendMsg::new(Fd(fd), hdr)
-            .build()
-            .user_data(user_data(SEND, slot));
-        // SAFETY: the header lives in send slot `slot` until its completion is reaped
-        // (`on_send` frees it); it points at the payload in a buffer held until then, and
-        // at a descriptor whose socket holds a reference until then.
+        // A single datagram needs no control message: a plain `Send` (with the address for
+        // an unconnected listener) spares the kernel copying and parsing a msghdr.
+        let entry = if info.segment.is_some() {
+            opcode::SendMsg::new(Fd(fd), prepared.hdr).build()
+        } else {
+            opcode::Send::new(Fd(fd), payload, info.len)
+                .dest_addr(prepared.name)
+                .dest_addr_len(prepared.name_len)
+                .build()
+        }
+        .user_data(user_data(SEND, prepared.slot));
+        // SAFETY: the header and destination live in send slot `prepared.slot` until its
+        // completion is reaped (`on_send` frees it); the payload is in a buffer held until
+        // then, and the descriptor's socket holds a reference until then.
         unsafe { self.plane.ring.push(&entry) };
     }
 

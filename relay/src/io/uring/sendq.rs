@@ -42,6 +42,16 @@ pub(crate) struct SendInfo {
     pub dest: Option<SocketAddr>,
 }
 
+/// A taken send slot: the `msghdr` for `SendMsg`, or the destination (null on a
+/// connected socket) for a plain `Send`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prepared {
+    pub slot: u32,
+    pub hdr: *const libc::msghdr,
+    pub name: *const libc::sockaddr,
+    pub name_len: libc::socklen_t,
+}
+
 /// A fixed pool of send header sets.
 pub(crate) struct SendSlots {
     headers: Box<[Headers]>,
@@ -89,16 +99,12 @@ impl SendSlots {
     }
 
     /// Takes a slot for `info` whose payload is `payload` (a pointer into a receive
-    /// buffer the caller owns). Returns the slot and the `msghdr` to hand to `SendMsg`, or
-    /// `None` when every slot is in flight.
+    /// buffer the caller owns). Returns the slot and what to hand to `SendMsg` or `Send`,
+    /// or `None` when every slot is in flight.
     ///
     /// The returned header stays valid until [`SendSlots::finish`] is called for the slot;
     /// the payload must stay valid (its buffer owned by the caller) until then too.
-    pub(crate) fn take(
-        &mut self,
-        info: SendInfo,
-        payload: *const u8,
-    ) -> Option<(u32, *const libc::msghdr)> {
+    pub(crate) fn take(&mut self, info: SendInfo, payload: *const u8) -> Option<Prepared> {
         let slot = self.free.pop()?;
         let h = &mut self.headers[slot as usize];
         h.iov = libc::iovec {
@@ -151,7 +157,12 @@ impl SendSlots {
             }
         }
         self.info[slot as usize] = Some(info);
-        Some((slot, &h.hdr))
+        Some(Prepared {
+            slot,
+            hdr: &h.hdr,
+            name: h.hdr.msg_name as *const libc::sockaddr,
+            name_len: h.hdr.msg_namelen,
+        })
     }
 
     /// Releases a slot whose completion arrived; returns what it carried.
