@@ -66,7 +66,12 @@ fn main() {
     )
     .unwrap();
     let mut relay = Command::new(binary)
-        .args(["--log", "warn", "run", "--config"])
+        .args([
+            "--log",
+            "warn,wraithgate_relay::io::uring=debug",
+            "run",
+            "--config",
+        ])
         .arg(&conf)
         .stdout(Stdio::null())
         .spawn()

@@ -55,6 +55,13 @@ use crate::zhop::{NodeKey, Zhop, ZhopOut};
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often a worker publishes its counters.
 const REPORT_EVERY: Duration = Duration::from_millis(50);
+/// Deferred completions the kernel runs in an enter that waits for one
+/// (`IO_LOCAL_TW_DEFAULT_MAX`).
+const LOCAL_WORK_CAP: usize = 20;
+/// Completions asked for, without waiting, when a waiting enter hit that cap.
+const MORE_WANT: usize = 512;
+/// Such extra enters per iteration at most, so that timers and requests keep their turn.
+const MORE_ROUNDS: usize = 4;
 /// Longest a worker waits at shutdown for the kernel to finish its requests.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -699,18 +706,34 @@ impl Worker {
                     .poll_timeout()
                     .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
             };
-            self.enter(wait);
-            self.reap();
+            self.enter(wait, 1);
+            let mut reaped = self.reap();
+            // An enter that waits for one completion runs at most LOCAL_WORK_CAP of the
+            // kernel's deferred completions; when it ran that many, ask for the rest
+            // without waiting, so that a busy socket's batch is taken in one go.
+            for _ in 0..MORE_ROUNDS {
+                if reaped < LOCAL_WORK_CAP {
+                    break;
+                }
+                self.enter(Duration::ZERO, MORE_WANT);
+                reaped = self.reap();
+            }
             self.process(Instant::now());
         }
     }
 
-    /// Submits everything queued and waits up to `wait` for a completion.
-    fn enter(&mut self, wait: Duration) {
+    /// Submits everything queued and waits up to `wait` for `want` completions.
+    fn enter(&mut self, wait: Duration, want: usize) {
         let ts = Timespec::from(wait);
         let args = SubmitArgs::new().timespec(&ts);
         self.plane.ring.enters += 1;
-        match self.plane.ring.ring.submitter().submit_with_args(1, &args) {
+        match self
+            .plane
+            .ring
+            .ring
+            .submitter()
+            .submit_with_args(want, &args)
+        {
             Ok(_) => {}
             // ETIME: nothing completed in time; EBUSY: completions to reap first.
             Err(e)
@@ -782,7 +805,8 @@ impl Worker {
 
     /// Records every completion waiting; does no sending (that needs send slots, which
     /// reaping is what frees).
-    fn reap(&mut self) {
+    /// Returns how many completions there were.
+    fn reap(&mut self) -> usize {
         self.completions.clear();
         for cqe in self.plane.ring.ring.completion() {
             self.completions
@@ -806,9 +830,17 @@ impl Worker {
                     }
                 }
                 CANCEL => self.plane.sockets.release(id),
+                CANCEL_ALL => {
+                    tracing::debug!(
+                        worker = self.plane.id,
+                        cancelled = res,
+                        "cancelled every request"
+                    )
+                }
                 _ => {}
             }
         }
+        self.completions.len()
     }
 
     fn on_recv(&mut self, id: u32, res: i32, flags: u32) {
@@ -1088,7 +1120,7 @@ impl Worker {
     /// Every send slot is in flight: submit, wait for some to complete, and record them.
     fn make_room(&mut self) {
         self.bufs.ring.publish();
-        self.enter(MAX_WAIT);
+        self.enter(MAX_WAIT, 1);
         self.reap();
     }
 
@@ -1103,8 +1135,14 @@ impl Worker {
         unsafe { self.plane.ring.push(&entry) };
         let deadline = Instant::now() + TEARDOWN_WAIT;
         while self.plane.ring.inflight > 0 && Instant::now() < deadline {
-            self.enter(Duration::from_millis(50));
+            self.enter(Duration::from_millis(50), MORE_WANT);
             self.reap();
+            tracing::debug!(
+                worker = self.plane.id,
+                reaped = self.completions.len(),
+                inflight = self.plane.ring.inflight,
+                "draining the ring"
+            );
             // Refused GSO sends are not resent now.
             while let Some(info) = self.retries.pop_front() {
                 self.bufs.release(info.buf);
