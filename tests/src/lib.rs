@@ -94,9 +94,10 @@ impl Relay {
         Relay { dp, table, addr }
     }
 
-    /// Counters summed over workers, after they have published (they do every 50 ms).
+    /// Counters summed over workers, after they have published (at most every 50 ms, and
+    /// an idle worker wakes at least every 100 ms).
     pub fn stats(&self) -> RouterStats {
-        std::thread::sleep(Duration::from_millis(120));
+        std::thread::sleep(Duration::from_millis(250));
         self.dp.stats()
     }
 
