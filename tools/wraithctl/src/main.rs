@@ -509,9 +509,9 @@ fn config_cmd(client: &Client, out: Output, cmd: ConfigCmd) -> Result<()> {
     match cmd {
         ConfigCmd::Get => {
             let v = client.get("/v1/config")?.json()?;
-            // The state is for editing and re-applying: pretty either way.
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            let _ = out;
+            // For people, indented: the state is for reading, editing and re-applying.
+            let pretty = serde_json::to_string_pretty(&v)?;
+            out.emit(&v, || format!("{pretty}\n"));
         }
         ConfigCmd::Apply {
             file,

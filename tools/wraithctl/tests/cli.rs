@@ -523,6 +523,15 @@ fn config_apply_is_conditional_on_the_generation_it_was_fetched_at() {
     std::fs::write(&file, format!("{{\"generation\": 0, \"exits\": [{{\"name\": \"\", \"public_key\": \"{k}\", \"endpoint\": \"192.0.2.7:1\"}}]}}")).unwrap();
     node.run(&["config", "apply", f, "--force"])
         .fails(1, &["exit name", "400"]);
+    // A misspelt field in a hand-edited state is refused, not silently dropped.
+    std::fs::write(
+        &file,
+        format!("{{\"exits\": [{{\"name\": \"t\", \"public_key\": \"{k}\", \"endpoint\": \"192.0.2.7:1\", \"listen-port\": 5}}]}}"),
+    )
+    .unwrap();
+    node.run(&["config", "apply", f, "--force"])
+        .fails(1, &["unknown field `listen-port`", "400"]);
+    assert_eq!(node.state_file()["exits"][0]["name"], "from-file");
 }
 
 #[test]
