@@ -310,6 +310,7 @@ impl Worker {
             r.pending = self.router.pending_count();
             r.table_generation = self.router.table().generation();
             r.zhop = self.zhop.stats();
+            r.published = Some(now);
         }
     }
 
