@@ -202,6 +202,7 @@ fn router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(get_metrics))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/node", get(node_info))
         .route("/v1/exits", get(list_exits).post(add_exit))
         .route("/v1/exits/{key}", delete(remove_exit))
         .route("/v1/peers", get(list_peers).post(add_peer))
@@ -238,7 +239,9 @@ impl From<ChangeError> for ApiError {
                 | wraithgate_relay::table::TableError::DuplicatePort { .. }
                 | wraithgate_relay::table::TableError::DuplicateName { .. },
             ))
-            | ChangeError::Invalid(crate::state::StateError::DuplicatePeer { .. })
+            | ChangeError::Invalid(crate::state::StateError::Table(
+                wraithgate_relay::table::TableError::DuplicatePeer { .. },
+            ))
             | ChangeError::Conflict(_) => StatusCode::CONFLICT,
             ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
             ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -334,6 +337,24 @@ async fn get_metrics(State(app): State<App>) -> Response {
         body,
     )
         .into_response()
+}
+
+async fn node_info(State(app): State<App>) -> Json<serde_json::Value> {
+    let c = &app.control;
+    let reports = c.dp.reports();
+    Json(json!({
+        "public_key": c.node_public,
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": c.dp.backend(),
+        "workers": c.dp.worker_count(),
+        "listen": c.dp.local_addrs(),
+        "generation": c.state().generation,
+        "exits": c.dp.table().len(),
+        "peers": c.dp.table().peer_count(),
+        "sessions": reports.iter().map(|r| r.sessions).sum::<usize>(),
+        "zhop_peers": reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
+        "uptime_secs": c.started.elapsed().as_secs(),
+    }))
 }
 
 async fn openapi() -> Json<serde_json::Value> {

@@ -64,6 +64,9 @@ pub struct DataPlaneConfig {
     pub exit_socket_buffer: usize,
     /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
     pub gso: bool,
+    /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
+    /// is off without one.
+    pub node_key: Option<[u8; 32]>,
 }
 
 impl Default for DataPlaneConfig {
@@ -80,6 +83,7 @@ impl Default for DataPlaneConfig {
             listener_socket_buffer: 16 << 20,
             exit_socket_buffer: 1 << 20,
             gso: true,
+            node_key: None,
         }
     }
 }
@@ -178,6 +182,9 @@ pub struct WorkerReport {
     pub sessions: usize,
     pub pending: usize,
     pub table_generation: u64,
+    pub zhop: crate::zhop::ZhopStats,
+    /// When the worker published this report.
+    pub published: Option<std::time::Instant>,
 }
 
 /// Questions the control side may ask a worker; answered between batches.
@@ -398,6 +405,21 @@ impl DataPlane {
             .iter()
             .map(|w| w.report.lock().map(|r| r.clone()).unwrap_or_default())
             .collect()
+    }
+
+    /// Reports published after `since` (every worker publishes within 100 ms while it
+    /// runs); waits up to `timeout`, then returns what there is.
+    pub fn reports_after(&self, since: std::time::Instant, timeout: Duration) -> Vec<WorkerReport> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let r = self.reports();
+            if r.iter().all(|w| w.published.is_some_and(|p| p >= since))
+                || std::time::Instant::now() >= end
+            {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Router counters summed over workers.
