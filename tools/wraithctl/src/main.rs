@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use client::{Client, Endpoint, Failure, FailureKind};
-use model::{Config, Exit, Key, Peer, Session, Traffic};
+use model::{Config, Exit, Key, NodeInfo, Peer, Session, Traffic};
 use render::Block;
 
 const AFTER_HELP: &str = "\
@@ -589,9 +589,10 @@ fn count(n: usize, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
-/// Everything `show` prints, gathered from three calls.
+/// Everything `show` prints, gathered from four calls.
 #[derive(Debug)]
 struct Summary {
+    node: NodeInfo,
     config: Config,
     config_json: Value,
     sessions: Vec<Session>,
@@ -599,11 +600,13 @@ struct Summary {
 }
 
 fn show(client: &Client, out: Output) -> Result<()> {
+    let node: NodeInfo = parse(&client.get("/v1/node")?.json()?, "node description")?;
     let config_json = client.get("/v1/config")?.json()?;
     let config: Config = parse(&config_json, "state")?;
     let sessions: Vec<Session> = parse(&client.get("/v1/sessions")?.json()?, "session list")?;
     let metrics = prom::Metrics::parse(&client.get("/metrics")?.body);
     let s = Summary {
+        node,
         config,
         config_json,
         sessions,
@@ -639,9 +642,6 @@ fn load_by_exit(sessions: &[Session]) -> BTreeMap<&str, ExitLoad> {
 /// Node totals since start, from `/metrics`.
 #[derive(Debug)]
 struct Totals {
-    backend: String,
-    workers: u64,
-    uptime_secs: u64,
     sessions: u64,
     pending: u64,
     to_exit: Traffic,
@@ -653,12 +653,6 @@ struct Totals {
 
 fn totals(m: &prom::Metrics) -> Totals {
     Totals {
-        backend: m
-            .label("wraithgate_info", "backend")
-            .unwrap_or("unknown")
-            .to_owned(),
-        workers: m.total("wraithgate_workers"),
-        uptime_secs: m.total("wraithgate_uptime_seconds"),
         sessions: m.total("wraithgate_sessions"),
         pending: m.total("wraithgate_sessions_pending"),
         to_exit: Traffic {
@@ -701,12 +695,17 @@ fn summary_json(client: &Client, s: &Summary) -> Value {
             e
         })
         .collect();
+    let n = &s.node;
     json!({
-        "node": client.endpoint().to_string(),
-        "backend": t.backend,
-        "workers": t.workers,
-        "uptime_secs": t.uptime_secs,
+        "url": client.endpoint().to_string(),
+        "public_key": n.public_key,
+        "listen": n.listen,
+        "version": n.version,
+        "backend": n.backend,
+        "workers": n.workers,
+        "uptime_secs": n.uptime_secs,
         "generation": s.config.generation,
+        "zhop_peers": n.zhop_peers,
         "sessions": t.sessions,
         "sessions_pending": t.pending,
         "to_exit": t.to_exit,
@@ -723,10 +722,14 @@ fn summary_text(client: &Client, s: &Summary) -> String {
     let t = totals(&s.metrics);
     let load = load_by_exit(&s.sessions);
     let mut text = String::new();
+    let n = &s.node;
     let mut node = Block::new("node", &client.endpoint().to_string());
-    node.field("backend", &t.backend)
-        .field("workers", t.workers)
-        .field("uptime", render::duration(t.uptime_secs as f64))
+    node.field("public key", &n.public_key)
+        .field("listening", n.listen.join(", "))
+        .field("version", &n.version)
+        .field("backend", &n.backend)
+        .field("workers", n.workers)
+        .field("uptime", render::duration(n.uptime_secs as f64))
         .field("generation", s.config.generation)
         .field(
             "sessions",
@@ -749,6 +752,16 @@ fn summary_text(client: &Client, s: &Summary) -> String {
                 t.to_client.packets
             ),
         );
+    if !s.config.peers.is_empty() {
+        node.field(
+            "z-hop peers",
+            format!(
+                "{} provisioned, {} with a tunnel up",
+                s.config.peers.len(),
+                n.zhop_peers
+            ),
+        );
+    }
     let dropped: u64 = t.drops.values().sum();
     if dropped > 0 {
         let why: Vec<String> = t.drops.iter().map(|(r, n)| format!("{r} {n}")).collect();

@@ -76,6 +76,25 @@ pub struct Config {
     pub peers: Vec<Peer>,
 }
 
+/// `GET /v1/node`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeInfo {
+    #[serde(default)]
+    pub public_key: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub backend: String,
+    #[serde(default)]
+    pub workers: u64,
+    #[serde(default)]
+    pub listen: Vec<String>,
+    #[serde(default)]
+    pub zhop_peers: u64,
+    #[serde(default)]
+    pub uptime_secs: u64,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Traffic {
     #[serde(default)]

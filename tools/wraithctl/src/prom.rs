@@ -50,15 +50,6 @@ impl Metrics {
         }
         out
     }
-
-    /// The value of `label` on the first sample of `name`.
-    pub fn label(&self, name: &str, label: &str) -> Option<&str> {
-        self.samples
-            .iter()
-            .find(|s| s.name == name)
-            .and_then(|s| s.labels.get(label))
-            .map(String::as_str)
-    }
 }
 
 fn parse_line(line: &str) -> Option<Sample> {
@@ -134,10 +125,11 @@ mod tests {
         );
         assert_eq!(m.sum("x_total"), Some(7.0));
         assert_eq!(m.total("missing"), 0);
-        assert_eq!(m.label("info", "backend"), Some("portable"));
-        assert_eq!(m.label("info", "note"), Some("a \"q\" b\\c"));
+        let info = &m.samples[2].labels;
+        assert_eq!(info["backend"], "portable");
+        assert_eq!(info["note"], "a \"q\" b\\c");
         assert_eq!(m.sum("plain"), Some(2.5));
         assert_eq!(m.by_label("x_total", "worker").get("1"), Some(&4));
-        assert_eq!(m.label("h_bucket", "le"), Some("+Inf"));
+        assert_eq!(m.by_label("h_bucket", "le").get("+Inf"), Some(&7));
     }
 }

@@ -752,7 +752,9 @@ fn show_and_sessions_report_real_traffic_per_exit() {
         text.starts_with(&format!("node: http://{}\n", node.api)),
         "{text}"
     );
+    let listening = format!("  listening: {}\n", node.relay);
     for want in [
+        &listening,
         "  backend: portable\n",
         "  workers: 1\n",
         "  generation: 3\n",
@@ -772,6 +774,17 @@ fn show_and_sessions_report_real_traffic_per_exit() {
     assert!(transfer.contains("KiB to exit"), "{transfer}");
 
     let v = node.json(&["show"]);
+    assert_eq!(v["url"], format!("http://{}", node.api));
+    assert_eq!(v["listen"][0], node.relay.to_string());
+    let node_key = v["public_key"].as_str().unwrap();
+    assert_eq!(node_key.len(), 44, "{v}");
+    assert!(
+        text.contains(&format!(
+            "node: http://{}\n  public key: {node_key}\n",
+            node.api
+        )),
+        "{text}"
+    );
     let busy = &v["exits"][0];
     assert_eq!(busy["name"], "busy");
     assert_eq!(busy["sessions"], 1);
