@@ -192,10 +192,24 @@ async fn serve(
     }
     let _ = stop.await;
     let _ = stop_all.send(());
-    for t in tasks {
-        let _ = t.await;
+    // Graceful shutdown waits for open connections; an idle keep-alive connection (a
+    // metrics scraper) would hold it forever, and with it the node's stop. Give requests
+    // in flight a moment, then cut the rest.
+    let drain = async {
+        for t in &mut tasks {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::info!("operator API: closing connections still open");
+        for t in &tasks {
+            t.abort();
+        }
     }
 }
+
+/// How long a stopping sidecar waits for open connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 fn router(app: App) -> Router {
     Router::new()
@@ -523,7 +537,17 @@ async fn put_config(
         peers: c.peers,
     };
     let applied = app.control.replace(expected, new)?;
-    Ok(with_etag(applied))
+    // A summary, not the state echoed back: a whole table can be megabytes.
+    let mut r = Json(json!({
+        "generation": applied.generation,
+        "exits": applied.exits.len(),
+        "peers": applied.peers.len(),
+    }))
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", applied.generation)) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(r)
 }
 
 /// One session as the API lists it; never any payload.

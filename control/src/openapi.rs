@@ -123,7 +123,7 @@ pub fn document() -> Value {
                 "put": {"summary": "Replace the whole desired state atomically",
                     "parameters": [{"name": "If-Match", "in": "header", "required": true, "description": "The generation this change is based on", "schema": {"type": "string", "pattern": "^\"?[0-9]{1,19}\"?$"}}],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}},
-                    "responses": merge(json!({"200": {"description": "Applied", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
+                    "responses": merge(json!({"200": {"description": "Applied; ETag is the new generation", "content": {"application/json": {"schema": {"type": "object", "properties": {"generation": {"type": "integer"}, "exits": {"type": "integer"}, "peers": {"type": "integer"}}}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
             },
             "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
                 "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&common))}},

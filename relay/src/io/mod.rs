@@ -157,6 +157,9 @@ pub struct IoStats {
     pub gso_fallbacks: u64,
     pub recv_errors: u64,
     pub exit_sockets_open: u64,
+    /// Longest single housekeeping step (table pick-up, expiry, control requests), in ns:
+    /// what a table swap costs a worker's loop.
+    pub housekeeping_max_ns: u64,
 }
 
 impl IoStats {
@@ -169,6 +172,7 @@ impl IoStats {
         self.gso_fallbacks += o.gso_fallbacks;
         self.recv_errors += o.recv_errors;
         self.exit_sockets_open += o.exit_sockets_open;
+        self.housekeeping_max_ns = self.housekeeping_max_ns.max(o.housekeeping_max_ns);
     }
 }
 
@@ -218,6 +222,9 @@ pub struct DataPlane {
     local: Vec<SocketAddr>,
     backend: &'static str,
     table: SharedTable,
+    /// Tables replaced but perhaps still held by a worker. Kept here so that the last
+    /// reference, and the cost of freeing a large table, falls on the control thread.
+    retired: Mutex<Vec<Arc<ExitTable>>>,
     /// Every address listened on (pinned ports added as tables pin them).
     bound: Mutex<Vec<SocketAddr>>,
     listen_ips: Vec<IpAddr>,
@@ -379,6 +386,7 @@ impl DataPlane {
             local,
             backend: "portable",
             table,
+            retired: Mutex::new(Vec::new()),
             listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
             listener_socket_buffer: cfg.listener_socket_buffer,
             steering,
@@ -499,8 +507,21 @@ impl DataPlane {
             }
         }
         drop(bound);
+        let old = self.table.load();
         self.table.publish(table);
         self.nudge();
+        self.reap_retired();
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(old);
+    }
+
+    /// Frees retired tables no worker holds any more. Called on every publish; callers
+    /// that publish rarely may call it now and then.
+    pub fn reap_retired(&self) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|t| Arc::strong_count(t) > 1);
     }
 
     /// The table workers route by.
