@@ -508,7 +508,8 @@ fn config_apply_is_conditional_on_the_generation_it_was_fetched_at() {
     // --generation with the current one, or --force, applies.
     let current = before["generation"].as_u64().unwrap().to_string();
     let v = node.json(&["config", "apply", f, "--generation", &current]);
-    assert_eq!(v["exits"].as_array().unwrap().len(), 1);
+    assert_eq!(v["exits"], 1, "{v}");
+    assert_eq!(v["generation"], before["generation"].as_u64().unwrap() + 1);
     node.run(&["config", "apply", f, "--force"]).ok();
     assert_eq!(node.state_file()["exits"][0]["name"], "from-file");
 
