@@ -15,6 +15,7 @@ use crate::keys::{Mac1Key, PublicKey};
 
 /// An exit as the operator configured it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExitSpec {
     pub name: String,
     pub public_key: PublicKey,
