@@ -254,7 +254,8 @@ impl From<ChangeError> for ApiError {
                 | wraithgate_relay::table::TableError::DuplicateName { .. },
             ))
             | ChangeError::Invalid(crate::state::StateError::Table(
-                wraithgate_relay::table::TableError::DuplicatePeer { .. },
+                wraithgate_relay::table::TableError::DuplicatePeer { .. }
+                | wraithgate_relay::table::TableError::PeerIsExit { .. },
             ))
             | ChangeError::Conflict(_) => StatusCode::CONFLICT,
             ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -612,11 +613,20 @@ async fn kill_session(
         },
         _ => None,
     };
-    let (worker, slot) = parsed.ok_or_else(|| {
-        bad_request(format!(
-            "{id:?} is not a session id (worker.index.generation)"
-        ))
-    })?;
+    let well_formed = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let Some((worker, slot)) = parsed else {
+        // Digits out of range name no session that can exist.
+        return Err(if well_formed {
+            ApiError(StatusCode::NOT_FOUND, format!("no session {id}"))
+        } else {
+            bad_request(format!(
+                "{id:?} is not a session id (worker.index.generation)"
+            ))
+        });
+    };
     if app.control.dp.close_session(worker, slot, WORKER_TIMEOUT) {
         tracing::info!(session = %id, "session closed on request");
         Ok(StatusCode::NO_CONTENT)

@@ -284,7 +284,7 @@ impl ExitTable {
             if p.allowed_ips.is_empty() {
                 return Err(TableError::NoAllowedIps { key });
             }
-            if p.name.len() > 64 {
+            if p.name.chars().count() > 64 {
                 return Err(TableError::PeerName { key });
             }
             if let Some(exit) = p
