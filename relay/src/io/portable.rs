@@ -444,8 +444,10 @@ impl Worker {
             if meta.stride < meta.len {
                 self.io.gro_trains += 1;
             }
+            // At least one pass, so that an empty datagram reaches the router too and is
+            // counted (as truncated) like any other malformed one.
             let mut offset = 0;
-            while offset < meta.len {
+            loop {
                 let seg_len = meta.stride.min(meta.len - offset);
                 let seg = &self.recv.payload(msg)[offset..offset + seg_len];
                 let zhop = match source {
@@ -494,6 +496,9 @@ impl Worker {
                     self.plan(target, msg, offset, seg_len);
                 }
                 offset += seg_len;
+                if offset >= meta.len {
+                    break;
+                }
             }
         }
     }
