@@ -93,6 +93,12 @@ pub fn document() -> Value {
                 "responses": merge(json!({"200": {"description": "Prometheus text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&common))}},
             "/v1/openapi.json": {"get": {"summary": "This document",
                 "responses": merge(json!({"200": {"description": "OpenAPI 3.0", "content": {"application/json": {"schema": {"type": "object"}}}}}), error_responses(&common))}},
+            "/v1/node": {"get": {"summary": "The node: its public key (Z-HOP peers' outer peer), backend, workers, listen addresses, counts",
+                "responses": merge(json!({"200": {"description": "Node", "content": {"application/json": {"schema": {"type": "object", "properties": {
+                    "public_key": {"$ref": "#/components/schemas/Key"}, "version": {"type": "string"}, "backend": {"type": "string"},
+                    "workers": {"type": "integer"}, "listen": {"type": "array", "items": {"type": "string"}}, "generation": {"type": "integer"},
+                    "exits": {"type": "integer"}, "peers": {"type": "integer"}, "sessions": {"type": "integer"}, "zhop_peers": {"type": "integer"},
+                    "uptime_secs": {"type": "integer"}}}}}}}), error_responses(&common))}},
             "/v1/exits": {
                 "get": {"summary": "List exits",
                     "responses": merge(json!({"200": {"description": "Exits", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}}}}}}), error_responses(&common))},
@@ -117,7 +123,7 @@ pub fn document() -> Value {
                 "put": {"summary": "Replace the whole desired state atomically",
                     "parameters": [{"name": "If-Match", "in": "header", "required": true, "description": "The generation this change is based on", "schema": {"type": "string", "pattern": "^\"?[0-9]{1,19}\"?$"}}],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}},
-                    "responses": merge(json!({"200": {"description": "Applied", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
+                    "responses": merge(json!({"200": {"description": "Applied; ETag is the new generation", "content": {"application/json": {"schema": {"type": "object", "properties": {"generation": {"type": "integer"}, "exits": {"type": "integer"}, "peers": {"type": "integer"}}}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
             },
             "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
                 "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&common))}},
