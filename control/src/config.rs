@@ -15,6 +15,8 @@ use wraithgate_relay::router::RouterConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable, TableError};
 use wraithgate_relay::PublicKey;
 
+use crate::state::{DesiredState, StateError};
+
 /// A configuration file, as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -266,6 +268,20 @@ impl Config {
                 }
             })
             .collect();
+        // The node seeds its state with these exits and will not run on a state that does
+        // not validate: refuse here, with the entry's line, the names the state refuses.
+        let seed = DesiredState {
+            generation: 1,
+            exits: specs.clone(),
+            peers: Vec::new(),
+        };
+        if let Err(StateError::ExitName(name)) = seed.validate() {
+            let span = specs
+                .iter()
+                .position(|s| s.name == name)
+                .map(|i| spans[i].clone());
+            return Err(at(span, StateError::ExitName(name).to_string()));
+        }
         let table = ExitTable::new(1, specs.clone()).map_err(|err| {
             let name = match &err {
                 TableError::DuplicateKey { name, .. }
@@ -429,6 +445,19 @@ mod tests {
         let (l, msg) = line(parse(&text).unwrap_err());
         assert!(l >= 6, "line {l}");
         assert!(msg.contains("already used"), "{msg}");
+    }
+
+    #[test]
+    fn exit_names_the_node_state_refuses_are_refused_with_their_line() {
+        let k = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        for name in [String::new(), "x".repeat(65)] {
+            let text = format!(
+                "[relay]\nworkers = 1\n\n[[exit]]\nname = \"{name}\"\npublic_key = \"{k}\"\nendpoint = \"192.0.2.1:1\"\n"
+            );
+            let (l, msg) = line(parse(&text).unwrap_err());
+            assert!((4..=5).contains(&l), "line {l}: {msg}");
+            assert!(msg.contains("name"), "{msg}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod io;
 pub mod keys;
 pub mod ratelimit;
 pub mod router;
+pub mod slab;
 pub mod table;
 pub mod wire;
 pub mod zhop;

@@ -24,6 +24,7 @@ use crate::drop_reason::DropReason;
 use crate::inner::{self, InnerError};
 use crate::keys::{Mac1Key, PublicKey};
 use crate::router::{Listener, SessionSlot, Traffic};
+use crate::slab::Slab;
 use crate::table::ExitTable;
 use crate::wire::{Message, INITIATION_LEN};
 
@@ -110,23 +111,16 @@ struct Flow {
     exit: SocketAddr,
 }
 
-#[derive(Default)]
-struct FlowEntry {
-    generation: u32,
-    flow: Option<Flow>,
-}
-
 /// One worker's Z-HOP state.
 pub struct Zhop {
     key: Option<(NodeKey, Mac1Key)>,
     limiter: Arc<RateLimiter>,
     table: Arc<ExitTable>,
-    peers: Vec<Option<ZPeer>>,
-    free_peers: Vec<u32>,
+    /// Peers by the index their `Tunn` was created with.
+    peers: Slab<ZPeer>,
     by_key: HashMap<PublicKey, u32>,
     by_addr: HashMap<SocketAddr, u32>,
-    flows: Vec<FlowEntry>,
-    free_flows: Vec<u32>,
+    flows: Slab<Flow>,
     by_tuple: HashMap<(u32, SocketAddr, SocketAddr), SessionSlot>,
     buf: Vec<u8>,
     ip: Vec<u8>,
@@ -158,12 +152,10 @@ impl Zhop {
                 (k, mac1)
             }),
             table,
-            peers: Vec::new(),
-            free_peers: Vec::new(),
+            peers: Slab::default(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
-            flows: Vec::new(),
-            free_flows: Vec::new(),
+            flows: Slab::default(),
             by_tuple: HashMap::new(),
             buf: vec![0; MAX_DATAGRAM + 32],
             ip: Vec::with_capacity(MAX_DATAGRAM),
@@ -205,10 +197,7 @@ impl Zhop {
         // Our tunnels' indices are `peer << 8 | session` (boringtun's scheme, with the peer
         // number we gave `Tunn::new`).
         let peer = receiver_index >> 8;
-        self.peers
-            .get(peer as usize)
-            .and_then(|p| p.as_ref())
-            .map(|_| peer)
+        self.peers.at(peer).map(|_| peer)
     }
 
     /// Handles a datagram Z-HOP [`claims`](Zhop::claims). `out` is called for each thing to
@@ -232,8 +221,9 @@ impl Zhop {
             _ => *self.by_addr.get(&from).ok_or(DropReason::UnknownClient)?,
         };
         let kind = packet[0];
-        let p = self.peers[peer as usize]
-            .as_mut()
+        let (_, p) = self
+            .peers
+            .at_mut(peer)
             .expect("peer numbers in maps name live peers");
         let r = p.tunn.decapsulate(Some(from.ip()), packet, &mut self.buf);
         match r {
@@ -299,13 +289,8 @@ impl Zhop {
             .peer(&peer_key)
             .ok_or(DropReason::UnknownPeer)?
             .spec;
-        let index = match self.free_peers.pop() {
-            Some(i) => i,
-            None => {
-                self.peers.push(None);
-                (self.peers.len() - 1) as u32
-            }
-        };
+        // The tunnel's indices are `index << 8 | n`; boringtun keeps 24 bits of `index`.
+        let index = self.peers.next_index();
         if index >= 1 << 24 {
             return Err(DropReason::SessionsFull);
         }
@@ -317,13 +302,14 @@ impl Zhop {
             index,
             Some(self.limiter.clone()),
         );
-        self.peers[index as usize] = Some(ZPeer {
+        let slot = self.peers.insert(ZPeer {
             key: peer_key,
             tunn: Box::new(tunn),
             endpoint: None,
             last_activity: now,
             flows: Vec::new(),
         });
+        debug_assert_eq!(slot.index, index);
         self.by_key.insert(peer_key, index);
         tracing::debug!(peer = %peer_key, "outer tunnel created");
         Ok(index)
@@ -331,9 +317,11 @@ impl Zhop {
 
     /// WireGuard roaming: an authenticated packet moves the peer's endpoint.
     fn learn(&mut self, peer: u32, listener: Listener, from: SocketAddr, now: Instant) {
-        let p = self.peers[peer as usize]
-            .as_mut()
-            .expect("peer numbers name live peers");
+        let p = self
+            .peers
+            .at_mut(peer)
+            .expect("peer numbers name live peers")
+            .1;
         p.last_activity = now;
         if p.endpoint.map(|e| e.1) != Some(from) {
             if let Some((_, old)) = p.endpoint {
@@ -345,9 +333,11 @@ impl Zhop {
     }
 
     fn flush_queued(&mut self, peer: u32, out: &mut dyn FnMut(ZhopOut<'_>)) {
-        let p = self.peers[peer as usize]
-            .as_mut()
-            .expect("peer numbers name live peers");
+        let p = self
+            .peers
+            .at_mut(peer)
+            .expect("peer numbers name live peers")
+            .1;
         let Some((listener, to)) = p.endpoint else {
             return;
         };
@@ -372,9 +362,7 @@ impl Zhop {
             InnerError::NotUdp => DropReason::InnerNotUdp,
             InnerError::Malformed | InnerError::Fragment => DropReason::InnerMalformed,
         })?;
-        let p = self.peers[peer as usize]
-            .as_ref()
-            .expect("peer numbers name live peers");
+        let p = self.peers.at(peer).expect("peer numbers name live peers").1;
         let allowed = self.table.peer(&p.key).ok_or(DropReason::UnknownPeer)?;
         let (src_ok, dst_ok) = allowed.allows(pkt.src.ip(), pkt.dst);
         if !src_ok {
@@ -390,28 +378,16 @@ impl Zhop {
                 if p.flows.len() >= MAX_FLOWS_PER_PEER {
                     return Err(DropReason::ClientSessionLimit);
                 }
-                let index = match self.free_flows.pop() {
-                    Some(i) => i,
-                    None => {
-                        self.flows.push(FlowEntry::default());
-                        (self.flows.len() - 1) as u32
-                    }
-                };
-                let e = &mut self.flows[index as usize];
-                e.generation = e.generation.wrapping_add(1);
-                e.flow = Some(Flow {
+                let slot = self.flows.insert(Flow {
                     peer,
                     inner: pkt.src,
                     exit: pkt.dst,
                 });
-                let slot = SessionSlot {
-                    index,
-                    generation: e.generation,
-                };
                 self.by_tuple.insert(tuple, slot);
-                self.peers[peer as usize]
-                    .as_mut()
+                self.peers
+                    .at_mut(peer)
                     .expect("live peer")
+                    .1
                     .flows
                     .push(slot);
                 out(ZhopOut::OpenFlow {
@@ -437,20 +413,13 @@ impl Zhop {
         payload: &[u8],
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<(), DropReason> {
-        let entry = self
-            .flows
-            .get(flow.index as usize)
-            .filter(|e| e.generation == flow.generation)
-            .and_then(|e| e.flow.as_ref())
-            .ok_or(DropReason::NoSession)?;
+        let entry = self.flows.get(flow).ok_or(DropReason::NoSession)?;
         let (peer, src, dst) = (entry.peer, entry.exit, entry.inner);
         if payload.len() > MAX_DATAGRAM - 48 {
             return Err(DropReason::BadLength);
         }
         inner::build_udp(&mut self.ip, src, dst, payload);
-        let p = self.peers[peer as usize]
-            .as_mut()
-            .ok_or(DropReason::NoSession)?;
+        let (_, p) = self.peers.at_mut(peer).ok_or(DropReason::NoSession)?;
         let (listener, to) = p.endpoint.ok_or(DropReason::NoSession)?;
         p.last_activity = now;
         match p.tunn.encapsulate(&self.ip, &mut self.buf) {
@@ -480,12 +449,12 @@ impl Zhop {
             return;
         }
         self.last_tick = now;
-        for i in 0..self.peers.len() {
-            let Some(p) = self.peers[i].as_mut() else {
+        for i in 0..self.peers.index_bound() {
+            let Some((_, p)) = self.peers.at_mut(i) else {
                 continue;
             };
             if now.duration_since(p.last_activity) > PEER_IDLE {
-                self.remove_peer(i as u32, out);
+                self.remove_peer(i, out);
                 continue;
             }
             if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.buf) {
@@ -505,14 +474,14 @@ impl Zhop {
     /// exits a peer may no longer reach are closed.
     pub fn set_table(&mut self, table: Arc<ExitTable>, out: &mut dyn FnMut(ZhopOut<'_>)) {
         self.table = table;
-        for i in 0..self.peers.len() {
-            let Some(p) = self.peers[i].as_ref() else {
+        for i in 0..self.peers.index_bound() {
+            let Some((_, p)) = self.peers.at(i) else {
                 continue;
             };
             match self.table.peer(&p.key) {
                 None => {
                     tracing::info!(peer = %p.key, "peer removed: outer tunnel closed");
-                    self.remove_peer(i as u32, out);
+                    self.remove_peer(i, out);
                 }
                 Some(allowed) => {
                     let stale: Vec<SessionSlot> = p
@@ -520,9 +489,8 @@ impl Zhop {
                         .iter()
                         .copied()
                         .filter(|f| {
-                            self.flows[f.index as usize]
-                                .flow
-                                .as_ref()
+                            self.flows
+                                .get(*f)
                                 .is_some_and(|fl| !allowed.exit_endpoints.contains(&fl.exit))
                         })
                         .collect();
@@ -535,7 +503,10 @@ impl Zhop {
     }
 
     fn remove_peer(&mut self, peer: u32, out: &mut dyn FnMut(ZhopOut<'_>)) {
-        let Some(p) = self.peers[peer as usize].take() else {
+        let Some((slot, _)) = self.peers.at(peer) else {
+            return;
+        };
+        let Some(p) = self.peers.remove(slot) else {
             return;
         };
         self.by_key.remove(&p.key);
@@ -545,23 +516,14 @@ impl Zhop {
         for f in p.flows {
             self.close_flow(f, out);
         }
-        self.free_peers.push(peer);
     }
 
     fn close_flow(&mut self, flow: SessionSlot, out: &mut dyn FnMut(ZhopOut<'_>)) {
-        let Some(e) = self
-            .flows
-            .get_mut(flow.index as usize)
-            .filter(|e| e.generation == flow.generation)
-        else {
-            return;
-        };
-        if let Some(f) = e.flow.take() {
+        if let Some(f) = self.flows.remove(flow) {
             self.by_tuple.remove(&(f.peer, f.inner, f.exit));
-            if let Some(Some(p)) = self.peers.get_mut(f.peer as usize) {
+            if let Some((_, p)) = self.peers.at_mut(f.peer) {
                 p.flows.retain(|x| *x != flow);
             }
-            self.free_flows.push(flow.index);
             out(ZhopOut::CloseFlow { flow });
         }
     }

@@ -94,11 +94,28 @@ impl Relay {
         Relay { dp, table, addr }
     }
 
-    /// Counters summed over workers, after they have published (at most every 50 ms, and
-    /// an idle worker wakes at least every 100 ms).
+    /// Counters summed over workers, as published after this call began: everything the
+    /// workers handled before the call is in them.
     pub fn stats(&self) -> RouterStats {
-        std::thread::sleep(Duration::from_millis(250));
-        self.dp.stats()
+        let since = Instant::now();
+        let mut total = RouterStats::default();
+        for r in self.dp.reports_after(since, Duration::from_secs(10)) {
+            total.merge(&r.router);
+        }
+        total
+    }
+
+    /// Waits (up to 10 s) until the published counters satisfy `cond`, and returns them;
+    /// returns the last ones seen if they never do, for the caller's assertion to show.
+    pub fn stats_when(&self, cond: impl Fn(&RouterStats) -> bool) -> RouterStats {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.dp.stats();
+            if cond(&s) || Instant::now() >= end {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Publishes a whole new table (exits and peers).

@@ -226,8 +226,9 @@ fn removing_the_peer_ends_its_tunnel() {
         );
         // A new outer handshake is refused too.
         s.client.outer.initiate(0).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        let st = s.relay.stats();
+        let st = s
+            .relay
+            .stats_when(|st| st.dropped(DropReason::UnknownPeer) >= 1);
         assert!(st.dropped(DropReason::UnknownPeer) >= 1, "{st:?}");
         let peers: u64 = s.relay.dp.reports().iter().map(|r| r.zhop.peers).sum();
         assert_eq!(peers, 0);

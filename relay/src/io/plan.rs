@@ -147,7 +147,11 @@ pub(crate) fn route_message(
     let len = payload.len();
     let stride = if stride == 0 { len } else { stride };
     let mut offset = 0;
-    while offset < len {
+    // At least one pass, so that an empty datagram reaches the router too and is counted
+    // (as truncated) like any other malformed one.
+    let mut first = true;
+    while offset < len || first {
+        first = false;
         let seg_len = stride.min(len - offset);
         let seg = &payload[offset..offset + seg_len];
         offset += seg_len;
@@ -284,6 +288,7 @@ pub(crate) fn publish(report: &Mutex<WorkerReport>, router: &Router, zhop: &Zhop
         r.pending = router.pending_count();
         r.table_generation = router.table().generation();
         r.zhop = zhop.stats();
+        r.published = Some(std::time::Instant::now());
     }
 }
 

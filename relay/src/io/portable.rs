@@ -141,6 +141,8 @@ impl Worker {
             }
             let now = Instant::now();
             self.housekeeping(now);
+            let spent = now.elapsed().as_nanos() as u64;
+            self.io.housekeeping_max_ns = self.io.housekeeping_max_ns.max(spent);
             let wait = if !self.ready.is_empty() || self.router.sweeping() {
                 Duration::ZERO
             } else {
