@@ -696,6 +696,8 @@ impl Worker {
             }
             let now = Instant::now();
             self.housekeeping(now);
+            let spent = now.elapsed().as_nanos() as u64;
+            self.plane.io.housekeeping_max_ns = self.plane.io.housekeeping_max_ns.max(spent);
             self.arm_wake();
             self.rearm_receives();
             self.bufs.ring.publish();
