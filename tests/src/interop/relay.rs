@@ -1,0 +1,425 @@
+//! The `wraithgate` node in the relay namespace, driven the way an operator drives it: a
+//! configuration file, the operator API with the bearer token from the state directory,
+//! SIGTERM to stop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use serde::Deserialize;
+
+use crate::netns::{log_tail, run, Daemon, Netns};
+
+/// Where the operator API listens, inside the relay namespace.
+pub const API_LISTEN: &str = "127.0.0.1:7070";
+/// Worker threads of the relay under test.
+const WORKERS: &str = "2";
+
+/// The `wraithgate` binary: `$WRAITHGATE_BIN` if set, else built once per test run with the
+/// same cargo, profile and target directory as the running test.
+pub fn wraithgate_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| build_wraithgate().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_wraithgate() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WRAITHGATE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    // The test runs as <target>/<profile>/deps/<test>-<hash>.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test binary is not in <target>/<profile>/deps")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("the test binary is not in <target>/<profile>/deps")?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|p| p.to_str())
+        .context("profile directory name")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the tests crate lives in the workspace")?
+        .join("Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "wraithgate-control",
+        "--bin",
+        "wraithgate",
+    ])
+    .arg("--manifest-path")
+    .arg(&manifest)
+    .env("CARGO_TARGET_DIR", target_dir);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    eprintln!("interop: building wraithgate ({profile}) …");
+    run(&mut cmd).context("building the wraithgate binary")?;
+    let bin = profile_dir.join("wraithgate");
+    if !bin.is_file() {
+        bail!("{} missing after the build", bin.display());
+    }
+    Ok(bin)
+}
+
+/// The relay node: configuration, state directory, process, operator API.
+#[derive(Debug)]
+pub struct RelayNode {
+    ns: Arc<Netns>,
+    dir: PathBuf,
+    config: PathBuf,
+    state_dir: PathBuf,
+    process: Option<Daemon>,
+    starts: u32,
+    agent: ureq::Agent,
+    token: Option<String>,
+}
+
+/// How a start went.
+#[derive(Debug, Clone, Copy)]
+pub struct StartTimes {
+    /// From spawning the process to its "relay running" log line.
+    pub to_running: Duration,
+}
+
+impl RelayNode {
+    /// Writes the configuration (no exits: they come through the API) and starts the node.
+    pub fn start(ns: Arc<Netns>, dir: &Path) -> Result<RelayNode> {
+        let config = dir.join("wraithgate.toml");
+        let state_dir = dir.join("relay-state");
+        std::fs::write(
+            &config,
+            format!(
+                "[relay]\nlisten = [\"0.0.0.0:51820\"]\n\n[control]\napi_listen = \"{API_LISTEN}\"\nstate_dir = \"{}\"\n",
+                state_dir.display()
+            ),
+        )?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut node = RelayNode {
+            ns,
+            dir: dir.to_owned(),
+            config,
+            state_dir,
+            process: None,
+            starts: 0,
+            agent,
+            token: None,
+        };
+        node.launch(true)?;
+        Ok(node)
+    }
+
+    pub fn ns(&self) -> &Arc<Netns> {
+        &self.ns
+    }
+
+    /// The log of the current (or last) run.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("wraithgate-{}.log", self.starts))
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log_path(), lines)
+    }
+
+    /// Starts the process and waits until it says it runs; with `api`, also until the API
+    /// answers.
+    pub fn launch(&mut self, api: bool) -> Result<StartTimes> {
+        if self.process.is_some() {
+            bail!("the relay already runs");
+        }
+        let bin = wraithgate_bin()?;
+        self.starts += 1;
+        let log = self.log_path();
+        let started = Instant::now();
+        let bin = bin.to_string_lossy().into_owned();
+        let config = self.config.to_string_lossy().into_owned();
+        let state = self.state_dir.to_string_lossy().into_owned();
+        let mut daemon = self.ns.spawn(
+            "wraithgate",
+            &bin,
+            &[
+                "run",
+                "--config",
+                &config,
+                "--state-dir",
+                &state,
+                "--workers",
+                WORKERS,
+            ],
+            &[("WRAITHGATE_LOG", "info"), ("NO_COLOR", "1")],
+            &log,
+        )?;
+        let end = started + Duration::from_secs(20);
+        let to_running = loop {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("relay running")
+            {
+                break started.elapsed();
+            }
+            if !daemon.is_running() {
+                bail!("wraithgate exited at start:\n{}", log_tail(&log, 30));
+            }
+            if Instant::now() > end {
+                bail!(
+                    "wraithgate did not report running within 20 s:\n{}",
+                    log_tail(&log, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        self.process = Some(daemon);
+        if api {
+            self.token = Some(
+                std::fs::read_to_string(self.state_dir.join("api.token"))
+                    .context("reading the API token")?
+                    .trim()
+                    .to_owned(),
+            );
+            let end = Instant::now() + Duration::from_secs(10);
+            while !self.api_answers() {
+                if Instant::now() > end {
+                    bail!("the operator API did not answer within 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(StartTimes { to_running })
+    }
+
+    /// SIGTERM, as an init system stops it; returns how long the node took to exit.
+    pub fn stop(&mut self) -> Result<Duration> {
+        let mut p = self.process.take().context("the relay does not run")?;
+        let (status, took) = p
+            .terminate(Duration::from_secs(15))
+            .context("the relay had already exited")?;
+        if !status.success() {
+            bail!(
+                "wraithgate exited with {status} on SIGTERM:\n{}",
+                log_tail(&self.log_path(), 30)
+            );
+        }
+        Ok(took)
+    }
+
+    /// Whether the node still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(Daemon::is_running)
+    }
+
+    // ---- the operator API ----
+
+    fn request(&self, method: &str, path: &str, body: Option<String>) -> Result<(u16, String)> {
+        let url = format!("http://{API_LISTEN}{path}");
+        let agent = self.agent.clone();
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let method = method.to_owned();
+        self.ns.run_in(move || {
+            let result = match (method.as_str(), body) {
+                ("GET", _) => {
+                    let mut r = agent.get(&url);
+                    if let Some(a) = &auth {
+                        r = r.header("Authorization", a);
+                    }
+                    r.call()
+                }
+                ("DELETE", _) => {
+                    let mut r = agent.delete(&url);
+                    if let Some(a) = &auth {
+                        r = r.header("Authorization", a);
+                    }
+                    r.call()
+                }
+                ("POST", Some(b)) => {
+                    let mut r = agent.post(&url).header("Content-Type", "application/json");
+                    if let Some(a) = &auth {
+                        r = r.header("Authorization", a);
+                    }
+                    r.send(b.as_bytes())
+                }
+                (m, _) => bail!("unsupported request {m} {url}"),
+            };
+            let r = result.with_context(|| format!("{method} {url}"))?;
+            let status = r.status().as_u16();
+            let text = r.into_body().read_to_string().unwrap_or_default();
+            Ok((status, text))
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, String)> {
+        self.request("GET", path, None)
+    }
+
+    fn expect(&self, method: &str, path: &str, body: Option<String>, want: u16) -> Result<String> {
+        let (status, text) = self.request(method, path, body)?;
+        if status != want {
+            bail!("{method} {path}: HTTP {status} (wanted {want}): {text}");
+        }
+        Ok(text)
+    }
+
+    /// `GET /healthz` with a deadline: whether the API answered at all.
+    pub fn api_answers(&self) -> bool {
+        matches!(self.get("/healthz"), Ok((200, _)))
+    }
+
+    /// `POST /v1/exits`.
+    pub fn add_exit(
+        &self,
+        name: &str,
+        public_key: &str,
+        endpoint: SocketAddr,
+        listen_port: Option<u16>,
+    ) -> Result<()> {
+        let body = serde_json::json!({
+            "name": name,
+            "public_key": public_key,
+            "endpoint": endpoint.to_string(),
+            "listen_port": listen_port,
+        });
+        self.expect("POST", "/v1/exits", Some(body.to_string()), 201)
+            .map(drop)
+    }
+
+    /// `DELETE /v1/exits/{key}` (the key in base64url, as in the API's paths).
+    pub fn remove_exit(&self, public_key: &str) -> Result<()> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(public_key)
+            .context("a WireGuard public key is base64")?;
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        self.expect("DELETE", &format!("/v1/exits/{key}"), None, 204)
+            .map(drop)
+    }
+
+    /// `GET /v1/sessions`.
+    pub fn sessions(&self) -> Result<Vec<SessionView>> {
+        let text = self.expect("GET", "/v1/sessions", None, 200)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing sessions: {text}"))
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics(&self) -> Result<Metrics> {
+        Ok(Metrics::parse(&self.expect("GET", "/metrics", None, 200)?))
+    }
+}
+
+/// A session as `GET /v1/sessions` lists it (the fields the suite reads).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SessionView {
+    pub id: String,
+    pub client: SocketAddr,
+    pub exit: String,
+    pub exit_key: String,
+    pub listen_port: u16,
+    pub established: bool,
+    pub verified: bool,
+    pub handshakes: u64,
+    pub to_exit: TrafficView,
+    pub to_client: TrafficView,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+pub struct TrafficView {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A Prometheus text exposition, sample by sample.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    samples: Vec<(String, String, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let value: f64 = value.parse().ok()?;
+                let (name, labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                Some((name.to_owned(), labels.to_owned(), value))
+            })
+            .collect();
+        Metrics { samples }
+    }
+
+    /// The sum of `name` over every sample whose labels contain all of `labels`
+    /// (`key="value"` pairs), e.g. summed over workers.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+            })
+            .map(|(_, _, v)| *v as u64)
+            .sum()
+    }
+
+    /// Drops by reason (summed over workers), the non-zero ones.
+    pub fn drops(&self) -> Vec<(String, u64)> {
+        let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+        for (n, l, v) in &self.samples {
+            if n != "wraithgate_drops_total" {
+                continue;
+            }
+            if let Some(reason) = l
+                .split(',')
+                .find_map(|p| p.strip_prefix("reason=\""))
+                .map(|r| r.trim_end_matches('"'))
+            {
+                *by.entry(reason.to_owned()).or_default() += *v as u64;
+            }
+        }
+        by.into_iter().filter(|(_, v)| *v > 0).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_sum_over_workers_and_filter_by_label() {
+        let m = Metrics::parse(
+            "# HELP x y\nwraithgate_drops_total{worker=\"0\",reason=\"no_exit\"} 2\n\
+             wraithgate_drops_total{worker=\"1\",reason=\"no_exit\"} 3\n\
+             wraithgate_drops_total{worker=\"1\",reason=\"bad_length\"} 0\n\
+             wraithgate_exits 2\n",
+        );
+        assert_eq!(m.sum("wraithgate_drops_total", &[("reason", "no_exit")]), 5);
+        assert_eq!(m.sum("wraithgate_drops_total", &[]), 5);
+        assert_eq!(m.sum("wraithgate_exits", &[]), 2);
+        assert_eq!(m.drops(), vec![("no_exit".to_owned(), 5)]);
+    }
+}
