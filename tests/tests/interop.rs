@@ -371,7 +371,9 @@ fn netns_interop_exit_initiated_handshake() {
         ));
         ensure!(
             exit_handshakes >= 1,
-            "the relay counted no exit-initiated handshake"
+            "the relay counted no exit-initiated handshake: {} before, {} after",
+            relay_before.sum("wraithgate_exit_handshakes_total", &[]),
+            relay_after.sum("wraithgate_exit_handshakes_total", &[])
         );
         ensure!(
             lab.clients[0].log_count(&exit_key, "Sending handshake initiation") == client_inits,
@@ -423,10 +425,12 @@ fn netns_interop_client_roaming() {
         let new_exit_view = lab.exit_view_of_client(0, 0)?;
         lab.report(&format!(
             "client1 roamed {old_addr} -> {}: traffic gap {:.2} s (resumed {:.2} s after the \
-             change); exit1 now sees it at {new_exit_view:?} (was {old_exit_view:?}); client2 {}",
+             change); exit1 now sees it at {new_exit_view:?} (was {old_exit_view:?}); \
+             client1 {}; client2 {}",
             lab.client_addr(0),
             secs(gap.length(r0.ran)),
             secs(gap.until.unwrap_or(r0.ran).saturating_sub(moved_at)),
+            r0.summary(),
             r1.summary()
         ));
         ensure!(

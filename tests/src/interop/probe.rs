@@ -307,8 +307,10 @@ impl ProbeReport {
     /// One line for the test log.
     pub fn summary(&self) -> String {
         let longest = self.longest_outage();
+        let over = self.outages(Duration::from_millis(200)).len();
         format!(
-            "{} sent, {} echoed, longest silence {:.3} s (from {:.3} s), median rtt {:.2} ms",
+            "{} sent, {} echoed, longest silence {:.3} s (from {:.3} s), {over} over 200 ms, \
+             median rtt {:.2} ms",
             self.sent,
             self.received(),
             longest.length(self.ran).as_secs_f64(),

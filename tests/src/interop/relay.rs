@@ -12,23 +12,28 @@ use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use serde::Deserialize;
 
+use crate::interop::RELAY_PORT;
 use crate::netns::{log_tail, run, Daemon, Netns};
 
 /// Where the operator API listens, inside the relay namespace.
 pub const API_LISTEN: &str = "127.0.0.1:7070";
+/// Longest a worker's counters lag behind its packets (see [`RelayNode::metrics`]).
+const METRICS_SETTLE: Duration = Duration::from_millis(250);
 /// Worker threads of the relay under test.
 const WORKERS: &str = "2";
 
-/// The `wraithgate` binary: `$WRAITHGATE_BIN` if set, else built once per test run with the
-/// same cargo, profile and target directory as the running test.
+/// The `wraithgate` binary: `$WRAITHGATE_BIN` if set; else the one next to the running test
+/// (same target directory and profile) if it is newer than every source it is built from,
+/// as after `cargo test --workspace`, which builds it for the control crate's tests; else
+/// built once per test run with the same cargo, profile and target directory.
 pub fn wraithgate_bin() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_wraithgate().map_err(|e| format!("{e:#}")))
+    BIN.get_or_init(|| find_or_build_wraithgate().map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
 }
 
-fn build_wraithgate() -> Result<PathBuf> {
+fn find_or_build_wraithgate() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("WRAITHGATE_BIN") {
         return Ok(PathBuf::from(bin));
     }
@@ -45,23 +50,28 @@ fn build_wraithgate() -> Result<PathBuf> {
         .file_name()
         .and_then(|p| p.to_str())
         .context("profile directory name")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .context("the tests crate lives in the workspace")?
-        .join("Cargo.toml");
+        .context("the tests crate lives in the workspace")?;
+    let bin = profile_dir.join("wraithgate");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let sources = newest_mtime(&[
+        &workspace.join("Cargo.toml"),
+        &workspace.join("Cargo.lock"),
+        &workspace.join("relay"),
+        &workspace.join("control"),
+    ]);
+    if built.is_some_and(|b| sources.is_some_and(|s| s <= b)) {
+        return Ok(bin);
+    }
+    // Select the same packages as `cargo test -p wraithgate-tests`, so that features unify
+    // the same way and the two builds do not undo each other's dependencies.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "wraithgate-control",
-        "--bin",
-        "wraithgate",
-    ])
-    .arg("--manifest-path")
-    .arg(&manifest)
-    .env("CARGO_TARGET_DIR", target_dir);
+    cmd.args(["build", "--quiet", "-p", "wraithgate-tests", "-p", "wraithgate-control"])
+        .args(["--bin", "wraithgate", "--manifest-path"])
+        .arg(workspace.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", target_dir);
     match profile {
         "debug" => {}
         "release" => {
@@ -73,11 +83,33 @@ fn build_wraithgate() -> Result<PathBuf> {
     }
     eprintln!("interop: building wraithgate ({profile}) …");
     run(&mut cmd).context("building the wraithgate binary")?;
-    let bin = profile_dir.join("wraithgate");
     if !bin.is_file() {
         bail!("{} missing after the build", bin.display());
     }
     Ok(bin)
+}
+
+/// The latest modification time of the given files and everything under the given
+/// directories (but `target`).
+fn newest_mtime(paths: &[&Path]) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if p.file_name().is_some_and(|n| n == "target") {
+                continue;
+            }
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if let Ok(m) = meta.modified() {
+            newest = newest.max(Some(m));
+        }
+    }
+    newest
 }
 
 /// The relay node: configuration, state directory, process, operator API.
@@ -105,13 +137,20 @@ impl RelayNode {
     pub fn start(ns: Arc<Netns>, dir: &Path) -> Result<RelayNode> {
         let config = dir.join("wraithgate.toml");
         let state_dir = dir.join("relay-state");
-        std::fs::write(
-            &config,
-            format!(
-                "[relay]\nlisten = [\"0.0.0.0:51820\"]\n\n[control]\napi_listen = \"{API_LISTEN}\"\nstate_dir = \"{}\"\n",
-                state_dir.display()
-            ),
-        )?;
+        // The lab shares its cores with wireguard-go, iperf3 and whatever else the machine
+        // runs: a worker pinned to a core could not move off it when that core is busy.
+        let toml = format!(
+            r#"[relay]
+listen = ["0.0.0.0:{RELAY_PORT}"]
+pin_workers = false
+
+[control]
+api_listen = "{API_LISTEN}"
+state_dir = "{}"
+"#,
+            state_dir.display()
+        );
+        std::fs::write(&config, toml)?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(5)))
@@ -320,8 +359,11 @@ impl RelayNode {
         serde_json::from_str(&text).with_context(|| format!("parsing sessions: {text}"))
     }
 
-    /// `GET /metrics`.
+    /// `GET /metrics`, after waiting long enough for every worker to have published what
+    /// it counted up to now (workers publish every 50 ms, an idle one when its 100 ms wait
+    /// for packets ends).
     pub fn metrics(&self) -> Result<Metrics> {
+        std::thread::sleep(METRICS_SETTLE);
         Ok(Metrics::parse(&self.expect("GET", "/metrics", None, 200)?))
     }
 }
