@@ -8,6 +8,11 @@
 //!
 //! `slow_netns_interop_rekey_keeps_traffic_flowing` waits out REKEY_AFTER_TIME (about 2.5
 //! minutes); skip it with `-- --skip slow_`.
+//!
+//! Case 8's attack can be narrowed and scaled to study one forgery:
+//! `WRAITHGATE_INTEROP_ATTACKS=spoofed_exit_initiation` (names in
+//! `wraithgate_tests::interop::attack::ATTACKS`, comma-separated) and
+//! `WRAITHGATE_INTEROP_ATTACK_RATE=<datagrams per second>`.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,12 @@ const MIN_RELAY_TO_DIRECT: f64 = 0.5;
 /// A paced UDP stream well below what wireguard-go carries here.
 const UDP_MBPS: u32 = 50;
 const MAX_UDP_LOSS_PERCENT: f64 = 5.0;
+/// Forged datagrams per second during case 8 (all kinds together). Every core here is
+/// already busy with wireguard-go's crypto, so whatever the attack costs in CPU (to send, to
+/// drop, and for the clients to discard what the relay cannot tell from real exit traffic)
+/// comes out of the tunnels' throughput; this rate is about a tenth of the tunnels' packet
+/// rate.
+const ATTACK_RATE: u32 = 2_000;
 /// Probe interval for outage measurements.
 const PROBE: Duration = Duration::from_millis(10);
 /// The longest silence a healthy tunnel may show under a probe.
@@ -697,16 +708,28 @@ fn netns_interop_sidecar_unreachable() {
 #[test]
 fn netns_interop_garbage_and_spoofing() {
     run_case("netns_interop_garbage_and_spoofing", |lab| {
-        const SECS: u32 = 4;
+        const SECS: u32 = 5;
+        // A tunnel the attack broke shows as 0 Mb/s (iperf3 cannot even connect), so that
+        // the checks below say what happened.
         let measure = |lab: &Lab| -> Result<[f64; 2]> {
             let runs = [
                 lab.iperf_start(0, Traffic::Tcp, SECS, false)?,
                 lab.iperf_start(1, Traffic::Tcp, SECS, false)?,
             ];
-            let [a, b] = runs.map(|r| r.wait());
-            Ok([a?.mbps, b?.mbps])
+            let mut out = [0.0; 2];
+            for (i, r) in runs.into_iter().enumerate() {
+                match r.wait() {
+                    Ok(r) => out[i] = r.mbps,
+                    Err(e) => lab.report(&format!("client{}: {e:#}", i + 1)),
+                }
+            }
+            Ok(out)
         };
         let baseline = measure(lab)?;
+        ensure!(
+            baseline.iter().all(|&m| m >= MIN_TCP_MBPS),
+            "no baseline: {baseline:?} Mb/s"
+        );
         let sessions_before = lab.relay.sessions()?;
         let views: Vec<_> = (0..2)
             .map(|i| lab.exit_view_of_client(i, i))
@@ -724,8 +747,19 @@ fn netns_interop_garbage_and_spoofing() {
                 .filter_map(|j| Some((lab.exit_endpoint(j), views[j]?)))
                 .collect(),
             exit_keys: lab.exits.iter().map(|x| x.keys.public.clone()).collect(),
-            only: Vec::new(),
-            rate: 10_000,
+            only: std::env::var("WRAITHGATE_INTEROP_ATTACKS")
+                .map(|v| {
+                    attack::ATTACKS
+                        .iter()
+                        .copied()
+                        .filter(|a| v.split(',').any(|x| x == *a))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            rate: std::env::var("WRAITHGATE_INTEROP_ATTACK_RATE")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(ATTACK_RATE),
             duration: Duration::from_secs(u64::from(SECS) + 2),
         };
         let attacker = attack::launch(&lab.attacker, plan)?;
@@ -756,16 +790,16 @@ fn netns_interop_garbage_and_spoofing() {
         lab.report(&format!("relay drops during the attack: {drops:?}"));
         for i in 0..2 {
             lab.report(&format!(
-                "client{} TCP: {:.0} Mb/s before, {:.0} under attack ({:.0} %), {:.0} after",
+                "client{} TCP: {:.0} Mb/s before, {:.0} under attack, {:.0} after: kept {:.0} %",
                 i + 1,
                 baseline[i],
                 attacked[i],
-                100.0 * attacked[i] / baseline[i],
-                after[i]
+                after[i],
+                200.0 * attacked[i] / (baseline[i] + after[i])
             ));
         }
         for i in 0..2 {
-            let reference = baseline[i].min(after[i]);
+            let reference = (baseline[i] + after[i]) / 2.0;
             ensure!(
                 attacked[i] >= 0.9 * reference,
                 "client{} kept {:.0} % of its throughput under attack",

@@ -68,10 +68,17 @@ fn find_or_build_wraithgate() -> Result<PathBuf> {
     // the same way and the two builds do not undo each other's dependencies.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "wraithgate-tests", "-p", "wraithgate-control"])
-        .args(["--bin", "wraithgate", "--manifest-path"])
-        .arg(workspace.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", target_dir);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "wraithgate-tests",
+        "-p",
+        "wraithgate-control",
+    ])
+    .args(["--bin", "wraithgate", "--manifest-path"])
+    .arg(workspace.join("Cargo.toml"))
+    .env("CARGO_TARGET_DIR", target_dir);
     match profile {
         "debug" => {}
         "release" => {
