@@ -289,6 +289,19 @@ impl ProbeReport {
             .find(|o| o.until.is_none_or(|u| u >= t))
     }
 
+    /// The longest silence within the window `[from, to]` (clipped to the run): the longest
+    /// gap between consecutive echoes there, counting the window's edges.
+    pub fn longest_silence_within(&self, from: Duration, to: Duration) -> Duration {
+        let to = to.min(self.ran);
+        let mut last = from;
+        let mut longest = Duration::ZERO;
+        for e in self.echoes.iter().filter(|e| e.at >= from && e.at <= to) {
+            longest = longest.max(e.at - last);
+            last = e.at;
+        }
+        longest.max(to.saturating_sub(last))
+    }
+
     /// Echoes that arrived within `[from, to)`.
     pub fn echoes_between(&self, from: Duration, to: Duration) -> usize {
         self.echoes
@@ -360,5 +373,13 @@ mod tests {
             .outage_around(Duration::from_millis(400), Duration::from_millis(100))
             .unwrap();
         assert_eq!(around.from, Duration::from_millis(320));
+        assert_eq!(
+            r.longest_silence_within(Duration::from_millis(305), Duration::from_millis(1_000)),
+            Duration::from_millis(680)
+        );
+        assert_eq!(
+            r.longest_silence_within(Duration::from_millis(1_400), Duration::from_millis(1_600)),
+            Duration::from_millis(100)
+        );
     }
 }
