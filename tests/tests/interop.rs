@@ -68,10 +68,7 @@ fn run_case(test: &str, body: impl FnOnce(&mut Lab) -> Result<()>) {
     ));
 }
 
-fn session_of<'a>(
-    sessions: &'a [SessionView],
-    client: std::net::SocketAddr,
-) -> Vec<&'a SessionView> {
+fn session_of(sessions: &[SessionView], client: std::net::SocketAddr) -> Vec<&SessionView> {
     sessions.iter().filter(|s| s.client == client).collect()
 }
 
@@ -107,7 +104,7 @@ fn netns_interop_ping_iperf3_mac1_and_pinned_port() {
 
         // Each client alone, TCP up and down, then UDP paced.
         let mut relay_tcp = [0.0; 2];
-        for i in 0..2 {
+        for (i, tcp) in relay_tcp.iter_mut().enumerate() {
             let up = lab.iperf(i, Traffic::Tcp, 3, false)?;
             let down = lab.iperf(i, Traffic::Tcp, 3, true)?;
             lab.report(&format!(
@@ -124,7 +121,7 @@ fn netns_interop_ping_iperf3_mac1_and_pinned_port() {
                     r.mbps
                 );
             }
-            relay_tcp[i] = up.mbps;
+            *tcp = up.mbps;
             let udp = Traffic::Udp { mbps: UDP_MBPS };
             let u = lab.iperf(i, udp, 3, false)?;
             lab.report(&format!("client{} via relay UDP {}", i + 1, u.summary(udp)));
