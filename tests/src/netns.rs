@@ -416,6 +416,34 @@ impl Daemon {
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
     }
+
+    /// CPU time (user and system) the process has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pid().map_or(0.0, |p| cpu_seconds(&p.to_string()))
+    }
+}
+
+/// CPU time (user and system, all threads) process `pid` ("self" for this one) has used,
+/// in seconds; 0 if it cannot be read.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    // USER_HZ, the unit of /proc/<pid>/stat times, is 100 on every Linux ABI.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // utime and stime are the 14th and 15th fields; the command name (2nd) may hold spaces
+    // but ends at the last ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / TICKS_PER_SECOND
 }
 
 impl Drop for Daemon {

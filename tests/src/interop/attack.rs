@@ -72,6 +72,10 @@ pub fn launch(
     ns.spawn_thread(move || attack(&plan))
 }
 
+/// Forgeries made in advance per source and sent round-robin, so that the attacker spends
+/// its CPU on sending, not on making packets (it shares the machine with the tunnels).
+const POOL: usize = 64;
+
 /// One forged datagram source.
 struct Source {
     kind: &'static str,
@@ -161,24 +165,36 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
     anyhow::ensure!(!sources.is_empty(), "the attack plan sends nothing");
 
     let mut rng = rand::thread_rng();
-    let mut report = AttackReport::default();
     let mut buf = vec![0u8; 1500];
+    let pools: Vec<Vec<Vec<u8>>> = sources
+        .iter()
+        .map(|s| {
+            (0..POOL)
+                .map(|_| {
+                    let len = forge(s.kind, s.mac1_for.as_ref(), &mut buf, &mut rng);
+                    buf[..len].to_vec()
+                })
+                .collect()
+        })
+        .collect();
+    let mut report = AttackReport::default();
     let start = Instant::now();
     let mut sent_total: u64 = 0;
     let mut next = 0usize;
     while start.elapsed() < plan.duration {
         let due = (start.elapsed().as_secs_f64() * f64::from(plan.rate)) as u64;
         while sent_total < due {
-            let s = &sources[next % sources.len()];
+            let i = next % sources.len();
+            let packet = &pools[i][(next / sources.len()) % POOL];
             next += 1;
-            let len = forge(s.kind, s.mac1_for.as_ref(), &mut buf, &mut rng);
-            match s.socket.send_to(&buf[..len], s.to) {
+            let s = &sources[i];
+            match s.socket.send_to(packet, s.to) {
                 Ok(_) => *report.sent.entry(s.kind).or_default() += 1,
                 Err(_) => report.send_errors += 1,
             }
             sent_total += 1;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(2));
     }
     report.ran = start.elapsed();
     Ok(report)

@@ -519,6 +519,19 @@ impl Lab {
         out
     }
 
+    /// CPU seconds used so far by: client1, client2, exit1, exit2 (wireguard-go), the relay,
+    /// and this test process (probes, echo server, attacker).
+    pub fn cpu_seconds(&self) -> [f64; 6] {
+        [
+            self.clients[0].cpu_seconds(),
+            self.clients[1].cpu_seconds(),
+            self.exits[0].cpu_seconds(),
+            self.exits[1].cpu_seconds(),
+            self.relay.cpu_seconds(),
+            netns::cpu_seconds("self"),
+        ]
+    }
+
     /// Prints a figure for the report, marked so it can be grepped out of the test log.
     pub fn report(&self, what: &str) {
         eprintln!("interop[{}]: {what}", self.test);

@@ -271,6 +271,11 @@ state_dir = "{}"
         Ok(took)
     }
 
+    /// CPU time the node has used so far, in seconds; 0 if it does not run.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.process.as_ref().map_or(0.0, Daemon::cpu_seconds)
+    }
+
     /// Whether the node still runs.
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(Daemon::is_running)

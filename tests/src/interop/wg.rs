@@ -240,6 +240,11 @@ impl WgHost {
             .count()
     }
 
+    /// CPU time this host's wireguard-go has used since its last start, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.process.as_ref().map_or(0.0, Daemon::cpu_seconds)
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }
