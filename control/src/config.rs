@@ -261,6 +261,8 @@ impl Config {
                 | TableError::ZeroPort { name }
                 | TableError::BadEndpoint { name, .. }
                 | TableError::DuplicateName { name } => name.clone(),
+                // The file has no peers.
+                _ => String::new(),
             };
             // The last entry with that name is the one that collides.
             let span = specs

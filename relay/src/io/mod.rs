@@ -64,6 +64,9 @@ pub struct DataPlaneConfig {
     pub exit_socket_buffer: usize,
     /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
     pub gso: bool,
+    /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
+    /// is off without one.
+    pub node_key: Option<[u8; 32]>,
 }
 
 impl Default for DataPlaneConfig {
@@ -80,6 +83,7 @@ impl Default for DataPlaneConfig {
             listener_socket_buffer: 16 << 20,
             exit_socket_buffer: 1 << 20,
             gso: true,
+            node_key: None,
         }
     }
 }
@@ -153,6 +157,9 @@ pub struct IoStats {
     pub gso_fallbacks: u64,
     pub recv_errors: u64,
     pub exit_sockets_open: u64,
+    /// Longest single housekeeping step (table pick-up, expiry, control requests), in ns:
+    /// what a table swap costs a worker's loop.
+    pub housekeeping_max_ns: u64,
 }
 
 impl IoStats {
@@ -165,6 +172,7 @@ impl IoStats {
         self.gso_fallbacks += o.gso_fallbacks;
         self.recv_errors += o.recv_errors;
         self.exit_sockets_open += o.exit_sockets_open;
+        self.housekeeping_max_ns = self.housekeeping_max_ns.max(o.housekeeping_max_ns);
     }
 }
 
@@ -178,6 +186,9 @@ pub struct WorkerReport {
     pub sessions: usize,
     pub pending: usize,
     pub table_generation: u64,
+    pub zhop: crate::zhop::ZhopStats,
+    /// When the worker published this report.
+    pub published: Option<std::time::Instant>,
 }
 
 /// Questions the control side may ask a worker; answered between batches.
@@ -211,6 +222,9 @@ pub struct DataPlane {
     local: Vec<SocketAddr>,
     backend: &'static str,
     table: SharedTable,
+    /// Tables replaced but perhaps still held by a worker. Kept here so that the last
+    /// reference, and the cost of freeing a large table, falls on the control thread.
+    retired: Mutex<Vec<Arc<ExitTable>>>,
     /// Every address listened on (pinned ports added as tables pin them).
     bound: Mutex<Vec<SocketAddr>>,
     listen_ips: Vec<IpAddr>,
@@ -372,6 +386,7 @@ impl DataPlane {
             local,
             backend: "portable",
             table,
+            retired: Mutex::new(Vec::new()),
             listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
             listener_socket_buffer: cfg.listener_socket_buffer,
             steering,
@@ -398,6 +413,21 @@ impl DataPlane {
             .iter()
             .map(|w| w.report.lock().map(|r| r.clone()).unwrap_or_default())
             .collect()
+    }
+
+    /// Reports published after `since` (every worker publishes within 100 ms while it
+    /// runs); waits up to `timeout`, then returns what there is.
+    pub fn reports_after(&self, since: std::time::Instant, timeout: Duration) -> Vec<WorkerReport> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let r = self.reports();
+            if r.iter().all(|w| w.published.is_some_and(|p| p >= since))
+                || std::time::Instant::now() >= end
+            {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Router counters summed over workers.
@@ -477,8 +507,21 @@ impl DataPlane {
             }
         }
         drop(bound);
+        let old = self.table.load();
         self.table.publish(table);
         self.nudge();
+        self.reap_retired();
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(old);
+    }
+
+    /// Frees retired tables no worker holds any more. Called on every publish; callers
+    /// that publish rarely may call it now and then.
+    pub fn reap_retired(&self) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|t| Arc::strong_count(t) > 1);
     }
 
     /// The table workers route by.
