@@ -519,6 +519,27 @@ impl Lab {
         out
     }
 
+    /// UDP datagrams each namespace's kernel dropped because a socket's receive buffer was
+    /// full (`RcvbufErrors` in its `/proc/net/snmp`): where a busy machine loses packets.
+    pub fn udp_receive_errors(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for ns in &self._namespaces {
+            let snmp = ns.exec("cat", &["/proc/net/snmp"])?;
+            let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+            let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+                continue;
+            };
+            let n = names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(k, _)| *k == "RcvbufErrors")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            out.push((ns.name().to_owned(), n));
+        }
+        Ok(out)
+    }
+
     /// CPU seconds used so far by: client1, client2, exit1, exit2 (wireguard-go), the relay,
     /// and this test process (probes, echo server, attacker).
     pub fn cpu_seconds(&self) -> [f64; 6] {

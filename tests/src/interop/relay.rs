@@ -9,7 +9,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use base64::Engine as _;
 use serde::Deserialize;
 
 use crate::interop::RELAY_PORT;
@@ -22,19 +21,50 @@ const METRICS_SETTLE: Duration = Duration::from_millis(250);
 /// Worker threads of the relay under test.
 const WORKERS: &str = "2";
 
-/// The `wraithgate` binary: `$WRAITHGATE_BIN` if set; else the one next to the running test
-/// (same target directory and profile) if it is newer than every source it is built from,
-/// as after `cargo test --workspace`, which builds it for the control crate's tests; else
-/// built once per test run with the same cargo, profile and target directory.
+/// The `wraithgate` node binary (`$WRAITHGATE_BIN` overrides); see [`workspace_bin`].
 pub fn wraithgate_bin() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| find_or_build_wraithgate().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
+    BIN.get_or_init(|| {
+        workspace_bin(
+            "WRAITHGATE_BIN",
+            "wraithgate-control",
+            "wraithgate",
+            &["relay", "control"],
+        )
+        .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
 }
 
-fn find_or_build_wraithgate() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("WRAITHGATE_BIN") {
+/// The `wraithctl` operator tool (`$WRAITHCTL_BIN` overrides); see [`workspace_bin`].
+pub fn wraithctl_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        workspace_bin(
+            "WRAITHCTL_BIN",
+            "wraithctl",
+            "wraithctl",
+            &["tools/wraithctl"],
+        )
+        .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// A binary of this workspace: `$override_var` if set; else the one next to the running test
+/// (same target directory and profile) if it is newer than every source it is built from
+/// (`sources`, workspace-relative, plus the manifests and lock file), as after `cargo test
+/// --workspace`, which builds it for its own package's tests; else built, once per test run,
+/// with the same cargo, profile and target directory.
+fn workspace_bin(
+    override_var: &str,
+    package: &str,
+    name: &str,
+    sources: &[&str],
+) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(override_var) {
         return Ok(PathBuf::from(bin));
     }
     // The test runs as <target>/<profile>/deps/<test>-<hash>.
@@ -53,32 +83,22 @@ fn find_or_build_wraithgate() -> Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("the tests crate lives in the workspace")?;
-    let bin = profile_dir.join("wraithgate");
+    let bin = profile_dir.join(name);
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let sources = newest_mtime(&[
-        &workspace.join("Cargo.toml"),
-        &workspace.join("Cargo.lock"),
-        &workspace.join("relay"),
-        &workspace.join("control"),
-    ]);
-    if built.is_some_and(|b| sources.is_some_and(|s| s <= b)) {
+    let mut inputs = vec![workspace.join("Cargo.toml"), workspace.join("Cargo.lock")];
+    inputs.extend(sources.iter().map(|s| workspace.join(s)));
+    let newest = newest_mtime(&inputs);
+    if built.is_some_and(|b| newest.is_some_and(|s| s <= b)) {
         return Ok(bin);
     }
-    // Select the same packages as `cargo test -p wraithgate-tests`, so that features unify
-    // the same way and the two builds do not undo each other's dependencies.
+    // Select this package too, as `cargo test -p wraithgate-tests` does, so that features
+    // unify the same way for the dependencies both builds share.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "wraithgate-tests",
-        "-p",
-        "wraithgate-control",
-    ])
-    .args(["--bin", "wraithgate", "--manifest-path"])
-    .arg(workspace.join("Cargo.toml"))
-    .env("CARGO_TARGET_DIR", target_dir);
+    cmd.args(["build", "--quiet", "-p", "wraithgate-tests", "-p", package])
+        .args(["--bin", name, "--manifest-path"])
+        .arg(workspace.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", target_dir);
     match profile {
         "debug" => {}
         "release" => {
@@ -88,8 +108,8 @@ fn find_or_build_wraithgate() -> Result<PathBuf> {
             cmd.args(["--profile", other]);
         }
     }
-    eprintln!("interop: building wraithgate ({profile}) …");
-    run(&mut cmd).context("building the wraithgate binary")?;
+    eprintln!("interop: building {name} ({profile}) …");
+    run(&mut cmd).with_context(|| format!("building {name}"))?;
     if !bin.is_file() {
         bail!("{} missing after the build", bin.display());
     }
@@ -98,9 +118,9 @@ fn find_or_build_wraithgate() -> Result<PathBuf> {
 
 /// The latest modification time of the given files and everything under the given
 /// directories (but `target`).
-fn newest_mtime(paths: &[&Path]) -> Option<std::time::SystemTime> {
+fn newest_mtime(paths: &[PathBuf]) -> Option<std::time::SystemTime> {
     let mut newest = None;
-    let mut stack: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
+    let mut stack: Vec<PathBuf> = paths.to_vec();
     while let Some(p) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&p) else {
             continue;
@@ -283,51 +303,29 @@ state_dir = "{}"
 
     // ---- the operator API ----
 
-    fn request(&self, method: &str, path: &str, body: Option<String>) -> Result<(u16, String)> {
+    /// `GET path` from inside the relay namespace, with the token when the node has one.
+    /// Reads that are not an operator's typing (health, Prometheus scrapes) go straight
+    /// to the API; changes go through [`RelayNode::wraithctl`].
+    fn get(&self, path: &str) -> Result<(u16, String)> {
         let url = format!("http://{API_LISTEN}{path}");
         let agent = self.agent.clone();
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let method = method.to_owned();
         self.ns.run_in(move || {
-            let result = match (method.as_str(), body) {
-                ("GET", _) => {
-                    let mut r = agent.get(&url);
-                    if let Some(a) = &auth {
-                        r = r.header("Authorization", a);
-                    }
-                    r.call()
-                }
-                ("DELETE", _) => {
-                    let mut r = agent.delete(&url);
-                    if let Some(a) = &auth {
-                        r = r.header("Authorization", a);
-                    }
-                    r.call()
-                }
-                ("POST", Some(b)) => {
-                    let mut r = agent.post(&url).header("Content-Type", "application/json");
-                    if let Some(a) = &auth {
-                        r = r.header("Authorization", a);
-                    }
-                    r.send(b.as_bytes())
-                }
-                (m, _) => bail!("unsupported request {m} {url}"),
-            };
-            let r = result.with_context(|| format!("{method} {url}"))?;
+            let mut r = agent.get(&url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            let r = r.call().with_context(|| format!("GET {url}"))?;
             let status = r.status().as_u16();
             let text = r.into_body().read_to_string().unwrap_or_default();
             Ok((status, text))
         })
     }
 
-    fn get(&self, path: &str) -> Result<(u16, String)> {
-        self.request("GET", path, None)
-    }
-
-    fn expect(&self, method: &str, path: &str, body: Option<String>, want: u16) -> Result<String> {
-        let (status, text) = self.request(method, path, body)?;
-        if status != want {
-            bail!("{method} {path}: HTTP {status} (wanted {want}): {text}");
+    fn get_ok(&self, path: &str) -> Result<String> {
+        let (status, text) = self.get(path)?;
+        if status != 200 {
+            bail!("GET {path}: HTTP {status}: {text}");
         }
         Ok(text)
     }
@@ -337,7 +335,19 @@ state_dir = "{}"
         matches!(self.get("/healthz"), Ok((200, _)))
     }
 
-    /// `POST /v1/exits`.
+    /// `wraithctl args…` on the node, as root reads the token: what an operator types.
+    /// Returns stdout.
+    pub fn wraithctl(&self, args: &[&str]) -> Result<String> {
+        let bin = wraithctl_bin()?;
+        let token = self.state_dir.join("api.token");
+        let mut cmd = self.ns.command(&bin.to_string_lossy());
+        cmd.args(["--url", API_LISTEN, "--timeout", "10", "--token-file"])
+            .arg(&token)
+            .args(args);
+        run(&mut cmd)
+    }
+
+    /// `wraithctl exit add NAME --public-key KEY --endpoint IP:PORT [--listen-port PORT]`.
     pub fn add_exit(
         &self,
         name: &str,
@@ -345,29 +355,31 @@ state_dir = "{}"
         endpoint: SocketAddr,
         listen_port: Option<u16>,
     ) -> Result<()> {
-        let body = serde_json::json!({
-            "name": name,
-            "public_key": public_key,
-            "endpoint": endpoint.to_string(),
-            "listen_port": listen_port,
-        });
-        self.expect("POST", "/v1/exits", Some(body.to_string()), 201)
-            .map(drop)
+        let endpoint = endpoint.to_string();
+        let mut args = vec![
+            "exit",
+            "add",
+            name,
+            "--public-key",
+            public_key,
+            "--endpoint",
+            &endpoint,
+        ];
+        let port = listen_port.map(|p| p.to_string());
+        if let Some(p) = &port {
+            args.extend(["--listen-port", p]);
+        }
+        self.wraithctl(&args).map(drop)
     }
 
-    /// `DELETE /v1/exits/{key}` (the key in base64url, as in the API's paths).
+    /// `wraithctl exit rm KEY`.
     pub fn remove_exit(&self, public_key: &str) -> Result<()> {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(public_key)
-            .context("a WireGuard public key is base64")?;
-        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        self.expect("DELETE", &format!("/v1/exits/{key}"), None, 204)
-            .map(drop)
+        self.wraithctl(&["exit", "rm", public_key]).map(drop)
     }
 
-    /// `GET /v1/sessions`.
+    /// `wraithctl --json sessions`: the node's sessions as `GET /v1/sessions` lists them.
     pub fn sessions(&self) -> Result<Vec<SessionView>> {
-        let text = self.expect("GET", "/v1/sessions", None, 200)?;
+        let text = self.wraithctl(&["--json", "sessions"])?;
         serde_json::from_str(&text).with_context(|| format!("parsing sessions: {text}"))
     }
 
@@ -376,7 +388,7 @@ state_dir = "{}"
     /// for packets ends).
     pub fn metrics(&self) -> Result<Metrics> {
         std::thread::sleep(METRICS_SETTLE);
-        Ok(Metrics::parse(&self.expect("GET", "/metrics", None, 200)?))
+        Ok(Metrics::parse(&self.get_ok("/metrics")?))
     }
 }
 
