@@ -91,6 +91,8 @@ pub struct Echo {
 /// Everything a probe saw.
 #[derive(Debug, Clone)]
 pub struct ProbeReport {
+    /// When the probe started: its timeline's zero.
+    pub started: Instant,
     pub target: SocketAddr,
     pub interval: Duration,
     pub sent: u64,
@@ -234,6 +236,7 @@ fn probe_loop(
         }
     }
     Ok(ProbeReport {
+        started,
         target,
         interval,
         sent: sent_at.len() as u64,
@@ -302,6 +305,69 @@ impl ProbeReport {
         longest.max(to.saturating_sub(last))
     }
 
+    /// The silences within `[from, to]` (clipped to the run) as intervals: the gaps between
+    /// consecutive echoes there, counting the window's edges.
+    pub fn silences_within(&self, from: Duration, to: Duration) -> Vec<(Duration, Duration)> {
+        let to = to.min(self.ran);
+        let mut out = Vec::new();
+        let mut last = from;
+        for e in self.echoes.iter().filter(|e| e.at >= from && e.at <= to) {
+            if e.at > last {
+                out.push((last, e.at));
+            }
+            last = e.at;
+        }
+        if to > last {
+            out.push((last, to));
+        }
+        out
+    }
+
+    /// The longest time within `[from, to]` during which this probe heard nothing while
+    /// `other` (another probe, running at the same time) heard something: a silence both
+    /// share is the machine's (a stalled prober, echo server or scheduler), not this
+    /// tunnel's. Silences of `other` shorter than `noise` do not count as shared.
+    pub fn longest_silence_alone(
+        &self,
+        other: &ProbeReport,
+        from: Duration,
+        to: Duration,
+        noise: Duration,
+    ) -> Duration {
+        // `other`'s time t is this probe's time t + shift.
+        let shift = |t: Duration| -> Duration {
+            if other.started >= self.started {
+                t + (other.started - self.started)
+            } else {
+                t.saturating_sub(self.started - other.started)
+            }
+        };
+        let shared: Vec<(Duration, Duration)> = other
+            .silences_within(Duration::ZERO, other.ran)
+            .into_iter()
+            .filter(|(a, b)| *b - *a >= noise)
+            .map(|(a, b)| (shift(a), shift(b)))
+            .collect();
+        let mut longest = Duration::ZERO;
+        for (a, b) in self.silences_within(from, to) {
+            // Walk [a, b], skipping the parts `other` was silent too.
+            let mut cursor = a;
+            let mut cuts: Vec<&(Duration, Duration)> =
+                shared.iter().filter(|(x, y)| *y > a && *x < b).collect();
+            cuts.sort();
+            for (x, y) in cuts {
+                if *x > cursor {
+                    longest = longest.max(*x - cursor);
+                }
+                cursor = cursor.max(*y);
+            }
+            if b > cursor {
+                longest = longest.max(b - cursor);
+            }
+        }
+        longest
+    }
+
     /// Echoes that arrived within `[from, to)`.
     pub fn echoes_between(&self, from: Duration, to: Duration) -> usize {
         self.echoes
@@ -340,6 +406,7 @@ mod tests {
 
     fn report(at_ms: &[u64], ran_ms: u64) -> ProbeReport {
         ProbeReport {
+            started: Instant::now(),
             target: "127.0.0.1:7".parse().unwrap(),
             interval: Duration::from_millis(10),
             sent: at_ms.len() as u64,
@@ -354,6 +421,37 @@ mod tests {
                 .collect(),
             ran: Duration::from_millis(ran_ms),
         }
+    }
+
+    /// Echoes every 50 ms from 0 to `end`, but for the given silences.
+    fn every_50ms_but(silent: &[(u64, u64)], end: u64) -> Vec<u64> {
+        (0..=end / 50)
+            .map(|i| i * 50)
+            .filter(|t| !silent.iter().any(|(a, b)| t > a && t < b))
+            .collect()
+    }
+
+    #[test]
+    fn silences_shared_with_another_probe_are_not_counted() {
+        let mine = report(
+            &every_50ms_but(&[(200, 1_500), (1_600, 3_000)], 3_100),
+            3_100,
+        );
+        let mut other = report(
+            &every_50ms_but(&[(250, 1_200), (1_300, 2_800)], 3_100),
+            3_100,
+        );
+        other.started = mine.started;
+        let (from, to) = (Duration::ZERO, Duration::from_millis(3_100));
+        // Alone: 200..250, 1200..1300 and 2800..3000.
+        assert_eq!(
+            mine.longest_silence_alone(&other, from, to, Duration::from_millis(100)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            mine.longest_silence_within(from, to),
+            Duration::from_millis(1_400)
+        );
     }
 
     #[test]
