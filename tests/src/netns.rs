@@ -372,10 +372,6 @@ impl Daemon {
         &self.label
     }
 
-    pub fn log(&self) -> &Path {
-        &self.log
-    }
-
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

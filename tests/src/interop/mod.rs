@@ -23,7 +23,7 @@ pub mod relay;
 pub mod wg;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -556,10 +556,6 @@ impl Lab {
     /// Prints a figure for the report, marked so it can be grepped out of the test log.
     pub fn report(&self, what: &str) {
         eprintln!("interop[{}]: {what}", self.test);
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -368,14 +368,6 @@ impl ProbeReport {
         longest
     }
 
-    /// Echoes that arrived within `[from, to)`.
-    pub fn echoes_between(&self, from: Duration, to: Duration) -> usize {
-        self.echoes
-            .iter()
-            .filter(|e| e.at >= from && e.at < to)
-            .count()
-    }
-
     /// The median round trip, if any echo came back.
     pub fn median_rtt(&self) -> Option<Duration> {
         let mut rtts: Vec<Duration> = self.echoes.iter().map(|e| e.rtt).collect();

@@ -245,10 +245,6 @@ impl WgHost {
         self.process.as_ref().map_or(0.0, Daemon::cpu_seconds)
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
     }
