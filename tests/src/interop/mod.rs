@@ -73,7 +73,7 @@ pub struct Lab {
     iperf_servers: Vec<Daemon>,
     started: Instant,
     // Dropped last: processes above stop before their namespaces go.
-    _namespaces: Vec<Arc<Netns>>,
+    namespaces: Vec<Arc<Netns>>,
     _lock: SuiteLock,
 }
 
@@ -285,7 +285,7 @@ impl Lab {
             _echo: echo,
             iperf_servers,
             started,
-            _namespaces: vec![c1, c2, relay_ns, x1, x2, inet, atk],
+            namespaces: vec![c1, c2, relay_ns, x1, x2, inet, atk],
             _lock: lock,
         };
         for i in 0..lab.clients.len() {
@@ -523,7 +523,7 @@ impl Lab {
     /// full (`RcvbufErrors` in its `/proc/net/snmp`): where a busy machine loses packets.
     pub fn udp_receive_errors(&self) -> Result<Vec<(String, u64)>> {
         let mut out = Vec::new();
-        for ns in &self._namespaces {
+        for ns in &self.namespaces {
             let snmp = ns.exec("cat", &["/proc/net/snmp"])?;
             let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
             let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
