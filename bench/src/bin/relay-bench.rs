@@ -1,0 +1,357 @@
+//! `relay-bench`: WraithGate against nftables DNAT+SNAT, a naive tokio relay, socat and
+//! nginx, side by side in one run with one generator and one topology (DESIGN §7).
+//!
+//! ```text
+//! relay-bench --quick                       # < 5 min: every contender, every scenario
+//! relay-bench --json out.json --svg out.svg # full run (3 runs each, medians)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use wraithgate_bench::contender::{Contender, Running};
+use wraithgate_bench::load::{self, LoadSpec};
+use wraithgate_bench::packets;
+use wraithgate_bench::report::{self, ContenderResult, Figures, Outcome, ScenarioResult};
+use wraithgate_bench::topology::{self, Kind, Topology};
+use wraithgate_relay::PublicKey;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay-bench",
+    about = "Side-by-side UDP relay benchmark for WraithGate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
+    /// Short runs (0.5 s warm-up, 2 s measured, 1 run each): under 5 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Topologies: netns, loopback, host (host needs no root; nftables is skipped there).
+    #[arg(long, value_delimiter = ',')]
+    topology: Option<Vec<String>>,
+    /// Contenders to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    contenders: Option<Vec<String>>,
+    /// WraithGate backends to run as contenders.
+    #[arg(long, value_delimiter = ',', default_value = "portable,uring")]
+    backends: Vec<String>,
+    /// Scenarios to run (default: all): 1flow-1420B-unpaced, 1000flow-1420B-unpaced,
+    /// 1flow-64B-unpaced, 1flow-1420B-paced.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Option<Vec<String>>,
+    /// The `wraithgate` binary.
+    #[arg(long, default_value = "target/release/wraithgate")]
+    wraithgate: PathBuf,
+    /// Measured seconds per run.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Warm-up seconds per run (sent, not counted).
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Runs per contender and scenario (medians are reported).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Rate of the paced scenario, Gb/s.
+    #[arg(long, default_value_t = 1.0)]
+    rate_gbps: f64,
+    /// Flows of the many-flow scenario.
+    #[arg(long, default_value_t = 1000)]
+    flows: usize,
+    /// CPUs the relay runs on (taskset list) and its namespace's receive processing.
+    #[arg(long, default_value = "1")]
+    relay_cpus: String,
+    /// CPU of the generator and the sink.
+    #[arg(long, default_value_t = 0)]
+    load_cpu: usize,
+    /// Send without UDP GSO.
+    #[arg(long)]
+    no_gso: bool,
+    /// Name prefix of namespaces and interfaces.
+    #[arg(long, default_value = "rb")]
+    prefix: String,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the chart here.
+    #[arg(long, default_value = "target/relay-bench/relay-bench.svg")]
+    svg: PathBuf,
+    /// Also write the markdown tables here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Working directory for contender configs and logs.
+    #[arg(long, default_value = "target/relay-bench")]
+    workdir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// The naive tokio relay (started by the harness as a contender).
+    NaiveRelay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        exit: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+/// One load shape.
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: String,
+    flows: usize,
+    size: usize,
+    rate_bps: Option<u64>,
+}
+
+fn scenarios(cli: &Cli) -> Result<Vec<Scenario>> {
+    let rate = (cli.rate_gbps * 1e9) as u64;
+    let all = vec![
+        Scenario {
+            name: "1flow-1420B-unpaced".into(),
+            flows: 1,
+            size: 1420,
+            rate_bps: None,
+        },
+        Scenario {
+            name: format!("{}flow-1420B-unpaced", cli.flows),
+            flows: cli.flows,
+            size: 1420,
+            rate_bps: None,
+        },
+        Scenario {
+            name: "1flow-64B-unpaced".into(),
+            flows: 1,
+            size: 64,
+            rate_bps: None,
+        },
+        Scenario {
+            name: format!("1flow-1420B-paced-{}G", cli.rate_gbps),
+            flows: 1,
+            size: 1420,
+            rate_bps: Some(rate),
+        },
+    ];
+    let Some(wanted) = &cli.scenarios else {
+        return Ok(all);
+    };
+    let mut out = Vec::new();
+    for w in wanted {
+        match all
+            .iter()
+            .find(|s| s.name == *w || s.name.starts_with(w.as_str()))
+        {
+            Some(s) => out.push(s.clone()),
+            None => bail!("unknown scenario {w:?}"),
+        }
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Sub::NaiveRelay {
+        listen,
+        exit,
+        threads,
+    }) = cli.command
+    {
+        return wraithgate_bench::naive::run(listen, exit, threads);
+    }
+    topology::install_signal_handler()?;
+    let _guard = topology::CleanupGuard;
+    bench(&cli)
+}
+
+fn bench(cli: &Cli) -> Result<()> {
+    let root = topology::is_root();
+    let kinds: Vec<Kind> = match &cli.topology {
+        Some(list) => list
+            .iter()
+            .map(|t| match t.as_str() {
+                "netns" => Ok(Kind::Netns),
+                "loopback" => Ok(Kind::Loopback),
+                "host" => Ok(Kind::Host),
+                other => bail!("unknown topology {other:?}"),
+            })
+            .collect::<Result<_>>()?,
+        None if root => vec![Kind::Netns, Kind::Loopback],
+        None => {
+            eprintln!(
+                "relay-bench: NOT ROOT: namespaces unavailable, running the host loopback only"
+            );
+            vec![Kind::Host]
+        }
+    };
+    if !root && kinds.iter().any(|k| *k != Kind::Host) {
+        bail!("the netns and loopback topologies need root");
+    }
+    let names: Vec<String> = match &cli.contenders {
+        Some(c) => c.clone(),
+        None => cli
+            .backends
+            .iter()
+            .map(|b| format!("wraithgate-{b}"))
+            .chain(["nftables", "naive-tokio", "socat", "nginx"].map(String::from))
+            .collect(),
+    };
+    let contenders: Vec<Contender> = names
+        .iter()
+        .map(|n| Contender::parse(n, &cli.wraithgate))
+        .collect::<Result<_>>()?;
+    let scenarios = scenarios(cli)?;
+    let (duration, warmup, runs) = if cli.quick {
+        (
+            cli.duration.unwrap_or(2.0),
+            cli.warmup.unwrap_or(0.5),
+            cli.runs.unwrap_or(1),
+        )
+    } else {
+        (
+            cli.duration.unwrap_or(10.0),
+            cli.warmup.unwrap_or(1.0),
+            cli.runs.unwrap_or(3),
+        )
+    };
+    std::fs::create_dir_all(&cli.workdir)?;
+    let workdir = std::fs::canonicalize(&cli.workdir)?;
+    let exit_key = PublicKey([0x5a; 32]);
+    let clock = quanta::Clock::new();
+    let abort = AtomicBool::new(false);
+
+    eprintln!(
+        "relay-bench: {} topologies × {} scenarios × {} contenders × {runs} runs, {warmup}+{duration} s each",
+        kinds.len(),
+        scenarios.len(),
+        contenders.len()
+    );
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    for kind in kinds {
+        let topo = Topology::build(kind, &cli.prefix, &cli.relay_cpus, Some(cli.load_cpu))
+            .with_context(|| format!("build the {} topology", kind.as_str()))?;
+        let first = results.len();
+        for s in &scenarios {
+            results.push(ScenarioResult {
+                name: format!("{}/{}", kind.as_str(), s.name),
+                paced: s.rate_bps.is_some(),
+                contenders: contenders
+                    .iter()
+                    .map(|c| ContenderResult {
+                        name: c.name(),
+                        outcome: match c.unavailable(&topo) {
+                            Some(why) => Outcome::Skipped(why),
+                            None => Outcome::Measured { runs: Vec::new() },
+                        },
+                    })
+                    .collect(),
+            });
+        }
+        // Run-major order: every contender once, then again, so slow drift on a shared
+        // machine spreads over all of them instead of penalising one.
+        for run in 0..runs {
+            for (si, s) in scenarios.iter().enumerate() {
+                for (ci, c) in contenders.iter().enumerate() {
+                    let slot = &mut results[first + si].contenders[ci];
+                    let Outcome::Measured { runs: done } = &mut slot.outcome else {
+                        continue;
+                    };
+                    let spec = LoadSpec {
+                        relay: topo.relay_listen,
+                        sink: topo.exit,
+                        sources: (0..s.flows).map(|i| topo.source(i)).collect(),
+                        client_port: 40_000,
+                        exit_key,
+                        size: packets::transport_len(s.size),
+                        rate_bps: s.rate_bps,
+                        warmup: Duration::from_secs_f64(warmup),
+                        duration: Duration::from_secs_f64(duration),
+                        gso: !cli.no_gso,
+                        train: 8,
+                        client_netns: Topology::netns_path(&topo.client_ns),
+                        exit_netns: Topology::netns_path(&topo.exit_ns),
+                        load_cpu: Some(cli.load_cpu),
+                        handshake_timeout: Duration::from_secs(if s.flows > 1 { 8 } else { 4 }),
+                    };
+                    eprint!(
+                        "[{} run {}/{runs}] {:<24} {:<20} ",
+                        kind.as_str(),
+                        run + 1,
+                        s.name,
+                        c.name()
+                    );
+                    match measure_once(c, &topo, &spec, cli, &workdir, &clock, &abort) {
+                        Ok(f) => {
+                            eprintln!(
+                                "{:7.3} Gb/s {:7.3} Mpps loss {:6.2}% p99 {:8.0} µs",
+                                f.gbps,
+                                f.mpps,
+                                f.loss_percent,
+                                f.p99_us()
+                            );
+                            done.push(f);
+                        }
+                        Err(e) => {
+                            eprintln!("FAILED: {e:#}");
+                            slot.outcome = Outcome::Failed(format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        }
+        drop(topo);
+    }
+
+    let md = report::markdown(&results);
+    println!("{md}");
+    if let Some(path) = &cli.markdown {
+        std::fs::write(path, &md)?;
+    }
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report::json(&results))?;
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+        eprintln!("relay-bench: wrote {}", path.display());
+    }
+    if let Some(dir) = cli.svg.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    report::svg(&results, &cli.svg)?;
+    eprintln!("relay-bench: wrote {}", cli.svg.display());
+    Ok(())
+}
+
+fn measure_once(
+    c: &Contender,
+    topo: &Topology,
+    spec: &LoadSpec,
+    cli: &Cli,
+    workdir: &std::path::Path,
+    clock: &quanta::Clock,
+    abort: &AtomicBool,
+) -> Result<Figures> {
+    let mut running: Running = c.start(topo, &spec.exit_key, &cli.relay_cpus, workdir)?;
+    let pid = running.pid();
+    let mut cpu_at_start = 0;
+    let mut contender_cpu = 0;
+    let m = load::run(spec, clock, abort, |starting| {
+        let now = pid.map_or(0, wraithgate_bench::cpu::tree_cpu_ns);
+        if starting {
+            cpu_at_start = now;
+        } else {
+            contender_cpu = now.saturating_sub(cpu_at_start);
+        }
+    });
+    let alive = running.check_alive();
+    running.stop();
+    let m = m?;
+    alive?;
+    if m.flows_established < m.flows {
+        eprint!("({}/{} flows established) ", m.flows_established, m.flows);
+    }
+    Ok(Figures::from_run(&m, contender_cpu))
+}
