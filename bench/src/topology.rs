@@ -10,9 +10,11 @@
 //!  <p>-c0 198.18.1.1 ──veth── <p>-c1        <p>-e1 ──veth── <p>-e0
 //! ```
 //!
-//! The relay namespace's ingress veth steers its receive processing (RPS) to the relay's
-//! CPUs and the exit's to the load CPU, so kernel forwarding (nftables) and socket delivery
-//! to a userspace relay run on the same cores as the relay would own.
+//! By default a packet's receive processing runs on the CPU that sent it into the veth (the
+//! generator's for client → relay, the relay's for relay → exit). With `rps` the relay
+//! namespace's ingress veth steers it to the relay's CPUs instead, as a NIC's interrupts
+//! would; a flood then starves a userspace relay of its own CPU (receive livelock), which
+//! measures the livelock rather than the relay, so it is off unless asked for.
 //!
 //! `loopback`: one namespace with only `lo`; relay on 127.0.0.1, sink on 127.0.0.2, flows
 //! from 127.1.0.0/16. `host`: the same addresses in the current namespace (no root needed,
@@ -174,13 +176,9 @@ fn cpu_mask(cpus: &str) -> String {
 }
 
 impl Topology {
-    /// Builds a topology. `relay_cpus`/`load_cpu` steer receive processing (netns only).
-    pub fn build(
-        kind: Kind,
-        prefix: &str,
-        relay_cpus: &str,
-        load_cpu: Option<usize>,
-    ) -> Result<Self> {
+    /// Builds a topology. With `rps`, receive processing in the relay namespace is steered
+    /// to the relay CPUs and in the exit namespace to the load CPU (netns only).
+    pub fn build(kind: Kind, prefix: &str, rps: Option<(&str, usize)>) -> Result<Self> {
         match kind {
             Kind::Host => Ok(Topology {
                 kind,
@@ -292,13 +290,13 @@ impl Topology {
                     "-qw",
                     "net.ipv4.ip_forward=1",
                 ])?;
-                let rps = |ns: &str, dev: &str, mask: &str| {
+                let steer = |ns: &str, dev: &str, mask: &str| {
                     let cmd = format!("echo {mask} > /sys/class/net/{dev}/queues/rx-0/rps_cpus");
                     run(&["ip", "netns", "exec", ns, "sh", "-c", &cmd])
                 };
-                rps(&r, &c1, &cpu_mask(relay_cpus))?;
-                if let Some(cpu) = load_cpu {
-                    rps(&e, &e0, &cpu_mask(&cpu.to_string()))?;
+                if let Some((relay_cpus, load_cpu)) = rps {
+                    steer(&r, &c1, &cpu_mask(relay_cpus))?;
+                    steer(&e, &e0, &cpu_mask(&load_cpu.to_string()))?;
                 }
                 Ok(Topology {
                     kind,
@@ -374,7 +372,7 @@ mod tests {
         assert_eq!(cpu_mask("1"), "2");
         assert_eq!(cpu_mask("0-1"), "3");
         assert_eq!(cpu_mask("0,2"), "5");
-        let t = Topology::build(Kind::Host, "rb", "1", None).unwrap();
+        let t = Topology::build(Kind::Host, "rb", None).unwrap();
         assert_eq!(t.source(0), Ipv4Addr::new(127, 1, 0, 1));
         assert_eq!(t.source(250), Ipv4Addr::new(127, 1, 1, 1));
         assert_eq!(t.source(999), Ipv4Addr::new(127, 1, 3, 250));
@@ -388,7 +386,7 @@ mod tests {
         }
         let prefix = format!("rbt{}", std::process::id() % 10_000);
         {
-            let t = Topology::build(Kind::Netns, &prefix, "1", Some(0)).unwrap();
+            let t = Topology::build(Kind::Netns, &prefix, Some(("1", 0))).unwrap();
             assert!(std::path::Path::new(&format!("/var/run/netns/{prefix}-relay")).exists());
             let ok = Command::new("ip")
                 .args([

@@ -68,6 +68,10 @@ struct Cli {
     /// CPU of the generator and the sink.
     #[arg(long, default_value_t = 0)]
     load_cpu: usize,
+    /// Steer the relay namespace's receive processing to the relay CPUs (RPS), as NIC
+    /// interrupts would; floods then livelock userspace relays.
+    #[arg(long)]
+    rps: bool,
     /// Send without UDP GSO.
     #[arg(long)]
     no_gso: bool,
@@ -233,8 +237,12 @@ fn bench(cli: &Cli) -> Result<()> {
     );
     let mut results: Vec<ScenarioResult> = Vec::new();
     for kind in kinds {
-        let topo = Topology::build(kind, &cli.prefix, &cli.relay_cpus, Some(cli.load_cpu))
-            .with_context(|| format!("build the {} topology", kind.as_str()))?;
+        let topo = Topology::build(
+            kind,
+            &cli.prefix,
+            cli.rps.then_some((cli.relay_cpus.as_str(), cli.load_cpu)),
+        )
+        .with_context(|| format!("build the {} topology", kind.as_str()))?;
         let first = results.len();
         for s in &scenarios {
             results.push(ScenarioResult {
