@@ -1,1 +1,192 @@
-fn main() {}
+//! `wraithgate`: the relay node.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use wraithgate_control::config::{Config, EXAMPLE};
+use wraithgate_control::demo::{self, DemoOptions};
+use wraithgate_relay::io::{BackendChoice, DataPlane};
+use wraithgate_relay::table::SharedTable;
+
+/// WraithGate: a userspace WireGuard relay.
+///
+/// Clients keep their WireGuard tunnel to an exit server; the relay sits between them and
+/// forwards the encrypted packets without holding any client key. It picks the exit for
+/// each client by the exit's public key (mac1) or by a listen port pinned to an exit.
+#[derive(Debug, Parser)]
+#[command(name = "wraithgate", version, about, long_about)]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "wraithgate_relay=debug".
+    #[arg(long, env = "WRAITHGATE_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a relay node from a configuration file.
+    Run {
+        /// The TOML configuration (see `wraithgate example-config`).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Worker threads (overrides the file); one per core by default.
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Data-path backend (overrides the file).
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
+        /// Check the configuration and exit without starting.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run a self-contained demo on loopback: a relay, two exits and several WireGuard
+    /// clients (boringtun), with traffic both ways; prints a table and exits.
+    Demo {
+        /// Number of clients (even ones use exit A, odd ones exit B).
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds of traffic.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Paced rate of each client, Mb/s.
+        #[arg(long, default_value_t = 50.0)]
+        rate_mbps: f64,
+        /// Relay worker threads.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a commented example configuration.
+    ExampleConfig,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Backend {
+    Auto,
+    Portable,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main(cli) {
+        eprintln!("wraithgate: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Run {
+            config,
+            workers,
+            backend,
+            check,
+        } => run(config, workers, backend, check),
+        Cmd::Demo {
+            clients,
+            seconds,
+            rate_mbps,
+            workers,
+            json,
+        } => {
+            if clients == 0 || clients > 200 {
+                bail!("--clients must be between 1 and 200");
+            }
+            if !(seconds > 0.0 && seconds <= 600.0) {
+                bail!("--seconds must be between 0 and 600");
+            }
+            if !(rate_mbps > 0.0 && rate_mbps <= 10_000.0) {
+                bail!("--rate-mbps must be between 0 and 10000");
+            }
+            let opts = DemoOptions {
+                clients,
+                duration: Duration::from_secs_f64(seconds),
+                rate_mbps,
+                workers: workers.max(1),
+                ..DemoOptions::default()
+            };
+            let report = demo::run(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", demo::render(&report));
+            }
+            let delivered: u64 = report.clients.iter().map(|c| c.echoed_back).sum();
+            if delivered == 0 {
+                bail!("no traffic made it through the relay");
+            }
+            Ok(())
+        }
+        Cmd::ExampleConfig => {
+            print!("{EXAMPLE}");
+            Ok(())
+        }
+    }
+}
+
+fn run(path: PathBuf, workers: Option<usize>, backend: Option<Backend>, check: bool) -> Result<()> {
+    let mut cfg = Config::load(&path)?;
+    if let Some(w) = workers {
+        if w == 0 {
+            bail!("--workers must be at least 1");
+        }
+        cfg.data_plane.workers = w;
+    }
+    if let Some(b) = backend {
+        cfg.data_plane.backend = match b {
+            Backend::Auto => BackendChoice::Auto,
+            Backend::Portable => BackendChoice::Portable,
+        };
+    }
+    if check {
+        println!(
+            "{}: OK ({} exits, {} listen addresses, {} workers)",
+            path.display(),
+            cfg.table.len(),
+            cfg.data_plane.listen.len(),
+            cfg.data_plane.workers
+        );
+        return Ok(());
+    }
+    for e in cfg.table.specs() {
+        tracing::info!(name = %e.name, key = %e.public_key, endpoint = %e.endpoint, listen_port = ?e.listen_port, "exit");
+    }
+    let table = SharedTable::new(cfg.table);
+    let dp = DataPlane::start(cfg.data_plane, table).context("starting the data plane")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        signal_hook_register(sig, stop.clone())?;
+    }
+    tracing::info!(listen = ?dp.local_addrs(), backend = dp.backend(), "relay running; SIGTERM or Ctrl-C stops it");
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = dp.stats();
+    tracing::info!(
+        to_exit_packets = s.client_to_exit.packets,
+        to_client_packets = s.exit_to_client.packets,
+        drops = s.total_drops(),
+        "stopping"
+    );
+    dp.shutdown();
+    Ok(())
+}
+
+/// Sets `flag` when `signal` arrives.
+fn signal_hook_register(signal: libc::c_int, flag: Arc<AtomicBool>) -> Result<()> {
+    signal_hook::flag::register(signal, flag).context("installing a signal handler")?;
+    Ok(())
+}

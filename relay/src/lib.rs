@@ -5,6 +5,7 @@
 //! - [`io`] drives that core from real sockets, one worker thread per core.
 
 pub mod drop_reason;
+pub mod io;
 pub mod keys;
 pub mod ratelimit;
 pub mod router;

@@ -484,7 +484,11 @@ impl Router {
                 None => return self.drop_packet(DropReason::NoExit),
             },
         };
-        let spec = &self.table.get(exit).expect("matched id is in its table").spec;
+        let spec = &self
+            .table
+            .get(exit)
+            .expect("matched id is in its table")
+            .spec;
         let (exit_key, exit_endpoint) = (spec.public_key, spec.endpoint);
         let len = init.bytes().len();
 

@@ -205,6 +205,13 @@ impl SharedTable {
         self.inner.load().generation
     }
 
+    /// The current table if it is not `current` (one atomic load; no reference taken
+    /// unless it changed). Workers call this once per batch.
+    pub fn load_if_changed(&self, current: &Arc<ExitTable>) -> Option<Arc<ExitTable>> {
+        let guard = self.inner.load();
+        (!Arc::ptr_eq(&guard, current)).then(|| Arc::clone(&guard))
+    }
+
     /// Makes `table` current for every worker's next batch.
     pub fn publish(&self, table: ExitTable) {
         self.inner.store(Arc::new(table));

@@ -212,7 +212,8 @@ mod tests {
             (COOKIE_REPLY_TYPE, COOKIE_REPLY_LEN),
         ] {
             for len in 0..=200 {
-                let parsed = Message::parse(&msg(kind, len));
+                let bytes = msg(kind, len);
+                let parsed = Message::parse(&bytes);
                 match len {
                     0..=3 => assert_eq!(parsed, Err(DropReason::Truncated), "len {len}"),
                     l if l == exact => assert!(parsed.is_ok(), "type {kind} len {len}"),
@@ -225,7 +226,8 @@ mod tests {
     #[test]
     fn transport_needs_32_bytes_and_a_multiple_of_16() {
         for len in 4..=2000 {
-            let parsed = Message::parse(&msg(TRANSPORT_TYPE, len));
+            let bytes = msg(TRANSPORT_TYPE, len);
+            let parsed = Message::parse(&bytes);
             if len >= 32 && len % 16 == 0 {
                 assert!(matches!(parsed, Ok(Message::Transport(_))), "len {len}");
             } else {

@@ -1,0 +1,742 @@
+use super::*;
+use crate::table::ExitSpec;
+use crate::wire::{
+    COOKIE_REPLY_LEN, COOKIE_REPLY_TYPE, INITIATION_LEN, INITIATION_MAC1_OFFSET, RESPONSE_LEN,
+    RESPONSE_TYPE, TRANSPORT_TYPE,
+};
+use proptest::prelude::*;
+
+const MAIN_PORT: u16 = 51820;
+const PINNED_PORT: u16 = 51821;
+const MAIN: Listener = Listener {
+    id: 0,
+    port: MAIN_PORT,
+};
+const PINNED: Listener = Listener {
+    id: 1,
+    port: PINNED_PORT,
+};
+
+fn key(n: u8) -> PublicKey {
+    PublicKey([n; 32])
+}
+
+fn exit_addr(n: u8) -> SocketAddr {
+    format!("192.0.2.{n}:51820").parse().unwrap()
+}
+
+fn client(n: u16) -> SocketAddr {
+    format!("198.51.100.{}:{}", n % 250 + 1, 40000 + n)
+        .parse()
+        .unwrap()
+}
+
+/// Exits 1 and 2, exit 2 also pinned to PINNED_PORT.
+fn table() -> Arc<ExitTable> {
+    Arc::new(
+        ExitTable::new(
+            1,
+            vec![
+                ExitSpec {
+                    name: "one".into(),
+                    public_key: key(1),
+                    endpoint: exit_addr(1),
+                    listen_port: None,
+                },
+                ExitSpec {
+                    name: "two".into(),
+                    public_key: key(2),
+                    endpoint: exit_addr(2),
+                    listen_port: Some(PINNED_PORT),
+                },
+            ],
+        )
+        .unwrap(),
+    )
+}
+
+fn initiation(to: PublicKey, sender: u32) -> Vec<u8> {
+    let mut m = vec![0x5a; INITIATION_LEN];
+    m[0] = 1;
+    m[1..4].fill(0);
+    m[4..8].copy_from_slice(&sender.to_le_bytes());
+    let mac = to.mac1_key().compute(&m[..INITIATION_MAC1_OFFSET]);
+    m[116..132].copy_from_slice(&mac);
+    m[132..148].fill(0);
+    m
+}
+
+fn response(sender: u32, receiver: u32) -> Vec<u8> {
+    let mut m = vec![0x33; RESPONSE_LEN];
+    m[0] = RESPONSE_TYPE;
+    m[1..4].fill(0);
+    m[4..8].copy_from_slice(&sender.to_le_bytes());
+    m[8..12].copy_from_slice(&receiver.to_le_bytes());
+    m
+}
+
+fn cookie(receiver: u32) -> Vec<u8> {
+    let mut m = vec![0x44; COOKIE_REPLY_LEN];
+    m[0] = COOKIE_REPLY_TYPE;
+    m[1..4].fill(0);
+    m[4..8].copy_from_slice(&receiver.to_le_bytes());
+    m
+}
+
+fn transport(receiver: u32, len: usize) -> Vec<u8> {
+    let mut m = vec![0x77; len];
+    m[0] = TRANSPORT_TYPE;
+    m[1..4].fill(0);
+    m[4..8].copy_from_slice(&receiver.to_le_bytes());
+    m[8..16].copy_from_slice(&1u64.to_le_bytes());
+    m
+}
+
+struct Harness {
+    r: Router,
+    now: Instant,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(RouterConfig::default())
+    }
+    fn with(cfg: RouterConfig) -> Self {
+        let now = Instant::now();
+        Harness {
+            r: Router::new(cfg, table(), now),
+            now,
+        }
+    }
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.r.handle_timeout(self.now);
+    }
+    fn client(&mut self, l: Listener, from: SocketAddr, p: &[u8]) -> Action {
+        self.r.handle_client(self.now, l, from, p)
+    }
+    fn exit(&mut self, slot: SessionSlot, p: &[u8]) -> Action {
+        self.r.handle_exit(self.now, slot, p)
+    }
+    fn commands(&mut self) -> Vec<Command> {
+        std::iter::from_fn(|| self.r.poll_command()).collect()
+    }
+    /// Client `c` handshakes with exit `k` through the relay; the exit answers with index
+    /// `exit_index`, and the client confirms with a keepalive. Returns the session's slot.
+    fn establish(&mut self, c: SocketAddr, k: PublicKey, exit_index: u32) -> SessionSlot {
+        let Action::ToExit(slot) = self.client(MAIN, c, &initiation(k, 100)) else {
+            panic!("initiation not forwarded")
+        };
+        self.commands();
+        assert_eq!(
+            self.exit(slot, &response(exit_index, 100)),
+            Action::ToClient {
+                listener: MAIN,
+                client: c
+            }
+        );
+        assert_eq!(
+            self.client(MAIN, c, &transport(exit_index, 32)),
+            Action::ToExit(slot)
+        );
+        slot
+    }
+}
+
+#[test]
+fn initiation_opens_a_socket_to_the_exit_its_mac1_names() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let Action::ToExit(slot) = h.client(MAIN, c, &initiation(key(2), 7)) else {
+        panic!("not forwarded")
+    };
+    assert_eq!(
+        h.commands(),
+        vec![Command::OpenExitSocket {
+            slot,
+            exit: exit_addr(2)
+        }]
+    );
+    assert_eq!((h.r.session_count(), h.r.pending_count()), (1, 1));
+    // A retry reuses the session and its socket.
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(2), 8)),
+        Action::ToExit(slot)
+    );
+    assert!(h.commands().is_empty());
+    assert_eq!(h.r.stats().client_handshakes, 2);
+}
+
+#[test]
+fn initiation_for_no_configured_exit_is_dropped() {
+    let mut h = Harness::new();
+    assert_eq!(
+        h.client(MAIN, client(1), &initiation(key(9), 1)),
+        Action::Drop(DropReason::NoExit)
+    );
+    assert!(h.commands().is_empty());
+    assert_eq!(h.r.stats().dropped(DropReason::NoExit), 1);
+    assert_eq!(h.r.session_count(), 0);
+}
+
+#[test]
+fn pinned_port_routes_to_its_exit_and_checks_mac1() {
+    let mut h = Harness::new();
+    let Action::ToExit(slot) = h.client(PINNED, client(1), &initiation(key(2), 1)) else {
+        panic!("not forwarded")
+    };
+    assert_eq!(
+        h.commands(),
+        vec![Command::OpenExitSocket {
+            slot,
+            exit: exit_addr(2)
+        }]
+    );
+    // Exit 1's initiation on exit 2's port.
+    assert_eq!(
+        h.client(PINNED, client(2), &initiation(key(1), 1)),
+        Action::Drop(DropReason::Mac1Mismatch)
+    );
+    // Replies go out the pinned listener.
+    assert_eq!(
+        h.exit(slot, &response(5, 1)),
+        Action::ToClient {
+            listener: PINNED,
+            client: client(1)
+        }
+    );
+}
+
+#[test]
+fn transport_flows_both_ways_once_established() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    assert_eq!(h.r.pending_count(), 0);
+    for _ in 0..10 {
+        assert_eq!(
+            h.client(MAIN, c, &transport(0xE1, 1440)),
+            Action::ToExit(slot)
+        );
+        assert_eq!(
+            h.exit(slot, &transport(100, 1440)),
+            Action::ToClient {
+                listener: MAIN,
+                client: c
+            }
+        );
+    }
+    let s = h.r.stats();
+    assert_eq!(s.client_to_exit.packets, 12); // initiation, keepalive, 10 data
+    assert_eq!(s.exit_to_client.packets, 11);
+    assert_eq!(s.total_drops(), 0);
+    let info: Vec<_> = h.r.sessions(h.now).collect();
+    assert_eq!(info.len(), 1);
+    assert!(info[0].established && info[0].verified);
+    assert_eq!(info[0].to_exit.bytes, 148 + 32 + 14400);
+}
+
+#[test]
+fn spoofed_transport_moves_nothing() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    // The attacker knows the index (it is sent in clear) but not the address.
+    let attacker = client(66);
+    assert_eq!(
+        h.client(MAIN, attacker, &transport(0xE1, 64)),
+        Action::Drop(DropReason::UnknownClient)
+    );
+    // Unknown index from the real address is not forwarded either.
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xBAD, 64)),
+        Action::Drop(DropReason::UnknownIndex)
+    );
+    // Replies still go to the real client.
+    assert_eq!(
+        h.exit(slot, &transport(1, 64)),
+        Action::ToClient {
+            listener: MAIN,
+            client: c
+        }
+    );
+}
+
+#[test]
+fn unverified_clients_get_no_more_bytes_than_they_sent() {
+    let mut h = Harness::new();
+    let victim = client(1);
+    let Action::ToExit(slot) = h.client(MAIN, victim, &initiation(key(1), 1)) else {
+        panic!()
+    };
+    // 148 in: a 92-byte response fits, a 64-byte cookie does not after it.
+    assert!(matches!(
+        h.exit(slot, &response(9, 1)),
+        Action::ToClient { .. }
+    ));
+    assert_eq!(
+        h.exit(slot, &transport(1, 64)),
+        Action::Drop(DropReason::AmplificationLimit)
+    );
+    // Once the client uses the exit's index, it has proven it receives: no more cap.
+    assert_eq!(
+        h.client(MAIN, victim, &transport(9, 32)),
+        Action::ToExit(slot)
+    );
+    assert!(matches!(
+        h.exit(slot, &transport(1, 1440)),
+        Action::ToClient { .. }
+    ));
+}
+
+#[test]
+fn cookie_replies_reach_the_client_and_the_retry_goes_through() {
+    let mut h = Harness::new();
+    let c = client(3);
+    let Action::ToExit(slot) = h.client(MAIN, c, &initiation(key(1), 41)) else {
+        panic!()
+    };
+    assert_eq!(
+        h.exit(slot, &cookie(41)),
+        Action::ToClient {
+            listener: MAIN,
+            client: c
+        }
+    );
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(1), 42)),
+        Action::ToExit(slot)
+    );
+    assert!(matches!(
+        h.exit(slot, &response(77, 42)),
+        Action::ToClient { .. }
+    ));
+    assert_eq!(h.r.stats().cookie_replies, 1);
+    assert_eq!(h.r.stats().sessions_established, 1);
+}
+
+#[test]
+fn exit_initiated_handshakes_reach_the_right_client() {
+    let mut h = Harness::new();
+    let (a, b) = (client(1), client(2));
+    let sa = h.establish(a, key(1), 0xA);
+    let sb = h.establish(b, key(1), 0xB);
+    assert_ne!(sa, sb, "each client has its own exit-facing socket");
+    assert_eq!(
+        h.exit(sb, &initiation(PublicKey([0xCC; 32]), 0xB2)),
+        Action::ToClient {
+            listener: MAIN,
+            client: b
+        }
+    );
+    // B answers using the index from the exit's initiation.
+    assert_eq!(h.client(MAIN, b, &response(500, 0xB2)), Action::ToExit(sb));
+    assert_eq!(h.client(MAIN, b, &transport(0xB2, 48)), Action::ToExit(sb));
+    // A cannot use B's new index.
+    assert_eq!(
+        h.client(MAIN, a, &transport(0xB2, 48)),
+        Action::Drop(DropReason::UnknownIndex)
+    );
+    assert_eq!(h.r.stats().exit_handshakes, 1);
+}
+
+#[test]
+fn one_client_can_hold_sessions_to_two_exits() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let s1 = h.establish(c, key(1), 0x11);
+    let s2 = h.establish(c, key(2), 0x22);
+    assert_ne!(s1, s2);
+    assert_eq!(h.client(MAIN, c, &transport(0x11, 32)), Action::ToExit(s1));
+    assert_eq!(h.client(MAIN, c, &transport(0x22, 32)), Action::ToExit(s2));
+}
+
+#[test]
+fn pending_handshakes_expire_and_close_their_socket() {
+    let mut h = Harness::new();
+    let Action::ToExit(slot) = h.client(MAIN, client(1), &initiation(key(1), 1)) else {
+        panic!()
+    };
+    h.commands();
+    h.advance(Duration::from_millis(4_900));
+    assert_eq!(h.r.session_count(), 1);
+    assert!(h.commands().is_empty());
+    h.advance(Duration::from_millis(200));
+    assert_eq!(h.r.session_count(), 0);
+    assert_eq!(h.commands(), vec![Command::CloseExitSocket { slot }]);
+    assert_eq!(h.r.stats().sessions_expired_pending, 1);
+    // A late answer for the old slot goes nowhere.
+    assert_eq!(
+        h.exit(slot, &response(1, 1)),
+        Action::Drop(DropReason::NoSession)
+    );
+}
+
+#[test]
+fn retries_keep_a_pending_handshake_alive() {
+    let mut h = Harness::new();
+    let c = client(1);
+    h.client(MAIN, c, &initiation(key(1), 1));
+    for i in 0..5 {
+        h.advance(Duration::from_secs(4));
+        h.client(MAIN, c, &initiation(key(1), 2 + i));
+    }
+    assert_eq!(h.r.session_count(), 1);
+}
+
+#[test]
+fn idle_sessions_expire_and_traffic_keeps_them() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let busy = h.establish(c, key(1), 1);
+    let quiet_client = client(2);
+    h.establish(quiet_client, key(1), 2);
+    for _ in 0..6 {
+        h.advance(Duration::from_secs(100));
+        assert_eq!(h.client(MAIN, c, &transport(1, 32)), Action::ToExit(busy));
+    }
+    assert_eq!(h.r.session_count(), 1, "the quiet session expired");
+    assert_eq!(h.r.stats().sessions_expired_idle, 1);
+    assert_eq!(
+        h.client(MAIN, quiet_client, &transport(2, 32)),
+        Action::Drop(DropReason::UnknownClient)
+    );
+}
+
+#[test]
+fn bounds_refuse_new_handshakes_and_never_evict() {
+    let cfg = RouterConfig {
+        max_sessions: 4,
+        max_pending: 2,
+        ..RouterConfig::default()
+    };
+    let mut h = Harness::with(cfg);
+    let s0 = h.establish(client(0), key(1), 10);
+    let s1 = h.establish(client(1), key(1), 11);
+    assert!(matches!(
+        h.client(MAIN, client(2), &initiation(key(1), 1)),
+        Action::ToExit(_)
+    ));
+    assert!(matches!(
+        h.client(MAIN, client(3), &initiation(key(1), 1)),
+        Action::ToExit(_)
+    ));
+    assert_eq!(
+        h.client(MAIN, client(4), &initiation(key(1), 1)),
+        Action::Drop(DropReason::SessionsFull)
+    );
+    let mut h2 = Harness::with(RouterConfig {
+        max_sessions: 10,
+        max_pending: 2,
+        ..RouterConfig::default()
+    });
+    h2.client(MAIN, client(0), &initiation(key(1), 1));
+    h2.client(MAIN, client(1), &initiation(key(1), 1));
+    assert_eq!(
+        h2.client(MAIN, client(2), &initiation(key(1), 1)),
+        Action::Drop(DropReason::PendingFull)
+    );
+    // The established sessions in the full router are untouched.
+    assert_eq!(
+        h.client(MAIN, client(0), &transport(10, 32)),
+        Action::ToExit(s0)
+    );
+    assert_eq!(
+        h.client(MAIN, client(1), &transport(11, 32)),
+        Action::ToExit(s1)
+    );
+    assert_eq!(h.r.stats().dropped(DropReason::SessionsFull), 1);
+}
+
+#[test]
+fn per_client_session_limit() {
+    let mut h = Harness::with(RouterConfig {
+        max_sessions_per_client: 1,
+        ..RouterConfig::default()
+    });
+    h.client(MAIN, client(1), &initiation(key(1), 1));
+    assert_eq!(
+        h.client(MAIN, client(1), &initiation(key(2), 1)),
+        Action::Drop(DropReason::ClientSessionLimit)
+    );
+}
+
+#[test]
+fn handshake_rate_limit_is_per_source() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let results: Vec<_> = (0..10)
+        .map(|i| h.client(MAIN, c, &initiation(key(1), i)))
+        .collect();
+    let limited = results
+        .iter()
+        .filter(|a| **a == Action::Drop(DropReason::RateLimited))
+        .count();
+    assert_eq!(limited, 5, "burst of 5 then limited: {results:?}");
+    assert!(matches!(
+        h.client(MAIN, client(2), &initiation(key(1), 1)),
+        Action::ToExit(_)
+    ));
+    h.advance(Duration::from_millis(60));
+    assert!(matches!(
+        h.client(MAIN, c, &initiation(key(1), 99)),
+        Action::ToExit(_)
+    ));
+}
+
+#[test]
+fn table_swap_keeps_sessions_whose_exit_stays() {
+    let mut h = Harness::new();
+    let keep = h.establish(client(1), key(1), 1);
+    let gone = h.establish(client(2), key(2), 2);
+    let t = ExitTable::new(
+        2,
+        vec![ExitSpec {
+            name: "one".into(),
+            public_key: key(1),
+            endpoint: exit_addr(1),
+            listen_port: None,
+        }],
+    )
+    .unwrap();
+    h.r.set_table(Arc::new(t));
+    h.advance(Duration::ZERO);
+    assert!(!h.r.sweeping());
+    assert_eq!(h.commands(), vec![Command::CloseExitSocket { slot: gone }]);
+    assert_eq!(
+        h.client(MAIN, client(1), &transport(1, 32)),
+        Action::ToExit(keep)
+    );
+    assert_eq!(
+        h.client(MAIN, client(2), &transport(2, 32)),
+        Action::Drop(DropReason::UnknownClient)
+    );
+    assert_eq!(
+        h.client(MAIN, client(3), &initiation(key(2), 1)),
+        Action::Drop(DropReason::NoExit)
+    );
+    assert_eq!(h.r.stats().sessions_closed_by_table, 1);
+}
+
+#[test]
+fn table_swap_sweep_is_spread_over_calls() {
+    let mut h = Harness::with(RouterConfig {
+        swap_sweep_budget: 3,
+        handshake_burst: 100,
+        ..RouterConfig::default()
+    });
+    for i in 0..10 {
+        h.establish(client(i), key(2), 1);
+    }
+    h.r.set_table(Arc::new(ExitTable::new(2, vec![]).unwrap()));
+    let mut calls = 0;
+    while h.r.sweeping() {
+        h.advance(Duration::ZERO);
+        calls += 1;
+        assert!(calls < 10);
+    }
+    assert_eq!(calls, 4);
+    assert_eq!(h.r.session_count(), 0);
+}
+
+#[test]
+fn messages_that_never_travel_that_way_are_dropped() {
+    let mut h = Harness::new();
+    // A response or cookie from a client address with no session.
+    assert_eq!(
+        h.client(MAIN, client(1), &response(1, 2)),
+        Action::Drop(DropReason::UnknownClient)
+    );
+    assert_eq!(
+        h.client(MAIN, client(1), &cookie(2)),
+        Action::Drop(DropReason::UnknownClient)
+    );
+}
+
+#[test]
+fn malformed_packets_are_dropped_with_their_reason() {
+    let mut h = Harness::new();
+    let slot = h.establish(client(1), key(1), 1);
+    let cases: Vec<(Vec<u8>, DropReason)> = vec![
+        (vec![], DropReason::Truncated),
+        (vec![1, 0, 0], DropReason::Truncated),
+        (vec![1, 0, 0, 0, 9], DropReason::BadLength),
+        (vec![4, 0, 0, 0].repeat(4), DropReason::BadLength),
+        (vec![1, 1, 0, 0].repeat(37), DropReason::ReservedNonZero),
+        (vec![9, 0, 0, 0].repeat(8), DropReason::UnknownType),
+    ];
+    for (bytes, reason) in &cases {
+        assert_eq!(h.client(MAIN, client(1), bytes), Action::Drop(*reason));
+        assert_eq!(h.exit(slot, bytes), Action::Drop(*reason));
+    }
+    for (_, reason) in &cases {
+        assert!(h.r.stats().dropped(*reason) >= 2);
+    }
+}
+
+#[test]
+fn slot_packing_round_trips() {
+    let s = SessionSlot {
+        index: 0xDEAD_BEEF,
+        generation: 7,
+    };
+    assert_eq!(SessionSlot::from_u64(s.to_u64()), s);
+}
+
+#[test]
+fn mac1_matches_a_real_boringtun_initiation() {
+    use boringtun::noise::{Tunn, TunnResult};
+    use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
+    let client_secret = StaticSecret::random_from_rng(rand::thread_rng());
+    let exit_secret = StaticSecret::random_from_rng(rand::thread_rng());
+    let exit_public = XPublic::from(&exit_secret);
+    let mut tunn = Tunn::new(client_secret, exit_public, None, None, 1, None);
+    let mut buf = [0u8; 256];
+    let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, false) else {
+        panic!("boringtun made no initiation")
+    };
+    let Ok(Message::Initiation(init)) = Message::parse(init) else {
+        panic!("boringtun's initiation refused")
+    };
+    let exit_key = PublicKey(exit_public.to_bytes());
+    assert!(exit_key.mac1_key().verify(init.mac1_input(), init.mac1()));
+    assert!(!PublicKey([0; 32])
+        .mac1_key()
+        .verify(init.mac1_input(), init.mac1()));
+}
+
+/// One step of the adversarial model: who sends what, and how time moves.
+#[derive(Debug, Clone)]
+enum Step {
+    ClientInit { client: u8, exit: u8, sender: u32 },
+    ClientTransport { client: u8, index: u32, len: u16 },
+    ClientRaw { client: u8, bytes: Vec<u8> },
+    ExitResponse { slot: u8, sender: u32 },
+    ExitInit { slot: u8, sender: u32 },
+    ExitTransport { slot: u8, len: u16 },
+    ExitRaw { slot: u8, bytes: Vec<u8> },
+    Advance { millis: u32 },
+    DropExit2,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0u8..8, 0u8..4, 0u32..4).prop_map(|(client, exit, sender)| Step::ClientInit {
+            client,
+            exit,
+            sender
+        }),
+        (0u8..8, 0u32..6, 2u16..100).prop_map(|(client, index, len)| Step::ClientTransport {
+            client,
+            index,
+            len: len * 16
+        }),
+        (0u8..8, proptest::collection::vec(any::<u8>(), 0..200))
+            .prop_map(|(client, bytes)| Step::ClientRaw { client, bytes }),
+        (0u8..8, 0u32..6).prop_map(|(slot, sender)| Step::ExitResponse { slot, sender }),
+        (0u8..8, 0u32..6).prop_map(|(slot, sender)| Step::ExitInit { slot, sender }),
+        (0u8..8, 2u16..100).prop_map(|(slot, len)| Step::ExitTransport {
+            slot,
+            len: len * 16
+        }),
+        (0u8..8, proptest::collection::vec(any::<u8>(), 0..200))
+            .prop_map(|(slot, bytes)| Step::ExitRaw { slot, bytes }),
+        (0u32..20_000).prop_map(|millis| Step::Advance { millis }),
+        Just(Step::DropExit2),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever anyone sends: nothing panics, packets only go to addresses that sent a
+    /// valid initiation, unverified addresses never receive more than they sent, bounds
+    /// hold, and the session and command bookkeeping stays consistent.
+    #[test]
+    fn router_invariants_hold_under_arbitrary_input(steps in proptest::collection::vec(step(), 1..200)) {
+        let cfg = RouterConfig { max_sessions: 6, max_pending: 4, ..RouterConfig::default() };
+        let mut h = Harness::with(cfg);
+        let mut open: std::collections::HashSet<SessionSlot> = Default::default();
+        let mut slots: Vec<SessionSlot> = Vec::new();
+        let mut initiated: std::collections::HashSet<SocketAddr> = Default::default();
+        // Per address: bytes in, bytes out, and whether it has proven receipt.
+        let mut ledger: HashMap<SocketAddr, (u64, u64)> = HashMap::new();
+        for step in steps {
+            let (action, from, len) = match &step {
+                Step::ClientInit { client: c, exit, sender } => {
+                    let p = initiation(key(*exit), *sender);
+                    (h.client(MAIN, client(u16::from(*c)), &p), Some(client(u16::from(*c))), p.len())
+                }
+                Step::ClientTransport { client: c, index, len } => {
+                    let p = transport(*index, usize::from(*len));
+                    (h.client(MAIN, client(u16::from(*c)), &p), Some(client(u16::from(*c))), p.len())
+                }
+                Step::ClientRaw { client: c, bytes } => {
+                    (h.client(MAIN, client(u16::from(*c)), bytes), Some(client(u16::from(*c))), bytes.len())
+                }
+                Step::ExitResponse { slot, sender } => {
+                    let Some(&s) = slots.get(usize::from(*slot)) else { continue };
+                    let p = response(*sender, 0);
+                    (h.exit(s, &p), None, p.len())
+                }
+                Step::ExitInit { slot, sender } => {
+                    let Some(&s) = slots.get(usize::from(*slot)) else { continue };
+                    let p = initiation(key(0xEE), *sender);
+                    (h.exit(s, &p), None, p.len())
+                }
+                Step::ExitTransport { slot, len } => {
+                    let Some(&s) = slots.get(usize::from(*slot)) else { continue };
+                    let p = transport(0, usize::from(*len));
+                    (h.exit(s, &p), None, p.len())
+                }
+                Step::ExitRaw { slot, bytes } => {
+                    let Some(&s) = slots.get(usize::from(*slot)) else { continue };
+                    (h.exit(s, bytes), None, bytes.len())
+                }
+                Step::Advance { millis } => {
+                    h.advance(Duration::from_millis(u64::from(*millis)));
+                    (Action::Drop(DropReason::NoSession), None, 0)
+                }
+                Step::DropExit2 => {
+                    let t = ExitTable::new(9, vec![ExitSpec {
+                        name: "one".into(), public_key: key(1), endpoint: exit_addr(1), listen_port: None,
+                    }]).unwrap();
+                    h.r.set_table(Arc::new(t));
+                    h.advance(Duration::ZERO);
+                    (Action::Drop(DropReason::NoSession), None, 0)
+                }
+            };
+            for cmd in h.commands() {
+                match cmd {
+                    Command::OpenExitSocket { slot, exit } => {
+                        prop_assert!(exit == exit_addr(1) || exit == exit_addr(2));
+                        prop_assert!(open.insert(slot));
+                        slots.push(slot);
+                    }
+                    Command::CloseExitSocket { slot } => prop_assert!(open.remove(&slot)),
+                }
+            }
+            if let Some(from) = from {
+                ledger.entry(from).or_default().0 += len as u64;
+                if matches!(step, Step::ClientInit { exit: 1 | 2, .. }) && matches!(action, Action::ToExit(_)) {
+                    initiated.insert(from);
+                }
+            }
+            match action {
+                Action::ToExit(slot) => prop_assert!(open.contains(&slot), "sent through a closed socket"),
+                Action::ToClient { client: to, .. } => {
+                    prop_assert!(initiated.contains(&to), "sent to {} which never initiated", to);
+                    let e = ledger.entry(to).or_default();
+                    e.1 += len as u64;
+                    let verified = h.r.sessions(h.now).any(|s| s.client == to && s.verified);
+                    prop_assert!(verified || e.1 <= e.0, "amplification to {}: {} out, {} in", to, e.1, e.0);
+                }
+                Action::Drop(_) => {}
+            }
+            prop_assert!(h.r.session_count() <= 6);
+            prop_assert!(h.r.pending_count() <= 4);
+            prop_assert_eq!(h.r.session_count(), open.len());
+            prop_assert_eq!(h.r.sessions(h.now).count(), open.len());
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The node's TOML configuration file.
+//!
+//! Every mistake stops start-up with the file, the line and the reason: TOML syntax and
+//! field errors carry toml's span, and table-level errors (a key used twice, a port pinned
+//! twice) point at the `[[exit]]` entry at fault.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use wraithgate_relay::io::{BackendChoice, DataPlaneConfig};
+use wraithgate_relay::router::RouterConfig;
+use wraithgate_relay::table::{ExitSpec, ExitTable, TableError};
+use wraithgate_relay::PublicKey;
+
+/// A configuration file, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub relay: RelaySection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default, rename = "exit")]
+    pub exits: Vec<Spanned<ExitEntry>>,
+}
+
+/// `[relay]`: where to listen and how to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    /// Client-facing `ip:port` addresses.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads; one per core when absent.
+    pub workers: Option<usize>,
+    #[serde(default = "yes")]
+    pub pin_workers: bool,
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// Source address for exit-facing sockets.
+    pub exit_source: Option<IpAddr>,
+    /// Messages per recvmmsg/sendmmsg.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    #[serde(default = "yes")]
+    pub gso: bool,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        RelaySection {
+            listen: default_listen(),
+            workers: None,
+            pin_workers: true,
+            backend: BackendChoice::Auto,
+            exit_source: None,
+            batch: default_batch(),
+            gso: true,
+        }
+    }
+}
+
+/// `[limits]`: bounds and timeouts, per worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_sessions: usize,
+    pub max_pending: usize,
+    pub max_sessions_per_client: usize,
+    pub handshakes_per_second: u32,
+    pub handshake_burst: u32,
+    pub pending_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let r = RouterConfig::default();
+        LimitsSection {
+            max_sessions: r.max_sessions,
+            max_pending: r.max_pending,
+            max_sessions_per_client: r.max_sessions_per_client,
+            handshakes_per_second: r.handshakes_per_second,
+            handshake_burst: r.handshake_burst,
+            pending_timeout_secs: r.pending_timeout.as_secs(),
+            idle_timeout_secs: r.idle_timeout.as_secs(),
+        }
+    }
+}
+
+/// One `[[exit]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitEntry {
+    pub name: String,
+    /// The exit's WireGuard public key, base64 as `wg` prints it.
+    pub public_key: PublicKey,
+    /// The exit's `ip:port`.
+    pub endpoint: SocketAddr,
+    /// A relay listen port whose initiations all go to this exit.
+    pub listen_port: Option<u16>,
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec!["0.0.0.0:51820".parse().expect("literal address")]
+}
+fn default_batch() -> usize {
+    32
+}
+fn yes() -> bool {
+    true
+}
+
+/// A configuration error, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    At {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// A checked configuration, ready to start a node with.
+#[derive(Debug)]
+pub struct Config {
+    pub data_plane: DataPlaneConfig,
+    pub table: ExitTable,
+}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks `text` as the contents of `path` (used in messages only).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let at = |span: Option<std::ops::Range<usize>>, message: String| match span {
+            Some(span) => ConfigError::At {
+                path: path.to_owned(),
+                line: line_of(text, span.start),
+                message,
+            },
+            None => ConfigError::File {
+                path: path.to_owned(),
+                message,
+            },
+        };
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| at(e.span(), e.message().to_owned()))?;
+        let r = &file.relay;
+        let l = &file.limits;
+        let checks: [(bool, &str); 6] = [
+            (
+                r.listen.is_empty(),
+                "[relay] listen: give at least one address",
+            ),
+            (r.workers == Some(0), "[relay] workers: must be at least 1"),
+            (
+                r.batch == 0 || r.batch > 1024,
+                "[relay] batch: must be between 1 and 1024",
+            ),
+            (
+                l.max_sessions == 0,
+                "[limits] max_sessions: must be at least 1",
+            ),
+            (
+                l.max_pending == 0,
+                "[limits] max_pending: must be at least 1",
+            ),
+            (
+                l.max_sessions_per_client == 0
+                    || l.max_sessions_per_client
+                        > wraithgate_relay::router::MAX_SESSIONS_PER_CLIENT,
+                "[limits] max_sessions_per_client: must be between 1 and 4",
+            ),
+        ];
+        if let Some((_, msg)) = checks.iter().find(|(bad, _)| *bad) {
+            let key = msg.split(' ').nth(1).unwrap_or("").trim_end_matches(':');
+            return Err(at(find_key(text, key), (*msg).to_owned()));
+        }
+        if l.handshakes_per_second == 0 || l.handshake_burst == 0 {
+            return Err(at(
+                find_key(text, "handshakes_per_second"),
+                "[limits] handshakes_per_second and handshake_burst must be at least 1".into(),
+            ));
+        }
+        let spans: Vec<_> = file.exits.iter().map(|e| e.span()).collect();
+        let specs: Vec<ExitSpec> = file
+            .exits
+            .iter()
+            .map(|e| {
+                let e = e.get_ref();
+                ExitSpec {
+                    name: e.name.clone(),
+                    public_key: e.public_key,
+                    endpoint: e.endpoint,
+                    listen_port: e.listen_port,
+                }
+            })
+            .collect();
+        let table = ExitTable::new(1, specs.clone()).map_err(|err| {
+            let name = match &err {
+                TableError::DuplicateKey { name, .. }
+                | TableError::DuplicatePort { name, .. }
+                | TableError::ZeroPort { name }
+                | TableError::BadEndpoint { name, .. }
+                | TableError::DuplicateName { name } => name.clone(),
+            };
+            // The last entry with that name is the one that collides.
+            let span = specs
+                .iter()
+                .rposition(|s| s.name == name)
+                .map(|i| spans[i].clone());
+            at(span, err.to_string())
+        })?;
+        let router = RouterConfig {
+            max_sessions: l.max_sessions,
+            max_pending: l.max_pending,
+            max_sessions_per_client: l.max_sessions_per_client,
+            pending_timeout: Duration::from_secs(l.pending_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(l.idle_timeout_secs.max(1)),
+            handshakes_per_second: l.handshakes_per_second,
+            handshake_burst: l.handshake_burst,
+            ..RouterConfig::default()
+        };
+        let defaults = DataPlaneConfig::default();
+        let data_plane = DataPlaneConfig {
+            listen: r.listen.clone(),
+            workers: r.workers.unwrap_or(defaults.workers),
+            pin_workers: r.pin_workers,
+            backend: r.backend,
+            router,
+            exit_source: r.exit_source,
+            batch: r.batch,
+            gso: r.gso,
+            ..defaults
+        };
+        Ok(Config { data_plane, table })
+    }
+}
+
+/// 1-based line of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())].matches('\n').count() + 1
+}
+
+/// Where `key = ` is first assigned, for errors about a value.
+fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        if t.starts_with(key) && t[key.len()..].trim_start().starts_with('=') {
+            return Some(offset..offset + line.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// A commented example configuration, printed by `wraithgate example-config`.
+pub const EXAMPLE: &str = r#"# WraithGate relay configuration.
+[relay]
+# Client-facing addresses. Clients set their WireGuard peer endpoint to one of these.
+listen = ["0.0.0.0:51820"]
+# Worker threads, one per core by default; each is pinned to its core.
+# workers = 2
+# "auto" uses io_uring where the kernel allows it, else "portable" (recvmmsg/sendmmsg).
+backend = "auto"
+# Source address of the sockets that talk to exits (by default the kernel picks).
+# exit_source = "203.0.113.5"
+
+[limits]
+# Per worker. At a bound new handshakes are refused and counted; nothing is evicted.
+max_sessions = 65536
+max_pending = 8192
+handshakes_per_second = 20
+handshake_burst = 5
+pending_timeout_secs = 5
+idle_timeout_secs = 540
+
+# One block per exit. Clients reach an exit through the relay by using the relay's address
+# as the endpoint of their exit peer; the relay picks the exit by mac1 (the exit's public
+# key) or, for a pinned listen_port, by the port.
+[[exit]]
+name = "exit-1"
+public_key = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+endpoint = "192.0.2.10:51820"
+# listen_port = 51821
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    fn line(err: ConfigError) -> (usize, String) {
+        match err {
+            ConfigError::At { line, message, .. } => (line, message),
+            other => panic!("expected a located error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn example_parses() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.table.len(), 1);
+        assert_eq!(c.data_plane.router.max_pending, 8192);
+    }
+
+    #[test]
+    fn defaults_fill_an_almost_empty_file() {
+        let c = parse("").unwrap();
+        assert!(c.table.is_empty());
+        assert_eq!(c.data_plane.listen, default_listen());
+    }
+
+    #[test]
+    fn bad_key_names_its_line() {
+        let text = "[relay]\nlisten = [\"127.0.0.1:1\"]\n\n[[exit]]\nname = \"a\"\npublic_key = \"abc\"\nendpoint = \"192.0.2.1:1\"\n";
+        let (l, msg) = line(parse(text).unwrap_err());
+        assert_eq!(l, 6);
+        assert!(msg.contains("32 bytes") || msg.contains("base64"), "{msg}");
+    }
+
+    #[test]
+    fn bad_endpoint_and_unknown_field_name_their_lines() {
+        let text = "[[exit]]\nname = \"a\"\npublic_key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\nendpoint = \"nowhere\"\n";
+        assert_eq!(line(parse(text).unwrap_err()).0, 4);
+        let text = "[relay]\nlisten = []\nwokers = 3\n";
+        let (l, msg) = line(parse(text).unwrap_err());
+        assert_eq!(l, 3);
+        assert!(msg.contains("wokers"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_exit_key_points_at_the_second_entry() {
+        let k = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let text = format!(
+            "[[exit]]\nname = \"a\"\npublic_key = \"{k}\"\nendpoint = \"192.0.2.1:1\"\n\n[[exit]]\nname = \"b\"\npublic_key = \"{k}\"\nendpoint = \"192.0.2.2:1\"\n"
+        );
+        let (l, msg) = line(parse(&text).unwrap_err());
+        assert!(l >= 6, "line {l}");
+        assert!(msg.contains("already used"), "{msg}");
+    }
+
+    #[test]
+    fn empty_listen_and_zero_limits_are_refused() {
+        let (l, msg) = line(parse("[relay]\nlisten = []\n").unwrap_err());
+        assert_eq!(l, 2);
+        assert!(msg.contains("listen"));
+        let (l, _) = line(parse("[limits]\nmax_pending = 0\n").unwrap_err());
+        assert_eq!(l, 2);
+        let (_, msg) = line(parse("# x\nbroken = = 1\n").unwrap_err());
+        assert!(!msg.is_empty());
+    }
+}

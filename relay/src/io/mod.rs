@@ -1,0 +1,379 @@
+//! The data plane: worker threads that drive the sans-IO [`Router`] from real sockets.
+//!
+//! One worker per core, pinned. Each owns a `SO_REUSEPORT` socket on every listen address
+//! (the kernel spreads clients over workers by 4-tuple, so a client always reaches the same
+//! worker), its router, its sessions' exit-facing sockets and its buffers. Workers share
+//! nothing but the read-only [`ExitTable`] snapshot, and talk to the rest of the process
+//! only through a request channel drained once per loop iteration.
+
+pub mod portable;
+pub mod sys;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::router::{RouterConfig, RouterStats, SessionInfo, SessionSlot};
+use crate::table::SharedTable;
+
+/// Which data-path implementation workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// io_uring where it can be set up, the portable backend otherwise.
+    #[default]
+    Auto,
+    /// recvmmsg/sendmmsg over epoll; works everywhere.
+    Portable,
+}
+
+impl BackendChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Portable => "portable",
+        }
+    }
+}
+
+/// Everything the data plane needs to start.
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// Client-facing addresses; port 0 picks a free port (shared by all workers).
+    pub listen: Vec<SocketAddr>,
+    pub workers: usize,
+    /// Pin worker `i` to core `i` (modulo the cores this process may use).
+    pub pin_workers: bool,
+    pub backend: BackendChoice,
+    pub router: RouterConfig,
+    /// Source address of exit-facing sockets; the kernel picks by route when `None`.
+    pub exit_source: Option<IpAddr>,
+    /// Messages per recvmmsg/sendmmsg call.
+    pub batch: usize,
+    /// Receive buffer per message: 64 KiB holds a whole GRO train.
+    pub recv_buffer: usize,
+    /// SO_RCVBUF/SO_SNDBUF of listeners.
+    pub listener_socket_buffer: usize,
+    /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket.
+    pub exit_socket_buffer: usize,
+    /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
+    pub gso: bool,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            listen: vec!["0.0.0.0:51820".parse().expect("literal address")],
+            workers: default_workers(),
+            pin_workers: true,
+            backend: BackendChoice::Auto,
+            router: RouterConfig::default(),
+            exit_source: None,
+            batch: 32,
+            recv_buffer: 65_536,
+            listener_socket_buffer: 16 << 20,
+            exit_socket_buffer: 1 << 20,
+            gso: true,
+        }
+    }
+}
+
+/// One worker per core this process may run on.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Errors starting the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("no listen address configured")]
+    NoListen,
+    #[error("cannot start worker thread: {0}")]
+    Thread(io::Error),
+    #[error("cannot set up the event loop: {0}")]
+    Poll(io::Error),
+}
+
+/// I/O counters of one worker, beside its router's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IoStats {
+    pub recv_calls: u64,
+    pub send_calls: u64,
+    /// Datagrams that arrived coalesced by GRO (counted per train).
+    pub gro_trains: u64,
+    /// Sends that used GSO.
+    pub gso_sends: u64,
+    /// Times the kernel refused GSO and the worker switched to plain sends.
+    pub gso_fallbacks: u64,
+    pub recv_errors: u64,
+    pub exit_sockets_open: u64,
+}
+
+impl IoStats {
+    pub fn merge(&mut self, o: &IoStats) {
+        self.recv_calls += o.recv_calls;
+        self.send_calls += o.send_calls;
+        self.gro_trains += o.gro_trains;
+        self.gso_sends += o.gso_sends;
+        self.gso_fallbacks += o.gso_fallbacks;
+        self.recv_errors += o.recv_errors;
+        self.exit_sockets_open += o.exit_sockets_open;
+    }
+}
+
+/// What a worker last published about itself.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    pub worker: usize,
+    pub backend: &'static str,
+    pub router: RouterStats,
+    pub io: IoStats,
+    pub sessions: usize,
+    pub pending: usize,
+    pub table_generation: u64,
+}
+
+/// Questions the control side may ask a worker; answered between batches.
+#[derive(Debug)]
+pub enum WorkerRequest {
+    Sessions(mpsc::Sender<Vec<SessionInfo>>),
+    CloseSession {
+        slot: SessionSlot,
+        reply: mpsc::Sender<bool>,
+    },
+}
+
+/// A worker as the rest of the process sees it.
+#[derive(Debug)]
+struct WorkerHandle {
+    thread: Option<JoinHandle<()>>,
+    requests: mpsc::Sender<WorkerRequest>,
+    waker: Arc<mio::Waker>,
+    report: Arc<Mutex<WorkerReport>>,
+}
+
+/// The running data plane.
+#[derive(Debug)]
+pub struct DataPlane {
+    workers: Vec<WorkerHandle>,
+    shutdown: Arc<AtomicBool>,
+    local: Vec<SocketAddr>,
+    backend: &'static str,
+}
+
+/// Listener sockets for one worker, bound before any worker starts so that port 0 resolves
+/// to one port shared by all.
+pub(crate) struct BoundListener {
+    pub socket: Socket,
+    pub local: SocketAddr,
+    pub gro: bool,
+}
+
+impl DataPlane {
+    /// Binds every listen address once per worker and starts the workers.
+    pub fn start(cfg: DataPlaneConfig, table: SharedTable) -> Result<DataPlane, StartError> {
+        if cfg.listen.is_empty() {
+            return Err(StartError::NoListen);
+        }
+        let workers = cfg.workers.max(1);
+        let _ = sys::raise_nofile_limit();
+        let mut addrs = cfg.listen.clone();
+        let pinned: Vec<u16> = table.load().pinned_ports().collect();
+        for ip in cfg.listen.iter().map(|a| a.ip()) {
+            for &port in &pinned {
+                let a = SocketAddr::new(ip, port);
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+        }
+        let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut local = Vec::new();
+        for addr in addrs {
+            let mut resolved = addr;
+            for w in per_worker.iter_mut() {
+                let (socket, gro) = sys::listener_socket(resolved, cfg.listener_socket_buffer)
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                resolved = socket
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .unwrap_or(resolved);
+                w.push(BoundListener {
+                    socket,
+                    local: resolved,
+                    gro,
+                });
+            }
+            local.push(resolved);
+        }
+        let cores = if cfg.pin_workers {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let backend = cfg.backend;
+        let mut handles = Vec::with_capacity(workers);
+        for (id, listeners) in per_worker.into_iter().enumerate() {
+            let poll = mio::Poll::new().map_err(StartError::Poll)?;
+            let waker = Arc::new(
+                mio::Waker::new(poll.registry(), portable::WAKER_TOKEN)
+                    .map_err(StartError::Poll)?,
+            );
+            let (tx, rx) = mpsc::channel();
+            let report = Arc::new(Mutex::new(WorkerReport {
+                worker: id,
+                backend: "portable",
+                ..Default::default()
+            }));
+            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let ctx = portable::WorkerContext {
+                id,
+                cfg: cfg.clone(),
+                table: table.clone(),
+                listeners,
+                poll,
+                requests: rx,
+                report: report.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("wg-worker-{id}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if !core_affinity::set_for_current(core) {
+                            tracing::warn!(worker = id, core = core.id, "could not pin worker");
+                        }
+                    }
+                    portable::run(ctx)
+                })
+                .map_err(StartError::Thread)?;
+            handles.push(WorkerHandle {
+                thread: Some(thread),
+                requests: tx,
+                waker,
+                report,
+            });
+        }
+        tracing::info!(
+            workers,
+            backend = backend.as_str(),
+            chosen = "portable",
+            listen = ?local,
+            "data plane started"
+        );
+        Ok(DataPlane {
+            workers: handles,
+            shutdown,
+            local,
+            backend: "portable",
+        })
+    }
+
+    /// The addresses actually bound (port 0 resolved), listen addresses first.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local
+    }
+
+    /// The backend the workers run.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Each worker's last report (published every few tens of milliseconds).
+    pub fn reports(&self) -> Vec<WorkerReport> {
+        self.workers
+            .iter()
+            .map(|w| w.report.lock().map(|r| r.clone()).unwrap_or_default())
+            .collect()
+    }
+
+    /// Router counters summed over workers.
+    pub fn stats(&self) -> RouterStats {
+        let mut total = RouterStats::default();
+        for r in self.reports() {
+            total.merge(&r.router);
+        }
+        total
+    }
+
+    /// Asks every worker for its sessions; workers that do not answer within `timeout`
+    /// are left out.
+    pub fn sessions(&self, timeout: Duration) -> Vec<(usize, SessionInfo)> {
+        let mut out = Vec::new();
+        let mut pending = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            if w.requests.send(WorkerRequest::Sessions(tx)).is_ok() {
+                let _ = w.waker.wake();
+                pending.push((i, rx));
+            }
+        }
+        for (i, rx) in pending {
+            if let Ok(list) = rx.recv_timeout(timeout) {
+                out.extend(list.into_iter().map(|s| (i, s)));
+            }
+        }
+        out
+    }
+
+    /// Closes one session of one worker. Returns whether it existed.
+    pub fn close_session(&self, worker: usize, slot: SessionSlot, timeout: Duration) -> bool {
+        let Some(w) = self.workers.get(worker) else {
+            return false;
+        };
+        let (tx, rx) = mpsc::channel();
+        if w.requests
+            .send(WorkerRequest::CloseSession { slot, reply: tx })
+            .is_err()
+        {
+            return false;
+        }
+        let _ = w.waker.wake();
+        rx.recv_timeout(timeout).unwrap_or(false)
+    }
+
+    /// Wakes workers so that they notice a new table at once rather than at their next
+    /// packet or tick.
+    pub fn nudge(&self) {
+        for w in &self.workers {
+            let _ = w.waker.wake();
+        }
+    }
+
+    /// Stops every worker and waits for them.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shutdown.store(true, Ordering::Release);
+        for w in &self.workers {
+            let _ = w.waker.wake();
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
