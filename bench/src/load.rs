@@ -559,3 +559,200 @@ fn handshake(
     }
     Ok(established)
 }
+
+/// A single-threaded client + exit pair for criterion: establishes the flows through a
+/// relay, then pushes bursts through it and counts what comes out.
+#[derive(Debug)]
+pub struct Burst {
+    client: socket2::Socket,
+    sink: socket2::Socket,
+    relay: SocketAddrV4,
+    flows: Vec<(Ipv4Addr, u32)>,
+    size: usize,
+    seq: u64,
+    next_flow: usize,
+    send: SendBatch,
+    recv: RecvBatch,
+    buf: Vec<u8>,
+}
+
+impl Burst {
+    /// Binds the client (wildcard, `client_port`) and the sink, and completes a handshake
+    /// for each source through `relay`.
+    pub fn establish(
+        relay: SocketAddrV4,
+        sink: SocketAddrV4,
+        sources: &[Ipv4Addr],
+        client_port: u16,
+        exit_key: &PublicKey,
+        size: usize,
+    ) -> Result<Self> {
+        let client = udp::bind_udp(
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, client_port)),
+            true,
+        )?;
+        let sink_sock = udp::bind_udp(SocketAddr::V4(sink), false)?;
+        for s in [&client, &sink_sock] {
+            s.set_read_timeout(Some(Duration::from_millis(5)))?;
+        }
+        let mac1 = exit_key.mac1_key();
+        let mut flows: Vec<Option<u32>> = vec![None; sources.len()];
+        let mut send = SendBatch::new(64);
+        let mut recv = RecvBatch::new(64, 2048);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut last_round: Option<std::time::Instant> = None;
+        while flows.iter().any(Option::is_none) {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{} of {} flows did not complete a handshake through {relay}",
+                    flows.iter().filter(|f| f.is_none()).count(),
+                    flows.len()
+                );
+            }
+            if last_round.is_none_or(|t| t.elapsed() > Duration::from_millis(500)) {
+                last_round = Some(std::time::Instant::now());
+                let pending: Vec<usize> =
+                    (0..flows.len()).filter(|&i| flows[i].is_none()).collect();
+                for chunk in pending.chunks(64) {
+                    let mut buf = Vec::new();
+                    let trains: Vec<Train> = chunk
+                        .iter()
+                        .map(|&i| {
+                            let offset = buf.len();
+                            buf.extend_from_slice(&packets::initiation(i as u32, &mac1));
+                            Train {
+                                offset,
+                                len: 148,
+                                segment: 148,
+                                source: Some(sources[i]),
+                                destination: relay,
+                            }
+                        })
+                        .collect();
+                    let _ = send.send(&client, &buf, &trains)?;
+                }
+            }
+            // Answer what reached the sink, then collect the answers at the client.
+            for _ in 0..20 {
+                if recv.recv(&sink_sock)? == 0 {
+                    break;
+                }
+                for r in recv.got.clone() {
+                    let d = &recv.buf[r.offset..r.offset + r.len];
+                    if d.len() == 148 && d[0] == 1 {
+                        let mut idx = [0u8; 4];
+                        idx.copy_from_slice(&d[4..8]);
+                        if let Some(from) = r.from {
+                            let resp = packets::response(u32::from_le_bytes(idx));
+                            sink_sock.send_to(&resp, &SocketAddr::V4(from).into())?;
+                        }
+                    }
+                }
+            }
+            for _ in 0..20 {
+                if recv.recv(&client)? == 0 {
+                    break;
+                }
+                for r in recv.got.clone() {
+                    let d = &recv.buf[r.offset..r.offset + r.len];
+                    if d.len() == 92 && d[0] == 2 {
+                        let mut b = [0u8; 4];
+                        b.copy_from_slice(&d[8..12]);
+                        if let Some(flow) = packets::flow_of_index(u32::from_le_bytes(b)) {
+                            let mut e = [0u8; 4];
+                            e.copy_from_slice(&d[4..8]);
+                            if let Some(f) = flows.get_mut(flow as usize) {
+                                *f = Some(u32::from_le_bytes(e));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        udp::enable_gro(&sink_sock);
+        Ok(Burst {
+            client,
+            sink: sink_sock,
+            relay,
+            flows: sources
+                .iter()
+                .zip(flows)
+                .map(|(&s, f)| (s, f.expect("every flow established above")))
+                .collect(),
+            size,
+            seq: 0,
+            next_flow: 0,
+            send: SendBatch::new(64),
+            recv: RecvBatch::new(64, 65_536),
+            buf: vec![0u8; 64 * size],
+        })
+    }
+
+    /// Sends `packets` transport messages (round-robin over the flows, one datagram per
+    /// message) and waits until they came out at the sink or nothing arrived for
+    /// `quiet`. Returns how many arrived.
+    pub fn round(&mut self, packets: usize, quiet: Duration) -> Result<usize> {
+        let mut sent = 0;
+        let mut received = 0;
+        self.sink.set_read_timeout(Some(Duration::from_micros(1)))?;
+        while sent < packets {
+            let n = (packets - sent).min(64);
+            let mut trains = Vec::with_capacity(n);
+            for k in 0..n {
+                let (source, index) = self.flows[self.next_flow];
+                let flow = self.next_flow as u32;
+                self.next_flow = (self.next_flow + 1) % self.flows.len();
+                let at = k * self.size;
+                packets::write_transport(
+                    &mut self.buf[at..at + self.size],
+                    index,
+                    self.seq,
+                    flow,
+                    0,
+                );
+                self.seq += 1;
+                trains.push(Train {
+                    offset: at,
+                    len: self.size,
+                    segment: self.size,
+                    source: Some(source),
+                    destination: self.relay,
+                });
+            }
+            let mut done = 0;
+            while done < n {
+                match self.send.send(&self.client, &self.buf, &trains[done..]) {
+                    Ok(k) => done += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        received += self.drain_once()?;
+                    }
+                    Err(e) => return Err(e).context("sendmmsg"),
+                }
+            }
+            sent += n;
+            // Take what has arrived meanwhile so the sink queue never overflows.
+            received += self.drain_once()?;
+        }
+        self.sink.set_read_timeout(Some(quiet))?;
+        while received < packets {
+            let got = self.drain_once()?;
+            if got == 0 {
+                break;
+            }
+            received += got;
+        }
+        Ok(received)
+    }
+
+    fn drain_once(&mut self) -> Result<usize> {
+        if self.recv.recv(&self.sink)? == 0 {
+            return Ok(0);
+        }
+        Ok(self
+            .recv
+            .got
+            .iter()
+            .map(|r| r.len.div_ceil(r.segment.max(1)))
+            .sum())
+    }
+}
