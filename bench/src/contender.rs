@@ -77,6 +77,42 @@ impl Contender {
         }
     }
 
+    /// Asks the `wraithgate` binary whether it accepts this contender's configuration
+    /// (`run --check`), so a backend it does not have yet is skipped, not failed.
+    pub fn probe(&self, workdir: &Path) -> Option<String> {
+        let Contender::WraithGate { binary, backend } = self else {
+            return None;
+        };
+        let conf = workdir.join(format!("probe-{backend}.toml"));
+        let text = wraithgate_config(
+            "127.0.0.1:51820",
+            1,
+            backend,
+            &PublicKey([1; 32]),
+            "127.0.0.2:52000",
+        );
+        if let Err(e) = std::fs::write(&conf, text) {
+            return Some(format!("write {}: {e}", conf.display()));
+        }
+        let out = Command::new(binary)
+            .args(["run", "--check", "--config"])
+            .arg(&conf)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "refused by {}: {}",
+                binary.display(),
+                String::from_utf8_lossy(&o.stderr)
+                    .trim()
+                    .rsplit(": ")
+                    .next()
+                    .unwrap_or("")
+            )),
+            Err(e) => Some(format!("{}: {e}", binary.display())),
+        }
+    }
+
     /// Starts the contender so that datagrams to `topo.relay_listen` reach `topo.exit`.
     pub fn start(
         &self,
@@ -144,7 +180,10 @@ impl Contender {
                 })
             }
             Contender::NaiveTokio => {
-                let exe = std::env::current_exe()?;
+                // The harness binary itself, or (from a criterion bench) the one cargo built.
+                let exe = std::env::var_os("RB_NAIVE_EXE")
+                    .map(PathBuf::from)
+                    .map_or_else(std::env::current_exe, Ok)?;
                 let args = vec![
                     exe.display().to_string(),
                     "naive-relay".into(),

@@ -1,8 +1,8 @@
 //! Batched UDP I/O for the generator and the sink: `sendmmsg` with UDP GSO and a per-message
 //! source address (`IP_PKTINFO`), `recvmmsg` with UDP GRO.
 //!
-//! This is the only module with `unsafe`: the `libc` calls need raw `msghdr`s that point
-//! into buffers owned by the batch structs below.
+//! The `libc` calls need raw `msghdr`s that point into buffers owned by the batch structs
+//! below; every such block says why the pointers are valid for the call.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -244,6 +244,16 @@ impl RecvBatch {
     /// Waits (up to the socket's read timeout) for at least one datagram, then takes all
     /// that are queued, up to the batch size. Returns how many; 0 on timeout.
     pub fn recv(&mut self, s: &Socket) -> io::Result<usize> {
+        self.recv_flags(s, libc::MSG_WAITFORONE)
+    }
+
+    /// Takes what is queued without waiting (`SO_RCVTIMEO` is rounded up to a scheduler
+    /// tick, far too coarse for polling). Returns how many; 0 when nothing is queued.
+    pub fn try_recv(&mut self, s: &Socket) -> io::Result<usize> {
+        self.recv_flags(s, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_flags(&mut self, s: &Socket, flags: i32) -> io::Result<usize> {
         let n = self.names.len();
         self.iovs.clear();
         self.hdrs.clear();
@@ -277,7 +287,7 @@ impl RecvBatch {
                 s.as_raw_fd(),
                 self.hdrs.as_mut_ptr(),
                 n as u32,
-                libc::MSG_WAITFORONE,
+                flags,
                 std::ptr::null_mut(),
             )
         };

@@ -252,7 +252,7 @@ fn bench(cli: &Cli) -> Result<()> {
                     .iter()
                     .map(|c| ContenderResult {
                         name: c.name(),
-                        outcome: match c.unavailable(&topo) {
+                        outcome: match c.unavailable(&topo).or_else(|| c.probe(&workdir)) {
                             Some(why) => Outcome::Skipped(why),
                             None => Outcome::Measured { runs: Vec::new() },
                         },
