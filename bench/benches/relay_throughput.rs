@@ -146,7 +146,13 @@ fn jitter(_c: &mut Criterion) {
     let topo = Topology::build(Kind::Host, "rbc", None).expect("host topology needs nothing");
     let clock = quanta::Clock::new();
     let abort = AtomicBool::new(false);
-    let secs = if quick() { 1.0 } else { 5.0 };
+    // `cargo test --benches` runs each bench once without `--bench`: keep that short.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let secs = match (benching, quick()) {
+        (false, _) => 0.3,
+        (true, true) => 1.0,
+        (true, false) => 5.0,
+    };
     println!("\nrelay_jitter: 1 flow, {SIZE} B, 1 Gb/s paced, {secs} s, host loopback");
     println!("| relay | Gb/s | loss % | jitter ms | p50 µs | p99 µs | p99.9 µs |");
     println!("|---|---:|---:|---:|---:|---:|---:|");

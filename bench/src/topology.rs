@@ -381,6 +381,10 @@ mod tests {
     #[test]
     fn netns_topology_builds_and_cleans_up_needs_root() {
         if !is_root() {
+            assert!(
+                std::env::var_os("WRAITHGATE_REQUIRE_ALL_TESTS").is_none(),
+                "netns_topology_builds_and_cleans_up_needs_root needs root"
+            );
             eprintln!("SKIPPED netns_topology_builds_and_cleans_up_needs_root: not root");
             return;
         }
