@@ -71,7 +71,6 @@ struct Peer {
     public: [u8; 32],
     endpoint: Option<SocketAddr>,
     handshakes_completed: u64,
-    last_handshake: Option<Duration>,
 }
 
 /// Something a node received.
@@ -94,6 +93,7 @@ pub struct WgNode {
     buf: Vec<u8>,
     out: Vec<u8>,
     next_index: u32,
+    last_sent_type: Option<u8>,
     /// Datagrams sent, for tests that count.
     pub sent_datagrams: u64,
 }
@@ -123,6 +123,7 @@ impl WgNode {
             buf: vec![0; MAX_PACKET],
             out: vec![0; MAX_PACKET],
             next_index: rand::random::<u32>() >> 8,
+            last_sent_type: None,
             sent_datagrams: 0,
         })
     }
@@ -153,7 +154,6 @@ impl WgNode {
             public: public.to_bytes(),
             endpoint: opts.endpoint,
             handshakes_completed: 0,
-            last_handshake: None,
         });
         let id = self.peers.len() - 1;
         if let Some(e) = opts.endpoint {
@@ -193,6 +193,7 @@ impl WgNode {
         };
         self.socket.send_to(&self.out[..len], dst)?;
         self.sent_datagrams += 1;
+        self.last_sent_type = self.out.first().copied();
         Ok(())
     }
 
@@ -256,6 +257,18 @@ impl WgNode {
         Ok(Some(self.handle(n, from)))
     }
 
+    /// Receives and handles one datagram if one is waiting; never blocks.
+    pub fn try_recv(&mut self) -> io::Result<Option<Received>> {
+        self.socket.set_nonblocking(true)?;
+        let r = self.socket.recv_from(&mut self.buf);
+        self.socket.set_nonblocking(false)?;
+        match r {
+            Ok((n, from)) => Ok(Some(self.handle(n, from))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A second handle on the node's socket, for a thread that blocks in `recv_from` and
     /// hands datagrams to [`WgNode::handle_datagram`].
     pub fn socket_clone(&self) -> io::Result<UdpSocket> {
@@ -279,6 +292,7 @@ impl WgNode {
             return Received::Rejected { from };
         };
         let datagram = self.buf[..n].to_vec();
+        self.last_sent_type = None;
         let r = self.peers[peer]
             .tunn
             .decapsulate(Some(from.ip()), &datagram, &mut self.out);
@@ -288,14 +302,11 @@ impl WgNode {
                 self.learn(peer, from, &datagram);
                 let _ = self.send_to(peer, len);
                 // Flush packets queued behind the handshake.
-                loop {
-                    match self.peers[peer].tunn.decapsulate(None, &[], &mut self.out) {
-                        TunnResult::WriteToNetwork(p) => {
-                            let len = p.len();
-                            let _ = self.send_to(peer, len);
-                        }
-                        _ => break,
-                    }
+                while let TunnResult::WriteToNetwork(p) =
+                    self.peers[peer].tunn.decapsulate(None, &[], &mut self.out)
+                {
+                    let len = p.len();
+                    let _ = self.send_to(peer, len);
                 }
                 Received::Control { peer }
             }
@@ -310,14 +321,16 @@ impl WgNode {
             }
             TunnResult::Err(_) => Received::Rejected { from },
         };
-        let last = self.peers[peer].tunn.time_since_last_handshake();
-        if let Some(t) = last {
-            let prev = self.peers[peer].last_handshake;
-            if prev.is_none_or(|p| t < p) {
-                self.peers[peer].handshakes_completed += 1;
-            }
+        // A handshake completes for the initiator when a response is accepted, and for the
+        // responder when it answers an initiation with a response.
+        let completed = match datagram.first() {
+            Some(2) => !matches!(result, Received::Rejected { .. }),
+            Some(1) => self.last_sent_type == Some(2),
+            _ => false,
+        };
+        if completed {
+            self.peers[peer].handshakes_completed += 1;
         }
-        self.peers[peer].last_handshake = last;
         result
     }
 

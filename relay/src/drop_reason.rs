@@ -8,7 +8,7 @@ pub enum DropReason {
     /// Shorter than the four-byte message header.
     Truncated,
     /// A known type whose length is not the exact handshake size, or a transport
-    /// message shorter than 32 bytes or not a multiple of 16.
+    /// message shorter than 32 bytes.
     BadLength,
     /// One of the three reserved header bytes is not zero.
     ReservedNonZero,

@@ -127,9 +127,14 @@ pub enum Action {
 /// `handle_*` call and before acting on its [`Action`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// Open a UDP socket connected to `exit` for `slot`; report failure with
+    /// Open a UDP socket connected to `exit` for `slot`, bound to `local_port` when given
+    /// (a restored session keeps the endpoint its exit knows); report failure with
     /// [`Router::socket_failed`].
-    OpenExitSocket { slot: SessionSlot, exit: SocketAddr },
+    OpenExitSocket {
+        slot: SessionSlot,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+    },
     /// Close the socket of `slot`.
     CloseExitSocket { slot: SessionSlot },
 }
@@ -217,6 +222,25 @@ pub struct SessionInfo {
     pub handshakes: u64,
     pub age: Duration,
     pub idle: Duration,
+    /// Receiver indices the exit assigned, oldest first (not secret: they travel in clear).
+    pub exit_indices: Vec<u32>,
+}
+
+/// What a session needs to survive a relay restart without a new handshake.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionSnapshot {
+    pub client: SocketAddr,
+    pub listen_port: u16,
+    pub exit_key: PublicKey,
+    pub exit_endpoint: SocketAddr,
+    /// Local port of the exit-facing socket: the client's endpoint as the exit knows it.
+    pub local_port: u16,
+    pub established: bool,
+    pub verified: bool,
+    pub exit_indices: Vec<u32>,
+    pub to_exit: Traffic,
+    pub to_client: Traffic,
+    pub handshakes: u64,
 }
 
 /// Receiver indices an exit assigned to one client, newest last.
@@ -227,7 +251,38 @@ struct IndexRing {
     next: u8,
 }
 
+impl SessionSnapshot {
+    /// The snapshot of a listed session whose exit-facing socket has `local_port`.
+    pub fn new(info: SessionInfo, local_port: u16) -> Self {
+        SessionSnapshot {
+            client: info.client,
+            listen_port: info.listen_port,
+            exit_key: info.exit_key,
+            exit_endpoint: info.exit_endpoint,
+            local_port,
+            established: info.established,
+            verified: info.verified,
+            exit_indices: info.exit_indices,
+            to_exit: info.to_exit,
+            to_client: info.to_client,
+            handshakes: info.handshakes,
+        }
+    }
+}
+
 impl IndexRing {
+    /// Indices oldest first.
+    fn to_vec(self) -> Vec<u32> {
+        let len = self.len as usize;
+        let start = if len < EXIT_INDICES {
+            0
+        } else {
+            self.next as usize
+        };
+        (0..len)
+            .map(|i| self.indices[(start + i) % EXIT_INDICES])
+            .collect()
+    }
     fn push(&mut self, index: u32) {
         if self.contains(index) {
             return;
@@ -553,6 +608,7 @@ impl Router {
                 self.commands.push_back(Command::OpenExitSocket {
                     slot,
                     exit: exit_endpoint,
+                    local_port: None,
                 });
                 slot
             }
@@ -746,6 +802,70 @@ impl Router {
         self.sweep.is_some()
     }
 
+    /// Re-creates a session saved before a restart. Its exit must still be in the table
+    /// with the same endpoint; the session gets a socket bound to its old local port, so
+    /// the exit sees the same endpoint and no new handshake is needed.
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        snap: &SessionSnapshot,
+    ) -> Result<SessionSlot, DropReason> {
+        let kept = self
+            .table
+            .by_key(&snap.exit_key)
+            .and_then(|id| self.table.get(id))
+            .is_some_and(|e| e.spec.endpoint == snap.exit_endpoint);
+        if !kept {
+            self.record_drop(DropReason::NoExit);
+            return Err(DropReason::NoExit);
+        }
+        let per_client = self.clients.get(&snap.client).map_or(0, |c| c.len as usize);
+        let refusal = if per_client >= self.cfg.max_sessions_per_client {
+            Some(DropReason::ClientSessionLimit)
+        } else if self.live >= self.cfg.max_sessions {
+            Some(DropReason::SessionsFull)
+        } else if !snap.established && self.pending >= self.cfg.max_pending {
+            Some(DropReason::PendingFull)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.record_drop(reason);
+            return Err(reason);
+        }
+        let mut exit_indices = IndexRing::default();
+        for &i in &snap.exit_indices {
+            exit_indices.push(i);
+        }
+        let session = Session {
+            client: snap.client,
+            listener,
+            exit_key: snap.exit_key,
+            exit_endpoint: snap.exit_endpoint,
+            established: snap.established,
+            verified: snap.verified,
+            budget: 0,
+            exit_indices,
+            created: now,
+            pending_since: now,
+            last_activity: now,
+            to_exit: snap.to_exit,
+            to_client: snap.to_client,
+            handshakes: snap.handshakes,
+        };
+        let slot = self.insert(session);
+        if !snap.established {
+            self.pending += 1;
+        }
+        self.commands.push_back(Command::OpenExitSocket {
+            slot,
+            exit: snap.exit_endpoint,
+            local_port: Some(snap.local_port),
+        });
+        Ok(slot)
+    }
+
     /// Every live session, for listings. Not for the packet path.
     pub fn sessions(&self, now: Instant) -> impl Iterator<Item = SessionInfo> + '_ {
         self.slots.iter().enumerate().filter_map(move |(i, e)| {
@@ -766,6 +886,7 @@ impl Router {
                 handshakes: s.handshakes,
                 age: now.saturating_duration_since(s.created),
                 idle: now.saturating_duration_since(s.last_activity),
+                exit_indices: s.exit_indices.to_vec(),
             })
         })
     }

@@ -1,1 +1,120 @@
+//! Shared pieces of WraithGate's integration tests: a relay on loopback, and a pump that
+//! drives several real WireGuard endpoints (boringtun) from one thread, so that each test
+//! decides exactly who sends what and when.
 
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use wraithgate_control::testbed::{any_loopback, KeyPair, Received, WgNode};
+use wraithgate_relay::io::{BackendChoice, DataPlane, DataPlaneConfig};
+use wraithgate_relay::router::RouterConfig;
+use wraithgate_relay::table::{ExitSpec, ExitTable, SharedTable};
+use wraithgate_relay::RouterStats;
+
+/// Every backend this machine can run; the suite runs against each.
+pub fn backends() -> Vec<BackendChoice> {
+    vec![BackendChoice::Portable]
+}
+
+/// A relay on loopback.
+#[derive(Debug)]
+pub struct Relay {
+    pub dp: DataPlane,
+    pub table: SharedTable,
+    /// The main listen address.
+    pub addr: SocketAddr,
+}
+
+impl Relay {
+    pub fn start(backend: BackendChoice, exits: Vec<ExitSpec>) -> Relay {
+        Self::start_with(backend, exits, RouterConfig::default(), 2)
+    }
+
+    pub fn start_with(
+        backend: BackendChoice,
+        exits: Vec<ExitSpec>,
+        router: RouterConfig,
+        workers: usize,
+    ) -> Relay {
+        let table = SharedTable::new(ExitTable::new(1, exits).expect("valid test table"));
+        let dp = DataPlane::start(
+            DataPlaneConfig {
+                listen: vec![any_loopback()],
+                workers,
+                pin_workers: false,
+                backend,
+                router,
+                ..DataPlaneConfig::default()
+            },
+            table.clone(),
+        )
+        .expect("relay starts");
+        let addr = dp.local_addrs()[0];
+        Relay { dp, table, addr }
+    }
+
+    /// Counters summed over workers, after they have published (they do every 50 ms).
+    pub fn stats(&self) -> RouterStats {
+        std::thread::sleep(Duration::from_millis(120));
+        self.dp.stats()
+    }
+
+    /// Publishes a new exit table (binding any newly pinned port) and wakes the workers.
+    pub fn set_exits(&self, generation: u64, exits: Vec<ExitSpec>) {
+        self.dp
+            .publish(ExitTable::new(generation, exits).expect("valid test table"));
+    }
+}
+
+/// An exit spec for a node.
+pub fn exit_spec(name: &str, node: &WgNode, listen_port: Option<u16>) -> ExitSpec {
+    ExitSpec {
+        name: name.into(),
+        public_key: node.keys().relay_key(),
+        endpoint: node.local_addr(),
+        listen_port,
+    }
+}
+
+/// A WireGuard node on loopback with fresh keys.
+pub fn node() -> WgNode {
+    WgNode::bind(any_loopback(), KeyPair::generate()).expect("bind loopback")
+}
+
+/// Drives `nodes` (receiving whatever arrives, running their timers every 100 ms) until
+/// `done` returns true for something one of them received, or `timeout` passes. Returns
+/// whether `done` was satisfied.
+pub fn pump(
+    nodes: &mut [&mut WgNode],
+    timeout: Duration,
+    mut done: impl FnMut(usize, &Received) -> bool,
+) -> bool {
+    let end = Instant::now() + timeout;
+    let mut last_tick = Instant::now();
+    while Instant::now() < end {
+        let mut idle = true;
+        for (i, n) in nodes.iter_mut().enumerate() {
+            while let Ok(Some(r)) = n.try_recv() {
+                idle = false;
+                if done(i, &r) {
+                    return true;
+                }
+            }
+        }
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            for n in nodes.iter_mut() {
+                n.tick();
+            }
+            last_tick = Instant::now();
+        }
+        if idle {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    false
+}
+
+/// Whether the tests that need root may skip (unset in CI, where a skip is a failure).
+pub fn skips_allowed() -> bool {
+    std::env::var_os("WRAITHGATE_REQUIRE_ALL_TESTS").is_none()
+}

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use socket2::Socket;
 
-use crate::router::{RouterConfig, RouterStats, SessionInfo, SessionSlot};
-use crate::table::SharedTable;
+use crate::router::{RouterConfig, RouterStats, SessionInfo, SessionSlot, SessionSnapshot};
+use crate::table::{ExitTable, SharedTable};
 
 /// Which data-path implementation workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -145,6 +145,10 @@ pub struct WorkerReport {
 #[derive(Debug)]
 pub enum WorkerRequest {
     Sessions(mpsc::Sender<Vec<SessionInfo>>),
+    /// Every session with its exit-facing socket's local port, for a restart.
+    Snapshot(mpsc::Sender<Vec<SessionSnapshot>>),
+    /// A socket for a newly pinned listen port, bound centrally in worker order.
+    AddListener(BoundListener),
     CloseSession {
         slot: SessionSlot,
         reply: mpsc::Sender<bool>,
@@ -167,19 +171,74 @@ pub struct DataPlane {
     shutdown: Arc<AtomicBool>,
     local: Vec<SocketAddr>,
     backend: &'static str,
+    table: SharedTable,
+    /// Every address listened on (pinned ports added as tables pin them).
+    bound: Mutex<Vec<SocketAddr>>,
+    listen_ips: Vec<IpAddr>,
+    listener_socket_buffer: usize,
+    steering: bool,
 }
 
-/// Listener sockets for one worker, bound before any worker starts so that port 0 resolves
-/// to one port shared by all.
-pub(crate) struct BoundListener {
-    pub socket: Socket,
-    pub local: SocketAddr,
-    pub gro: bool,
+/// A listener socket for one worker. All workers' sockets for an address are bound by the
+/// control side, in worker order, so that port 0 resolves to one port shared by all and
+/// the steering program's socket index is the worker's number.
+#[derive(Debug)]
+pub struct BoundListener {
+    pub(crate) socket: Socket,
+    pub(crate) local: SocketAddr,
+    pub(crate) gro: bool,
+}
+
+/// Binds one socket per worker on `addr` (in worker order) and steers clients over them.
+/// Returns the sockets and the address actually bound.
+fn bind_group(
+    addr: SocketAddr,
+    workers: usize,
+    buffer: usize,
+    steering: &mut bool,
+) -> Result<(Vec<BoundListener>, SocketAddr), StartError> {
+    let mut resolved = addr;
+    let mut group = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (socket, gro) = sys::listener_socket(resolved, buffer)
+            .map_err(|source| StartError::Bind { addr, source })?;
+        resolved = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(resolved);
+        group.push(BoundListener {
+            socket,
+            local: resolved,
+            gro,
+        });
+    }
+    if workers > 1 {
+        if let Err(e) = sys::attach_steering(&group[0].socket, addr.is_ipv6(), workers) {
+            if *steering {
+                tracing::warn!(%addr, error = %e,
+                    "cannot steer clients to workers by address; the kernel's hash decides, \
+                     and restored sessions may land on the wrong worker");
+            }
+            *steering = false;
+        }
+    }
+    Ok((group, resolved))
 }
 
 impl DataPlane {
     /// Binds every listen address once per worker and starts the workers.
     pub fn start(cfg: DataPlaneConfig, table: SharedTable) -> Result<DataPlane, StartError> {
+        Self::start_restoring(cfg, table, Vec::new())
+    }
+
+    /// Starts the data plane with sessions saved by [`DataPlane::snapshot`] before a
+    /// restart; each goes to the worker its client is steered to.
+    pub fn start_restoring(
+        cfg: DataPlaneConfig,
+        table: SharedTable,
+        restore_sessions: Vec<SessionSnapshot>,
+    ) -> Result<DataPlane, StartError> {
         if cfg.listen.is_empty() {
             return Err(StartError::NoListen);
         }
@@ -197,23 +256,18 @@ impl DataPlane {
         }
         let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
         let mut local = Vec::new();
+        let mut steering = true;
         for addr in addrs {
-            let mut resolved = addr;
-            for w in per_worker.iter_mut() {
-                let (socket, gro) = sys::listener_socket(resolved, cfg.listener_socket_buffer)
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                resolved = socket
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(resolved);
-                w.push(BoundListener {
-                    socket,
-                    local: resolved,
-                    gro,
-                });
+            let (group, resolved) =
+                bind_group(addr, workers, cfg.listener_socket_buffer, &mut steering)?;
+            for (w, l) in per_worker.iter_mut().zip(group) {
+                w.push(l);
             }
             local.push(resolved);
+        }
+        let mut restore: Vec<Vec<SessionSnapshot>> = (0..workers).map(|_| Vec::new()).collect();
+        for snap in restore_sessions {
+            restore[sys::steer(snap.client, workers)].push(snap);
         }
         let cores = if cfg.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
@@ -223,7 +277,7 @@ impl DataPlane {
         let shutdown = Arc::new(AtomicBool::new(false));
         let backend = cfg.backend;
         let mut handles = Vec::with_capacity(workers);
-        for (id, listeners) in per_worker.into_iter().enumerate() {
+        for (id, (listeners, restore)) in per_worker.into_iter().zip(restore).enumerate() {
             let poll = mio::Poll::new().map_err(StartError::Poll)?;
             let waker = Arc::new(
                 mio::Waker::new(poll.registry(), portable::WAKER_TOKEN)
@@ -241,6 +295,7 @@ impl DataPlane {
                 cfg: cfg.clone(),
                 table: table.clone(),
                 listeners,
+                restore,
                 poll,
                 requests: rx,
                 report: report.clone(),
@@ -274,8 +329,13 @@ impl DataPlane {
         Ok(DataPlane {
             workers: handles,
             shutdown,
+            bound: Mutex::new(local.clone()),
             local,
             backend: "portable",
+            table,
+            listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
+            listener_socket_buffer: cfg.listener_socket_buffer,
+            steering,
         })
     }
 
@@ -344,6 +404,67 @@ impl DataPlane {
         }
         let _ = w.waker.wake();
         rx.recv_timeout(timeout).unwrap_or(false)
+    }
+
+    /// Makes `table` the one workers route by: binds any listen port it newly pins (on
+    /// every listen address, one socket per worker), publishes it, and wakes the workers.
+    /// Sessions whose exit stays carry on. A port that cannot be bound is logged and
+    /// skipped; the table is published regardless (mac1 routing still reaches the exit).
+    pub fn publish(&self, table: ExitTable) {
+        let ports: Vec<u16> = table.pinned_ports().collect();
+        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let mut steering = self.steering;
+        for ip in &self.listen_ips {
+            for &port in &ports {
+                let addr = SocketAddr::new(*ip, port);
+                if bound.contains(&addr) {
+                    continue;
+                }
+                match bind_group(
+                    addr,
+                    self.workers.len(),
+                    self.listener_socket_buffer,
+                    &mut steering,
+                ) {
+                    Ok((group, _)) => {
+                        for (w, l) in self.workers.iter().zip(group) {
+                            let _ = w.requests.send(WorkerRequest::AddListener(l));
+                        }
+                        bound.push(addr);
+                        tracing::info!(%addr, "listening on pinned port");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pinned port not bound"),
+                }
+            }
+        }
+        drop(bound);
+        self.table.publish(table);
+        self.nudge();
+    }
+
+    /// The table workers route by.
+    pub fn table(&self) -> Arc<ExitTable> {
+        self.table.load()
+    }
+
+    /// Every session with what a restart needs to keep it (see
+    /// [`DataPlane::start_restoring`]).
+    pub fn snapshot(&self, timeout: Duration) -> Vec<SessionSnapshot> {
+        let mut out = Vec::new();
+        let mut pending = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = mpsc::channel();
+            if w.requests.send(WorkerRequest::Snapshot(tx)).is_ok() {
+                let _ = w.waker.wake();
+                pending.push(rx);
+            }
+        }
+        for rx in pending {
+            if let Ok(list) = rx.recv_timeout(timeout) {
+                out.extend(list);
+            }
+        }
+        out
     }
 
     /// Wakes workers so that they notice a new table at once rather than at their next

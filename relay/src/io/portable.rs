@@ -22,7 +22,7 @@ use socket2::Socket;
 use super::sys::{self, RecvBatch, SendBatch, Transmit, MAX_GSO_SEGMENTS};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
-use crate::router::{Action, Command, Listener, Router, SessionSlot};
+use crate::router::{Action, Command, Listener, Router, SessionSlot, SessionSnapshot};
 use crate::table::SharedTable;
 
 /// Token of the waker that interrupts a worker's wait.
@@ -41,6 +41,8 @@ pub(crate) struct WorkerContext {
     pub cfg: DataPlaneConfig,
     pub table: SharedTable,
     pub listeners: Vec<BoundListener>,
+    /// Sessions saved before a restart that this worker's clients are steered to.
+    pub restore: Vec<SessionSnapshot>,
     pub poll: mio::Poll,
     pub requests: mpsc::Receiver<WorkerRequest>,
     pub report: Arc<Mutex<WorkerReport>>,
@@ -127,6 +129,7 @@ pub(crate) fn run(ctx: WorkerContext) {
             tracing::error!(worker = w.id, error = %e, "cannot register listener");
         }
     }
+    w.restore(&ctx.restore, now);
     if let Err(e) = w.event_loop() {
         tracing::error!(worker = w.id, error = %e, "worker stopped");
     }
@@ -151,6 +154,46 @@ impl Worker {
             socket: l.socket,
         });
         Ok(())
+    }
+
+    fn restore(&mut self, sessions: &[SessionSnapshot], now: Instant) {
+        let mut restored = 0;
+        for snap in sessions {
+            let Some(listener) = self
+                .listeners
+                .iter()
+                .find(|l| {
+                    l.listener.port == snap.listen_port
+                        && l.local.is_ipv4() == snap.client.is_ipv4()
+                })
+                .map(|l| l.listener)
+            else {
+                continue;
+            };
+            if self.router.restore(now, listener, snap).is_ok() {
+                restored += 1;
+            }
+            self.apply_commands();
+        }
+        if !sessions.is_empty() {
+            tracing::info!(
+                worker = self.id,
+                restored,
+                offered = sessions.len(),
+                "sessions restored"
+            );
+        }
+    }
+
+    fn snapshot(&self, now: Instant) -> Vec<SessionSnapshot> {
+        self.router
+            .sessions(now)
+            .filter_map(|info| {
+                let s = self.exits.get(info.slot.index as usize)?.as_ref()?;
+                let port = s.socket.local_addr().ok()?.as_socket()?.port();
+                Some(SessionSnapshot::new(info, port))
+            })
+            .collect()
     }
 
     fn event_loop(&mut self) -> io::Result<()> {
@@ -194,9 +237,7 @@ impl Worker {
     fn housekeeping(&mut self, now: Instant) {
         if let Some(t) = self.table.load_if_changed(self.router.table()) {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
-            let ports: Vec<u16> = t.pinned_ports().collect();
             self.router.set_table(t);
-            self.bind_pinned(&ports);
         }
         self.router.handle_timeout(now);
         self.apply_commands();
@@ -208,6 +249,15 @@ impl Worker {
                 WorkerRequest::CloseSession { slot, reply } => {
                     let _ = reply.send(self.router.close_session(slot));
                     self.apply_commands();
+                }
+                WorkerRequest::Snapshot(reply) => {
+                    let _ = reply.send(self.snapshot(now));
+                }
+                WorkerRequest::AddListener(l) => {
+                    let local = l.local;
+                    if let Err(e) = self.add_listener(l) {
+                        tracing::warn!(worker = self.id, %local, error = %e, "cannot register listener");
+                    }
                 }
             }
         }
@@ -227,42 +277,20 @@ impl Worker {
         }
     }
 
-    /// Binds this worker's socket for listen ports pinned by a new table.
-    fn bind_pinned(&mut self, ports: &[u16]) {
-        let ips: Vec<_> = self.cfg.listen.iter().map(|a| a.ip()).collect();
-        for ip in ips {
-            for &port in ports {
-                let addr = SocketAddr::new(ip, port);
-                if self.listeners.iter().any(|l| l.local == addr) {
-                    continue;
-                }
-                match sys::listener_socket(addr, self.cfg.listener_socket_buffer) {
-                    Ok((socket, gro)) => {
-                        let bound = BoundListener {
-                            socket,
-                            local: addr,
-                            gro,
-                        };
-                        if let Err(e) = self.add_listener(bound) {
-                            tracing::warn!(worker = self.id, %addr, error = %e, "cannot register pinned port");
-                        } else {
-                            tracing::info!(worker = self.id, %addr, "listening on pinned port");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(worker = self.id, %addr, error = %e, "cannot bind pinned port")
-                    }
-                }
-            }
-        }
-    }
-
     fn apply_commands(&mut self) {
         while let Some(cmd) = self.router.poll_command() {
             match cmd {
-                Command::OpenExitSocket { slot, exit } => {
-                    match sys::exit_socket(exit, self.cfg.exit_source, self.cfg.exit_socket_buffer)
-                    {
+                Command::OpenExitSocket {
+                    slot,
+                    exit,
+                    local_port,
+                } => {
+                    match sys::exit_socket(
+                        exit,
+                        self.cfg.exit_source,
+                        local_port,
+                        self.cfg.exit_socket_buffer,
+                    ) {
                         Ok((socket, _gro)) => {
                             let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
                             let reg = self.poll.registry().register(

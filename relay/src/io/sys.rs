@@ -414,11 +414,12 @@ pub fn listener_socket(addr: SocketAddr, buffer: usize) -> io::Result<(Socket, b
     Ok((s, gro))
 }
 
-/// An exit-facing socket for one session: bound to `source` (an ephemeral port) and
-/// connected to `exit`, so the kernel delivers only the exit's packets to it.
+/// An exit-facing socket for one session: bound to `source` (port `local_port`, or an
+/// ephemeral one) and connected to `exit`, so the kernel delivers only the exit's packets.
 pub fn exit_socket(
     exit: SocketAddr,
     source: Option<std::net::IpAddr>,
+    local_port: Option<u16>,
     buffer: usize,
 ) -> io::Result<(Socket, bool)> {
     let s = udp_socket(&exit)?;
@@ -429,9 +430,80 @@ pub fn exit_socket(
         SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
     });
-    s.bind(&SocketAddr::new(bind_ip, 0).into())?;
+    s.bind(&SocketAddr::new(bind_ip, local_port.unwrap_or(0)).into())?;
     s.connect(&exit.into())?;
     Ok((s, gro))
+}
+
+/// The worker that [`attach_steering`] sends datagrams from `client` to, out of `workers`.
+pub fn steer(client: SocketAddr, workers: usize) -> usize {
+    let ip = match client.ip() {
+        std::net::IpAddr::V4(a) => u32::from(a),
+        std::net::IpAddr::V6(a) => {
+            let o = a.octets();
+            u32::from_be_bytes([o[12], o[13], o[14], o[15]])
+        }
+    };
+    ((ip ^ u32::from(client.port())) % workers.max(1) as u32) as usize
+}
+
+/// Makes the kernel pick a listener of `sock`'s `SO_REUSEPORT` group by [`steer`] instead
+/// of by its own secret hash, so that the worker holding a client's sessions is known in
+/// advance (restored sessions go to it). The group's sockets must have been bound in worker
+/// order. A classic BPF program: source address (last word for IPv6) XOR source port,
+/// modulo the number of workers.
+pub fn attach_steering(sock: &Socket, ipv6: bool, workers: usize) -> io::Result<()> {
+    const SKF_NET_OFF: u32 = (-0x100000i32) as u32;
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let n = workers.max(1) as u32;
+    let prog: Vec<libc::sock_filter> = if ipv6 {
+        vec![
+            // A = UDP source port (fixed 40-byte header; extension headers are not expected
+            // on WireGuard traffic and only skew the choice, never break it).
+            op(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS, SKF_NET_OFF + 40),
+            op(libc::BPF_MISC | libc::BPF_TAX, 0),
+            op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, SKF_NET_OFF + 20),
+            op(libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X, 0),
+            op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, n),
+            op(libc::BPF_RET | libc::BPF_A, 0),
+        ]
+    } else {
+        vec![
+            // X = IPv4 header length, then A = UDP source port right after it.
+            op(libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH, SKF_NET_OFF),
+            op(libc::BPF_LD | libc::BPF_H | libc::BPF_IND, SKF_NET_OFF),
+            op(libc::BPF_MISC | libc::BPF_TAX, 0),
+            op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, SKF_NET_OFF + 12),
+            op(libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X, 0),
+            op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, n),
+            op(libc::BPF_RET | libc::BPF_A, 0),
+        ]
+    };
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `fprog` points at `prog`, which outlives the call; the kernel copies the
+    // program and validates it before use.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Raises the soft open-files limit to the hard limit (one socket per session).
@@ -498,11 +570,44 @@ mod tests {
     }
 
     #[test]
+    fn steering_sends_each_client_to_the_worker_steer_names() {
+        let workers = 3;
+        let mut socks = Vec::new();
+        let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        for _ in 0..workers {
+            let (s, _) = listener_socket(addr, 1 << 20).unwrap();
+            addr = s.local_addr().unwrap().as_socket().unwrap();
+            socks.push(s);
+        }
+        attach_steering(&socks[0], false, workers).unwrap();
+        let mut expected = vec![0usize; workers];
+        let mut senders = Vec::new();
+        for _ in 0..30 {
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            tx.send_to(b"x", addr).unwrap();
+            expected[steer(tx.local_addr().unwrap(), workers)] += 1;
+            senders.push(tx);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut batch = RecvBatch::new(64, 2048);
+        for (w, s) in socks.iter().enumerate() {
+            let mut got = 0;
+            while let Ok(n) = batch.recv(s.as_raw_fd()) {
+                for i in 0..n {
+                    assert_eq!(steer(batch.meta(i).unwrap().from, workers), w);
+                }
+                got += n;
+            }
+            assert_eq!(got, expected[w], "worker {w}");
+        }
+    }
+
+    #[test]
     fn gso_send_arrives_as_separate_datagrams() {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        let tx = exit_socket(rx.local_addr().unwrap(), None, 1 << 20)
+        let tx = exit_socket(rx.local_addr().unwrap(), None, None, 1 << 20)
             .unwrap()
             .0;
         let train: Vec<u8> = (0..4u8)

@@ -154,7 +154,8 @@ fn initiation_opens_a_socket_to_the_exit_its_mac1_names() {
         h.commands(),
         vec![Command::OpenExitSocket {
             slot,
-            exit: exit_addr(2)
+            exit: exit_addr(2),
+            local_port: None
         }]
     );
     assert_eq!((h.r.session_count(), h.r.pending_count()), (1, 1));
@@ -189,7 +190,8 @@ fn pinned_port_routes_to_its_exit_and_checks_mac1() {
         h.commands(),
         vec![Command::OpenExitSocket {
             slot,
-            exit: exit_addr(2)
+            exit: exit_addr(2),
+            local_port: None
         }]
     );
     // Exit 1's initiation on exit 2's port.
@@ -561,9 +563,9 @@ fn malformed_packets_are_dropped_with_their_reason() {
         (vec![], DropReason::Truncated),
         (vec![1, 0, 0], DropReason::Truncated),
         (vec![1, 0, 0, 0, 9], DropReason::BadLength),
-        (vec![4, 0, 0, 0].repeat(4), DropReason::BadLength),
-        (vec![1, 1, 0, 0].repeat(37), DropReason::ReservedNonZero),
-        (vec![9, 0, 0, 0].repeat(8), DropReason::UnknownType),
+        ([4, 0, 0, 0].repeat(7), DropReason::BadLength),
+        ([1, 1, 0, 0].repeat(37), DropReason::ReservedNonZero),
+        ([9, 0, 0, 0].repeat(8), DropReason::UnknownType),
     ];
     for (bytes, reason) in &cases {
         assert_eq!(h.client(MAIN, client(1), bytes), Action::Drop(*reason));
@@ -572,6 +574,54 @@ fn malformed_packets_are_dropped_with_their_reason() {
     for (_, reason) in &cases {
         assert!(h.r.stats().dropped(*reason) >= 2);
     }
+}
+
+#[test]
+fn snapshot_and_restore_keep_a_session_without_a_handshake() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    h.exit(slot, &initiation(key(0xCC), 0xE2));
+    let info = h.r.sessions(h.now).next().unwrap();
+    assert_eq!(info.exit_indices, vec![0xE1, 0xE2]);
+    let snap = SessionSnapshot::new(info, 40123);
+    // A new relay process.
+    let mut fresh = Harness::new();
+    let restored = fresh.r.restore(fresh.now, MAIN, &snap).unwrap();
+    assert_eq!(
+        fresh.commands(),
+        vec![Command::OpenExitSocket {
+            slot: restored,
+            exit: exit_addr(1),
+            local_port: Some(40123)
+        }]
+    );
+    assert_eq!((fresh.r.session_count(), fresh.r.pending_count()), (1, 0));
+    assert_eq!(
+        fresh.client(MAIN, c, &transport(0xE2, 64)),
+        Action::ToExit(restored)
+    );
+    assert!(matches!(
+        fresh.exit(restored, &transport(5, 1440)),
+        Action::ToClient { .. }
+    ));
+    // A session whose exit is gone is not restored.
+    let mut gone = snap.clone();
+    gone.exit_key = key(9);
+    assert_eq!(
+        fresh.r.restore(fresh.now, MAIN, &gone),
+        Err(DropReason::NoExit)
+    );
+}
+
+#[test]
+fn index_ring_lists_oldest_first_after_wrapping() {
+    let mut r = IndexRing::default();
+    for i in 0..11 {
+        r.push(i);
+    }
+    assert_eq!(r.to_vec(), (3..11).collect::<Vec<_>>());
+    assert!(!r.contains(2) && r.contains(3));
 }
 
 #[test]
@@ -708,7 +758,7 @@ proptest! {
             };
             for cmd in h.commands() {
                 match cmd {
-                    Command::OpenExitSocket { slot, exit } => {
+                    Command::OpenExitSocket { slot, exit, .. } => {
                         prop_assert!(exit == exit_addr(1) || exit == exit_addr(2));
                         prop_assert!(open.insert(slot));
                         slots.push(slot);

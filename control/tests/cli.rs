@@ -1,0 +1,167 @@
+//! The `wraithgate` binary as an operator uses it.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wraithgate_control::testbed::{
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
+};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wraithgate"))
+}
+
+fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wraithgate-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("wraithgate.toml");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(contents.as_bytes())
+        .unwrap();
+    path
+}
+
+#[test]
+fn a_bad_config_stops_start_up_with_its_line() {
+    let path = temp_file(
+        "bad",
+        "[relay]\nlisten = [\"127.0.0.1:0\"]\n\n[[exit]]\nname = \"x\"\npublic_key = \"tooshort\"\nendpoint = \"192.0.2.1:51820\"\n",
+    );
+    let out = bin().args(["run", "--config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:6:", path.display())),
+        "no file:line in {err}"
+    );
+    let missing = bin()
+        .args(["run", "--config", "/nonexistent/wraithgate.toml"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr)
+        .contains("cannot read /nonexistent/wraithgate.toml"));
+}
+
+#[test]
+fn the_example_config_checks_out_and_help_explains() {
+    let example = bin().arg("example-config").output().unwrap();
+    assert!(example.status.success());
+    let path = temp_file("example", &String::from_utf8(example.stdout).unwrap());
+    let out = bin()
+        .args(["run", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK (1 exits"));
+    let help = bin().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--config", "--workers", "--backend", "--check"] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn demo_json_reports_traffic_through_the_relay() {
+    let out = bin()
+        .args([
+            "demo",
+            "--json",
+            "--seconds",
+            "1",
+            "--clients",
+            "2",
+            "--rate-mbps",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(v["handshakes"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["bytes_forwarded"].as_u64().unwrap() > 1_000_000, "{v}");
+    assert!(v["gbps"].as_f64().unwrap() > 0.0);
+    assert!(v["loss_percent"].as_f64().unwrap() < 10.0, "{v}");
+    assert!(v["jitter_ms"].as_f64().is_some());
+    assert_eq!(v["backend"], "portable");
+}
+
+#[test]
+fn run_forwards_between_real_endpoints_and_stops_on_sigterm() {
+    let exit_keys = KeyPair::generate();
+    let mut exit = WgNode::bind(any_loopback(), exit_keys.clone()).unwrap();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relay: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let path = temp_file(
+        "run",
+        &format!(
+            "[relay]\nlisten = [\"{relay}\"]\nworkers = 1\n\n[[exit]]\nname = \"x\"\npublic_key = \"{}\"\nendpoint = \"{}\"\n",
+            exit_keys.relay_key(),
+            exit.local_addr()
+        ),
+    );
+    let child = bin()
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut client = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let cp = client.add_peer(
+        exit_keys.public,
+        PeerOptions {
+            endpoint: Some(relay),
+            ..Default::default()
+        },
+    );
+    let ep = exit.add_peer(client.keys().public, PeerOptions::default());
+    let (s, d) = tunnel_addrs(1);
+    let packet = ipv4_udp(s, d, 1, 2, b"through the binary");
+    // The node may still be binding: resend until the exit hears it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = None;
+    while got.is_none() && Instant::now() < deadline {
+        let _ = client.send_ip(cp, &packet);
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until && got.is_none() {
+            if let Ok(Some(Received::Packet { peer, data })) = exit.try_recv() {
+                got = Some((peer, data));
+            }
+            let _ = client.try_recv();
+        }
+        if got.is_none() {
+            client.initiate(cp).ok();
+        }
+    }
+    let (peer, data) = got.expect("a packet crossed the relay binary");
+    assert_eq!(peer, ep);
+    assert_eq!(udp_payload(&data), Some(&b"through the binary"[..]));
+
+    // SIGTERM, as systemd sends it.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("relay running"), "{log}");
+    assert!(log.contains("stopping"), "{log}");
+}
