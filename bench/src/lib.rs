@@ -21,3 +21,4 @@ pub mod packets;
 pub mod report;
 pub mod topology;
 pub mod udp;
+pub mod wgo;

@@ -120,6 +120,8 @@ pub struct ScenarioResult {
     /// `topology/scenario`, e.g. `netns/1flow-1420B-unpaced`.
     pub name: String,
     pub paced: bool,
+    /// The contender the ratio column compares with (`nftables`, or `direct` end to end).
+    pub reference: String,
     pub contenders: Vec<ContenderResult>,
 }
 
@@ -190,9 +192,13 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         let reference = s
             .contenders
             .iter()
-            .find(|c| c.name == "nftables")
+            .find(|c| c.name == s.reference)
             .and_then(|c| c.figures());
-        let ratio_title = if s.paced { "p99 ÷ nft" } else { "× nft" };
+        let ratio_title = if s.paced {
+            format!("p99 ÷ {}", s.reference)
+        } else {
+            format!("× {}", s.reference)
+        };
         let _ = writeln!(out, "\n### {}\n", s.name);
         let _ = writeln!(
             out,
@@ -368,6 +374,7 @@ mod tests {
         vec![ScenarioResult {
             name: "loopback/1flow-1420B-unpaced".into(),
             paced: false,
+            reference: "nftables".into(),
             contenders: vec![
                 ContenderResult {
                     name: "nftables".into(),
@@ -395,6 +402,7 @@ mod tests {
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
         let md = markdown(&sample());
         assert!(md.contains("| nftables | 3.000 |"), "{md}");
+        assert!(md.contains("× nftables"), "{md}");
         assert!(md.contains("| 0.50 |"), "socat is half of nftables: {md}");
         assert!(md.contains("skipped: not installed"));
     }

@@ -18,6 +18,7 @@ use wraithgate_bench::load::{self, LoadSpec};
 use wraithgate_bench::packets;
 use wraithgate_bench::report::{self, ContenderResult, Figures, Outcome, ScenarioResult};
 use wraithgate_bench::topology::{self, Kind, Topology};
+use wraithgate_bench::wgo;
 use wraithgate_relay::PublicKey;
 
 #[derive(Debug, Parser)]
@@ -72,6 +73,15 @@ struct Cli {
     /// interrupts would; floods then livelock userspace relays.
     #[arg(long)]
     rps: bool,
+    /// Skip the end-to-end wireguard-go + iperf3 runs (netns topology only).
+    #[arg(long)]
+    no_e2e: bool,
+    /// Only the end-to-end runs.
+    #[arg(long)]
+    e2e_only: bool,
+    /// Rate of the end-to-end iperf3 UDP test (iperf3 -b).
+    #[arg(long, default_value = "1G")]
+    e2e_udp_rate: String,
     /// Send without UDP GSO.
     #[arg(long)]
     no_gso: bool,
@@ -244,10 +254,11 @@ fn bench(cli: &Cli) -> Result<()> {
         )
         .with_context(|| format!("build the {} topology", kind.as_str()))?;
         let first = results.len();
-        for s in &scenarios {
+        for s in scenarios.iter().filter(|_| !cli.e2e_only) {
             results.push(ScenarioResult {
                 name: format!("{}/{}", kind.as_str(), s.name),
                 paced: s.rate_bps.is_some(),
+                reference: "nftables".into(),
                 contenders: contenders
                     .iter()
                     .map(|c| ContenderResult {
@@ -262,7 +273,7 @@ fn bench(cli: &Cli) -> Result<()> {
         }
         // Run-major order: every contender once, then again, so slow drift on a shared
         // machine spreads over all of them instead of penalising one.
-        for run in 0..runs {
+        for run in 0..if cli.e2e_only { 0 } else { runs } {
             for (si, s) in scenarios.iter().enumerate() {
                 for (ci, c) in contenders.iter().enumerate() {
                     let slot = &mut results[first + si].contenders[ci];
@@ -312,11 +323,27 @@ fn bench(cli: &Cli) -> Result<()> {
                 }
             }
         }
+        if kind == Kind::Netns && !cli.no_e2e {
+            match wgo::available() {
+                Some(why) => eprintln!("relay-bench: skipping end-to-end runs: {why}"),
+                None => results.extend(end_to_end(
+                    cli,
+                    &topo,
+                    &contenders,
+                    &workdir,
+                    runs,
+                    duration.max(2.0).round() as u32,
+                )?),
+            }
+        }
         drop(topo);
     }
 
     let md = report::markdown(&results);
     println!("{md}");
+    if results.is_empty() {
+        bail!("nothing was run");
+    }
     if let Some(path) = &cli.markdown {
         std::fs::write(path, &md)?;
     }
@@ -362,4 +389,122 @@ fn measure_once(
         eprint!("({}/{} flows established) ", m.flows_established, m.flows);
     }
     Ok(Figures::from_run(&m, contender_cpu))
+}
+
+/// wireguard-go client → relay → wireguard-go exit with iperf3 TCP and UDP, against the
+/// client talking to the exit directly. Returns one scenario per iperf3 test.
+fn end_to_end(
+    cli: &Cli,
+    topo: &Topology,
+    contenders: &[Contender],
+    workdir: &std::path::Path,
+    runs: usize,
+    secs: u32,
+) -> Result<Vec<ScenarioResult>> {
+    let client = wgo::keypair(workdir, "wg-client")?;
+    let exit = wgo::keypair(workdir, "wg-exit")?;
+    let mut server = wgo::start_iperf_server(topo, cli.load_cpu, workdir)?;
+    let tests: [(&str, Option<&str>); 2] = [
+        ("e2e-iperf3-tcp", None),
+        ("e2e-iperf3-udp-1380B", Some(cli.e2e_udp_rate.as_str())),
+    ];
+    let mut paths: Vec<Option<&Contender>> = vec![None];
+    paths.extend(contenders.iter().map(Some));
+    let mut results: Vec<ScenarioResult> = tests
+        .iter()
+        .map(|(name, _)| ScenarioResult {
+            name: format!("{}/{name}", topo.kind.as_str()),
+            paced: false,
+            reference: "direct".into(),
+            contenders: paths
+                .iter()
+                .map(|p| ContenderResult {
+                    name: p.map_or("direct".into(), |c| c.name()),
+                    outcome: match p.and_then(|c| c.unavailable(topo).or_else(|| c.probe(workdir)))
+                    {
+                        Some(why) => Outcome::Skipped(why),
+                        None => Outcome::Measured { runs: Vec::new() },
+                    },
+                })
+                .collect(),
+        })
+        .collect();
+    for run in 0..runs {
+        for (ti, (test, udp)) in tests.iter().enumerate() {
+            for (pi, path) in paths.iter().enumerate() {
+                let slot = &mut results[ti].contenders[pi];
+                let Outcome::Measured { runs: done } = &mut slot.outcome else {
+                    continue;
+                };
+                eprint!("[e2e run {}/{runs}] {test:<24} {:<20} ", run + 1, slot.name);
+                let testdir = workdir.join(test);
+                std::fs::create_dir_all(&testdir)?;
+                let workdir = testdir.as_path();
+                let measured = (|| -> Result<Figures> {
+                    let mut relay = match path {
+                        Some(c) => Some(c.start(topo, &exit.public, &cli.relay_cpus, workdir)?),
+                        None => None,
+                    };
+                    let via = if relay.is_some() {
+                        topo.relay_listen
+                    } else {
+                        topo.exit
+                    };
+                    let tunnel = wgo::start_tunnel(
+                        topo,
+                        &cli.prefix,
+                        &client,
+                        &exit,
+                        via,
+                        cli.load_cpu,
+                        workdir,
+                    )?;
+                    let mut pids = tunnel.pids();
+                    pids.extend(relay.as_ref().and_then(Running::pid));
+                    let cpu = || -> u64 {
+                        pids.iter()
+                            .map(|&p| wraithgate_bench::cpu::tree_cpu_ns(p))
+                            .sum()
+                    };
+                    let before = cpu();
+                    let r = wgo::iperf(topo, cli.load_cpu, secs, *udp)?;
+                    let cpu_ns = cpu().saturating_sub(before);
+                    if let Some(relay) = relay.as_mut() {
+                        relay.check_alive()?;
+                    }
+                    drop(tunnel);
+                    drop(relay);
+                    let gb = r.bytes / 1e9;
+                    Ok(Figures {
+                        gbps: r.gbps,
+                        mpps: r.mpps,
+                        loss_percent: r.loss_percent,
+                        jitter_ms: r.jitter_ms,
+                        cpu_s_per_gb: if gb > 0.0 {
+                            cpu_ns as f64 / 1e9 / gb
+                        } else {
+                            f64::NAN
+                        },
+                        ..Figures::default()
+                    })
+                })();
+                match measured {
+                    Ok(f) => {
+                        eprintln!(
+                            "{:7.3} Gb/s loss {:6.2}% jitter {:.4} ms",
+                            f.gbps, f.loss_percent, f.jitter_ms
+                        );
+                        done.push(f);
+                    }
+                    Err(e) => {
+                        eprintln!("FAILED: {e:#}");
+                        slot.outcome = Outcome::Failed(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+    }
+    topology::kill_group(server.id() as i32);
+    let _ = server.wait();
+    Ok(results)
 }
