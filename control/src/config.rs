@@ -23,9 +23,46 @@ pub struct ConfigFile {
     pub relay: RelaySection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub control: ControlSection,
     #[serde(default, rename = "exit")]
     pub exits: Vec<Spanned<ExitEntry>>,
 }
+
+/// `[control]`: the operator API and the node's state on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// TCP address of the operator API; keep it on loopback or a management network.
+    pub api_listen: Option<SocketAddr>,
+    /// A Unix socket serving the API too (file mode 0600).
+    pub api_socket: Option<PathBuf>,
+    /// Serve the API at all; forwarding never depends on it.
+    pub api_enabled: bool,
+    /// Holds `state.json` (exits and peers), `sessions.json` (across restarts) and the
+    /// API token. Created 0700 if missing.
+    pub state_dir: PathBuf,
+    /// The API bearer token; created with mode 0600 on first start. Default
+    /// `<state_dir>/api.token`.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection {
+            api_listen: Some(DEFAULT_API_LISTEN.parse().expect("literal address")),
+            api_socket: None,
+            api_enabled: true,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            token_file: None,
+        }
+    }
+}
+
+/// Where the API listens unless configured otherwise.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:7070";
+/// Where the node keeps its state unless configured otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/wraithgate";
 
 /// `[relay]`: where to listen and how to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -136,7 +173,9 @@ pub enum ConfigError {
 #[derive(Debug)]
 pub struct Config {
     pub data_plane: DataPlaneConfig,
+    /// The exits of the file: the node's state until the API changes it.
     pub table: ExitTable,
+    pub control: ControlSection,
 }
 
 impl Config {
@@ -222,6 +261,8 @@ impl Config {
                 | TableError::ZeroPort { name }
                 | TableError::BadEndpoint { name, .. }
                 | TableError::DuplicateName { name } => name.clone(),
+                // The file has no peers.
+                _ => String::new(),
             };
             // The last entry with that name is the one that collides.
             let span = specs
@@ -252,7 +293,11 @@ impl Config {
             gso: r.gso,
             ..defaults
         };
-        Ok(Config { data_plane, table })
+        Ok(Config {
+            data_plane,
+            table,
+            control: file.control.clone(),
+        })
     }
 }
 
@@ -295,7 +340,14 @@ handshake_burst = 5
 pending_timeout_secs = 5
 idle_timeout_secs = 540
 
-# One block per exit. Clients reach an exit through the relay by using the relay's address
+[control]
+# The operator API (wraithctl talks to it). Bearer token in <state_dir>/api.token.
+api_listen = "127.0.0.1:7070"
+# api_socket = "/run/wraithgate/api.sock"
+state_dir = "/var/lib/wraithgate"
+
+# One block per exit; they seed the node's state on its first start. After that the state
+# file (<state_dir>/state.json), changed through the API, is what the node runs. Clients reach an exit through the relay by using the relay's address
 # as the endpoint of their exit peer; the relay picks the exit by mac1 (the exit's public
 # key) or, for a pinned listen_port, by the port.
 [[exit]]

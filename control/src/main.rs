@@ -9,14 +9,18 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use wraithgate_control::config::{Config, EXAMPLE};
 use wraithgate_control::demo::{self, DemoOptions};
-use wraithgate_relay::io::{BackendChoice, DataPlane};
-use wraithgate_relay::table::SharedTable;
+use wraithgate_control::node::Node;
+use wraithgate_relay::io::BackendChoice;
 
 /// WraithGate: a userspace WireGuard relay.
 ///
 /// Clients keep their WireGuard tunnel to an exit server; the relay sits between them and
 /// forwards the encrypted packets without holding any client key. It picks the exit for
 /// each client by the exit's public key (mac1) or by a listen port pinned to an exit.
+///
+/// The node keeps its exits in <state_dir>/state.json (default /var/lib/wraithgate) and
+/// serves an operator API on 127.0.0.1:7070; its bearer token is created (mode 0600) in
+/// <state_dir>/api.token on first start. `wraithctl` drives that API.
 #[derive(Debug, Parser)]
 #[command(name = "wraithgate", version, about, long_about)]
 struct Cli {
@@ -43,6 +47,16 @@ enum Cmd {
         /// Check the configuration and exit without starting.
         #[arg(long)]
         check: bool,
+        /// Directory for state.json, sessions.json and the API token (overrides the file;
+        /// default /var/lib/wraithgate).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Operator API address (overrides the file; default 127.0.0.1:7070).
+        #[arg(long)]
+        api_listen: Option<std::net::SocketAddr>,
+        /// Do not serve the operator API.
+        #[arg(long)]
+        no_api: bool,
     },
     /// Run a self-contained demo on loopback: a relay, two exits and several WireGuard
     /// clients (boringtun), with traffic both ways; prints a table and exits.
@@ -94,7 +108,18 @@ fn real_main(cli: Cli) -> Result<()> {
             workers,
             backend,
             check,
-        } => run(config, workers, backend, check),
+            state_dir,
+            api_listen,
+            no_api,
+        } => run(RunArgs {
+            path: config,
+            workers,
+            backend,
+            check,
+            state_dir,
+            api_listen,
+            no_api,
+        }),
         Cmd::Demo {
             clients,
             seconds,
@@ -137,8 +162,36 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-fn run(path: PathBuf, workers: Option<usize>, backend: Option<Backend>, check: bool) -> Result<()> {
+struct RunArgs {
+    path: PathBuf,
+    workers: Option<usize>,
+    backend: Option<Backend>,
+    check: bool,
+    state_dir: Option<PathBuf>,
+    api_listen: Option<std::net::SocketAddr>,
+    no_api: bool,
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let RunArgs {
+        path,
+        workers,
+        backend,
+        check,
+        state_dir,
+        api_listen,
+        no_api,
+    } = args;
     let mut cfg = Config::load(&path)?;
+    if let Some(d) = state_dir {
+        cfg.control.state_dir = d;
+    }
+    if let Some(a) = api_listen {
+        cfg.control.api_listen = Some(a);
+    }
+    if no_api {
+        cfg.control.api_enabled = false;
+    }
     if let Some(w) = workers {
         if w == 0 {
             bail!("--workers must be at least 1");
@@ -161,27 +214,33 @@ fn run(path: PathBuf, workers: Option<usize>, backend: Option<Backend>, check: b
         );
         return Ok(());
     }
-    for e in cfg.table.specs() {
-        tracing::info!(name = %e.name, key = %e.public_key, endpoint = %e.endpoint, listen_port = ?e.listen_port, "exit");
-    }
-    let table = SharedTable::new(cfg.table);
-    let dp = DataPlane::start(cfg.data_plane, table).context("starting the data plane")?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGTERM, libc::SIGINT] {
         signal_hook_register(sig, stop.clone())?;
     }
-    tracing::info!(listen = ?dp.local_addrs(), backend = dp.backend(), "relay running; SIGTERM or Ctrl-C stops it");
+    let node = Node::start(cfg)?;
+    {
+        let table = node.control.dp.table();
+        for e in table.specs() {
+            tracing::info!(name = %e.name, key = %e.public_key, endpoint = %e.endpoint, listen_port = ?e.listen_port, "exit");
+        }
+    }
+    if let Some(path) = &node.token_path {
+        eprintln!("wraithgate: operator API token in {}", path.display());
+    }
+    tracing::info!(listen = ?node.control.dp.local_addrs(), backend = node.control.dp.backend(),
+        api = ?node.api_addr(), "relay running; SIGTERM or Ctrl-C stops it");
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let s = dp.stats();
+    let s = node.control.dp.stats();
     tracing::info!(
         to_exit_packets = s.client_to_exit.packets,
         to_client_packets = s.exit_to_client.packets,
         drops = s.total_drops(),
         "stopping"
     );
-    dp.shutdown();
+    node.stop();
     Ok(())
 }
 

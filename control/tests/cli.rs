@@ -116,9 +116,12 @@ fn run_forwards_between_real_endpoints_and_stops_on_sigterm() {
             exit.local_addr()
         ),
     );
+    let state_dir = path.parent().unwrap().join("state");
     let child = bin()
-        .args(["run", "--config"])
+        .args(["run", "--api-listen", "127.0.0.1:0", "--config"])
         .arg(&path)
+        .arg("--state-dir")
+        .arg(&state_dir)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -164,4 +167,17 @@ fn run_forwards_between_real_endpoints_and_stops_on_sigterm() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("relay running"), "{log}");
     assert!(log.contains("stopping"), "{log}");
+    // The state was seeded from the file, the token created private, the sessions saved.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["exits"][0]["name"], "x");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(state_dir.join("api.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("sessions.json")).unwrap()).unwrap();
+    assert_eq!(saved["sessions"].as_array().unwrap().len(), 1, "{saved}");
 }

@@ -36,7 +36,28 @@ impl Relay {
         router: RouterConfig,
         workers: usize,
     ) -> Relay {
-        let table = SharedTable::new(ExitTable::new(1, exits).expect("valid test table"));
+        Self::start_full(
+            backend,
+            ExitTable::new(1, exits).expect("valid test table"),
+            router,
+            workers,
+            None,
+        )
+    }
+
+    /// A relay that also terminates Z-HOP outer tunnels with `node_key`.
+    pub fn start_zhop(backend: BackendChoice, table: ExitTable, node_key: [u8; 32]) -> Relay {
+        Self::start_full(backend, table, RouterConfig::default(), 2, Some(node_key))
+    }
+
+    fn start_full(
+        backend: BackendChoice,
+        table: ExitTable,
+        router: RouterConfig,
+        workers: usize,
+        node_key: Option<[u8; 32]>,
+    ) -> Relay {
+        let table = SharedTable::new(table);
         let dp = DataPlane::start(
             DataPlaneConfig {
                 listen: vec![any_loopback()],
@@ -44,6 +65,7 @@ impl Relay {
                 pin_workers: false,
                 backend,
                 router,
+                node_key,
                 ..DataPlaneConfig::default()
             },
             table.clone(),
@@ -53,10 +75,33 @@ impl Relay {
         Relay { dp, table, addr }
     }
 
-    /// Counters summed over workers, after they have published (they do every 50 ms).
+    /// Counters summed over workers, as published after this call began: everything the
+    /// workers handled before the call is in them.
     pub fn stats(&self) -> RouterStats {
-        std::thread::sleep(Duration::from_millis(120));
-        self.dp.stats()
+        let since = Instant::now();
+        let mut total = RouterStats::default();
+        for r in self.dp.reports_after(since, Duration::from_secs(10)) {
+            total.merge(&r.router);
+        }
+        total
+    }
+
+    /// Waits (up to 10 s) until the published counters satisfy `cond`, and returns them;
+    /// returns the last ones seen if they never do, for the caller's assertion to show.
+    pub fn stats_when(&self, cond: impl Fn(&RouterStats) -> bool) -> RouterStats {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.dp.stats();
+            if cond(&s) || Instant::now() >= end {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Publishes a whole new table (exits and peers).
+    pub fn set_table(&self, table: ExitTable) {
+        self.dp.publish(table);
     }
 
     /// Publishes a new exit table (binding any newly pinned port) and wakes the workers.

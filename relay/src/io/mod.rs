@@ -64,6 +64,9 @@ pub struct DataPlaneConfig {
     pub exit_socket_buffer: usize,
     /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
     pub gso: bool,
+    /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
+    /// is off without one.
+    pub node_key: Option<[u8; 32]>,
 }
 
 impl Default for DataPlaneConfig {
@@ -80,6 +83,7 @@ impl Default for DataPlaneConfig {
             listener_socket_buffer: 16 << 20,
             exit_socket_buffer: 1 << 20,
             gso: true,
+            node_key: None,
         }
     }
 }
@@ -102,9 +106,47 @@ pub enum StartError {
     Poll(io::Error),
 }
 
+/// A fixed-bucket latency histogram: plain integers, bounds 1 µs · 2^i.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// `buckets[i]` counts samples ≤ [`LatencyHistogram::bound_ns`]`(i)` and above the
+    /// previous bound; the last bucket also holds everything larger.
+    pub buckets: [u64; LatencyHistogram::BUCKETS],
+    pub sum_ns: u64,
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    pub const BUCKETS: usize = 16;
+
+    /// Upper bound of bucket `i` in nanoseconds (1 µs, 2 µs, … 32.8 ms).
+    pub fn bound_ns(i: usize) -> u64 {
+        1_000 << i
+    }
+
+    pub fn record(&mut self, ns: u64) {
+        let i = (ns.max(1).div_ceil(1_000))
+            .next_power_of_two()
+            .trailing_zeros() as usize;
+        self.buckets[i.min(Self::BUCKETS - 1)] += 1;
+        self.sum_ns += ns;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, o: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+        self.count += o.count;
+    }
+}
+
 /// I/O counters of one worker, beside its router's.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IoStats {
+    /// Time from a batch's arrival to the return of its last send.
+    pub batch_latency: LatencyHistogram,
     pub recv_calls: u64,
     pub send_calls: u64,
     /// Datagrams that arrived coalesced by GRO (counted per train).
@@ -119,6 +161,7 @@ pub struct IoStats {
 
 impl IoStats {
     pub fn merge(&mut self, o: &IoStats) {
+        self.batch_latency.merge(&o.batch_latency);
         self.recv_calls += o.recv_calls;
         self.send_calls += o.send_calls;
         self.gro_trains += o.gro_trains;
@@ -139,6 +182,9 @@ pub struct WorkerReport {
     pub sessions: usize,
     pub pending: usize,
     pub table_generation: u64,
+    pub zhop: crate::zhop::ZhopStats,
+    /// When the worker published this report.
+    pub published: Option<std::time::Instant>,
 }
 
 /// Questions the control side may ask a worker; answered between batches.
@@ -361,6 +407,21 @@ impl DataPlane {
             .collect()
     }
 
+    /// Reports published after `since` (every worker publishes within 100 ms while it
+    /// runs); waits up to `timeout`, then returns what there is.
+    pub fn reports_after(&self, since: std::time::Instant, timeout: Duration) -> Vec<WorkerReport> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let r = self.reports();
+            if r.iter().all(|w| w.published.is_some_and(|p| p >= since))
+                || std::time::Instant::now() >= end
+            {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Router counters summed over workers.
     pub fn stats(&self) -> RouterStats {
         let mut total = RouterStats::default();
@@ -496,5 +557,23 @@ impl DataPlane {
 impl Drop for DataPlane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_by_powers_of_two_microseconds() {
+        let mut h = LatencyHistogram::default();
+        for ns in [1, 999, 1_000, 1_001, 3_000, 40_000_000] {
+            h.record(ns);
+        }
+        assert_eq!(h.buckets[0], 3, "up to 1 µs");
+        assert_eq!(h.buckets[1], 1, "up to 2 µs");
+        assert_eq!(h.buckets[2], 1, "up to 4 µs");
+        assert_eq!(h.buckets[LatencyHistogram::BUCKETS - 1], 1, "overflow");
+        assert_eq!(h.count, 6);
     }
 }

@@ -24,17 +24,35 @@ use super::{BoundListener, DataPlaneConfig, IoStats, WorkerReport, WorkerRequest
 use crate::drop_reason::DropReason;
 use crate::router::{Action, Command, Listener, Router, SessionSlot, SessionSnapshot};
 use crate::table::SharedTable;
+use crate::zhop::{NodeKey, Zhop, ZhopOut};
 
 /// Token of the waker that interrupts a worker's wait.
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
 /// Tokens below this name listeners; from here on, exit-facing sockets by slot index.
 const EXIT_TOKEN_BASE: usize = 1 << 16;
+/// From here on, Z-HOP flow sockets by flow index.
+const FLOW_TOKEN_BASE: usize = 1 << 40;
 /// Longest wait for readiness, so that shutdown and table swaps are noticed when idle.
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often a worker publishes its counters.
 const REPORT_EVERY: Duration = Duration::from_millis(50);
 /// Batches taken from one socket before the others get their turn.
 const BATCHES_PER_TURN: usize = 4;
+
+/// The sockets Z-HOP's events act on, borrowed field by field so that Z-HOP itself stays
+/// free to borrow.
+macro_rules! zhop_io {
+    ($w:ident) => {
+        ZhopIo {
+            worker: $w.id,
+            cfg: &$w.cfg,
+            poll: &$w.poll,
+            listeners: &$w.listeners,
+            flows: &mut $w.flows,
+            failed: 0,
+        }
+    };
+}
 
 pub(crate) struct WorkerContext {
     pub id: usize,
@@ -82,6 +100,9 @@ struct Worker {
     id: usize,
     cfg: DataPlaneConfig,
     router: Router,
+    zhop: Zhop,
+    /// Z-HOP flow sockets by flow index.
+    flows: Vec<Option<ExitSocket>>,
     table: SharedTable,
     poll: mio::Poll,
     listeners: Vec<ListenerSocket>,
@@ -106,6 +127,12 @@ pub(crate) fn run(ctx: WorkerContext) {
     let table = ctx.table.load();
     let mut w = Worker {
         id: ctx.id,
+        zhop: Zhop::new(
+            ctx.cfg.node_key.map(NodeKey::from_secret),
+            table.clone(),
+            now,
+        ),
+        flows: Vec::new(),
         router: Router::new(ctx.cfg.router.clone(), table, now),
         recv: RecvBatch::new(ctx.cfg.batch, ctx.cfg.recv_buffer),
         send: SendBatch::new(ctx.cfg.batch),
@@ -237,10 +264,18 @@ impl Worker {
     fn housekeeping(&mut self, now: Instant) {
         if let Some(t) = self.table.load_if_changed(self.router.table()) {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
-            self.router.set_table(t);
+            self.router.set_table(t.clone());
+            let mut io = zhop_io!(self);
+            self.zhop.set_table(t, &mut |o| io.handle(o));
+            let failed = io.failed;
+            self.zhop_result(Ok(()), failed);
         }
         self.router.handle_timeout(now);
         self.apply_commands();
+        let mut io = zhop_io!(self);
+        self.zhop.tick(now, &mut |o| io.handle(o));
+        let failed = io.failed;
+        self.zhop_result(Ok(()), failed);
         while let Ok(req) = self.requests.try_recv() {
             match req {
                 WorkerRequest::Sessions(reply) => {
@@ -274,6 +309,8 @@ impl Worker {
             r.sessions = self.router.session_count();
             r.pending = self.router.pending_count();
             r.table_generation = self.router.table().generation();
+            r.zhop = self.zhop.stats();
+            r.published = Some(now);
         }
     }
 
@@ -344,6 +381,18 @@ impl Worker {
                     Some(l) => (l.socket.as_raw_fd(), Source::Client(l.listener)),
                     None => return false,
                 }
+            } else if token.0 >= FLOW_TOKEN_BASE {
+                let index = token.0 - FLOW_TOKEN_BASE;
+                match self.flows.get(index) {
+                    Some(Some(s)) => (
+                        s.socket.as_raw_fd(),
+                        Source::Flow(SessionSlot {
+                            index: index as u32,
+                            generation: s.generation,
+                        }),
+                    ),
+                    _ => return false,
+                }
             } else {
                 let index = token.0 - EXIT_TOKEN_BASE;
                 match self.exits.get(index) {
@@ -370,8 +419,12 @@ impl Worker {
                     return false;
                 }
             };
-            self.route_batch(n, source, Instant::now());
+            let arrived = Instant::now();
+            self.route_batch(n, source, arrived);
             self.transmit();
+            self.io
+                .batch_latency
+                .record(arrived.elapsed().as_nanos() as u64);
             if n < self.recv.capacity() {
                 return false;
             }
@@ -393,9 +446,37 @@ impl Worker {
             while offset < meta.len {
                 let seg_len = meta.stride.min(meta.len - offset);
                 let seg = &self.recv.payload(msg)[offset..offset + seg_len];
+                let zhop = match source {
+                    Source::Client(l)
+                        if self.zhop.claims(
+                            meta.from,
+                            seg,
+                            self.router.knows_client(meta.from),
+                        ) =>
+                    {
+                        let mut io = zhop_io!(self);
+                        let r = self
+                            .zhop
+                            .handle_client(now, l, meta.from, seg, &mut |o| io.handle(o));
+                        Some((r, io.failed))
+                    }
+                    Source::Flow(flow) => {
+                        let mut io = zhop_io!(self);
+                        let r = self.zhop.handle_exit(now, flow, seg, &mut |o| io.handle(o));
+                        Some((r, io.failed))
+                    }
+                    _ => None,
+                };
+                if let Some((r, failed)) = zhop {
+                    self.zhop_result(r, failed);
+                    offset += seg_len;
+                    continue;
+                }
                 let action = match source {
                     Source::Client(l) => self.router.handle_client(now, l, meta.from, seg),
                     Source::Exit(slot) => self.router.handle_exit(now, slot, seg),
+                    // Handled by Z-HOP above.
+                    Source::Flow(_) => Action::Drop(DropReason::NoSession),
                 };
                 // Opening an exit socket must happen before anything is sent through it.
                 self.apply_commands();
@@ -606,4 +687,99 @@ impl Outbox<'_> {
 enum Source {
     Client(Listener),
     Exit(SessionSlot),
+    Flow(SessionSlot),
+}
+
+impl Worker {
+    fn zhop_result(&mut self, r: Result<(), DropReason>, failed_sends: usize) {
+        if let Err(reason) = r {
+            self.router.record_drop(reason);
+        }
+        for _ in 0..failed_sends {
+            self.router.record_drop(DropReason::SendFailed);
+        }
+    }
+}
+
+/// Carries out Z-HOP's events on this worker's sockets. Z-HOP decrypts into its own
+/// buffer, so these are plain one-datagram sends.
+struct ZhopIo<'a> {
+    worker: usize,
+    cfg: &'a DataPlaneConfig,
+    poll: &'a mio::Poll,
+    listeners: &'a [ListenerSocket],
+    flows: &'a mut Vec<Option<ExitSocket>>,
+    failed: usize,
+}
+
+impl ZhopIo<'_> {
+    fn handle(&mut self, o: ZhopOut<'_>) {
+        match o {
+            ZhopOut::ToPeer {
+                listener,
+                to,
+                bytes,
+            } => {
+                let sent = self
+                    .listeners
+                    .get(listener.id as usize)
+                    .map(|l| l.socket.send_to(bytes, &to.into()));
+                if !matches!(sent, Some(Ok(_))) {
+                    self.failed += 1;
+                }
+            }
+            ZhopOut::ToExit { flow, bytes } => {
+                let sent = match self.flows.get(flow.index as usize) {
+                    Some(Some(s)) if s.generation == flow.generation => s.socket.send(bytes).ok(),
+                    _ => None,
+                };
+                if sent.is_none() {
+                    self.failed += 1;
+                }
+            }
+            ZhopOut::OpenFlow { flow, exit } => {
+                match sys::exit_socket(
+                    exit,
+                    self.cfg.exit_source,
+                    None,
+                    self.cfg.exit_socket_buffer,
+                ) {
+                    Ok((socket, _)) => {
+                        let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
+                        if let Err(e) = self.poll.registry().register(
+                            &mut SourceFd(&socket.as_raw_fd()),
+                            token,
+                            Interest::READABLE,
+                        ) {
+                            tracing::warn!(worker = self.worker, error = %e, "cannot register flow socket");
+                            return;
+                        }
+                        let i = flow.index as usize;
+                        if self.flows.len() <= i {
+                            self.flows.resize_with(i + 1, || None);
+                        }
+                        self.flows[i] = Some(ExitSocket {
+                            generation: flow.generation,
+                            socket,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open flow socket")
+                    }
+                }
+            }
+            ZhopOut::CloseFlow { flow } => {
+                let i = flow.index as usize;
+                if let Some(Some(s)) = self.flows.get(i) {
+                    if s.generation == flow.generation {
+                        let _ = self
+                            .poll
+                            .registry()
+                            .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
+                        self.flows[i] = None;
+                    }
+                }
+            }
+        }
+    }
 }

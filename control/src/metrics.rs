@@ -1,0 +1,252 @@
+//! `/metrics` in the Prometheus text format (version 0.0.4).
+//!
+//! Workers keep plain per-worker counters and publish a copy every 50 ms; a scrape sums
+//! nothing on the packet path, it only reads those copies.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use wraithgate_relay::io::LatencyHistogram;
+use wraithgate_relay::DropReason;
+
+use crate::node::Control;
+
+/// The whole exposition.
+pub fn render(c: &Control) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let reports = c.dp.reports();
+    let backend = c.dp.backend();
+    // Family by family, so that each HELP/TYPE header precedes its samples.
+    let mut w = Writer { out: &mut out };
+    w.header(
+        "wraithgate_info",
+        "gauge",
+        "Constant 1, labelled with the backend in use.",
+    );
+    w.sample(
+        "wraithgate_info",
+        &[("backend", backend), ("version", env!("CARGO_PKG_VERSION"))],
+        1,
+    );
+    w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
+    w.sample("wraithgate_workers", &[], reports.len() as u64);
+
+    let per_worker: [(&str, &str, ReportField); 12] = [
+        (
+            "wraithgate_packets_to_exit_total",
+            "Packets forwarded from clients to exits.",
+            |r| r.router.client_to_exit.packets,
+        ),
+        (
+            "wraithgate_bytes_to_exit_total",
+            "Bytes forwarded from clients to exits.",
+            |r| r.router.client_to_exit.bytes,
+        ),
+        (
+            "wraithgate_packets_to_client_total",
+            "Packets forwarded from exits to clients.",
+            |r| r.router.exit_to_client.packets,
+        ),
+        (
+            "wraithgate_bytes_to_client_total",
+            "Bytes forwarded from exits to clients.",
+            |r| r.router.exit_to_client.bytes,
+        ),
+        (
+            "wraithgate_client_handshakes_total",
+            "Handshake initiations forwarded from clients.",
+            |r| r.router.client_handshakes,
+        ),
+        (
+            "wraithgate_exit_handshakes_total",
+            "Handshake initiations forwarded from exits.",
+            |r| r.router.exit_handshakes,
+        ),
+        (
+            "wraithgate_cookie_replies_total",
+            "Cookie replies forwarded.",
+            |r| r.router.cookie_replies,
+        ),
+        (
+            "wraithgate_sessions_opened_total",
+            "Sessions opened.",
+            |r| r.router.sessions_opened,
+        ),
+        (
+            "wraithgate_table_swaps_total",
+            "Exit tables taken up by the worker.",
+            |r| r.router.table_swaps,
+        ),
+        (
+            "wraithgate_gso_fallbacks_total",
+            "Times the kernel refused UDP GSO and the worker fell back.",
+            |r| r.io.gso_fallbacks,
+        ),
+        (
+            "wraithgate_sessions",
+            "Sessions held (pending included).",
+            |r| r.sessions as u64,
+        ),
+        (
+            "wraithgate_sessions_pending",
+            "Sessions waiting for the exit's first answer.",
+            |r| r.pending as u64,
+        ),
+    ];
+    for (name, help, get) in per_worker {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        w.header(name, kind, help);
+        for r in &reports {
+            w.sample(name, &[("worker", &r.worker.to_string())], get(r));
+        }
+    }
+
+    w.header(
+        "wraithgate_sessions_closed_total",
+        "counter",
+        "Sessions closed, by cause.",
+    );
+    for r in &reports {
+        let worker = r.worker.to_string();
+        for (cause, v) in [
+            ("pending_expired", r.router.sessions_expired_pending),
+            ("idle", r.router.sessions_expired_idle),
+            ("exit_removed", r.router.sessions_closed_by_table),
+            ("operator", r.router.sessions_closed_by_request),
+        ] {
+            w.sample(
+                "wraithgate_sessions_closed_total",
+                &[("worker", &worker), ("cause", cause)],
+                v,
+            );
+        }
+    }
+
+    w.header(
+        "wraithgate_drops_total",
+        "counter",
+        "Packets refused, by reason.",
+    );
+    for r in &reports {
+        let worker = r.worker.to_string();
+        for reason in DropReason::ALL {
+            w.sample(
+                "wraithgate_drops_total",
+                &[("worker", &worker), ("reason", reason.as_str())],
+                r.router.dropped(reason),
+            );
+        }
+    }
+
+    let name = "wraithgate_batch_latency_seconds";
+    w.header(
+        name,
+        "histogram",
+        "Time from a receive batch's arrival to the return of its last send.",
+    );
+    for r in &reports {
+        w.histogram(name, &r.worker.to_string(), &r.io.batch_latency);
+    }
+
+    w.header(
+        "wraithgate_table_generation",
+        "gauge",
+        "Generation of the desired state in force.",
+    );
+    w.sample("wraithgate_table_generation", &[], c.state().generation);
+    w.header("wraithgate_exits", "gauge", "Configured exits.");
+    w.sample("wraithgate_exits", &[], c.dp.table().len() as u64);
+    w.header(
+        "wraithgate_config_changes_total",
+        "counter",
+        "API changes applied.",
+    );
+    w.sample(
+        "wraithgate_config_changes_total",
+        &[],
+        c.changes.load(Ordering::Relaxed),
+    );
+    w.header(
+        "wraithgate_config_refused_total",
+        "counter",
+        "API changes refused.",
+    );
+    w.sample(
+        "wraithgate_config_refused_total",
+        &[],
+        c.refused.load(Ordering::Relaxed),
+    );
+    w.header(
+        "wraithgate_uptime_seconds",
+        "gauge",
+        "Seconds since the node started.",
+    );
+    w.sample(
+        "wraithgate_uptime_seconds",
+        &[],
+        c.started.elapsed().as_secs(),
+    );
+    out
+}
+
+/// Reads one figure out of a worker's report.
+type ReportField = fn(&wraithgate_relay::io::WorkerReport) -> u64;
+
+struct Writer<'a> {
+    out: &'a mut String,
+}
+
+impl Writer<'_> {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
+        self.out.push_str(name);
+        self.labels(labels);
+        let _ = writeln!(self.out, " {v}");
+    }
+
+    fn labels(&mut self, labels: &[(&str, &str)]) {
+        if labels.is_empty() {
+            return;
+        }
+        self.out.push('{');
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                self.out.push(',');
+            }
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = write!(self.out, "{k}=\"{v}\"");
+        }
+        self.out.push('}');
+    }
+
+    fn histogram(&mut self, name: &str, worker: &str, h: &LatencyHistogram) {
+        let mut cumulative = 0;
+        for (i, n) in h.buckets.iter().enumerate() {
+            cumulative += n;
+            if i + 1 == LatencyHistogram::BUCKETS {
+                break;
+            }
+            let le = format!("{}", LatencyHistogram::bound_ns(i) as f64 / 1e9);
+            let bucket = format!("{name}_bucket");
+            self.sample(&bucket, &[("worker", worker), ("le", &le)], cumulative);
+        }
+        let bucket = format!("{name}_bucket");
+        self.sample(&bucket, &[("worker", worker), ("le", "+Inf")], h.count);
+        let _ = writeln!(
+            self.out,
+            "{name}_sum{{worker=\"{worker}\"}} {}",
+            h.sum_ns as f64 / 1e9
+        );
+        let _ = writeln!(self.out, "{name}_count{{worker=\"{worker}\"}} {}", h.count);
+    }
+}

@@ -1,0 +1,349 @@
+//! A running node: the data plane, the desired state that drives it, and the sidecar.
+//!
+//! The data plane starts first and from the state on disk alone, so a node whose control
+//! plane (or sidecar) is down still forwards for every exit it knew. The sidecar runs on a
+//! thread of its own with its own single-threaded runtime, never on a worker's core; if it
+//! cannot bind or dies, forwarding carries on.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use wraithgate_relay::io::DataPlane;
+use wraithgate_relay::router::SessionSnapshot;
+use wraithgate_relay::table::SharedTable;
+
+use crate::api::{self, Sidecar};
+use crate::config::Config;
+use crate::state::{write_atomically, DesiredState, StateError, StateFile};
+
+/// Restored sessions older than this are useless: their keys are rejected after
+/// REJECT_AFTER_TIME (180 s) without a new handshake anyway.
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(180);
+
+/// The state the control side owns: the desired state, its file, and the data plane it
+/// drives. Only the sidecar and start-up touch it; workers never do.
+#[derive(Debug)]
+pub struct Control {
+    /// The node's own public key (Z-HOP peers' outer peer).
+    pub node_public: wraithgate_relay::PublicKey,
+    state: Mutex<DesiredState>,
+    file: StateFile,
+    pub dp: Arc<DataPlane>,
+    pub started: std::time::Instant,
+    /// Accepted changes since start.
+    pub changes: AtomicU64,
+    /// Changes refused (validation, persistence).
+    pub refused: AtomicU64,
+}
+
+/// Why a change was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Invalid(#[from] StateError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(
+        "stale generation: the node is at generation {current}, the request expected {expected}"
+    )]
+    Stale { current: u64, expected: u64 },
+    #[error("cannot persist the new state to {path}: {source}; nothing was changed")]
+    Persist {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Control {
+    /// The current desired state.
+    pub fn state(&self) -> DesiredState {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DesiredState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `change` to a copy of the state; validates, persists and publishes the
+    /// result, or changes nothing. Returns the new state.
+    pub fn apply(
+        &self,
+        change: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
+    ) -> Result<DesiredState, ChangeError> {
+        let mut state = self.lock();
+        let result = (|| {
+            let mut next = state.clone();
+            change(&mut next)?;
+            next.generation = state.generation + 1;
+            let table = next.validate()?;
+            self.file
+                .save(&next)
+                .map_err(|source| ChangeError::Persist {
+                    path: self.file.path().to_owned(),
+                    source,
+                })?;
+            self.dp.publish(table);
+            Ok(next)
+        })();
+        match &result {
+            Ok(next) => {
+                *state = next.clone();
+                self.changes.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    generation = next.generation,
+                    exits = next.exits.len(),
+                    peers = next.peers.len(),
+                    "state changed"
+                );
+            }
+            Err(e) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(error = %e, "change refused");
+            }
+        }
+        result
+    }
+
+    /// Replaces the whole state if the caller saw generation `expected`.
+    pub fn replace(&self, expected: u64, new: DesiredState) -> Result<DesiredState, ChangeError> {
+        self.apply(|s| {
+            if s.generation != expected {
+                return Err(ChangeError::Stale {
+                    current: s.generation,
+                    expected,
+                });
+            }
+            s.exits = new.exits;
+            s.peers = new.peers;
+            Ok(())
+        })
+    }
+}
+
+/// Sessions saved across a restart.
+#[derive(Debug, Serialize, Deserialize)]
+struct SessionsFile {
+    saved_at_unix: u64,
+    sessions: Vec<SessionSnapshot>,
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    pub control: Arc<Control>,
+    sidecar: Option<Sidecar>,
+    sessions_path: PathBuf,
+    pub token_path: Option<PathBuf>,
+}
+
+impl Node {
+    /// Loads the state (the file's exits seed it on first start), restores sessions saved
+    /// by the last clean stop, starts the data plane, then the sidecar.
+    pub fn start(mut cfg: Config) -> Result<Node> {
+        let dir = &cfg.control.state_dir.clone();
+        create_private_dir(dir)?;
+        remove_stale_temp_files(dir);
+        let file = StateFile::new(dir.join("state.json"));
+        let state = match file.load().map_err(anyhow::Error::msg)? {
+            Some(saved) => {
+                tracing::info!(path = %file.path().display(), generation = saved.generation,
+                    exits = saved.exits.len(), peers = saved.peers.len(),
+                    "loaded state; the configuration file's [[exit]] entries only seed a new state");
+                saved
+            }
+            None => {
+                let seeded = DesiredState {
+                    generation: 1,
+                    exits: cfg.table.specs().cloned().collect(),
+                    peers: Vec::new(),
+                };
+                file.save(&seeded)
+                    .with_context(|| format!("writing {}", file.path().display()))?;
+                tracing::info!(path = %file.path().display(), exits = seeded.exits.len(), "new state seeded from the configuration file");
+                seeded
+            }
+        };
+        let table = state
+            .validate()
+            .with_context(|| format!("{} holds an invalid state", file.path().display()))?;
+        let node_key = load_or_create_node_key(&dir.join("node.key"))?;
+        cfg.data_plane.node_key = Some(node_key.0);
+        let node_public = wraithgate_relay::zhop::NodeKey::from_secret(node_key.0).public_key();
+        tracing::info!(public_key = %node_public, "node key (provisioned Z-HOP peers use it as their outer peer key)");
+        let sessions_path = dir.join("sessions.json");
+        let restore = load_sessions(&sessions_path);
+        let dp = DataPlane::start_restoring(cfg.data_plane, SharedTable::new(table), restore)
+            .context("starting the data plane")?;
+        let control = Arc::new(Control {
+            node_public,
+            state: Mutex::new(state),
+            file,
+            dp: Arc::new(dp),
+            started: std::time::Instant::now(),
+            changes: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let mut token_path = None;
+        let sidecar = if cfg.control.api_enabled {
+            let path = cfg
+                .control
+                .token_file
+                .clone()
+                .unwrap_or_else(|| dir.join("api.token"));
+            match api::start(control.clone(), &cfg.control, &path) {
+                Ok(s) => {
+                    token_path = Some(path);
+                    Some(s)
+                }
+                Err(e) => {
+                    // Forwarding never depends on the sidecar.
+                    tracing::error!(error = %format!("{e:#}"), "operator API not available; forwarding continues");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Node {
+            control,
+            sidecar,
+            sessions_path,
+            token_path,
+        })
+    }
+
+    /// The sidecar's TCP address, if it runs.
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.sidecar.as_ref().and_then(|s| s.local_addr)
+    }
+
+    /// Stops the sidecar, saves the sessions for the next start, stops the workers.
+    pub fn stop(mut self) {
+        if let Some(s) = self.sidecar.take() {
+            s.stop();
+        }
+        let sessions = self.control.dp.snapshot(Duration::from_secs(2));
+        let file = SessionsFile {
+            saved_at_unix: unix_now(),
+            sessions,
+        };
+        match serde_json::to_vec(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|b| write_atomically(&self.sessions_path, &b, 0o600))
+        {
+            Ok(()) => {
+                tracing::info!(sessions = file.sessions.len(), path = %self.sessions_path.display(), "sessions saved for the next start")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not save sessions; clients will re-handshake after the restart")
+            }
+        }
+        match Arc::try_unwrap(self.control) {
+            Ok(c) => match Arc::try_unwrap(c.dp) {
+                Ok(dp) => dp.shutdown(),
+                Err(dp) => drop(dp),
+            },
+            Err(c) => drop(c),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Sessions saved by the last clean stop, if recent enough to be worth restoring. The file
+/// is removed once read, so it is never restored twice.
+fn load_sessions(path: &Path) -> Vec<SessionSnapshot> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let _ = std::fs::remove_file(path);
+    match serde_json::from_slice::<SessionsFile>(&bytes) {
+        Ok(f) => {
+            let age = unix_now().saturating_sub(f.saved_at_unix);
+            if age > SNAPSHOT_MAX_AGE.as_secs() {
+                tracing::info!(age_secs = age, "saved sessions too old to restore");
+                Vec::new()
+            } else {
+                tracing::info!(
+                    sessions = f.sessions.len(),
+                    age_secs = age,
+                    "restoring sessions saved at the last stop"
+                );
+                f.sessions
+            }
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable sessions file");
+            Vec::new()
+        }
+    }
+}
+
+/// The node's static private key from `path` (base64, as `wg genkey` writes it), created
+/// with mode 0600 on first start.
+fn load_or_create_node_key(path: &Path) -> Result<wraithgate_relay::PublicKey> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => wraithgate_relay::PublicKey::from_base64(text.trim()).with_context(|| {
+            format!(
+                "{} does not hold a base64 WireGuard private key",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret: [u8; 32] = rand::random();
+            // Curve25519 clamping, as `wg genkey` does.
+            secret[0] &= 248;
+            secret[31] = (secret[31] & 127) | 64;
+            let key = wraithgate_relay::PublicKey(secret);
+            write_atomically(path, format!("{}\n", key.to_base64()).as_bytes(), 0o600)
+                .with_context(|| format!("creating node key {}", path.display()))?;
+            tracing::info!(path = %path.display(), "created the node's private key");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading node key {}", path.display())),
+    }
+}
+
+/// Removes temporary files a killed node left behind (see [`write_atomically`]).
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(".json.tmp.") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %name, "removed a temporary file left by an earlier crash")
+                }
+                Err(err) => {
+                    tracing::warn!(file = %name, error = %err, "cannot remove stale temporary file")
+                }
+            }
+        }
+    }
+}
+
+/// Creates `dir` (mode 0700) if it does not exist.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The OpenAPI 3.0 document served at `/v1/openapi.json`, describing every route.
+
+use serde_json::{json, Value};
+
+fn error_responses(codes: &[&str]) -> Value {
+    let mut m = serde_json::Map::new();
+    for code in codes {
+        let desc = match *code {
+            "400" => "Invalid request (body, key or path); nothing changed.",
+            "401" => "Missing or wrong bearer token.",
+            "403" => "Request carried Origin or Referer.",
+            "404" => "No such object.",
+            "409" => "Conflicts with the current state (duplicate, or still referenced).",
+            "412" => "If-Match names a generation that is no longer current.",
+            "413" => "Request body too large.",
+            "428" => "If-Match is required.",
+            "500" => "The new state could not be persisted; nothing changed.",
+            _ => "Error.",
+        };
+        m.insert(
+            (*code).into(),
+            json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+        );
+    }
+    Value::Object(m)
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// The document.
+pub fn document() -> Value {
+    let key = json!({"type": "string", "description": "WireGuard key, standard base64 (44 characters) as `wg` prints it", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"});
+    let key_path = json!({"name": "key", "in": "path", "required": true, "description": "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}=?$"}});
+    let common = ["401", "403"];
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "WraithGate node API", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Operator API of a WraithGate relay node. Every route but /healthz needs `Authorization: Bearer <token>`; requests carrying Origin or Referer are refused."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "Key": key,
+                "Exit": {"type": "object", "required": ["public_key", "endpoint", "name"], "additionalProperties": false,
+                    "properties": {
+                        "public_key": {"$ref": "#/components/schemas/Key"},
+                        "endpoint": {"type": "string", "description": "ip:port ([v6]:port)", "example": "192.0.2.10:51820"},
+                        "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                        "listen_port": {"type": "integer", "minimum": 1, "maximum": 65535, "nullable": true}
+                    }},
+                "Peer": {"type": "object", "required": ["public_key", "allowed_ips"], "additionalProperties": false,
+                    "properties": {
+                        "public_key": {"$ref": "#/components/schemas/Key"},
+                        "name": {"type": "string", "maxLength": 64},
+                        "allowed_ips": {"type": "array", "minItems": 1, "items": {"type": "string", "example": "10.0.0.2/32"}},
+                        "preshared_key": {"$ref": "#/components/schemas/Key"},
+                        "allowed_exits": {"type": "array", "items": {"$ref": "#/components/schemas/Key"}}
+                    }},
+                "Config": {"type": "object", "additionalProperties": false, "properties": {
+                    "generation": {"type": "integer", "minimum": 0, "description": "Ignored on PUT; use If-Match."},
+                    "exits": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}},
+                    "peers": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}
+                }},
+                "Traffic": {"type": "object", "properties": {"packets": {"type": "integer"}, "bytes": {"type": "integer"}}},
+                "Session": {"type": "object", "properties": {
+                    "id": {"type": "string", "example": "0.12.3"},
+                    "worker": {"type": "integer"},
+                    "client": {"type": "string"},
+                    "exit": {"type": "string"},
+                    "exit_key": {"$ref": "#/components/schemas/Key"},
+                    "exit_endpoint": {"type": "string"},
+                    "listen_port": {"type": "integer"},
+                    "established": {"type": "boolean"},
+                    "verified": {"type": "boolean"},
+                    "to_exit": {"$ref": "#/components/schemas/Traffic"},
+                    "to_client": {"$ref": "#/components/schemas/Traffic"},
+                    "handshakes": {"type": "integer"},
+                    "age_secs": {"type": "number"},
+                    "idle_secs": {"type": "number"}
+                }}
+            }
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {"get": {"summary": "Liveness", "security": [],
+                "responses": merge(json!({"200": {"description": "Alive", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&["403"]))}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                "responses": merge(json!({"200": {"description": "Prometheus text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&common))}},
+            "/v1/openapi.json": {"get": {"summary": "This document",
+                "responses": merge(json!({"200": {"description": "OpenAPI 3.0", "content": {"application/json": {"schema": {"type": "object"}}}}}), error_responses(&common))}},
+            "/v1/node": {"get": {"summary": "The node: its public key (Z-HOP peers' outer peer), backend, workers, listen addresses, counts",
+                "responses": merge(json!({"200": {"description": "Node", "content": {"application/json": {"schema": {"type": "object", "properties": {
+                    "public_key": {"$ref": "#/components/schemas/Key"}, "version": {"type": "string"}, "backend": {"type": "string"},
+                    "workers": {"type": "integer"}, "listen": {"type": "array", "items": {"type": "string"}}, "generation": {"type": "integer"},
+                    "exits": {"type": "integer"}, "peers": {"type": "integer"}, "sessions": {"type": "integer"}, "zhop_peers": {"type": "integer"},
+                    "uptime_secs": {"type": "integer"}}}}}}}), error_responses(&common))}},
+            "/v1/exits": {
+                "get": {"summary": "List exits",
+                    "responses": merge(json!({"200": {"description": "Exits", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}}}}}}), error_responses(&common))},
+                "post": {"summary": "Add an exit",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Exit"}}}},
+                    "responses": merge(json!({"201": {"description": "Added", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Exit"}}}}}), error_responses(&["400", "401", "403", "409", "413", "500"]))}
+            },
+            "/v1/exits/{key}": {"delete": {"summary": "Remove an exit; its sessions end", "parameters": [key_path],
+                "responses": merge(json!({"204": {"description": "Removed"}}), error_responses(&["400", "401", "403", "404", "409", "500"]))}},
+            "/v1/peers": {
+                "get": {"summary": "List provisioned peers (preshared keys are never shown)",
+                    "responses": merge(json!({"200": {"description": "Peers", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}}}}}), error_responses(&common))},
+                "post": {"summary": "Provision a peer",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Peer"}}}},
+                    "responses": merge(json!({"201": {"description": "Added", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Peer"}}}}}), error_responses(&["400", "401", "403", "409", "413", "500"]))}
+            },
+            "/v1/peers/{key}": {"delete": {"summary": "Remove a peer", "parameters": [key_path],
+                "responses": merge(json!({"204": {"description": "Removed"}}), error_responses(&["400", "401", "403", "404", "500"]))}},
+            "/v1/config": {
+                "get": {"summary": "The whole desired state; ETag is its generation",
+                    "responses": merge(json!({"200": {"description": "State", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}}}), error_responses(&common))},
+                "put": {"summary": "Replace the whole desired state atomically",
+                    "parameters": [{"name": "If-Match", "in": "header", "required": true, "description": "The generation this change is based on", "schema": {"type": "string", "pattern": "^\"?[0-9]{1,19}\"?$"}}],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}},
+                    "responses": merge(json!({"200": {"description": "Applied", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
+            },
+            "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
+                "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&common))}},
+            "/v1/sessions/{id}": {"delete": {"summary": "Close a session",
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+\\.[0-9]+$"}}],
+                "responses": merge(json!({"204": {"description": "Closed"}}), error_responses(&["400", "401", "403", "404"]))}}
+        }
+    })
+}

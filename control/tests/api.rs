@@ -1,0 +1,578 @@
+//! The operator API against a real node (data plane, state file, sidecar) on loopback.
+
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use wraithgate_control::config::{Config, ControlSection};
+use wraithgate_control::node::Node;
+use wraithgate_control::testbed::{
+    any_loopback, ipv4_udp, tunnel_addrs, KeyPair, PeerOptions, Received, WgNode,
+};
+use wraithgate_relay::io::DataPlaneConfig;
+use wraithgate_relay::table::{ExitSpec, ExitTable};
+
+struct TestNode {
+    node: Option<Node>,
+    url: String,
+    token: String,
+    dir: PathBuf,
+    agent: ureq::Agent,
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "wg-api-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config(dir: &std::path::Path, exits: Vec<ExitSpec>, api_socket: Option<PathBuf>) -> Config {
+    Config {
+        data_plane: DataPlaneConfig {
+            listen: vec![any_loopback()],
+            workers: 1,
+            pin_workers: false,
+            ..DataPlaneConfig::default()
+        },
+        table: ExitTable::new(1, exits).unwrap(),
+        control: ControlSection {
+            api_listen: Some("127.0.0.1:0".parse().unwrap()),
+            api_socket,
+            state_dir: dir.to_owned(),
+            ..ControlSection::default()
+        },
+    }
+}
+
+impl TestNode {
+    fn start(tag: &str, exits: Vec<ExitSpec>) -> TestNode {
+        let dir = temp_dir(tag);
+        let node = Node::start(config(&dir, exits, None)).unwrap();
+        let url = format!("http://{}", node.api_addr().unwrap());
+        let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        TestNode {
+            node: Some(node),
+            url,
+            token,
+            dir,
+            agent,
+        }
+    }
+
+    fn relay_addr(&self) -> SocketAddr {
+        self.node.as_ref().unwrap().control.dp.local_addrs()[0]
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.url))
+            .header("Authorization", self.auth())
+            .call()
+            .unwrap();
+        finish(r)
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
+        let url = format!("{}{path}", self.url);
+        let r = match method {
+            "POST" => {
+                let mut req = self.agent.post(url).header("Authorization", self.auth());
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req.content_type("application/json").send(body)
+            }
+            "PUT" => {
+                let mut req = self.agent.put(url).header("Authorization", self.auth());
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req.content_type("application/json").send(body)
+            }
+            "DELETE" => self
+                .agent
+                .delete(url)
+                .header("Authorization", self.auth())
+                .call(),
+            _ => unreachable!(),
+        };
+        finish(r.unwrap())
+    }
+
+    fn json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The state as the API and as the file see it.
+    fn state(&self) -> (Value, Vec<u8>) {
+        (
+            self.json("/v1/config"),
+            std::fs::read(self.dir.join("state.json")).unwrap(),
+        )
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn finish(r: ureq::http::Response<ureq::Body>) -> (u16, String) {
+    let status = r.status().as_u16();
+    let body = r.into_body().read_to_string().unwrap_or_default();
+    (status, body)
+}
+
+fn key() -> String {
+    KeyPair::generate().relay_key().to_base64()
+}
+
+fn exit_json(name: &str, k: &str, port: u16) -> String {
+    json!({"public_key": k, "endpoint": format!("192.0.2.1:{port}"), "name": name}).to_string()
+}
+
+fn url_key(k: &str) -> String {
+    k.replace('+', "-").replace('/', "_")
+}
+
+#[test]
+fn guards_token_and_browsers() {
+    let n = TestNode::start("guards", vec![]);
+    let ok = n.agent.get(format!("{}/healthz", n.url)).call().unwrap();
+    assert_eq!(ok.status(), 200, "healthz needs no token");
+    let none = n.agent.get(format!("{}/v1/exits", n.url)).call().unwrap();
+    assert_eq!(none.status(), 401);
+    assert_eq!(none.headers().get("www-authenticate").unwrap(), "Bearer");
+    let wrong = n
+        .agent
+        .get(format!("{}/v1/exits", n.url))
+        .header("Authorization", "Bearer not-the-token")
+        .call()
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    for h in ["Origin", "Referer"] {
+        let r = n
+            .agent
+            .get(format!("{}/v1/exits", n.url))
+            .header("Authorization", n.auth())
+            .header(h, "https://evil.example")
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), 403, "{h}");
+        let (status, body) = finish(r);
+        assert_eq!(status, 403);
+        assert!(body.contains("Origin or Referer"));
+    }
+    // A mutation by GET does not exist.
+    let (status, _) = n.get("/v1/exits/abc");
+    assert_eq!(status, 405);
+    let (status, body) = n.get("/nope");
+    assert_eq!(status, 404);
+    assert!(body.contains("error"));
+}
+
+#[test]
+fn exits_good_and_bad_input_leave_state_exactly_as_it_was() {
+    let n = TestNode::start("exits", vec![]);
+    let k1 = key();
+    let (status, body) = n.send("POST", "/v1/exits", &exit_json("one", &k1, 51820), &[]);
+    assert_eq!(status, 201, "{body}");
+    let listed = n.json("/v1/exits");
+    assert_eq!(listed[0]["public_key"], k1.as_str());
+    assert_eq!(listed[0]["name"], "one");
+    let before = n.state();
+    assert_eq!(before.0["generation"], 2);
+
+    let oversized = format!("{{\"name\": \"{}\"}}", "x".repeat(100_000));
+    let k2 = key();
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{not json".into(), 400, "invalid request body"),
+        (
+            json!({"public_key": "!!!", "endpoint": "192.0.2.1:1", "name": "a"}).to_string(),
+            400,
+            "base64",
+        ),
+        (
+            json!({"public_key": "AAAA", "endpoint": "192.0.2.1:1", "name": "a"}).to_string(),
+            400,
+            "32 bytes",
+        ),
+        (
+            json!({"public_key": k2, "endpoint": "not-an-endpoint", "name": "a"}).to_string(),
+            400,
+            "invalid",
+        ),
+        (
+            json!({"public_key": k2, "endpoint": "0.0.0.0:51820", "name": "a"}).to_string(),
+            400,
+            "endpoint",
+        ),
+        (
+            json!({"public_key": k2, "endpoint": "192.0.2.1:1", "name": ""}).to_string(),
+            400,
+            "name",
+        ),
+        (
+            json!({"public_key": k2, "endpoint": "192.0.2.1:1", "name": "a", "colour": "red"})
+                .to_string(),
+            400,
+            "unknown field",
+        ),
+        (exit_json("dup-key", &k1, 1), 409, "already exists"),
+        (exit_json("one", &k2, 1), 409, "used twice"),
+        (
+            json!({"public_key": k2, "endpoint": "192.0.2.1:1", "name": "p", "listen_port": 0})
+                .to_string(),
+            400,
+            "port 0",
+        ),
+        (oversized, 413, ""),
+    ];
+    for (body, want, words) in cases {
+        let (status, answer) = n.send("POST", "/v1/exits", &body, &[]);
+        assert_eq!(status, want, "{body:.80} -> {answer}");
+        assert!(answer.contains(words), "{answer} lacks {words:?}");
+        assert_eq!(
+            n.state(),
+            before,
+            "state changed by a refused request: {body:.80}"
+        );
+    }
+    for (path, want) in [
+        ("/v1/exits/notakey", 400),
+        (&*format!("/v1/exits/{}", url_key(&k2)), 404),
+    ] {
+        let (status, _) = n.send("DELETE", path, "", &[]);
+        assert_eq!(status, want, "{path}");
+        assert_eq!(n.state(), before);
+    }
+    let (status, _) = n.send("DELETE", &format!("/v1/exits/{}", url_key(&k1)), "", &[]);
+    assert_eq!(status, 204);
+    assert_eq!(n.json("/v1/exits"), json!([]));
+}
+
+#[test]
+fn whole_config_replace_needs_the_current_generation() {
+    let n = TestNode::start("config", vec![]);
+    let r = n
+        .agent
+        .get(format!("{}/v1/config", n.url))
+        .header("Authorization", n.auth())
+        .call()
+        .unwrap();
+    assert_eq!(r.headers().get("etag").unwrap(), "\"1\"");
+    let (ka, kb) = (key(), key());
+    let desired = json!({"exits": [
+        {"public_key": ka, "endpoint": "192.0.2.1:51820", "name": "a"},
+        {"public_key": kb, "endpoint": "192.0.2.2:51820", "name": "b", "listen_port": 51999}
+    ]})
+    .to_string();
+    let (status, body) = n.send("PUT", "/v1/config", &desired, &[]);
+    assert_eq!(status, 428, "{body}");
+    let (status, body) = n.send("PUT", "/v1/config", &desired, &[("If-Match", "1")]);
+    assert_eq!(status, 200, "{body}");
+    let applied: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(applied["generation"], 2);
+    let before = n.state();
+    // Replaying the same request is refused: the generation moved on.
+    let (status, body) = n.send("PUT", "/v1/config", &desired, &[("If-Match", "1")]);
+    assert_eq!(status, 412, "{body}");
+    assert!(body.contains("stale generation"));
+    assert_eq!(n.state(), before);
+    let dup = json!({"exits": [
+        {"public_key": ka, "endpoint": "192.0.2.1:51820", "name": "a"},
+        {"public_key": ka, "endpoint": "192.0.2.2:51820", "name": "b"}
+    ]})
+    .to_string();
+    let (status, _) = n.send("PUT", "/v1/config", &dup, &[("If-Match", "2")]);
+    assert_eq!(status, 409);
+    let (status, _) = n.send("PUT", "/v1/config", &desired, &[("If-Match", "two")]);
+    assert_eq!(status, 400);
+    assert_eq!(n.state(), before);
+    // The pinned port from the new state is bound by the data plane.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        std::net::UdpSocket::bind("127.0.0.1:51999").is_err(),
+        "pinned port 51999 not bound"
+    );
+}
+
+#[test]
+fn peers_reference_exits_and_keep_their_preshared_keys_to_themselves() {
+    let n = TestNode::start("peers", vec![]);
+    let (exit_key, peer_key, psk) = (key(), key(), key());
+    assert_eq!(
+        n.send("POST", "/v1/exits", &exit_json("x", &exit_key, 1), &[])
+            .0,
+        201
+    );
+    let unknown =
+        json!({"public_key": peer_key, "allowed_ips": ["10.0.0.2/32"], "allowed_exits": [key()]});
+    let before = n.state();
+    let (status, body) = n.send("POST", "/v1/peers", &unknown.to_string(), &[]);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a configured exit"));
+    let bad_ip = json!({"public_key": peer_key, "allowed_ips": ["10.0.0.0/40"]});
+    assert_eq!(n.send("POST", "/v1/peers", &bad_ip.to_string(), &[]).0, 400);
+    assert_eq!(n.state(), before);
+    let good = json!({"public_key": peer_key, "name": "alice", "allowed_ips": ["10.0.0.2/32"],
+                      "preshared_key": psk, "allowed_exits": [exit_key]});
+    assert_eq!(n.send("POST", "/v1/peers", &good.to_string(), &[]).0, 201);
+    assert_eq!(n.send("POST", "/v1/peers", &good.to_string(), &[]).0, 409);
+    let listed = n.json("/v1/peers");
+    assert_eq!(listed[0]["name"], "alice");
+    assert!(listed[0].get("preshared_key").is_none(), "{listed}");
+    assert!(!n.get("/v1/config").1.contains(&psk));
+    // The exit cannot go while the peer may use it.
+    let (status, body) = n.send(
+        "DELETE",
+        &format!("/v1/exits/{}", url_key(&exit_key)),
+        "",
+        &[],
+    );
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        n.send(
+            "DELETE",
+            &format!("/v1/peers/{}", url_key(&peer_key)),
+            "",
+            &[]
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        n.send(
+            "DELETE",
+            &format!("/v1/exits/{}", url_key(&exit_key)),
+            "",
+            &[]
+        )
+        .0,
+        204
+    );
+}
+
+/// A client and an exit with a session through the node; returns them and the peer ids.
+fn tunnel(n: &TestNode) -> (WgNode, WgNode, usize, usize) {
+    let mut exit = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let body = json!({"public_key": exit.keys().relay_key().to_base64(),
+                      "endpoint": exit.local_addr().to_string(), "name": "x"});
+    assert_eq!(n.send("POST", "/v1/exits", &body.to_string(), &[]).0, 201);
+    std::thread::sleep(Duration::from_millis(150));
+    let mut client = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let cp = client.add_peer(
+        exit.keys().public,
+        PeerOptions {
+            endpoint: Some(n.relay_addr()),
+            ..Default::default()
+        },
+    );
+    let ep = exit.add_peer(client.keys().public, PeerOptions::default());
+    let (s, d) = tunnel_addrs(1);
+    client.send_ip(cp, &ipv4_udp(s, d, 1, 2, b"hello")).unwrap();
+    let got = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+        let _ = client.try_recv();
+        match exit.try_recv() {
+            Ok(Some(Received::Packet { .. })) => Some(()),
+            _ => None,
+        }
+    });
+    assert!(got.is_some(), "no traffic through the node");
+    (client, exit, cp, ep)
+}
+
+#[test]
+fn sessions_are_listed_without_payload_and_can_be_killed() {
+    let n = TestNode::start("sessions", vec![]);
+    let (mut client, _exit, cp, _) = tunnel(&n);
+    let (s, d) = tunnel_addrs(1);
+    for _ in 0..20 {
+        client
+            .send_ip(cp, &ipv4_udp(s, d, 1, 2, &[7u8; 500]))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let list = n.json("/v1/sessions");
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let sess = &list[0];
+    assert_eq!(sess["exit"], "x");
+    assert_eq!(sess["client"], client.local_addr().to_string());
+    assert!(sess["to_exit"]["packets"].as_u64().unwrap() >= 22, "{sess}");
+    assert!(sess["established"].as_bool().unwrap());
+    let id = sess["id"].as_str().unwrap().to_owned();
+    assert_eq!(n.send("DELETE", "/v1/sessions/garbage", "", &[]).0, 400);
+    assert_eq!(
+        n.send("DELETE", &format!("/v1/sessions/{id}"), "", &[]).0,
+        204
+    );
+    assert_eq!(
+        n.send("DELETE", &format!("/v1/sessions/{id}"), "", &[]).0,
+        404
+    );
+    assert_eq!(n.json("/v1/sessions"), json!([]));
+}
+
+#[test]
+fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
+    let n = TestNode::start("metrics", vec![]);
+    let (mut client, _exit, cp, _) = tunnel(&n);
+    let (s, d) = tunnel_addrs(1);
+    for _ in 0..100 {
+        client
+            .send_ip(cp, &ipv4_udp(s, d, 1, 2, &[1u8; 1000]))
+            .unwrap();
+    }
+    // Junk from elsewhere, counted by reason.
+    let junk = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..7 {
+        junk.send_to(&[9, 9], n.relay_addr()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, text) = n.get("/metrics");
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid exposition");
+    let sum = |name: &str, filter: &dyn Fn(&prometheus_parse::Sample) -> bool| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && filter(s))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let to_exit = sum("wraithgate_packets_to_exit_total", &|_| true);
+    assert!(
+        (102.0..=110.0).contains(&to_exit),
+        "packets to exit {to_exit}"
+    );
+    assert!(sum("wraithgate_bytes_to_exit_total", &|_| true) >= 100.0 * 1000.0);
+    assert_eq!(
+        sum("wraithgate_drops_total", &|s| s.labels.get("reason")
+            == Some("truncated")),
+        7.0
+    );
+    assert_eq!(sum("wraithgate_sessions", &|_| true), 1.0);
+    assert_eq!(sum("wraithgate_client_handshakes_total", &|_| true), 1.0);
+    assert!(text.contains("wraithgate_info{backend=\""), "backend label");
+    assert!(scrape
+        .samples
+        .iter()
+        .any(|s| s.metric == "wraithgate_batch_latency_seconds"));
+    assert!(scrape.docs.contains_key("wraithgate_drops_total"));
+}
+
+#[test]
+fn a_change_that_cannot_be_persisted_changes_nothing() {
+    let n = TestNode::start("persist", vec![]);
+    let before = n.state();
+    let pid = std::process::id();
+    // Where the temporary file would go, put a directory: the write fails.
+    let blocker = n.dir.join(format!(".state.json.tmp.{pid}"));
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("keep"), b"x").unwrap();
+    let (status, body) = n.send("POST", "/v1/exits", &exit_json("x", &key(), 1), &[]);
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("nothing was changed"), "{body}");
+    assert_eq!(n.state(), before);
+    assert!(n.json("/v1/exits").as_array().unwrap().is_empty());
+    std::fs::remove_dir_all(&blocker).unwrap();
+    assert_eq!(
+        n.send("POST", "/v1/exits", &exit_json("x", &key(), 1), &[])
+            .0,
+        201
+    );
+}
+
+#[test]
+fn the_api_is_also_served_on_a_unix_socket() {
+    let dir = temp_dir("unix");
+    let sock = dir.join("api.sock");
+    let node = Node::start(config(&dir, vec![], Some(sock.clone()))).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    write!(s, "GET /v1/exits HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("[]"), "{answer}");
+    node.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn forwarding_carries_on_when_the_api_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = temp_dir("taken");
+    let exit = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let spec = ExitSpec {
+        name: "x".into(),
+        public_key: exit.keys().relay_key(),
+        endpoint: exit.local_addr(),
+        listen_port: None,
+    };
+    let mut cfg = config(&dir, vec![spec], None);
+    cfg.control.api_listen = Some(taken.local_addr().unwrap());
+    let node = Node::start(cfg).expect("the node starts without its API");
+    assert!(node.api_addr().is_none());
+    let relay = node.control.dp.local_addrs()[0];
+    let mut exit = exit;
+    let mut client = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let cp = client.add_peer(
+        exit.keys().public,
+        PeerOptions {
+            endpoint: Some(relay),
+            ..Default::default()
+        },
+    );
+    exit.add_peer(client.keys().public, PeerOptions::default());
+    let (s, d) = tunnel_addrs(1);
+    client
+        .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"no api needed"))
+        .unwrap();
+    let got = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+        let _ = client.try_recv();
+        matches!(exit.try_recv(), Ok(Some(Received::Packet { .. }))).then_some(())
+    });
+    assert!(got.is_some(), "forwarding must not depend on the API");
+    node.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
