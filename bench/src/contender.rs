@@ -90,6 +90,7 @@ impl Contender {
             backend,
             &PublicKey([1; 32]),
             "127.0.0.2:52000",
+            &workdir.join("probe-state"),
         );
         if let Err(e) = std::fs::write(&conf, text) {
             return Some(format!("write {}: {e}", conf.display()));
@@ -237,12 +238,16 @@ impl Contender {
             }
             Contender::WraithGate { binary, backend } => {
                 let conf = workdir.join(format!("wraithgate-{backend}.toml"));
+                // A fresh state directory each start: no exits or sessions carried over.
+                let state = workdir.join(format!("wraithgate-{backend}-state"));
+                let _ = std::fs::remove_dir_all(&state);
                 let text = wraithgate_config(
                     &listen.to_string(),
                     workers,
                     backend,
                     exit_key,
                     &exit.to_string(),
+                    &state,
                 );
                 std::fs::write(&conf, text)?;
                 let args = vec![
@@ -257,18 +262,23 @@ impl Contender {
     }
 }
 
-/// The node configuration WraithGate is started with: one exit, the harness's sink.
+/// The node configuration WraithGate is started with: one exit, the harness's sink, no
+/// operator API, and its own state directory (the node otherwise runs the exits persisted
+/// in `/var/lib/wraithgate` by an earlier start, and restores that start's sessions).
 pub fn wraithgate_config(
     listen: &str,
     workers: usize,
     backend: &str,
     exit_key: &PublicKey,
     exit: &str,
+    state_dir: &Path,
 ) -> String {
     format!(
         "[relay]\nlisten = [\"{listen}\"]\nworkers = {workers}\nbackend = \"{backend}\"\n\n\
          [limits]\nmax_sessions = 65536\n\n\
+         [control]\napi_enabled = false\nstate_dir = \"{}\"\n\n\
          [[exit]]\nname = \"sink\"\npublic_key = \"{}\"\nendpoint = \"{exit}\"\n",
+        state_dir.display(),
         exit_key.to_base64()
     )
 }

@@ -258,6 +258,14 @@ pub fn svg(results: &[ScenarioResult], path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (1200, 300 * rows as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((rows, 2));
+    // One colour per contender across every row.
+    let mut order: Vec<String> = Vec::new();
+    for c in results.iter().flat_map(|s| &s.contenders) {
+        if !order.contains(&c.name) {
+            order.push(c.name.clone());
+        }
+    }
+    let colour = |name: &str| Palette99::pick(order.iter().position(|n| n == name).unwrap_or(0));
     for (i, s) in results.iter().enumerate() {
         let measured: Vec<(String, Figures)> = s
             .contenders
@@ -293,12 +301,18 @@ pub fn svg(results: &[ScenarioResult], path: &Path) -> Result<()> {
                 })
                 .y_desc("Gb/s")
                 .draw()?;
-            chart.draw_series(measured.iter().enumerate().map(|(k, (_, f))| {
-                let color = Palette99::pick(k).filled();
+            chart.draw_series(measured.iter().enumerate().map(|(k, (name, f))| {
+                let color = colour(name).filled();
                 Rectangle::new([(k as f64 - 0.35, 0.0), (k as f64 + 0.35, f.gbps)], color)
             }))?;
         }
-        {
+        let has_latency = measured.iter().any(|(_, f)| f.latency_us.iter().any(|&v| v > 0.0));
+        if !has_latency {
+            panels[2 * i + 1].titled(
+                &format!("{} — no one-way latency (iperf3 reports jitter only)", s.name),
+                ("sans-serif", 16),
+            )?;
+        } else {
             let max_us = measured
                 .iter()
                 .flat_map(|(_, f)| f.latency_us)
@@ -329,8 +343,8 @@ pub fn svg(results: &[ScenarioResult], path: &Path) -> Result<()> {
                 })
                 .y_desc("µs")
                 .draw()?;
-            for (k, (name, f)) in measured.iter().enumerate() {
-                let color = Palette99::pick(k);
+            for (name, f) in &measured {
+                let color = colour(name);
                 chart
                     .draw_series(LineSeries::new(
                         f.latency_us
@@ -340,9 +354,7 @@ pub fn svg(results: &[ScenarioResult], path: &Path) -> Result<()> {
                         color.stroke_width(2),
                     ))?
                     .label(name.clone())
-                    .legend(move |(x, y)| {
-                        PathElement::new([(x, y), (x + 15, y)], Palette99::pick(k).stroke_width(2))
-                    });
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2)));
             }
             chart
                 .configure_series_labels()
