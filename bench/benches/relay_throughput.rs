@@ -102,7 +102,7 @@ fn throughput(c: &mut Criterion) {
                 topo.relay_listen,
                 topo.exit,
                 &sources,
-                40_000,
+                topo.client_port(),
                 &EXIT_KEY,
                 SIZE,
             ) {
@@ -164,7 +164,7 @@ fn jitter(_c: &mut Criterion) {
             relay: topo.relay_listen,
             sink: topo.exit,
             sources: vec![topo.source(0)],
-            client_port: 40_001,
+            client_port: topo.client_port(),
             exit_key: EXIT_KEY,
             size: packets::transport_len(SIZE),
             rate_bps: Some(1_000_000_000),

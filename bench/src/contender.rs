@@ -446,7 +446,9 @@ mod tests {
             "portable",
             &PublicKey([1; 32]),
             "127.0.0.2:52000",
+            Path::new("/tmp/rb-state"),
         );
+        assert!(text.contains("api_enabled = false"));
         assert!(text.contains("listen = [\"127.0.0.1:51820\"]"));
         assert!(text.contains("backend = \"portable\""));
         assert!(text.contains("[[exit]]"));

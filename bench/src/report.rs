@@ -306,10 +306,15 @@ pub fn svg(results: &[ScenarioResult], path: &Path) -> Result<()> {
                 Rectangle::new([(k as f64 - 0.35, 0.0), (k as f64 + 0.35, f.gbps)], color)
             }))?;
         }
-        let has_latency = measured.iter().any(|(_, f)| f.latency_us.iter().any(|&v| v > 0.0));
+        let has_latency = measured
+            .iter()
+            .any(|(_, f)| f.latency_us.iter().any(|&v| v > 0.0));
         if !has_latency {
             panels[2 * i + 1].titled(
-                &format!("{} — no one-way latency (iperf3 reports jitter only)", s.name),
+                &format!(
+                    "{} — no one-way latency (iperf3 reports jitter only)",
+                    s.name
+                ),
                 ("sans-serif", 16),
             )?;
         } else {
@@ -354,13 +359,15 @@ pub fn svg(results: &[ScenarioResult], path: &Path) -> Result<()> {
                         color.stroke_width(2),
                     ))?
                     .label(name.clone())
-                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 15, y)], color.stroke_width(2))
+                    });
             }
             chart
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
+                .position(SeriesLabelPosition::LowerRight)
                 .draw()?;
         }
     }

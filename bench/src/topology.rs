@@ -17,8 +17,9 @@
 //! measures the livelock rather than the relay, so it is off unless asked for.
 //!
 //! `loopback`: one namespace with only `lo`; relay on 127.0.0.1, sink on 127.0.0.2, flows
-//! from 127.1.0.0/16. `host`: the same addresses in the current namespace (no root needed,
-//! used by the criterion benches).
+//! from 127.1.0.0/16. `host`: the current namespace (no root needed, used by the criterion
+//! benches), on 127.77.0.1/127.77.0.2 with flows from 127.78.0.0/16 and an ephemeral client
+//! port, so it does not collide with other programs on the machine.
 //!
 //! Everything created is registered in [`Cleanup`], run by a drop guard (normal exit,
 //! error, panic) and by the SIGINT/SIGTERM handler.
@@ -61,6 +62,17 @@ pub struct Topology {
     /// The exit (sink) address.
     pub exit: SocketAddrV4,
     source_base: Ipv4Addr,
+}
+
+impl Topology {
+    /// The generator's UDP port: fixed in our own namespaces, ephemeral on the host.
+    pub fn client_port(&self) -> u16 {
+        if self.kind == Kind::Host {
+            0
+        } else {
+            40_000
+        }
+    }
 }
 
 /// Namespaces, processes and files to remove; shared with the signal handler.
@@ -180,15 +192,17 @@ impl Topology {
     /// to the relay CPUs and in the exit namespace to the load CPU (netns only).
     pub fn build(kind: Kind, prefix: &str, rps: Option<(&str, usize)>) -> Result<Self> {
         match kind {
+            // Shared with whatever else runs on this machine: addresses of our own in
+            // 127.0.0.0/8 so nothing listening on 127.0.0.1 collides with us.
             Kind::Host => Ok(Topology {
                 kind,
                 client_ns: None,
                 relay_ns: None,
                 exit_ns: None,
-                relay_listen: SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 51820),
-                relay_exit_side: Ipv4Addr::new(127, 0, 0, 1),
-                exit: SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 52000),
-                source_base: Ipv4Addr::new(127, 1, 0, 0),
+                relay_listen: SocketAddrV4::new(Ipv4Addr::new(127, 77, 0, 1), 51820),
+                relay_exit_side: Ipv4Addr::new(127, 77, 0, 1),
+                exit: SocketAddrV4::new(Ipv4Addr::new(127, 77, 0, 2), 52000),
+                source_base: Ipv4Addr::new(127, 78, 0, 0),
             }),
             Kind::Loopback => {
                 let ns = format!("{prefix}-lo");
@@ -373,9 +387,9 @@ mod tests {
         assert_eq!(cpu_mask("0-1"), "3");
         assert_eq!(cpu_mask("0,2"), "5");
         let t = Topology::build(Kind::Host, "rb", None).unwrap();
-        assert_eq!(t.source(0), Ipv4Addr::new(127, 1, 0, 1));
-        assert_eq!(t.source(250), Ipv4Addr::new(127, 1, 1, 1));
-        assert_eq!(t.source(999), Ipv4Addr::new(127, 1, 3, 250));
+        assert_eq!(t.source(0), Ipv4Addr::new(127, 78, 0, 1));
+        assert_eq!(t.source(250), Ipv4Addr::new(127, 78, 1, 1));
+        assert_eq!(t.source(999), Ipv4Addr::new(127, 78, 3, 250));
     }
 
     #[test]
