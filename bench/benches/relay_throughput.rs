@@ -176,6 +176,7 @@ fn jitter(_c: &mut Criterion) {
             exit_netns: None,
             load_cpu: None,
             handshake_timeout: Duration::from_secs(4),
+            paced_trains: false,
         };
         match load::run(&spec, &clock, &abort, |_| {}) {
             Ok(m) => println!(

@@ -55,6 +55,9 @@ pub struct LoadSpec {
     pub load_cpu: Option<usize>,
     /// How long the generator waits for handshakes to complete.
     pub handshake_timeout: Duration,
+    /// Paced runs send what is due as GSO trains (the shape of the unpaced runs) instead
+    /// of separate datagrams; for pacing at a fraction of an unpaced maximum.
+    pub paced_trains: bool,
 }
 
 /// What one run measured.
@@ -362,7 +365,7 @@ fn generate(spec: &LoadSpec, clock: &Clock, shared: &Shared) -> Result<(u64, boo
     let mut gso = spec.gso;
     let max_segs = (MAX_TRAIN_BYTES / size).clamp(1, MAX_GSO_SEGMENTS);
     let segs_for = |gso: bool| -> usize {
-        if !gso || paced {
+        if !gso || (paced && !spec.paced_trains) {
             1
         } else if single_flow {
             max_segs

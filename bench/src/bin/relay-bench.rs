@@ -337,6 +337,7 @@ fn bench(cli: &Cli) -> Result<()> {
                         exit_netns: Topology::netns_path(&topo.exit_ns),
                         load_cpu: Some(cli.load_cpu),
                         handshake_timeout: Duration::from_secs(if s.flows > 1 { 8 } else { 4 }),
+                        paced_trains: s.of_max.is_some(),
                     };
                     eprint!(
                         "[{} run {}/{runs}] {:<24} {:<20} ",
