@@ -44,7 +44,9 @@ pub struct RouterConfig {
     /// clients retry every REKEY_TIMEOUT (5 s).
     pub pending_timeout: Duration,
     /// A session without a packet either way for this long is closed. WireGuard throws its
-    /// keys away after 3 × REJECT_AFTER_TIME (540 s).
+    /// keys away after 3 × REJECT_AFTER_TIME (540 s). Never shorter than `pending_timeout`
+    /// (the router raises it): a session's deadline must not move earlier when it is
+    /// established, or its timer would fire late.
     pub idle_timeout: Duration,
     /// Handshake initiations per second allowed from one source address (or IPv6 /64).
     pub handshakes_per_second: u32,
@@ -388,6 +390,9 @@ impl Router {
         cfg.max_sessions_per_client = cfg
             .max_sessions_per_client
             .clamp(1, MAX_SESSIONS_PER_CLIENT);
+        // last_activity >= pending_since, so with this an established session's deadline
+        // (last_activity + idle) is never before its pending one, the one its timer is set for.
+        cfg.idle_timeout = cfg.idle_timeout.max(cfg.pending_timeout);
         let rate_limiter = HandshakeRateLimiter::new(
             cfg.handshakes_per_second,
             cfg.handshake_burst,

@@ -790,3 +790,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_idle_timeout_shorter_than_the_pending_one_never_leaves_a_session_past_its_deadline() {
+    let mut h = Harness::with(RouterConfig {
+        pending_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(2),
+        ..RouterConfig::default()
+    });
+    let c = client(1);
+    h.establish(c, key(1), 0xE1);
+    // Established at once, the session's deadline is its last packet plus the idle timeout.
+    // Its timer was set for the pending deadline; the worker sleeps until poll_timeout, so
+    // that must not be later than the deadline the router itself applies.
+    let deadline = h.now + h.r.config().idle_timeout;
+    let wake = h.r.poll_timeout().expect("a session is open");
+    assert!(wake <= deadline, "wakes {:?} late", wake - deadline);
+    h.now = deadline;
+    h.r.handle_timeout(h.now);
+    assert_eq!(h.r.session_count(), 0, "idle until its deadline");
+    assert_eq!(h.r.stats().sessions_expired_idle, 1);
+}
