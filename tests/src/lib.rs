@@ -1,6 +1,10 @@
 //! Shared pieces of WraithGate's integration tests: a relay on loopback, and a pump that
 //! drives several real WireGuard endpoints (boringtun) from one thread, so that each test
-//! decides exactly who sends what and when.
+//! decides exactly who sends what and when; and, for the suites that need root, network
+//! namespaces ([`netns`]) and the interop lab with stock WireGuard ([`interop`]).
+
+pub mod interop;
+pub mod netns;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
