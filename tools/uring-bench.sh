@@ -4,6 +4,7 @@
 # own CPU time, so that throughput can be compared per CPU-second of the relay.
 #
 #   tools/uring-bench.sh [relay-bench binary] [wraithgate binary] [topologies]
+#   (environment: RUNS=3 DURATION=5 RATE=1.0 (Gb/s of the paced scenario) SCENARIOS=...)
 #
 # Needs root (namespaces). Prints one line per run: harness figures, relay CPU seconds and
 # packets forwarded over the relay's life, and packets per relay CPU-second.
@@ -14,6 +15,8 @@ TOPOS=${3:-loopback,netns}
 WD=${WD:-target/relay-bench-uring}
 DURATION=${DURATION:-5}
 RUNS=${RUNS:-3}
+RATE=${RATE:-1.0}
+SCENARIOS=${SCENARIOS:-1flow-1420B-unpaced 1000flow-1420B-unpaced 1flow-1420B-paced}
 mkdir -p "$WD"
 WD=$(cd "$WD" && pwd)
 REAL_WG=$(realpath "$WG")
@@ -46,7 +49,7 @@ cpu_of() {
 
 for run in $(seq 1 "$RUNS"); do
   for topo in ${TOPOS//,/ }; do
-    for sc in 1flow-1420B-unpaced 1000flow-1420B-unpaced 1flow-1420B-paced; do
+    for sc in $SCENARIOS; do
       for c in wraithgate-uring wraithgate-portable naive-tokio; do
         case $c in
           naive-tokio) pat="relay-bench naive-relay" ;;
@@ -56,7 +59,7 @@ for run in $(seq 1 "$RUNS"); do
         (cpu_of "$pat" > "$cpu_file") &
         sampler=$!
         line=$("$BENCH" --quick --runs 1 --duration "$DURATION" --topology "$topo" \
-            --contenders "$c" --scenarios "$sc" --no-e2e --wraithgate "$WRAP" \
+            --contenders "$c" --scenarios "$sc" --no-e2e --wraithgate "$WRAP" --rate-gbps "$RATE" \
             --prefix ru --workdir "$WD" --svg "$WD/last.svg" 2>&1 >/dev/null \
             | grep -E "^\[$topo run" || true)
         wait "$sampler" || true

@@ -30,7 +30,7 @@ pub fn backends() -> Vec<BackendChoice> {
                 skips_allowed() || emulated,
                 "io_uring backend cannot run here and every test must: {e}"
             );
-            eprintln!("SKIPPING the io_uring backend: {e}");
+            eprintln!("SKIPPED: the io_uring backend: {e}");
         }
     }
     out

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::types::{Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use socket2::Socket;
 
@@ -86,7 +86,8 @@ const RECV: u64 = 1;
 const SEND: u64 = 2;
 const WAKE: u64 = 3;
 const CANCEL: u64 = 4;
-const CANCEL_ALL: u64 = 5;
+/// A cancellation at teardown (nothing to release when it completes).
+const TEARDOWN_CANCEL: u64 = 5;
 
 fn user_data(kind: u64, id: u32) -> u64 {
     (kind << KIND_SHIFT) | u64::from(id)
@@ -696,6 +697,8 @@ impl Worker {
             }
             let now = Instant::now();
             self.housekeeping(now);
+            let spent = now.elapsed().as_nanos() as u64;
+            self.plane.io.housekeeping_max_ns = self.plane.io.housekeeping_max_ns.max(spent);
             self.arm_wake();
             self.rearm_receives();
             self.bufs.ring.publish();
@@ -830,13 +833,6 @@ impl Worker {
                     }
                 }
                 CANCEL => self.plane.sockets.release(id),
-                CANCEL_ALL => {
-                    tracing::debug!(
-                        worker = self.plane.id,
-                        cancelled = res,
-                        "cancelled every request"
-                    )
-                }
                 _ => {}
             }
         }
@@ -1128,11 +1124,28 @@ impl Worker {
     /// before anything is freed.
     fn teardown(mut self) {
         self.stopping = true;
-        let entry = opcode::AsyncCancel2::new(CancelBuilder::any().all())
-            .build()
-            .user_data(user_data(CANCEL_ALL, 0));
-        // SAFETY: a cancellation points at nothing.
-        unsafe { self.plane.ring.push(&entry) };
+        // One cancellation per armed request, by user data: the kernel finds each in its
+        // hash table, where cancelling "any" would rescan every request for each match.
+        // Sends in flight complete on their own.
+        let mut cancels: Vec<u64> = self
+            .plane
+            .sockets
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.recv_armed))
+            .map(|(id, _)| user_data(RECV, id as u32))
+            .collect();
+        if self.wake_armed {
+            cancels.push(user_data(WAKE, 0));
+        }
+        for target in cancels {
+            let entry = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(user_data(TEARDOWN_CANCEL, 0));
+            // SAFETY: a cancellation points at nothing but a user data value.
+            unsafe { self.plane.ring.push(&entry) };
+        }
         let deadline = Instant::now() + TEARDOWN_WAIT;
         while self.plane.ring.inflight > 0 && Instant::now() < deadline {
             self.enter(Duration::from_millis(50), MORE_WANT);
