@@ -6,8 +6,15 @@
 //! harness's thread count. Each prints its figures as `interop[test]: …` lines (run with
 //! `--nocapture` to see them).
 //!
-//! `slow_netns_interop_rekey_keeps_traffic_flowing` waits out REKEY_AFTER_TIME (about 2.5
-//! minutes); skip it with `-- --skip slow_`.
+//! `slow_netns_interop_rekey_keeps_traffic_flowing` waits out REKEY_AFTER_TIME (a little
+//! over two minutes); skip it with `-- --skip slow_`. The whole file takes about five
+//! minutes.
+//!
+//! The node runs its default data path (`auto`: io_uring where the kernel allows it);
+//! `WRAITHGATE_INTEROP_BACKEND=portable` (or `uring`) runs every case on another, and
+//! `netns_interop_portable_backend_traffic_and_restart` always checks the portable one.
+//! `WRAITHGATE_BIN` and `WRAITHCTL_BIN` name prebuilt binaries (by default those next to the
+//! test binary, built if older than their sources).
 //!
 //! `netns_interop_known_issue_spoofed_initiations_starve_a_clients_handshakes` is not one of
 //! the issue's cases: it reproduces a weakness found on the way and fails today, so it is
