@@ -6,8 +6,15 @@
 //! harness's thread count. Each prints its figures as `interop[test]: …` lines (run with
 //! `--nocapture` to see them).
 //!
-//! `slow_netns_interop_rekey_keeps_traffic_flowing` waits out REKEY_AFTER_TIME (about 2.5
-//! minutes); skip it with `-- --skip slow_`.
+//! `slow_netns_interop_rekey_keeps_traffic_flowing` waits out REKEY_AFTER_TIME (a little
+//! over two minutes); skip it with `-- --skip slow_`. The whole file takes about five
+//! minutes.
+//!
+//! The node runs its default data path (`auto`: io_uring where the kernel allows it);
+//! `WRAITHGATE_INTEROP_BACKEND=portable` (or `uring`) runs every case on another, and
+//! `netns_interop_portable_backend_traffic_and_restart` always checks the portable one.
+//! `WRAITHGATE_BIN` and `WRAITHCTL_BIN` name prebuilt binaries (by default those next to the
+//! test binary, built if older than their sources).
 //!
 //! `netns_interop_known_issue_spoofed_initiations_starve_a_clients_handshakes` is not one of
 //! the issue's cases: it reproduces a weakness found on the way and fails today, so it is
@@ -945,6 +952,85 @@ fn netns_interop_garbage_and_spoofing() {
         );
         Ok(())
     });
+}
+
+/// The suite runs on the node's default data path (`auto`: io_uring where the kernel allows
+/// it). This runs the essentials on the portable backend (recvmmsg/sendmmsg), which a node
+/// falls back to: traffic from both clients at once, and a restart that keeps sessions.
+/// (`WRAITHGATE_INTEROP_BACKEND=portable` runs the whole suite on it.)
+#[test]
+fn netns_interop_portable_backend_traffic_and_restart() {
+    let test = "netns_interop_portable_backend_traffic_and_restart";
+    let Some(mut lab) = Lab::start_or_skip_with(test, "portable") else {
+        return;
+    };
+    let result = (|| -> Result<()> {
+        ensure!(
+            lab.relay.backend_in_use().as_deref() == Some("portable"),
+            "the node runs {:?}",
+            lab.relay.backend_in_use()
+        );
+        for i in 0..2 {
+            let (sent, received) = lab.ping(i, 5)?;
+            ensure!(received == sent, "client{}: ping {received}/{sent}", i + 1);
+        }
+        let runs = [
+            lab.iperf_start(0, Traffic::Tcp, 3, false)?,
+            lab.iperf_start(1, Traffic::Tcp, 3, false)?,
+        ];
+        let [a, b] = runs.map(|r| r.wait());
+        let (a, b) = (a?, b?);
+        lab.report(&format!(
+            "portable backend, both clients at once TCP: {:.0} + {:.0} Mb/s",
+            a.mbps, b.mbps
+        ));
+        ensure!(
+            a.mbps >= MIN_TCP_MBPS && b.mbps >= MIN_TCP_MBPS,
+            "TCP too slow on the portable backend"
+        );
+        let views: Vec<_> = (0..2)
+            .map(|i| lab.exit_view_of_client(i, i))
+            .collect::<Result<_>>()?;
+        let p = lab.probe(0, PROBE)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let stop_at = p.now();
+        lab.relay.stop()?;
+        lab.relay.launch(true)?;
+        ensure!(
+            p.wait_for_echo_after(
+                stop_at + Duration::from_millis(100),
+                Duration::from_secs(15)
+            ),
+            "no traffic after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let r = p.finish()?;
+        let gap = r
+            .outage_around(stop_at, PROBE * 3)
+            .map_or(Duration::ZERO, |g| g.length(r.ran));
+        let metrics = lab.relay.metrics()?;
+        lab.report(&format!(
+            "portable backend, restart gap {:.3} s; {}",
+            secs(gap),
+            r.summary()
+        ));
+        ensure!(
+            metrics.sum("wraithgate_client_handshakes_total", &[]) == 0,
+            "clients handshaked again after the restart"
+        );
+        for (i, view) in views.iter().enumerate() {
+            ensure!(
+                lab.exit_view_of_client(i, i)? == *view,
+                "exit{} sees client{} at a new relay port after the restart",
+                i + 1,
+                i + 1
+            );
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        panic!("{test} failed: {e:#}");
+    }
 }
 
 /// Not one of issue 6's cases, and failing today (run it with `-- --ignored`): the relay's

@@ -109,9 +109,18 @@ pub struct IperfRun {
 }
 
 impl Lab {
-    /// Builds the lab for `test`, or explains why this machine cannot and returns `None` when
-    /// skips are allowed (panics when `WRAITHGATE_REQUIRE_ALL_TESTS` forbids them).
+    /// Builds the lab for `test` with the relay's default data path (`auto`, or
+    /// `$WRAITHGATE_INTEROP_BACKEND` to run the suite on another), or explains why this
+    /// machine cannot and returns `None` when skips are allowed (panics when
+    /// `WRAITHGATE_REQUIRE_ALL_TESTS` forbids them).
     pub fn start_or_skip(test: &str) -> Option<Lab> {
+        let backend = std::env::var("WRAITHGATE_INTEROP_BACKEND").unwrap_or_else(|_| "auto".into());
+        Self::start_or_skip_with(test, &backend)
+    }
+
+    /// [`Lab::start_or_skip`] with the relay on data-path `backend` ("auto", "uring",
+    /// "portable").
+    pub fn start_or_skip_with(test: &str, backend: &str) -> Option<Lab> {
         if let Some(why) = netns::missing_prerequisites(&PROGRAMS) {
             if crate::skips_allowed() {
                 eprintln!(
@@ -122,13 +131,13 @@ impl Lab {
             }
             panic!("{test} cannot run: {why}; WRAITHGATE_REQUIRE_ALL_TESTS forbids skipping");
         }
-        match Lab::start(test) {
+        match Lab::start(test, backend) {
             Ok(lab) => Some(lab),
             Err(e) => panic!("{test}: building the lab failed: {e:#}"),
         }
     }
 
-    fn start(test: &str) -> Result<Lab> {
+    fn start(test: &str, backend: &str) -> Result<Lab> {
         let lock = SuiteLock::acquire()?;
         remove_leftovers()?;
         let started = Instant::now();
@@ -260,7 +269,7 @@ impl Lab {
             x.up(24)?;
         }
 
-        let relay = RelayNode::start(relay_ns.clone(), &dir)?;
+        let relay = RelayNode::start(relay_ns.clone(), &dir, backend)?;
         relay.add_exit(
             "exit1",
             &exits[0].keys.public,
@@ -305,8 +314,9 @@ impl Lab {
         }
         lab.check_processes()?;
         eprintln!(
-            "interop[{test}]: lab ready in {:.1} s",
-            lab.started.elapsed().as_secs_f64()
+            "interop[{test}]: lab ready in {:.1} s, relay backend {}",
+            lab.started.elapsed().as_secs_f64(),
+            lab.relay.backend_in_use().unwrap_or_else(|| "?".into())
         );
         Ok(lab)
     }

@@ -160,8 +160,9 @@ pub struct StartTimes {
 }
 
 impl RelayNode {
-    /// Writes the configuration (no exits: they come through the API) and starts the node.
-    pub fn start(ns: Arc<Netns>, dir: &Path) -> Result<RelayNode> {
+    /// Writes the configuration (no exits: they come through the API) and starts the node
+    /// with data-path `backend` ("auto", "uring" or "portable").
+    pub fn start(ns: Arc<Netns>, dir: &Path, backend: &str) -> Result<RelayNode> {
         let config = dir.join("wraithgate.toml");
         let state_dir = dir.join("relay-state");
         // The lab shares its cores with wireguard-go, iperf3 and whatever else the machine
@@ -169,6 +170,7 @@ impl RelayNode {
         let toml = format!(
             r#"[relay]
 listen = ["0.0.0.0:{RELAY_PORT}"]
+backend = "{backend}"
 pin_workers = false
 
 [control]
@@ -195,6 +197,14 @@ state_dir = "{}"
         };
         node.launch(true)?;
         Ok(node)
+    }
+
+    /// The data-path backend the running node chose, from its log.
+    pub fn backend_in_use(&self) -> Option<String> {
+        let log = std::fs::read_to_string(self.log_path()).ok()?;
+        let line = log.lines().find(|l| l.contains("relay running"))?;
+        let rest = &line[line.find("backend=")? + "backend=".len()..];
+        Some(rest.split_whitespace().next()?.trim_matches('"').to_owned())
     }
 
     pub fn ns(&self) -> &Arc<Netns> {
