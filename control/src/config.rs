@@ -211,8 +211,15 @@ impl Config {
                 message,
             },
         };
-        let file: ConfigFile =
-            toml::from_str(text).map_err(|e| at(e.span(), e.message().to_owned()))?;
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            // toml gives no message for some syntax errors (a control character in a
+            // comment, for one): never report an error without a reason.
+            let message = match e.message().trim() {
+                "" => "not valid TOML (a control character, or a stray byte?)".to_owned(),
+                m => m.to_owned(),
+            };
+            at(e.span(), message)
+        })?;
         let r = &file.relay;
         let l = &file.limits;
         let checks: [(bool, &str); 7] = [
@@ -458,6 +465,13 @@ mod tests {
             assert!((4..=5).contains(&l), "line {l}: {msg}");
             assert!(msg.contains("name"), "{msg}");
         }
+    }
+
+    #[test]
+    fn a_control_character_in_a_comment_is_refused_with_a_reason() {
+        let (l, msg) = line(parse("[relay]\n# a \u{1} b\nworkers = 1\n").unwrap_err());
+        assert_eq!(l, 2);
+        assert!(!msg.trim().is_empty(), "no reason given");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use wraithgate_relay::keys::Mac1Key;
 use wraithgate_relay::router::{
     Action, Command, Listener, Router, RouterConfig, RouterStats, SessionSlot, SessionSnapshot,
     MAX_SESSIONS_PER_CLIENT,
@@ -107,11 +108,25 @@ fn table(mask: u16, generation: u64) -> ExitTable {
     ExitTable::new(generation, specs).expect("distinct keys, ports and names")
 }
 
+/// `key.mac1_key()`, derived once per key and thread: deriving it is a hash, and the
+/// model checks every initiation against every exit.
+fn mac1_key(key: &PublicKey) -> Mac1Key {
+    thread_local! {
+        static KEYS: std::cell::RefCell<HashMap<PublicKey, Mac1Key>> = Default::default();
+    }
+    KEYS.with(|k| {
+        k.borrow_mut()
+            .entry(*key)
+            .or_insert_with(|| key.mac1_key())
+            .clone()
+    })
+}
+
 fn initiation(to: PublicKey, sender: u32, filler: u8) -> Vec<u8> {
     let mut m = vec![filler; wire::INITIATION_LEN];
     m[..4].copy_from_slice(&[wire::INITIATION_TYPE, 0, 0, 0]);
     m[4..8].copy_from_slice(&sender.to_le_bytes());
-    let mac = to.mac1_key().compute(&m[..wire::INITIATION_MAC1_OFFSET]);
+    let mac = mac1_key(&to).compute(&m[..wire::INITIATION_MAC1_OFFSET]);
     m[116..132].copy_from_slice(&mac);
     m[132..148].fill(0);
     m
@@ -496,11 +511,8 @@ impl Harness {
 
     /// The exit an initiation on `l` is for, by the model's own reading of §3.1.
     fn exit_for(&self, l: Listener, init: &wire::Initiation<'_>) -> Result<PublicKey, DropReason> {
-        let matches = |spec: &ExitSpec| {
-            spec.public_key
-                .mac1_key()
-                .verify(init.mac1_input(), init.mac1())
-        };
+        let matches =
+            |spec: &ExitSpec| mac1_key(&spec.public_key).verify(init.mac1_input(), init.mac1());
         if let Some(pinned) = self.table.specs().find(|s| s.listen_port == Some(l.port)) {
             return if matches(pinned) {
                 Ok(pinned.public_key)
