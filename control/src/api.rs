@@ -254,7 +254,8 @@ impl From<ChangeError> for ApiError {
                 | wraithgate_relay::table::TableError::DuplicateName { .. },
             ))
             | ChangeError::Invalid(crate::state::StateError::Table(
-                wraithgate_relay::table::TableError::DuplicatePeer { .. },
+                wraithgate_relay::table::TableError::DuplicatePeer { .. }
+                | wraithgate_relay::table::TableError::PeerIsExit { .. },
             ))
             | ChangeError::Conflict(_) => StatusCode::CONFLICT,
             ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -311,8 +312,47 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid request body: {e}")))
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+}
+
+/// The request bodies the API takes, parsed exactly as its handlers parse them.
+///
+/// Public so that the fuzz targets (crate `wraithgate-fuzzing`) run the handlers' own
+/// code; nothing else should need it. An error is the message the API answers with, under
+/// 400 Bad Request.
+pub mod body {
+    use wraithgate_relay::table::ExitSpec;
+
+    use super::{parse_json, ConfigBody, ExitBody};
+    use crate::state::{DesiredState, PeerSpec};
+
+    /// `POST /v1/exits`.
+    pub fn exit(body: &[u8]) -> Result<ExitSpec, String> {
+        let e: ExitBody = parse_json(body)?;
+        Ok(ExitSpec {
+            name: e.name,
+            public_key: e.public_key,
+            endpoint: e.endpoint,
+            listen_port: e.listen_port,
+        })
+    }
+
+    /// `POST /v1/peers`.
+    pub fn peer(body: &[u8]) -> Result<PeerSpec, String> {
+        parse_json(body)
+    }
+
+    /// `PUT /v1/config`: the new exits and peers, as a state of generation 0 (the node
+    /// assigns generations).
+    pub fn config(body: &[u8]) -> Result<DesiredState, String> {
+        let c: ConfigBody = parse_json(body)?;
+        Ok(DesiredState {
+            generation: 0,
+            exits: c.exits,
+            peers: c.peers,
+        })
+    }
 }
 
 /// A key from a URL path: base64url (as in the API's paths) or standard base64.
@@ -394,13 +434,7 @@ async fn add_exit(
     State(app): State<App>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<ExitSpec>), ApiError> {
-    let e: ExitBody = parse_json(&body)?;
-    let spec = ExitSpec {
-        name: e.name,
-        public_key: e.public_key,
-        endpoint: e.endpoint,
-        listen_port: e.listen_port,
-    };
+    let spec = body::exit(&body).map_err(bad_request)?;
     let added = spec.clone();
     app.control.apply(move |s| {
         if s.exits.iter().any(|x| x.public_key == spec.public_key) {
@@ -450,7 +484,7 @@ async fn add_peer(
     State(app): State<App>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<PeerSpec>), ApiError> {
-    let p: PeerSpec = parse_json(&body)?;
+    let p = body::peer(&body).map_err(bad_request)?;
     let mut shown = p.clone();
     shown.preshared_key = None;
     app.control.apply(move |s| {
@@ -530,12 +564,7 @@ async fn put_config(
         .map(|s| s.trim().trim_matches('"'))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad_request("If-Match must be a generation number"))?;
-    let c: ConfigBody = parse_json(&body)?;
-    let new = DesiredState {
-        generation: 0,
-        exits: c.exits,
-        peers: c.peers,
-    };
+    let new = body::config(&body).map_err(bad_request)?;
     let applied = app.control.replace(expected, new)?;
     // A summary, not the state echoed back: a whole table can be megabytes.
     let mut r = Json(json!({
@@ -612,11 +641,20 @@ async fn kill_session(
         },
         _ => None,
     };
-    let (worker, slot) = parsed.ok_or_else(|| {
-        bad_request(format!(
-            "{id:?} is not a session id (worker.index.generation)"
-        ))
-    })?;
+    let well_formed = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let Some((worker, slot)) = parsed else {
+        // Digits out of range name no session that can exist.
+        return Err(if well_formed {
+            ApiError(StatusCode::NOT_FOUND, format!("no session {id}"))
+        } else {
+            bad_request(format!(
+                "{id:?} is not a session id (worker.index.generation)"
+            ))
+        });
+    };
     if app.control.dp.close_session(worker, slot, WORKER_TIMEOUT) {
         tracing::info!(session = %id, "session closed on request");
         Ok(StatusCode::NO_CONTENT)

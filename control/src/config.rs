@@ -15,6 +15,8 @@ use wraithgate_relay::router::RouterConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable, TableError};
 use wraithgate_relay::PublicKey;
 
+use crate::state::{DesiredState, StateError};
+
 /// A configuration file, as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +86,9 @@ pub struct RelaySection {
     pub batch: usize,
     #[serde(default = "yes")]
     pub gso: bool,
+    /// io_uring receive buffers per worker (64 KiB each, resident only once used).
+    #[serde(default = "default_ring_buffers")]
+    pub ring_buffers: usize,
 }
 
 impl Default for RelaySection {
@@ -96,6 +101,7 @@ impl Default for RelaySection {
             exit_source: None,
             batch: default_batch(),
             gso: true,
+            ring_buffers: default_ring_buffers(),
         }
     }
 }
@@ -144,6 +150,10 @@ pub struct ExitEntry {
 fn default_listen() -> Vec<SocketAddr> {
     vec!["0.0.0.0:51820".parse().expect("literal address")]
 }
+fn default_ring_buffers() -> usize {
+    DataPlaneConfig::default().ring_buffers
+}
+
 fn default_batch() -> usize {
     32
 }
@@ -205,7 +215,11 @@ impl Config {
             toml::from_str(text).map_err(|e| at(e.span(), e.message().to_owned()))?;
         let r = &file.relay;
         let l = &file.limits;
-        let checks: [(bool, &str); 6] = [
+        let checks: [(bool, &str); 7] = [
+            (
+                r.ring_buffers < 8 || r.ring_buffers > 32_768,
+                "[relay] ring_buffers: must be between 8 and 32768",
+            ),
             (
                 r.listen.is_empty(),
                 "[relay] listen: give at least one address",
@@ -254,6 +268,20 @@ impl Config {
                 }
             })
             .collect();
+        // The node seeds its state with these exits and will not run on a state that does
+        // not validate: refuse here, with the entry's line, the names the state refuses.
+        let seed = DesiredState {
+            generation: 1,
+            exits: specs.clone(),
+            peers: Vec::new(),
+        };
+        if let Err(StateError::ExitName(name)) = seed.validate() {
+            let span = specs
+                .iter()
+                .position(|s| s.name == name)
+                .map(|i| spans[i].clone());
+            return Err(at(span, StateError::ExitName(name).to_string()));
+        }
         let table = ExitTable::new(1, specs.clone()).map_err(|err| {
             let name = match &err {
                 TableError::DuplicateKey { name, .. }
@@ -291,6 +319,7 @@ impl Config {
             exit_source: r.exit_source,
             batch: r.batch,
             gso: r.gso,
+            ring_buffers: r.ring_buffers,
             ..defaults
         };
         Ok(Config {
@@ -326,8 +355,11 @@ pub const EXAMPLE: &str = r#"# WraithGate relay configuration.
 listen = ["0.0.0.0:51820"]
 # Worker threads, one per core by default; each is pinned to its core.
 # workers = 2
-# "auto" uses io_uring where the kernel allows it, else "portable" (recvmmsg/sendmmsg).
+# "auto" uses io_uring where the kernel allows it, else "portable" (recvmmsg/sendmmsg);
+# "uring" refuses to start without io_uring.
 backend = "auto"
+# io_uring receive buffers per worker, a power of two (64 KiB each, resident once used).
+# ring_buffers = 256
 # Source address of the sockets that talk to exits (by default the kernel picks).
 # exit_source = "203.0.113.5"
 
@@ -413,6 +445,19 @@ mod tests {
         let (l, msg) = line(parse(&text).unwrap_err());
         assert!(l >= 6, "line {l}");
         assert!(msg.contains("already used"), "{msg}");
+    }
+
+    #[test]
+    fn exit_names_the_node_state_refuses_are_refused_with_their_line() {
+        let k = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        for name in [String::new(), "x".repeat(65)] {
+            let text = format!(
+                "[relay]\nworkers = 1\n\n[[exit]]\nname = \"{name}\"\npublic_key = \"{k}\"\nendpoint = \"192.0.2.1:1\"\n"
+            );
+            let (l, msg) = line(parse(&text).unwrap_err());
+            assert!((4..=5).contains(&l), "line {l}: {msg}");
+            assert!(msg.contains("name"), "{msg}");
+        }
     }
 
     #[test]

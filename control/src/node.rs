@@ -163,6 +163,10 @@ impl Node {
                     exits: cfg.table.specs().cloned().collect(),
                     peers: Vec::new(),
                 };
+                // Never leave behind a state file that would stop every later start.
+                seeded
+                    .validate()
+                    .context("the configuration's exits do not make a valid state")?;
                 file.save(&seeded)
                     .with_context(|| format!("writing {}", file.path().display()))?;
                 tracing::info!(path = %file.path().display(), exits = seeded.exits.len(), "new state seeded from the configuration file");

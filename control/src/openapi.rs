@@ -35,7 +35,7 @@ fn merge(mut a: Value, b: Value) -> Value {
 /// The document.
 pub fn document() -> Value {
     let key = json!({"type": "string", "description": "WireGuard key, standard base64 (44 characters) as `wg` prints it", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"});
-    let key_path = json!({"name": "key", "in": "path", "required": true, "description": "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}=?$"}});
+    let key_path = json!({"name": "key", "in": "path", "required": true, "description": "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$"}});
     let common = ["401", "403"];
     json!({
         "openapi": "3.0.3",
@@ -58,11 +58,11 @@ pub fn document() -> Value {
                         "public_key": {"$ref": "#/components/schemas/Key"},
                         "name": {"type": "string", "maxLength": 64},
                         "allowed_ips": {"type": "array", "minItems": 1, "items": {"type": "string", "example": "10.0.0.2/32"}},
-                        "preshared_key": {"$ref": "#/components/schemas/Key"},
+                        "preshared_key": {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$", "nullable": true, "description": "Write-only: never shown"},
                         "allowed_exits": {"type": "array", "items": {"$ref": "#/components/schemas/Key"}}
                     }},
                 "Config": {"type": "object", "additionalProperties": false, "properties": {
-                    "generation": {"type": "integer", "minimum": 0, "description": "Ignored on PUT; use If-Match."},
+                    "generation": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "nullable": true, "description": "Ignored on PUT; use If-Match."},
                     "exits": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}},
                     "peers": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}
                 }},
@@ -128,7 +128,7 @@ pub fn document() -> Value {
             "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
                 "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&common))}},
             "/v1/sessions/{id}": {"delete": {"summary": "Close a session",
-                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+\\.[0-9]+$"}}],
+                "parameters": [{"name": "id", "in": "path", "required": true, "description": "worker.index.generation, as listed", "schema": {"type": "string", "pattern": "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}$"}}],
                 "responses": merge(json!({"204": {"description": "Closed"}}), error_responses(&["400", "401", "403", "404"]))}}
         }
     })

@@ -40,7 +40,7 @@ impl DesiredState {
     /// Checks the whole state and builds the exit table workers will use.
     pub fn validate(&self) -> Result<ExitTable, StateError> {
         for e in &self.exits {
-            if e.name.is_empty() || e.name.len() > 64 {
+            if e.name.is_empty() || e.name.chars().count() > 64 {
                 return Err(StateError::ExitName(e.name.clone()));
             }
         }

@@ -231,6 +231,15 @@ impl WgNode {
         }
     }
 
+    /// Encrypts an IP packet to `peer` without sending it: the transport message, for a
+    /// caller that sends it itself (a GSO train, say). `None` without a session.
+    pub fn seal(&mut self, peer: usize, ip: &[u8]) -> Option<Vec<u8>> {
+        match self.peers[peer].tunn.encapsulate(ip, &mut self.out) {
+            TunnResult::WriteToNetwork(p) if p.first() == Some(&4) => Some(p.to_vec()),
+            _ => None,
+        }
+    }
+
     /// Runs boringtun's timers for every peer (retries, keepalives, rekeys).
     pub fn tick(&mut self) {
         for peer in 0..self.peers.len() {

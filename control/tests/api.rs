@@ -241,6 +241,12 @@ fn exits_good_and_bad_input_leave_state_exactly_as_it_was() {
             "name",
         ),
         (
+            json!({"public_key": k2, "endpoint": "192.0.2.1:1", "name": "é".repeat(65)})
+                .to_string(),
+            400,
+            "name",
+        ),
+        (
             json!({"public_key": k2, "endpoint": "192.0.2.1:1", "name": "a", "colour": "red"})
                 .to_string(),
             400,
@@ -430,6 +436,11 @@ fn sessions_are_listed_without_payload_and_can_be_killed() {
     assert!(sess["established"].as_bool().unwrap());
     let id = sess["id"].as_str().unwrap().to_owned();
     assert_eq!(n.send("DELETE", "/v1/sessions/garbage", "", &[]).0, 400);
+    assert_eq!(
+        n.send("DELETE", "/v1/sessions/6936238.3.305462016057947", "", &[])
+            .0,
+        404
+    );
     assert_eq!(
         n.send("DELETE", &format!("/v1/sessions/{id}"), "", &[]).0,
         204

@@ -44,7 +44,9 @@ pub struct RouterConfig {
     /// clients retry every REKEY_TIMEOUT (5 s).
     pub pending_timeout: Duration,
     /// A session without a packet either way for this long is closed. WireGuard throws its
-    /// keys away after 3 × REJECT_AFTER_TIME (540 s).
+    /// keys away after 3 × REJECT_AFTER_TIME (540 s). Never shorter than `pending_timeout`
+    /// (the router raises it): a session's deadline must not move earlier when it is
+    /// established, or its timer would fire late.
     pub idle_timeout: Duration,
     /// Handshake initiations per second allowed from one source address (or IPv6 /64).
     pub handshakes_per_second: u32,
@@ -249,12 +251,19 @@ pub struct SessionSnapshot {
     pub handshakes: u64,
 }
 
-/// Receiver indices an exit assigned to one client, newest last.
+/// Receiver indices an exit assigned to one client, oldest first, each marked once the
+/// client has used it.
+///
+/// The relay cannot authenticate what arrives on an exit-facing socket: anyone who can
+/// spoof the exit's address and guess the socket's port can make it look like the exit
+/// assigned an index. Such indices are never used by the real client, so when the ring is
+/// full the oldest index the client has *not* used goes first; a flood of forged
+/// initiations only churns those and never evicts the indices the client's traffic runs on.
 #[derive(Debug, Clone, Copy, Default)]
 struct IndexRing {
     indices: [u32; EXIT_INDICES],
+    used: [bool; EXIT_INDICES],
     len: u8,
-    next: u8,
 }
 
 impl SessionSnapshot {
@@ -279,26 +288,36 @@ impl SessionSnapshot {
 impl IndexRing {
     /// Indices oldest first.
     fn to_vec(self) -> Vec<u32> {
-        let len = self.len as usize;
-        let start = if len < EXIT_INDICES {
-            0
-        } else {
-            self.next as usize
-        };
-        (0..len)
-            .map(|i| self.indices[(start + i) % EXIT_INDICES])
-            .collect()
+        self.indices[..self.len as usize].to_vec()
     }
     fn push(&mut self, index: u32) {
         if self.contains(index) {
             return;
         }
-        self.indices[self.next as usize] = index;
-        self.next = (self.next + 1) % EXIT_INDICES as u8;
-        self.len = (self.len + 1).min(EXIT_INDICES as u8);
+        let len = self.len as usize;
+        if len < EXIT_INDICES {
+            self.indices[len] = index;
+            self.used[len] = false;
+            self.len += 1;
+            return;
+        }
+        let victim = self.used.iter().position(|&u| !u).unwrap_or(0);
+        self.indices.copy_within(victim + 1.., victim);
+        self.used.copy_within(victim + 1.., victim);
+        self.indices[EXIT_INDICES - 1] = index;
+        self.used[EXIT_INDICES - 1] = false;
     }
     fn contains(&self, index: u32) -> bool {
         self.indices[..self.len as usize].contains(&index)
+    }
+    /// Marks `index` as used by the client (it must be in the ring).
+    fn mark_used(&mut self, index: u32) {
+        if let Some(i) = self.indices[..self.len as usize]
+            .iter()
+            .position(|&x| x == index)
+        {
+            self.used[i] = true;
+        }
     }
 }
 
@@ -388,6 +407,9 @@ impl Router {
         cfg.max_sessions_per_client = cfg
             .max_sessions_per_client
             .clamp(1, MAX_SESSIONS_PER_CLIENT);
+        // last_activity >= pending_since, so with this an established session's deadline
+        // (last_activity + idle) is never before its pending one, the one its timer is set for.
+        cfg.idle_timeout = cfg.idle_timeout.max(cfg.pending_timeout);
         let rate_limiter = HandshakeRateLimiter::new(
             cfg.handshakes_per_second,
             cfg.handshake_burst,
@@ -493,6 +515,7 @@ impl Router {
             .at_mut(slot_index)
             .expect("slot listed for a client holds a session");
         s.verified |= proves_receipt;
+        s.exit_indices.mark_used(index);
         s.last_activity = now;
         s.to_exit.add(len);
         self.stats.client_to_exit.add(len);

@@ -15,6 +15,7 @@ use crate::keys::{Mac1Key, PublicKey};
 
 /// An exit as the operator configured it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExitSpec {
     pub name: String,
     pub public_key: PublicKey,
@@ -283,7 +284,7 @@ impl ExitTable {
             if p.allowed_ips.is_empty() {
                 return Err(TableError::NoAllowedIps { key });
             }
-            if p.name.len() > 64 {
+            if p.name.chars().count() > 64 {
                 return Err(TableError::PeerName { key });
             }
             if let Some(exit) = p

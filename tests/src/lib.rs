@@ -1,6 +1,10 @@
 //! Shared pieces of WraithGate's integration tests: a relay on loopback, and a pump that
 //! drives several real WireGuard endpoints (boringtun) from one thread, so that each test
-//! decides exactly who sends what and when.
+//! decides exactly who sends what and when; and, for the suites that need root, network
+//! namespaces ([`netns`]) and the interop lab with stock WireGuard ([`interop`]).
+
+pub mod interop;
+pub mod netns;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,8 +16,24 @@ use wraithgate_relay::table::{ExitSpec, ExitTable, SharedTable};
 use wraithgate_relay::RouterStats;
 
 /// Every backend this machine can run; the suite runs against each.
+///
+/// io_uring is left out, loudly, where it cannot be set up. That is a failure when every
+/// test must run (`WRAITHGATE_REQUIRE_ALL_TESTS`), except under an emulator
+/// (`WRAITHGATE_UNDER_QEMU=1`: qemu-user has no io_uring).
 pub fn backends() -> Vec<BackendChoice> {
-    vec![BackendChoice::Portable]
+    let mut out = vec![BackendChoice::Portable];
+    match wraithgate_relay::io::uring::probe() {
+        Ok(()) => out.push(BackendChoice::Uring),
+        Err(e) => {
+            let emulated = std::env::var_os("WRAITHGATE_UNDER_QEMU").is_some_and(|v| v == "1");
+            assert!(
+                skips_allowed() || emulated,
+                "io_uring backend cannot run here and every test must: {e}"
+            );
+            eprintln!("SKIPPING the io_uring backend: {e}");
+        }
+    }
+    out
 }
 
 /// A relay on loopback.
@@ -71,6 +91,9 @@ impl Relay {
             table.clone(),
         )
         .expect("relay starts");
+        if backend != BackendChoice::Auto {
+            assert_eq!(dp.backend(), backend.as_str(), "the backend asked for runs");
+        }
         let addr = dp.local_addrs()[0];
         Relay { dp, table, addr }
     }

@@ -19,10 +19,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use socket2::Socket;
 
-use super::sys::{self, RecvBatch, SendBatch, Transmit, MAX_GSO_SEGMENTS};
-use super::{BoundListener, DataPlaneConfig, IoStats, WorkerReport, WorkerRequest};
+use super::plan::{self, Run, Source, Target, WorkerIo};
+use super::sys::{self, RecvBatch, SendBatch, Transmit};
+use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
-use crate::router::{Action, Command, Listener, Router, SessionSlot, SessionSnapshot};
+use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
 use crate::zhop::{NodeKey, Zhop, ZhopOut};
 
@@ -39,32 +40,20 @@ const REPORT_EVERY: Duration = Duration::from_millis(50);
 /// Batches taken from one socket before the others get their turn.
 const BATCHES_PER_TURN: usize = 4;
 
-/// The sockets Z-HOP's events act on, borrowed field by field so that Z-HOP itself stays
-/// free to borrow.
-macro_rules! zhop_io {
+/// The worker's sockets, borrowed field by field so that the router, Z-HOP and the
+/// receive buffers stay free to borrow.
+macro_rules! portable_io {
     ($w:ident) => {
-        ZhopIo {
+        PortableIo {
             worker: $w.id,
             cfg: &$w.cfg,
             poll: &$w.poll,
-            listeners: &$w.listeners,
+            listeners: &mut $w.listeners,
+            exits: &mut $w.exits,
             flows: &mut $w.flows,
-            failed: 0,
+            io: &mut $w.io,
         }
     };
-}
-
-pub(crate) struct WorkerContext {
-    pub id: usize,
-    pub cfg: DataPlaneConfig,
-    pub table: SharedTable,
-    pub listeners: Vec<BoundListener>,
-    /// Sessions saved before a restart that this worker's clients are steered to.
-    pub restore: Vec<SessionSnapshot>,
-    pub poll: mio::Poll,
-    pub requests: mpsc::Receiver<WorkerRequest>,
-    pub report: Arc<Mutex<WorkerReport>>,
-    pub shutdown: Arc<AtomicBool>,
 }
 
 struct ListenerSocket {
@@ -76,24 +65,6 @@ struct ListenerSocket {
 struct ExitSocket {
     generation: u32,
     socket: Socket,
-}
-
-/// Where a run of segments goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Exit(SessionSlot),
-    Client { listener: u16, addr: SocketAddr },
-}
-
-/// Consecutive segments of one received message going to one target.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    target: Target,
-    msg: usize,
-    start: usize,
-    len: usize,
-    segment: usize,
-    segments: usize,
 }
 
 struct Worker {
@@ -152,11 +123,9 @@ pub(crate) fn run(ctx: WorkerContext) {
         last_report: now,
     };
     for l in ctx.listeners {
-        if let Err(e) = w.add_listener(l) {
-            tracing::error!(worker = w.id, error = %e, "cannot register listener");
-        }
+        portable_io!(w).add_listener(l);
     }
-    w.restore(&ctx.restore, now);
+    plan::restore(w.id, &mut w.router, &mut portable_io!(w), &ctx.restore, now);
     if let Err(e) = w.event_loop() {
         tracing::error!(worker = w.id, error = %e, "worker stopped");
     }
@@ -164,65 +133,6 @@ pub(crate) fn run(ctx: WorkerContext) {
 }
 
 impl Worker {
-    fn add_listener(&mut self, l: BoundListener) -> io::Result<()> {
-        let id = self.listeners.len() as u16;
-        self.poll.registry().register(
-            &mut SourceFd(&l.socket.as_raw_fd()),
-            Token(id as usize),
-            Interest::READABLE,
-        )?;
-        tracing::debug!(worker = self.id, local = %l.local, gro = l.gro, "listening");
-        self.listeners.push(ListenerSocket {
-            listener: Listener {
-                id,
-                port: l.local.port(),
-            },
-            local: l.local,
-            socket: l.socket,
-        });
-        Ok(())
-    }
-
-    fn restore(&mut self, sessions: &[SessionSnapshot], now: Instant) {
-        let mut restored = 0;
-        for snap in sessions {
-            let Some(listener) = self
-                .listeners
-                .iter()
-                .find(|l| {
-                    l.listener.port == snap.listen_port
-                        && l.local.is_ipv4() == snap.client.is_ipv4()
-                })
-                .map(|l| l.listener)
-            else {
-                continue;
-            };
-            if self.router.restore(now, listener, snap).is_ok() {
-                restored += 1;
-            }
-            self.apply_commands();
-        }
-        if !sessions.is_empty() {
-            tracing::info!(
-                worker = self.id,
-                restored,
-                offered = sessions.len(),
-                "sessions restored"
-            );
-        }
-    }
-
-    fn snapshot(&self, now: Instant) -> Vec<SessionSnapshot> {
-        self.router
-            .sessions(now)
-            .filter_map(|info| {
-                let s = self.exits.get(info.slot.index as usize)?.as_ref()?;
-                let port = s.socket.local_addr().ok()?.as_socket()?.port();
-                Some(SessionSnapshot::new(info, port))
-            })
-            .collect()
-    }
-
     fn event_loop(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
@@ -264,40 +174,18 @@ impl Worker {
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        if let Some(t) = self.table.load_if_changed(self.router.table()) {
+        let new_table = self.table.load_if_changed(self.router.table());
+        if let Some(t) = &new_table {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
-            self.router.set_table(t.clone());
-            let mut io = zhop_io!(self);
-            self.zhop.set_table(t, &mut |o| io.handle(o));
-            let failed = io.failed;
-            self.zhop_result(Ok(()), failed);
         }
-        self.router.handle_timeout(now);
-        self.apply_commands();
-        let mut io = zhop_io!(self);
-        self.zhop.tick(now, &mut |o| io.handle(o));
-        let failed = io.failed;
-        self.zhop_result(Ok(()), failed);
-        while let Ok(req) = self.requests.try_recv() {
-            match req {
-                WorkerRequest::Sessions(reply) => {
-                    let _ = reply.send(self.router.sessions(now).collect());
-                }
-                WorkerRequest::CloseSession { slot, reply } => {
-                    let _ = reply.send(self.router.close_session(slot));
-                    self.apply_commands();
-                }
-                WorkerRequest::Snapshot(reply) => {
-                    let _ = reply.send(self.snapshot(now));
-                }
-                WorkerRequest::AddListener(l) => {
-                    let local = l.local;
-                    if let Err(e) = self.add_listener(l) {
-                        tracing::warn!(worker = self.id, %local, error = %e, "cannot register listener");
-                    }
-                }
-            }
-        }
+        plan::housekeeping(
+            &mut self.router,
+            &mut self.zhop,
+            &mut portable_io!(self),
+            new_table,
+            &self.requests,
+            now,
+        );
         if now.duration_since(self.last_report) >= REPORT_EVERY {
             self.publish(now);
         }
@@ -305,74 +193,7 @@ impl Worker {
 
     fn publish(&mut self, now: Instant) {
         self.last_report = now;
-        if let Ok(mut r) = self.report.lock() {
-            r.router.clone_from(self.router.stats());
-            r.io.clone_from(&self.io);
-            r.sessions = self.router.session_count();
-            r.pending = self.router.pending_count();
-            r.table_generation = self.router.table().generation();
-            r.zhop = self.zhop.stats();
-            r.published = Some(now);
-        }
-    }
-
-    fn apply_commands(&mut self) {
-        while let Some(cmd) = self.router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket {
-                    slot,
-                    exit,
-                    local_port,
-                } => {
-                    match sys::exit_socket(
-                        exit,
-                        self.cfg.exit_source,
-                        local_port,
-                        self.cfg.exit_socket_buffer,
-                    ) {
-                        Ok((socket, _gro)) => {
-                            let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
-                            let reg = self.poll.registry().register(
-                                &mut SourceFd(&socket.as_raw_fd()),
-                                token,
-                                Interest::READABLE,
-                            );
-                            if let Err(e) = reg {
-                                tracing::warn!(worker = self.id, error = %e, "cannot register exit socket");
-                                self.router.socket_failed(slot);
-                                continue;
-                            }
-                            let i = slot.index as usize;
-                            if self.exits.len() <= i {
-                                self.exits.resize_with(i + 1, || None);
-                            }
-                            self.exits[i] = Some(ExitSocket {
-                                generation: slot.generation,
-                                socket,
-                            });
-                            self.io.exit_sockets_open += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
-                            self.router.socket_failed(slot);
-                        }
-                    }
-                }
-                Command::CloseExitSocket { slot } => {
-                    let i = slot.index as usize;
-                    if let Some(Some(s)) = self.exits.get(i) {
-                        if s.generation == slot.generation {
-                            let _ = self
-                                .poll
-                                .registry()
-                                .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
-                            self.exits[i] = None;
-                            self.io.exit_sockets_open -= 1;
-                        }
-                    }
-                }
-            }
-        }
+        plan::publish(&self.report, &self.router, &self.zhop, &self.io);
     }
 
     /// Serves one ready socket for a turn. Returns whether it may have more to read.
@@ -434,94 +255,31 @@ impl Worker {
         true
     }
 
-    /// Runs every received segment through the router and plans the sends.
+    /// Runs every received segment through Z-HOP or the router and plans the sends.
     fn route_batch(&mut self, n: usize, source: Source, now: Instant) {
         self.runs.clear();
         for msg in 0..n {
             let Some(meta) = self.recv.meta(msg) else {
                 continue;
             };
-            if meta.stride < meta.len {
+            if plan::is_train(meta.len, meta.stride) {
                 self.io.gro_trains += 1;
             }
-            let mut offset = 0;
-            while offset < meta.len {
-                let seg_len = meta.stride.min(meta.len - offset);
-                let seg = &self.recv.payload(msg)[offset..offset + seg_len];
-                let zhop = match source {
-                    Source::Client(l)
-                        if self.zhop.claims(
-                            meta.from,
-                            seg,
-                            self.router.knows_client(meta.from),
-                        ) =>
-                    {
-                        let mut io = zhop_io!(self);
-                        let r = self
-                            .zhop
-                            .handle_client(now, l, meta.from, seg, &mut |o| io.handle(o));
-                        Some((r, io.failed))
-                    }
-                    Source::Flow(flow) => {
-                        let mut io = zhop_io!(self);
-                        let r = self.zhop.handle_exit(now, flow, seg, &mut |o| io.handle(o));
-                        Some((r, io.failed))
-                    }
-                    _ => None,
-                };
-                if let Some((r, failed)) = zhop {
-                    self.zhop_result(r, failed);
-                    offset += seg_len;
-                    continue;
-                }
-                let action = match source {
-                    Source::Client(l) => self.router.handle_client(now, l, meta.from, seg),
-                    Source::Exit(slot) => self.router.handle_exit(now, slot, seg),
-                    // Handled by Z-HOP above.
-                    Source::Flow(_) => Action::Drop(DropReason::NoSession),
-                };
-                // Opening an exit socket must happen before anything is sent through it.
-                self.apply_commands();
-                let target = match action {
-                    Action::ToExit(slot) => Some(Target::Exit(slot)),
-                    Action::ToClient { listener, client } => Some(Target::Client {
-                        listener: listener.id,
-                        addr: client,
-                    }),
-                    Action::Drop(_) => None,
-                };
-                if let Some(target) = target {
-                    self.plan(target, msg, offset, seg_len);
-                }
-                offset += seg_len;
-            }
+            let (runs, gso) = (&mut self.runs, self.gso);
+            plan::route_message(
+                &mut self.router,
+                &mut self.zhop,
+                &mut portable_io!(self),
+                now,
+                plan::Message {
+                    source,
+                    from: meta.from,
+                    payload: self.recv.payload(msg),
+                    stride: meta.stride,
+                },
+                |target, offset, len| plan::plan(runs, gso, target, msg, offset, len),
+            );
         }
-    }
-
-    fn plan(&mut self, target: Target, msg: usize, start: usize, len: usize) {
-        if let Some(run) = self.runs.last_mut() {
-            let contiguous = run.msg == msg && run.start + run.len == start;
-            // GSO needs equal segments, only the last may be shorter.
-            let fits = len <= run.segment && run.len == run.segment * run.segments;
-            if self.gso
-                && contiguous
-                && fits
-                && run.target == target
-                && run.segments < MAX_GSO_SEGMENTS
-            {
-                run.len += len;
-                run.segments += 1;
-                return;
-            }
-        }
-        self.runs.push(Run {
-            target,
-            msg,
-            start,
-            len,
-            segment: len,
-            segments: 1,
-        });
     }
 
     /// Sends every planned run: runs to exits through their sessions' sockets, runs to
@@ -533,9 +291,14 @@ impl Worker {
             match run.target {
                 Target::Exit(slot) => self.send_to_exit(slot, run),
                 Target::Client { listener, addr } => {
-                    let seg = (run.segments > 1).then_some(run.segment as u16);
-                    self.client_tx
-                        .push((listener, addr, run.msg, run.start, run.len, seg));
+                    self.client_tx.push((
+                        listener,
+                        addr,
+                        run.msg,
+                        run.start,
+                        run.len,
+                        run.segment_size(),
+                    ));
                 }
             }
         }
@@ -557,7 +320,7 @@ impl Worker {
         let tx = Transmit {
             dest: None,
             contents: &self.recv.payload(run.msg)[run.start..run.start + run.len],
-            segment_size: (run.segments > 1).then_some(run.segment as u16),
+            segment_size: run.segment_size(),
         };
         self.io.send_calls += 1;
         if run.segments > 1 {
@@ -685,103 +448,157 @@ impl Outbox<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Client(Listener),
-    Exit(SessionSlot),
-    Flow(SessionSlot),
+/// A portable worker's sockets, for the logic shared with the io_uring backend.
+struct PortableIo<'a> {
+    worker: usize,
+    cfg: &'a DataPlaneConfig,
+    poll: &'a mio::Poll,
+    listeners: &'a mut Vec<ListenerSocket>,
+    exits: &'a mut Vec<Option<ExitSocket>>,
+    flows: &'a mut Vec<Option<ExitSocket>>,
+    io: &'a mut IoStats,
 }
 
-impl Worker {
-    fn zhop_result(&mut self, r: Result<(), DropReason>, failed_sends: usize) {
-        if let Err(reason) = r {
-            self.router.record_drop(reason);
-        }
-        for _ in 0..failed_sends {
-            self.router.record_drop(DropReason::SendFailed);
+impl PortableIo<'_> {
+    /// Opens a socket connected to `exit` and registers it under `token`.
+    fn open(&self, exit: SocketAddr, local_port: Option<u16>, token: Token) -> io::Result<Socket> {
+        let (socket, _gro) = sys::exit_socket(
+            exit,
+            self.cfg.exit_source,
+            local_port,
+            self.cfg.exit_socket_buffer,
+        )?;
+        self.poll.registry().register(
+            &mut SourceFd(&socket.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )?;
+        Ok(socket)
+    }
+
+    /// Deregisters and drops the socket of `slot` in `table`, if it is still that one.
+    fn close(poll: &mio::Poll, table: &mut [Option<ExitSocket>], slot: SessionSlot) -> bool {
+        match table.get_mut(slot.index as usize) {
+            Some(entry @ Some(_))
+                if entry
+                    .as_ref()
+                    .is_some_and(|s| s.generation == slot.generation) =>
+            {
+                if let Some(s) = entry.take() {
+                    let _ = poll
+                        .registry()
+                        .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
+                }
+                true
+            }
+            _ => false,
         }
     }
 }
 
-/// Carries out Z-HOP's events on this worker's sockets. Z-HOP decrypts into its own
-/// buffer, so these are plain one-datagram sends.
-struct ZhopIo<'a> {
-    worker: usize,
-    cfg: &'a DataPlaneConfig,
-    poll: &'a mio::Poll,
-    listeners: &'a [ListenerSocket],
-    flows: &'a mut Vec<Option<ExitSocket>>,
-    failed: usize,
+fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket) {
+    let i = slot.index as usize;
+    if table.len() <= i {
+        table.resize_with(i + 1, || None);
+    }
+    table[i] = Some(ExitSocket {
+        generation: slot.generation,
+        socket,
+    });
 }
 
-impl ZhopIo<'_> {
-    fn handle(&mut self, o: ZhopOut<'_>) {
+impl WorkerIo for PortableIo<'_> {
+    fn router_commands(&mut self, router: &mut Router) {
+        while let Some(cmd) = router.poll_command() {
+            match cmd {
+                Command::OpenExitSocket {
+                    slot,
+                    exit,
+                    local_port,
+                } => {
+                    let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
+                    match self.open(exit, local_port, token) {
+                        Ok(socket) => {
+                            put(self.exits, slot, socket);
+                            self.io.exit_sockets_open += 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open exit socket");
+                            router.socket_failed(slot);
+                        }
+                    }
+                }
+                Command::CloseExitSocket { slot } => {
+                    if Self::close(self.poll, self.exits, slot) {
+                        self.io.exit_sockets_open -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn zhop_event(&mut self, o: ZhopOut<'_>) -> bool {
         match o {
             ZhopOut::ToPeer {
                 listener,
                 to,
                 bytes,
-            } => {
-                let sent = self
-                    .listeners
-                    .get(listener.id as usize)
-                    .map(|l| l.socket.send_to(bytes, &to.into()));
-                if !matches!(sent, Some(Ok(_))) {
-                    self.failed += 1;
-                }
-            }
-            ZhopOut::ToExit { flow, bytes } => {
-                let sent = match self.flows.get(flow.index as usize) {
-                    Some(Some(s)) if s.generation == flow.generation => s.socket.send(bytes).ok(),
-                    _ => None,
-                };
-                if sent.is_none() {
-                    self.failed += 1;
-                }
-            }
+            } => self
+                .listeners
+                .get(listener.id as usize)
+                .is_some_and(|l| l.socket.send_to(bytes, &to.into()).is_ok()),
+            ZhopOut::ToExit { flow, bytes } => match self.flows.get(flow.index as usize) {
+                Some(Some(s)) if s.generation == flow.generation => s.socket.send(bytes).is_ok(),
+                _ => false,
+            },
             ZhopOut::OpenFlow { flow, exit } => {
-                match sys::exit_socket(
-                    exit,
-                    self.cfg.exit_source,
-                    None,
-                    self.cfg.exit_socket_buffer,
-                ) {
-                    Ok((socket, _)) => {
-                        let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
-                        if let Err(e) = self.poll.registry().register(
-                            &mut SourceFd(&socket.as_raw_fd()),
-                            token,
-                            Interest::READABLE,
-                        ) {
-                            tracing::warn!(worker = self.worker, error = %e, "cannot register flow socket");
-                            return;
-                        }
-                        let i = flow.index as usize;
-                        if self.flows.len() <= i {
-                            self.flows.resize_with(i + 1, || None);
-                        }
-                        self.flows[i] = Some(ExitSocket {
-                            generation: flow.generation,
-                            socket,
-                        });
-                    }
+                let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
+                match self.open(exit, None, token) {
+                    Ok(socket) => put(self.flows, flow, socket),
                     Err(e) => {
                         tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open flow socket")
                     }
                 }
+                true
             }
             ZhopOut::CloseFlow { flow } => {
-                let i = flow.index as usize;
-                if let Some(Some(s)) = self.flows.get(i) {
-                    if s.generation == flow.generation {
-                        let _ = self
-                            .poll
-                            .registry()
-                            .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
-                        self.flows[i] = None;
-                    }
-                }
+                Self::close(self.poll, self.flows, flow);
+                true
             }
         }
+    }
+
+    fn add_listener(&mut self, l: BoundListener) {
+        let id = self.listeners.len() as u16;
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&l.socket.as_raw_fd()),
+            Token(id as usize),
+            Interest::READABLE,
+        ) {
+            tracing::warn!(worker = self.worker, local = %l.local, error = %e, "cannot register listener");
+            return;
+        }
+        tracing::debug!(worker = self.worker, local = %l.local, gro = l.gro, "listening");
+        self.listeners.push(ListenerSocket {
+            listener: Listener {
+                id,
+                port: l.local.port(),
+            },
+            local: l.local,
+            socket: l.socket,
+        });
+    }
+
+    fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
+        let s = self.exits.get(slot.index as usize)?.as_ref()?;
+        (s.generation == slot.generation).then_some(())?;
+        Some(s.socket.local_addr().ok()?.as_socket()?.port())
+    }
+
+    fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {
+        self.listeners
+            .iter()
+            .find(|l| l.listener.port == port && l.local.is_ipv4() == client.is_ipv4())
+            .map(|l| l.listener)
     }
 }

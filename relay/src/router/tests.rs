@@ -625,6 +625,78 @@ fn index_ring_lists_oldest_first_after_wrapping() {
 }
 
 #[test]
+fn index_ring_evicts_unused_indices_first() {
+    let mut r = IndexRing::default();
+    for i in 0..EXIT_INDICES as u32 {
+        r.push(i);
+    }
+    r.mark_used(2);
+    r.mark_used(5);
+    for i in 100..120 {
+        r.push(i);
+    }
+    let v = r.to_vec();
+    assert_eq!(v.len(), EXIT_INDICES);
+    assert!(r.contains(2) && r.contains(5), "used indices stay: {v:?}");
+    assert_eq!(&v[2..], &[114, 115, 116, 117, 118, 119]);
+    // With every index used, the oldest goes.
+    for i in v {
+        r.mark_used(i);
+    }
+    r.push(7);
+    assert!(!r.contains(2) && r.contains(5) && r.contains(7));
+}
+
+#[test]
+fn forged_exit_initiations_never_evict_the_clients_indices() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    // Anyone who spoofs the exit's address towards this session's socket is "the exit".
+    for forged in 0..1_000u32 {
+        h.exit(
+            slot,
+            &initiation(PublicKey([0xCC; 32]), 0xF000_0000 + forged),
+        );
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE1, 64)),
+        Action::ToExit(slot)
+    );
+    // A rekey in the middle of the flood: the exit's new index survives until the client
+    // uses it, and then for good.
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(1), 101)),
+        Action::ToExit(slot)
+    );
+    h.exit(slot, &response(0xE2, 101));
+    for forged in 0..3u32 {
+        h.exit(
+            slot,
+            &initiation(PublicKey([0xCC; 32]), 0xF100_0000 + forged),
+        );
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE2, 64)),
+        Action::ToExit(slot)
+    );
+    for forged in 0..1_000u32 {
+        h.exit(
+            slot,
+            &initiation(PublicKey([0xCC; 32]), 0xF200_0000 + forged),
+        );
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE2, 64)),
+        Action::ToExit(slot)
+    );
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE1, 64)),
+        Action::ToExit(slot)
+    );
+}
+
+#[test]
 fn slot_packing_round_trips() {
     let s = SessionSlot {
         index: 0xDEAD_BEEF,
@@ -789,4 +861,25 @@ proptest! {
             prop_assert_eq!(h.r.sessions(h.now).count(), open.len());
         }
     }
+}
+
+#[test]
+fn an_idle_timeout_shorter_than_the_pending_one_never_leaves_a_session_past_its_deadline() {
+    let mut h = Harness::with(RouterConfig {
+        pending_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(2),
+        ..RouterConfig::default()
+    });
+    let c = client(1);
+    h.establish(c, key(1), 0xE1);
+    // Established at once, the session's deadline is its last packet plus the idle timeout.
+    // Its timer was set for the pending deadline; the worker sleeps until poll_timeout, so
+    // that must not be later than the deadline the router itself applies.
+    let deadline = h.now + h.r.config().idle_timeout;
+    let wake = h.r.poll_timeout().expect("a session is open");
+    assert!(wake <= deadline, "wakes {:?} late", wake - deadline);
+    h.now = deadline;
+    h.r.handle_timeout(h.now);
+    assert_eq!(h.r.session_count(), 0, "idle until its deadline");
+    assert_eq!(h.r.stats().sessions_expired_idle, 1);
 }

@@ -1,0 +1,1550 @@
+//! Adversarial load against a real node process (`wraithgate run`) on loopback: handshake
+//! floods from many spoofed sources, session exhaustion, garbage at line rate,
+//! amplification, and a soak with memory and file descriptors sampled.
+//!
+//! Spoofing on loopback needs no privilege: all of 127.0.0.0/8 is local, so a socket bound
+//! to 127.a.b.c sends from that address, and receives whatever the relay sends back to it,
+//! which is how the amplification ratio is measured. Real sessions are boringtun endpoints
+//! (`testbed::WgNode`) that know nothing of the relay. Figures come from the node's own
+//! `/metrics`, from `/proc/<pid>` and from the kernel's per-socket drop counters.
+//!
+//! Every test is short by default (each well under a minute, in CI). For the figures in
+//! RELIABILITY.md, `tools/adversarial` runs them in release with longer phases:
+//! `WRAITHGATE_ADVERSARIAL_SECS` sets a phase's length, `WRAITHGATE_SOAK_SECS` the soak's,
+//! `WRAITHGATE_ADVERSARIAL_SOURCES` and `_FLOOD_PPS` the handshake flood's size,
+//! `WRAITHGATE_ADVERSARIAL_UNPACED=1` lets the real session send as fast as it can, and
+//! `WRAITHGATE_ADVERSARIAL_REPORT=FILE` appends each test's figures to FILE as JSON.
+//! The tests take a lock so that they never load the machine at the same time.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use serde_json::{json, Value};
+use wraithgate_control::testbed::{
+    any_loopback, ipv4_udp, tunnel_addrs, KeyPair, PeerOptions, Received, WgNode,
+};
+use wraithgate_relay::wire::{self, Message};
+use wraithgate_relay::{DropReason, PublicKey};
+
+// ---------------------------------------------------------------------------------------
+// Knobs
+
+/// One at a time: the figures are ratios measured side by side on a shared machine.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn env_secs(name: &str, default: f64) -> Duration {
+    let secs = std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(default);
+    Duration::from_secs_f64(secs)
+}
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Length of one measured phase.
+fn phase() -> Duration {
+    env_secs("WRAITHGATE_ADVERSARIAL_SECS", 3.0)
+}
+
+/// Appends a test's figures to the report file, if one is asked for, and prints them.
+fn report(test: &str, figures: Value) {
+    let line = json!({ "test": test, "figures": figures });
+    println!("RESULT {line}");
+    if let Ok(path) = std::env::var("WRAITHGATE_ADVERSARIAL_REPORT") {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("report file");
+        writeln!(f, "{line}").expect("write report");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The node under attack
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "adv-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    // A port free for both UDP (relay) and TCP (API) at this moment.
+    loop {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// An exit as the node's configuration names it.
+#[derive(Clone)]
+struct ExitConf {
+    name: String,
+    key: PublicKey,
+    endpoint: SocketAddr,
+}
+
+/// Sums of one scrape of `/metrics`.
+#[derive(Debug, Default, Clone)]
+struct Metrics(HashMap<String, f64>);
+
+impl Metrics {
+    fn parse(text: &str) -> Metrics {
+        let mut m = HashMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            *m.entry(name.to_owned()).or_default() += v;
+            // Per drop reason and per close cause, summed over workers.
+            for key in ["reason", "cause"] {
+                if let Some(rest) = labels.split(&format!("{key}=\"")[..]).nth(1) {
+                    let label = rest.split('"').next().unwrap_or("");
+                    *m.entry(format!("{name}/{label}")).or_default() += v;
+                }
+            }
+        }
+        Metrics(m)
+    }
+
+    fn get(&self, name: &str) -> u64 {
+        self.0.get(name).copied().unwrap_or(0.0) as u64
+    }
+
+    fn drops(&self, reason: DropReason) -> u64 {
+        self.get(&format!("wraithgate_drops_total/{}", reason.as_str()))
+    }
+
+    fn all_drops(&self) -> u64 {
+        self.get("wraithgate_drops_total")
+    }
+}
+
+/// The `wraithgate run` process.
+struct Node {
+    child: Child,
+    relay: SocketAddr,
+    api: u16,
+    token: String,
+    agent: ureq::Agent,
+    dir: PathBuf,
+}
+
+impl Node {
+    fn start(tag: &str, exits: &[ExitConf], workers: usize, limits: &str) -> Node {
+        let dir = temp_dir(tag);
+        let port = free_port();
+        let relay: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let api = free_port();
+        let mut conf = format!(
+            "[relay]\nlisten = [\"{relay}\"]\nworkers = {workers}\npin_workers = false\n\n[limits]\n{limits}\n"
+        );
+        for e in exits {
+            conf += &format!(
+                "\n[[exit]]\nname = \"{}\"\npublic_key = \"{}\"\nendpoint = \"{}\"\n",
+                e.name, e.key, e.endpoint
+            );
+        }
+        let path = dir.join("wraithgate.toml");
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_wraithgate"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--api-listen", &format!("127.0.0.1:{api}")])
+            .env("WRAITHGATE_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let end = Instant::now() + Duration::from_secs(20);
+        let token = loop {
+            let up = std::net::TcpStream::connect(("127.0.0.1", api)).is_ok();
+            if let (true, Ok(t)) = (
+                up,
+                std::fs::read_to_string(dir.join("state").join("api.token")),
+            ) {
+                break t.trim().to_owned();
+            }
+            assert!(Instant::now() < end, "node never came up");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Node {
+            child,
+            relay,
+            api,
+            token,
+            agent,
+            dir,
+        }
+    }
+
+    fn get(&self, path: &str) -> String {
+        let mut r = self
+            .agent
+            .get(format!("http://127.0.0.1:{}{path}", self.api))
+            .header("Authorization", format!("Bearer {}", self.token))
+            // No connection kept open: the node's descriptors are counted.
+            .header("Connection", "close")
+            .call()
+            .expect("API answers");
+        assert_eq!(r.status().as_u16(), 200, "GET {path}");
+        r.body_mut().read_to_string().unwrap()
+    }
+
+    /// A scrape, after the workers' next publication (every 50 ms).
+    fn metrics(&self) -> Metrics {
+        std::thread::sleep(Duration::from_millis(120));
+        Metrics::parse(&self.get("/metrics"))
+    }
+
+    /// Scrapes until two scrapes in a row agree on every packet counter: the node has
+    /// handled everything that reached it.
+    fn settled_metrics(&self) -> Metrics {
+        let key = |m: &Metrics| {
+            (
+                m.all_drops(),
+                m.get("wraithgate_packets_to_exit_total"),
+                m.get("wraithgate_packets_to_client_total"),
+            )
+        };
+        let mut last = self.metrics();
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(150));
+            let now = self.metrics();
+            if key(&now) == key(&last) {
+                return now;
+            }
+            last = now;
+        }
+        panic!("the node's counters never settled");
+    }
+
+    fn sessions(&self) -> Vec<Value> {
+        serde_json::from_str::<Value>(&self.get("/v1/sessions"))
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Open descriptors once they come down to `expected` (closing is asynchronous: an
+    /// API connection, a socket whose session just expired), or what they are after 3 s.
+    fn fds_settled(&self, expected: usize) -> usize {
+        let end = Instant::now() + Duration::from_secs(3);
+        loop {
+            let n = self.fds();
+            if n <= expected || Instant::now() >= end {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Datagrams the kernel dropped on the relay's listening sockets (full receive
+    /// buffers): the ones the node never saw, so cannot count.
+    fn kernel_drops(&self) -> u64 {
+        let port = format!(":{:04X}", self.relay.port());
+        let text = std::fs::read_to_string("/proc/net/udp").unwrap();
+        text.lines()
+            .skip(1)
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|local| local.ends_with(&port))
+            })
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                let _ = std::fs::remove_dir_all(&self.dir);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Real sessions
+
+/// A boringtun client and exit whose tunnel runs through the relay.
+struct Tunnel {
+    client: WgNode,
+    exit: WgNode,
+    cp: usize,
+    ep: usize,
+}
+
+/// What a run of traffic through a tunnel achieved.
+#[derive(Debug, Clone, Copy, Default)]
+struct Delivery {
+    sent: u64,
+    delivered: u64,
+    secs: f64,
+}
+
+impl Delivery {
+    fn pps(&self) -> f64 {
+        self.delivered as f64 / self.secs
+    }
+}
+
+impl Tunnel {
+    /// A client of `exit` (whose peers gain the client) with the relay as its endpoint,
+    /// its handshake done and a first packet through.
+    fn establish(relay: SocketAddr, exit: WgNode, bind: SocketAddr) -> Tunnel {
+        match Self::try_establish(relay, exit, bind, Duration::from_secs(15)) {
+            Ok(t) => t,
+            Err(_) => panic!("no packet crossed the relay"),
+        }
+    }
+
+    /// As [`Tunnel::establish`], giving up (and the exit back) after `timeout`.
+    fn try_establish(
+        relay: SocketAddr,
+        mut exit: WgNode,
+        bind: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Tunnel, Box<WgNode>> {
+        let mut client = WgNode::bind(bind, KeyPair::generate()).unwrap();
+        let cp = client.add_peer(
+            exit.keys().public,
+            PeerOptions {
+                endpoint: Some(relay),
+                ..Default::default()
+            },
+        );
+        let ep = exit.add_peer(client.keys().public, PeerOptions::default());
+        let mut t = Tunnel {
+            client,
+            exit,
+            cp,
+            ep,
+        };
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            let d = t.run(Duration::from_millis(300), Some(20.0), 64);
+            if d.delivered > 0 {
+                return Ok(t);
+            }
+            t.client.initiate(t.cp).ok();
+        }
+        Err(Box::new(t.exit))
+    }
+
+    /// Sends `size`-byte IP packets client → exit for `time`, paced at `pps` or as fast as
+    /// the endpoints go, and counts what the exit decrypts.
+    fn run(&mut self, time: Duration, pps: Option<f64>, size: usize) -> Delivery {
+        let (s, d) = tunnel_addrs(1);
+        let body = vec![0x5au8; size.saturating_sub(28)];
+        let packet = ipv4_udp(s, d, 40000, 9, &body);
+        let start = Instant::now();
+        let mut last_tick = start;
+        let mut out = Delivery::default();
+        while start.elapsed() < time {
+            let due = match pps {
+                Some(r) => ((start.elapsed().as_secs_f64() * r) as u64).saturating_sub(out.sent),
+                None => 16,
+            };
+            for _ in 0..due.min(64) {
+                if self.client.send_ip(self.cp, &packet).is_ok() {
+                    out.sent += 1;
+                }
+            }
+            let mut idle = true;
+            while let Ok(Some(r)) = self.exit.try_recv() {
+                idle = false;
+                if matches!(r, Received::Packet { .. }) {
+                    out.delivered += 1;
+                }
+            }
+            while let Ok(Some(_)) = self.client.try_recv() {
+                idle = false;
+            }
+            if last_tick.elapsed() >= Duration::from_millis(100) {
+                self.client.tick();
+                self.exit.tick();
+                last_tick = Instant::now();
+            }
+            if idle && pps.is_some() {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        // Stragglers still in flight.
+        let end = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < end {
+            if let Ok(Some(Received::Packet { .. })) = self.exit.try_recv() {
+                out.delivered += 1;
+            }
+        }
+        out.secs = time.as_secs_f64();
+        out
+    }
+
+    /// One packet exit → client: the session still reaches its client.
+    fn reply_reaches_client(&mut self) -> bool {
+        let (s, d) = tunnel_addrs(1);
+        let packet = ipv4_udp(d, s, 9, 40000, b"reply");
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            let _ = self.exit.send_ip(self.ep, &packet);
+            let until = Instant::now() + Duration::from_millis(200);
+            while Instant::now() < until {
+                if let Ok(Some(Received::Packet { .. })) = self.client.try_recv() {
+                    return true;
+                }
+                let _ = self.exit.try_recv();
+            }
+        }
+        false
+    }
+}
+
+/// An exit that receives and counts, never answers: the target of floods, so that what
+/// is measured is the relay, not a debug-built boringtun exit doing a Diffie-Hellman for
+/// every junk initiation the relay lets through.
+struct Decoy {
+    conf: ExitConf,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Decoy {
+    fn start(name: &str, key_byte: u8) -> Decoy {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let conf = ExitConf {
+            name: name.into(),
+            key: PublicKey([key_byte; 32]),
+            endpoint: socket.local_addr().unwrap(),
+        };
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (received, stop) = (received.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    if socket.recv_from(&mut buf).is_ok() {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        Decoy {
+            conf,
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Decoy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn exit_conf(name: &str, node: &WgNode) -> ExitConf {
+    ExitConf {
+        name: name.into(),
+        key: node.keys().relay_key(),
+        endpoint: node.local_addr(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attackers
+
+/// `n` sockets on distinct loopback addresses 127.<net>.x.y: spoofed sources that also
+/// hear what the relay sends back.
+fn sources(net: u8, n: usize) -> Vec<UdpSocket> {
+    (0..n)
+        .map(|i| {
+            let ip = Ipv4Addr::new(127, net, (i / 250) as u8, (i % 250 + 1) as u8);
+            let s = UdpSocket::bind((ip, 0)).expect("bind a loopback source");
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect()
+}
+
+/// An initiation with a valid mac1 for `exit` and nothing valid inside: all an attacker
+/// who knows an exit's public key can make.
+fn fake_initiation(exit: &PublicKey, sender: u32) -> Vec<u8> {
+    let mut m = vec![0u8; wire::INITIATION_LEN];
+    m[..4].copy_from_slice(&[wire::INITIATION_TYPE, 0, 0, 0]);
+    m[4..8].copy_from_slice(&sender.to_le_bytes());
+    for (i, b) in m[8..116].iter_mut().enumerate() {
+        *b = (sender as usize).wrapping_mul(31).wrapping_add(i) as u8;
+    }
+    let mac = exit.mac1_key().compute(&m[..wire::INITIATION_MAC1_OFFSET]);
+    m[116..132].copy_from_slice(&mac);
+    m
+}
+
+/// Sends initiations for `exit` round-robin from `sources` at `pps` until `stop`; returns
+/// how many were sent from each source.
+fn flood(
+    sources: Vec<UdpSocket>,
+    relay: SocketAddr,
+    exit: PublicKey,
+    pps: f64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<UdpSocket>, Vec<u64>)> {
+    std::thread::spawn(move || {
+        // A few hundred precomputed packets, so that sending is all the flood costs.
+        let packets: Vec<Vec<u8>> = (0..256u32)
+            .map(|i| fake_initiation(&exit, i.wrapping_mul(0x9E37_79B9)))
+            .collect();
+        let mut sent = vec![0u64; sources.len()];
+        let start = Instant::now();
+        let mut total = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let due = (start.elapsed().as_secs_f64() * pps) as u64;
+            if total >= due {
+                std::thread::sleep(Duration::from_micros(500));
+                continue;
+            }
+            for _ in 0..(due - total).min(256) {
+                let i = (total % sources.len() as u64) as usize;
+                let p = &packets[(total % 256) as usize];
+                if sources[i].send_to(p, relay).is_ok() {
+                    sent[i] += 1;
+                }
+                total += 1;
+            }
+        }
+        (sources, sent)
+    })
+}
+
+/// Bytes each source has received so far (drains its socket).
+fn drain(sources: &[UdpSocket]) -> Vec<u64> {
+    let mut buf = [0u8; 65_536];
+    sources
+        .iter()
+        .map(|s| {
+            let mut n = 0u64;
+            while let Ok(len) = s.recv(&mut buf) {
+                n += len as u64;
+            }
+            n
+        })
+        .collect()
+}
+
+/// Samples of a node's memory and descriptors.
+#[derive(Debug, Default)]
+struct Samples(Vec<(f64, u64, usize)>);
+
+impl Samples {
+    fn take(&mut self, node: &Node, since: Instant) {
+        self.0
+            .push((since.elapsed().as_secs_f64(), node.rss_kib(), node.fds()));
+    }
+    fn json(&self) -> Value {
+        json!(self
+            .0
+            .iter()
+            .map(|(t, rss, fds)| json!([(t * 10.0).round() / 10.0, rss, fds]))
+            .collect::<Vec<_>>())
+    }
+    fn max_rss(&self) -> u64 {
+        self.0.iter().map(|s| s.1).max().unwrap_or(0)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The attacks
+
+/// A flood of initiations (valid mac1, garbage inside) from 512 spoofed sources, twice the
+/// per-source rate limit each and more sources than the pending-session bound, while a
+/// real session carries traffic. The session keeps ≥ 90 % of its undisturbed delivery,
+/// the rate limit and the table bounds hold, every refusal is counted, memory stays flat.
+#[test]
+#[ignore = "open: under this flood the io_uring backend keeps ~20% of the real session's rate and the pending table locks newcomers out; run with --include-ignored (tools/adversarial)"]
+fn adversarial_handshake_flood_from_spoofed_sources_spares_a_real_session() {
+    let _serial = serial();
+    let exit = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let decoy = Decoy::start("decoy", 0xD1);
+    let (max_sessions, max_pending, workers) = (512u64, 128u64, 2u64);
+    let node = Node::start(
+        "flood",
+        &[exit_conf("exit", &exit), decoy.conf.clone()],
+        workers as usize,
+        &format!("max_sessions = {max_sessions}\nmax_pending = {max_pending}\nhandshakes_per_second = 20\nhandshake_burst = 5"),
+    );
+    let mut tunnel = Tunnel::establish(node.relay, exit, any_loopback());
+    let unpaced = std::env::var_os("WRAITHGATE_ADVERSARIAL_UNPACED").is_some();
+    let pace = (!unpaced).then_some(1_000.0);
+    let t = phase();
+
+    let quiet = tunnel.run(t, pace, 1200);
+    let before = node.settled_metrics();
+    let n_sources = env_count("WRAITHGATE_ADVERSARIAL_SOURCES", 512);
+    let flood_pps = env_count("WRAITHGATE_ADVERSARIAL_FLOOD_PPS", 20_000) as f64;
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = flood(
+        sources(20, n_sources),
+        node.relay,
+        decoy.conf.key,
+        flood_pps,
+        stop.clone(),
+    );
+    let started = Instant::now();
+    let mut samples = Samples::default();
+    samples.take(&node, started);
+    // Let the flood fill the tables, then measure the session beside it.
+    std::thread::sleep(Duration::from_millis(500));
+    samples.take(&node, started);
+    let sampler_stop = Arc::new(AtomicBool::new(false));
+    let loud = {
+        let mut loud = Delivery::default();
+        std::thread::scope(|scope| {
+            let node = &node;
+            let samples = &mut samples;
+            let stop = sampler_stop.clone();
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(250));
+                    samples.take(node, started);
+                }
+            });
+            loud = tunnel.run(t, pace, 1200);
+            sampler_stop.store(true, Ordering::Relaxed);
+        });
+        loud
+    };
+    let during = node.metrics();
+    // A new client while the flood keeps the pending table full: the bound refuses it
+    // like any other new handshake (a known limit; see RELIABILITY.md).
+    let newcomer_exit = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let before_newcomer = node.metrics();
+    let newcomer = Tunnel::try_establish(
+        node.relay,
+        newcomer_exit,
+        "127.0.0.3:0".parse().unwrap(),
+        Duration::from_secs(2),
+    )
+    .is_ok();
+    let newcomer_refusals = node.metrics().drops(DropReason::PendingFull)
+        - before_newcomer.drops(DropReason::PendingFull);
+    stop.store(true, Ordering::Relaxed);
+    let flood_secs = started.elapsed().as_secs_f64();
+    let (srcs, sent) = attacker.join().unwrap();
+    samples.take(&node, started);
+    let after = node.settled_metrics();
+    let echoed: u64 = drain(&srcs).iter().sum();
+    let flood_sent: u64 = sent.iter().sum();
+
+    let ratio = loud.pps() / quiet.pps();
+    let forwarded = after.get("wraithgate_client_handshakes_total")
+        - before.get("wraithgate_client_handshakes_total");
+    let rate_limited = after.drops(DropReason::RateLimited) - before.drops(DropReason::RateLimited);
+    let refused_at_bound = after.drops(DropReason::PendingFull)
+        - before.drops(DropReason::PendingFull)
+        + after.drops(DropReason::SessionsFull)
+        - before.drops(DropReason::SessionsFull);
+    // Token bucket per source: burst + rate × time, with a second of slack for timing.
+    let allowed = n_sources as u64 * (5 + (20.0 * (flood_secs + 1.0)) as u64);
+    let handled = after.all_drops() - before.all_drops() + forwarded;
+    let kernel = node.kernel_drops();
+    report(
+        "handshake_flood",
+        json!({
+            "phase_secs": t.as_secs_f64(), "paced_pps": pace, "packet_bytes": 1200,
+            "undisturbed_pps": quiet.pps(), "under_flood_pps": loud.pps(), "ratio": ratio,
+            "flood_pps_target": flood_pps, "flood_sent": flood_sent, "flood_secs": flood_secs,
+            "sources": n_sources, "forwarded_initiations": forwarded,
+            "allowed_by_rate_limit": allowed, "rate_limited": rate_limited,
+            "refused_at_bound": refused_at_bound, "sessions_during": during.get("wraithgate_sessions"),
+            "pending_during": during.get("wraithgate_sessions_pending"),
+            "bytes_back_to_sources": echoed, "kernel_drops": kernel,
+            "decoy_exit_received": decoy.received.load(Ordering::Relaxed),
+            "rss_kib_fds": samples.json(), "new_client_got_in_during_flood": newcomer,
+            "pending_full_while_new_client_tried": newcomer_refusals,
+        }),
+    );
+    assert!(
+        ratio >= 0.9,
+        "the real session got {:.0} pps under the flood, {:.0} without",
+        loud.pps(),
+        quiet.pps()
+    );
+    assert!(
+        forwarded <= allowed,
+        "{forwarded} initiations passed the rate limit"
+    );
+    assert!(decoy.received.load(Ordering::Relaxed) <= forwarded);
+    assert!(
+        rate_limited > 0,
+        "a flood at twice the rate was never limited"
+    );
+    assert!(
+        refused_at_bound > 0,
+        "the flood never reached the table bound"
+    );
+    assert!(during.get("wraithgate_sessions_pending") <= workers * max_pending);
+    assert!(during.get("wraithgate_sessions") <= workers * max_sessions);
+    assert_eq!(echoed, 0, "spoofed sources got bytes back");
+    // Every initiation the node received was forwarded or refused with a reason.
+    assert!(handled <= flood_sent + loud.sent + quiet.sent);
+    assert!(
+        handled + kernel >= flood_sent,
+        "{handled} handled of {flood_sent}"
+    );
+    // Memory: the tables are bounded, so nothing grows once they are full.
+    let settled = samples.0[1].1;
+    assert!(
+        samples.max_rss() <= settled + 16 * 1024,
+        "RSS grew from {settled} KiB to {} KiB under the flood",
+        samples.max_rss()
+    );
+    // The real session was neither evicted nor moved.
+    assert!(tunnel.reply_reaches_client());
+    let client = tunnel.client.local_addr().to_string();
+    assert!(node
+        .sessions()
+        .iter()
+        .any(|s| s["client"] == client.as_str() && s["established"] == true));
+}
+
+/// More would-be clients than the session table holds, and one source trying to hold
+/// sessions to every exit and to churn indices: refused at the bound and counted; the
+/// established session is never evicted; everything pending drains when it expires.
+#[test]
+fn adversarial_session_and_index_exhaustion_is_refused_at_the_bound() {
+    let _serial = serial();
+    let exit = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    // Four more exits that answer nothing, so that one source can aim at five exits.
+    let silent: Vec<UdpSocket> = (0..4)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut exits = vec![exit_conf("real", &exit)];
+    let silent_keys: Vec<PublicKey> = (0..4).map(|i| PublicKey([0xA0 + i; 32])).collect();
+    for (i, s) in silent.iter().enumerate() {
+        exits.push(ExitConf {
+            name: format!("silent-{i}"),
+            key: silent_keys[i],
+            endpoint: s.local_addr().unwrap(),
+        });
+    }
+    let max_sessions = 32u64;
+    const PENDING_SECS: u64 = 5;
+    let node = Node::start(
+        "exhaust",
+        &exits,
+        1,
+        &format!("max_sessions = {max_sessions}\nmax_pending = {max_sessions}\npending_timeout_secs = {PENDING_SECS}\nhandshake_burst = 5"),
+    );
+    let exit_key = exit.keys().relay_key();
+    let mut tunnel = Tunnel::establish(node.relay, exit, any_loopback());
+    let base_fds = node.fds();
+    let before = node.settled_metrics();
+
+    // 200 sources, one initiation each: 31 fit beside the real session.
+    let srcs = sources(30, 200);
+    for (i, s) in srcs.iter().enumerate() {
+        s.send_to(&fake_initiation(&exit_key, i as u32), node.relay)
+            .unwrap();
+    }
+    let full = node.settled_metrics();
+    let opened = full.get("wraithgate_sessions_opened_total")
+        - before.get("wraithgate_sessions_opened_total");
+    let sessions_full =
+        full.drops(DropReason::SessionsFull) - before.drops(DropReason::SessionsFull);
+    let fds_full = node.fds_settled(base_fds + max_sessions as usize - 1);
+    assert_eq!(full.get("wraithgate_sessions"), max_sessions);
+    assert_eq!(opened, max_sessions - 1);
+    assert_eq!(sessions_full, 200 - (max_sessions - 1));
+    assert!(
+        fds_full <= base_fds + max_sessions as usize,
+        "{fds_full} fds"
+    );
+    // The established session carries on at the bound.
+    let at_bound = tunnel.run(Duration::from_secs(1), Some(500.0), 200);
+    assert!(
+        at_bound.delivered as f64 >= 0.9 * at_bound.sent as f64,
+        "{at_bound:?}"
+    );
+
+    // Pending sessions expire; the table has room again.
+    std::thread::sleep(Duration::from_secs(PENDING_SECS) + Duration::from_millis(500));
+    let drained = node.settled_metrics();
+    assert_eq!(drained.get("wraithgate_sessions"), 1);
+    assert_eq!(
+        drained.get("wraithgate_sessions_closed_total/pending_expired")
+            - before.get("wraithgate_sessions_closed_total/pending_expired"),
+        max_sessions - 1
+    );
+    let fds_drained = node.fds_settled(base_fds);
+    assert_eq!(
+        fds_drained, base_fds,
+        "exit-facing sockets closed with their sessions"
+    );
+
+    // One source: initiations to all five exits (the fifth is refused), then thousands
+    // of fresh sender indices to one exit (one session, rate limited).
+    let one = &srcs[0];
+    let mut keys = vec![exit_key];
+    keys.extend(&silent_keys);
+    for (i, k) in keys.iter().enumerate() {
+        one.send_to(&fake_initiation(k, 1000 + i as u32), node.relay)
+            .unwrap();
+    }
+    let per_client = node.settled_metrics();
+    assert_eq!(
+        per_client.drops(DropReason::ClientSessionLimit)
+            - drained.drops(DropReason::ClientSessionLimit),
+        1
+    );
+    let churn = 5_000u32;
+    let churn_start = Instant::now();
+    for i in 0..churn {
+        let _ = one.send_to(&fake_initiation(&silent_keys[0], 50_000 + i), node.relay);
+    }
+    let churned = node.settled_metrics();
+    let churn_secs = churn_start.elapsed().as_secs_f64();
+    let limited =
+        churned.drops(DropReason::RateLimited) - per_client.drops(DropReason::RateLimited);
+    let passed = churned.get("wraithgate_client_handshakes_total")
+        - per_client.get("wraithgate_client_handshakes_total");
+    let kernel = node.kernel_drops();
+    report(
+        "session_and_index_exhaustion",
+        json!({
+            "bound": max_sessions, "attempts": 200, "opened": opened,
+            "refused_sessions_full": sessions_full, "fds_base": base_fds, "fds_at_bound": fds_full,
+            "fds_after_expiry": fds_drained, "real_session_at_bound": format!("{}/{}", at_bound.delivered, at_bound.sent),
+            "one_source_five_exits_refused": 1, "index_churn": churn, "churn_passed": passed,
+            "churn_rate_limited": limited, "kernel_drops": kernel,
+        }),
+    );
+    // Thousands of indices from one source: still one session, and the rate limit.
+    assert_eq!(
+        churned.get("wraithgate_sessions_opened_total"),
+        per_client.get("wraithgate_sessions_opened_total")
+    );
+    assert!(churned.get("wraithgate_sessions") <= 1 + 4);
+    assert!(passed + limited + kernel >= u64::from(churn) && passed + limited <= u64::from(churn));
+    let allowed = 5 + (20.0 * (churn_secs + 0.5)) as u64;
+    assert!(
+        passed <= allowed,
+        "{passed} initiations passed the rate limit (allowed {allowed})"
+    );
+    assert!(tunnel.reply_reaches_client());
+}
+
+/// Garbage as fast as one thread sends it, from hundreds of sources and from the real
+/// client's own address: random bytes, every malformed header, valid-looking messages
+/// with unknown indices, and replays of the real client's captured packets from other
+/// addresses. Nothing crashes; every datagram is either forwarded or counted under the
+/// reason it deserves (or dropped by the kernel, which says so); the session never moves.
+#[test]
+fn adversarial_garbage_at_line_rate_is_counted_and_moves_nothing() {
+    let _serial = serial();
+    let exit = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let exit_key = exit.keys().relay_key();
+    let mut node = Node::start("garbage", &[exit_conf("exit", &exit)], 2, "");
+    // The client reaches the relay through a tap that keeps a copy of what it sends.
+    let tap = Tap::start(node.relay);
+    let mut tunnel = Tunnel::establish(tap.addr, exit, any_loopback());
+    tunnel.run(Duration::from_millis(300), Some(100.0), 300);
+    let captured = tap.captured();
+    let init = captured
+        .iter()
+        .find(|p| p.first() == Some(&1))
+        .expect("captured the client's initiation")
+        .clone();
+    let data = captured
+        .iter()
+        .find(|p| p.first() == Some(&4) && p.len() > 64)
+        .expect("captured a transport packet")
+        .clone();
+    let real_index = u32::from_le_bytes(data[4..8].try_into().unwrap());
+    let session_before = node
+        .sessions()
+        .into_iter()
+        .find(|s| s["client"] == tap.relay_side.to_string().as_str())
+        .expect("the real session");
+
+    let srcs = sources(40, 256);
+    let real_addr_socket = tap.relay_side_socket();
+    let rounds = (phase().as_secs_f64() * 10_000.0) as usize;
+    let mut rng = rand::thread_rng();
+    use rand::Rng as _;
+    let transport = |index: u32, len: usize| {
+        let mut m = vec![0x77u8; len];
+        m[..4].copy_from_slice(&[4, 0, 0, 0]);
+        m[4..8].copy_from_slice(&index.to_le_bytes());
+        m
+    };
+    let header = |kind: u8, len: usize| {
+        let mut m = vec![0x11u8; len];
+        m[..4].copy_from_slice(&[kind, 0, 0, 0]);
+        m
+    };
+    // (category, the reason every packet of it must get, or None when several can apply)
+    type Gen<'a> = Box<dyn FnMut(&mut rand::rngs::ThreadRng) -> Vec<u8> + 'a>;
+    let mut categories: Vec<(&str, Option<DropReason>, bool, Gen<'_>)> = vec![
+        (
+            "truncated",
+            Some(DropReason::Truncated),
+            false,
+            Box::new(|r| {
+                let n = r.gen_range(0..4);
+                (0..n).map(|_| r.gen()).collect()
+            }),
+        ),
+        (
+            "reserved_nonzero",
+            Some(DropReason::ReservedNonZero),
+            false,
+            Box::new(|r| {
+                let mut m = header(r.gen_range(1..=4), 148);
+                m[r.gen_range(1..4)] = r.gen_range(1..=255);
+                m
+            }),
+        ),
+        (
+            "unknown_type",
+            Some(DropReason::UnknownType),
+            false,
+            Box::new(|r| header(r.gen_range(5..=255), r.gen_range(4..1500))),
+        ),
+        (
+            "bad_length",
+            Some(DropReason::BadLength),
+            false,
+            Box::new(|r| match r.gen_range(0..4) {
+                0 => header(1, 149),
+                1 => header(2, 91),
+                2 => header(3, r.gen_range(4..64)),
+                _ => header(4, r.gen_range(4..32)),
+            }),
+        ),
+        (
+            "unknown_index_random_sources",
+            Some(DropReason::UnknownClient),
+            false,
+            Box::new(|r| match r.gen_range(0..3) {
+                0 => transport(r.gen(), r.gen_range(32..1500)),
+                1 => {
+                    let mut m = header(2, 92);
+                    m[8..12].copy_from_slice(&r.gen::<u32>().to_le_bytes());
+                    m
+                }
+                _ => header(3, 64),
+            }),
+        ),
+        (
+            "unknown_index_from_the_real_client",
+            Some(DropReason::UnknownIndex),
+            true,
+            Box::new(|r| {
+                let mut i: u32 = r.gen();
+                if i == real_index {
+                    i ^= 1;
+                }
+                transport(i, r.gen_range(32..1500))
+            }),
+        ),
+        (
+            "replayed_transport_wrong_sources",
+            Some(DropReason::UnknownClient),
+            false,
+            Box::new(|_| data.clone()),
+        ),
+        (
+            "random_mac1_initiations",
+            None,
+            false,
+            Box::new(|r| {
+                let mut m = header(1, 148);
+                r.fill(&mut m[4..]);
+                m
+            }),
+        ),
+        (
+            "replayed_initiation_wrong_sources",
+            None,
+            false,
+            Box::new(|_| init.clone()),
+        ),
+        (
+            "random_bytes",
+            None,
+            false,
+            Box::new(|r| {
+                let mut m = vec![0u8; r.gen_range(0..1500)];
+                r.fill(&mut m[..]);
+                m
+            }),
+        ),
+    ];
+    let mut rows = Vec::new();
+    let started = Instant::now();
+    let mut samples = Samples::default();
+    samples.take(&node, started);
+    for (name, reason, from_real, gen) in categories.iter_mut() {
+        let before = node.settled_metrics();
+        let kernel_before = node.kernel_drops();
+        let mut sent = 0u64;
+        let mut parse_reasons: HashMap<DropReason, u64> = HashMap::new();
+        let t0 = Instant::now();
+        for i in 0..rounds {
+            let p = gen(&mut rng);
+            if let Err(r) = Message::parse(&p) {
+                *parse_reasons.entry(r).or_default() += 1;
+            }
+            let s = if *from_real {
+                &real_addr_socket
+            } else {
+                &srcs[i % srcs.len()]
+            };
+            if s.send_to(&p, node.relay).is_ok() {
+                sent += 1;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        samples.take(&node, started);
+        let after = node.settled_metrics();
+        let kernel = node.kernel_drops() - kernel_before;
+        let counted = after.all_drops() - before.all_drops();
+        let forwarded = after.get("wraithgate_packets_to_exit_total")
+            - before.get("wraithgate_packets_to_exit_total");
+        let by_reason: serde_json::Map<String, Value> = DropReason::ALL
+            .iter()
+            .filter_map(|r| {
+                let d = after.drops(*r) - before.drops(*r);
+                (d > 0).then(|| (r.as_str().to_owned(), json!(d)))
+            })
+            .collect();
+        rows.push(json!({
+            "category": name, "sent": sent, "pps": sent as f64 / secs, "kernel_drops": kernel,
+            "forwarded": forwarded, "counted": counted, "by_reason": by_reason,
+        }));
+        // Nothing vanishes: every datagram was forwarded, counted or dropped by the kernel
+        // (the tunnel is quiet meanwhile; its keepalives may add a few forwarded packets).
+        assert!(counted + forwarded + kernel >= sent, "{name}: {rows:?}");
+        assert!(counted <= sent, "{name}: counted more than sent: {rows:?}");
+        if let Some(reason) = reason {
+            let d = after.drops(*reason) - before.drops(*reason);
+            assert!(
+                d <= sent && d + kernel >= sent,
+                "{name}: {d} {reason}: {rows:?}"
+            );
+        }
+        // What fails to parse is counted under the parser's reason.
+        for (r, n) in &parse_reasons {
+            let d = after.drops(*r) - before.drops(*r);
+            assert!(d + kernel >= *n, "{name}: {d} {r} of {n}: {rows:?}");
+        }
+        assert!(node.alive(), "the node died on {name}");
+        // Exit-side drops would mean the relay sent something somewhere it should not.
+        assert_eq!(
+            after.drops(DropReason::AmplificationLimit),
+            before.drops(DropReason::AmplificationLimit)
+        );
+    }
+    samples.take(&node, started);
+    // No session moved: the real one is where it was, and still works both ways.
+    let session_after = node
+        .sessions()
+        .into_iter()
+        .find(|s| s["id"] == session_before["id"])
+        .expect("the real session survived");
+    assert_eq!(session_after["client"], session_before["client"]);
+    assert_eq!(
+        session_after["exit_endpoint"],
+        session_before["exit_endpoint"]
+    );
+    let after = tunnel.run(Duration::from_secs(1), Some(300.0), 500);
+    assert!(
+        after.delivered as f64 >= 0.9 * after.sent as f64,
+        "{after:?}"
+    );
+    assert!(tunnel.reply_reaches_client());
+    // Replays from other addresses opened sessions of their own, never took this one.
+    for s in node.sessions() {
+        if s["client"] != session_before["client"] {
+            assert_ne!(s["id"], session_before["id"]);
+        }
+    }
+    let _ = exit_key;
+    report(
+        "garbage",
+        json!({ "categories": rows, "rss_kib_fds": samples.json() }),
+    );
+}
+
+/// A UDP forwarder between the client and the relay that keeps a copy of the first
+/// datagrams the client sends: the "captured packets" an attacker replays.
+struct Tap {
+    addr: SocketAddr,
+    relay_side: SocketAddr,
+    relay_socket: UdpSocket,
+    captured: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tap {
+    fn start(relay: SocketAddr) -> Tap {
+        let client_side = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let relay_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client_side.set_nonblocking(true).unwrap();
+        relay_socket.set_nonblocking(true).unwrap();
+        let addr = client_side.local_addr().unwrap();
+        let relay_side = relay_socket.local_addr().unwrap();
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (captured, stop) = (captured.clone(), stop.clone());
+            let to_relay = relay_socket.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                let mut client: Option<SocketAddr> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut idle = true;
+                    while let Ok((n, from)) = client_side.recv_from(&mut buf) {
+                        idle = false;
+                        client = Some(from);
+                        let mut c = captured.lock().unwrap();
+                        if c.len() < 256 {
+                            c.push(buf[..n].to_vec());
+                        }
+                        let _ = to_relay.send_to(&buf[..n], relay);
+                    }
+                    while let Ok((n, from)) = to_relay.recv_from(&mut buf) {
+                        idle = false;
+                        if let (true, Some(c)) = (from == relay, client) {
+                            let _ = client_side.send_to(&buf[..n], c);
+                        }
+                    }
+                    if idle {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+            })
+        };
+        Tap {
+            addr,
+            relay_side,
+            relay_socket,
+            captured,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn captured(&self) -> Vec<Vec<u8>> {
+        self.captured.lock().unwrap().clone()
+    }
+
+    /// A socket with the real client's address as the relay sees it.
+    fn relay_side_socket(&self) -> UdpSocket {
+        self.relay_socket.try_clone().unwrap()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An attacker who is a legitimate peer of the exits sends fresh, valid initiations in
+/// the name of victims (spoofed sources), so that the exits answer the victims; plus an
+/// exit that misbehaves and answers every datagram with three times its size. Whatever
+/// the exits send, a victim never receives more bytes than were sent in its name.
+#[test]
+fn adversarial_amplification_towards_unverified_sources_stays_at_most_one() {
+    let _serial = serial();
+    let attacker = KeyPair::generate();
+    let mut honest = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let mut loaded = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    honest.add_peer(attacker.public, PeerOptions::default());
+    // Under load: every initiation gets a cookie reply first.
+    let limiter = Arc::new(RateLimiter::new(&loaded.keys().public, 0));
+    loaded.add_peer(
+        attacker.public,
+        PeerOptions {
+            rate_limiter: Some(limiter),
+            ..Default::default()
+        },
+    );
+    let reflector = UdpSocket::bind("127.0.0.1:0").unwrap();
+    reflector.set_nonblocking(true).unwrap();
+    let reflector_key = PublicKey([0xBB; 32]);
+    let exits = [
+        exit_conf("honest", &honest),
+        exit_conf("loaded", &loaded),
+        ExitConf {
+            name: "reflector".into(),
+            key: reflector_key,
+            endpoint: reflector.local_addr().unwrap(),
+        },
+    ];
+    let node = Node::start(
+        "amp",
+        &exits,
+        2,
+        "handshakes_per_second = 20\nhandshake_burst = 5",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let exits_answered = Arc::new(AtomicU64::new(0));
+    // The exits run on their own thread, answering whatever reaches them.
+    // The exits run on threads of their own, answering whatever reaches them.
+    let exit_thread = {
+        let (stop, answered) = (stop.clone(), exits_answered.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let mut idle = true;
+                for n in [&mut honest, &mut loaded] {
+                    while let Ok(Some(r)) = n.try_recv() {
+                        idle = false;
+                        if !matches!(r, Received::Rejected { .. }) {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        })
+    };
+    let reflected = Arc::new(AtomicU64::new(0));
+    let reflector_thread = {
+        let (stop, reflected) = (stop.clone(), reflected.clone());
+        reflector.set_nonblocking(false).unwrap();
+        reflector
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((len, from)) = reflector.recv_from(&mut buf) {
+                    // Well-formed WireGuard transport, or the relay refuses it unread.
+                    let mut big = vec![0x42u8; (len * 3).min(65_000)];
+                    big[..4].copy_from_slice(&[4, 0, 0, 0]);
+                    if reflector.send_to(&big, from).is_ok() {
+                        reflected.fetch_add(big.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    let victims = sources(50, 64);
+    let mut sent = vec![0u64; victims.len()];
+    let keys = [honest_key(&exits[0]), honest_key(&exits[1])];
+    let mut tunns: Vec<Tunn> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| Tunn::new(attacker.secret.clone(), *k, None, None, i as u32 + 1, None))
+        .collect();
+    let mut got = vec![0u64; victims.len()];
+    // Initiation bytes alone: the budget the relay gives an unverified session.
+    let mut handshake_bytes = vec![0u64; victims.len()];
+    let mut buf = vec![0u8; 2048];
+    let end = Instant::now() + phase();
+    let mut round = 0u32;
+    while Instant::now() < end {
+        for (v, s) in victims.iter().enumerate() {
+            // A real initiation to one of the two WireGuard exits...
+            let t = &mut tunns[(v + round as usize) % 2];
+            if let TunnResult::WriteToNetwork(p) = t.format_handshake_initiation(&mut buf, true) {
+                if s.send_to(p, node.relay).is_ok() {
+                    sent[v] += p.len() as u64;
+                    handshake_bytes[v] += p.len() as u64;
+                }
+            }
+            // ...one to the reflector, and transport with a guessed index.
+            let fake = fake_initiation(&reflector_key, round);
+            if s.send_to(&fake, node.relay).is_ok() {
+                sent[v] += fake.len() as u64;
+                handshake_bytes[v] += fake.len() as u64;
+            }
+            let mut guess = vec![0u8; 1400];
+            guess[..4].copy_from_slice(&[4, 0, 0, 0]);
+            guess[4..8].copy_from_slice(&(round << 8 | 1).to_le_bytes());
+            if s.send_to(&guess, node.relay).is_ok() {
+                sent[v] += guess.len() as u64;
+            }
+        }
+        round += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        for (g, d) in got.iter_mut().zip(drain(&victims)) {
+            *g += d;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (g, d) in got.iter_mut().zip(drain(&victims)) {
+        *g += d;
+    }
+    stop.store(true, Ordering::Relaxed);
+    exit_thread.join().unwrap();
+    reflector_thread.join().unwrap();
+    let m = node.settled_metrics();
+    let total_sent: u64 = sent.iter().sum();
+    let total_got: u64 = got.iter().sum();
+    let total_handshake: u64 = handshake_bytes.iter().sum();
+    let worst = sent
+        .iter()
+        .zip(&got)
+        .map(|(s, g)| *g as f64 / *s as f64)
+        .fold(0.0, f64::max);
+    report(
+        "amplification",
+        json!({
+            "victims": victims.len(), "secs": phase().as_secs_f64(), "bytes_sent_as_victims": total_sent,
+            "bytes_received_by_victims": total_got, "ratio": total_got as f64 / total_sent as f64,
+            "worst_victim_ratio": worst,
+            "initiation_bytes_sent_as_victims": total_handshake,
+            "ratio_to_initiation_bytes": total_got as f64 / total_handshake as f64, "exit_answers": exits_answered.load(Ordering::Relaxed),
+            "reflector_bytes_sent": reflected.load(Ordering::Relaxed),
+            "drops": drops_by_reason(&m),
+            "amplification_limit_drops": m.drops(DropReason::AmplificationLimit),
+            "packets_to_victims": m.get("wraithgate_packets_to_client_total"),
+        }),
+    );
+    assert!(
+        total_got > 0,
+        "the exits answered no victim: the test measured nothing"
+    );
+    assert!(
+        m.drops(DropReason::AmplificationLimit) > 0,
+        "the reflector was never capped"
+    );
+    for (v, (s, g)) in handshake_bytes.iter().zip(&got).enumerate() {
+        assert!(
+            g <= s,
+            "victim {v} got {g} bytes for {s} initiation bytes sent in its name"
+        );
+    }
+}
+
+/// Drop counters that are not zero, by reason.
+fn drops_by_reason(m: &Metrics) -> Value {
+    let by: serde_json::Map<String, Value> = DropReason::ALL
+        .iter()
+        .filter(|r| m.drops(**r) > 0)
+        .map(|r| (r.as_str().to_owned(), json!(m.drops(*r))))
+        .collect();
+    Value::Object(by)
+}
+
+fn honest_key(e: &ExitConf) -> boringtun::x25519::PublicKey {
+    boringtun::x25519::PublicKey::from(e.key.0)
+}
+
+/// Mixed load with sessions coming and going: real clients handshake, talk and vanish; a
+/// handshake flood and garbage run beside them. Resident memory and open descriptors are
+/// sampled throughout (the curve goes to the report); once the load stops and the
+/// sessions expire, descriptors are back where they started and memory has not crept.
+#[test]
+#[ignore = "open: the soak's handshake flood keeps the pending table full and some new clients never get in; run with --include-ignored (tools/adversarial)"]
+fn adversarial_soak_with_sessions_coming_and_going_keeps_memory_and_fds_flat() {
+    let _serial = serial();
+    let soak = env_secs("WRAITHGATE_SOAK_SECS", 30.0);
+    let exit = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let decoy = Decoy::start("decoy", 0xD2);
+    let node = Node::start(
+        "soak",
+        &[exit_conf("exit", &exit), decoy.conf.clone()],
+        2,
+        // Room for the flood's 256 pending sessions beside the clients: a flood that fills the
+        // pending table locks new clients out (the flood test shows it), not the point here.
+        "max_sessions = 1024\nmax_pending = 512\npending_timeout_secs = 2\nidle_timeout_secs = 5",
+    );
+    let base_fds = node.fds();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let flooder = flood(
+        sources(60, 256),
+        node.relay,
+        decoy.conf.key,
+        2_000.0,
+        stop.clone(),
+    );
+    let garbage = {
+        let (stop, relay) = (stop.clone(), node.relay);
+        std::thread::spawn(move || {
+            use rand::Rng as _;
+            let srcs = sources(61, 64);
+            let mut r = rand::thread_rng();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..20 {
+                    let len = r.gen_range(0..1500);
+                    let mut p: Vec<u8> = (0..len).map(|_| r.gen()).collect();
+                    if len >= 32 && r.gen_bool(0.5) {
+                        p[..4].copy_from_slice(&[r.gen_range(1..=4), 0, 0, 0]);
+                    }
+                    let _ = srcs[(n % 64) as usize].send_to(&p, relay);
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            n
+        })
+    };
+    // Clients come and go: each handshakes, sends for a while, then disappears.
+    let churn = {
+        let (stop, relay) = (stop.clone(), node.relay);
+        std::thread::spawn(move || {
+            let mut exit = exit;
+            let (mut clients, mut healthy, mut failed) = (0u64, 0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let mut t = Tunnel::establish(relay, exit, any_loopback());
+                let d = t.run(Duration::from_millis(700), Some(300.0), 600);
+                clients += 1;
+                if d.delivered as f64 >= 0.9 * d.sent as f64 {
+                    healthy += 1;
+                } else {
+                    failed += 1;
+                }
+                exit = t.exit;
+            }
+            (clients, healthy, failed)
+        })
+    };
+    let mut samples = Samples::default();
+    let mut sessions_curve = Vec::new();
+    let every = if soak > Duration::from_secs(60) {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_secs(1)
+    };
+    while started.elapsed() < soak {
+        std::thread::sleep(every);
+        samples.take(&node, started);
+        let m = node.metrics();
+        sessions_curve.push(json!([
+            (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            m.get("wraithgate_sessions"),
+            m.get("wraithgate_sessions_pending")
+        ]));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (srcs, flood_sent) = flooder.join().unwrap();
+    let garbage_sent = garbage.join().unwrap();
+    let (clients, healthy, failed) = churn.join().unwrap();
+    drop(srcs);
+    // Everything expires: pending after 2 s, idle after 5 s.
+    std::thread::sleep(Duration::from_secs(7));
+    let end = node.settled_metrics();
+    samples.take(&node, started);
+    let warm = samples.0[samples.0.len() / 5].1;
+    let fds_end = node.fds_settled(base_fds);
+    let last = samples.0.last().unwrap().1;
+    report(
+        "soak",
+        json!({
+            "secs": soak.as_secs_f64(), "clients": clients, "clients_healthy": healthy,
+            "clients_failed": failed, "flood_sent": flood_sent.iter().sum::<u64>(),
+            "garbage_sent": garbage_sent, "fds_base": base_fds, "fds_end": fds_end,
+            "rss_kib_after_warmup": warm, "rss_kib_end": last, "rss_kib_max": samples.max_rss(),
+            "sessions_end": end.get("wraithgate_sessions"),
+            "rss_kib_fds": samples.json(), "sessions_pending": sessions_curve,
+        }),
+    );
+    assert!(
+        clients >= 3 && failed * 10 <= clients,
+        "{failed} of {clients} clients failed"
+    );
+    assert_eq!(end.get("wraithgate_sessions"), 0);
+    assert!(
+        fds_end <= base_fds,
+        "descriptors leaked: {fds_end} at the end, {base_fds} at the start"
+    );
+    assert!(
+        last <= warm + 16 * 1024,
+        "RSS crept from {warm} KiB after warm-up to {last} KiB"
+    );
+}

@@ -1,0 +1,336 @@
+//! Writes the hand-made seed inputs of every fuzz target into `fuzz/corpus/<target>/`
+//! (`cargo run -p wraithgate-fuzzing --example seeds`). The fuzzer grows the corpus from
+//! them; `tools/fuzz` minimises it.
+
+use std::path::{Path, PathBuf};
+
+/// Encodes events for the router target (see `wraithgate_fuzzing::router`).
+#[derive(Default)]
+struct Script(Vec<u8>);
+
+impl Script {
+    /// Limits: sessions, pending, per client, pending and idle timeouts (s), rate, burst,
+    /// log2 of buckets, sweep budget; then the table (3 bits per exit).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        sessions: u8,
+        pending: u8,
+        per_client: u8,
+        pending_s: u8,
+        idle_s: u8,
+        rate: u8,
+        burst: u8,
+        mask: u16,
+    ) -> Self {
+        let mut s = Script(vec![
+            sessions - 1,
+            pending - 1,
+            per_client,
+            pending_s - 1,
+            idle_s - 1,
+            rate - 1,
+            burst - 1,
+            13,
+            3,
+        ]);
+        s.0.extend(mask.to_le_bytes());
+        s
+    }
+    fn init(mut self, client: u8, listener: u8, exit: u8, sender: u32, flags: u8) -> Self {
+        self.0.extend([0, client, listener, exit]);
+        self.0.extend(sender.to_le_bytes());
+        self.0.push(flags);
+        self
+    }
+    /// Client transport with the `nth` index seen on the wire.
+    fn data(mut self, client: u8, nth: u8, len: u16) -> Self {
+        self.0.extend([1, client, 0, 0, nth]);
+        self.0.extend(len.to_le_bytes());
+        self
+    }
+    fn client_response(mut self, client: u8, nth: u8, sender: u32) -> Self {
+        self.0.extend([1, client, 0, 1, nth]);
+        self.0.extend(sender.to_le_bytes());
+        self
+    }
+    fn raw(mut self, client: u8, bytes: &[u8]) -> Self {
+        self.0.extend([2, client, 0, bytes.len() as u8]);
+        self.0.extend(bytes);
+        self
+    }
+    fn exit_response(mut self, slot: u8, sender: u32, nth: u8) -> Self {
+        self.0.extend([3, slot]);
+        self.0.extend(sender.to_le_bytes());
+        self.0.push(nth);
+        self
+    }
+    fn exit_init(mut self, slot: u8, sender: u32) -> Self {
+        self.0.extend([4, slot]);
+        self.0.extend(sender.to_le_bytes());
+        self.0.push(0x5a);
+        self
+    }
+    fn exit_cookie(mut self, slot: u8, nth: u8) -> Self {
+        self.0.extend([5, slot, nth]);
+        self
+    }
+    fn exit_data(mut self, slot: u8, len: u16) -> Self {
+        self.0.extend([6, slot]);
+        self.0.extend(len.to_le_bytes());
+        self
+    }
+    fn exit_raw(mut self, slot: u8, bytes: &[u8]) -> Self {
+        self.0.extend([7, slot, bytes.len() as u8]);
+        self.0.extend(bytes);
+        self
+    }
+    fn wait_ms(mut self, ms: u16) -> Self {
+        self.0.push(8);
+        self.0.extend(ms.to_le_bytes());
+        self.0.push(0);
+        self
+    }
+    fn wait_s(mut self, s: u16) -> Self {
+        self.0.push(8);
+        self.0.extend(s.to_le_bytes());
+        self.0.push(1);
+        self
+    }
+    fn swap(mut self, mask: u16, sweeps: u8) -> Self {
+        self.0.push(9);
+        self.0.extend(mask.to_le_bytes());
+        self.0.push(sweeps);
+        self
+    }
+    fn kill(mut self, slot: u8) -> Self {
+        self.0.extend([10, slot]);
+        self
+    }
+    fn restart(mut self) -> Self {
+        self.0.push(11);
+        self
+    }
+}
+
+/// All four exits, none pinned.
+const ALL: u16 = 0b001_001_001_001;
+/// All four, exit 1 pinned to listener 2.
+const PINNED: u16 = ALL | 0b000_000_100_000;
+
+fn router_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let base = || Script::new(8, 8, 4, 5, 30, 20, 5, ALL);
+    // Indices on the wire, in order: the client's sender, then the exit's.
+    let established = || {
+        base()
+            .init(0, 0, 0, 100, 0)
+            .exit_response(0, 0xE1, 0)
+            .data(0, 1, 64)
+    };
+    vec![
+        (
+            "handshake-and-data",
+            established()
+                .exit_data(0, 1400)
+                .data(0, 1, 1400)
+                .wait_s(10)
+                .data(0, 1, 32)
+                .exit_data(0, 32)
+                .0,
+        ),
+        (
+            "exit-initiated",
+            established()
+                .exit_init(0, 0xB2)
+                .client_response(0, 2, 500)
+                .data(0, 2, 96)
+                .data(1, 2, 96)
+                .0,
+        ),
+        (
+            "cookie-then-retry",
+            base()
+                .init(2, 0, 1, 41, 0)
+                .exit_cookie(0, 0)
+                .init(2, 0, 1, 42, 0)
+                .exit_response(0, 77, 1)
+                .data(2, 2, 48)
+                .0,
+        ),
+        (
+            "amplification",
+            base()
+                .init(3, 0, 2, 9, 0)
+                .exit_response(0, 10, 0)
+                .exit_data(0, 64)
+                .exit_data(0, 1400)
+                .exit_init(0, 11)
+                .0,
+        ),
+        (
+            "bounds",
+            Script::new(2, 1, 1, 5, 30, 20, 5, ALL)
+                .init(0, 0, 0, 1, 0)
+                .init(1, 0, 0, 2, 0)
+                .exit_response(0, 3, 0)
+                .init(1, 0, 0, 2, 0)
+                .init(2, 0, 1, 4, 0)
+                .init(0, 0, 1, 5, 0)
+                .0,
+        ),
+        (
+            "swap-and-expire",
+            established()
+                .init(4, 0, 1, 7, 0)
+                .swap(0b001_001_001_000, 2)
+                .swap(0b001_001_011_011, 1)
+                .wait_ms(4_999)
+                .wait_ms(2)
+                .wait_s(31)
+                .0,
+        ),
+        (
+            "expire",
+            established()
+                .init(4, 0, 1, 7, 0)
+                .wait_ms(4_999)
+                .data(0, 1, 32)
+                .wait_ms(2)
+                .wait_s(29)
+                .wait_s(2)
+                .0,
+        ),
+        (
+            "restart",
+            established()
+                .init(5, 0, 3, 8, 0)
+                .restart()
+                .data(0, 1, 64)
+                .exit_data(0, 64)
+                .0,
+        ),
+        (
+            "rate-limit",
+            (0..12u32)
+                .fold(base(), |s, i| s.init(6, 0, 0, i, 0).init(7, 0, 1, i, 0))
+                .wait_ms(50)
+                .init(6, 0, 0, 99, 0)
+                .0,
+        ),
+        (
+            "pinned-port",
+            Script::new(8, 8, 4, 5, 30, 20, 5, PINNED)
+                .init(0, 2, 1, 1, 0)
+                .init(1, 2, 0, 1, 0)
+                .exit_response(0, 5, 0)
+                .0,
+        ),
+        (
+            "kill-and-failed-socket",
+            established()
+                .kill(0)
+                .init(1, 0, 0, 3, 7)
+                .exit_data(1, 64)
+                .data(0, 1, 64)
+                .0,
+        ),
+        (
+            "garbage",
+            established()
+                .raw(0, &[4, 0, 0, 0, 0xE1, 0, 0, 0])
+                .raw(
+                    0,
+                    &[[4, 0, 0, 0, 0xAD, 0x0B, 0, 0], [0; 8], [0; 8], [0; 8]].concat(),
+                )
+                .raw(0, &[1, 1, 0, 0])
+                .raw(0, &[])
+                .exit_raw(0, &[2, 0, 0, 0, 1])
+                .exit_raw(0, &[9, 0, 0, 0, 0, 0, 0, 0])
+                .0,
+        ),
+    ]
+}
+
+fn message(kind: u8, len: usize) -> Vec<u8> {
+    let mut m = vec![0xA5; len];
+    m[..4].copy_from_slice(&[kind, 0, 0, 0]);
+    m
+}
+
+fn wire_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("initiation", message(1, 148)),
+        ("response", message(2, 92)),
+        ("cookie", message(3, 64)),
+        ("keepalive", message(4, 32)),
+        ("transport-unpadded", message(4, 1421)),
+        ("short", vec![1, 0, 0]),
+        ("reserved", vec![1, 0, 1, 0]),
+    ]
+}
+
+fn config_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let k = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    vec![
+        ("example", wraithgate_control::config::EXAMPLE.as_bytes().to_vec()),
+        ("empty", Vec::new()),
+        (
+            "two-exits-pinned",
+            format!(
+                "[relay]\nlisten = [\"127.0.0.1:51820\", \"[::1]:51820\"]\nworkers = 2\nbackend = \"portable\"\n\n[limits]\nmax_sessions = 10\nmax_pending = 2\nmax_sessions_per_client = 2\npending_timeout_secs = 5\nidle_timeout_secs = 2\n\n[control]\napi_listen = \"127.0.0.1:0\"\nstate_dir = \"/tmp/x\"\n\n[[exit]]\nname = \"a\"\npublic_key = \"{k}\"\nendpoint = \"192.0.2.1:51820\"\nlisten_port = 51821\n\n[[exit]]\nname = \"b\"\npublic_key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\nendpoint = \"[2001:db8::1]:51820\"\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "duplicate-key",
+            format!("[[exit]]\nname = \"a\"\npublic_key = \"{k}\"\nendpoint = \"192.0.2.1:1\"\n[[exit]]\nname = \"b\"\npublic_key = \"{k}\"\nendpoint = \"192.0.2.2:1\"\n").into_bytes(),
+        ),
+        ("bad-limit", b"[limits]\nmax_pending = 0\n".to_vec()),
+    ]
+}
+
+fn api_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let k1 = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    let k2 = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    vec![
+        (
+            "exit",
+            format!(r#"{{"name":"exit-1","public_key":"{k1}","endpoint":"192.0.2.10:51820","listen_port":51821}}"#),
+        ),
+        (
+            "peer",
+            format!(r#"{{"public_key":"{k2}","name":"p","allowed_ips":["10.0.0.2/32","fd00::/64","0.0.0.0/0"],"preshared_key":"{k1}","allowed_exits":["{k1}"]}}"#),
+        ),
+        (
+            "config",
+            format!(r#"{{"generation":3,"exits":[{{"name":"a","public_key":"{k1}","endpoint":"[2001:db8::1]:51820","listen_port":null}}],"peers":[{{"public_key":"{k2}","allowed_ips":["10.1.0.0/16"],"allowed_exits":["{k1}"]}}]}}"#),
+        ),
+        ("empty-config", "{}".into()),
+        (
+            "duplicate-exit",
+            format!(r#"{{"exits":[{{"name":"a","public_key":"{k1}","endpoint":"192.0.2.1:1","listen_port":null}},{{"name":"b","public_key":"{k1}","endpoint":"192.0.2.2:1","listen_port":null}}]}}"#),
+        ),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n, s.into_bytes()))
+    .collect()
+}
+
+fn write(root: &Path, target: &str, seeds: Vec<(&str, Vec<u8>)>) {
+    let dir = root.join(target);
+    std::fs::create_dir_all(&dir).expect("create corpus directory");
+    for (name, bytes) in seeds {
+        std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
+    }
+}
+
+fn main() {
+    let root = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus"));
+    write(&root, "router", router_seeds());
+    write(&root, "wire", wire_seeds());
+    write(&root, "config", config_seeds());
+    write(&root, "api", api_seeds());
+    println!("seeds written to {}", root.display());
+}

@@ -1,0 +1,118 @@
+//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) through the very checks the
+//! fuzz targets run, on stable, in every `cargo test`. A failing input found by the fuzzer
+//! is committed into its target's corpus, so it stays fixed.
+
+use std::path::PathBuf;
+
+use wraithgate_fuzzing::TARGETS;
+
+fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes = std::fs::read(&p).expect("readable corpus file");
+            (p, bytes)
+        })
+        .collect();
+    inputs.sort();
+    inputs
+}
+
+fn replay(target: &str) {
+    let (_, check) = TARGETS
+        .iter()
+        .find(|(name, _)| *name == target)
+        .expect("known target");
+    let inputs = corpus(target);
+    assert!(!inputs.is_empty(), "the {target} corpus is empty");
+    for (path, bytes) in &inputs {
+        let result = std::panic::catch_unwind(|| check(bytes));
+        assert!(result.is_ok(), "{target}: {} fails", path.display());
+    }
+    eprintln!("{target}: {} inputs replayed", inputs.len());
+}
+
+#[test]
+fn fuzz_corpus_wire() {
+    replay("wire");
+}
+
+#[test]
+fn fuzz_corpus_router() {
+    replay("router");
+}
+
+#[test]
+fn fuzz_corpus_config() {
+    replay("config");
+}
+
+#[test]
+fn fuzz_corpus_api() {
+    replay("api");
+}
+
+/// The router corpus is only worth replaying if it reaches the states the properties are
+/// about; this keeps a minimisation or a change of encoding from quietly hollowing it out.
+#[test]
+fn fuzz_corpus_router_reaches_the_states_that_matter() {
+    use wraithgate_relay::{DropReason, RouterStats};
+    let mut total = RouterStats::default();
+    for (_, bytes) in corpus("router") {
+        total.merge(&wraithgate_fuzzing::router::run(&bytes));
+    }
+    assert!(total.sessions_established > 0 && total.exit_to_client.packets > 0);
+    assert!(total.exit_handshakes > 0 && total.cookie_replies > 0);
+    assert!(total.sessions_expired_pending > 0 && total.sessions_expired_idle > 0);
+    assert!(total.sessions_closed_by_table > 0 && total.sessions_closed_by_request > 0);
+    for reason in [
+        DropReason::AmplificationLimit,
+        DropReason::RateLimited,
+        DropReason::SessionsFull,
+        DropReason::PendingFull,
+        DropReason::ClientSessionLimit,
+        DropReason::Mac1Mismatch,
+        DropReason::UnknownClient,
+        DropReason::UnknownIndex,
+        DropReason::NoSession,
+        DropReason::SocketUnavailable,
+        DropReason::Truncated,
+        DropReason::ReservedNonZero,
+    ] {
+        assert!(
+            total.dropped(reason) > 0,
+            "no input of the router corpus reaches {reason}"
+        );
+    }
+}
+
+/// A few thousand pseudo-random inputs per target (fixed seed), so that the checks
+/// themselves are exercised beyond the corpus even where no fuzzer runs.
+#[test]
+fn fuzz_checks_hold_on_pseudo_random_inputs() {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (name, check) in TARGETS {
+        let runs = if name == "router" { 300 } else { 2_000 };
+        for _ in 0..runs {
+            let len = (next() % 1024) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let result = std::panic::catch_unwind(|| check(&bytes));
+            if result.is_err() {
+                let path = std::env::temp_dir().join(format!("wraithgate-{name}-failure.bin"));
+                std::fs::write(&path, &bytes).expect("write the failing input");
+                panic!("{name} fails on the input saved in {}", path.display());
+            }
+        }
+    }
+}
