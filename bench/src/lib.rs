@@ -1,1 +1,24 @@
+//! WraithGate's benchmark harness (DESIGN §7).
+//!
+//! - [`load`]: the load generator (sendmmsg + UDP GSO, many flows, WireGuard-shaped
+//!   handshakes and transport) and the sink (loss, reordering, one-way latency, RFC 3550
+//!   jitter), both in this process so one clock stamps both ends.
+//! - [`topology`]: the `client`/`relay`/`exit` namespaces joined by veth, the loopback
+//!   variant, and the cleanup that runs whatever happens.
+//! - [`contender`]: the relays compared: WraithGate (each backend), nftables DNAT+SNAT,
+//!   [`naive`] tokio, socat and nginx.
+//! - [`report`]: medians, the markdown table, `--json`, the SVG chart.
+//!
+//! The `relay-bench` binary ties these together; the criterion benches in `benches/` use
+//! [`load`] on the host loopback.
 
+pub mod contender;
+pub mod cpu;
+pub mod histogram;
+pub mod load;
+pub mod naive;
+pub mod packets;
+pub mod report;
+pub mod topology;
+pub mod udp;
+pub mod wgo;

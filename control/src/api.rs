@@ -192,16 +192,31 @@ async fn serve(
     }
     let _ = stop.await;
     let _ = stop_all.send(());
-    for t in tasks {
-        let _ = t.await;
+    // Graceful shutdown waits for open connections; an idle keep-alive connection (a
+    // metrics scraper) would hold it forever, and with it the node's stop. Give requests
+    // in flight a moment, then cut the rest.
+    let drain = async {
+        for t in &mut tasks {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::info!("operator API: closing connections still open");
+        for t in &tasks {
+            t.abort();
+        }
     }
 }
+
+/// How long a stopping sidecar waits for open connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 fn router(app: App) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(get_metrics))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/node", get(node_info))
         .route("/v1/exits", get(list_exits).post(add_exit))
         .route("/v1/exits/{key}", delete(remove_exit))
         .route("/v1/peers", get(list_peers).post(add_peer))
@@ -238,7 +253,10 @@ impl From<ChangeError> for ApiError {
                 | wraithgate_relay::table::TableError::DuplicatePort { .. }
                 | wraithgate_relay::table::TableError::DuplicateName { .. },
             ))
-            | ChangeError::Invalid(crate::state::StateError::DuplicatePeer { .. })
+            | ChangeError::Invalid(crate::state::StateError::Table(
+                wraithgate_relay::table::TableError::DuplicatePeer { .. }
+                | wraithgate_relay::table::TableError::PeerIsExit { .. },
+            ))
             | ChangeError::Conflict(_) => StatusCode::CONFLICT,
             ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
             ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -373,6 +391,24 @@ async fn get_metrics(State(app): State<App>) -> Response {
         body,
     )
         .into_response()
+}
+
+async fn node_info(State(app): State<App>) -> Json<serde_json::Value> {
+    let c = &app.control;
+    let reports = c.dp.reports();
+    Json(json!({
+        "public_key": c.node_public,
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": c.dp.backend(),
+        "workers": c.dp.worker_count(),
+        "listen": c.dp.local_addrs(),
+        "generation": c.state().generation,
+        "exits": c.dp.table().len(),
+        "peers": c.dp.table().peer_count(),
+        "sessions": reports.iter().map(|r| r.sessions).sum::<usize>(),
+        "zhop_peers": reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
+        "uptime_secs": c.started.elapsed().as_secs(),
+    }))
 }
 
 async fn openapi() -> Json<serde_json::Value> {
@@ -530,7 +566,17 @@ async fn put_config(
         .ok_or_else(|| bad_request("If-Match must be a generation number"))?;
     let new = body::config(&body).map_err(bad_request)?;
     let applied = app.control.replace(expected, new)?;
-    Ok(with_etag(applied))
+    // A summary, not the state echoed back: a whole table can be megabytes.
+    let mut r = Json(json!({
+        "generation": applied.generation,
+        "exits": applied.exits.len(),
+        "peers": applied.peers.len(),
+    }))
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", applied.generation)) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(r)
 }
 
 /// One session as the API lists it; never any payload.
@@ -595,11 +641,20 @@ async fn kill_session(
         },
         _ => None,
     };
-    let (worker, slot) = parsed.ok_or_else(|| {
-        bad_request(format!(
-            "{id:?} is not a session id (worker.index.generation)"
-        ))
-    })?;
+    let well_formed = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let Some((worker, slot)) = parsed else {
+        // Digits out of range name no session that can exist.
+        return Err(if well_formed {
+            ApiError(StatusCode::NOT_FOUND, format!("no session {id}"))
+        } else {
+            bad_request(format!(
+                "{id:?} is not a session id (worker.index.generation)"
+            ))
+        });
+    };
     if app.control.dp.close_session(worker, slot, WORKER_TIMEOUT) {
         tracing::info!(session = %id, "session closed on request");
         Ok(StatusCode::NO_CONTENT)

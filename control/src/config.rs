@@ -86,6 +86,9 @@ pub struct RelaySection {
     pub batch: usize,
     #[serde(default = "yes")]
     pub gso: bool,
+    /// io_uring receive buffers per worker (64 KiB each, resident only once used).
+    #[serde(default = "default_ring_buffers")]
+    pub ring_buffers: usize,
 }
 
 impl Default for RelaySection {
@@ -98,6 +101,7 @@ impl Default for RelaySection {
             exit_source: None,
             batch: default_batch(),
             gso: true,
+            ring_buffers: default_ring_buffers(),
         }
     }
 }
@@ -146,6 +150,10 @@ pub struct ExitEntry {
 fn default_listen() -> Vec<SocketAddr> {
     vec!["0.0.0.0:51820".parse().expect("literal address")]
 }
+fn default_ring_buffers() -> usize {
+    DataPlaneConfig::default().ring_buffers
+}
+
 fn default_batch() -> usize {
     32
 }
@@ -214,7 +222,11 @@ impl Config {
         })?;
         let r = &file.relay;
         let l = &file.limits;
-        let checks: [(bool, &str); 6] = [
+        let checks: [(bool, &str); 7] = [
+            (
+                r.ring_buffers < 8 || r.ring_buffers > 32_768,
+                "[relay] ring_buffers: must be between 8 and 32768",
+            ),
             (
                 r.listen.is_empty(),
                 "[relay] listen: give at least one address",
@@ -284,6 +296,8 @@ impl Config {
                 | TableError::ZeroPort { name }
                 | TableError::BadEndpoint { name, .. }
                 | TableError::DuplicateName { name } => name.clone(),
+                // The file has no peers.
+                _ => String::new(),
             };
             // The last entry with that name is the one that collides.
             let span = specs
@@ -312,6 +326,7 @@ impl Config {
             exit_source: r.exit_source,
             batch: r.batch,
             gso: r.gso,
+            ring_buffers: r.ring_buffers,
             ..defaults
         };
         Ok(Config {
@@ -347,8 +362,11 @@ pub const EXAMPLE: &str = r#"# WraithGate relay configuration.
 listen = ["0.0.0.0:51820"]
 # Worker threads, one per core by default; each is pinned to its core.
 # workers = 2
-# "auto" uses io_uring where the kernel allows it, else "portable" (recvmmsg/sendmmsg).
+# "auto" uses io_uring where the kernel allows it, else "portable" (recvmmsg/sendmmsg);
+# "uring" refuses to start without io_uring.
 backend = "auto"
+# io_uring receive buffers per worker, a power of two (64 KiB each, resident once used).
+# ring_buffers = 256
 # Source address of the sockets that talk to exits (by default the kernel picks).
 # exit_source = "203.0.113.5"
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use wraithgate_relay::io::{DataPlane, DataPlaneConfig};
+use wraithgate_relay::io::{BackendChoice, DataPlane, DataPlaneConfig};
 use wraithgate_relay::table::{ExitSpec, ExitTable, SharedTable};
 
 use crate::testbed::{
@@ -30,6 +30,7 @@ pub struct DemoOptions {
     pub rate_mbps: f64,
     pub workers: usize,
     pub packet_size: usize,
+    pub backend: BackendChoice,
 }
 
 impl Default for DemoOptions {
@@ -40,6 +41,7 @@ impl Default for DemoOptions {
             rate_mbps: 50.0,
             workers: 2,
             packet_size: 1380,
+            backend: BackendChoice::Auto,
         }
     }
 }
@@ -159,6 +161,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         DataPlaneConfig {
             listen: vec![any_loopback()],
             workers: opts.workers,
+            backend: opts.backend,
             ..DataPlaneConfig::default()
         },
         shared,

@@ -76,15 +76,31 @@ enum Cmd {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Data-path backend of the relay.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
     },
     /// Print a commented example configuration.
     ExampleConfig,
 }
 
+/// `auto` picks io_uring where the kernel allows it and says in the log why not otherwise;
+/// `uring` refuses to start without it.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Backend {
     Auto,
+    Uring,
     Portable,
+}
+
+impl From<Backend> for BackendChoice {
+    fn from(b: Backend) -> Self {
+        match b {
+            Backend::Auto => BackendChoice::Auto,
+            Backend::Uring => BackendChoice::Uring,
+            Backend::Portable => BackendChoice::Portable,
+        }
+    }
 }
 
 fn main() {
@@ -126,6 +142,7 @@ fn real_main(cli: Cli) -> Result<()> {
             rate_mbps,
             workers,
             json,
+            backend,
         } => {
             if clients == 0 || clients > 200 {
                 bail!("--clients must be between 1 and 200");
@@ -141,6 +158,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 duration: Duration::from_secs_f64(seconds),
                 rate_mbps,
                 workers: workers.max(1),
+                backend: backend.into(),
                 ..DemoOptions::default()
             };
             let report = demo::run(&opts)?;
@@ -199,10 +217,7 @@ fn run(args: RunArgs) -> Result<()> {
         cfg.data_plane.workers = w;
     }
     if let Some(b) = backend {
-        cfg.data_plane.backend = match b {
-            Backend::Auto => BackendChoice::Auto,
-            Backend::Portable => BackendChoice::Portable,
-        };
+        cfg.data_plane.backend = b.into();
     }
     if check {
         println!(
@@ -234,10 +249,21 @@ fn run(args: RunArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let s = node.control.dp.stats();
+    let mut io = wraithgate_relay::io::IoStats::default();
+    for r in node.control.dp.reports() {
+        io.merge(&r.io);
+    }
     tracing::info!(
+        backend = node.control.dp.backend(),
         to_exit_packets = s.client_to_exit.packets,
         to_client_packets = s.exit_to_client.packets,
         drops = s.total_drops(),
+        worker_cpu_seconds = io.cpu_ns as f64 / 1e9,
+        send_calls = io.send_calls,
+        gso_sends = io.gso_sends,
+        gso_fallbacks = io.gso_fallbacks,
+        ring_enters = io.ring_enters,
+        ring_starved = io.ring_starved,
         "stopping"
     );
     node.stop();

@@ -31,7 +31,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 12] = [
+    let per_worker: [(&str, &str, ReportField); 14] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -81,6 +81,16 @@ pub fn render(c: &Control) -> String {
             "wraithgate_gso_fallbacks_total",
             "Times the kernel refused UDP GSO and the worker fell back.",
             |r| r.io.gso_fallbacks,
+        ),
+        (
+            "wraithgate_ring_enters_total",
+            "io_uring backend: io_uring_enter calls (each submits a batch and reaps).",
+            |r| r.io.ring_enters,
+        ),
+        (
+            "wraithgate_ring_starved_total",
+            "io_uring backend: multishot receives ended because every buffer was in use.",
+            |r| r.io.ring_starved,
         ),
         (
             "wraithgate_sessions",

@@ -28,6 +28,8 @@ const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(180);
 /// drives. Only the sidecar and start-up touch it; workers never do.
 #[derive(Debug)]
 pub struct Control {
+    /// The node's own public key (Z-HOP peers' outer peer).
+    pub node_public: wraithgate_relay::PublicKey,
     state: Mutex<DesiredState>,
     file: StateFile,
     pub dp: Arc<DataPlane>,
@@ -143,8 +145,8 @@ pub struct Node {
 impl Node {
     /// Loads the state (the file's exits seed it on first start), restores sessions saved
     /// by the last clean stop, starts the data plane, then the sidecar.
-    pub fn start(cfg: Config) -> Result<Node> {
-        let dir = &cfg.control.state_dir;
+    pub fn start(mut cfg: Config) -> Result<Node> {
+        let dir = &cfg.control.state_dir.clone();
         create_private_dir(dir)?;
         remove_stale_temp_files(dir);
         let file = StateFile::new(dir.join("state.json"));
@@ -174,11 +176,16 @@ impl Node {
         let table = state
             .validate()
             .with_context(|| format!("{} holds an invalid state", file.path().display()))?;
+        let node_key = load_or_create_node_key(&dir.join("node.key"))?;
+        cfg.data_plane.node_key = Some(node_key.0);
+        let node_public = wraithgate_relay::zhop::NodeKey::from_secret(node_key.0).public_key();
+        tracing::info!(public_key = %node_public, "node key (provisioned Z-HOP peers use it as their outer peer key)");
         let sessions_path = dir.join("sessions.json");
         let restore = load_sessions(&sessions_path);
         let dp = DataPlane::start_restoring(cfg.data_plane, SharedTable::new(table), restore)
             .context("starting the data plane")?;
         let control = Arc::new(Control {
+            node_public,
             state: Mutex::new(state),
             file,
             dp: Arc::new(dp),
@@ -283,6 +290,31 @@ fn load_sessions(path: &Path) -> Vec<SessionSnapshot> {
             tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable sessions file");
             Vec::new()
         }
+    }
+}
+
+/// The node's static private key from `path` (base64, as `wg genkey` writes it), created
+/// with mode 0600 on first start.
+fn load_or_create_node_key(path: &Path) -> Result<wraithgate_relay::PublicKey> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => wraithgate_relay::PublicKey::from_base64(text.trim()).with_context(|| {
+            format!(
+                "{} does not hold a base64 WireGuard private key",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret: [u8; 32] = rand::random();
+            // Curve25519 clamping, as `wg genkey` does.
+            secret[0] &= 248;
+            secret[31] = (secret[31] & 127) | 64;
+            let key = wraithgate_relay::PublicKey(secret);
+            write_atomically(path, format!("{}\n", key.to_base64()).as_bytes(), 0o600)
+                .with_context(|| format!("creating node key {}", path.display()))?;
+            tracing::info!(path = %path.display(), "created the node's private key");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading node key {}", path.display())),
     }
 }
 

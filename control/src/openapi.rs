@@ -35,7 +35,7 @@ fn merge(mut a: Value, b: Value) -> Value {
 /// The document.
 pub fn document() -> Value {
     let key = json!({"type": "string", "description": "WireGuard key, standard base64 (44 characters) as `wg` prints it", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"});
-    let key_path = json!({"name": "key", "in": "path", "required": true, "description": "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}=?$"}});
+    let key_path = json!({"name": "key", "in": "path", "required": true, "description": "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$"}});
     let common = ["401", "403"];
     json!({
         "openapi": "3.0.3",
@@ -58,11 +58,11 @@ pub fn document() -> Value {
                         "public_key": {"$ref": "#/components/schemas/Key"},
                         "name": {"type": "string", "maxLength": 64},
                         "allowed_ips": {"type": "array", "minItems": 1, "items": {"type": "string", "example": "10.0.0.2/32"}},
-                        "preshared_key": {"$ref": "#/components/schemas/Key"},
+                        "preshared_key": {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$", "nullable": true, "description": "Write-only: never shown"},
                         "allowed_exits": {"type": "array", "items": {"$ref": "#/components/schemas/Key"}}
                     }},
                 "Config": {"type": "object", "additionalProperties": false, "properties": {
-                    "generation": {"type": "integer", "minimum": 0, "description": "Ignored on PUT; use If-Match."},
+                    "generation": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "nullable": true, "description": "Ignored on PUT; use If-Match."},
                     "exits": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}},
                     "peers": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}
                 }},
@@ -93,6 +93,12 @@ pub fn document() -> Value {
                 "responses": merge(json!({"200": {"description": "Prometheus text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&common))}},
             "/v1/openapi.json": {"get": {"summary": "This document",
                 "responses": merge(json!({"200": {"description": "OpenAPI 3.0", "content": {"application/json": {"schema": {"type": "object"}}}}}), error_responses(&common))}},
+            "/v1/node": {"get": {"summary": "The node: its public key (Z-HOP peers' outer peer), backend, workers, listen addresses, counts",
+                "responses": merge(json!({"200": {"description": "Node", "content": {"application/json": {"schema": {"type": "object", "properties": {
+                    "public_key": {"$ref": "#/components/schemas/Key"}, "version": {"type": "string"}, "backend": {"type": "string"},
+                    "workers": {"type": "integer"}, "listen": {"type": "array", "items": {"type": "string"}}, "generation": {"type": "integer"},
+                    "exits": {"type": "integer"}, "peers": {"type": "integer"}, "sessions": {"type": "integer"}, "zhop_peers": {"type": "integer"},
+                    "uptime_secs": {"type": "integer"}}}}}}}), error_responses(&common))}},
             "/v1/exits": {
                 "get": {"summary": "List exits",
                     "responses": merge(json!({"200": {"description": "Exits", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}}}}}}), error_responses(&common))},
@@ -117,12 +123,12 @@ pub fn document() -> Value {
                 "put": {"summary": "Replace the whole desired state atomically",
                     "parameters": [{"name": "If-Match", "in": "header", "required": true, "description": "The generation this change is based on", "schema": {"type": "string", "pattern": "^\"?[0-9]{1,19}\"?$"}}],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}},
-                    "responses": merge(json!({"200": {"description": "Applied", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
+                    "responses": merge(json!({"200": {"description": "Applied; ETag is the new generation", "content": {"application/json": {"schema": {"type": "object", "properties": {"generation": {"type": "integer"}, "exits": {"type": "integer"}, "peers": {"type": "integer"}}}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
             },
             "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
                 "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&common))}},
             "/v1/sessions/{id}": {"delete": {"summary": "Close a session",
-                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+\\.[0-9]+$"}}],
+                "parameters": [{"name": "id", "in": "path", "required": true, "description": "worker.index.generation, as listed", "schema": {"type": "string", "pattern": "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}$"}}],
                 "responses": merge(json!({"204": {"description": "Closed"}}), error_responses(&["400", "401", "403", "404"]))}}
         }
     })

@@ -5,126 +5,14 @@
 //! directory, fsynced, renamed over the old file, and the directory fsynced; only then do
 //! workers see it. A failure at any step leaves the running table and the file as they were.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use wraithgate_relay::table::{ExitSpec, ExitTable, TableError};
-use wraithgate_relay::PublicKey;
-
-/// An IP network in CIDR notation (`10.0.0.0/24`, `fd00::/64`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IpNet {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl IpNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl std::str::FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP network (like 10.0.0.0/24)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
-            None => max,
-        };
-        Ok(IpNet { addr, prefix })
-    }
-}
-
-impl std::fmt::Display for IpNet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl Serialize for IpNet {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for IpNet {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// A 32-byte preshared key, base64; never echoed back by the API.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PresharedKey(pub [u8; 32]);
-
-impl std::fmt::Debug for PresharedKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PresharedKey(..)")
-    }
-}
-
-impl Serialize for PresharedKey {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&PublicKey(self.0).to_base64())
-    }
-}
-
-impl<'de> Deserialize<'de> for PresharedKey {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        PublicKey::from_base64(&s)
-            .map(|k| PresharedKey(k.0))
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// A provisioned peer (Z-HOP): its outer tunnel ends at this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeerSpec {
-    pub public_key: PublicKey,
-    #[serde(default)]
-    pub name: String,
-    /// Inner source addresses the peer may use.
-    pub allowed_ips: Vec<IpNet>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preshared_key: Option<PresharedKey>,
-    /// Public keys of the exits the peer may reach.
-    #[serde(default)]
-    pub allowed_exits: Vec<PublicKey>,
-}
+pub use wraithgate_relay::table::{IpNet, PeerSpec, PresharedKey};
 
 /// Everything an operator or control plane sets on a node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,46 +34,18 @@ pub enum StateError {
     Table(#[from] TableError),
     #[error("exit name must be 1 to 64 characters, got {0:?}")]
     ExitName(String),
-    #[error("peer {key}: public key is used twice")]
-    DuplicatePeer { key: PublicKey },
-    #[error("peer {key}: is also configured as an exit")]
-    PeerIsExit { key: PublicKey },
-    #[error("peer {key}: allowed_ips must not be empty")]
-    NoAllowedIps { key: PublicKey },
-    #[error("peer {key}: allowed exit {exit} is not a configured exit")]
-    UnknownExit { key: PublicKey, exit: PublicKey },
-    #[error("peer {key}: name must be at most 64 characters")]
-    PeerName { key: PublicKey },
 }
 
 impl DesiredState {
     /// Checks the whole state and builds the exit table workers will use.
     pub fn validate(&self) -> Result<ExitTable, StateError> {
         for e in &self.exits {
-            if e.name.is_empty() || e.name.len() > 64 {
+            if e.name.is_empty() || e.name.chars().count() > 64 {
                 return Err(StateError::ExitName(e.name.clone()));
             }
         }
-        let table = ExitTable::new(self.generation, self.exits.clone())?;
-        let mut seen = HashSet::new();
-        for p in &self.peers {
-            let key = p.public_key;
-            if !seen.insert(key) {
-                return Err(StateError::DuplicatePeer { key });
-            }
-            if table.by_key(&key).is_some() {
-                return Err(StateError::PeerIsExit { key });
-            }
-            if p.allowed_ips.is_empty() {
-                return Err(StateError::NoAllowedIps { key });
-            }
-            if p.name.len() > 64 {
-                return Err(StateError::PeerName { key });
-            }
-            if let Some(exit) = p.allowed_exits.iter().find(|x| table.by_key(x).is_none()) {
-                return Err(StateError::UnknownExit { key, exit: *exit });
-            }
-        }
+        let table =
+            ExitTable::new(self.generation, self.exits.clone())?.with_peers(self.peers.clone())?;
         Ok(table)
     }
 }
@@ -266,6 +126,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wraithgate_relay::PublicKey;
 
     fn exit(name: &str, k: u8) -> ExitSpec {
         ExitSpec {
@@ -274,20 +135,6 @@ mod tests {
             endpoint: format!("192.0.2.{k}:51820").parse().unwrap(),
             listen_port: None,
         }
-    }
-
-    #[test]
-    fn ip_networks_parse_and_match() {
-        let n: IpNet = "10.1.0.0/16".parse().unwrap();
-        assert!(n.contains("10.1.200.3".parse().unwrap()));
-        assert!(!n.contains("10.2.0.1".parse().unwrap()));
-        assert!(!n.contains("::1".parse().unwrap()));
-        let all: IpNet = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("203.0.113.9".parse().unwrap()));
-        let host: IpNet = "fd00::1".parse().unwrap();
-        assert_eq!(host.prefix, 128);
-        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
-        assert!("nonsense/8".parse::<IpNet>().is_err());
     }
 
     #[test]
@@ -305,13 +152,22 @@ mod tests {
         };
         assert!(s.validate().is_ok());
         s.peers[0].allowed_exits = vec![PublicKey([2; 32])];
-        assert!(matches!(s.validate(), Err(StateError::UnknownExit { .. })));
+        assert!(matches!(
+            s.validate(),
+            Err(StateError::Table(TableError::UnknownExit { .. }))
+        ));
         s.peers[0].allowed_exits.clear();
         s.peers[0].allowed_ips.clear();
-        assert!(matches!(s.validate(), Err(StateError::NoAllowedIps { .. })));
+        assert!(matches!(
+            s.validate(),
+            Err(StateError::Table(TableError::NoAllowedIps { .. }))
+        ));
         s.peers[0].allowed_ips = vec!["10.0.0.2/32".parse().unwrap()];
         s.peers[0].public_key = PublicKey([1; 32]);
-        assert!(matches!(s.validate(), Err(StateError::PeerIsExit { .. })));
+        assert!(matches!(
+            s.validate(),
+            Err(StateError::Table(TableError::PeerIsExit { .. }))
+        ));
     }
 
     #[test]

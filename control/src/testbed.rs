@@ -16,6 +16,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
+use wraithgate_relay::inner;
 
 /// Largest datagram an endpoint handles.
 const MAX_PACKET: usize = 65_536;
@@ -68,6 +69,8 @@ impl std::fmt::Debug for PeerOptions {
 
 struct Peer {
     tunn: Tunn,
+    /// The index given to `Tunn::new`; boringtun's session indices are `index << 8 | n`.
+    index: u32,
     public: [u8; 32],
     endpoint: Option<SocketAddr>,
     handshakes_completed: u64,
@@ -151,6 +154,7 @@ impl WgNode {
         );
         self.peers.push(Peer {
             tunn,
+            index: self.next_index,
             public: public.to_bytes(),
             endpoint: opts.endpoint,
             handshakes_completed: 0,
@@ -227,6 +231,15 @@ impl WgNode {
         }
     }
 
+    /// Encrypts an IP packet to `peer` without sending it: the transport message, for a
+    /// caller that sends it itself (a GSO train, say). `None` without a session.
+    pub fn seal(&mut self, peer: usize, ip: &[u8]) -> Option<Vec<u8>> {
+        match self.peers[peer].tunn.encapsulate(ip, &mut self.out) {
+            TunnResult::WriteToNetwork(p) if p.first() == Some(&4) => Some(p.to_vec()),
+            _ => None,
+        }
+    }
+
     /// Runs boringtun's timers for every peer (retries, keepalives, rekeys).
     pub fn tick(&mut self) {
         for peer in 0..self.peers.len() {
@@ -287,7 +300,8 @@ impl WgNode {
         // by the address it came from.
         let peer = self
             .identify(n)
-            .or_else(|| self.by_addr.get(&from).copied());
+            .or_else(|| self.by_addr.get(&from).copied())
+            .or_else(|| self.by_receiver_index(n));
         let Some(peer) = peer else {
             return Received::Rejected { from };
         };
@@ -334,6 +348,15 @@ impl WgNode {
         result
     }
 
+    /// The peer a response, cookie or transport message is for, by the receiver index in it:
+    /// boringtun's indices are `peer_index << 8 | session`. This is how a WireGuard device
+    /// finds the peer of a packet from an address it has not seen (roaming).
+    fn by_receiver_index(&self, n: usize) -> Option<usize> {
+        let bytes = self.buf.get(4..8).filter(|_| n >= 8 && self.buf[0] != 1)?;
+        let index = u32::from_le_bytes(bytes.try_into().ok()?) >> 8;
+        self.peers.iter().position(|p| p.index == index)
+    }
+
     /// The peer an initiation comes from, by the static key it carries.
     fn identify(&self, n: usize) -> Option<usize> {
         let Ok(Packet::HandshakeInit(init)) = Tunn::parse_incoming_packet(&self.buf[..n]) else {
@@ -363,60 +386,166 @@ impl WgNode {
     }
 }
 
-/// A minimal IPv4/UDP packet (checksums computed) carrying `payload`, as a WireGuard
-/// interface would hand it to the tunnel.
+/// An IPv4/UDP packet (checksums computed) carrying `payload`, as a WireGuard interface
+/// would hand it to the tunnel.
 pub fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let total = 20 + 8 + payload.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let ck = checksum(&p[..20], 0);
-    p[10..12].copy_from_slice(&ck.to_be_bytes());
-    p[20..22].copy_from_slice(&sport.to_be_bytes());
-    p[22..24].copy_from_slice(&dport.to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p[28..].copy_from_slice(payload);
-    let mut pseudo = 0u32;
-    for w in [src.octets(), dst.octets()] {
-        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
-        pseudo += u32::from(u16::from_be_bytes([w[2], w[3]]));
-    }
-    pseudo += 17 + (8 + payload.len()) as u32;
-    let ck = match checksum(&p[20..], pseudo) {
-        0 => 0xFFFF,
-        c => c,
-    };
-    p[26..28].copy_from_slice(&ck.to_be_bytes());
+    let mut p = Vec::new();
+    inner::build_udp(
+        &mut p,
+        SocketAddr::new(src.into(), sport),
+        SocketAddr::new(dst.into(), dport),
+        payload,
+    );
     p
 }
 
-/// The UDP payload of an IPv4/UDP packet made by [`ipv4_udp`].
+/// The UDP payload of an IP/UDP packet.
 pub fn udp_payload(ip: &[u8]) -> Option<&[u8]> {
-    if ip.len() < 28 || ip[0] >> 4 != 4 || ip[9] != 17 {
-        return None;
-    }
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    ip.get(ihl + 8..)
+    inner::parse_udp(ip).ok().map(|p| p.payload)
 }
 
-/// The Internet checksum (RFC 1071) of `data`, starting from `sum`.
-fn checksum(data: &[u8], mut sum: u32) -> u16 {
-    for chunk in data.chunks(2) {
-        let w = if chunk.len() == 2 {
-            u16::from_be_bytes([chunk[0], chunk[1]])
-        } else {
-            u16::from_be_bytes([chunk[0], 0])
+/// A Z-HOP client: an inner WireGuard tunnel to an exit, carried inside an outer tunnel to
+/// the relay, as a client with two interfaces (inner routed through outer) has.
+pub struct ZhopClient {
+    /// The outer interface; its peer 0 is the relay.
+    pub outer: WgNode,
+    inner: Tunn,
+    /// The inner interface's own address and port, as seen inside the outer tunnel.
+    pub inner_addr: SocketAddr,
+    /// The exit's endpoint: where the inner tunnel's packets go.
+    pub exit: SocketAddr,
+    buf: Vec<u8>,
+    wrapped: Vec<u8>,
+}
+
+impl std::fmt::Debug for ZhopClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZhopClient")
+            .field("outer", &self.outer)
+            .field("inner_addr", &self.inner_addr)
+            .field("exit", &self.exit)
+            .finish()
+    }
+}
+
+impl ZhopClient {
+    /// `outer_keys` are provisioned at the relay (whose key is `relay_public`), `inner_keys`
+    /// are known to the exit.
+    pub fn new(
+        outer_keys: KeyPair,
+        inner_keys: KeyPair,
+        relay: SocketAddr,
+        relay_public: PublicKey,
+        exit_public: PublicKey,
+        exit: SocketAddr,
+        inner_addr: SocketAddr,
+    ) -> io::Result<Self> {
+        let mut outer = WgNode::bind(any_loopback(), outer_keys)?;
+        outer.add_peer(
+            relay_public,
+            PeerOptions {
+                endpoint: Some(relay),
+                ..Default::default()
+            },
+        );
+        let inner = Tunn::new(
+            inner_keys.secret.clone(),
+            exit_public,
+            None,
+            None,
+            rand::random::<u32>() >> 8,
+            None,
+        );
+        Ok(ZhopClient {
+            outer,
+            inner,
+            inner_addr,
+            exit,
+            buf: vec![0; MAX_PACKET],
+            wrapped: Vec::new(),
+        })
+    }
+
+    /// Sends the inner WireGuard datagram in `buf[..len]` through the outer tunnel.
+    fn send_inner_datagram(
+        &mut self,
+        len: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> io::Result<()> {
+        inner::build_udp(&mut self.wrapped, from, to, &self.buf[..len]);
+        let wrapped = std::mem::take(&mut self.wrapped);
+        let r = self.outer.send_ip(0, &wrapped);
+        self.wrapped = wrapped;
+        r
+    }
+
+    /// Encrypts `ip` for the exit (inner tunnel) and sends it through the outer tunnel.
+    pub fn send_ip(&mut self, ip: &[u8]) -> io::Result<()> {
+        let (from, to) = (self.inner_addr, self.exit);
+        self.send_ip_as(ip, from, to)
+    }
+
+    /// Like [`ZhopClient::send_ip`], with the inner UDP addresses chosen by the caller
+    /// (tests spoof them).
+    pub fn send_ip_as(&mut self, ip: &[u8], from: SocketAddr, to: SocketAddr) -> io::Result<()> {
+        match self.inner.encapsulate(ip, &mut self.buf) {
+            TunnResult::WriteToNetwork(p) => {
+                let len = p.len();
+                self.send_inner_datagram(len, from, to)
+            }
+            TunnResult::Err(e) => Err(io::Error::other(format!("{e:?}"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Receives what waits on the outer socket: inner plaintext as [`Received::Packet`],
+    /// anything else as [`Received::Control`].
+    pub fn try_recv(&mut self) -> io::Result<Option<Received>> {
+        let Some(r) = self.outer.try_recv()? else {
+            return Ok(None);
         };
-        sum += u32::from(w);
+        let Received::Packet { data, .. } = r else {
+            return Ok(Some(r));
+        };
+        let Some(payload) = udp_payload(&data) else {
+            return Ok(Some(Received::Control { peer: 0 }));
+        };
+        let (from, to) = (self.inner_addr, self.exit);
+        match self
+            .inner
+            .decapsulate(Some(self.exit.ip()), payload, &mut self.buf)
+        {
+            TunnResult::WriteToNetwork(p) => {
+                let len = p.len();
+                self.send_inner_datagram(len, from, to)?;
+                while let TunnResult::WriteToNetwork(p) =
+                    self.inner.decapsulate(None, &[], &mut self.buf)
+                {
+                    let len = p.len();
+                    self.send_inner_datagram(len, from, to)?;
+                }
+                Ok(Some(Received::Control { peer: 0 }))
+            }
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                Ok(Some(Received::Packet {
+                    peer: 0,
+                    data: p.to_vec(),
+                }))
+            }
+            _ => Ok(Some(Received::Control { peer: 0 })),
+        }
     }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
+
+    /// Runs both tunnels' timers.
+    pub fn tick(&mut self) {
+        self.outer.tick();
+        if let TunnResult::WriteToNetwork(p) = self.inner.update_timers(&mut self.buf) {
+            let len = p.len();
+            let (from, to) = (self.inner_addr, self.exit);
+            let _ = self.send_inner_datagram(len, from, to);
+        }
     }
-    !(sum as u16)
 }
 
 /// Source and destination addresses inside the tunnels of the demo and the tests.
@@ -458,10 +587,7 @@ mod tests {
             2000,
             b"hello",
         );
-        assert_eq!(checksum(&p[..20], 0), 0, "header checksum");
-        let mut pseudo = 0u32;
-        pseudo += 0x0a00 + 0x0001 + 0x0a00 + 0x0002 + 17 + 13;
-        assert_eq!(checksum(&p[20..], pseudo), 0, "UDP checksum");
+        assert!(inner::checksums_ok(&p));
         assert_eq!(udp_payload(&p), Some(&b"hello"[..]));
     }
 

@@ -241,6 +241,12 @@ fn exits_good_and_bad_input_leave_state_exactly_as_it_was() {
             "name",
         ),
         (
+            json!({"public_key": k2, "endpoint": "192.0.2.1:1", "name": "é".repeat(65)})
+                .to_string(),
+            400,
+            "name",
+        ),
+        (
             json!({"public_key": k2, "endpoint": "192.0.2.1:1", "name": "a", "colour": "red"})
                 .to_string(),
             400,
@@ -431,6 +437,11 @@ fn sessions_are_listed_without_payload_and_can_be_killed() {
     let id = sess["id"].as_str().unwrap().to_owned();
     assert_eq!(n.send("DELETE", "/v1/sessions/garbage", "", &[]).0, 400);
     assert_eq!(
+        n.send("DELETE", "/v1/sessions/6936238.3.305462016057947", "", &[])
+            .0,
+        404
+    );
+    assert_eq!(
         n.send("DELETE", &format!("/v1/sessions/{id}"), "", &[]).0,
         204
     );
@@ -575,4 +586,49 @@ fn forwarding_carries_on_when_the_api_port_is_taken() {
     assert!(got.is_some(), "forwarding must not depend on the API");
     node.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_client_that_stops_reading_does_not_hold_up_the_stop() {
+    let n = TestNode::start("stuck-reader", vec![]);
+    // A state large enough that its listing outgrows the socket buffers.
+    let exits: Vec<Value> = (0..60_000u32)
+        .map(|i| json!({"public_key": wraithgate_relay::PublicKey(rand::random()), "endpoint": format!("10.{}.{}.{}:51820", i >> 16, (i >> 8) & 255, i & 255), "name": format!("e{i}")}))
+        .collect();
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &json!({"exits": exits}).to_string(),
+        &[("If-Match", "1")],
+    );
+    assert_eq!(status, 200, "{body:.200}");
+    assert!(
+        body.len() < 200,
+        "PUT answers with a summary, not the state: {} bytes",
+        body.len()
+    );
+    // Ask for it all and read only the first bytes.
+    let addr = n.url.trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "GET /v1/config HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {}\r\n\r\n",
+        n.token
+    )
+    .unwrap();
+    let mut buf = [0u8; 64];
+    conn.read_exact(&mut buf).unwrap();
+    assert!(buf.starts_with(b"HTTP/1.1 200"));
+    let mut n = n;
+    let node = n.node.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        node.stop();
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the node did not stop while a client sat on a response"
+    );
+    drop(conn);
 }

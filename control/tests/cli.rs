@@ -95,7 +95,14 @@ fn demo_json_reports_traffic_through_the_relay() {
     assert!(v["gbps"].as_f64().unwrap() > 0.0);
     assert!(v["loss_percent"].as_f64().unwrap() < 10.0, "{v}");
     assert!(v["jitter_ms"].as_f64().is_some());
-    assert_eq!(v["backend"], "portable");
+    let expected = match wraithgate_relay::io::uring::probe() {
+        Ok(()) => "uring",
+        Err(_) => "portable",
+    };
+    assert_eq!(
+        v["backend"], expected,
+        "auto picks io_uring exactly where it works"
+    );
 }
 
 #[test]

@@ -40,11 +40,23 @@ pub enum DropReason {
     SocketUnavailable,
     /// The kernel refused to send the packet.
     SendFailed,
+    /// Z-HOP: an outer initiation for this node from a key that is not a provisioned peer.
+    UnknownPeer,
+    /// Z-HOP: boringtun refused an outer packet (bad MAC, replay, failed decryption).
+    OuterRejected,
+    /// Z-HOP: the decrypted inner packet is not a well-formed IP packet.
+    InnerMalformed,
+    /// Z-HOP: the inner packet is not UDP.
+    InnerNotUdp,
+    /// Z-HOP: the inner source is outside the peer's allowed IPs.
+    InnerSpoofedSource,
+    /// Z-HOP: the inner destination is not one of the peer's allowed exits.
+    InnerForbiddenDestination,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::Truncated,
         DropReason::BadLength,
         DropReason::ReservedNonZero,
@@ -62,6 +74,12 @@ impl DropReason {
         DropReason::AmplificationLimit,
         DropReason::SocketUnavailable,
         DropReason::SendFailed,
+        DropReason::UnknownPeer,
+        DropReason::OuterRejected,
+        DropReason::InnerMalformed,
+        DropReason::InnerNotUdp,
+        DropReason::InnerSpoofedSource,
+        DropReason::InnerForbiddenDestination,
     ];
     /// Number of distinct reasons.
     pub const COUNT: usize = Self::ALL.len();
@@ -91,6 +109,12 @@ impl DropReason {
             DropReason::AmplificationLimit => "amplification_limit",
             DropReason::SocketUnavailable => "socket_unavailable",
             DropReason::SendFailed => "send_failed",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::OuterRejected => "outer_rejected",
+            DropReason::InnerMalformed => "inner_malformed",
+            DropReason::InnerNotUdp => "inner_not_udp",
+            DropReason::InnerSpoofedSource => "inner_spoofed_source",
+            DropReason::InnerForbiddenDestination => "inner_forbidden_destination",
         }
     }
 }

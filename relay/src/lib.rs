@@ -5,12 +5,15 @@
 //! - [`io`] drives that core from real sockets, one worker thread per core.
 
 pub mod drop_reason;
+pub mod inner;
 pub mod io;
 pub mod keys;
 pub mod ratelimit;
 pub mod router;
+pub mod slab;
 pub mod table;
 pub mod wire;
+pub mod zhop;
 
 pub use drop_reason::DropReason;
 pub use keys::PublicKey;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crate::drop_reason::DropReason;
 use crate::keys::PublicKey;
 use crate::ratelimit::HandshakeRateLimiter;
+use crate::slab::Slab;
 use crate::table::ExitTable;
 use crate::wire::{Initiation, Message};
 
@@ -149,6 +150,11 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// Counts one packet of `bytes`.
+    pub fn add_bytes(&mut self, bytes: usize) {
+        self.add(bytes);
+    }
+
     fn add(&mut self, bytes: usize) {
         self.packets += 1;
         self.bytes += bytes as u64;
@@ -245,12 +251,19 @@ pub struct SessionSnapshot {
     pub handshakes: u64,
 }
 
-/// Receiver indices an exit assigned to one client, newest last.
+/// Receiver indices an exit assigned to one client, oldest first, each marked once the
+/// client has used it.
+///
+/// The relay cannot authenticate what arrives on an exit-facing socket: anyone who can
+/// spoof the exit's address and guess the socket's port can make it look like the exit
+/// assigned an index. Such indices are never used by the real client, so when the ring is
+/// full the oldest index the client has *not* used goes first; a flood of forged
+/// initiations only churns those and never evicts the indices the client's traffic runs on.
 #[derive(Debug, Clone, Copy, Default)]
 struct IndexRing {
     indices: [u32; EXIT_INDICES],
+    used: [bool; EXIT_INDICES],
     len: u8,
-    next: u8,
 }
 
 impl SessionSnapshot {
@@ -275,26 +288,36 @@ impl SessionSnapshot {
 impl IndexRing {
     /// Indices oldest first.
     fn to_vec(self) -> Vec<u32> {
-        let len = self.len as usize;
-        let start = if len < EXIT_INDICES {
-            0
-        } else {
-            self.next as usize
-        };
-        (0..len)
-            .map(|i| self.indices[(start + i) % EXIT_INDICES])
-            .collect()
+        self.indices[..self.len as usize].to_vec()
     }
     fn push(&mut self, index: u32) {
         if self.contains(index) {
             return;
         }
-        self.indices[self.next as usize] = index;
-        self.next = (self.next + 1) % EXIT_INDICES as u8;
-        self.len = (self.len + 1).min(EXIT_INDICES as u8);
+        let len = self.len as usize;
+        if len < EXIT_INDICES {
+            self.indices[len] = index;
+            self.used[len] = false;
+            self.len += 1;
+            return;
+        }
+        let victim = self.used.iter().position(|&u| !u).unwrap_or(0);
+        self.indices.copy_within(victim + 1.., victim);
+        self.used.copy_within(victim + 1.., victim);
+        self.indices[EXIT_INDICES - 1] = index;
+        self.used[EXIT_INDICES - 1] = false;
     }
     fn contains(&self, index: u32) -> bool {
         self.indices[..self.len as usize].contains(&index)
+    }
+    /// Marks `index` as used by the client (it must be in the ring).
+    fn mark_used(&mut self, index: u32) {
+        if let Some(i) = self.indices[..self.len as usize]
+            .iter()
+            .position(|&x| x == index)
+        {
+            self.used[i] = true;
+        }
     }
 }
 
@@ -352,12 +375,6 @@ impl ClientSessions {
     }
 }
 
-#[derive(Debug, Default)]
-struct SlotEntry {
-    generation: u32,
-    session: Option<Session>,
-}
-
 /// Why a session ends, for counters.
 #[derive(Debug, Clone, Copy)]
 enum CloseCause {
@@ -373,13 +390,11 @@ enum CloseCause {
 pub struct Router {
     cfg: RouterConfig,
     table: Arc<ExitTable>,
-    slots: Vec<SlotEntry>,
-    free: Vec<u32>,
+    sessions: Slab<Session>,
     clients: HashMap<SocketAddr, ClientSessions>,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     commands: VecDeque<Command>,
     rate_limiter: HandshakeRateLimiter,
-    live: usize,
     pending: usize,
     /// Next slot index to examine after a table swap, if a sweep is under way.
     sweep: Option<u32>,
@@ -404,13 +419,11 @@ impl Router {
         Router {
             cfg,
             table,
-            slots: Vec::new(),
-            free: Vec::new(),
+            sessions: Slab::default(),
             clients: HashMap::new(),
             timers: BinaryHeap::new(),
             commands: VecDeque::new(),
             rate_limiter,
-            live: 0,
             pending: 0,
             sweep: None,
             stats: RouterStats::default(),
@@ -431,12 +444,17 @@ impl Router {
 
     /// Sessions held, pending ones included.
     pub fn session_count(&self) -> usize {
-        self.live
+        self.sessions.len()
     }
 
     /// Sessions still waiting for the exit's first answer.
     pub fn pending_count(&self) -> usize {
         self.pending
+    }
+
+    /// Whether `client` has a session (pending or established).
+    pub fn knows_client(&self, client: SocketAddr) -> bool {
+        self.clients.contains_key(&client)
     }
 
     /// Next command for the I/O layer.
@@ -485,21 +503,19 @@ impl Router {
             return self.drop_packet(DropReason::UnknownClient);
         };
         let found = sessions.as_slice().iter().copied().find(|&i| {
-            self.slots[i as usize]
-                .session
-                .as_ref()
-                .is_some_and(|s| s.exit_indices.contains(index))
+            self.sessions
+                .at(i)
+                .is_some_and(|(_, s)| s.exit_indices.contains(index))
         });
         let Some(slot_index) = found else {
             return self.drop_packet(DropReason::UnknownIndex);
         };
-        let entry = &mut self.slots[slot_index as usize];
-        let generation = entry.generation;
-        let s = entry
-            .session
-            .as_mut()
+        let (slot, s) = self
+            .sessions
+            .at_mut(slot_index)
             .expect("slot listed for a client holds a session");
         s.verified |= proves_receipt;
+        s.exit_indices.mark_used(index);
         s.last_activity = now;
         s.to_exit.add(len);
         self.stats.client_to_exit.add(len);
@@ -515,10 +531,7 @@ impl Router {
             Message::CookieReply(_) => self.stats.cookie_replies += 1,
             _ => {}
         }
-        Action::ToExit(SessionSlot {
-            index: slot_index,
-            generation,
-        })
+        Action::ToExit(slot)
     }
 
     fn client_initiation(
@@ -554,16 +567,17 @@ impl Router {
 
         let existing = self.clients.get(&from).and_then(|c| {
             c.as_slice().iter().copied().find(|&i| {
-                self.slots[i as usize]
-                    .session
-                    .as_ref()
-                    .is_some_and(|s| s.exit_key == exit_key && s.exit_endpoint == exit_endpoint)
+                self.sessions.at(i).is_some_and(|(_, s)| {
+                    s.exit_key == exit_key && s.exit_endpoint == exit_endpoint
+                })
             })
         });
         let slot = match existing {
             Some(index) => {
-                let entry = &mut self.slots[index as usize];
-                let s = entry.session.as_mut().expect("listed slot holds a session");
+                let (slot, s) = self
+                    .sessions
+                    .at_mut(index)
+                    .expect("listed slot holds a session");
                 if !s.established {
                     // A retry: the exit gets another pending_timeout to answer.
                     s.pending_since = now;
@@ -574,17 +588,14 @@ impl Router {
                 s.last_activity = now;
                 s.to_exit.add(len);
                 s.handshakes += 1;
-                SessionSlot {
-                    index,
-                    generation: entry.generation,
-                }
+                slot
             }
             None => {
                 let per_client = self.clients.get(&from).map_or(0, |c| c.len as usize);
                 if per_client >= self.cfg.max_sessions_per_client {
                     return self.drop_packet(DropReason::ClientSessionLimit);
                 }
-                if self.live >= self.cfg.max_sessions {
+                if self.sessions.len() >= self.cfg.max_sessions {
                     return self.drop_packet(DropReason::SessionsFull);
                 }
                 if self.pending >= self.cfg.max_pending {
@@ -626,22 +637,12 @@ impl Router {
     fn insert(&mut self, session: Session) -> SessionSlot {
         let deadline = session.deadline(&self.cfg);
         let client = session.client;
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(SlotEntry::default());
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let entry = &mut self.slots[index as usize];
-        entry.generation = entry.generation.wrapping_add(1);
-        entry.session = Some(session);
-        let generation = entry.generation;
-        self.clients.entry(client).or_default().push(index);
-        self.timers.push(Reverse((deadline, index, generation)));
-        self.live += 1;
+        let slot = self.sessions.insert(session);
+        self.clients.entry(client).or_default().push(slot.index);
+        self.timers
+            .push(Reverse((deadline, slot.index, slot.generation)));
         self.stats.sessions_opened += 1;
-        SessionSlot { index, generation }
+        slot
     }
 
     /// A datagram arrived on the exit-facing socket of `slot`.
@@ -650,13 +651,7 @@ impl Router {
             Ok(m) => m,
             Err(reason) => return self.drop_packet(reason),
         };
-        let Some(entry) = self.slots.get_mut(slot.index as usize) else {
-            return self.drop_packet(DropReason::NoSession);
-        };
-        if entry.generation != slot.generation {
-            return self.drop_packet(DropReason::NoSession);
-        }
-        let Some(s) = entry.session.as_mut() else {
+        let Some(s) = self.sessions.get_mut(slot) else {
             return self.drop_packet(DropReason::NoSession);
         };
         let len = packet.len() as u64;
@@ -706,13 +701,7 @@ impl Router {
     }
 
     fn close(&mut self, slot: SessionSlot, cause: CloseCause) -> bool {
-        let Some(entry) = self.slots.get_mut(slot.index as usize) else {
-            return false;
-        };
-        if entry.generation != slot.generation {
-            return false;
-        }
-        let Some(s) = entry.session.take() else {
+        let Some(s) = self.sessions.remove(slot) else {
             return false;
         };
         if let Some(c) = self.clients.get_mut(&s.client) {
@@ -721,8 +710,6 @@ impl Router {
                 self.clients.remove(&s.client);
             }
         }
-        self.free.push(slot.index);
-        self.live -= 1;
         if !s.established {
             self.pending -= 1;
         }
@@ -744,11 +731,8 @@ impl Router {
                 break;
             }
             self.timers.pop();
-            let entry = &self.slots[index as usize];
-            if entry.generation != generation {
-                continue;
-            }
-            let Some(s) = entry.session.as_ref() else {
+            let slot = SessionSlot { index, generation };
+            let Some(s) = self.sessions.get(slot) else {
                 continue;
             };
             let actual = s.deadline(&self.cfg);
@@ -761,7 +745,7 @@ impl Router {
             } else {
                 CloseCause::PendingExpired
             };
-            self.close(SessionSlot { index, generation }, cause);
+            self.close(slot, cause);
         }
         self.continue_sweep();
     }
@@ -780,10 +764,12 @@ impl Router {
 
     fn continue_sweep(&mut self) {
         let Some(start) = self.sweep else { return };
-        let end = (start as usize + self.cfg.swap_sweep_budget).min(self.slots.len());
-        for index in start as usize..end {
-            let entry = &self.slots[index];
-            let Some(s) = entry.session.as_ref() else {
+        let bound = self.sessions.index_bound();
+        let end = start
+            .saturating_add(self.cfg.swap_sweep_budget as u32)
+            .min(bound);
+        for index in start..end {
+            let Some((slot, s)) = self.sessions.at(index) else {
                 continue;
             };
             let keep = self
@@ -792,14 +778,10 @@ impl Router {
                 .and_then(|id| self.table.get(id))
                 .is_some_and(|e| e.spec.endpoint == s.exit_endpoint);
             if !keep {
-                let slot = SessionSlot {
-                    index: index as u32,
-                    generation: entry.generation,
-                };
                 self.close(slot, CloseCause::Table);
             }
         }
-        self.sweep = (end < self.slots.len()).then_some(end as u32);
+        self.sweep = (end < bound).then_some(end);
     }
 
     /// Whether a swap sweep is still under way.
@@ -828,7 +810,7 @@ impl Router {
         let per_client = self.clients.get(&snap.client).map_or(0, |c| c.len as usize);
         let refusal = if per_client >= self.cfg.max_sessions_per_client {
             Some(DropReason::ClientSessionLimit)
-        } else if self.live >= self.cfg.max_sessions {
+        } else if self.sessions.len() >= self.cfg.max_sessions {
             Some(DropReason::SessionsFull)
         } else if !snap.established && self.pending >= self.cfg.max_pending {
             Some(DropReason::PendingFull)
@@ -873,26 +855,20 @@ impl Router {
 
     /// Every live session, for listings. Not for the packet path.
     pub fn sessions(&self, now: Instant) -> impl Iterator<Item = SessionInfo> + '_ {
-        self.slots.iter().enumerate().filter_map(move |(i, e)| {
-            let s = e.session.as_ref()?;
-            Some(SessionInfo {
-                slot: SessionSlot {
-                    index: i as u32,
-                    generation: e.generation,
-                },
-                client: s.client,
-                listen_port: s.listener.port,
-                exit_key: s.exit_key,
-                exit_endpoint: s.exit_endpoint,
-                established: s.established,
-                verified: s.verified,
-                to_exit: s.to_exit,
-                to_client: s.to_client,
-                handshakes: s.handshakes,
-                age: now.saturating_duration_since(s.created),
-                idle: now.saturating_duration_since(s.last_activity),
-                exit_indices: s.exit_indices.to_vec(),
-            })
+        self.sessions.iter().map(move |(slot, s)| SessionInfo {
+            slot,
+            client: s.client,
+            listen_port: s.listener.port,
+            exit_key: s.exit_key,
+            exit_endpoint: s.exit_endpoint,
+            established: s.established,
+            verified: s.verified,
+            to_exit: s.to_exit,
+            to_client: s.to_client,
+            handshakes: s.handshakes,
+            age: now.saturating_duration_since(s.created),
+            idle: now.saturating_duration_since(s.last_activity),
+            exit_indices: s.exit_indices.to_vec(),
         })
     }
 }

@@ -5,8 +5,8 @@
 //! built, so workers read it without locks, and everything derived from the keys (the
 //! pre-keyed mac1 states, the port map) is computed once here rather than per packet.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -15,6 +15,7 @@ use crate::keys::{Mac1Key, PublicKey};
 
 /// An exit as the operator configured it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExitSpec {
     pub name: String,
     pub public_key: PublicKey,
@@ -44,6 +45,144 @@ pub enum TableError {
     BadEndpoint { name: String, endpoint: SocketAddr },
     #[error("exit name {name:?} is used twice")]
     DuplicateName { name: String },
+    #[error("peer {key}: public key is used twice")]
+    DuplicatePeer { key: PublicKey },
+    #[error("peer {key}: is also configured as an exit")]
+    PeerIsExit { key: PublicKey },
+    #[error("peer {key}: allowed_ips must not be empty")]
+    NoAllowedIps { key: PublicKey },
+    #[error("peer {key}: allowed exit {exit} is not a configured exit")]
+    UnknownExit { key: PublicKey, exit: PublicKey },
+    #[error("peer {key}: name must be at most 64 characters")]
+    PeerName { key: PublicKey },
+}
+
+/// A provisioned peer with what workers need at hand: the endpoints it may reach.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub spec: PeerSpec,
+    /// Endpoints of its allowed exits, resolved when the table is built.
+    pub exit_endpoints: Vec<SocketAddr>,
+}
+
+impl Peer {
+    /// Whether an inner packet from `src` may go to `dst`.
+    pub fn allows(&self, src: IpAddr, dst: SocketAddr) -> (bool, bool) {
+        (
+            self.spec.allowed_ips.iter().any(|n| n.contains(src)),
+            self.exit_endpoints.contains(&dst),
+        )
+    }
+}
+
+/// An IP network in CIDR notation (`10.0.0.0/24`, `fd00::/64`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP network (like 10.0.0.0/24)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl serde::Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A 32-byte preshared key, base64; never echoed back by the API.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey(pub [u8; 32]);
+
+impl std::fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresharedKey(..)")
+    }
+}
+
+impl serde::Serialize for PresharedKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&PublicKey(self.0).to_base64())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PresharedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        PublicKey::from_base64(&s)
+            .map(|k| PresharedKey(k.0))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A provisioned peer (Z-HOP): its outer tunnel ends at this node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSpec {
+    pub public_key: PublicKey,
+    #[serde(default)]
+    pub name: String,
+    /// Inner source addresses the peer may use.
+    pub allowed_ips: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preshared_key: Option<PresharedKey>,
+    /// Public keys of the exits the peer may reach.
+    #[serde(default)]
+    pub allowed_exits: Vec<PublicKey>,
 }
 
 /// Index of an exit within one table. Only meaningful together with that table.
@@ -70,6 +209,7 @@ pub struct ExitTable {
     exits: Vec<Exit>,
     by_key: HashMap<PublicKey, ExitId>,
     by_port: HashMap<u16, ExitId>,
+    peers: HashMap<PublicKey, Peer>,
 }
 
 impl ExitTable {
@@ -126,7 +266,63 @@ impl ExitTable {
             exits,
             by_key,
             by_port,
+            peers: HashMap::new(),
         })
+    }
+
+    /// Adds the provisioned peers (Z-HOP), each checked against this table's exits.
+    pub fn with_peers(mut self, peers: Vec<PeerSpec>) -> Result<Self, TableError> {
+        let mut seen = HashSet::new();
+        for p in &peers {
+            let key = p.public_key;
+            if !seen.insert(key) {
+                return Err(TableError::DuplicatePeer { key });
+            }
+            if self.by_key.contains_key(&key) {
+                return Err(TableError::PeerIsExit { key });
+            }
+            if p.allowed_ips.is_empty() {
+                return Err(TableError::NoAllowedIps { key });
+            }
+            if p.name.chars().count() > 64 {
+                return Err(TableError::PeerName { key });
+            }
+            if let Some(exit) = p
+                .allowed_exits
+                .iter()
+                .find(|x| !self.by_key.contains_key(x))
+            {
+                return Err(TableError::UnknownExit { key, exit: *exit });
+            }
+        }
+        self.peers = peers
+            .into_iter()
+            .map(|spec| {
+                let exit_endpoints = spec
+                    .allowed_exits
+                    .iter()
+                    .filter_map(|k| self.by_key.get(k))
+                    .map(|id| self.exits[id.0 as usize].spec.endpoint)
+                    .collect();
+                (
+                    spec.public_key,
+                    Peer {
+                        spec,
+                        exit_endpoints,
+                    },
+                )
+            })
+            .collect();
+        Ok(self)
+    }
+
+    /// A provisioned peer by its public key.
+    pub fn peer(&self, key: &PublicKey) -> Option<&Peer> {
+        self.peers.get(key)
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
     }
 
     /// Increases with every published change; restored sessions and metrics refer to it.
@@ -267,6 +463,20 @@ mod tests {
         let mac = PublicKey([2; 32]).mac1_key().compute(&input);
         assert_eq!(t.match_mac1(&input, &mac), Some(ExitId(1)));
         assert_eq!(t.match_mac1(&input, &[0; 16]), None);
+    }
+
+    #[test]
+    fn ip_networks_parse_and_match() {
+        let n: IpNet = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains("10.1.200.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(!n.contains("::1".parse().unwrap()));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
+        let host: IpNet = "fd00::1".parse().unwrap();
+        assert_eq!(host.prefix, 128);
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("nonsense/8".parse::<IpNet>().is_err());
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Shared pieces of WraithGate's integration tests: a relay on loopback, and a pump that
 //! drives several real WireGuard endpoints (boringtun) from one thread, so that each test
-//! decides exactly who sends what and when.
+//! decides exactly who sends what and when; and, for the suites that need root, network
+//! namespaces ([`netns`]) and the interop lab with stock WireGuard ([`interop`]).
+
+pub mod interop;
+pub mod netns;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,8 +16,24 @@ use wraithgate_relay::table::{ExitSpec, ExitTable, SharedTable};
 use wraithgate_relay::RouterStats;
 
 /// Every backend this machine can run; the suite runs against each.
+///
+/// io_uring is left out, loudly, where it cannot be set up. That is a failure when every
+/// test must run (`WRAITHGATE_REQUIRE_ALL_TESTS`), except under an emulator
+/// (`WRAITHGATE_UNDER_QEMU=1`: qemu-user has no io_uring).
 pub fn backends() -> Vec<BackendChoice> {
-    vec![BackendChoice::Portable]
+    let mut out = vec![BackendChoice::Portable];
+    match wraithgate_relay::io::uring::probe() {
+        Ok(()) => out.push(BackendChoice::Uring),
+        Err(e) => {
+            let emulated = std::env::var_os("WRAITHGATE_UNDER_QEMU").is_some_and(|v| v == "1");
+            assert!(
+                skips_allowed() || emulated,
+                "io_uring backend cannot run here and every test must: {e}"
+            );
+            eprintln!("SKIPPED: the io_uring backend: {e}");
+        }
+    }
+    out
 }
 
 /// A relay on loopback.
@@ -36,7 +56,28 @@ impl Relay {
         router: RouterConfig,
         workers: usize,
     ) -> Relay {
-        let table = SharedTable::new(ExitTable::new(1, exits).expect("valid test table"));
+        Self::start_full(
+            backend,
+            ExitTable::new(1, exits).expect("valid test table"),
+            router,
+            workers,
+            None,
+        )
+    }
+
+    /// A relay that also terminates Z-HOP outer tunnels with `node_key`.
+    pub fn start_zhop(backend: BackendChoice, table: ExitTable, node_key: [u8; 32]) -> Relay {
+        Self::start_full(backend, table, RouterConfig::default(), 2, Some(node_key))
+    }
+
+    fn start_full(
+        backend: BackendChoice,
+        table: ExitTable,
+        router: RouterConfig,
+        workers: usize,
+        node_key: Option<[u8; 32]>,
+    ) -> Relay {
+        let table = SharedTable::new(table);
         let dp = DataPlane::start(
             DataPlaneConfig {
                 listen: vec![any_loopback()],
@@ -44,19 +85,46 @@ impl Relay {
                 pin_workers: false,
                 backend,
                 router,
+                node_key,
                 ..DataPlaneConfig::default()
             },
             table.clone(),
         )
         .expect("relay starts");
+        if backend != BackendChoice::Auto {
+            assert_eq!(dp.backend(), backend.as_str(), "the backend asked for runs");
+        }
         let addr = dp.local_addrs()[0];
         Relay { dp, table, addr }
     }
 
-    /// Counters summed over workers, after they have published (they do every 50 ms).
+    /// Counters summed over workers, as published after this call began: everything the
+    /// workers handled before the call is in them.
     pub fn stats(&self) -> RouterStats {
-        std::thread::sleep(Duration::from_millis(120));
-        self.dp.stats()
+        let since = Instant::now();
+        let mut total = RouterStats::default();
+        for r in self.dp.reports_after(since, Duration::from_secs(10)) {
+            total.merge(&r.router);
+        }
+        total
+    }
+
+    /// Waits (up to 10 s) until the published counters satisfy `cond`, and returns them;
+    /// returns the last ones seen if they never do, for the caller's assertion to show.
+    pub fn stats_when(&self, cond: impl Fn(&RouterStats) -> bool) -> RouterStats {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.dp.stats();
+            if cond(&s) || Instant::now() >= end {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Publishes a whole new table (exits and peers).
+    pub fn set_table(&self, table: ExitTable) {
+        self.dp.publish(table);
     }
 
     /// Publishes a new exit table (binding any newly pinned port) and wakes the workers.

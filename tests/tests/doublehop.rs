@@ -444,3 +444,123 @@ fn removing_an_exit_ends_its_sessions_and_keeps_the_others() {
         );
     });
 }
+
+#[test]
+fn killed_session_stops_forwarding_and_a_new_handshake_reopens_it() {
+    for_each_backend(|backend| {
+        let mut x = node();
+        let mut a = node();
+        let relay = Relay::start(backend, vec![exit_spec("x", &x, None)]);
+        let (ap, xa) = pair(relay.addr, &mut x, &mut a);
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"first")).is_some());
+        // Kill and reopen a few times: the relay recycles the slot (and its socket id) while
+        // the killed socket's receive may still be completing.
+        for round in 1..=3u64 {
+            let sessions = relay.dp.sessions(WAIT);
+            assert_eq!(sessions.len(), 1, "round {round}: {sessions:?}");
+            let (worker, info) = &sessions[0];
+            assert!(relay.dp.close_session(*worker, info.slot, WAIT));
+            assert!(
+                !relay.dp.close_session(*worker, info.slot, WAIT),
+                "already gone"
+            );
+
+            a.send_ip(ap, &ip(1, b"into the void")).unwrap();
+            let mut nodes: Vec<&mut WgNode> = vec![&mut x, &mut a];
+            assert!(!pump(&mut nodes, Duration::from_millis(300), |i, r| i == 0
+                && matches!(r, Received::Packet { .. })));
+            assert_eq!(relay.stats().sessions_closed_by_request, round);
+
+            let before = a.handshakes(ap);
+            a.initiate(ap).unwrap();
+            let mut nodes: Vec<&mut WgNode> = vec![&mut a, &mut x];
+            pump(&mut nodes, WAIT, |i, r| {
+                i == 0 && matches!(r, Received::Control { .. })
+            });
+            assert_eq!(a.handshakes(ap), before + 1, "round {round}");
+            let body = format!("round {round}");
+            assert_eq!(
+                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body.as_bytes())),
+                Some(xa)
+            );
+            assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, body.as_bytes())).is_some());
+        }
+        // Workers publish at most every 50 ms and wake at least every 100 ms when idle.
+        std::thread::sleep(Duration::from_millis(300));
+        let open: u64 = relay
+            .dp
+            .reports()
+            .iter()
+            .map(|r| r.io.exit_sockets_open)
+            .sum();
+        assert_eq!(open, 1, "one socket per live session");
+    });
+}
+
+/// Sends `packets` (equal sizes) from `from` to `to` as one UDP GSO train.
+fn send_train(from: &WgNode, to: std::net::SocketAddr, packets: &[Vec<u8>]) {
+    use std::os::fd::AsRawFd;
+    use wraithgate_relay::io::sys::{SendBatch, Transmit};
+    let train: Vec<u8> = packets.concat();
+    let sock = from.socket_clone().unwrap();
+    let mut batch = SendBatch::new(1);
+    let tx = Transmit {
+        dest: Some(to),
+        contents: &train,
+        segment_size: Some(packets[0].len() as u16),
+    };
+    batch.send(sock.as_raw_fd(), &[tx]).expect("GSO send");
+}
+
+/// Seals 24 equal packets from `sender` to its `peer`, sends them to `to` as one GSO
+/// train, and checks that `receiver` gets every one, in order.
+fn train_through(
+    sender: &mut WgNode,
+    peer: usize,
+    receiver: &mut WgNode,
+    to: std::net::SocketAddr,
+    make_ip: fn(u8, &[u8]) -> Vec<u8>,
+) {
+    const N: usize = 24;
+    let bodies: Vec<Vec<u8>> = (0..N)
+        .map(|i| format!("segment {i:04}").repeat(60).into_bytes())
+        .collect();
+    let sealed: Vec<Vec<u8>> = bodies
+        .iter()
+        .map(|b| sender.seal(peer, &make_ip(1, b)).expect("session"))
+        .collect();
+    send_train(sender, to, &sealed);
+    let mut got = Vec::new();
+    let mut nodes: Vec<&mut WgNode> = vec![receiver, sender];
+    pump(&mut nodes, WAIT, |i, r| {
+        if let (0, Received::Packet { data, .. }) = (i, r) {
+            got.push(udp_payload(data).unwrap().to_vec());
+        }
+        got.len() == N
+    });
+    assert_eq!(got, bodies, "every segment, in order");
+}
+
+#[test]
+fn gro_trains_are_routed_per_segment_and_leave_as_gso_sends() {
+    for_each_backend(|backend| {
+        let mut x = node();
+        let mut a = node();
+        let relay = Relay::start_with(
+            backend,
+            vec![exit_spec("x", &x, None)],
+            Default::default(),
+            1,
+        );
+        let (ap, xa) = pair(relay.addr, &mut x, &mut a);
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"hello")).is_some());
+        assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"hello")).is_some());
+        let relay_exit_side = x.endpoint(xa).expect("exit knows the relay's socket");
+        train_through(&mut a, ap, &mut x, relay.addr, ip);
+        train_through(&mut x, xa, &mut a, relay_exit_side, reply);
+        std::thread::sleep(Duration::from_millis(300));
+        let io = &relay.dp.reports()[0].io;
+        assert!(io.gro_trains >= 2, "{io:?}");
+        assert!(io.gso_sends >= 2, "{io:?}");
+    });
+}

@@ -6,8 +6,12 @@
 //! nothing but the read-only [`ExitTable`] snapshot, and talk to the rest of the process
 //! only through a request channel drained once per loop iteration.
 
+mod plan;
 pub mod portable;
 pub mod sys;
+pub mod uring;
+
+pub use uring::UringUnavailable;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -29,6 +33,8 @@ pub enum BackendChoice {
     /// io_uring where it can be set up, the portable backend otherwise.
     #[default]
     Auto,
+    /// io_uring only; starting fails when it cannot be set up.
+    Uring,
     /// recvmmsg/sendmmsg over epoll; works everywhere.
     Portable,
 }
@@ -37,6 +43,7 @@ impl BackendChoice {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendChoice::Auto => "auto",
+            BackendChoice::Uring => "uring",
             BackendChoice::Portable => "portable",
         }
     }
@@ -64,6 +71,12 @@ pub struct DataPlaneConfig {
     pub exit_socket_buffer: usize,
     /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
     pub gso: bool,
+    /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
+    /// is off without one.
+    pub node_key: Option<[u8; 32]>,
+    /// io_uring backend: receive buffers per worker (rounded up to a power of two), each
+    /// big enough for a whole GRO train; they bound the worker's buffer memory.
+    pub ring_buffers: usize,
 }
 
 impl Default for DataPlaneConfig {
@@ -80,6 +93,8 @@ impl Default for DataPlaneConfig {
             listener_socket_buffer: 16 << 20,
             exit_socket_buffer: 1 << 20,
             gso: true,
+            node_key: None,
+            ring_buffers: 256,
         }
     }
 }
@@ -100,6 +115,8 @@ pub enum StartError {
     Thread(io::Error),
     #[error("cannot set up the event loop: {0}")]
     Poll(io::Error),
+    #[error("the io_uring backend was asked for but cannot run here")]
+    Uring(#[from] UringUnavailable),
 }
 
 /// A fixed-bucket latency histogram: plain integers, bounds 1 µs · 2^i.
@@ -153,6 +170,15 @@ pub struct IoStats {
     pub gso_fallbacks: u64,
     pub recv_errors: u64,
     pub exit_sockets_open: u64,
+    /// Longest single housekeeping step (table pick-up, expiry, control requests), in ns:
+    /// what a table swap costs a worker's loop.
+    pub housekeeping_max_ns: u64,
+    /// CPU time the worker thread has used, in nanoseconds (read when it publishes).
+    pub cpu_ns: u64,
+    /// io_uring: `io_uring_enter` calls (submit and wait).
+    pub ring_enters: u64,
+    /// io_uring: multishot receives that ended because every buffer was in use.
+    pub ring_starved: u64,
 }
 
 impl IoStats {
@@ -165,6 +191,10 @@ impl IoStats {
         self.gso_fallbacks += o.gso_fallbacks;
         self.recv_errors += o.recv_errors;
         self.exit_sockets_open += o.exit_sockets_open;
+        self.housekeeping_max_ns = self.housekeeping_max_ns.max(o.housekeeping_max_ns);
+        self.cpu_ns += o.cpu_ns;
+        self.ring_enters += o.ring_enters;
+        self.ring_starved += o.ring_starved;
     }
 }
 
@@ -178,6 +208,9 @@ pub struct WorkerReport {
     pub sessions: usize,
     pub pending: usize,
     pub table_generation: u64,
+    pub zhop: crate::zhop::ZhopStats,
+    /// When the worker published this report.
+    pub published: Option<std::time::Instant>,
 }
 
 /// Questions the control side may ask a worker; answered between batches.
@@ -211,11 +244,64 @@ pub struct DataPlane {
     local: Vec<SocketAddr>,
     backend: &'static str,
     table: SharedTable,
+    /// Tables replaced but perhaps still held by a worker. Kept here so that the last
+    /// reference, and the cost of freeing a large table, falls on the control thread.
+    retired: Mutex<Vec<Arc<ExitTable>>>,
     /// Every address listened on (pinned ports added as tables pin them).
     bound: Mutex<Vec<SocketAddr>>,
     listen_ips: Vec<IpAddr>,
     listener_socket_buffer: usize,
     steering: bool,
+}
+
+/// What a worker thread starts with, whichever backend it runs.
+pub(crate) struct WorkerContext {
+    pub id: usize,
+    pub cfg: DataPlaneConfig,
+    pub table: SharedTable,
+    pub listeners: Vec<BoundListener>,
+    /// Sessions saved before a restart that this worker's clients are steered to.
+    pub restore: Vec<SessionSnapshot>,
+    /// Its waker's registry: the worker learns of requests and shutdown through it.
+    pub poll: mio::Poll,
+    pub requests: mpsc::Receiver<WorkerRequest>,
+    pub report: Arc<Mutex<WorkerReport>>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// The backend workers actually run.
+#[derive(Debug, Clone, Copy)]
+enum Chosen {
+    Uring,
+    Portable,
+}
+
+impl Chosen {
+    fn as_str(self) -> &'static str {
+        match self {
+            Chosen::Uring => "uring",
+            Chosen::Portable => "portable",
+        }
+    }
+}
+
+/// Resolves `auto`: io_uring when this process can set it up, otherwise the portable
+/// backend with one log line saying why.
+fn choose_backend(choice: BackendChoice) -> Result<Chosen, StartError> {
+    match choice {
+        BackendChoice::Portable => Ok(Chosen::Portable),
+        BackendChoice::Uring => {
+            uring::probe()?;
+            Ok(Chosen::Uring)
+        }
+        BackendChoice::Auto => match uring::probe() {
+            Ok(()) => Ok(Chosen::Uring),
+            Err(e) => {
+                tracing::warn!("{e}; falling back to the portable backend (epoll + recvmmsg)");
+                Ok(Chosen::Portable)
+            }
+        },
+    }
 }
 
 /// A listener socket for one worker. All workers' sockets for an address are bound by the
@@ -282,6 +368,7 @@ impl DataPlane {
             return Err(StartError::NoListen);
         }
         let workers = cfg.workers.max(1);
+        let chosen = choose_backend(cfg.backend)?;
         let _ = sys::raise_nofile_limit();
         let mut addrs = cfg.listen.clone();
         let pinned: Vec<u16> = table.load().pinned_ports().collect();
@@ -316,6 +403,7 @@ impl DataPlane {
         let shutdown = Arc::new(AtomicBool::new(false));
         let backend = cfg.backend;
         let mut handles = Vec::with_capacity(workers);
+        let (ready_tx, ready_rx) = mpsc::channel();
         for (id, (listeners, restore)) in per_worker.into_iter().zip(restore).enumerate() {
             let poll = mio::Poll::new().map_err(StartError::Poll)?;
             let waker = Arc::new(
@@ -325,11 +413,11 @@ impl DataPlane {
             let (tx, rx) = mpsc::channel();
             let report = Arc::new(Mutex::new(WorkerReport {
                 worker: id,
-                backend: "portable",
+                backend: chosen.as_str(),
                 ..Default::default()
             }));
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
-            let ctx = portable::WorkerContext {
+            let ctx = WorkerContext {
                 id,
                 cfg: cfg.clone(),
                 table: table.clone(),
@@ -340,6 +428,7 @@ impl DataPlane {
                 report: report.clone(),
                 shutdown: shutdown.clone(),
             };
+            let ready = ready_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("wg-worker-{id}"))
                 .spawn(move || {
@@ -348,7 +437,13 @@ impl DataPlane {
                             tracing::warn!(worker = id, core = core.id, "could not pin worker");
                         }
                     }
-                    portable::run(ctx)
+                    match chosen {
+                        Chosen::Uring => uring::run(ctx, ready),
+                        Chosen::Portable => {
+                            let _ = ready.send(Ok(()));
+                            portable::run(ctx)
+                        }
+                    }
                 })
                 .map_err(StartError::Thread)?;
             handles.push(WorkerHandle {
@@ -358,24 +453,43 @@ impl DataPlane {
                 report,
             });
         }
-        tracing::info!(
-            workers,
-            backend = backend.as_str(),
-            chosen = "portable",
-            listen = ?local,
-            "data plane started"
-        );
-        Ok(DataPlane {
+        drop(ready_tx);
+        let mut plane = DataPlane {
             workers: handles,
             shutdown,
             bound: Mutex::new(local.clone()),
             local,
-            backend: "portable",
+            backend: chosen.as_str(),
             table,
+            retired: Mutex::new(Vec::new()),
             listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
             listener_socket_buffer: cfg.listener_socket_buffer,
             steering,
-        })
+        };
+        // Each worker sets up its own ring (a ring is tied to the thread that made it).
+        for _ in 0..workers {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    plane.stop();
+                    return Err(StartError::Uring(e));
+                }
+                Err(_) => {
+                    plane.stop();
+                    return Err(StartError::Thread(io::Error::other(
+                        "a worker died starting",
+                    )));
+                }
+            }
+        }
+        tracing::info!(
+            workers,
+            backend = backend.as_str(),
+            chosen = chosen.as_str(),
+            listen = ?plane.local,
+            "data plane started"
+        );
+        Ok(plane)
     }
 
     /// The addresses actually bound (port 0 resolved), listen addresses first.
@@ -398,6 +512,21 @@ impl DataPlane {
             .iter()
             .map(|w| w.report.lock().map(|r| r.clone()).unwrap_or_default())
             .collect()
+    }
+
+    /// Reports published after `since` (every worker publishes within 100 ms while it
+    /// runs); waits up to `timeout`, then returns what there is.
+    pub fn reports_after(&self, since: std::time::Instant, timeout: Duration) -> Vec<WorkerReport> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let r = self.reports();
+            if r.iter().all(|w| w.published.is_some_and(|p| p >= since))
+                || std::time::Instant::now() >= end
+            {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Router counters summed over workers.
@@ -477,8 +606,21 @@ impl DataPlane {
             }
         }
         drop(bound);
+        let old = self.table.load();
         self.table.publish(table);
         self.nudge();
+        self.reap_retired();
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(old);
+    }
+
+    /// Frees retired tables no worker holds any more. Called on every publish; callers
+    /// that publish rarely may call it now and then.
+    pub fn reap_retired(&self) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|t| Arc::strong_count(t) > 1);
     }
 
     /// The table workers route by.

@@ -19,16 +19,20 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use socket2::Socket;
 
-use super::sys::{self, RecvBatch, SendBatch, Transmit, MAX_GSO_SEGMENTS};
-use super::{BoundListener, DataPlaneConfig, IoStats, WorkerReport, WorkerRequest};
+use super::plan::{self, Run, Source, Target, WorkerIo};
+use super::sys::{self, RecvBatch, SendBatch, Transmit};
+use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
-use crate::router::{Action, Command, Listener, Router, SessionSlot, SessionSnapshot};
+use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
+use crate::zhop::{NodeKey, Zhop, ZhopOut};
 
 /// Token of the waker that interrupts a worker's wait.
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
 /// Tokens below this name listeners; from here on, exit-facing sockets by slot index.
 const EXIT_TOKEN_BASE: usize = 1 << 16;
+/// From here on, Z-HOP flow sockets by flow index.
+const FLOW_TOKEN_BASE: usize = 1 << 40;
 /// Longest wait for readiness, so that shutdown and table swaps are noticed when idle.
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often a worker publishes its counters.
@@ -36,17 +40,20 @@ const REPORT_EVERY: Duration = Duration::from_millis(50);
 /// Batches taken from one socket before the others get their turn.
 const BATCHES_PER_TURN: usize = 4;
 
-pub(crate) struct WorkerContext {
-    pub id: usize,
-    pub cfg: DataPlaneConfig,
-    pub table: SharedTable,
-    pub listeners: Vec<BoundListener>,
-    /// Sessions saved before a restart that this worker's clients are steered to.
-    pub restore: Vec<SessionSnapshot>,
-    pub poll: mio::Poll,
-    pub requests: mpsc::Receiver<WorkerRequest>,
-    pub report: Arc<Mutex<WorkerReport>>,
-    pub shutdown: Arc<AtomicBool>,
+/// The worker's sockets, borrowed field by field so that the router, Z-HOP and the
+/// receive buffers stay free to borrow.
+macro_rules! portable_io {
+    ($w:ident) => {
+        PortableIo {
+            worker: $w.id,
+            cfg: &$w.cfg,
+            poll: &$w.poll,
+            listeners: &mut $w.listeners,
+            exits: &mut $w.exits,
+            flows: &mut $w.flows,
+            io: &mut $w.io,
+        }
+    };
 }
 
 struct ListenerSocket {
@@ -60,28 +67,13 @@ struct ExitSocket {
     socket: Socket,
 }
 
-/// Where a run of segments goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Exit(SessionSlot),
-    Client { listener: u16, addr: SocketAddr },
-}
-
-/// Consecutive segments of one received message going to one target.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    target: Target,
-    msg: usize,
-    start: usize,
-    len: usize,
-    segment: usize,
-    segments: usize,
-}
-
 struct Worker {
     id: usize,
     cfg: DataPlaneConfig,
     router: Router,
+    zhop: Zhop,
+    /// Z-HOP flow sockets by flow index.
+    flows: Vec<Option<ExitSocket>>,
     table: SharedTable,
     poll: mio::Poll,
     listeners: Vec<ListenerSocket>,
@@ -106,6 +98,12 @@ pub(crate) fn run(ctx: WorkerContext) {
     let table = ctx.table.load();
     let mut w = Worker {
         id: ctx.id,
+        zhop: Zhop::new(
+            ctx.cfg.node_key.map(NodeKey::from_secret),
+            table.clone(),
+            now,
+        ),
+        flows: Vec::new(),
         router: Router::new(ctx.cfg.router.clone(), table, now),
         recv: RecvBatch::new(ctx.cfg.batch, ctx.cfg.recv_buffer),
         send: SendBatch::new(ctx.cfg.batch),
@@ -125,11 +123,9 @@ pub(crate) fn run(ctx: WorkerContext) {
         last_report: now,
     };
     for l in ctx.listeners {
-        if let Err(e) = w.add_listener(l) {
-            tracing::error!(worker = w.id, error = %e, "cannot register listener");
-        }
+        portable_io!(w).add_listener(l);
     }
-    w.restore(&ctx.restore, now);
+    plan::restore(w.id, &mut w.router, &mut portable_io!(w), &ctx.restore, now);
     if let Err(e) = w.event_loop() {
         tracing::error!(worker = w.id, error = %e, "worker stopped");
     }
@@ -137,65 +133,6 @@ pub(crate) fn run(ctx: WorkerContext) {
 }
 
 impl Worker {
-    fn add_listener(&mut self, l: BoundListener) -> io::Result<()> {
-        let id = self.listeners.len() as u16;
-        self.poll.registry().register(
-            &mut SourceFd(&l.socket.as_raw_fd()),
-            Token(id as usize),
-            Interest::READABLE,
-        )?;
-        tracing::debug!(worker = self.id, local = %l.local, gro = l.gro, "listening");
-        self.listeners.push(ListenerSocket {
-            listener: Listener {
-                id,
-                port: l.local.port(),
-            },
-            local: l.local,
-            socket: l.socket,
-        });
-        Ok(())
-    }
-
-    fn restore(&mut self, sessions: &[SessionSnapshot], now: Instant) {
-        let mut restored = 0;
-        for snap in sessions {
-            let Some(listener) = self
-                .listeners
-                .iter()
-                .find(|l| {
-                    l.listener.port == snap.listen_port
-                        && l.local.is_ipv4() == snap.client.is_ipv4()
-                })
-                .map(|l| l.listener)
-            else {
-                continue;
-            };
-            if self.router.restore(now, listener, snap).is_ok() {
-                restored += 1;
-            }
-            self.apply_commands();
-        }
-        if !sessions.is_empty() {
-            tracing::info!(
-                worker = self.id,
-                restored,
-                offered = sessions.len(),
-                "sessions restored"
-            );
-        }
-    }
-
-    fn snapshot(&self, now: Instant) -> Vec<SessionSnapshot> {
-        self.router
-            .sessions(now)
-            .filter_map(|info| {
-                let s = self.exits.get(info.slot.index as usize)?.as_ref()?;
-                let port = s.socket.local_addr().ok()?.as_socket()?.port();
-                Some(SessionSnapshot::new(info, port))
-            })
-            .collect()
-    }
-
     fn event_loop(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
@@ -204,6 +141,8 @@ impl Worker {
             }
             let now = Instant::now();
             self.housekeeping(now);
+            let spent = now.elapsed().as_nanos() as u64;
+            self.io.housekeeping_max_ns = self.io.housekeeping_max_ns.max(spent);
             let wait = if !self.ready.is_empty() || self.router.sweeping() {
                 Duration::ZERO
             } else {
@@ -235,32 +174,18 @@ impl Worker {
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        if let Some(t) = self.table.load_if_changed(self.router.table()) {
+        let new_table = self.table.load_if_changed(self.router.table());
+        if let Some(t) = &new_table {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
-            self.router.set_table(t);
         }
-        self.router.handle_timeout(now);
-        self.apply_commands();
-        while let Ok(req) = self.requests.try_recv() {
-            match req {
-                WorkerRequest::Sessions(reply) => {
-                    let _ = reply.send(self.router.sessions(now).collect());
-                }
-                WorkerRequest::CloseSession { slot, reply } => {
-                    let _ = reply.send(self.router.close_session(slot));
-                    self.apply_commands();
-                }
-                WorkerRequest::Snapshot(reply) => {
-                    let _ = reply.send(self.snapshot(now));
-                }
-                WorkerRequest::AddListener(l) => {
-                    let local = l.local;
-                    if let Err(e) = self.add_listener(l) {
-                        tracing::warn!(worker = self.id, %local, error = %e, "cannot register listener");
-                    }
-                }
-            }
-        }
+        plan::housekeeping(
+            &mut self.router,
+            &mut self.zhop,
+            &mut portable_io!(self),
+            new_table,
+            &self.requests,
+            now,
+        );
         if now.duration_since(self.last_report) >= REPORT_EVERY {
             self.publish(now);
         }
@@ -268,72 +193,7 @@ impl Worker {
 
     fn publish(&mut self, now: Instant) {
         self.last_report = now;
-        if let Ok(mut r) = self.report.lock() {
-            r.router.clone_from(self.router.stats());
-            r.io.clone_from(&self.io);
-            r.sessions = self.router.session_count();
-            r.pending = self.router.pending_count();
-            r.table_generation = self.router.table().generation();
-        }
-    }
-
-    fn apply_commands(&mut self) {
-        while let Some(cmd) = self.router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket {
-                    slot,
-                    exit,
-                    local_port,
-                } => {
-                    match sys::exit_socket(
-                        exit,
-                        self.cfg.exit_source,
-                        local_port,
-                        self.cfg.exit_socket_buffer,
-                    ) {
-                        Ok((socket, _gro)) => {
-                            let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
-                            let reg = self.poll.registry().register(
-                                &mut SourceFd(&socket.as_raw_fd()),
-                                token,
-                                Interest::READABLE,
-                            );
-                            if let Err(e) = reg {
-                                tracing::warn!(worker = self.id, error = %e, "cannot register exit socket");
-                                self.router.socket_failed(slot);
-                                continue;
-                            }
-                            let i = slot.index as usize;
-                            if self.exits.len() <= i {
-                                self.exits.resize_with(i + 1, || None);
-                            }
-                            self.exits[i] = Some(ExitSocket {
-                                generation: slot.generation,
-                                socket,
-                            });
-                            self.io.exit_sockets_open += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
-                            self.router.socket_failed(slot);
-                        }
-                    }
-                }
-                Command::CloseExitSocket { slot } => {
-                    let i = slot.index as usize;
-                    if let Some(Some(s)) = self.exits.get(i) {
-                        if s.generation == slot.generation {
-                            let _ = self
-                                .poll
-                                .registry()
-                                .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
-                            self.exits[i] = None;
-                            self.io.exit_sockets_open -= 1;
-                        }
-                    }
-                }
-            }
-        }
+        plan::publish(&self.report, &self.router, &self.zhop, &self.io);
     }
 
     /// Serves one ready socket for a turn. Returns whether it may have more to read.
@@ -343,6 +203,18 @@ impl Worker {
                 match self.listeners.get(token.0) {
                     Some(l) => (l.socket.as_raw_fd(), Source::Client(l.listener)),
                     None => return false,
+                }
+            } else if token.0 >= FLOW_TOKEN_BASE {
+                let index = token.0 - FLOW_TOKEN_BASE;
+                match self.flows.get(index) {
+                    Some(Some(s)) => (
+                        s.socket.as_raw_fd(),
+                        Source::Flow(SessionSlot {
+                            index: index as u32,
+                            generation: s.generation,
+                        }),
+                    ),
+                    _ => return false,
                 }
             } else {
                 let index = token.0 - EXIT_TOKEN_BASE;
@@ -383,71 +255,31 @@ impl Worker {
         true
     }
 
-    /// Runs every received segment through the router and plans the sends.
+    /// Runs every received segment through Z-HOP or the router and plans the sends.
     fn route_batch(&mut self, n: usize, source: Source, now: Instant) {
         self.runs.clear();
         for msg in 0..n {
             let Some(meta) = self.recv.meta(msg) else {
                 continue;
             };
-            if meta.stride < meta.len {
+            if plan::is_train(meta.len, meta.stride) {
                 self.io.gro_trains += 1;
             }
-            // At least one pass, so that an empty datagram reaches the router too and is
-            // counted (as truncated) like any other malformed one.
-            let mut offset = 0;
-            loop {
-                let seg_len = meta.stride.min(meta.len - offset);
-                let seg = &self.recv.payload(msg)[offset..offset + seg_len];
-                let action = match source {
-                    Source::Client(l) => self.router.handle_client(now, l, meta.from, seg),
-                    Source::Exit(slot) => self.router.handle_exit(now, slot, seg),
-                };
-                // Opening an exit socket must happen before anything is sent through it.
-                self.apply_commands();
-                let target = match action {
-                    Action::ToExit(slot) => Some(Target::Exit(slot)),
-                    Action::ToClient { listener, client } => Some(Target::Client {
-                        listener: listener.id,
-                        addr: client,
-                    }),
-                    Action::Drop(_) => None,
-                };
-                if let Some(target) = target {
-                    self.plan(target, msg, offset, seg_len);
-                }
-                offset += seg_len;
-                if offset >= meta.len {
-                    break;
-                }
-            }
+            let (runs, gso) = (&mut self.runs, self.gso);
+            plan::route_message(
+                &mut self.router,
+                &mut self.zhop,
+                &mut portable_io!(self),
+                now,
+                plan::Message {
+                    source,
+                    from: meta.from,
+                    payload: self.recv.payload(msg),
+                    stride: meta.stride,
+                },
+                |target, offset, len| plan::plan(runs, gso, target, msg, offset, len),
+            );
         }
-    }
-
-    fn plan(&mut self, target: Target, msg: usize, start: usize, len: usize) {
-        if let Some(run) = self.runs.last_mut() {
-            let contiguous = run.msg == msg && run.start + run.len == start;
-            // GSO needs equal segments, only the last may be shorter.
-            let fits = len <= run.segment && run.len == run.segment * run.segments;
-            if self.gso
-                && contiguous
-                && fits
-                && run.target == target
-                && run.segments < MAX_GSO_SEGMENTS
-            {
-                run.len += len;
-                run.segments += 1;
-                return;
-            }
-        }
-        self.runs.push(Run {
-            target,
-            msg,
-            start,
-            len,
-            segment: len,
-            segments: 1,
-        });
     }
 
     /// Sends every planned run: runs to exits through their sessions' sockets, runs to
@@ -459,9 +291,14 @@ impl Worker {
             match run.target {
                 Target::Exit(slot) => self.send_to_exit(slot, run),
                 Target::Client { listener, addr } => {
-                    let seg = (run.segments > 1).then_some(run.segment as u16);
-                    self.client_tx
-                        .push((listener, addr, run.msg, run.start, run.len, seg));
+                    self.client_tx.push((
+                        listener,
+                        addr,
+                        run.msg,
+                        run.start,
+                        run.len,
+                        run.segment_size(),
+                    ));
                 }
             }
         }
@@ -483,7 +320,7 @@ impl Worker {
         let tx = Transmit {
             dest: None,
             contents: &self.recv.payload(run.msg)[run.start..run.start + run.len],
-            segment_size: (run.segments > 1).then_some(run.segment as u16),
+            segment_size: run.segment_size(),
         };
         self.io.send_calls += 1;
         if run.segments > 1 {
@@ -611,8 +448,157 @@ impl Outbox<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Client(Listener),
-    Exit(SessionSlot),
+/// A portable worker's sockets, for the logic shared with the io_uring backend.
+struct PortableIo<'a> {
+    worker: usize,
+    cfg: &'a DataPlaneConfig,
+    poll: &'a mio::Poll,
+    listeners: &'a mut Vec<ListenerSocket>,
+    exits: &'a mut Vec<Option<ExitSocket>>,
+    flows: &'a mut Vec<Option<ExitSocket>>,
+    io: &'a mut IoStats,
+}
+
+impl PortableIo<'_> {
+    /// Opens a socket connected to `exit` and registers it under `token`.
+    fn open(&self, exit: SocketAddr, local_port: Option<u16>, token: Token) -> io::Result<Socket> {
+        let (socket, _gro) = sys::exit_socket(
+            exit,
+            self.cfg.exit_source,
+            local_port,
+            self.cfg.exit_socket_buffer,
+        )?;
+        self.poll.registry().register(
+            &mut SourceFd(&socket.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )?;
+        Ok(socket)
+    }
+
+    /// Deregisters and drops the socket of `slot` in `table`, if it is still that one.
+    fn close(poll: &mio::Poll, table: &mut [Option<ExitSocket>], slot: SessionSlot) -> bool {
+        match table.get_mut(slot.index as usize) {
+            Some(entry @ Some(_))
+                if entry
+                    .as_ref()
+                    .is_some_and(|s| s.generation == slot.generation) =>
+            {
+                if let Some(s) = entry.take() {
+                    let _ = poll
+                        .registry()
+                        .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket) {
+    let i = slot.index as usize;
+    if table.len() <= i {
+        table.resize_with(i + 1, || None);
+    }
+    table[i] = Some(ExitSocket {
+        generation: slot.generation,
+        socket,
+    });
+}
+
+impl WorkerIo for PortableIo<'_> {
+    fn router_commands(&mut self, router: &mut Router) {
+        while let Some(cmd) = router.poll_command() {
+            match cmd {
+                Command::OpenExitSocket {
+                    slot,
+                    exit,
+                    local_port,
+                } => {
+                    let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
+                    match self.open(exit, local_port, token) {
+                        Ok(socket) => {
+                            put(self.exits, slot, socket);
+                            self.io.exit_sockets_open += 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open exit socket");
+                            router.socket_failed(slot);
+                        }
+                    }
+                }
+                Command::CloseExitSocket { slot } => {
+                    if Self::close(self.poll, self.exits, slot) {
+                        self.io.exit_sockets_open -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn zhop_event(&mut self, o: ZhopOut<'_>) -> bool {
+        match o {
+            ZhopOut::ToPeer {
+                listener,
+                to,
+                bytes,
+            } => self
+                .listeners
+                .get(listener.id as usize)
+                .is_some_and(|l| l.socket.send_to(bytes, &to.into()).is_ok()),
+            ZhopOut::ToExit { flow, bytes } => match self.flows.get(flow.index as usize) {
+                Some(Some(s)) if s.generation == flow.generation => s.socket.send(bytes).is_ok(),
+                _ => false,
+            },
+            ZhopOut::OpenFlow { flow, exit } => {
+                let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
+                match self.open(exit, None, token) {
+                    Ok(socket) => put(self.flows, flow, socket),
+                    Err(e) => {
+                        tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open flow socket")
+                    }
+                }
+                true
+            }
+            ZhopOut::CloseFlow { flow } => {
+                Self::close(self.poll, self.flows, flow);
+                true
+            }
+        }
+    }
+
+    fn add_listener(&mut self, l: BoundListener) {
+        let id = self.listeners.len() as u16;
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&l.socket.as_raw_fd()),
+            Token(id as usize),
+            Interest::READABLE,
+        ) {
+            tracing::warn!(worker = self.worker, local = %l.local, error = %e, "cannot register listener");
+            return;
+        }
+        tracing::debug!(worker = self.worker, local = %l.local, gro = l.gro, "listening");
+        self.listeners.push(ListenerSocket {
+            listener: Listener {
+                id,
+                port: l.local.port(),
+            },
+            local: l.local,
+            socket: l.socket,
+        });
+    }
+
+    fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
+        let s = self.exits.get(slot.index as usize)?.as_ref()?;
+        (s.generation == slot.generation).then_some(())?;
+        Some(s.socket.local_addr().ok()?.as_socket()?.port())
+    }
+
+    fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {
+        self.listeners
+            .iter()
+            .find(|l| l.listener.port == port && l.local.is_ipv4() == client.is_ipv4())
+            .map(|l| l.listener)
+    }
 }

@@ -346,10 +346,59 @@ unsafe impl Send for SendBatch {}
 /// Whether a send error means "this socket cannot do GSO": the data path then resends the
 /// segments one by one and stops using GSO on that worker.
 pub fn is_gso_error(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EMSGSIZE)
-    )
+    e.raw_os_error().is_some_and(is_gso_errno)
+}
+
+/// [`is_gso_error`] for a bare errno (as an io_uring completion carries it).
+pub fn is_gso_errno(errno: i32) -> bool {
+    matches!(errno, libc::EIO | libc::EINVAL | libc::EMSGSIZE)
+}
+
+/// The IP socket address in `bytes` (a `sockaddr_in` or `sockaddr_in6` as the kernel wrote
+/// it), parsed without trusting its alignment or length.
+pub fn sockaddr_from_bytes(bytes: &[u8]) -> Option<SocketAddr> {
+    let family = libc::c_int::from(u16::from_ne_bytes([*bytes.first()?, *bytes.get(1)?]));
+    let port = u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]);
+    match family {
+        libc::AF_INET => {
+            let ip: [u8; 4] = bytes.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::from((ip, port)))
+        }
+        libc::AF_INET6 if bytes.len() >= size_of::<libc::sockaddr_in6>() => {
+            let flowinfo = u32::from_ne_bytes(bytes[4..8].try_into().ok()?);
+            let ip: [u8; 16] = bytes[8..24].try_into().ok()?;
+            let scope = u32::from_ne_bytes(bytes[24..28].try_into().ok()?);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip.into(),
+                port,
+                flowinfo,
+                scope,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// The UDP_GRO segment size among control messages laid out as the kernel writes them
+/// (`cmsghdr`, data, padding to the next `size_t`), parsed without trusting them.
+pub fn gro_segment_from_cmsgs(control: &[u8]) -> Option<usize> {
+    const WORD: usize = size_of::<usize>();
+    let header = size_of::<libc::cmsghdr>();
+    let mut off = 0;
+    while off + header <= control.len() {
+        let len = usize::from_ne_bytes(control[off..off + WORD].try_into().ok()?);
+        let level = i32::from_ne_bytes(control[off + WORD..off + WORD + 4].try_into().ok()?);
+        let kind = i32::from_ne_bytes(control[off + WORD + 4..off + WORD + 8].try_into().ok()?);
+        if len < header {
+            return None;
+        }
+        if level == libc::SOL_UDP && kind == UDP_GRO {
+            let data = control.get(off + header..off + header + 4)?;
+            return usize::try_from(i32::from_ne_bytes(data.try_into().ok()?)).ok();
+        }
+        off = off.checked_add(len.checked_add(WORD - 1)? & !(WORD - 1))?;
+    }
+    None
 }
 
 fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
@@ -504,6 +553,20 @@ pub fn attach_steering(sock: &Socket, ipv6: bool, workers: usize) -> io::Result<
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// CPU time the calling thread has used (user and system).
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Raises the soft open-files limit to the hard limit (one socket per session).

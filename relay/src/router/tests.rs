@@ -625,6 +625,78 @@ fn index_ring_lists_oldest_first_after_wrapping() {
 }
 
 #[test]
+fn index_ring_evicts_unused_indices_first() {
+    let mut r = IndexRing::default();
+    for i in 0..EXIT_INDICES as u32 {
+        r.push(i);
+    }
+    r.mark_used(2);
+    r.mark_used(5);
+    for i in 100..120 {
+        r.push(i);
+    }
+    let v = r.to_vec();
+    assert_eq!(v.len(), EXIT_INDICES);
+    assert!(r.contains(2) && r.contains(5), "used indices stay: {v:?}");
+    assert_eq!(&v[2..], &[114, 115, 116, 117, 118, 119]);
+    // With every index used, the oldest goes.
+    for i in v {
+        r.mark_used(i);
+    }
+    r.push(7);
+    assert!(!r.contains(2) && r.contains(5) && r.contains(7));
+}
+
+#[test]
+fn forged_exit_initiations_never_evict_the_clients_indices() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    // Anyone who spoofs the exit's address towards this session's socket is "the exit".
+    for forged in 0..1_000u32 {
+        h.exit(
+            slot,
+            &initiation(PublicKey([0xCC; 32]), 0xF000_0000 + forged),
+        );
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE1, 64)),
+        Action::ToExit(slot)
+    );
+    // A rekey in the middle of the flood: the exit's new index survives until the client
+    // uses it, and then for good.
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(1), 101)),
+        Action::ToExit(slot)
+    );
+    h.exit(slot, &response(0xE2, 101));
+    for forged in 0..3u32 {
+        h.exit(
+            slot,
+            &initiation(PublicKey([0xCC; 32]), 0xF100_0000 + forged),
+        );
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE2, 64)),
+        Action::ToExit(slot)
+    );
+    for forged in 0..1_000u32 {
+        h.exit(
+            slot,
+            &initiation(PublicKey([0xCC; 32]), 0xF200_0000 + forged),
+        );
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE2, 64)),
+        Action::ToExit(slot)
+    );
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE1, 64)),
+        Action::ToExit(slot)
+    );
+}
+
+#[test]
 fn slot_packing_round_trips() {
     let s = SessionSlot {
         index: 0xDEAD_BEEF,

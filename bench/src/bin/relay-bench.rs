@@ -1,0 +1,552 @@
+//! `relay-bench`: WraithGate against nftables DNAT+SNAT, a naive tokio relay, socat and
+//! nginx, side by side in one run with one generator and one topology (DESIGN §7).
+//!
+//! ```text
+//! relay-bench --quick                       # < 5 min: every contender, every scenario
+//! relay-bench --json out.json --svg out.svg # full run (3 runs each, medians)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use wraithgate_bench::contender::{Contender, Running};
+use wraithgate_bench::load::{self, LoadSpec};
+use wraithgate_bench::packets;
+use wraithgate_bench::report::{self, ContenderResult, Figures, Outcome, ScenarioResult};
+use wraithgate_bench::topology::{self, Kind, Topology};
+use wraithgate_bench::wgo;
+use wraithgate_relay::PublicKey;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay-bench",
+    about = "Side-by-side UDP relay benchmark for WraithGate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
+    /// Short runs (0.5 s warm-up, 2 s measured, 1 run each): under 5 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Topologies: netns, loopback, host (host needs no root; nftables is skipped there).
+    #[arg(long, value_delimiter = ',')]
+    topology: Option<Vec<String>>,
+    /// Contenders to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    contenders: Option<Vec<String>>,
+    /// WraithGate backends to run as contenders.
+    #[arg(long, value_delimiter = ',', default_value = "portable,uring")]
+    backends: Vec<String>,
+    /// Scenarios to run (default: all): 1flow-1420B-unpaced, 1000flow-1420B-unpaced,
+    /// 1flow-64B-unpaced, 1flow-1420B-paced, 1flow-1420B-paced-80pct-of-max (not in
+    /// --quick; paced at 80 % of each contender's own 1flow-1420B-unpaced median).
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Option<Vec<String>>,
+    /// The `wraithgate` binary.
+    #[arg(long, default_value = "target/release/wraithgate")]
+    wraithgate: PathBuf,
+    /// Measured seconds per run.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Warm-up seconds per run (sent, not counted).
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Runs per contender and scenario (medians are reported).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Rate of the paced scenario, Gb/s.
+    #[arg(long, default_value_t = 1.0)]
+    rate_gbps: f64,
+    /// Flows of the many-flow scenario.
+    #[arg(long, default_value_t = 1000)]
+    flows: usize,
+    /// CPUs the relay runs on (taskset list) and its namespace's receive processing.
+    #[arg(long, default_value = "1")]
+    relay_cpus: String,
+    /// CPU of the generator and the sink.
+    #[arg(long, default_value_t = 0)]
+    load_cpu: usize,
+    /// Steer the relay namespace's receive processing to the relay CPUs (RPS), as NIC
+    /// interrupts would; floods then livelock userspace relays.
+    #[arg(long)]
+    rps: bool,
+    /// Skip the end-to-end wireguard-go + iperf3 runs (netns topology only).
+    #[arg(long)]
+    no_e2e: bool,
+    /// Only the end-to-end runs.
+    #[arg(long)]
+    e2e_only: bool,
+    /// Rate of the end-to-end iperf3 UDP test (iperf3 -b).
+    #[arg(long, default_value = "1G")]
+    e2e_udp_rate: String,
+    /// Send without UDP GSO.
+    #[arg(long)]
+    no_gso: bool,
+    /// Name prefix of namespaces and interfaces.
+    #[arg(long, default_value = "rb")]
+    prefix: String,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the chart here.
+    #[arg(long, default_value = "target/relay-bench/relay-bench.svg")]
+    svg: PathBuf,
+    /// Also write the markdown tables here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Working directory for contender configs and logs.
+    #[arg(long, default_value = "target/relay-bench")]
+    workdir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// The naive tokio relay (started by the harness as a contender).
+    NaiveRelay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        exit: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+/// One load shape.
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: String,
+    flows: usize,
+    size: usize,
+    rate_bps: Option<u64>,
+    /// Paced at this fraction of the contender's own median `1flow-1420B-unpaced`
+    /// throughput in this run (the "zero loss at 80 % of the maximum" check).
+    of_max: Option<f64>,
+}
+
+const MAX_SCENARIO: &str = "1flow-1420B-unpaced";
+
+fn scenarios(cli: &Cli) -> Result<Vec<Scenario>> {
+    let rate = (cli.rate_gbps * 1e9) as u64;
+    let all = vec![
+        Scenario {
+            name: "1flow-1420B-unpaced".into(),
+            flows: 1,
+            size: 1420,
+            rate_bps: None,
+            of_max: None,
+        },
+        Scenario {
+            name: format!("{}flow-1420B-unpaced", cli.flows),
+            flows: cli.flows,
+            size: 1420,
+            rate_bps: None,
+            of_max: None,
+        },
+        Scenario {
+            name: "1flow-64B-unpaced".into(),
+            flows: 1,
+            size: 64,
+            rate_bps: None,
+            of_max: None,
+        },
+        Scenario {
+            name: format!("1flow-1420B-paced-{}G", cli.rate_gbps),
+            flows: 1,
+            size: 1420,
+            rate_bps: Some(rate),
+            of_max: None,
+        },
+        Scenario {
+            name: "1flow-1420B-paced-80pct-of-max".into(),
+            flows: 1,
+            size: 1420,
+            rate_bps: None,
+            of_max: Some(0.8),
+        },
+    ];
+    let Some(wanted) = &cli.scenarios else {
+        // The 80 % check needs the maximum first and costs a run per contender: full only.
+        return Ok(all
+            .into_iter()
+            .filter(|s| !cli.quick || s.of_max.is_none())
+            .collect());
+    };
+    let mut out = Vec::new();
+    for w in wanted {
+        match all
+            .iter()
+            .find(|s| s.name == *w || s.name.starts_with(w.as_str()))
+        {
+            Some(s) => out.push(s.clone()),
+            None => bail!("unknown scenario {w:?}"),
+        }
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Sub::NaiveRelay {
+        listen,
+        exit,
+        threads,
+    }) = cli.command
+    {
+        return wraithgate_bench::naive::run(listen, exit, threads);
+    }
+    topology::install_signal_handler()?;
+    let _guard = topology::CleanupGuard;
+    bench(&cli)
+}
+
+fn bench(cli: &Cli) -> Result<()> {
+    let root = topology::is_root();
+    let kinds: Vec<Kind> = match &cli.topology {
+        Some(list) => list
+            .iter()
+            .map(|t| match t.as_str() {
+                "netns" => Ok(Kind::Netns),
+                "loopback" => Ok(Kind::Loopback),
+                "host" => Ok(Kind::Host),
+                other => bail!("unknown topology {other:?}"),
+            })
+            .collect::<Result<_>>()?,
+        None if root => vec![Kind::Netns, Kind::Loopback],
+        None => {
+            eprintln!(
+                "relay-bench: NOT ROOT: namespaces unavailable, running the host loopback only"
+            );
+            vec![Kind::Host]
+        }
+    };
+    if !root && kinds.iter().any(|k| *k != Kind::Host) {
+        bail!("the netns and loopback topologies need root");
+    }
+    let names: Vec<String> = match &cli.contenders {
+        Some(c) => c.clone(),
+        None => cli
+            .backends
+            .iter()
+            .map(|b| format!("wraithgate-{b}"))
+            .chain(["nftables", "naive-tokio", "socat", "nginx"].map(String::from))
+            .collect(),
+    };
+    let contenders: Vec<Contender> = names
+        .iter()
+        .map(|n| Contender::parse(n, &cli.wraithgate))
+        .collect::<Result<_>>()?;
+    let scenarios = scenarios(cli)?;
+    let (duration, warmup, runs) = if cli.quick {
+        (
+            cli.duration.unwrap_or(2.0),
+            cli.warmup.unwrap_or(0.5),
+            cli.runs.unwrap_or(1),
+        )
+    } else {
+        (
+            cli.duration.unwrap_or(10.0),
+            cli.warmup.unwrap_or(1.0),
+            cli.runs.unwrap_or(3),
+        )
+    };
+    std::fs::create_dir_all(&cli.workdir)?;
+    let workdir = std::fs::canonicalize(&cli.workdir)?;
+    let exit_key = PublicKey([0x5a; 32]);
+    let clock = quanta::Clock::new();
+    let abort = AtomicBool::new(false);
+
+    eprintln!(
+        "relay-bench: {} topologies × {} scenarios × {} contenders × {runs} runs, {warmup}+{duration} s each",
+        kinds.len(),
+        scenarios.len(),
+        contenders.len()
+    );
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    for kind in kinds {
+        let topo = Topology::build(
+            kind,
+            &cli.prefix,
+            cli.rps.then_some((cli.relay_cpus.as_str(), cli.load_cpu)),
+        )
+        .with_context(|| format!("build the {} topology", kind.as_str()))?;
+        let first = results.len();
+        for s in scenarios.iter().filter(|_| !cli.e2e_only) {
+            results.push(ScenarioResult {
+                name: format!("{}/{}", kind.as_str(), s.name),
+                paced: s.rate_bps.is_some() || s.of_max.is_some(),
+                reference: "nftables".into(),
+                contenders: contenders
+                    .iter()
+                    .map(|c| ContenderResult {
+                        name: c.name(),
+                        outcome: match c.unavailable(&topo).or_else(|| c.probe(&workdir)) {
+                            Some(why) => Outcome::Skipped(why),
+                            None => Outcome::Measured { runs: Vec::new() },
+                        },
+                    })
+                    .collect(),
+            });
+        }
+        // Run-major order: every contender once, then again, so slow drift on a shared
+        // machine spreads over all of them instead of penalising one.
+        for run in 0..if cli.e2e_only { 0 } else { runs } {
+            for (si, s) in scenarios.iter().enumerate() {
+                for (ci, c) in contenders.iter().enumerate() {
+                    let rate_bps = match s.of_max {
+                        None => s.rate_bps,
+                        Some(frac) => {
+                            let max = scenarios
+                                .iter()
+                                .position(|x| x.name == MAX_SCENARIO)
+                                .and_then(|b| results[first + b].contenders[ci].figures())
+                                .map(|f| f.gbps)
+                                .filter(|g| *g > 0.0);
+                            match max {
+                                Some(g) => Some((g * frac * 1e9) as u64),
+                                None => {
+                                    results[first + si].contenders[ci].outcome = Outcome::Skipped(
+                                        format!("needs a {MAX_SCENARIO} figure in this run"),
+                                    );
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    let slot = &mut results[first + si].contenders[ci];
+                    let Outcome::Measured { runs: done } = &mut slot.outcome else {
+                        continue;
+                    };
+                    let spec = LoadSpec {
+                        relay: topo.relay_listen,
+                        sink: topo.exit,
+                        sources: (0..s.flows).map(|i| topo.source(i)).collect(),
+                        client_port: topo.client_port(),
+                        exit_key,
+                        size: packets::transport_len(s.size),
+                        rate_bps,
+                        warmup: Duration::from_secs_f64(warmup),
+                        duration: Duration::from_secs_f64(duration),
+                        gso: !cli.no_gso,
+                        train: 8,
+                        client_netns: Topology::netns_path(&topo.client_ns),
+                        exit_netns: Topology::netns_path(&topo.exit_ns),
+                        load_cpu: Some(cli.load_cpu),
+                        handshake_timeout: Duration::from_secs(if s.flows > 1 { 8 } else { 4 }),
+                        paced_trains: s.of_max.is_some(),
+                    };
+                    eprint!(
+                        "[{} run {}/{runs}] {:<24} {:<20} ",
+                        kind.as_str(),
+                        run + 1,
+                        s.name,
+                        c.name()
+                    );
+                    match measure_once(c, &topo, &spec, cli, &workdir, &clock, &abort) {
+                        Ok(f) => {
+                            eprintln!(
+                                "{:7.3} Gb/s {:7.3} Mpps loss {:6.2}% p99 {:8.0} µs",
+                                f.gbps,
+                                f.mpps,
+                                f.loss_percent,
+                                f.p99_us()
+                            );
+                            done.push(f);
+                        }
+                        Err(e) => {
+                            eprintln!("FAILED: {e:#}");
+                            slot.outcome = Outcome::Failed(format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        }
+        if kind == Kind::Netns && !cli.no_e2e {
+            match wgo::available() {
+                Some(why) => eprintln!("relay-bench: skipping end-to-end runs: {why}"),
+                None => results.extend(end_to_end(
+                    cli,
+                    &topo,
+                    &contenders,
+                    &workdir,
+                    runs,
+                    duration.max(2.0).round() as u32,
+                )?),
+            }
+        }
+        drop(topo);
+    }
+
+    let md = report::markdown(&results);
+    println!("{md}");
+    if results.is_empty() {
+        bail!("nothing was run");
+    }
+    if let Some(path) = &cli.markdown {
+        std::fs::write(path, &md)?;
+    }
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report::json(&results))?;
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+        eprintln!("relay-bench: wrote {}", path.display());
+    }
+    if let Some(dir) = cli.svg.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    report::svg(&results, &cli.svg)?;
+    eprintln!("relay-bench: wrote {}", cli.svg.display());
+    Ok(())
+}
+
+fn measure_once(
+    c: &Contender,
+    topo: &Topology,
+    spec: &LoadSpec,
+    cli: &Cli,
+    workdir: &std::path::Path,
+    clock: &quanta::Clock,
+    abort: &AtomicBool,
+) -> Result<Figures> {
+    let mut running: Running = c.start(topo, &spec.exit_key, &cli.relay_cpus, workdir)?;
+    let pid = running.pid();
+    let mut cpu_at_start = 0;
+    let mut contender_cpu = 0;
+    let m = load::run(spec, clock, abort, |starting| {
+        let now = pid.map_or(0, wraithgate_bench::cpu::tree_cpu_ns);
+        if starting {
+            cpu_at_start = now;
+        } else {
+            contender_cpu = now.saturating_sub(cpu_at_start);
+        }
+    });
+    let alive = running.check_alive();
+    running.stop();
+    let m = m?;
+    alive?;
+    if m.flows_established < m.flows {
+        eprint!("({}/{} flows established) ", m.flows_established, m.flows);
+    }
+    Ok(Figures::from_run(&m, contender_cpu))
+}
+
+/// wireguard-go client → relay → wireguard-go exit with iperf3 TCP and UDP, against the
+/// client talking to the exit directly. Returns one scenario per iperf3 test.
+fn end_to_end(
+    cli: &Cli,
+    topo: &Topology,
+    contenders: &[Contender],
+    workdir: &std::path::Path,
+    runs: usize,
+    secs: u32,
+) -> Result<Vec<ScenarioResult>> {
+    let client = wgo::keypair(workdir, "wg-client")?;
+    let exit = wgo::keypair(workdir, "wg-exit")?;
+    let mut server = wgo::start_iperf_server(topo, cli.load_cpu, workdir)?;
+    let tests: [(&str, Option<&str>); 2] = [
+        ("e2e-iperf3-tcp", None),
+        ("e2e-iperf3-udp-1380B", Some(cli.e2e_udp_rate.as_str())),
+    ];
+    let mut paths: Vec<Option<&Contender>> = vec![None];
+    paths.extend(contenders.iter().map(Some));
+    let mut results: Vec<ScenarioResult> = tests
+        .iter()
+        .map(|(name, _)| ScenarioResult {
+            name: format!("{}/{name}", topo.kind.as_str()),
+            paced: false,
+            reference: "direct".into(),
+            contenders: paths
+                .iter()
+                .map(|p| ContenderResult {
+                    name: p.map_or("direct".into(), |c| c.name()),
+                    outcome: match p.and_then(|c| c.unavailable(topo).or_else(|| c.probe(workdir)))
+                    {
+                        Some(why) => Outcome::Skipped(why),
+                        None => Outcome::Measured { runs: Vec::new() },
+                    },
+                })
+                .collect(),
+        })
+        .collect();
+    for run in 0..runs {
+        for (ti, (test, udp)) in tests.iter().enumerate() {
+            for (pi, path) in paths.iter().enumerate() {
+                let slot = &mut results[ti].contenders[pi];
+                let Outcome::Measured { runs: done } = &mut slot.outcome else {
+                    continue;
+                };
+                eprint!("[e2e run {}/{runs}] {test:<24} {:<20} ", run + 1, slot.name);
+                let testdir = workdir.join(test);
+                std::fs::create_dir_all(&testdir)?;
+                let workdir = testdir.as_path();
+                let measured = (|| -> Result<Figures> {
+                    let mut relay = match path {
+                        Some(c) => Some(c.start(topo, &exit.public, &cli.relay_cpus, workdir)?),
+                        None => None,
+                    };
+                    let via = if relay.is_some() {
+                        topo.relay_listen
+                    } else {
+                        topo.exit
+                    };
+                    let tunnel = wgo::start_tunnel(
+                        topo,
+                        &cli.prefix,
+                        &client,
+                        &exit,
+                        via,
+                        cli.load_cpu,
+                        workdir,
+                    )?;
+                    let mut pids = tunnel.pids();
+                    pids.extend(relay.as_ref().and_then(Running::pid));
+                    let cpu = || -> u64 {
+                        pids.iter()
+                            .map(|&p| wraithgate_bench::cpu::tree_cpu_ns(p))
+                            .sum()
+                    };
+                    let before = cpu();
+                    let r = wgo::iperf(topo, cli.load_cpu, secs, *udp)?;
+                    let cpu_ns = cpu().saturating_sub(before);
+                    if let Some(relay) = relay.as_mut() {
+                        relay.check_alive()?;
+                    }
+                    drop(tunnel);
+                    drop(relay);
+                    let gb = r.bytes / 1e9;
+                    Ok(Figures {
+                        gbps: r.gbps,
+                        mpps: r.mpps,
+                        loss_percent: r.loss_percent,
+                        jitter_ms: r.jitter_ms,
+                        cpu_s_per_gb: if gb > 0.0 {
+                            cpu_ns as f64 / 1e9 / gb
+                        } else {
+                            f64::NAN
+                        },
+                        ..Figures::default()
+                    })
+                })();
+                match measured {
+                    Ok(f) => {
+                        eprintln!(
+                            "{:7.3} Gb/s loss {:6.2}% jitter {:.4} ms",
+                            f.gbps, f.loss_percent, f.jitter_ms
+                        );
+                        done.push(f);
+                    }
+                    Err(e) => {
+                        eprintln!("FAILED: {e:#}");
+                        slot.outcome = Outcome::Failed(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+    }
+    topology::kill_group(server.id() as i32);
+    let _ = server.wait();
+    Ok(results)
+}

@@ -1,0 +1,214 @@
+//! Resident memory of a `wraithgate` relay holding many established sessions.
+//!
+//! Starts the given `wraithgate` binary (one worker, the given backend) with one exit
+//! served by a stand-in exit in this process that answers every initiation with a
+//! response, measures the relay's resident memory idle, opens `--sessions` sessions from
+//! as many client sockets on loopback (spread over several 127.x addresses to have enough
+//! ports), and measures again. Needs one descriptor per session in both processes: run it
+//! under `prlimit --nofile=300000:300000`.
+//!
+//! ```text
+//! prlimit --nofile=300000:300000 cargo run --release -p wraithgate-relay \
+//!     --example session_memory -- target/release/wraithgate uring 100000
+//! ```
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wraithgate_relay::PublicKey;
+
+/// Client addresses per loopback IP (the ephemeral port range holds about 28,000).
+const PER_IP: usize = 20_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 4 {
+        eprintln!("usage: session_memory WRAITHGATE_BINARY BACKEND SESSIONS");
+        std::process::exit(2);
+    }
+    let (binary, backend) = (&args[1], &args[2]);
+    let sessions: usize = args[3].parse().expect("SESSIONS is a number");
+    let _ = wraithgate_relay::io::sys::raise_nofile_limit();
+
+    let exit_key = PublicKey([0x5a; 32]);
+    let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let exit_addr = exit.local_addr().unwrap();
+    let responses = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let exit_thread = {
+        let (responses, stop) = (responses.clone(), stop.clone());
+        std::thread::spawn(move || stand_in_exit(exit, &responses, &stop))
+    };
+
+    let relay_addr: SocketAddr = {
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("session-memory-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("relay.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[relay]\nlisten = [\"{relay_addr}\"]\nworkers = 1\nbackend = \"{backend}\"\n\n\
+             [control]\napi_enabled = false\nstate_dir = \"{state}\"\n\n\
+             [limits]\nmax_sessions = {max}\nmax_pending = {max}\n\
+             handshakes_per_second = 1000000\nhandshake_burst = 1000000\n\
+             pending_timeout_secs = 60\n\n\
+             [[exit]]\nname = \"x\"\npublic_key = \"{key}\"\nendpoint = \"{exit_addr}\"\n",
+            max = sessions + 1024,
+            key = exit_key.to_base64(),
+            state = dir.join("state").display(),
+        ),
+    )
+    .unwrap();
+    let mut relay = Command::new(binary)
+        .args([
+            "--log",
+            "warn,wraithgate_relay::io::uring=debug",
+            "run",
+            "--config",
+        ])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start wraithgate");
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle = rss_kib(&relay);
+    let kernel_idle = udp_kernel_pages();
+
+    let mac1 = exit_key.mac1_key();
+    let mut clients = Vec::with_capacity(sessions);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    for i in 0..sessions {
+        let ip = [127, 77, (i / PER_IP) as u8, 1];
+        let c = UdpSocket::bind(SocketAddr::from((ip, 0))).expect("client socket");
+        c.set_nonblocking(true).unwrap();
+        let mut init = [0u8; 148];
+        init[0] = 1;
+        init[4..8].copy_from_slice(&(i as u32 + 1).to_le_bytes());
+        let mac = mac1.compute(&init[..116]);
+        init[116..132].copy_from_slice(&mac);
+        c.send_to(&init, relay_addr).unwrap();
+        sent += 1;
+        clients.push(c);
+        // Keep the handshakes in flight bounded.
+        if i % 2000 == 1999 {
+            wait_until(Duration::from_secs(10), || {
+                responses.load(Ordering::Relaxed) + 500 >= sent
+            });
+        }
+    }
+    let all = wait_until(Duration::from_secs(30), || {
+        responses.load(Ordering::Relaxed) >= sent
+    });
+    // Each client got the exit's response through the relay: the session is established.
+    let mut buf = [0u8; 256];
+    let mut answered = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pending: Vec<usize> = (0..clients.len()).collect();
+    while !pending.is_empty() && Instant::now() < deadline {
+        pending.retain(|&i| match clients[i].recv(&mut buf) {
+            Ok(92) => {
+                answered += 1;
+                false
+            }
+            _ => true,
+        });
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let setup = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded = rss_kib(&relay);
+    let kernel_loaded = udp_kernel_pages();
+    let alive = relay.try_wait().ok().flatten().is_none();
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    let _ = relay.wait();
+    stop.store(true, Ordering::Relaxed);
+    let _ = exit_thread.join();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let delta_kib = loaded.saturating_sub(idle);
+    println!("backend              {backend}");
+    println!("relay alive          {alive}");
+    println!("sessions requested   {sessions}");
+    println!(
+        "responses from exit  {} (all: {all})",
+        responses.load(Ordering::Relaxed)
+    );
+    println!("established (client got the response) {answered}");
+    println!("set-up time          {:.1} s", setup.as_secs_f64());
+    println!("relay RSS idle       {:.1} MiB", idle as f64 / 1024.0);
+    println!("relay RSS loaded     {:.1} MiB", loaded as f64 / 1024.0);
+    println!("RSS above idle       {:.1} MiB", delta_kib as f64 / 1024.0);
+    println!(
+        "bytes/session (RSS)  {:.0}",
+        delta_kib as f64 * 1024.0 / answered.max(1) as f64
+    );
+    println!(
+        "kernel UDP memory    {} -> {} pages (all UDP sockets on the machine, for context)",
+        kernel_idle, kernel_loaded
+    );
+}
+
+/// Answers every initiation with a response naming its sender, as an exit would.
+fn stand_in_exit(sock: UdpSocket, responses: &AtomicU64, stop: &AtomicBool) {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let mut next = 1u32;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        if n != 148 || buf[0] != 1 {
+            continue;
+        }
+        let mut resp = [0u8; 92];
+        resp[0] = 2;
+        resp[4..8].copy_from_slice(&next.to_le_bytes());
+        resp[8..12].copy_from_slice(&buf[4..8]);
+        next = next.wrapping_add(1);
+        if sock.send_to(&resp, from).is_ok() {
+            responses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn rss_kib(child: &Child) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn udp_kernel_pages() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("UDP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

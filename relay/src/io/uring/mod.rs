@@ -1,0 +1,1220 @@
+//! The io_uring backend: one ring per worker, multishot receives into a provided buffer
+//! ring, sends straight from the receive buffers, one `io_uring_enter` per batch.
+//!
+//! Per iteration a worker: picks up a new table, expires sessions, answers control
+//! requests, gives finished buffers back and re-arms ended receives; then one
+//! `io_uring_enter` submits everything queued since the last one (sends, receives,
+//! cancellations) and waits for at least one completion (or the next router timer). It then
+//! reaps the completion queue (which only records what happened) and processes every
+//! received message: each segment goes through the router exactly as in the portable
+//! backend (`plan.rs`), and each run of segments to one target becomes one `SendMsg`
+//! (with `UDP_SEGMENT` when it holds several) pointing into the very buffer it arrived in.
+//!
+//! Invariants (each `unsafe` block below names the one it relies on):
+//! - **Buffers**: a receive buffer belongs to the kernel while it is in the buffer ring,
+//!   and to the worker from the completion that names it until its reference count drops
+//!   to zero: one reference while the worker processes it, one per send reading from it.
+//!   Only then is it given back. Nothing reads a buffer it does not hold a reference to.
+//! - **Sockets**: a socket id counts the requests and buffers that name it (armed receive,
+//!   sends, cancellation, messages waiting to be routed). Closing a session marks its
+//!   socket closing and cancels its receive; the file descriptor is closed and the id
+//!   reused only when that count reaches zero, so no queued or in-flight request can reach
+//!   another socket that got the same descriptor number, and no late completion is
+//!   attributed to another session.
+//! - **Send headers** live in a fixed pool ([`sendq::SendSlots`]) until their completion.
+//! - **Teardown**: before the ring is dropped every request is cancelled and waited for;
+//!   if that does not finish in time the buffers and headers are leaked, never freed while
+//!   the kernel may still use them.
+
+mod bufring;
+mod sendq;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use io_uring::types::{Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use socket2::Socket;
+
+use self::bufring::BufRing;
+use self::sendq::{SendInfo, SendSlots};
+use super::plan::{self, Run, Source, Target, WorkerIo};
+use super::sys::{self, is_gso_errno};
+use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
+use crate::drop_reason::DropReason;
+use crate::router::{Command, Listener, Router, SessionSlot};
+use crate::table::SharedTable;
+use crate::zhop::{NodeKey, Zhop, ZhopOut};
+
+/// Longest wait for a completion, so that shutdown and table swaps are noticed when idle.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+/// How often a worker publishes its counters.
+const REPORT_EVERY: Duration = Duration::from_millis(50);
+/// Deferred completions the kernel runs in an enter that waits for one
+/// (`IO_LOCAL_TW_DEFAULT_MAX`).
+const LOCAL_WORK_CAP: usize = 20;
+/// Completions asked for, without waiting, when a waiting enter hit that cap.
+const MORE_WANT: usize = 512;
+/// Such extra enters per iteration at most, so that timers and requests keep their turn.
+const MORE_ROUNDS: usize = 4;
+/// Longest a worker waits at shutdown for the kernel to finish its requests.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
+
+/// Space in front of the payload of every receive buffer: the `io_uring_recvmsg_out`
+/// header, then the source address, then control messages (the UDP_GRO cmsg).
+const RECV_NAME_LEN: u32 = 32;
+const RECV_CONTROL_LEN: usize = 64;
+const RECV_HEADER_LEN: usize = 16;
+/// Payload room of a receive buffer: a whole GRO train (at most 64 KiB).
+const RECV_PAYLOAD: usize = 65_536;
+/// One receive buffer: header, name, control and a whole GRO train.
+pub(crate) const RECV_BUFFER: usize =
+    RECV_HEADER_LEN + RECV_NAME_LEN as usize + RECV_CONTROL_LEN + RECV_PAYLOAD;
+/// Submission queue entries per ring.
+const SQ_ENTRIES: u32 = 1024;
+/// The buffer group id of a worker's provided buffer ring.
+const BUFFER_GROUP: u16 = 0;
+
+/// What a completion is about: the top byte of its user data.
+const KIND_SHIFT: u32 = 56;
+const RECV: u64 = 1;
+const SEND: u64 = 2;
+const WAKE: u64 = 3;
+const CANCEL: u64 = 4;
+/// A cancellation at teardown (nothing to release when it completes).
+const TEARDOWN_CANCEL: u64 = 5;
+
+fn user_data(kind: u64, id: u32) -> u64 {
+    (kind << KIND_SHIFT) | u64::from(id)
+}
+
+/// Why io_uring cannot drive the data path on this machine.
+#[derive(Debug, thiserror::Error)]
+#[error("io_uring unavailable: {step} failed: {error}; likely cause: {hint}")]
+pub struct UringUnavailable {
+    /// What was being set up.
+    pub step: &'static str,
+    pub error: io::Error,
+    /// The likely cause, in words.
+    pub hint: String,
+}
+
+impl UringUnavailable {
+    fn new(step: &'static str, error: io::Error) -> Self {
+        let hint = match error.raw_os_error() {
+            Some(libc::ENOSYS) => {
+                "the kernel has no io_uring, or this runs under an emulator such as qemu-user"
+                    .to_owned()
+            }
+            Some(libc::EPERM) | Some(libc::EACCES) => {
+                match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+                    .ok()
+                    .as_deref()
+                    .map(str::trim)
+                {
+                    Some("2") => "kernel.io_uring_disabled = 2".to_owned(),
+                    Some("1") => {
+                        "kernel.io_uring_disabled = 1 and this process is not in io_uring_group"
+                            .to_owned()
+                    }
+                    _ => "denied by a seccomp filter (Docker's default profile blocks io_uring)"
+                        .to_owned(),
+                }
+            }
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                "the kernel is too old: this backend needs Linux 6.1 (single issuer, deferred \
+                 task running, buffer rings, multishot recvmsg)"
+                    .to_owned()
+            }
+            Some(libc::ENOMEM) => "not enough locked memory for the ring".to_owned(),
+            _ => "unexpected error".to_owned(),
+        };
+        UringUnavailable { step, error, hint }
+    }
+}
+
+/// A ring with the flags every worker uses: one thread submits, and the kernel runs
+/// completion work only when that thread enters the ring (so completions never interrupt
+/// the worker), and a bad request does not stop the rest of its batch.
+fn build_ring(cq_entries: u32) -> Result<IoUring, UringUnavailable> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_submit_all()
+        .setup_cqsize(cq_entries)
+        .build(SQ_ENTRIES)
+        .map_err(|e| UringUnavailable::new("io_uring_setup", e))
+}
+
+/// Checks that this process can run the io_uring backend: a ring with the workers' flags,
+/// a provided buffer ring, and a multishot recvmsg the kernel accepts. Cheap; leaves
+/// nothing behind.
+pub fn probe() -> Result<(), UringUnavailable> {
+    let mut ring = build_ring(2 * SQ_ENTRIES)?;
+    let bufs = BufRing::new(1, 4096, BUFFER_GROUP).map_err(|e| UringUnavailable::new("mmap", e))?;
+    bufs.register(&ring.submitter())
+        .map_err(|e| UringUnavailable::new("registering a buffer ring", e))?;
+    let sock = sys::udp_socket(&SocketAddr::from(([127, 0, 0, 1], 0)))
+        .map_err(|e| UringUnavailable::new("opening a probe socket", e))?;
+    let hdr = recv_msghdr();
+    let recv = opcode::RecvMsgMulti::new(Fd(sock.as_raw_fd()), &*hdr, BUFFER_GROUP)
+        .build()
+        .user_data(user_data(RECV, 0));
+    let cancel = opcode::AsyncCancel::new(user_data(RECV, 0))
+        .build()
+        .user_data(user_data(CANCEL, 0));
+    // SAFETY: the receive's msghdr and the buffer ring outlive the ring's requests: both
+    // are dropped after `ring`, and the loop below waits for the receive's final
+    // completion before anything is dropped.
+    unsafe {
+        let mut sq = ring.submission();
+        let _ = sq.push(&recv);
+        let _ = sq.push(&cancel);
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut result = Ok(());
+    let mut recv_done = false;
+    while !recv_done && Instant::now() < deadline {
+        let ts = Timespec::from(Duration::from_millis(100));
+        match ring
+            .submitter()
+            .submit_with_args(1, &SubmitArgs::new().timespec(&ts))
+        {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
+            Err(e) => return Err(UringUnavailable::new("io_uring_enter", e)),
+        }
+        for cqe in ring.completion() {
+            if cqe.user_data() == user_data(RECV, 0) && !cqueue::more(cqe.flags()) {
+                recv_done = true;
+                let res = cqe.result();
+                if res < 0 && res != -libc::ECANCELED {
+                    result = Err(UringUnavailable::new(
+                        "multishot recvmsg",
+                        io::Error::from_raw_os_error(-res),
+                    ));
+                }
+            }
+        }
+    }
+    if !recv_done {
+        // The kernel still holds the header and the buffer ring: leak them rather than
+        // free memory it may write to.
+        std::mem::forget(hdr);
+        std::mem::forget(bufs);
+        return Err(UringUnavailable::new(
+            "cancelling the probe receive",
+            io::Error::from(io::ErrorKind::TimedOut),
+        ));
+    }
+    drop(ring);
+    result
+}
+
+/// The header every multishot receive of a worker uses: only the name and control lengths
+/// matter (they lay out each buffer).
+fn recv_msghdr() -> Box<libc::msghdr> {
+    // SAFETY: msghdr is a plain C struct for which all zero bytes is a valid value.
+    let mut h: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+    h.msg_namelen = RECV_NAME_LEN;
+    h.msg_controllen = RECV_CONTROL_LEN as _;
+    h
+}
+
+/// What a socket is to the router.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Listener(Listener),
+    Exit(SessionSlot),
+    /// A Z-HOP flow's socket towards an exit.
+    Flow(SessionSlot),
+}
+
+struct IoSocket {
+    socket: Socket,
+    role: Role,
+    local: Option<SocketAddr>,
+    /// Whether sends on this socket may use GSO; cleared for good when the kernel refuses.
+    gso: bool,
+    recv_armed: bool,
+    closing: bool,
+    /// Requests in flight and received messages waiting that name this socket.
+    refs: u32,
+}
+
+/// The worker's sockets by id, and the router's names for them.
+#[derive(Default)]
+struct Sockets {
+    slots: Vec<Option<IoSocket>>,
+    free: Vec<u32>,
+    /// Socket id by router listener id.
+    listeners: Vec<u32>,
+    /// Socket id by session slot index (`NONE` when the slot has no socket).
+    exits: Vec<u32>,
+    /// Socket id by Z-HOP flow index.
+    flows: Vec<u32>,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl Sockets {
+    fn insert(&mut self, s: IoSocket) -> u32 {
+        match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(s);
+                id
+            }
+            None => {
+                self.slots.push(Some(s));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn get(&self, id: u32) -> Option<&IoSocket> {
+        self.slots.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn get_mut(&mut self, id: u32) -> Option<&mut IoSocket> {
+        self.slots.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    /// The open socket of session `slot`, if it has one.
+    fn exit(&self, slot: SessionSlot) -> Option<u32> {
+        let id = *self.exits.get(slot.index as usize)?;
+        match self.get(id)? {
+            IoSocket {
+                role: Role::Exit(s),
+                closing: false,
+                ..
+            } if *s == slot => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The open socket of Z-HOP flow `flow`, if it has one.
+    fn flow(&self, flow: SessionSlot) -> Option<u32> {
+        let id = *self.flows.get(flow.index as usize)?;
+        match self.get(id)? {
+            IoSocket {
+                role: Role::Flow(f),
+                closing: false,
+                ..
+            } if *f == flow => Some(id),
+            _ => None,
+        }
+    }
+
+    fn listener(&self, listener: u16) -> Option<u32> {
+        self.listeners.get(usize::from(listener)).copied()
+    }
+
+    /// Drops one reference; a closing socket with none left is closed and its id freed.
+    fn release(&mut self, id: u32) {
+        let done = match self.get_mut(id) {
+            Some(s) => {
+                s.refs = s.refs.saturating_sub(1);
+                s.closing && s.refs == 0
+            }
+            None => false,
+        };
+        if done {
+            self.finish(id);
+        }
+    }
+
+    fn finish_if_unused(&mut self, id: u32) {
+        if matches!(self.get(id), Some(s) if s.closing && s.refs == 0) {
+            self.finish(id);
+        }
+    }
+
+    fn finish(&mut self, id: u32) {
+        // Dropping the socket closes its descriptor: nothing queued or in flight names it.
+        self.slots[id as usize] = None;
+        self.free.push(id);
+    }
+}
+
+/// The ring and the count of requests whose final completion has not arrived.
+struct Ring {
+    ring: IoUring,
+    inflight: usize,
+    enters: u64,
+}
+
+impl Ring {
+    /// Queues `entry`, submitting what is queued first when the queue is full.
+    ///
+    /// # Safety
+    /// Everything `entry` points at (headers, buffers, descriptors) stays valid until its
+    /// final completion has been reaped.
+    unsafe fn push(&mut self, entry: &squeue::Entry) {
+        loop {
+            // SAFETY: passed on from this function's contract.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                self.inflight += 1;
+                return;
+            }
+            self.enters += 1;
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.kind() != io::ErrorKind::Interrupted {
+                    tracing::warn!(error = %e, "io_uring submit failed");
+                }
+                // EBUSY: the completion queue overflowed; the caller reaps before long.
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// A received message waiting to be routed.
+#[derive(Debug, Clone, Copy)]
+struct Arrived {
+    socket: u32,
+    buf: u16,
+}
+
+/// The parts of a worker that open, arm and close sockets; borrowed apart from the
+/// receive buffers while a message is routed.
+struct Plane {
+    id: usize,
+    cfg: DataPlaneConfig,
+    ring: Ring,
+    sockets: Sockets,
+    recv_hdr: Box<libc::msghdr>,
+    io: IoStats,
+}
+
+impl Plane {
+    fn arm_recv(&mut self, id: u32) {
+        let Some(s) = self.sockets.get_mut(id) else {
+            return;
+        };
+        if s.recv_armed || s.closing {
+            return;
+        }
+        let entry =
+            opcode::RecvMsgMulti::new(Fd(s.socket.as_raw_fd()), &*self.recv_hdr, BUFFER_GROUP)
+                .build()
+                .user_data(user_data(RECV, id));
+        s.recv_armed = true;
+        s.refs += 1;
+        // SAFETY: the msghdr lives as long as the worker (dropped after the ring); the
+        // descriptor stays open while the receive holds its reference on the socket; the
+        // buffer ring outlives the ring (see the teardown invariant).
+        unsafe { self.ring.push(&entry) };
+    }
+
+    /// Opens a socket connected to `exit` for `role`, registers it under `table[index]`
+    /// and arms its receive.
+    fn open(&mut self, role: Role, exit: SocketAddr, local_port: Option<u16>) -> io::Result<()> {
+        let (socket, _gro) = sys::exit_socket(
+            exit,
+            self.cfg.exit_source,
+            local_port,
+            self.cfg.exit_socket_buffer,
+        )?;
+        let sid = self.sockets.insert(IoSocket {
+            socket,
+            role,
+            local: None,
+            gso: self.cfg.gso,
+            recv_armed: false,
+            closing: false,
+            refs: 0,
+        });
+        let (table, slot) = match role {
+            Role::Exit(slot) => (&mut self.sockets.exits, slot),
+            Role::Flow(slot) => (&mut self.sockets.flows, slot),
+            Role::Listener(_) => return Ok(()),
+        };
+        let i = slot.index as usize;
+        if table.len() <= i {
+            table.resize(i + 1, NONE);
+        }
+        table[i] = sid;
+        self.arm_recv(sid);
+        Ok(())
+    }
+
+    /// Starts closing socket `sid`: nothing new goes out on it, its receive is cancelled,
+    /// and it is dropped once nothing names it any more.
+    fn close(&mut self, sid: u32) {
+        let Some(s) = self.sockets.get_mut(sid) else {
+            return;
+        };
+        s.closing = true;
+        if s.recv_armed {
+            s.refs += 1;
+            let entry = opcode::AsyncCancel::new(user_data(RECV, sid))
+                .build()
+                .user_data(user_data(CANCEL, sid));
+            // SAFETY: a cancellation points at nothing but a user data value.
+            unsafe { self.ring.push(&entry) };
+        }
+        self.sockets.finish_if_unused(sid);
+    }
+}
+
+impl WorkerIo for Plane {
+    fn router_commands(&mut self, router: &mut Router) {
+        while let Some(cmd) = router.poll_command() {
+            match cmd {
+                Command::OpenExitSocket {
+                    slot,
+                    exit,
+                    local_port,
+                } => match self.open(Role::Exit(slot), exit, local_port) {
+                    Ok(()) => self.io.exit_sockets_open += 1,
+                    Err(e) => {
+                        tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
+                        router.socket_failed(slot);
+                    }
+                },
+                Command::CloseExitSocket { slot } => {
+                    if let Some(sid) = self.sockets.exit(slot) {
+                        self.sockets.exits[slot.index as usize] = NONE;
+                        self.io.exit_sockets_open -= 1;
+                        self.close(sid);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Z-HOP decrypts into its own buffer, valid only during this call, so its sends are
+    /// plain synchronous ones; Z-HOP's flow sockets receive through the ring like exits.
+    fn zhop_event(&mut self, o: ZhopOut<'_>) -> bool {
+        match o {
+            ZhopOut::ToPeer {
+                listener,
+                to,
+                bytes,
+            } => self
+                .sockets
+                .listener(listener.id)
+                .and_then(|sid| self.sockets.get(sid))
+                .is_some_and(|s| s.socket.send_to(bytes, &to.into()).is_ok()),
+            ZhopOut::ToExit { flow, bytes } => self
+                .sockets
+                .flow(flow)
+                .and_then(|sid| self.sockets.get(sid))
+                .is_some_and(|s| s.socket.send(bytes).is_ok()),
+            ZhopOut::OpenFlow { flow, exit } => {
+                if let Err(e) = self.open(Role::Flow(flow), exit, None) {
+                    tracing::warn!(worker = self.id, %exit, error = %e, "cannot open flow socket");
+                }
+                true
+            }
+            ZhopOut::CloseFlow { flow } => {
+                if let Some(sid) = self.sockets.flow(flow) {
+                    self.sockets.flows[flow.index as usize] = NONE;
+                    self.close(sid);
+                }
+                true
+            }
+        }
+    }
+
+    fn add_listener(&mut self, l: BoundListener) {
+        let id = self.sockets.listeners.len() as u16;
+        tracing::debug!(worker = self.id, local = %l.local, gro = l.gro, "listening");
+        let sid = self.sockets.insert(IoSocket {
+            socket: l.socket,
+            role: Role::Listener(Listener {
+                id,
+                port: l.local.port(),
+            }),
+            local: Some(l.local),
+            gso: self.cfg.gso,
+            recv_armed: false,
+            closing: false,
+            refs: 0,
+        });
+        self.sockets.listeners.push(sid);
+        self.arm_recv(sid);
+    }
+
+    fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
+        let s = self.sockets.get(self.sockets.exit(slot)?)?;
+        Some(s.socket.local_addr().ok()?.as_socket()?.port())
+    }
+
+    fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {
+        self.sockets
+            .slots
+            .iter()
+            .flatten()
+            .find_map(|s| match (s.role, s.local) {
+                (Role::Listener(l), Some(local))
+                    if l.port == port && local.is_ipv4() == client.is_ipv4() =>
+                {
+                    Some(l)
+                }
+                _ => None,
+            })
+    }
+}
+
+/// Receive buffers and how many holders each has.
+struct Buffers {
+    ring: BufRing,
+    refs: Box<[u16]>,
+}
+
+impl Buffers {
+    fn hold(&mut self, id: u16) {
+        self.refs[usize::from(id)] += 1;
+    }
+
+    /// Drops one reference; the last gives the buffer back to the kernel.
+    fn release(&mut self, id: u16) {
+        let r = &mut self.refs[usize::from(id)];
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            self.ring.give_back(id);
+        }
+    }
+}
+
+struct Worker {
+    plane: Plane,
+    router: Router,
+    zhop: Zhop,
+    bufs: Buffers,
+    sends: SendSlots,
+    table: SharedTable,
+    poll: mio::Poll,
+    events: mio::Events,
+    wake_armed: bool,
+    requests: mpsc::Receiver<WorkerRequest>,
+    report: Arc<Mutex<WorkerReport>>,
+    shutdown: Arc<AtomicBool>,
+    /// Sockets whose multishot receive ended and must be armed again.
+    rearm: Vec<u32>,
+    arrived: VecDeque<Arrived>,
+    /// GSO sends the kernel refused, to send again segment by segment. Each holds the
+    /// buffer and socket references its failed send had.
+    retries: VecDeque<SendInfo>,
+    completions: Vec<(u64, i32, u32)>,
+    runs: Vec<Run>,
+    last_report: Instant,
+    stopping: bool,
+}
+
+/// Sizes of a worker's pools.
+fn pool_sizes(cfg: &DataPlaneConfig) -> (u16, usize, u32) {
+    let buffers = cfg.ring_buffers.clamp(8, 32_768).next_power_of_two() as u16;
+    let sends = usize::from(buffers) * 4;
+    let cq = (2 * (usize::from(buffers) + sends))
+        .next_power_of_two()
+        .max(4096) as u32;
+    (buffers, sends, cq)
+}
+
+/// Runs one worker. Reports on `ready` whether its ring could be set up before it starts
+/// serving.
+pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavailable>>) {
+    let (buffers, sends, cq) = pool_sizes(&ctx.cfg);
+    let setup = || -> Result<(IoUring, BufRing), UringUnavailable> {
+        let ring = build_ring(cq)?;
+        let bufs = BufRing::new(buffers, RECV_BUFFER, BUFFER_GROUP)
+            .map_err(|e| UringUnavailable::new("mapping receive buffers", e))?;
+        bufs.register(&ring.submitter())
+            .map_err(|e| UringUnavailable::new("registering the buffer ring", e))?;
+        Ok((ring, bufs))
+    };
+    let (ring, bufring) = match setup() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let now = Instant::now();
+    let nbufs = bufring.entries();
+    let table = ctx.table.load();
+    let mut w = Worker {
+        zhop: Zhop::new(
+            ctx.cfg.node_key.map(NodeKey::from_secret),
+            table.clone(),
+            now,
+        ),
+        router: Router::new(ctx.cfg.router.clone(), table, now),
+        plane: Plane {
+            id: ctx.id,
+            cfg: ctx.cfg,
+            ring: Ring {
+                ring,
+                inflight: 0,
+                enters: 0,
+            },
+            sockets: Sockets::default(),
+            recv_hdr: recv_msghdr(),
+            io: IoStats::default(),
+        },
+        bufs: Buffers {
+            ring: bufring,
+            refs: vec![0; nbufs].into_boxed_slice(),
+        },
+        sends: SendSlots::new(sends),
+        table: ctx.table,
+        poll: ctx.poll,
+        events: mio::Events::with_capacity(16),
+        wake_armed: false,
+        requests: ctx.requests,
+        report: ctx.report,
+        shutdown: ctx.shutdown,
+        rearm: Vec::with_capacity(1024),
+        arrived: VecDeque::with_capacity(nbufs),
+        retries: VecDeque::with_capacity(sends),
+        completions: Vec::with_capacity(cq as usize),
+        runs: Vec::with_capacity(256),
+        last_report: now,
+        stopping: false,
+    };
+    for l in ctx.listeners {
+        w.plane.add_listener(l);
+    }
+    plan::restore(w.plane.id, &mut w.router, &mut w.plane, &ctx.restore, now);
+    w.event_loop();
+    w.publish(Instant::now());
+    w.teardown();
+}
+
+impl Worker {
+    fn event_loop(&mut self) {
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let now = Instant::now();
+            self.housekeeping(now);
+            let spent = now.elapsed().as_nanos() as u64;
+            self.plane.io.housekeeping_max_ns = self.plane.io.housekeeping_max_ns.max(spent);
+            self.arm_wake();
+            self.rearm_receives();
+            self.bufs.ring.publish();
+            let wait = if self.router.sweeping() || !self.retries.is_empty() {
+                Duration::ZERO
+            } else {
+                self.router
+                    .poll_timeout()
+                    .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
+            };
+            self.enter(wait, 1);
+            let mut reaped = self.reap();
+            // An enter that waits for one completion runs at most LOCAL_WORK_CAP of the
+            // kernel's deferred completions; when it ran that many, ask for the rest
+            // without waiting, so that a busy socket's batch is taken in one go.
+            for _ in 0..MORE_ROUNDS {
+                if reaped < LOCAL_WORK_CAP {
+                    break;
+                }
+                self.enter(Duration::ZERO, MORE_WANT);
+                reaped = self.reap();
+            }
+            self.process(Instant::now());
+        }
+    }
+
+    /// Submits everything queued and waits up to `wait` for `want` completions.
+    fn enter(&mut self, wait: Duration, want: usize) {
+        let ts = Timespec::from(wait);
+        let args = SubmitArgs::new().timespec(&ts);
+        self.plane.ring.enters += 1;
+        match self
+            .plane
+            .ring
+            .ring
+            .submitter()
+            .submit_with_args(want, &args)
+        {
+            Ok(_) => {}
+            // ETIME: nothing completed in time; EBUSY: completions to reap first.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) => {}
+            Err(e) => {
+                tracing::warn!(worker = self.plane.id, error = %e, "io_uring_enter failed");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let new_table = self.table.load_if_changed(self.router.table());
+        if let Some(t) = &new_table {
+            tracing::debug!(
+                worker = self.plane.id,
+                generation = t.generation(),
+                "new table"
+            );
+        }
+        plan::housekeeping(
+            &mut self.router,
+            &mut self.zhop,
+            &mut self.plane,
+            new_table,
+            &self.requests,
+            now,
+        );
+        if now.duration_since(self.last_report) >= REPORT_EVERY {
+            self.publish(now);
+        }
+    }
+
+    fn publish(&mut self, now: Instant) {
+        self.last_report = now;
+        self.plane.io.ring_enters = self.plane.ring.enters;
+        plan::publish(&self.report, &self.router, &self.zhop, &self.plane.io);
+    }
+
+    /// Watches the waker's epoll descriptor, which becomes readable when the control side
+    /// wakes this worker.
+    fn arm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let entry = opcode::PollAdd::new(Fd(self.poll.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(user_data(WAKE, 0));
+        self.wake_armed = true;
+        // SAFETY: the epoll descriptor belongs to `self.poll`, which outlives the ring.
+        unsafe { self.plane.ring.push(&entry) };
+    }
+
+    /// Arms again the receives that ended, once the kernel has buffers to give them.
+    fn rearm_receives(&mut self) {
+        if self.rearm.is_empty() || self.bufs.ring.available() == 0 {
+            return;
+        }
+        let mut rearm = std::mem::take(&mut self.rearm);
+        for id in rearm.drain(..) {
+            self.plane.arm_recv(id);
+        }
+        self.rearm = rearm;
+    }
+
+    /// Records every completion waiting; does no sending (that needs send slots, which
+    /// reaping is what frees).
+    /// Returns how many completions there were.
+    fn reap(&mut self) -> usize {
+        self.completions.clear();
+        for cqe in self.plane.ring.ring.completion() {
+            self.completions
+                .push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+        for i in 0..self.completions.len() {
+            let (ud, res, flags) = self.completions[i];
+            if !cqueue::more(flags) {
+                self.plane.ring.inflight = self.plane.ring.inflight.saturating_sub(1);
+            }
+            let id = ud as u32;
+            match ud >> KIND_SHIFT {
+                RECV => self.on_recv(id, res, flags),
+                SEND => self.on_send(id, res),
+                WAKE => {
+                    // Clears the waker's readiness; requests and shutdown are looked at in
+                    // the next iteration.
+                    let _ = self.poll.poll(&mut self.events, Some(Duration::ZERO));
+                    if !cqueue::more(flags) {
+                        self.wake_armed = false;
+                    }
+                }
+                CANCEL => self.plane.sockets.release(id),
+                _ => {}
+            }
+        }
+        self.completions.len()
+    }
+
+    fn on_recv(&mut self, id: u32, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let buf = cqueue::buffer_select(flags);
+        if buf.is_some() {
+            self.bufs.ring.taken();
+        }
+        let Some(s) = self.plane.sockets.get_mut(id) else {
+            // Cannot happen: a socket with a receive armed holds a reference.
+            if let Some(b) = buf {
+                self.bufs.release(b);
+            }
+            return;
+        };
+        if !more {
+            s.recv_armed = false;
+        }
+        match (res, buf) {
+            (r, Some(b)) if r >= 0 => {
+                self.plane.io.recv_calls += 1;
+                if s.closing || self.stopping {
+                    self.bufs.release(b);
+                } else {
+                    s.refs += 1;
+                    self.bufs.hold(b);
+                    self.arrived.push_back(Arrived { socket: id, buf: b });
+                }
+            }
+            (r, buf) => {
+                if let Some(b) = buf {
+                    self.bufs.release(b);
+                }
+                match -r {
+                    libc::ENOBUFS => self.plane.io.ring_starved += 1,
+                    libc::ECANCELED => {}
+                    0 => {}
+                    _ => {
+                        // ECONNREFUSED on a connected exit socket (ICMP port unreachable)
+                        // and the like: counted, and the receive goes on.
+                        self.plane.io.recv_errors += 1;
+                        tracing::trace!(worker = self.plane.id, errno = -r, "receive error");
+                    }
+                }
+            }
+        }
+        if !more {
+            let closing = s.closing;
+            if !closing && !self.stopping {
+                self.rearm.push(id);
+            }
+            // The receive's own reference.
+            self.plane.sockets.release(id);
+        }
+    }
+
+    fn on_send(&mut self, slot: u32, res: i32) {
+        let Some(info) = self.sends.finish(slot) else {
+            return;
+        };
+        if res < 0 {
+            let err = -res;
+            if info.segment.is_some() && is_gso_errno(err) && !self.stopping {
+                if let Some(s) = self.plane.sockets.get_mut(info.socket) {
+                    if s.gso {
+                        s.gso = false;
+                        self.plane.io.gso_fallbacks += 1;
+                        tracing::warn!(worker = self.plane.id, errno = err,
+                            "kernel refused UDP GSO; this socket sends segments one by one from now on");
+                    }
+                }
+                // Keeps the buffer and socket references for the resend.
+                self.retries.push_back(info);
+                return;
+            }
+            tracing::trace!(worker = self.plane.id, errno = err, "send failed");
+            for _ in 0..segments(&info) {
+                self.router.record_drop(DropReason::SendFailed);
+            }
+        }
+        self.bufs.release(info.buf);
+        self.plane.sockets.release(info.socket);
+    }
+
+    /// Routes every received message and queues its sends, then resends refused GSO
+    /// sends one segment at a time.
+    fn process(&mut self, now: Instant) {
+        let batch = !self.arrived.is_empty();
+        while let Some(a) = self.arrived.pop_front() {
+            self.route(a, now);
+            self.bufs.release(a.buf);
+            self.plane.sockets.release(a.socket);
+        }
+        if batch {
+            // From the reaping of a batch to its sends queued; the next enter submits them.
+            self.plane
+                .io
+                .batch_latency
+                .record(now.elapsed().as_nanos() as u64);
+        }
+        while let Some(info) = self.retries.pop_front() {
+            let seg = usize::from(info.segment.unwrap_or(1).max(1));
+            let (start, len) = (info.start as usize, info.len as usize);
+            let mut off = 0;
+            while off < len {
+                let n = seg.min(len - off);
+                self.queue_send(SendInfo {
+                    start: (start + off) as u32,
+                    len: n as u32,
+                    segment: None,
+                    ..info
+                });
+                off += n;
+            }
+            self.bufs.release(info.buf);
+            self.plane.sockets.release(info.socket);
+        }
+    }
+
+    fn route(&mut self, a: Arrived, now: Instant) {
+        let source = match self.plane.sockets.get(a.socket) {
+            Some(s) if !s.closing => match s.role {
+                Role::Listener(l) => Source::Client(l),
+                Role::Exit(slot) => Source::Exit(slot),
+                Role::Flow(flow) => Source::Flow(flow),
+            },
+            // Its session ended after the message arrived: as if it arrived a moment later.
+            _ => return,
+        };
+        // SAFETY: the worker holds buffer `a.buf` (the completion handed it over, and the
+        // reference taken then is dropped only after this function).
+        let buffer = unsafe { self.bufs.ring.buffer(a.buf) };
+        let Some(msg) = Received::parse(buffer, &self.plane.recv_hdr) else {
+            self.plane.io.recv_errors += 1;
+            return;
+        };
+        if plan::is_train(msg.len, msg.stride) {
+            self.plane.io.gro_trains += 1;
+        }
+        let payload = &buffer[msg.offset..msg.offset + msg.len];
+        let runs = &mut self.runs;
+        runs.clear();
+        plan::route_message(
+            &mut self.router,
+            &mut self.zhop,
+            &mut self.plane,
+            now,
+            plan::Message {
+                source,
+                from: msg.from,
+                payload,
+                stride: msg.stride,
+            },
+            // Runs are planned as if every socket did GSO; `send_run` splits them for
+            // sockets that fell back.
+            |target, offset, len| {
+                plan::plan(
+                    runs,
+                    true,
+                    target,
+                    usize::from(a.buf),
+                    msg.offset + offset,
+                    len,
+                )
+            },
+        );
+        let runs = std::mem::take(&mut self.runs);
+        for run in &runs {
+            self.send_run(run, a.buf);
+        }
+        self.runs = runs;
+    }
+
+    fn send_run(&mut self, run: &Run, buf: u16) {
+        let (socket, dest) = match run.target {
+            Target::Exit(slot) => match self.plane.sockets.exit(slot) {
+                Some(id) => (id, None),
+                None => {
+                    // The session went away while its packets were being routed.
+                    for _ in 0..run.segments {
+                        self.router.record_drop(DropReason::NoSession);
+                    }
+                    return;
+                }
+            },
+            Target::Client { listener, addr } => match self.plane.sockets.listener(listener) {
+                Some(id) => (id, Some(addr)),
+                None => {
+                    for _ in 0..run.segments {
+                        self.router.record_drop(DropReason::SendFailed);
+                    }
+                    return;
+                }
+            },
+        };
+        let gso = self.plane.sockets.get(socket).is_some_and(|s| s.gso);
+        let info = SendInfo {
+            socket,
+            buf,
+            start: run.start as u32,
+            len: run.len as u32,
+            segment: run.segment_size(),
+            dest,
+        };
+        if run.segments > 1 && !gso {
+            for i in 0..run.segments {
+                let start = run.start + i * run.segment;
+                let len = run.segment.min(run.start + run.len - start);
+                self.queue_send(SendInfo {
+                    start: start as u32,
+                    len: len as u32,
+                    segment: None,
+                    ..info
+                });
+            }
+        } else {
+            self.queue_send(info);
+        }
+    }
+
+    /// Queues one `SendMsg` of `info`'s bytes, taking references on its buffer and socket
+    /// for as long as it is in flight.
+    fn queue_send(&mut self, info: SendInfo) {
+        while self.sends.free() == 0 {
+            self.make_room();
+        }
+        let fd = match self.plane.sockets.get_mut(info.socket) {
+            Some(s) if !s.closing => {
+                s.refs += 1;
+                s.socket.as_raw_fd()
+            }
+            _ => {
+                for _ in 0..segments(&info) {
+                    self.router.record_drop(DropReason::NoSession);
+                }
+                return;
+            }
+        };
+        self.bufs.hold(info.buf);
+        // SAFETY: the worker holds `info.buf` (a reference was just taken), and
+        // `start + len` lies within the buffer: runs are planned from payload offsets
+        // inside it.
+        let payload = unsafe {
+            self.bufs
+                .ring
+                .buffer(info.buf)
+                .as_ptr()
+                .add(info.start as usize)
+        };
+        let Some(prepared) = self.sends.take(info, payload) else {
+            // Unreachable: a slot was made free above.
+            self.bufs.release(info.buf);
+            self.plane.sockets.release(info.socket);
+            return;
+        };
+        self.plane.io.send_calls += 1;
+        if info.segment.is_some() {
+            self.plane.io.gso_sends += 1;
+        }
+        // A single datagram needs no control message: a plain `Send` (with the address for
+        // an unconnected listener) spares the kernel copying and parsing a msghdr.
+        let entry = if info.segment.is_some() {
+            opcode::SendMsg::new(Fd(fd), prepared.hdr).build()
+        } else {
+            opcode::Send::new(Fd(fd), payload, info.len)
+                .dest_addr(prepared.name)
+                .dest_addr_len(prepared.name_len)
+                .build()
+        }
+        .user_data(user_data(SEND, prepared.slot));
+        // SAFETY: the header and destination live in send slot `prepared.slot` until its
+        // completion is reaped (`on_send` frees it); the payload is in a buffer held until
+        // then, and the descriptor's socket holds a reference until then.
+        unsafe { self.plane.ring.push(&entry) };
+    }
+
+    /// Every send slot is in flight: submit, wait for some to complete, and record them.
+    fn make_room(&mut self) {
+        self.bufs.ring.publish();
+        self.enter(MAX_WAIT, 1);
+        self.reap();
+    }
+
+    /// Cancels every request and waits for the kernel to let go of the buffers and headers
+    /// before anything is freed.
+    fn teardown(mut self) {
+        self.stopping = true;
+        // One cancellation per armed request, by user data: the kernel finds each in its
+        // hash table, where cancelling "any" would rescan every request for each match.
+        // Sends in flight complete on their own.
+        let mut cancels: Vec<u64> = self
+            .plane
+            .sockets
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.recv_armed))
+            .map(|(id, _)| user_data(RECV, id as u32))
+            .collect();
+        if self.wake_armed {
+            cancels.push(user_data(WAKE, 0));
+        }
+        for target in cancels {
+            let entry = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(user_data(TEARDOWN_CANCEL, 0));
+            // SAFETY: a cancellation points at nothing but a user data value.
+            unsafe { self.plane.ring.push(&entry) };
+        }
+        let deadline = Instant::now() + TEARDOWN_WAIT;
+        while self.plane.ring.inflight > 0 && Instant::now() < deadline {
+            self.enter(Duration::from_millis(50), MORE_WANT);
+            self.reap();
+            tracing::debug!(
+                worker = self.plane.id,
+                reaped = self.completions.len(),
+                inflight = self.plane.ring.inflight,
+                "draining the ring"
+            );
+            // Refused GSO sends are not resent now.
+            while let Some(info) = self.retries.pop_front() {
+                self.bufs.release(info.buf);
+                self.plane.sockets.release(info.socket);
+            }
+        }
+        if self.plane.ring.inflight > 0 {
+            tracing::error!(
+                worker = self.plane.id,
+                inflight = self.plane.ring.inflight,
+                "io_uring requests still in flight at shutdown; leaking the receive buffers"
+            );
+            let Worker {
+                plane, bufs, sends, ..
+            } = self;
+            let Plane { ring, recv_hdr, .. } = plane;
+            drop(ring);
+            std::mem::forget(bufs);
+            std::mem::forget(sends);
+            std::mem::forget(recv_hdr);
+        }
+        // Otherwise fields drop in declaration order: the ring (in `plane`) first, then
+        // the buffers and send headers it no longer uses.
+    }
+}
+
+fn segments(info: &SendInfo) -> usize {
+    let seg = info.segment.map_or(info.len as usize, usize::from).max(1);
+    (info.len as usize).div_ceil(seg).max(1)
+}
+
+/// One received message, laid out in its buffer as `io_uring_recvmsg_out`, name, control
+/// messages, payload.
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    from: SocketAddr,
+    /// Where the payload starts in the buffer, and its length.
+    offset: usize,
+    len: usize,
+    /// GRO segment size; equals `len` for a single datagram.
+    stride: usize,
+}
+
+impl Received {
+    fn parse(buffer: &[u8], hdr: &libc::msghdr) -> Option<Received> {
+        let out = io_uring::types::RecvMsgOut::parse(buffer, hdr).ok()?;
+        if out.is_payload_truncated() || out.is_name_data_truncated() {
+            return None;
+        }
+        let from = sys::sockaddr_from_bytes(out.name_data())?;
+        let payload = out.payload_data();
+        let offset = (payload.as_ptr() as usize).checked_sub(buffer.as_ptr() as usize)?;
+        let len = payload.len();
+        let stride = sys::gro_segment_from_cmsgs(out.control_data()).unwrap_or(len);
+        Some(Received {
+            from,
+            offset,
+            len,
+            stride: if stride == 0 { len } else { stride },
+        })
+    }
+}

@@ -1,0 +1,174 @@
+//! Headers of the sends a worker has in flight.
+//!
+//! A `SendMsg` request points at a `msghdr`, which points at an iovec, a destination
+//! address and a control message; all of it must stay put until the request's completion
+//! arrives. [`SendSlots`] owns a fixed number of such header sets in one heap allocation
+//! that never moves or grows, so nothing is allocated per packet and a header's address is
+//! valid for as long as its slot is taken.
+
+use std::mem::{size_of, zeroed};
+use std::net::SocketAddr;
+
+use socket2::SockAddr;
+
+/// `SOL_UDP` option carrying the segment size of a GSO send.
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// A control-message buffer aligned for `cmsghdr`, room for one u16 cmsg.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 32]);
+
+/// What a send slot's headers point at, beside the payload.
+#[repr(C)]
+struct Headers {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    name: libc::sockaddr_storage,
+    cmsg: CmsgBuf,
+}
+
+/// What the worker remembers about a send in flight, to finish it when it completes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SendInfo {
+    /// The worker's socket id the send went out on.
+    pub socket: u32,
+    /// The receive buffer holding the payload.
+    pub buf: u16,
+    /// Offset of the payload in that buffer, its length, and its GSO segment size.
+    pub start: u32,
+    pub len: u32,
+    pub segment: Option<u16>,
+    pub dest: Option<SocketAddr>,
+}
+
+/// A taken send slot: the `msghdr` for `SendMsg`, or the destination (null on a
+/// connected socket) for a plain `Send`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prepared {
+    pub slot: u32,
+    pub hdr: *const libc::msghdr,
+    pub name: *const libc::sockaddr,
+    pub name_len: libc::socklen_t,
+}
+
+/// A fixed pool of send header sets.
+pub(crate) struct SendSlots {
+    headers: Box<[Headers]>,
+    info: Box<[Option<SendInfo>]>,
+    free: Vec<u32>,
+}
+
+impl std::fmt::Debug for SendSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendSlots")
+            .field("slots", &self.headers.len())
+            .field("free", &self.free.len())
+            .finish()
+    }
+}
+
+// SAFETY: the raw pointers inside the headers point only into this value's own heap
+// allocation or into receive buffers owned by the same worker thread; the pool moves with
+// the worker into its thread and is never shared.
+unsafe impl Send for SendSlots {}
+
+impl SendSlots {
+    pub(crate) fn new(slots: usize) -> SendSlots {
+        let n = slots.clamp(1, u32::MAX as usize);
+        // SAFETY: msghdr, iovec and sockaddr_storage are plain C structs for which all
+        // zero bytes is a valid (empty) value.
+        let empty = || unsafe {
+            Headers {
+                hdr: zeroed(),
+                iov: zeroed(),
+                name: zeroed(),
+                cmsg: CmsgBuf([0; 32]),
+            }
+        };
+        SendSlots {
+            headers: (0..n).map(|_| empty()).collect(),
+            info: vec![None; n].into_boxed_slice(),
+            // Popped from the back: slot 0 first.
+            free: (0..n as u32).rev().collect(),
+        }
+    }
+
+    pub(crate) fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Takes a slot for `info` whose payload is `payload` (a pointer into a receive
+    /// buffer the caller owns). Returns the slot and what to hand to `SendMsg` or `Send`,
+    /// or `None` when every slot is in flight.
+    ///
+    /// The returned header stays valid until [`SendSlots::finish`] is called for the slot;
+    /// the payload must stay valid (its buffer owned by the caller) until then too.
+    pub(crate) fn take(&mut self, info: SendInfo, payload: *const u8) -> Option<Prepared> {
+        let slot = self.free.pop()?;
+        let h = &mut self.headers[slot as usize];
+        h.iov = libc::iovec {
+            iov_base: payload as *mut libc::c_void,
+            iov_len: info.len as usize,
+        };
+        h.hdr.msg_iov = &mut h.iov;
+        h.hdr.msg_iovlen = 1;
+        h.hdr.msg_flags = 0;
+        match info.dest {
+            Some(dest) => {
+                let sa = SockAddr::from(dest);
+                // SAFETY: `sa` holds `sa.len()` valid bytes of a sockaddr, which fit in a
+                // sockaddr_storage.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        sa.as_ptr().cast::<u8>(),
+                        (&mut h.name as *mut libc::sockaddr_storage).cast::<u8>(),
+                        sa.len() as usize,
+                    );
+                }
+                h.hdr.msg_name = (&mut h.name as *mut libc::sockaddr_storage).cast();
+                h.hdr.msg_namelen = sa.len();
+            }
+            None => {
+                h.hdr.msg_name = std::ptr::null_mut();
+                h.hdr.msg_namelen = 0;
+            }
+        }
+        match info.segment {
+            Some(seg) if (seg as usize) < info.len as usize => {
+                h.hdr.msg_control = h.cmsg.0.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE only computes a size.
+                h.hdr.msg_controllen =
+                    unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize as _;
+                // SAFETY: the control buffer is 8-aligned and large enough for one cmsg
+                // holding a u16 (the kernel reads UDP_SEGMENT as a u16); msg_controllen was
+                // set above, so CMSG_FIRSTHDR is non-null.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&h.hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+                }
+            }
+            _ => {
+                h.hdr.msg_control = std::ptr::null_mut();
+                h.hdr.msg_controllen = 0;
+            }
+        }
+        self.info[slot as usize] = Some(info);
+        Some(Prepared {
+            slot,
+            hdr: &h.hdr,
+            name: h.hdr.msg_name as *const libc::sockaddr,
+            name_len: h.hdr.msg_namelen,
+        })
+    }
+
+    /// Releases a slot whose completion arrived; returns what it carried.
+    pub(crate) fn finish(&mut self, slot: u32) -> Option<SendInfo> {
+        let info = self.info.get_mut(slot as usize)?.take()?;
+        self.free.push(slot);
+        Some(info)
+    }
+}

@@ -1,0 +1,643 @@
+//! Z-HOP (DESIGN §4): nested multihop for provisioned peers.
+//!
+//! A peer keeps two WireGuard tunnels: an inner one to its exit, routed through an outer one
+//! to this node. Z-HOP terminates the outer tunnel (boringtun `Tunn`, one per peer and
+//! worker), takes the inner packet out of it, checks that it is UDP from the peer's allowed
+//! IPs to one of its allowed exits, and sends the inner UDP payload (the still-encrypted
+//! inner WireGuard packet) to that exit from a socket of its own. Replies are wrapped back
+//! into IP/UDP with correct checksums, encrypted for the peer and sent to its endpoint.
+//!
+//! Unlike the DoubleHop router this holds keys and calls boringtun, which keeps its own
+//! timers; the I/O layer owns every socket, and learns what to do from [`ZhopOut`] events.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+
+use crate::drop_reason::DropReason;
+use crate::inner::{self, InnerError};
+use crate::keys::{Mac1Key, PublicKey};
+use crate::router::{Listener, SessionSlot, Traffic};
+use crate::slab::Slab;
+use crate::table::ExitTable;
+use crate::wire::{Message, INITIATION_LEN};
+
+/// boringtun's timers want a call about every 100 ms.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+/// A peer silent this long is forgotten (WireGuard drops keys after 540 s).
+const PEER_IDLE: Duration = Duration::from_secs(540);
+/// Handshakes per second the node answers before asking for cookies (boringtun counts
+/// them across all peers of a worker).
+const HANDSHAKE_LIMIT: u64 = 100;
+/// Distinct inner flows (source, exit) one peer may have.
+const MAX_FLOWS_PER_PEER: usize = 16;
+/// Largest datagram handled.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// The node's own static key pair, for terminating outer tunnels.
+#[derive(Clone)]
+pub struct NodeKey {
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+}
+
+impl NodeKey {
+    pub fn from_secret(bytes: [u8; 32]) -> Self {
+        let secret = x25519::StaticSecret::from(bytes);
+        let public = x25519::PublicKey::from(&secret);
+        NodeKey { secret, public }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeKey({})", self.public_key())
+    }
+}
+
+/// Something the I/O layer must do, in order.
+#[derive(Debug)]
+pub enum ZhopOut<'a> {
+    /// Open a UDP socket connected to `exit` for `flow`.
+    OpenFlow { flow: SessionSlot, exit: SocketAddr },
+    /// Close the socket of `flow`.
+    CloseFlow { flow: SessionSlot },
+    /// Send an outer WireGuard datagram to the peer.
+    ToPeer {
+        listener: Listener,
+        to: SocketAddr,
+        bytes: &'a [u8],
+    },
+    /// Send an inner payload to the exit through `flow`'s socket.
+    ToExit { flow: SessionSlot, bytes: &'a [u8] },
+}
+
+/// Counters of one worker's Z-HOP state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ZhopStats {
+    /// Outer handshakes answered (responses sent).
+    pub outer_handshakes: u64,
+    /// Cookie replies sent because the worker was under handshake load.
+    pub cookie_replies: u64,
+    pub inner_to_exit: Traffic,
+    pub exit_to_inner: Traffic,
+    pub peers: u64,
+    pub flows: u64,
+}
+
+struct ZPeer {
+    key: PublicKey,
+    tunn: Box<Tunn>,
+    /// Where the peer was last seen, authenticated, and the listener it used.
+    endpoint: Option<(Listener, SocketAddr)>,
+    last_activity: Instant,
+    flows: Vec<SessionSlot>,
+}
+
+struct Flow {
+    peer: u32,
+    /// The peer's inner address (its inner WireGuard interface's endpoint).
+    inner: SocketAddr,
+    exit: SocketAddr,
+}
+
+/// One worker's Z-HOP state.
+pub struct Zhop {
+    key: Option<(NodeKey, Mac1Key)>,
+    limiter: Arc<RateLimiter>,
+    table: Arc<ExitTable>,
+    /// Peers by the index their `Tunn` was created with.
+    peers: Slab<ZPeer>,
+    by_key: HashMap<PublicKey, u32>,
+    by_addr: HashMap<SocketAddr, u32>,
+    flows: Slab<Flow>,
+    by_tuple: HashMap<(u32, SocketAddr, SocketAddr), SessionSlot>,
+    buf: Vec<u8>,
+    ip: Vec<u8>,
+    last_tick: Instant,
+    last_limiter_reset: Instant,
+    stats: ZhopStats,
+}
+
+impl std::fmt::Debug for Zhop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zhop")
+            .field("key", &self.key.as_ref().map(|k| k.0.public_key()))
+            .field("peers", &self.by_key.len())
+            .field("flows", &self.by_tuple.len())
+            .finish()
+    }
+}
+
+impl Zhop {
+    /// Z-HOP with the node's key, or disabled (`None`): then nothing is ever claimed.
+    pub fn new(key: Option<NodeKey>, table: Arc<ExitTable>, now: Instant) -> Self {
+        let public = key
+            .as_ref()
+            .map_or(x25519::PublicKey::from([0u8; 32]), |k| k.public);
+        Zhop {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_LIMIT)),
+            key: key.map(|k| {
+                let mac1 = k.public_key().mac1_key();
+                (k, mac1)
+            }),
+            table,
+            peers: Slab::default(),
+            by_key: HashMap::new(),
+            by_addr: HashMap::new(),
+            flows: Slab::default(),
+            by_tuple: HashMap::new(),
+            buf: vec![0; MAX_DATAGRAM + 32],
+            ip: Vec::with_capacity(MAX_DATAGRAM),
+            last_tick: now,
+            last_limiter_reset: now,
+            stats: ZhopStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> ZhopStats {
+        let mut s = self.stats.clone();
+        s.peers = self.by_key.len() as u64;
+        s.flows = self.by_tuple.len() as u64;
+        s
+    }
+
+    /// Whether this datagram from a client is Z-HOP's: an initiation addressed (by mac1)
+    /// to the node, anything from an address with an outer tunnel, or — only from an
+    /// address the DoubleHop router does not know (`doublehop_client`) — a transport
+    /// message naming one of this worker's tunnels by index (a peer that roamed). Indices
+    /// chosen by exits are random, so a DoubleHop client's index may look like ours.
+    pub fn claims(&self, from: SocketAddr, packet: &[u8], doublehop_client: bool) -> bool {
+        let Some((_, mac1)) = &self.key else {
+            return false;
+        };
+        if self.by_addr.contains_key(&from) {
+            return true;
+        }
+        match Message::parse(packet) {
+            Ok(Message::Initiation(init)) => mac1.verify(init.mac1_input(), init.mac1()),
+            Ok(Message::Transport(t)) if !doublehop_client => {
+                self.peer_by_index(t.receiver_index()).is_some()
+            }
+            _ => false,
+        }
+    }
+
+    fn peer_by_index(&self, receiver_index: u32) -> Option<u32> {
+        // Our tunnels' indices are `peer << 8 | session` (boringtun's scheme, with the peer
+        // number we gave `Tunn::new`).
+        let peer = receiver_index >> 8;
+        self.peers.at(peer).map(|_| peer)
+    }
+
+    /// Handles a datagram Z-HOP [`claims`](Zhop::claims). `out` is called for each thing to
+    /// do, in order.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        packet: &[u8],
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let peer = match Message::parse(packet)? {
+            Message::Initiation(_) => self.peer_for_initiation(packet, now)?,
+            Message::Transport(t) => match self.by_addr.get(&from) {
+                Some(&p) => p,
+                None => self
+                    .peer_by_index(t.receiver_index())
+                    .ok_or(DropReason::UnknownClient)?,
+            },
+            _ => *self.by_addr.get(&from).ok_or(DropReason::UnknownClient)?,
+        };
+        let kind = packet[0];
+        let (_, p) = self
+            .peers
+            .at_mut(peer)
+            .expect("peer numbers in maps name live peers");
+        let r = p.tunn.decapsulate(Some(from.ip()), packet, &mut self.buf);
+        match r {
+            TunnResult::WriteToNetwork(reply) => {
+                let len = reply.len();
+                // A cookie reply goes to the unauthenticated sender; the endpoint does not move.
+                if self.buf[0] == 3 {
+                    self.stats.cookie_replies += 1;
+                    out(ZhopOut::ToPeer {
+                        listener,
+                        to: from,
+                        bytes: &self.buf[..len],
+                    });
+                    return Ok(());
+                }
+                if kind == 1 {
+                    self.stats.outer_handshakes += 1;
+                }
+                self.learn(peer, listener, from, now);
+                out(ZhopOut::ToPeer {
+                    listener,
+                    to: from,
+                    bytes: &self.buf[..len],
+                });
+                self.flush_queued(peer, out);
+                Ok(())
+            }
+            TunnResult::WriteToTunnelV4(ip, _) | TunnResult::WriteToTunnelV6(ip, _) => {
+                let len = ip.len();
+                self.learn(peer, listener, from, now);
+                self.forward_inner(peer, len, out)
+            }
+            TunnResult::Done => {
+                self.learn(peer, listener, from, now);
+                Ok(())
+            }
+            TunnResult::Err(e) => {
+                tracing::trace!(error = ?e, %from, "outer packet refused");
+                Err(DropReason::OuterRejected)
+            }
+        }
+    }
+
+    /// The peer an initiation comes from (decrypting its static key), created on first use.
+    fn peer_for_initiation(&mut self, packet: &[u8], now: Instant) -> Result<u32, DropReason> {
+        let Some((key, _)) = &self.key else {
+            return Err(DropReason::UnknownPeer);
+        };
+        if packet.len() != INITIATION_LEN {
+            return Err(DropReason::BadLength);
+        }
+        let Ok(Packet::HandshakeInit(init)) = Tunn::parse_incoming_packet(packet) else {
+            return Err(DropReason::OuterRejected);
+        };
+        let half = parse_handshake_anon(&key.secret, &key.public, &init)
+            .map_err(|_| DropReason::OuterRejected)?;
+        let peer_key = PublicKey(half.peer_static_public);
+        if let Some(&p) = self.by_key.get(&peer_key) {
+            return Ok(p);
+        }
+        let spec = &self
+            .table
+            .peer(&peer_key)
+            .ok_or(DropReason::UnknownPeer)?
+            .spec;
+        // The tunnel's indices are `index << 8 | n`; boringtun keeps 24 bits of `index`.
+        let index = self.peers.next_index();
+        if index >= 1 << 24 {
+            return Err(DropReason::SessionsFull);
+        }
+        let tunn = Tunn::new(
+            key.secret.clone(),
+            x25519::PublicKey::from(peer_key.0),
+            spec.preshared_key.as_ref().map(|k| k.0),
+            None,
+            index,
+            Some(self.limiter.clone()),
+        );
+        let slot = self.peers.insert(ZPeer {
+            key: peer_key,
+            tunn: Box::new(tunn),
+            endpoint: None,
+            last_activity: now,
+            flows: Vec::new(),
+        });
+        debug_assert_eq!(slot.index, index);
+        self.by_key.insert(peer_key, index);
+        tracing::debug!(peer = %peer_key, "outer tunnel created");
+        Ok(index)
+    }
+
+    /// WireGuard roaming: an authenticated packet moves the peer's endpoint.
+    fn learn(&mut self, peer: u32, listener: Listener, from: SocketAddr, now: Instant) {
+        let p = self
+            .peers
+            .at_mut(peer)
+            .expect("peer numbers name live peers")
+            .1;
+        p.last_activity = now;
+        if p.endpoint.map(|e| e.1) != Some(from) {
+            if let Some((_, old)) = p.endpoint {
+                self.by_addr.remove(&old);
+            }
+            p.endpoint = Some((listener, from));
+            self.by_addr.insert(from, peer);
+        }
+    }
+
+    fn flush_queued(&mut self, peer: u32, out: &mut dyn FnMut(ZhopOut<'_>)) {
+        let p = self
+            .peers
+            .at_mut(peer)
+            .expect("peer numbers name live peers")
+            .1;
+        let Some((listener, to)) = p.endpoint else {
+            return;
+        };
+        while let TunnResult::WriteToNetwork(b) = p.tunn.decapsulate(None, &[], &mut self.buf) {
+            let len = b.len();
+            out(ZhopOut::ToPeer {
+                listener,
+                to,
+                bytes: &self.buf[..len],
+            });
+        }
+    }
+
+    /// The decrypted inner packet is in `self.buf[..len]`.
+    fn forward_inner(
+        &mut self,
+        peer: u32,
+        len: usize,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let pkt = inner::parse_udp(&self.buf[..len]).map_err(|e| match e {
+            InnerError::NotUdp => DropReason::InnerNotUdp,
+            InnerError::Malformed | InnerError::Fragment => DropReason::InnerMalformed,
+        })?;
+        let p = self.peers.at(peer).expect("peer numbers name live peers").1;
+        let allowed = self.table.peer(&p.key).ok_or(DropReason::UnknownPeer)?;
+        let (src_ok, dst_ok) = allowed.allows(pkt.src.ip(), pkt.dst);
+        if !src_ok {
+            return Err(DropReason::InnerSpoofedSource);
+        }
+        if !dst_ok {
+            return Err(DropReason::InnerForbiddenDestination);
+        }
+        let tuple = (peer, pkt.src, pkt.dst);
+        let flow = match self.by_tuple.get(&tuple) {
+            Some(&f) => f,
+            None => {
+                if p.flows.len() >= MAX_FLOWS_PER_PEER {
+                    return Err(DropReason::ClientSessionLimit);
+                }
+                let slot = self.flows.insert(Flow {
+                    peer,
+                    inner: pkt.src,
+                    exit: pkt.dst,
+                });
+                self.by_tuple.insert(tuple, slot);
+                self.peers
+                    .at_mut(peer)
+                    .expect("live peer")
+                    .1
+                    .flows
+                    .push(slot);
+                out(ZhopOut::OpenFlow {
+                    flow: slot,
+                    exit: pkt.dst,
+                });
+                slot
+            }
+        };
+        self.stats.inner_to_exit.add_bytes(pkt.payload.len());
+        out(ZhopOut::ToExit {
+            flow,
+            bytes: pkt.payload,
+        });
+        Ok(())
+    }
+
+    /// A datagram from an exit arrived on `flow`'s socket: wrap it and send it to its peer.
+    pub fn handle_exit(
+        &mut self,
+        now: Instant,
+        flow: SessionSlot,
+        payload: &[u8],
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let entry = self.flows.get(flow).ok_or(DropReason::NoSession)?;
+        let (peer, src, dst) = (entry.peer, entry.exit, entry.inner);
+        if payload.len() > MAX_DATAGRAM - 48 {
+            return Err(DropReason::BadLength);
+        }
+        inner::build_udp(&mut self.ip, src, dst, payload);
+        let (_, p) = self.peers.at_mut(peer).ok_or(DropReason::NoSession)?;
+        let (listener, to) = p.endpoint.ok_or(DropReason::NoSession)?;
+        p.last_activity = now;
+        match p.tunn.encapsulate(&self.ip, &mut self.buf) {
+            TunnResult::WriteToNetwork(b) => {
+                let len = b.len();
+                self.stats.exit_to_inner.add_bytes(payload.len());
+                out(ZhopOut::ToPeer {
+                    listener,
+                    to,
+                    bytes: &self.buf[..len],
+                });
+                Ok(())
+            }
+            // Queued behind a handshake boringtun started; it goes out when that completes.
+            TunnResult::Done => Ok(()),
+            _ => Err(DropReason::OuterRejected),
+        }
+    }
+
+    /// Runs boringtun's timers (about every 100 ms) and forgets idle peers.
+    pub fn tick(&mut self, now: Instant, out: &mut dyn FnMut(ZhopOut<'_>)) {
+        if now.duration_since(self.last_limiter_reset) >= Duration::from_secs(1) {
+            self.limiter.reset_count();
+            self.last_limiter_reset = now;
+        }
+        if now.duration_since(self.last_tick) < TIMER_TICK {
+            return;
+        }
+        self.last_tick = now;
+        for i in 0..self.peers.index_bound() {
+            let Some((_, p)) = self.peers.at_mut(i) else {
+                continue;
+            };
+            if now.duration_since(p.last_activity) > PEER_IDLE {
+                self.remove_peer(i, out);
+                continue;
+            }
+            if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.buf) {
+                let len = b.len();
+                if let Some((listener, to)) = p.endpoint {
+                    out(ZhopOut::ToPeer {
+                        listener,
+                        to,
+                        bytes: &self.buf[..len],
+                    });
+                }
+            }
+        }
+    }
+
+    /// Takes a new table: peers no longer provisioned lose their tunnel and flows; flows to
+    /// exits a peer may no longer reach are closed.
+    pub fn set_table(&mut self, table: Arc<ExitTable>, out: &mut dyn FnMut(ZhopOut<'_>)) {
+        self.table = table;
+        for i in 0..self.peers.index_bound() {
+            let Some((_, p)) = self.peers.at(i) else {
+                continue;
+            };
+            match self.table.peer(&p.key) {
+                None => {
+                    tracing::info!(peer = %p.key, "peer removed: outer tunnel closed");
+                    self.remove_peer(i, out);
+                }
+                Some(allowed) => {
+                    let stale: Vec<SessionSlot> = p
+                        .flows
+                        .iter()
+                        .copied()
+                        .filter(|f| {
+                            self.flows
+                                .get(*f)
+                                .is_some_and(|fl| !allowed.exit_endpoints.contains(&fl.exit))
+                        })
+                        .collect();
+                    for f in stale {
+                        self.close_flow(f, out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn remove_peer(&mut self, peer: u32, out: &mut dyn FnMut(ZhopOut<'_>)) {
+        let Some((slot, _)) = self.peers.at(peer) else {
+            return;
+        };
+        let Some(p) = self.peers.remove(slot) else {
+            return;
+        };
+        self.by_key.remove(&p.key);
+        if let Some((_, addr)) = p.endpoint {
+            self.by_addr.remove(&addr);
+        }
+        for f in p.flows {
+            self.close_flow(f, out);
+        }
+    }
+
+    fn close_flow(&mut self, flow: SessionSlot, out: &mut dyn FnMut(ZhopOut<'_>)) {
+        if let Some(f) = self.flows.remove(flow) {
+            self.by_tuple.remove(&(f.peer, f.inner, f.exit));
+            if let Some((_, p)) = self.peers.at_mut(f.peer) {
+                p.flows.retain(|x| *x != flow);
+            }
+            out(ZhopOut::CloseFlow { flow });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{ExitSpec, PeerSpec};
+
+    const L: Listener = Listener { id: 0, port: 51820 };
+
+    fn setup() -> (Zhop, Tunn, SocketAddr) {
+        let node = NodeKey::from_secret([7; 32]);
+        let client_secret = x25519::StaticSecret::from([9; 32]);
+        let client_public = x25519::PublicKey::from(&client_secret);
+        let exit = ExitSpec {
+            name: "x".into(),
+            public_key: PublicKey([1; 32]),
+            endpoint: "192.0.2.1:51820".parse().unwrap(),
+            listen_port: None,
+        };
+        let peer = PeerSpec {
+            public_key: PublicKey(client_public.to_bytes()),
+            name: String::new(),
+            allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
+            preshared_key: None,
+            allowed_exits: vec![PublicKey([1; 32])],
+        };
+        let table = ExitTable::new(1, vec![exit])
+            .unwrap()
+            .with_peers(vec![peer])
+            .unwrap();
+        let z = Zhop::new(Some(node.clone()), Arc::new(table), Instant::now());
+        let client = Tunn::new(client_secret, node.public, None, None, 77, None);
+        (z, client, "198.51.100.1:4000".parse().unwrap())
+    }
+
+    #[test]
+    fn answers_a_provisioned_peer_and_claims_only_what_is_its_own() {
+        let (mut z, mut client, from) = setup();
+        let mut buf = [0u8; 256];
+        let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation")
+        };
+        let init = init.to_vec();
+        assert!(
+            z.claims(from, &init, true),
+            "an initiation for the node is always Z-HOP's"
+        );
+        let mut sent = Vec::new();
+        z.handle_client(Instant::now(), L, from, &init, &mut |o| {
+            if let ZhopOut::ToPeer { to, bytes, .. } = o {
+                sent.push((to, bytes.to_vec()));
+            }
+        })
+        .unwrap();
+        assert_eq!(sent.len(), 1, "one handshake response");
+        assert_eq!(sent[0].0, from);
+        assert_eq!(sent[0].1[0], 2);
+        // Our tunnel is peer 0: indices 0x000000nn. A transport from an unknown address
+        // naming it is a roaming peer -- unless that address is a DoubleHop client.
+        let mut t = vec![0u8; 64];
+        t[0] = 4;
+        t[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let other: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+        assert!(z.claims(other, &t, false));
+        assert!(!z.claims(other, &t, true));
+        assert!(
+            z.claims(from, &t, true),
+            "the peer's own address is always Z-HOP's"
+        );
+        // An initiation for someone else's key is not claimed.
+        let mut stranger = Tunn::new(
+            x25519::StaticSecret::from([3; 32]),
+            x25519::PublicKey::from([5; 32]),
+            None,
+            None,
+            1,
+            None,
+        );
+        let TunnResult::WriteToNetwork(other_init) =
+            stranger.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!()
+        };
+        assert!(!z.claims(other, other_init, false));
+        assert_eq!(z.stats().outer_handshakes, 1);
+    }
+
+    #[test]
+    fn an_unprovisioned_key_is_refused() {
+        let (mut z, _, from) = setup();
+        let node_public = z.key.as_ref().unwrap().0.public;
+        let mut stranger = Tunn::new(
+            x25519::StaticSecret::from([4; 32]),
+            node_public,
+            None,
+            None,
+            1,
+            None,
+        );
+        let mut buf = [0u8; 256];
+        let TunnResult::WriteToNetwork(init) =
+            stranger.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!()
+        };
+        let init = init.to_vec();
+        assert!(z.claims(from, &init, false));
+        let r = z.handle_client(Instant::now(), L, from, &init, &mut |_| {
+            panic!("nothing is sent")
+        });
+        assert_eq!(r, Err(DropReason::UnknownPeer));
+    }
+}

@@ -1,0 +1,283 @@
+//! An attacker in a namespace of its own: garbage, WireGuard-shaped forgeries, and packets
+//! with spoofed source addresses (clients' and exits'), sent at a steady rate.
+//!
+//! Spoofing uses `IP_TRANSPARENT` sockets bound to the impersonated address, so the kernel
+//! sends from an address the attacker's namespace does not own, as an off-path attacker on
+//! a network without source filtering would.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+use wraithgate_relay::wire::{
+    COOKIE_REPLY_LEN, INITIATION_LEN, INITIATION_MAC1_OFFSET, RESPONSE_LEN,
+};
+use wraithgate_relay::PublicKey;
+
+use crate::netns::Netns;
+
+/// What to send, to whom, as whom.
+#[derive(Debug, Clone)]
+pub struct AttackPlan {
+    /// The relay's client-facing address, reached from the attacker's own address.
+    pub relay: SocketAddr,
+    /// Clients to impersonate: (the client's address, the relay address it talks to).
+    pub clients: Vec<(SocketAddr, SocketAddr)>,
+    /// Exits to impersonate towards the relay's exit-facing sockets: (the exit's endpoint,
+    /// the relay's exit-facing address of a session).
+    pub exits: Vec<(SocketAddr, SocketAddr)>,
+    /// Exit public keys: anyone can make initiations with a valid mac1 for them.
+    pub exit_keys: Vec<String>,
+    /// Which forgeries to send (all when empty); see [`ATTACKS`].
+    pub only: Vec<&'static str>,
+    /// Datagrams per second, all kinds together.
+    pub rate: u32,
+    pub duration: Duration,
+}
+
+/// Every kind of forgery, by name.
+pub const ATTACKS: [&str; 9] = [
+    "garbage",
+    "forged_transport",
+    "mac1_initiation",
+    "spoofed_client_transport",
+    "spoofed_client_response",
+    "spoofed_client_initiation",
+    "spoofed_exit_transport",
+    "spoofed_exit_initiation",
+    "spoofed_exit_cookie",
+];
+
+/// What was sent.
+#[derive(Debug, Clone, Default)]
+pub struct AttackReport {
+    pub sent: BTreeMap<&'static str, u64>,
+    pub send_errors: u64,
+    pub ran: Duration,
+}
+
+impl AttackReport {
+    pub fn total(&self) -> u64 {
+        self.sent.values().sum()
+    }
+}
+
+/// Runs `plan` from inside `ns` on a thread of its own; join the handle for the report.
+pub fn launch(
+    ns: &Netns,
+    plan: AttackPlan,
+) -> Result<std::thread::JoinHandle<Result<AttackReport>>> {
+    ns.spawn_thread(move || attack(&plan))
+}
+
+/// Forgeries made in advance per source and sent round-robin, so that the attacker spends
+/// its CPU on sending, not on making packets (it shares the machine with the tunnels).
+const POOL: usize = 64;
+
+/// One forged datagram source.
+struct Source {
+    kind: &'static str,
+    socket: UdpSocket,
+    to: SocketAddr,
+    /// For initiations with a valid mac1.
+    mac1_for: Option<PublicKey>,
+}
+
+fn spoofing_socket(from: SocketAddr) -> Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_ip_transparent_v4(true)
+        .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;
+    s.set_reuse_address(true)?;
+    s.bind(&from.into())
+        .with_context(|| format!("binding a spoofing socket to {from}"))?;
+    Ok(s.into())
+}
+
+fn attack(plan: &AttackPlan) -> Result<AttackReport> {
+    let wanted = |k: &str| plan.only.is_empty() || plan.only.contains(&k);
+    let keys: Vec<PublicKey> = plan
+        .exit_keys
+        .iter()
+        .map(|k| PublicKey::from_base64(k).map_err(|e| anyhow::anyhow!("{k}: {e:?}")))
+        .collect::<Result<_>>()?;
+    let own = || -> Result<UdpSocket> { Ok(UdpSocket::bind("0.0.0.0:0")?) };
+    let mut sources = Vec::new();
+    for kind in ["garbage", "forged_transport"] {
+        if wanted(kind) {
+            sources.push(Source {
+                kind,
+                socket: own()?,
+                to: plan.relay,
+                mac1_for: None,
+            });
+        }
+    }
+    if wanted("mac1_initiation") {
+        for k in &keys {
+            sources.push(Source {
+                kind: "mac1_initiation",
+                socket: own()?,
+                to: plan.relay,
+                mac1_for: Some(*k),
+            });
+        }
+    }
+    for &(client, relay) in &plan.clients {
+        for kind in ["spoofed_client_transport", "spoofed_client_response"] {
+            if wanted(kind) {
+                sources.push(Source {
+                    kind,
+                    socket: spoofing_socket(client)?,
+                    to: relay,
+                    mac1_for: None,
+                });
+            }
+        }
+        if wanted("spoofed_client_initiation") {
+            for k in &keys {
+                sources.push(Source {
+                    kind: "spoofed_client_initiation",
+                    socket: spoofing_socket(client)?,
+                    to: relay,
+                    mac1_for: Some(*k),
+                });
+            }
+        }
+    }
+    for &(exit, relay_side) in &plan.exits {
+        for kind in [
+            "spoofed_exit_transport",
+            "spoofed_exit_initiation",
+            "spoofed_exit_cookie",
+        ] {
+            if wanted(kind) {
+                sources.push(Source {
+                    kind,
+                    socket: spoofing_socket(exit)?,
+                    to: relay_side,
+                    mac1_for: None,
+                });
+            }
+        }
+    }
+    anyhow::ensure!(!sources.is_empty(), "the attack plan sends nothing");
+
+    let mut rng = rand::thread_rng();
+    let mut buf = vec![0u8; 1500];
+    let pools: Vec<Vec<Vec<u8>>> = sources
+        .iter()
+        .map(|s| {
+            (0..POOL)
+                .map(|_| {
+                    let len = forge(s.kind, s.mac1_for.as_ref(), &mut buf, &mut rng);
+                    buf[..len].to_vec()
+                })
+                .collect()
+        })
+        .collect();
+    let mut report = AttackReport::default();
+    let start = Instant::now();
+    let mut sent_total: u64 = 0;
+    let mut next = 0usize;
+    while start.elapsed() < plan.duration {
+        let due = (start.elapsed().as_secs_f64() * f64::from(plan.rate)) as u64;
+        while sent_total < due {
+            let i = next % sources.len();
+            let packet = &pools[i][(next / sources.len()) % POOL];
+            next += 1;
+            let s = &sources[i];
+            match s.socket.send_to(packet, s.to) {
+                Ok(_) => *report.sent.entry(s.kind).or_default() += 1,
+                Err(_) => report.send_errors += 1,
+            }
+            sent_total += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    report.ran = start.elapsed();
+    Ok(report)
+}
+
+/// Writes one forgery of `kind` into `buf`; returns its length.
+fn forge(
+    kind: &str,
+    mac1_for: Option<&PublicKey>,
+    buf: &mut [u8],
+    rng: &mut impl rand::Rng,
+) -> usize {
+    let header = |buf: &mut [u8], t: u8| {
+        buf[0] = t;
+        buf[1..4].fill(0);
+    };
+    match kind {
+        "garbage" => {
+            // Anything: often a known type with a wrong size or reserved bytes set.
+            let len = rng.gen_range(1..=1400);
+            rng.fill(&mut buf[..len]);
+            if rng.gen_bool(0.5) {
+                buf[0] = rng.gen_range(1..=4);
+            }
+            len
+        }
+        "forged_transport" | "spoofed_client_transport" | "spoofed_exit_transport" => {
+            let len = 32 + 16 * rng.gen_range(0..=88);
+            rng.fill(&mut buf[..len]);
+            header(buf, 4);
+            len
+        }
+        "spoofed_client_response" => {
+            rng.fill(&mut buf[..RESPONSE_LEN]);
+            header(buf, 2);
+            RESPONSE_LEN
+        }
+        "spoofed_exit_cookie" => {
+            rng.fill(&mut buf[..COOKIE_REPLY_LEN]);
+            header(buf, 3);
+            COOKIE_REPLY_LEN
+        }
+        "mac1_initiation" | "spoofed_client_initiation" | "spoofed_exit_initiation" => {
+            rng.fill(&mut buf[..INITIATION_LEN]);
+            header(buf, 1);
+            // mac2 stays zero, as without a cookie.
+            buf[INITIATION_MAC1_OFFSET + 16..INITIATION_LEN].fill(0);
+            if let Some(k) = mac1_for {
+                let mac = k.mac1_key().compute(&buf[..INITIATION_MAC1_OFFSET]);
+                buf[INITIATION_MAC1_OFFSET..INITIATION_MAC1_OFFSET + 16].copy_from_slice(&mac);
+            }
+            INITIATION_LEN
+        }
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wraithgate_relay::wire::Message;
+
+    #[test]
+    fn forgeries_parse_as_what_they_pretend_to_be() {
+        let key = PublicKey([7; 32]);
+        let mut rng = rand::thread_rng();
+        let mut buf = vec![0u8; 1500];
+        for _ in 0..100 {
+            let n = forge("mac1_initiation", Some(&key), &mut buf, &mut rng);
+            let Ok(Message::Initiation(init)) = Message::parse(&buf[..n]) else {
+                panic!("not an initiation");
+            };
+            assert!(key.mac1_key().verify(init.mac1_input(), init.mac1()));
+            let n = forge("forged_transport", None, &mut buf, &mut rng);
+            assert!(matches!(
+                Message::parse(&buf[..n]),
+                Ok(Message::Transport(_))
+            ));
+            let n = forge("spoofed_client_response", None, &mut buf, &mut rng);
+            assert!(matches!(
+                Message::parse(&buf[..n]),
+                Ok(Message::Response(_))
+            ));
+        }
+    }
+}

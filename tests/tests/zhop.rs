@@ -1,0 +1,281 @@
+//! Z-HOP over real loopback sockets: a client with an outer and an inner boringtun tunnel,
+//! the relay terminating the outer one, and a boringtun exit terminating the inner one.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use wraithgate_control::testbed::{
+    ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode, ZhopClient,
+};
+use wraithgate_relay::io::BackendChoice;
+use wraithgate_relay::table::{ExitTable, PeerSpec};
+use wraithgate_relay::zhop::NodeKey;
+use wraithgate_relay::DropReason;
+use wraithgate_tests::{backends, exit_spec, node, Relay};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    relay: Relay,
+    exit: WgNode,
+    other_exit: WgNode,
+    client: ZhopClient,
+    exit_peer: usize,
+    peer: PeerSpec,
+}
+
+fn setup(backend: BackendChoice) -> Setup {
+    let node_secret: [u8; 32] = rand::random();
+    let node_key = NodeKey::from_secret(node_secret);
+    let mut exit = node();
+    let other_exit = node();
+    let (outer, inner) = (KeyPair::generate(), KeyPair::generate());
+    let exit_peer = exit.add_peer(inner.public, PeerOptions::default());
+    let peer = PeerSpec {
+        public_key: outer.relay_key(),
+        name: "zed".into(),
+        allowed_ips: vec!["10.7.0.0/24".parse().unwrap()],
+        preshared_key: None,
+        allowed_exits: vec![exit.keys().relay_key()],
+    };
+    let table = ExitTable::new(
+        1,
+        vec![
+            exit_spec("exit", &exit, None),
+            exit_spec("other", &other_exit, None),
+        ],
+    )
+    .unwrap()
+    .with_peers(vec![peer.clone()])
+    .unwrap();
+    let relay = Relay::start_zhop(backend, table, node_secret);
+    let client = ZhopClient::new(
+        outer,
+        inner,
+        relay.addr,
+        boringtun::x25519::PublicKey::from(node_key.public_key().0),
+        exit.keys().public,
+        exit.local_addr(),
+        "10.7.0.2:40000".parse().unwrap(),
+    )
+    .unwrap();
+    Setup {
+        relay,
+        exit,
+        other_exit,
+        client,
+        exit_peer,
+        peer,
+    }
+}
+
+/// Pumps the client and the exit until `done` says so for something one of them got.
+fn pump(s: &mut Setup, timeout: Duration, mut done: impl FnMut(bool, &Received) -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    let mut last_tick = std::time::Instant::now();
+    while std::time::Instant::now() < end {
+        let mut idle = true;
+        while let Ok(Some(r)) = s.client.try_recv() {
+            idle = false;
+            if done(true, &r) {
+                return true;
+            }
+        }
+        while let Ok(Some(r)) = s.exit.try_recv() {
+            idle = false;
+            if done(false, &r) {
+                return true;
+            }
+        }
+        if last_tick.elapsed() > Duration::from_millis(100) {
+            s.client.tick();
+            s.exit.tick();
+            last_tick = std::time::Instant::now();
+        }
+        if idle {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    false
+}
+
+fn wants(body: &[u8]) -> impl FnMut(bool, &Received) -> bool + '_ {
+    move |_, r| matches!(r, Received::Packet { data, .. } if udp_payload(data) == Some(body))
+}
+
+#[test]
+fn both_layers_handshake_and_carry_data_both_ways() {
+    for backend in backends() {
+        let mut s = setup(backend);
+        let (src, dst) = tunnel_addrs(2);
+        s.client
+            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"through two tunnels"))
+            .unwrap();
+        assert!(
+            pump(&mut s, WAIT, |at_client, r| !at_client
+                && matches!(r, Received::Packet { data, .. } if udp_payload(data) == Some(&b"through two tunnels"[..]))),
+            "inner packet never reached the exit"
+        );
+        // The exit sees the relay's flow socket, not the client.
+        let seen: SocketAddr = s.exit.endpoint(s.exit_peer).unwrap();
+        assert_eq!(seen.ip(), s.relay.addr.ip());
+        assert_ne!(seen, s.client.outer.local_addr());
+        for i in 0..20u32 {
+            let body = format!("reply {i}").into_bytes();
+            s.exit
+                .send_ip(s.exit_peer, &ipv4_udp(dst, src, 9, 1000, &body))
+                .unwrap();
+            assert!(pump(&mut s, WAIT, wants(&body)), "reply {i} lost");
+            let body = format!("request {i}").into_bytes();
+            s.client
+                .send_ip(&ipv4_udp(src, dst, 1000, 9, &body))
+                .unwrap();
+            assert!(pump(&mut s, WAIT, wants(&body)), "request {i} lost");
+        }
+        std::thread::sleep(Duration::from_millis(120));
+        let z: u64 = s
+            .relay
+            .dp
+            .reports()
+            .iter()
+            .map(|r| r.zhop.outer_handshakes)
+            .sum();
+        // boringtun may repeat an initiation whose answer crossed its retry timer.
+        assert!((1..=2).contains(&z), "{z} outer handshakes");
+        let to_exit: u64 = s
+            .relay
+            .dp
+            .reports()
+            .iter()
+            .map(|r| r.zhop.inner_to_exit.packets)
+            .sum();
+        assert!(to_exit >= 22, "{to_exit}");
+        assert_eq!(s.relay.stats().total_drops(), 0);
+    }
+}
+
+#[test]
+fn inner_packets_to_forbidden_destinations_or_from_spoofed_sources_are_dropped() {
+    for backend in backends() {
+        let mut s = setup(backend);
+        let (src, dst) = tunnel_addrs(2);
+        s.client
+            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"open"))
+            .unwrap();
+        assert!(pump(&mut s, WAIT, wants(b"open")));
+        // To an exit the peer is not allowed to use, and to an arbitrary address.
+        let other = s.other_exit.local_addr();
+        let inner_from = s.client.inner_addr;
+        s.client
+            .send_ip_as(&ipv4_udp(src, dst, 1, 2, b"x"), inner_from, other)
+            .unwrap();
+        s.client
+            .send_ip_as(
+                &ipv4_udp(src, dst, 1, 2, b"x"),
+                inner_from,
+                "127.0.0.1:9".parse().unwrap(),
+            )
+            .unwrap();
+        // From an inner address outside the peer's allowed IPs.
+        s.client
+            .send_ip_as(
+                &ipv4_udp(src, dst, 1, 2, b"x"),
+                "10.8.0.2:40000".parse().unwrap(),
+                s.client.exit,
+            )
+            .unwrap();
+        let mut other_exit = s.other_exit;
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            other_exit.try_recv().unwrap().is_none(),
+            "nothing may reach the forbidden exit"
+        );
+        let st = s.relay.stats();
+        assert_eq!(
+            st.dropped(DropReason::InnerForbiddenDestination),
+            2,
+            "{st:?}"
+        );
+        assert_eq!(st.dropped(DropReason::InnerSpoofedSource), 1, "{st:?}");
+        let flows: u64 = s.relay.dp.reports().iter().map(|r| r.zhop.flows).sum();
+        assert_eq!(flows, 1, "refused packets open no socket");
+    }
+}
+
+#[test]
+fn removing_the_peer_ends_its_tunnel() {
+    for backend in backends() {
+        let mut s = setup(backend);
+        let (src, dst) = tunnel_addrs(2);
+        s.client
+            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"before"))
+            .unwrap();
+        assert!(pump(&mut s, WAIT, wants(b"before")));
+        let exits = vec![
+            exit_spec("exit", &s.exit, None),
+            exit_spec("other", &s.other_exit, None),
+        ];
+        s.relay.set_table(ExitTable::new(2, exits.clone()).unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+        s.client
+            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"after"))
+            .unwrap();
+        assert!(
+            !pump(&mut s, Duration::from_millis(700), wants(b"after")),
+            "a removed peer's traffic still flows"
+        );
+        // A new outer handshake is refused too.
+        s.client.outer.initiate(0).unwrap();
+        let st = s
+            .relay
+            .stats_when(|st| st.dropped(DropReason::UnknownPeer) >= 1);
+        assert!(st.dropped(DropReason::UnknownPeer) >= 1, "{st:?}");
+        let peers: u64 = s.relay.dp.reports().iter().map(|r| r.zhop.peers).sum();
+        assert_eq!(peers, 0);
+        // Provisioned again, it works again after a fresh handshake.
+        s.relay.set_table(
+            ExitTable::new(3, exits)
+                .unwrap()
+                .with_peers(vec![s.peer.clone()])
+                .unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        s.client.outer.initiate(0).unwrap();
+        pump(&mut s, Duration::from_millis(500), |_, _| false);
+        s.client
+            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"again"))
+            .unwrap();
+        assert!(
+            pump(&mut s, WAIT, wants(b"again")),
+            "no traffic after re-provisioning"
+        );
+    }
+}
+
+#[test]
+fn doublehop_and_zhop_share_one_relay() {
+    for backend in backends() {
+        let mut s = setup(backend);
+        let (src, dst) = tunnel_addrs(2);
+        s.client
+            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"zhop"))
+            .unwrap();
+        assert!(pump(&mut s, WAIT, wants(b"zhop")));
+        // A plain DoubleHop client of the other exit through the same listen address.
+        let mut other = s.other_exit;
+        let mut dh = node();
+        let p = dh.add_peer(
+            other.keys().public,
+            PeerOptions {
+                endpoint: Some(s.relay.addr),
+                ..Default::default()
+            },
+        );
+        other.add_peer(dh.keys().public, PeerOptions::default());
+        dh.send_ip(p, &ipv4_udp(src, dst, 1, 2, b"doublehop"))
+            .unwrap();
+        let mut nodes: Vec<&mut WgNode> = vec![&mut other, &mut dh];
+        assert!(wraithgate_tests::pump(&mut nodes, WAIT, |i, r| i == 0
+            && matches!(r, Received::Packet { .. })));
+    }
+}
