@@ -31,7 +31,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 14] = [
+    let per_worker: [(&str, &str, ReportField); 22] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -91,6 +91,46 @@ pub fn render(c: &Control) -> String {
             "wraithgate_ring_starved_total",
             "io_uring backend: multishot receives ended because every buffer was in use.",
             |r| r.io.ring_starved,
+        ),
+        (
+            "wraithgate_zhop_outer_handshakes_total",
+            "Z-HOP: outer handshakes answered.",
+            |r| r.zhop.outer_handshakes,
+        ),
+        (
+            "wraithgate_zhop_cookie_replies_total",
+            "Z-HOP: cookie replies sent to peers under handshake load.",
+            |r| r.zhop.cookie_replies,
+        ),
+        (
+            "wraithgate_zhop_packets_to_exit_total",
+            "Z-HOP: inner packets forwarded from peers to their exits.",
+            |r| r.zhop.inner_to_exit.packets,
+        ),
+        (
+            "wraithgate_zhop_bytes_to_exit_total",
+            "Z-HOP: inner payload bytes forwarded from peers to their exits.",
+            |r| r.zhop.inner_to_exit.bytes,
+        ),
+        (
+            "wraithgate_zhop_packets_to_peer_total",
+            "Z-HOP: exits' packets wrapped and sent to peers.",
+            |r| r.zhop.exit_to_inner.packets,
+        ),
+        (
+            "wraithgate_zhop_bytes_to_peer_total",
+            "Z-HOP: exits' payload bytes wrapped and sent to peers.",
+            |r| r.zhop.exit_to_inner.bytes,
+        ),
+        (
+            "wraithgate_zhop_peers",
+            "Z-HOP: peers with an outer tunnel on the worker.",
+            |r| r.zhop.peers,
+        ),
+        (
+            "wraithgate_zhop_flows",
+            "Z-HOP: inner flows (exit-facing sockets) on the worker.",
+            |r| r.zhop.flows,
         ),
         (
             "wraithgate_sessions",
