@@ -21,6 +21,7 @@ pub mod attack;
 pub mod probe;
 pub mod relay;
 pub mod wg;
+pub mod zhop;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub const RELAY_PORT: u16 = 51820;
 pub const PINNED_PORT: u16 = 51822;
 /// The exits' WireGuard port.
 pub const EXIT_PORT: u16 = 51820;
+/// iperf3's UDP payload; see [`iperf_start`].
+pub const IPERF_UDP_LEN: usize = 1300;
 
 /// Programs the lab runs.
 pub const PROGRAMS: [&str; 7] = [
@@ -395,25 +398,7 @@ impl Lab {
 
     /// `ping -c count` from client `i` to the internet host: (sent, received).
     pub fn ping(&self, i: usize, count: u32) -> Result<(u32, u32)> {
-        let out = self.clients[i]
-            .ns
-            .command("ping")
-            .args(["-n", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "2"])
-            .arg(INTERNET.to_string())
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .with_context(|| format!("unexpected ping output: {text}"))?;
-        let nums: Vec<u32> = line
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        match nums.as_slice() {
-            [sent, received, ..] => Ok((*sent, *received)),
-            _ => bail!("unexpected ping summary: {line}"),
-        }
+        ping(&self.clients[i].ns, INTERNET, count)
     }
 
     /// Starts an iperf3 client on client `i` against its own server on the internet host.
@@ -424,39 +409,14 @@ impl Lab {
         seconds: u32,
         reverse: bool,
     ) -> Result<IperfRun> {
-        let mut cmd = self.clients[i].ns.command("iperf3");
-        cmd.args(["-c", &INTERNET.to_string()])
-            .args(["-p", &IPERF_PORTS[i].to_string()])
-            .args([
-                "-t",
-                &seconds.to_string(),
-                "-J",
-                "--connect-timeout",
-                "3000",
-            ]);
-        if let Traffic::Udp { mbps } = traffic {
-            // Small enough not to fragment inside the tunnel (MTU 1420).
-            cmd.args(["-u", "-b", &format!("{mbps}M"), "-l", "1300"]);
-        }
-        if reverse {
-            cmd.arg("-R");
-        }
-        let what = format!(
-            "iperf3 client{} {traffic:?}{} {seconds}s",
-            i + 1,
-            if reverse { " reverse" } else { "" }
-        );
-        let child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {what}"))?;
-        Ok(IperfRun {
-            child,
-            deadline: Instant::now() + Duration::from_secs(u64::from(seconds) + 20),
-            what,
-        })
+        iperf_start(
+            &self.clients[i].ns,
+            &format!("client{}", i + 1),
+            SocketAddr::from((INTERNET, IPERF_PORTS[i])),
+            traffic,
+            seconds,
+            reverse,
+        )
     }
 
     /// Runs iperf3 from client `i` and waits for its result.
@@ -591,6 +551,79 @@ pub enum Via {
     Relay(u16),
     /// Straight to the exit (needs [`Lab::set_relay_forwarding`]).
     Direct,
+}
+
+/// `ping -c count` from namespace `ns` to `to`: (sent, received).
+pub fn ping(ns: &Netns, to: Ipv4Addr, count: u32) -> Result<(u32, u32)> {
+    let out = ns
+        .command("ping")
+        .args(["-n", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "2"])
+        .arg(to.to_string())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("unexpected ping output: {text}"))?;
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    match nums.as_slice() {
+        [sent, received, ..] => Ok((*sent, *received)),
+        _ => bail!("unexpected ping summary: {line}"),
+    }
+}
+
+/// Starts an iperf3 client in namespace `ns` (called `who` in messages) against the server
+/// at `server`. UDP datagrams carry 1,300 bytes: 1,328 with their IPv4 and UDP headers,
+/// which fits every tunnel MTU of the labs (1,420, and 1,340 inside Z-HOP's outer tunnel)
+/// without fragmenting.
+pub fn iperf_start(
+    ns: &Netns,
+    who: &str,
+    server: SocketAddr,
+    traffic: Traffic,
+    seconds: u32,
+    reverse: bool,
+) -> Result<IperfRun> {
+    let mut cmd = ns.command("iperf3");
+    cmd.args(["-c", &server.ip().to_string()])
+        .args(["-p", &server.port().to_string()])
+        .args([
+            "-t",
+            &seconds.to_string(),
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ]);
+    if let Traffic::Udp { mbps } = traffic {
+        cmd.args([
+            "-u",
+            "-b",
+            &format!("{mbps}M"),
+            "-l",
+            &IPERF_UDP_LEN.to_string(),
+        ]);
+    }
+    if reverse {
+        cmd.arg("-R");
+    }
+    let what = format!(
+        "iperf3 {who} {traffic:?}{} {seconds}s",
+        if reverse { " reverse" } else { "" }
+    );
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    Ok(IperfRun {
+        child,
+        deadline: Instant::now() + Duration::from_secs(u64::from(seconds) + 20),
+        what,
+    })
 }
 
 impl IperfRun {

@@ -382,6 +382,29 @@ state_dir = "{}"
         self.wraithctl(&args).map(drop)
     }
 
+    /// `wraithctl peer add KEY --allowed-ips CIDR,… --exit EXIT…`: provisions a Z-HOP peer
+    /// (`POST /v1/peers`), whose outer tunnel this node then terminates.
+    pub fn add_peer(&self, public_key: &str, allowed_ips: &[&str], exits: &[&str]) -> Result<()> {
+        let ips = allowed_ips.join(",");
+        let mut args = vec!["peer", "add", public_key, "--allowed-ips", &ips];
+        for e in exits {
+            args.extend(["--exit", e]);
+        }
+        self.wraithctl(&args).map(drop)
+    }
+
+    /// The node's own public key (`GET /v1/node`): what a Z-HOP peer's outer tunnel names
+    /// as its peer.
+    pub fn node_public_key(&self) -> Result<String> {
+        let text = self.get_ok("/v1/node")?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing /v1/node: {text}"))?;
+        v["public_key"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("/v1/node has no public_key: {text}"))
+    }
+
     /// `wraithctl exit rm KEY`.
     pub fn remove_exit(&self, public_key: &str) -> Result<()> {
         self.wraithctl(&["exit", "rm", public_key]).map(drop)

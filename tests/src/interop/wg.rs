@@ -35,14 +35,19 @@ impl WgKeys {
 
     /// How wireguard-go names this key in its logs: `peer(abcd…wxyz)`.
     pub fn log_name(&self) -> String {
-        let k = self.public.trim_end_matches('=');
-        let start: String = k.chars().take(4).collect();
-        let end: String = k
-            .chars()
-            .skip(k.chars().count().saturating_sub(4))
-            .collect();
-        format!("peer({start}…{end})")
+        log_name(&self.public)
     }
+}
+
+/// How wireguard-go names the peer with public key `public` (base64) in its logs.
+pub fn log_name(public: &str) -> String {
+    let k = public.trim_end_matches('=');
+    let start: String = k.chars().take(4).collect();
+    let end: String = k
+        .chars()
+        .skip(k.chars().count().saturating_sub(4))
+        .collect();
+    format!("peer({start}…{end})")
 }
 
 /// One wireguard-go interface, named like its namespace, running until dropped.
@@ -185,6 +190,13 @@ impl WgHost {
         Ok(())
     }
 
+    /// Sets the interface's MTU.
+    pub fn set_mtu(&self, mtu: u16) -> Result<()> {
+        self.ns
+            .ip(&["link", "set", &self.ifname, "mtu", &mtu.to_string()])
+            .map(drop)
+    }
+
     /// Routes `prefix` into the tunnel.
     pub fn route(&self, prefix: &str) -> Result<()> {
         self.ns
@@ -232,7 +244,12 @@ impl WgHost {
     /// Lines of this host's current wireguard-go log (since its last start) that mention
     /// `peer` and contain `what`, e.g. "Sending handshake initiation".
     pub fn log_count(&self, peer: &WgKeys, what: &str) -> usize {
-        let name = peer.log_name();
+        self.log_count_for(&peer.public, what)
+    }
+
+    /// [`WgHost::log_count`] for a peer known only by its public key.
+    pub fn log_count_for(&self, peer: &str, what: &str) -> usize {
+        let name = log_name(peer);
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()

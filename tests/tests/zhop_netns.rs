@@ -1,0 +1,240 @@
+//! Z-HOP with stock WireGuard (issue 8): a client running two wireguard-go interfaces, the
+//! inner one (to the exit) routed through the outer one (to the node), a real `wraithgate`
+//! node terminating the outer tunnel with the peer provisioned through its operator API, and
+//! a wireguard-go exit that masquerades to an internet host running iperf3. In network
+//! namespaces, as root; topology and helpers: `wraithgate_tests::interop::zhop`.
+//!
+//! Each test runs the same case on one data-path backend (io_uring, portable), so both are
+//! checked whatever `auto` would pick. They take the interop suite's lock, so they never
+//! overlap with each other or with `tests/interop.rs`; each takes about 30 s. Figures are
+//! printed as `interop[test]: …` lines (run with `--nocapture` to see them).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use wraithgate_relay::io::BackendChoice;
+use wraithgate_tests::interop::relay::Metrics;
+use wraithgate_tests::interop::zhop::{ZhopLab, RELAY_EXIT_SIDE};
+use wraithgate_tests::interop::Traffic;
+
+/// Far below what any working path does here (two layers of wireguard-go on the client share
+/// two cores with everything else); a path that lost packets in bulk would not reach it.
+const MIN_TCP_MBPS: f64 = 20.0;
+/// A paced UDP stream well below what the two layers carry.
+const UDP_MBPS: u32 = 50;
+const MAX_UDP_LOSS_PERCENT: f64 = 5.0;
+const IPERF_SECS: u32 = 3;
+
+fn zhop_case(test: &str, backend: BackendChoice) {
+    let name = match backend {
+        BackendChoice::Uring => "uring",
+        BackendChoice::Portable => "portable",
+        other => panic!("{test}: no such case for {other:?}"),
+    };
+    if !wraithgate_tests::backends().contains(&backend) {
+        // `backends()` already said why, and panicked if skipping is not allowed.
+        eprintln!("\n*** SKIPPED {test}: the {name} backend cannot run here ***\n");
+        return;
+    }
+    let Some(mut lab) = ZhopLab::start_or_skip(test, name) else {
+        return;
+    };
+    let started = Instant::now();
+    if let Err(e) = through_both_layers(&mut lab, name) {
+        panic!("{test} failed: {e:#}");
+    }
+    if let Err(e) = lab.check_processes() {
+        panic!("{test}: {e:#}");
+    }
+    lab.report(&format!(
+        "passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+}
+
+/// Ping, iperf3 TCP both ways and UDP through both layers; the traffic is Z-HOP's (the
+/// node's counters, the exit's view of the client); a new handshake on each layer.
+fn through_both_layers(lab: &mut ZhopLab, backend: &str) -> Result<()> {
+    ensure!(
+        lab.relay.backend_in_use().as_deref() == Some(backend),
+        "the node runs {:?}, not {backend}",
+        lab.relay.backend_in_use()
+    );
+    let shown = lab.relay.wraithctl(&["show"])?;
+    ensure!(
+        shown.contains(&lab.node_key),
+        "`wraithctl show` does not print the node key {}:\n{shown}",
+        lab.node_key
+    );
+
+    let (sent, received) = lab.ping(5)?;
+    lab.report(&format!("ping through both layers: {received}/{sent}"));
+    ensure!(received == sent, "ping {received}/{sent}");
+    let exit_sees = lab.exit_view_of_client()?;
+    ensure!(
+        exit_sees.is_some_and(|a| a.ip() == RELAY_EXIT_SIDE),
+        "the exit should see the inner tunnel from the node's flow socket on \
+         {RELAY_EXIT_SIDE}, sees {exit_sees:?}"
+    );
+
+    let before = lab.metrics()?;
+    let cpu_before = lab.cpu_seconds();
+    let up = lab.iperf(Traffic::Tcp, IPERF_SECS, false)?;
+    let down = lab.iperf(Traffic::Tcp, IPERF_SECS, true)?;
+    let cpu = lab.cpu_seconds();
+    let after = lab.metrics()?;
+    let gb = (up.mbps + down.mbps) * f64::from(IPERF_SECS) / 8e3;
+    lab.report(&format!(
+        "TCP up {} / down {}; CPU s/GB: client (2× wireguard-go) {:.1}, node {:.1}, exit {:.1}",
+        up.summary(Traffic::Tcp),
+        down.summary(Traffic::Tcp),
+        (cpu[0] - cpu_before[0]) / gb,
+        (cpu[1] - cpu_before[1]) / gb,
+        (cpu[2] - cpu_before[2]) / gb,
+    ));
+    for (what, r) in [("up", up), ("down", down)] {
+        ensure!(r.mbps >= MIN_TCP_MBPS, "TCP {what} only {:.1} Mb/s", r.mbps);
+    }
+    // What iperf3 delivered crossed the node as inner WireGuard datagrams, each larger than
+    // the TCP payload it carries.
+    let delta = |name: &str| after.sum(name, &[]) - before.sum(name, &[]);
+    let payload_bytes = |mbps: f64| (mbps * 1e6 / 8.0 * f64::from(IPERF_SECS) * 0.9) as u64;
+    ensure!(
+        delta("wraithgate_zhop_bytes_to_exit_total") >= payload_bytes(up.mbps),
+        "the node forwarded {} bytes to the exit, less than TCP up carried ({:.0} Mb/s)",
+        delta("wraithgate_zhop_bytes_to_exit_total"),
+        up.mbps
+    );
+    ensure!(
+        delta("wraithgate_zhop_bytes_to_peer_total") >= payload_bytes(down.mbps),
+        "the node wrapped {} bytes for the peer, less than TCP down carried ({:.0} Mb/s)",
+        delta("wraithgate_zhop_bytes_to_peer_total"),
+        down.mbps
+    );
+    ensure!(
+        after.sum("wraithgate_sessions", &[]) == 0,
+        "Z-HOP traffic opened DoubleHop sessions"
+    );
+
+    udp(lab)?;
+    new_handshakes(lab)?;
+
+    let m = lab.metrics()?;
+    let refused = m.drops();
+    lab.report(&format!("node drops at the end: {refused:?}"));
+    for reason in [
+        "inner_spoofed_source",
+        "inner_forbidden_destination",
+        "inner_not_udp",
+    ] {
+        ensure!(
+            !refused.iter().any(|(r, _)| r == reason),
+            "the node refused the client's own inner traffic as {reason}: {refused:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A paced UDP stream; a second try tells a busy machine's one-off overflow from a path that
+/// loses packets.
+fn udp(lab: &ZhopLab) -> Result<()> {
+    let traffic = Traffic::Udp { mbps: UDP_MBPS };
+    let mut lost = Vec::new();
+    for _ in 0..2 {
+        let r = lab.iperf(traffic, IPERF_SECS, false)?;
+        lab.report(&format!("UDP {}", r.summary(traffic)));
+        lost.push(r.lost_percent);
+        if r.lost_percent <= MAX_UDP_LOSS_PERCENT && r.mbps >= f64::from(UDP_MBPS) * 0.9 {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("a {UDP_MBPS} Mb/s UDP stream lost {lost:.2?} %")
+}
+
+/// The client forgets both peers and sets them again: each layer handshakes anew, and the
+/// counts (`wg show`, the client's and the node's) grow.
+fn new_handshakes(lab: &ZhopLab) -> Result<()> {
+    let h0 = lab.handshakes()?;
+    ensure!(
+        h0.outer >= 1 && h0.inner >= 1 && h0.outer_latest.is_some() && h0.inner_latest.is_some(),
+        "both layers should have handshaken: {h0:?}"
+    );
+    let node_before = node_handshakes(&lab.metrics()?);
+    let exit_before = lab.exit.latest_handshake(&lab.inner.keys.public)?;
+    // `wg show` counts in whole seconds: let the clock move on.
+    std::thread::sleep(Duration::from_millis(1100));
+    lab.reset_client_peers()?;
+    let took = lab.wait_for_ping(Duration::from_secs(15))?;
+    let h1 = wait_for(Duration::from_secs(5), || {
+        let h = lab.handshakes()?;
+        Ok((h.outer > h0.outer && h.inner > h0.inner).then_some(h))
+    })?
+    .with_context(|| format!("no new handshake on both layers: before {h0:?}"))?;
+    let node_after = node_handshakes(&lab.metrics()?);
+    let exit_after = lab.exit.latest_handshake(&lab.inner.keys.public)?;
+    lab.report(&format!(
+        "handshakes after resetting the client's peers (through again in {:.0} ms): outer \
+         {} → {}, inner {} → {}; the node answered {node_before} → {node_after}",
+        took.as_secs_f64() * 1e3,
+        h0.outer,
+        h1.outer,
+        h0.inner,
+        h1.inner
+    ));
+    ensure!(
+        later(h1.outer_latest, h0.outer_latest) && later(h1.inner_latest, h0.inner_latest),
+        "`wg show latest-handshakes` did not move on the client: {h0:?} → {h1:?}"
+    );
+    ensure!(
+        later(exit_after, exit_before),
+        "the exit saw no new inner handshake: {exit_before:?} → {exit_after:?}"
+    );
+    ensure!(
+        node_after > node_before,
+        "the node answered no new outer handshake ({node_before} → {node_after})"
+    );
+    let (sent, received) = lab.ping(3)?;
+    ensure!(
+        received == sent,
+        "ping after the new handshakes {received}/{sent}"
+    );
+    Ok(())
+}
+
+fn node_handshakes(m: &Metrics) -> u64 {
+    m.sum("wraithgate_zhop_outer_handshakes_total", &[])
+}
+
+fn later(now: Option<u64>, then: Option<u64>) -> bool {
+    now.is_some_and(|n| then.is_none_or(|t| n > t))
+}
+
+/// Polls `f` every 100 ms until it returns something or `timeout` passes.
+fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<Option<T>> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(Some(v));
+        }
+        if Instant::now() > end {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn netns_zhop_uring_wireguard_go_through_both_layers() {
+    zhop_case(
+        "netns_zhop_uring_wireguard_go_through_both_layers",
+        BackendChoice::Uring,
+    );
+}
+
+#[test]
+fn netns_zhop_portable_wireguard_go_through_both_layers() {
+    zhop_case(
+        "netns_zhop_portable_wireguard_go_through_both_layers",
+        BackendChoice::Portable,
+    );
+}
