@@ -350,7 +350,7 @@ impl Drop for Running {
 
 /// Spawns `args` in the relay namespace, pinned to `cpus`, in its own process group, and
 /// waits until it has a UDP socket on `port`.
-fn spawn(
+pub fn spawn(
     topo: &Topology,
     cpus: &str,
     name: &str,

@@ -7,6 +7,8 @@
 //!   variant, and the cleanup that runs whatever happens.
 //! - [`contender`]: the relays compared: WraithGate (each backend), nftables DNAT+SNAT,
 //!   [`naive`] tokio, socat and nginx.
+//! - [`wgo`], [`zhop`]: end to end with wireguard-go and iperf3, through a relay and
+//!   through Z-HOP's two layers (WraithGate or wireguard-go + kernel forwarding).
 //! - [`report`]: medians, the markdown table, `--json`, the SVG chart.
 //!
 //! The `relay-bench` binary ties these together; the criterion benches in `benches/` use
@@ -22,3 +24,4 @@ pub mod report;
 pub mod topology;
 pub mod udp;
 pub mod wgo;
+pub mod zhop;

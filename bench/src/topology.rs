@@ -61,6 +61,9 @@ pub struct Topology {
     pub relay_exit_side: Ipv4Addr,
     /// The exit (sink) address.
     pub exit: SocketAddrV4,
+    /// The relay namespace's interface towards the exit (netns only): every datagram a
+    /// relay forwards to the exit leaves through it.
+    pub relay_exit_dev: Option<String>,
     source_base: Ipv4Addr,
 }
 
@@ -202,6 +205,7 @@ impl Topology {
                 relay_listen: SocketAddrV4::new(Ipv4Addr::new(127, 77, 0, 1), 51820),
                 relay_exit_side: Ipv4Addr::new(127, 77, 0, 1),
                 exit: SocketAddrV4::new(Ipv4Addr::new(127, 77, 0, 2), 52000),
+                relay_exit_dev: None,
                 source_base: Ipv4Addr::new(127, 78, 0, 0),
             }),
             Kind::Loopback => {
@@ -218,6 +222,7 @@ impl Topology {
                     relay_listen: SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 51820),
                     relay_exit_side: Ipv4Addr::new(127, 0, 0, 1),
                     exit: SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 52000),
+                    relay_exit_dev: None,
                     source_base: Ipv4Addr::new(127, 1, 0, 0),
                 })
             }
@@ -320,6 +325,7 @@ impl Topology {
                     relay_listen: SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 2), 51820),
                     relay_exit_side: Ipv4Addr::new(198, 18, 2, 1),
                     exit: SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, 2), 52000),
+                    relay_exit_dev: Some(e1),
                     source_base: Ipv4Addr::new(198, 19, 0, 0),
                 })
             }

@@ -17,8 +17,8 @@ use wraithgate_relay::PublicKey;
 use crate::topology::{kill_group, Topology, CLEANUP};
 
 /// Tunnel addresses (inside the namespaces only).
-const CLIENT_TUNNEL: &str = "198.18.200.1";
-const EXIT_TUNNEL: &str = "198.18.200.2";
+pub const CLIENT_TUNNEL: &str = "198.18.200.1";
+pub const EXIT_TUNNEL: &str = "198.18.200.2";
 
 /// A key pair made by `wg genkey` / `wg pubkey`.
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ pub fn keypair(dir: &Path, name: &str) -> Result<KeyPair> {
     })
 }
 
-/// The two wireguard-go endpoints of one measurement.
+/// The wireguard-go endpoints of one measurement (stopped on drop).
 #[derive(Debug)]
 pub struct Tunnel {
     children: Vec<Child>,
@@ -87,12 +87,18 @@ impl Drop for Tunnel {
 }
 
 impl Tunnel {
+    /// Takes charge of processes started with [`spawn_in`].
+    pub fn new(children: Vec<Child>) -> Tunnel {
+        Tunnel { children }
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().map(Child::id).collect()
     }
 }
 
-fn sh(ns: &str, cmd: &str) -> Result<()> {
+/// Runs `sh -c cmd` in namespace `ns`.
+pub fn sh(ns: &str, cmd: &str) -> Result<()> {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "sh", "-c", cmd])
         .output()?;
@@ -105,11 +111,13 @@ fn sh(ns: &str, cmd: &str) -> Result<()> {
     Ok(())
 }
 
-fn spawn_in(ns: &str, cpu: usize, args: &[&str], log: &Path) -> Result<Child> {
+/// Starts `args` in namespace `ns` pinned to `cpus` (a taskset list), in its own process
+/// group (registered for cleanup), with output to `log`.
+pub fn spawn_in(ns: &str, cpus: &str, args: &[&str], log: &Path) -> Result<Child> {
     use std::os::unix::process::CommandExt as _;
     let logfile = std::fs::File::create(log)?;
     let child = Command::new("ip")
-        .args(["netns", "exec", ns, "taskset", "-c", &cpu.to_string()])
+        .args(["netns", "exec", ns, "taskset", "-c", cpus])
         .args(args)
         .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
         .stdin(Stdio::null())
@@ -149,22 +157,13 @@ pub fn start_tunnel(
     for (ns, ifname) in [(cns, &cif), (ens, &eif)] {
         children.push(spawn_in(
             ns,
-            cpu,
+            &cpu.to_string(),
             &["wireguard-go", "-f", ifname],
             &workdir.join(format!("{ifname}.log")),
         )?);
     }
     let tunnel = Tunnel { children };
-    // wireguard-go creates the interface and its control socket shortly after start.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for ifname in [&cif, &eif] {
-        while !Path::new(&format!("/var/run/wireguard/{ifname}.sock")).exists() {
-            if Instant::now() > deadline {
-                bail!("wireguard-go did not create {ifname}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    wait_for_interfaces(&[&cif, &eif])?;
     let exit_port = topo.exit.port();
     sh(
         ens,
@@ -187,6 +186,20 @@ pub fn start_tunnel(
     Ok(tunnel)
 }
 
+/// Waits until wireguard-go has created each interface and its control socket.
+pub fn wait_for_interfaces(ifnames: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for ifname in ifnames {
+        while !Path::new(&format!("/var/run/wireguard/{ifname}.sock")).exists() {
+            if Instant::now() > deadline {
+                bail!("wireguard-go did not create {ifname}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
 /// The iperf3 server in the exit namespace (one for the whole e2e part). It listens on
 /// every address, since the tunnel interface comes and goes with each measurement.
 pub fn start_iperf_server(topo: &Topology, cpu: usize, workdir: &Path) -> Result<Child> {
@@ -196,7 +209,7 @@ pub fn start_iperf_server(topo: &Topology, cpu: usize, workdir: &Path) -> Result
         .context("e2e needs the netns topology")?;
     let child = spawn_in(
         ens,
-        cpu,
+        &cpu.to_string(),
         &["iperf3", "-s"],
         &workdir.join("iperf3-server.log"),
     )?;
@@ -214,14 +227,19 @@ pub struct IperfResult {
     pub bytes: f64,
 }
 
-/// Runs an iperf3 client in the client namespace through the tunnel. `udp_rate` selects
-/// UDP with `-l 1380` at that rate (e.g. "1G"), else TCP.
+/// UDP datagram size of the end-to-end runs: 1,380 + 28 = 1,408 bytes fits the tunnel's
+/// MTU of 1,420.
+pub const UDP_LEN: usize = 1380;
+
+/// Runs an iperf3 client in the client namespace through the tunnel. `udp` selects UDP at
+/// that rate (e.g. "1G") with datagrams of that many bytes (`-l`), else TCP.
 pub fn iperf(
     topo: &Topology,
     cpu: usize,
     secs: u32,
-    udp_rate: Option<&str>,
+    udp: Option<(&str, usize)>,
 ) -> Result<IperfResult> {
+    let udp_rate = udp.map(|(rate, _)| rate);
     let cns = topo
         .client_ns
         .as_deref()
@@ -232,8 +250,8 @@ pub fn iperf(
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", cns, "taskset", "-c", &cpu.to_string()])
             .args(["iperf3", "-c", EXIT_TUNNEL, "-J", "-t", &secs.to_string()]);
-        match udp_rate {
-            Some(rate) => cmd.args(["-u", "-l", "1380", "-b", rate]),
+        match udp {
+            Some((rate, len)) => cmd.args(["-u", "-l", &len.to_string(), "-b", rate]),
             // TCP: leave slow start out of the figure. (UDP's omit period would make
             // iperf3 count the omitted packets as lost.)
             None => cmd.args(["-O", "1"]),

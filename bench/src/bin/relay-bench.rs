@@ -4,6 +4,7 @@
 //! ```text
 //! relay-bench --quick                       # < 5 min: every contender, every scenario
 //! relay-bench --json out.json --svg out.svg # full run (3 runs each, medians)
+//! relay-bench --zhop-only --zhop-perf       # Z-HOP against wireguard-go + kernel, profiled
 //! ```
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use wraithgate_bench::packets;
 use wraithgate_bench::report::{self, ContenderResult, Figures, Outcome, ScenarioResult};
 use wraithgate_bench::topology::{self, Kind, Topology};
 use wraithgate_bench::wgo;
+use wraithgate_bench::zhop::{self, OuterEnd};
 use wraithgate_relay::PublicKey;
 
 #[derive(Debug, Parser)]
@@ -80,6 +82,21 @@ struct Cli {
     /// Only the end-to-end runs.
     #[arg(long)]
     e2e_only: bool,
+    /// Skip the Z-HOP runs (netns topology only).
+    #[arg(long)]
+    no_zhop: bool,
+    /// Only the Z-HOP runs.
+    #[arg(long)]
+    zhop_only: bool,
+    /// After the Z-HOP runs, profile WraithGate (each backend, TCP and UDP) with `perf
+    /// record` during one more iperf3 run each, not counted; reports go to the workdir.
+    #[arg(long)]
+    zhop_perf: bool,
+    /// Rate of the paced Z-HOP UDP test (iperf3 -b): one the endpoints carry with little
+    /// loss, so that the relays are compared at equal load. (The other Z-HOP UDP test
+    /// floods at --e2e-udp-rate.)
+    #[arg(long, default_value = "200M")]
+    zhop_udp_paced: String,
     /// Rate of the end-to-end iperf3 UDP test (iperf3 -b).
     #[arg(long, default_value = "1G")]
     e2e_udp_rate: String,
@@ -267,6 +284,7 @@ fn bench(cli: &Cli) -> Result<()> {
         contenders.len()
     );
     let mut results: Vec<ScenarioResult> = Vec::new();
+    let mut zhop_summary = String::new();
     for kind in kinds {
         let topo = Topology::build(
             kind,
@@ -275,7 +293,8 @@ fn bench(cli: &Cli) -> Result<()> {
         )
         .with_context(|| format!("build the {} topology", kind.as_str()))?;
         let first = results.len();
-        for s in scenarios.iter().filter(|_| !cli.e2e_only) {
+        let relay_runs = !cli.e2e_only && !cli.zhop_only;
+        for s in scenarios.iter().filter(|_| relay_runs) {
             results.push(ScenarioResult {
                 name: format!("{}/{}", kind.as_str(), s.name),
                 paced: s.rate_bps.is_some() || s.of_max.is_some(),
@@ -294,7 +313,7 @@ fn bench(cli: &Cli) -> Result<()> {
         }
         // Run-major order: every contender once, then again, so slow drift on a shared
         // machine spreads over all of them instead of penalising one.
-        for run in 0..if cli.e2e_only { 0 } else { runs } {
+        for run in 0..if relay_runs { runs } else { 0 } {
             for (si, s) in scenarios.iter().enumerate() {
                 for (ci, c) in contenders.iter().enumerate() {
                     let rate_bps = match s.of_max {
@@ -365,7 +384,8 @@ fn bench(cli: &Cli) -> Result<()> {
                 }
             }
         }
-        if kind == Kind::Netns && !cli.no_e2e {
+        let e2e_secs = duration.max(2.0).round() as u32;
+        if kind == Kind::Netns && !cli.no_e2e && !cli.zhop_only {
             match wgo::available() {
                 Some(why) => eprintln!("relay-bench: skipping end-to-end runs: {why}"),
                 None => results.extend(end_to_end(
@@ -374,14 +394,28 @@ fn bench(cli: &Cli) -> Result<()> {
                     &contenders,
                     &workdir,
                     runs,
-                    duration.max(2.0).round() as u32,
+                    e2e_secs,
                 )?),
+            }
+        }
+        if kind == Kind::Netns && !cli.no_zhop && !cli.e2e_only {
+            match wgo::available() {
+                Some(why) => eprintln!("relay-bench: skipping Z-HOP runs: {why}"),
+                None => {
+                    let ends = OuterEnd::all(&cli.wraithgate, &cli.backends);
+                    let (z, forwarded) = zhop_runs(cli, &topo, &ends, &workdir, runs, e2e_secs)?;
+                    zhop_summary = zhop_ratios(&z, &forwarded);
+                    results.extend(z);
+                    if cli.zhop_perf {
+                        zhop_profiles(cli, &topo, &ends, &workdir, e2e_secs)?;
+                    }
+                }
             }
         }
         drop(topo);
     }
 
-    let md = report::markdown(&results);
+    let md = report::markdown(&results) + &zhop_summary;
     println!("{md}");
     if results.is_empty() {
         bail!("nothing was run");
@@ -509,7 +543,12 @@ fn end_to_end(
                             .sum()
                     };
                     let before = cpu();
-                    let r = wgo::iperf(topo, cli.load_cpu, secs, *udp)?;
+                    let r = wgo::iperf(
+                        topo,
+                        cli.load_cpu,
+                        secs,
+                        udp.map(|rate| (rate, wgo::UDP_LEN)),
+                    )?;
                     let cpu_ns = cpu().saturating_sub(before);
                     if let Some(relay) = relay.as_mut() {
                         relay.check_alive()?;
@@ -549,4 +588,244 @@ fn end_to_end(
     topology::kill_group(server.id() as i32);
     let _ = server.wait();
     Ok(results)
+}
+
+/// Per Z-HOP test, outer end and run: the relay's CPU nanoseconds per byte it forwarded
+/// (= s/GB).
+type Forwarded = Vec<Vec<Vec<f64>>>;
+
+/// Z-HOP's iperf3 tests: TCP, and UDP with datagrams that fit the inner tunnel, as a flood
+/// (the end-to-end rate) and paced at a rate the endpoints carry.
+fn zhop_tests(cli: &Cli) -> Vec<(String, Option<(&str, usize)>)> {
+    vec![
+        ("zhop-iperf3-tcp".into(), None),
+        (
+            format!("zhop-iperf3-udp-1300B-{}", cli.e2e_udp_rate),
+            Some((cli.e2e_udp_rate.as_str(), zhop::UDP_LEN)),
+        ),
+        (
+            format!("zhop-iperf3-udp-1300B-{}", cli.zhop_udp_paced),
+            Some((cli.zhop_udp_paced.as_str(), zhop::UDP_LEN)),
+        ),
+    ]
+}
+
+/// Z-HOP end to end: the client's two wireguard-go layers through each outer end (the
+/// wireguard-go + kernel baseline, WraithGate with each backend) to a wireguard-go exit,
+/// iperf3 TCP and UDP. CPU s/GB is the relay namespace's processes only, per GB delivered;
+/// also returned, per test, outer end and run: the same CPU per GB the relay forwarded to
+/// the exit (what it sent, whether or not the exit kept up).
+fn zhop_runs(
+    cli: &Cli,
+    topo: &Topology,
+    ends: &[OuterEnd],
+    workdir: &std::path::Path,
+    runs: usize,
+    secs: u32,
+) -> Result<(Vec<ScenarioResult>, Forwarded)> {
+    let tests = zhop_tests(cli);
+    let mut forwarded = vec![vec![Vec::new(); ends.len()]; tests.len()];
+    let keys = zhop::Keys::generate(workdir)?;
+    let mut server = wgo::start_iperf_server(topo, cli.load_cpu, workdir)?;
+    let mut results: Vec<ScenarioResult> = tests
+        .iter()
+        .map(|(name, _)| ScenarioResult {
+            name: format!("{}/{name}", topo.kind.as_str()),
+            paced: false,
+            reference: zhop::BASELINE.into(),
+            contenders: ends
+                .iter()
+                .map(|e| ContenderResult {
+                    name: e.name(),
+                    outcome: match e
+                        .as_contender()
+                        .and_then(|c| c.unavailable(topo).or_else(|| c.probe(workdir)))
+                    {
+                        Some(why) => Outcome::Skipped(why),
+                        None => Outcome::Measured { runs: Vec::new() },
+                    },
+                })
+                .collect(),
+        })
+        .collect();
+    for run in 0..runs {
+        for (ti, (test, udp)) in tests.iter().enumerate() {
+            for (ei, end) in ends.iter().enumerate() {
+                let slot = &mut results[ti].contenders[ei];
+                let Outcome::Measured { runs: done } = &mut slot.outcome else {
+                    continue;
+                };
+                eprint!(
+                    "[zhop run {}/{runs}] {test:<24} {:<24} ",
+                    run + 1,
+                    slot.name
+                );
+                let testdir = workdir.join(test);
+                std::fs::create_dir_all(&testdir)?;
+                let measured = (|| -> Result<Figures> {
+                    let mut path = zhop::start(
+                        topo,
+                        &cli.prefix,
+                        &keys,
+                        end,
+                        &cli.relay_cpus,
+                        cli.load_cpu,
+                        &testdir,
+                    )?;
+                    let pids = path.relay_pids();
+                    let cpu = || -> u64 {
+                        pids.iter()
+                            .map(|&p| wraithgate_bench::cpu::tree_cpu_ns(p))
+                            .sum()
+                    };
+                    let (before, sent_before) = (cpu(), zhop::forwarded_bytes(topo)?);
+                    let r = wgo::iperf(topo, cli.load_cpu, secs, *udp)?;
+                    let cpu_ns = cpu().saturating_sub(before);
+                    let sent = zhop::forwarded_bytes(topo)?.saturating_sub(sent_before);
+                    path.check_alive()?;
+                    drop(path);
+                    forwarded[ti][ei].push(cpu_ns as f64 / sent.max(1) as f64);
+                    let gb = r.bytes / 1e9;
+                    Ok(Figures {
+                        gbps: r.gbps,
+                        mpps: r.mpps,
+                        loss_percent: r.loss_percent,
+                        jitter_ms: r.jitter_ms,
+                        cpu_s_per_gb: if gb > 0.0 {
+                            cpu_ns as f64 / 1e9 / gb
+                        } else {
+                            f64::NAN
+                        },
+                        ..Figures::default()
+                    })
+                })();
+                match measured {
+                    Ok(f) => {
+                        eprintln!(
+                            "{:7.3} Gb/s loss {:6.2}% relay CPU {:6.2} s/GB",
+                            f.gbps, f.loss_percent, f.cpu_s_per_gb
+                        );
+                        done.push(f);
+                    }
+                    Err(e) => {
+                        eprintln!("FAILED: {e:#}");
+                        slot.outcome = Outcome::Failed(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+    }
+    topology::kill_group(server.id() as i32);
+    let _ = server.wait();
+    Ok((results, forwarded))
+}
+
+/// WraithGate against the baseline in each Z-HOP scenario: throughput, the relay's CPU per
+/// GB delivered and per GB it forwarded (`forwarded[test][end]`: per run, ns per byte =
+/// s/GB), what one relay core would carry at that cost, and the ratios (baseline ÷
+/// WraithGate for CPU: how many times less CPU WraithGate spends per GB).
+fn zhop_ratios(results: &[ScenarioResult], forwarded: &Forwarded) -> String {
+    let mut out = String::from(
+        "\n### Z-HOP: WraithGate against wireguard-go + kernel forwarding\n\n\
+         | scenario | outer end | Gb/s | × baseline | relay CPU s/GB delivered | s/GB forwarded \
+         | Gb/s per relay core | baseline CPU ÷ this (forwarded) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (ti, s) in results.iter().enumerate() {
+        let fwd = |ei: usize| {
+            report::median(
+                forwarded
+                    .get(ti)
+                    .and_then(|t| t.get(ei))
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        };
+        let Some((bi, base)) = s
+            .contenders
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.name == s.reference)
+            .and_then(|(i, c)| Some((i, c.figures()?)))
+        else {
+            continue;
+        };
+        for (ei, c) in s.contenders.iter().enumerate() {
+            let Some(f) = c.figures() else { continue };
+            let ratio = if ei == bi {
+                "1.00".to_owned()
+            } else {
+                format!("{:.2}", fwd(bi) / fwd(ei))
+            };
+            out.push_str(&format!(
+                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {ratio} |\n",
+                s.name,
+                c.name,
+                f.gbps,
+                f.gbps / base.gbps,
+                f.cpu_s_per_gb,
+                fwd(ei),
+                8.0 / fwd(ei),
+            ));
+        }
+    }
+    out
+}
+
+/// One more iperf3 run per WraithGate backend and Z-HOP test with `perf record` on the node,
+/// not counted in the tables; prints the top of each flat profile.
+fn zhop_profiles(
+    cli: &Cli,
+    topo: &Topology,
+    ends: &[OuterEnd],
+    workdir: &std::path::Path,
+    secs: u32,
+) -> Result<()> {
+    let keys = zhop::Keys::generate(workdir)?;
+    let mut server = wgo::start_iperf_server(topo, cli.load_cpu, workdir)?;
+    for (test, udp) in zhop_tests(cli) {
+        for end in ends.iter().filter(|e| e.as_contender().is_some()) {
+            if let Some(why) = end
+                .as_contender()
+                .and_then(|c| c.unavailable(topo).or_else(|| c.probe(workdir)))
+            {
+                eprintln!("relay-bench: no profile of {}: {why}", end.name());
+                continue;
+            }
+            let testdir = workdir.join(&test);
+            std::fs::create_dir_all(&testdir)?;
+            let path = zhop::start(
+                topo,
+                &cli.prefix,
+                &keys,
+                end,
+                &cli.relay_cpus,
+                cli.load_cpu,
+                &testdir,
+            )?;
+            let pid = path.wraithgate_pid().context("the node's pid")?;
+            let data = workdir.join(format!("{}-{test}.perf.data", end.name()));
+            // iperf3 first gets its connection through both handshakes; the profile covers
+            // the transfer that follows.
+            let perf = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(700));
+                zhop::profile(pid, secs, &data, 25)
+            });
+            let r = wgo::iperf(topo, cli.load_cpu, secs + 1, udp);
+            let top = perf
+                .join()
+                .map_err(|_| anyhow::anyhow!("the profiling thread panicked"))?;
+            drop(path);
+            let r = r?;
+            eprintln!(
+                "relay-bench: profile of {} during {test} ({:.3} Gb/s):\n{}",
+                end.name(),
+                r.gbps,
+                top.unwrap_or_else(|| "(none)".into())
+            );
+        }
+    }
+    topology::kill_group(server.id() as i32);
+    let _ = server.wait();
+    Ok(())
 }
