@@ -318,6 +318,31 @@ pub fn forwarded_bytes(topo: &Topology) -> Result<u64> {
         .with_context(|| format!("tx_bytes of {dev} in {ns}"))
 }
 
+/// UDP datagrams each namespace's kernel dropped so far because a socket's receive buffer
+/// was full (`RcvbufErrors`): client, relay, exit. Where a flood loses its packets.
+pub fn receive_buffer_drops(topo: &Topology) -> [u64; 3] {
+    [&topo.client_ns, &topo.relay_ns, &topo.exit_ns].map(|ns| {
+        let Some(ns) = ns else { return 0 };
+        let Ok(out) = Command::new("ip")
+            .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
+            .output()
+        else {
+            return 0;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+        let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+            return 0;
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(k, _)| *k == "RcvbufErrors")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// The node's configuration: one exit (the topology's exit, now a wireguard-go endpoint),
 /// the operator API on loopback inside the relay namespace, its own state directory.
 fn config(
