@@ -22,9 +22,10 @@
 //! MTU: the outer interface keeps wireguard-go's 1,420 (1,420 + 60 bytes of IPv4, UDP and
 //! WireGuard headers = 1,480 on the 1,500-byte veth). Every inner WireGuard datagram travels
 //! inside the outer tunnel, so it must fit the outer MTU: inner MTU + 60 (IPv4) or + 80
-//! (IPv6 underlay) ≤ 1,420, hence 1,340 for the inner interface. With the inner MTU at
-//! 1,420 too, full-size inner datagrams would not fit the outer tunnel and wireguard-go
-//! would have them fragmented (or dropped, with DF set by TCP's path MTU discovery).
+//! (IPv6 underlay) ≤ 1,420, hence 1,340 for the inner interface, and for the exit's end of
+//! the inner tunnel, whose datagrams to the client ride the outer tunnel too. With the inner
+//! MTU at 1,420, full-size inner datagrams would not fit the outer tunnel and would be
+//! fragmented (or dropped, with DF set by TCP's path MTU discovery).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -206,6 +207,9 @@ impl ZhopLab {
             &format!("{INNER_TUNNEL_IP}/32"),
             None,
         )?;
+        // The exit's end of the inner tunnel: its datagrams to the client ride the outer
+        // tunnel too.
+        exit.set_mtu(INNER_MTU)?;
         exit.up(24)?;
 
         let relay = RelayNode::start(relay_ns.clone(), &dir, backend)?;
