@@ -6,7 +6,7 @@
 //!
 //! Each test runs the same case on one data-path backend (io_uring, portable), so both are
 //! checked whatever `auto` would pick. They take the interop suite's lock, so they never
-//! overlap with each other or with `tests/interop.rs`; each takes about 30 s. Figures are
+//! overlap with each other or with `tests/interop.rs`; each takes about 15 s. Figures are
 //! printed as `interop[test]: …` lines (run with `--nocapture` to see them).
 
 use std::time::{Duration, Instant};
