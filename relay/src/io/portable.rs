@@ -533,6 +533,19 @@ impl WorkerIo for PortableIo<'_> {
                         self.io.exit_sockets_open -= 1;
                     }
                 }
+                Command::SendCookieReply {
+                    listener,
+                    client,
+                    reply,
+                } => {
+                    let sent = self
+                        .listeners
+                        .get(listener.id as usize)
+                        .is_some_and(|l| l.socket.send_to(&reply, &client.into()).is_ok());
+                    if !sent {
+                        self.io.cookie_send_errors += 1;
+                    }
+                }
             }
         }
     }

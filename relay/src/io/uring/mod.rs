@@ -484,6 +484,21 @@ impl WorkerIo for Plane {
                         self.close(sid);
                     }
                 }
+                Command::SendCookieReply {
+                    listener,
+                    client,
+                    reply,
+                } => {
+                    // Rare (only under load) and 64 bytes: a plain send, not the ring.
+                    let sent = self
+                        .sockets
+                        .listener(listener.id)
+                        .and_then(|sid| self.sockets.get(sid))
+                        .is_some_and(|s| s.socket.send_to(&reply, &client.into()).is_ok());
+                    if !sent {
+                        self.io.cookie_send_errors += 1;
+                    }
+                }
             }
         }
     }
