@@ -31,7 +31,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 14] = [
+    let per_worker: [(&str, &str, ReportField); 15] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
