@@ -30,7 +30,9 @@ const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(180);
 pub struct Control {
     /// The node's own public key (Z-HOP peers' outer peer).
     pub node_public: wraithgate_relay::PublicKey,
-    state: Mutex<DesiredState>,
+    /// Shared, immutable once published: readers (listings, metrics) take a reference, not
+    /// a copy of a table that may hold 100,000 exits.
+    state: Mutex<Arc<DesiredState>>,
     file: StateFile,
     pub dp: Arc<DataPlane>,
     pub started: std::time::Instant,
@@ -62,11 +64,11 @@ pub enum ChangeError {
 
 impl Control {
     /// The current desired state.
-    pub fn state(&self) -> DesiredState {
+    pub fn state(&self) -> Arc<DesiredState> {
         self.lock().clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, DesiredState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<DesiredState>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -75,53 +77,101 @@ impl Control {
     pub fn apply(
         &self,
         change: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
-    ) -> Result<DesiredState, ChangeError> {
-        let mut state = self.lock();
-        let result = (|| {
-            let mut next = state.clone();
+    ) -> Result<Arc<DesiredState>, ChangeError> {
+        self.apply_with(|current| {
+            let mut next = current.clone();
             change(&mut next)?;
-            next.generation = state.generation + 1;
-            let table = next.validate()?;
-            self.file
-                .save(&next)
-                .map_err(|source| ChangeError::Persist {
-                    path: self.file.path().to_owned(),
-                    source,
-                })?;
-            self.dp.publish(table);
             Ok(next)
+        })
+    }
+
+    /// Makes the next state with `build` from the current one, then validates, persists
+    /// and publishes it, or changes nothing.
+    ///
+    /// Validating builds the exit table (a pre-keyed mac1 state per exit) and persisting
+    /// writes and fsyncs the state file: for a large table both take tens of milliseconds,
+    /// and they do not depend on each other, so they run at once. The file is written
+    /// under a temporary name and renamed into place only once the state has proved
+    /// valid; otherwise it is removed and the old file stays.
+    fn apply_with(
+        &self,
+        build: impl FnOnce(&DesiredState) -> Result<DesiredState, ChangeError>,
+    ) -> Result<Arc<DesiredState>, ChangeError> {
+        let mut state = self.lock();
+        let started = std::time::Instant::now();
+        let result = (|| {
+            let mut next = build(&state)?;
+            next.generation = state.generation + 1;
+            next.check()?;
+            let persist_err = |source| ChangeError::Persist {
+                path: self.file.path().to_owned(),
+                source,
+            };
+            let (table, prepared) = std::thread::scope(|scope| {
+                let writer = std::thread::Builder::new()
+                    .name("wg-state-write".into())
+                    .spawn_scoped(scope, || self.file.prepare(&next));
+                let table = next.validate();
+                let prepared = match writer {
+                    Ok(w) => w.join().unwrap_or_else(|_| {
+                        Err(std::io::Error::other("the state writer panicked"))
+                    }),
+                    // No thread to spare: write it here.
+                    Err(_) => self.file.prepare(&next),
+                };
+                (table, prepared)
+            });
+            let validated = started.elapsed();
+            // An invalid state drops `prepared`, which removes the temporary file.
+            let table = table?;
+            prepared.and_then(|p| p.commit()).map_err(persist_err)?;
+            let persisted = started.elapsed();
+            self.dp.publish(table);
+            Ok((next, validated, persisted))
         })();
-        match &result {
-            Ok(next) => {
+        match result {
+            Ok((next, validated, persisted)) => {
+                let next = Arc::new(next);
                 *state = next.clone();
                 self.changes.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     generation = next.generation,
                     exits = next.exits.len(),
                     peers = next.peers.len(),
+                    validated_ms = validated.as_secs_f64() * 1e3,
+                    persisted_ms = persisted.as_secs_f64() * 1e3,
+                    published_ms = started.elapsed().as_secs_f64() * 1e3,
                     "state changed"
                 );
+                Ok(next)
             }
             Err(e) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(error = %e, "change refused");
+                Err(e)
             }
         }
-        result
     }
 
     /// Replaces the whole state if the caller saw generation `expected`.
-    pub fn replace(&self, expected: u64, new: DesiredState) -> Result<DesiredState, ChangeError> {
-        self.apply(|s| {
+    pub fn replace(
+        &self,
+        expected: u64,
+        new: DesiredState,
+    ) -> Result<Arc<DesiredState>, ChangeError> {
+        // Built from `new` alone: the current state, however large, is not copied.
+        self.apply_with(|s| {
             if s.generation != expected {
                 return Err(ChangeError::Stale {
                     current: s.generation,
                     expected,
                 });
             }
-            s.exits = new.exits;
-            s.peers = new.peers;
-            Ok(())
+            Ok(DesiredState {
+                generation: s.generation,
+                exits: new.exits,
+                peers: new.peers,
+            })
         })
     }
 }
@@ -186,7 +236,7 @@ impl Node {
             .context("starting the data plane")?;
         let control = Arc::new(Control {
             node_public,
-            state: Mutex::new(state),
+            state: Mutex::new(Arc::new(state)),
             file,
             dp: Arc::new(dp),
             started: std::time::Instant::now(),
