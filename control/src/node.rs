@@ -111,7 +111,7 @@ impl Control {
                 let writer = std::thread::Builder::new()
                     .name("wg-state-write".into())
                     .spawn_scoped(scope, || self.file.prepare(&next));
-                let table = next.validate();
+                let table = next.validate_after(&self.dp.table());
                 let prepared = match writer {
                     Ok(w) => w.join().unwrap_or_else(|_| {
                         Err(std::io::Error::other("the state writer panicked"))

@@ -54,6 +54,15 @@ impl DesiredState {
             ExitTable::new(self.generation, self.exits.clone())?.with_peers(self.peers.clone())?;
         Ok(table)
     }
+
+    /// As [`DesiredState::validate`], reusing what `running` has already derived for the
+    /// exits it shares with this state.
+    pub fn validate_after(&self, running: &ExitTable) -> Result<ExitTable, StateError> {
+        self.check()?;
+        let table = ExitTable::new_after(self.generation, self.exits.clone(), running)?
+            .with_peers(self.peers.clone())?;
+        Ok(table)
+    }
 }
 
 /// Where the state lives on disk.
