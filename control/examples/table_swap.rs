@@ -22,7 +22,9 @@ use wraithgate_relay::table::{ExitSpec, ExitTable};
 fn main() {
     // The node's own log line for the change says where the time went.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("wraithgate_control=info"))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "wraithgate_control=info",
+        ))
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().collect();

@@ -18,7 +18,7 @@ use wraithgate_relay::table::SharedTable;
 
 use crate::api::{self, Sidecar};
 use crate::config::Config;
-use crate::state::{write_atomically, DesiredState, StateError, StateFile};
+use crate::state::{write_atomically, DesiredState, PreparedWrite, StateError, StateFile};
 
 /// Restored sessions older than this are useless: their keys are rejected after
 /// REJECT_AFTER_TIME (180 s) without a new handshake anyway.
@@ -107,30 +107,38 @@ impl Control {
                 path: self.file.path().to_owned(),
                 source,
             };
-            let (table, prepared) = std::thread::scope(|scope| {
+            let timed = |f: &dyn Fn() -> std::io::Result<PreparedWrite>| {
+                let t = std::time::Instant::now();
+                (f(), t.elapsed())
+            };
+            let write = || self.file.prepare(&next);
+            let (table, table_time, (prepared, write_time)) = std::thread::scope(|scope| {
                 let writer = std::thread::Builder::new()
                     .name("wg-state-write".into())
-                    .spawn_scoped(scope, || self.file.prepare(&next));
+                    .spawn_scoped(scope, || timed(&write));
+                let t = std::time::Instant::now();
                 let table = next.validate_after(&self.dp.table());
+                let table_time = t.elapsed();
                 let prepared = match writer {
                     Ok(w) => w.join().unwrap_or_else(|_| {
-                        Err(std::io::Error::other("the state writer panicked"))
+                        (
+                            Err(std::io::Error::other("the state writer panicked")),
+                            Duration::ZERO,
+                        )
                     }),
                     // No thread to spare: write it here.
-                    Err(_) => self.file.prepare(&next),
+                    Err(_) => timed(&write),
                 };
-                (table, prepared)
+                (table, table_time, prepared)
             });
-            let validated = started.elapsed();
             // An invalid state drops `prepared`, which removes the temporary file.
             let table = table?;
             prepared.and_then(|p| p.commit()).map_err(persist_err)?;
-            let persisted = started.elapsed();
             self.dp.publish(table);
-            Ok((next, validated, persisted))
+            Ok((next, table_time, write_time))
         })();
         match result {
-            Ok((next, validated, persisted)) => {
+            Ok((next, table_time, write_time)) => {
                 let next = Arc::new(next);
                 *state = next.clone();
                 self.changes.fetch_add(1, Ordering::Relaxed);
@@ -138,9 +146,9 @@ impl Control {
                     generation = next.generation,
                     exits = next.exits.len(),
                     peers = next.peers.len(),
-                    validated_ms = validated.as_secs_f64() * 1e3,
-                    persisted_ms = persisted.as_secs_f64() * 1e3,
-                    published_ms = started.elapsed().as_secs_f64() * 1e3,
+                    table_ms = table_time.as_secs_f64() * 1e3,
+                    write_ms = write_time.as_secs_f64() * 1e3,
+                    total_ms = started.elapsed().as_secs_f64() * 1e3,
                     "state changed"
                 );
                 Ok(next)

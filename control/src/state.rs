@@ -106,7 +106,7 @@ impl StateFile {
     /// Writes `state` beside the file under a temporary name and fsyncs it; the file
     /// itself changes only on [`PreparedWrite::commit`].
     pub fn prepare(&self, state: &DesiredState) -> std::io::Result<PreparedWrite> {
-        let json = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+        let json = serde_json::to_vec(state).map_err(std::io::Error::other)?;
         PreparedWrite::new(&self.path, &json, 0o600)
     }
 }
