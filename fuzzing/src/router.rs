@@ -600,6 +600,9 @@ impl Harness {
         let pending_before = self.open.values().filter(|s| !s.established).count();
         let per_client_before = self.sessions_of(from).count();
         let replies_before = self.cookie_replies;
+        // The router knows an address as verified only while a session of it is open, so
+        // this is a superset of what it knows.
+        let address_verified = self.ledgers.get(&from).is_some_and(|l| l.verified);
         let action = self.router.handle_client(self.now, l, from, p);
         self.ledgers.entry(from).or_default().bytes_in += p.len() as u64;
         let msg = Message::parse(p);
@@ -636,12 +639,12 @@ impl Harness {
                             | DropReason::ClientSessionLimit
                     )
             ) {
-                self.rate_limited_handshake(from.ip(), self.in_flight.1);
+                self.rate_limited_handshake(from.ip(), self.in_flight.1 || address_verified);
             }
         }
-        // An unproven source opens a new pending session only below the load mark, half
-        // of max_pending.
-        if self.open.len() > before && failed.is_none() && !self.in_flight.1 {
+        // A source that has proven nothing (no mac2, no index used) opens a new pending
+        // session only below the load mark, half of max_pending.
+        if self.open.len() > before && failed.is_none() && !self.in_flight.1 && !address_verified {
             assert!(
                 pending_before < (self.cfg.max_pending / 2).max(1),
                 "an unproven source opened a session with {pending_before} pending"
@@ -737,9 +740,10 @@ impl Harness {
     }
 
     /// Records an initiation from `ip` that got past the rate limiter and checks that the
-    /// budgets were kept: one token bucket for initiations without mac2, and two (the
-    /// unproven and the proven one) for all of them.
-    fn rate_limited_handshake(&mut self, ip: IpAddr, carries_mac2: bool) {
+    /// budgets were kept: one token bucket for initiations that cannot have been proven
+    /// (no mac2, address never verified), and two (the unproven and the proven one) for
+    /// all of them.
+    fn rate_limited_handshake(&mut self, ip: IpAddr, maybe_proven: bool) {
         let cost = 1_000_000_000 / u128::from(self.cfg.handshakes_per_second);
         let capacity = cost * u128::from(self.cfg.handshake_burst);
         let now = self.now;
@@ -751,7 +755,7 @@ impl Harness {
             2 * capacity,
             2,
         );
-        if !carries_mac2 {
+        if !maybe_proven {
             Self::within_budget(
                 self.handshakes.entry(rate_key(ip)).or_default(),
                 now,

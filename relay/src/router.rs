@@ -600,13 +600,15 @@ impl Router {
         init: Initiation<'_>,
     ) -> Action {
         // Who may start a handshake: any source within its budget while we are not under
-        // load; otherwise only a source whose mac2 proves it received our cookie, within a
-        // budget of its own. Everyone else is challenged with a cookie reply, which costs
-        // the client one retry (REKEY_TIMEOUT, 5 s) and a spoofer everything.
+        // load; otherwise only a source that has proven its address, within a budget of
+        // its own: by a mac2 made with our cookie, or by a session whose client has used
+        // an index the exit sent only to it (an established client's rekey is never
+        // challenged). Everyone else is challenged with a cookie reply, which costs the
+        // client one retry (REKEY_TIMEOUT, 5 s) and a spoofer everything.
         let ip = from.ip();
         let admitted = if !self.under_load(now) && self.rate_limiter.allow(ip, now) {
             true
-        } else if self.cookies.verify_mac2(now, from, &init) {
+        } else if self.address_verified(from) || self.cookies.verify_mac2(now, from, &init) {
             if !self.proven_limiter.allow(ip, now) {
                 return self.drop_packet(DropReason::RateLimited);
             }
@@ -714,6 +716,15 @@ impl Router {
         self.stats.client_handshakes += 1;
         self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
+    }
+
+    /// Whether a session of `client` has proven that it receives at this address.
+    fn address_verified(&self, client: SocketAddr) -> bool {
+        self.clients.get(&client).is_some_and(|c| {
+            c.as_slice()
+                .iter()
+                .any(|&i| self.sessions.at(i).is_some_and(|(_, s)| s.verified))
+        })
     }
 
     fn insert(&mut self, session: Session) -> SessionSlot {

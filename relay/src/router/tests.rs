@@ -1049,3 +1049,36 @@ fn cookie_replies_have_a_budget_of_their_own() {
         "10 ms per reply at 100/s"
     );
 }
+
+#[test]
+fn under_load_an_established_clients_rekey_is_not_challenged() {
+    let mut h = Harness::with(RouterConfig {
+        max_pending: 4,
+        ..RouterConfig::default()
+    });
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    // A flood takes the pending table to the load mark.
+    for n in 0..50 {
+        h.client(MAIN, client(100 + n), &initiation(key(1), n.into()));
+    }
+    h.commands();
+    assert!(h.r.under_load(h.now));
+    // The client has used an index the exit sent only to it: its rekey goes straight
+    // through, and so does its first handshake with another exit.
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(1), 7)),
+        Action::ToExit(slot)
+    );
+    assert!(matches!(
+        h.client(MAIN, c, &initiation(key(2), 8)),
+        Action::ToExit(_)
+    ));
+    assert!(h.cookie_replies().is_empty());
+    // Another port on the same host has proven nothing.
+    let other: SocketAddr = format!("{}:9", c.ip()).parse().unwrap();
+    assert_eq!(
+        h.client(MAIN, other, &initiation(key(1), 9)),
+        Action::Drop(DropReason::CookieChallenge)
+    );
+}
