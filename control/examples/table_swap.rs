@@ -20,6 +20,13 @@ use wraithgate_relay::io::DataPlaneConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable};
 
 fn main() {
+    // The node's own log line for the change says where the time went.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "wraithgate_control=info",
+        ))
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let exits: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let pps: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);

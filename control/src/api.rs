@@ -427,7 +427,7 @@ struct ExitBody {
 }
 
 async fn list_exits(State(app): State<App>) -> Json<Vec<ExitSpec>> {
-    Json(app.control.state().exits)
+    Json(app.control.state().exits.clone())
 }
 
 async fn add_exit(
@@ -473,7 +473,7 @@ async fn remove_exit(
 
 async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
     // Preshared keys are write-only.
-    let mut peers = app.control.state().peers;
+    let mut peers = app.control.state().peers.clone();
     for p in &mut peers {
         p.preshared_key = None;
     }
@@ -516,9 +516,9 @@ async fn remove_peer(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn with_etag(state: DesiredState) -> Response {
+fn with_etag(state: &DesiredState) -> Response {
     let etag = format!("\"{}\"", state.generation);
-    let mut shown = state;
+    let mut shown = state.clone();
     for p in &mut shown.peers {
         p.preshared_key = None;
     }
@@ -530,7 +530,7 @@ fn with_etag(state: DesiredState) -> Response {
 }
 
 async fn get_config(State(app): State<App>) -> Response {
-    with_etag(app.control.state())
+    with_etag(&app.control.state())
 }
 
 /// The whole desired state as `PUT /v1/config` takes it.

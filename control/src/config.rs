@@ -115,6 +115,7 @@ pub struct LimitsSection {
     pub max_sessions_per_client: usize,
     pub handshakes_per_second: u32,
     pub handshake_burst: u32,
+    pub cookie_replies_per_second: u32,
     pub pending_timeout_secs: u64,
     pub idle_timeout_secs: u64,
 }
@@ -128,6 +129,7 @@ impl Default for LimitsSection {
             max_sessions_per_client: r.max_sessions_per_client,
             handshakes_per_second: r.handshakes_per_second,
             handshake_burst: r.handshake_burst,
+            cookie_replies_per_second: r.cookie_replies_per_second,
             pending_timeout_secs: r.pending_timeout.as_secs(),
             idle_timeout_secs: r.idle_timeout.as_secs(),
         }
@@ -255,6 +257,12 @@ impl Config {
             let key = msg.split(' ').nth(1).unwrap_or("").trim_end_matches(':');
             return Err(at(find_key(text, key), (*msg).to_owned()));
         }
+        if l.cookie_replies_per_second == 0 {
+            return Err(at(
+                find_key(text, "cookie_replies_per_second"),
+                "[limits] cookie_replies_per_second must be at least 1".into(),
+            ));
+        }
         if l.handshakes_per_second == 0 || l.handshake_burst == 0 {
             return Err(at(
                 find_key(text, "handshakes_per_second"),
@@ -314,6 +322,7 @@ impl Config {
             idle_timeout: Duration::from_secs(l.idle_timeout_secs.max(1)),
             handshakes_per_second: l.handshakes_per_second,
             handshake_burst: l.handshake_burst,
+            cookie_replies_per_second: l.cookie_replies_per_second,
             ..RouterConfig::default()
         };
         let defaults = DataPlaneConfig::default();
@@ -374,8 +383,13 @@ backend = "auto"
 # Per worker. At a bound new handshakes are refused and counted; nothing is evicted.
 max_sessions = 65536
 max_pending = 8192
+# Per source address (IPv6: per /64).
 handshakes_per_second = 20
 handshake_burst = 5
+# Under load (half of max_pending taken) or over its budget, a source must prove its
+# address with a cookie reply the relay sends for the exit, as WireGuard does; this caps
+# those replies (and the mac1 checks a flood costs) per worker.
+cookie_replies_per_second = 20000
 pending_timeout_secs = 5
 idle_timeout_secs = 540
 

@@ -31,7 +31,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 22] = [
+    let per_worker: [(&str, &str, ReportField); 23] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -64,8 +64,13 @@ pub fn render(c: &Control) -> String {
         ),
         (
             "wraithgate_cookie_replies_total",
-            "Cookie replies forwarded.",
+            "Cookie replies forwarded between clients and exits (the relay's own challenges are counted as drops, reason cookie_challenge).",
             |r| r.router.cookie_replies,
+        ),
+        (
+            "wraithgate_cookie_send_errors_total",
+            "The relay's own cookie replies the kernel refused to send.",
+            |r| r.io.cookie_send_errors,
         ),
         (
             "wraithgate_sessions_opened_total",

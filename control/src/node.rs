@@ -18,7 +18,7 @@ use wraithgate_relay::table::SharedTable;
 
 use crate::api::{self, Sidecar};
 use crate::config::Config;
-use crate::state::{write_atomically, DesiredState, StateError, StateFile};
+use crate::state::{write_atomically, DesiredState, PreparedWrite, StateError, StateFile};
 
 /// Restored sessions older than this are useless: their keys are rejected after
 /// REJECT_AFTER_TIME (180 s) without a new handshake anyway.
@@ -30,7 +30,9 @@ const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(180);
 pub struct Control {
     /// The node's own public key (Z-HOP peers' outer peer).
     pub node_public: wraithgate_relay::PublicKey,
-    state: Mutex<DesiredState>,
+    /// Shared, immutable once published: readers (listings, metrics) take a reference, not
+    /// a copy of a table that may hold 100,000 exits.
+    state: Mutex<Arc<DesiredState>>,
     file: StateFile,
     pub dp: Arc<DataPlane>,
     pub started: std::time::Instant,
@@ -62,11 +64,11 @@ pub enum ChangeError {
 
 impl Control {
     /// The current desired state.
-    pub fn state(&self) -> DesiredState {
+    pub fn state(&self) -> Arc<DesiredState> {
         self.lock().clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, DesiredState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<DesiredState>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -75,53 +77,109 @@ impl Control {
     pub fn apply(
         &self,
         change: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
-    ) -> Result<DesiredState, ChangeError> {
-        let mut state = self.lock();
-        let result = (|| {
-            let mut next = state.clone();
+    ) -> Result<Arc<DesiredState>, ChangeError> {
+        self.apply_with(|current| {
+            let mut next = current.clone();
             change(&mut next)?;
-            next.generation = state.generation + 1;
-            let table = next.validate()?;
-            self.file
-                .save(&next)
-                .map_err(|source| ChangeError::Persist {
-                    path: self.file.path().to_owned(),
-                    source,
-                })?;
-            self.dp.publish(table);
             Ok(next)
+        })
+    }
+
+    /// Makes the next state with `build` from the current one, then validates, persists
+    /// and publishes it, or changes nothing.
+    ///
+    /// Validating builds the exit table (a pre-keyed mac1 state per exit) and persisting
+    /// writes and fsyncs the state file: for a large table both take tens of milliseconds,
+    /// and they do not depend on each other, so they run at once. The file is written
+    /// under a temporary name and renamed into place only once the state has proved
+    /// valid; otherwise it is removed and the old file stays.
+    fn apply_with(
+        &self,
+        build: impl FnOnce(&DesiredState) -> Result<DesiredState, ChangeError>,
+    ) -> Result<Arc<DesiredState>, ChangeError> {
+        let mut state = self.lock();
+        let started = std::time::Instant::now();
+        let result = (|| {
+            let mut next = build(&state)?;
+            next.generation = state.generation + 1;
+            next.check()?;
+            let persist_err = |source| ChangeError::Persist {
+                path: self.file.path().to_owned(),
+                source,
+            };
+            let timed = |f: &dyn Fn() -> std::io::Result<PreparedWrite>| {
+                let t = std::time::Instant::now();
+                (f(), t.elapsed())
+            };
+            let write = || self.file.prepare(&next);
+            let (table, table_time, (prepared, write_time)) = std::thread::scope(|scope| {
+                let writer = std::thread::Builder::new()
+                    .name("wg-state-write".into())
+                    .spawn_scoped(scope, || timed(&write));
+                let t = std::time::Instant::now();
+                let table = next.validate_after(&self.dp.table());
+                let table_time = t.elapsed();
+                let prepared = match writer {
+                    Ok(w) => w.join().unwrap_or_else(|_| {
+                        (
+                            Err(std::io::Error::other("the state writer panicked")),
+                            Duration::ZERO,
+                        )
+                    }),
+                    // No thread to spare: write it here.
+                    Err(_) => timed(&write),
+                };
+                (table, table_time, prepared)
+            });
+            // An invalid state drops `prepared`, which removes the temporary file.
+            let table = table?;
+            prepared.and_then(|p| p.commit()).map_err(persist_err)?;
+            self.dp.publish(table);
+            Ok((next, table_time, write_time))
         })();
-        match &result {
-            Ok(next) => {
+        match result {
+            Ok((next, table_time, write_time)) => {
+                let next = Arc::new(next);
                 *state = next.clone();
                 self.changes.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     generation = next.generation,
                     exits = next.exits.len(),
                     peers = next.peers.len(),
+                    table_ms = table_time.as_secs_f64() * 1e3,
+                    write_ms = write_time.as_secs_f64() * 1e3,
+                    total_ms = started.elapsed().as_secs_f64() * 1e3,
                     "state changed"
                 );
+                Ok(next)
             }
             Err(e) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(error = %e, "change refused");
+                Err(e)
             }
         }
-        result
     }
 
     /// Replaces the whole state if the caller saw generation `expected`.
-    pub fn replace(&self, expected: u64, new: DesiredState) -> Result<DesiredState, ChangeError> {
-        self.apply(|s| {
+    pub fn replace(
+        &self,
+        expected: u64,
+        new: DesiredState,
+    ) -> Result<Arc<DesiredState>, ChangeError> {
+        // Built from `new` alone: the current state, however large, is not copied.
+        self.apply_with(|s| {
             if s.generation != expected {
                 return Err(ChangeError::Stale {
                     current: s.generation,
                     expected,
                 });
             }
-            s.exits = new.exits;
-            s.peers = new.peers;
-            Ok(())
+            Ok(DesiredState {
+                generation: s.generation,
+                exits: new.exits,
+                peers: new.peers,
+            })
         })
     }
 }
@@ -186,7 +244,7 @@ impl Node {
             .context("starting the data plane")?;
         let control = Arc::new(Control {
             node_public,
-            state: Mutex::new(state),
+            state: Mutex::new(Arc::new(state)),
             file,
             dp: Arc::new(dp),
             started: std::time::Instant::now(),

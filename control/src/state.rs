@@ -37,15 +37,30 @@ pub enum StateError {
 }
 
 impl DesiredState {
-    /// Checks the whole state and builds the exit table workers will use.
-    pub fn validate(&self) -> Result<ExitTable, StateError> {
+    /// The checks that need no table (cheap); [`DesiredState::validate`] does them too.
+    pub fn check(&self) -> Result<(), StateError> {
         for e in &self.exits {
             if e.name.is_empty() || e.name.chars().count() > 64 {
                 return Err(StateError::ExitName(e.name.clone()));
             }
         }
+        Ok(())
+    }
+
+    /// Checks the whole state and builds the exit table workers will use.
+    pub fn validate(&self) -> Result<ExitTable, StateError> {
+        self.check()?;
         let table =
             ExitTable::new(self.generation, self.exits.clone())?.with_peers(self.peers.clone())?;
+        Ok(table)
+    }
+
+    /// As [`DesiredState::validate`], reusing what `running` has already derived for the
+    /// exits it shares with this state.
+    pub fn validate_after(&self, running: &ExitTable) -> Result<ExitTable, StateError> {
+        self.check()?;
+        let table = ExitTable::new_after(self.generation, self.exits.clone(), running)?
+            .with_peers(self.peers.clone())?;
         Ok(table)
     }
 }
@@ -85,42 +100,78 @@ impl StateFile {
     /// Replaces the file with `state` atomically: after a crash at any point the file
     /// holds either the old state or the new one, whole.
     pub fn save(&self, state: &DesiredState) -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-        write_atomically(&self.path, &json, 0o600)
+        self.prepare(state)?.commit()
+    }
+
+    /// Writes `state` beside the file under a temporary name and fsyncs it; the file
+    /// itself changes only on [`PreparedWrite::commit`].
+    pub fn prepare(&self, state: &DesiredState) -> std::io::Result<PreparedWrite> {
+        let json = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+        PreparedWrite::new(&self.path, &json, 0o600)
     }
 }
 
-/// Writes `bytes` to `path` by temp file + fsync + rename + directory fsync.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("state path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
+/// A file's new content, written and fsynced under a temporary name beside it. `commit`
+/// renames it into place; dropping it uncommitted removes it.
+#[derive(Debug)]
+pub struct PreparedWrite {
+    tmp: PathBuf,
+    path: PathBuf,
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl PreparedWrite {
+    fn new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<Self> {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .ok_or_else(|| std::io::Error::other("state path has no file name"))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        // From here on, dropping `w` removes the temporary file.
+        let w = PreparedWrite {
+            tmp,
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+            committed: false,
+        };
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(mode)
-            .open(&tmp)?;
+            .open(&w.tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        Ok(w)
     }
-    result
+
+    /// Renames the new content into place and fsyncs the directory.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        File::open(&self.dir)?.sync_all()
+    }
+}
+
+impl Drop for PreparedWrite {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` by temp file + fsync + rename + directory fsync.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    PreparedWrite::new(path, bytes, mode)?.commit()
 }
 
 #[cfg(test)]
@@ -135,6 +186,43 @@ mod tests {
             endpoint: format!("192.0.2.{k}:51820").parse().unwrap(),
             listen_port: None,
         }
+    }
+
+    #[test]
+    fn a_prepared_write_changes_the_file_only_when_committed() {
+        let dir = std::env::temp_dir().join(format!("wg-prepared-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = StateFile::new(dir.join("state.json"));
+        let old = DesiredState {
+            generation: 1,
+            exits: vec![exit("a", 1)],
+            peers: vec![],
+        };
+        file.save(&old).unwrap();
+        let listing = || {
+            let mut names: Vec<String> = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let new = DesiredState {
+            generation: 2,
+            exits: vec![exit("a", 1), exit("b", 2)],
+            peers: vec![],
+        };
+        // Abandoned (the state proved invalid): the temporary file goes, the old stays.
+        let prepared = file.prepare(&new).unwrap();
+        assert_eq!(listing().len(), 2, "the temporary file is beside the state");
+        drop(prepared);
+        assert_eq!(listing(), vec!["state.json".to_owned()]);
+        assert_eq!(file.load().unwrap(), Some(old));
+        // Committed: the new state, and nothing else left behind.
+        file.prepare(&new).unwrap().commit().unwrap();
+        assert_eq!(listing(), vec!["state.json".to_owned()]);
+        assert_eq!(file.load().unwrap(), Some(new));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -113,6 +113,8 @@ impl Script {
     }
 }
 
+/// Initiation flags: answer the relay's last cookie reply for that client and exit.
+const PROVE: u8 = 0x18;
 /// All four exits, none pinned.
 const ALL: u16 = 0b001_001_001_001;
 /// All four, exit 1 pinned to listener 2.
@@ -169,13 +171,27 @@ fn router_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "bounds",
+            // One pending session is the load mark here: the others are challenged and
+            // get in by answering with the cookie (flags 0x18).
             Script::new(2, 1, 1, 5, 30, 20, 5, ALL)
                 .init(0, 0, 0, 1, 0)
                 .init(1, 0, 0, 2, 0)
                 .exit_response(0, 3, 0)
-                .init(1, 0, 0, 2, 0)
+                .init(1, 0, 0, 2, PROVE)
                 .init(2, 0, 1, 4, 0)
+                .init(2, 0, 1, 4, PROVE)
                 .init(0, 0, 1, 5, 0)
+                .init(0, 0, 1, 5, PROVE)
+                .0,
+        ),
+        (
+            "bounds-pending",
+            Script::new(8, 2, 4, 5, 30, 20, 5, ALL)
+                .init(0, 0, 0, 1, 0)
+                .init(1, 0, 0, 2, 0)
+                .init(1, 0, 0, 2, PROVE)
+                .init(2, 0, 0, 3, 0)
+                .init(2, 0, 0, 3, PROVE)
                 .0,
         ),
         (

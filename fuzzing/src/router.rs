@@ -1,7 +1,8 @@
 //! The DoubleHop router driven by an arbitrary sequence of events, checked after every
 //! event against a reference model that knows only what DESIGN §3 promises.
 //!
-//! Events: initiations (valid mac1 for a configured exit, for no exit, or random bytes)
+//! Events: initiations (valid mac1 for a configured exit, for no exit, or random bytes;
+//! sometimes with the mac2 of the last cookie the relay gave that client)
 //! from any of a set of client addresses on any listener; responses, cookie replies and
 //! transport from clients with indices they saw or guessed; anything from any session's
 //! exit-facing socket (stale slots and made-up slots too); time steps; table swaps (exits
@@ -24,6 +25,10 @@
 //!   passed, the next `handle_timeout` closes it (`poll_timeout` is never later than the
 //!   earliest deadline);
 //! - when a swap's sweep is over, every session's exit is in the table;
+//! - the relay's own cookie replies answer only the initiation just received, from its
+//!   source, for a configured exit, and never give an unverified address more bytes than
+//!   it sent; a source that does not answer them opens a pending session only below the
+//!   load mark (half of `max_pending`);
 //! - initiations that got past the rate limiter from one source (IPv4 address or IPv6
 //!   /64) never exceed its token bucket over any window;
 //! - refusals are justified (no `SessionsFull` below the bound, and so on), and every
@@ -34,6 +39,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use wraithgate_relay::cookie::initiator_mac2;
 use wraithgate_relay::keys::Mac1Key;
 use wraithgate_relay::router::{
     Action, Command, Listener, Router, RouterConfig, RouterStats, SessionSlot, SessionSnapshot,
@@ -238,8 +244,16 @@ struct Harness {
     indices: Vec<u32>,
     /// When initiations got past the rate limiter, by rate key.
     handshakes: HashMap<RateKey, Vec<Instant>>,
+    /// The same for every initiation, mac2 or not (two budgets: unproven and proven).
+    handshakes_any: HashMap<RateKey, Vec<Instant>>,
+    /// The last cookie reply each client got for each exit, with the initiation it answered.
+    held_cookies: HashMap<(SocketAddr, PublicKey), ([u8; wire::COOKIE_REPLY_LEN], Vec<u8>)>,
+    /// The packet being handled by `client`, and whether it carries a mac2 of our cookie.
+    in_flight: (Vec<u8>, bool),
     drops: [u64; DropReason::COUNT],
     to_exit_bytes: u64,
+    /// The relay's own cookie replies.
+    cookie_replies: u64,
     to_client_bytes: u64,
     /// Counters of the routers before the last restart.
     past: RouterStats,
@@ -268,7 +282,7 @@ pub fn run(data: &[u8]) -> RouterStats {
 
 impl Harness {
     fn new(input: &mut Input<'_>) -> Self {
-        let cfg = RouterConfig {
+        let mut cfg = RouterConfig {
             max_sessions: 1 + usize::from(input.u8() % 8),
             max_pending: 1 + usize::from(input.u8() % 8),
             // 0 and 5 test the router's clamping to 1..=4.
@@ -279,7 +293,11 @@ impl Harness {
             handshake_burst: 1 + u32::from(input.u8() % 8),
             rate_limit_buckets: 1 << (input.u8() % 14),
             swap_sweep_budget: 1 + usize::from(input.u8() % 4),
+            // From the other limits, so that older corpus inputs keep their meaning.
+            cookie_replies_per_second: 0,
+            cookie_seed: [0x5c; 32],
         };
+        cfg.cookie_replies_per_second = cfg.handshakes_per_second * 3;
         let table = Arc::new(table(input.u16(), 1));
         let now = Instant::now();
         let router = Router::new(cfg, table.clone(), now);
@@ -299,8 +317,12 @@ impl Harness {
             ever_client: HashSet::new(),
             indices: Vec::new(),
             handshakes: HashMap::new(),
+            handshakes_any: HashMap::new(),
+            held_cookies: HashMap::new(),
+            in_flight: (Vec::new(), false),
             drops: [0; DropReason::COUNT],
             to_exit_bytes: 0,
+            cookie_replies: 0,
             to_client_bytes: 0,
             past: RouterStats::default(),
         }
@@ -320,8 +342,26 @@ impl Harness {
                 let sender = input.u32();
                 let flags = input.u8();
                 self.learn(sender);
-                let p = initiation(key, sender, flags);
+                let mut p = initiation(key, sender, flags);
+                // Sometimes the client answers a challenge, as WireGuard clients do.
+                let mut carries_mac2 = false;
+                if flags & 0x18 == 0x18 {
+                    if let Some((reply, sent)) = self.held_cookies.get(&(from, key)) {
+                        let retry = p.clone();
+                        let (Ok(Message::Initiation(s)), Ok(Message::Initiation(r))) =
+                            (Message::parse(sent), Message::parse(&retry))
+                        else {
+                            unreachable!("made as initiations")
+                        };
+                        let mac2 = initiator_mac2(&key, reply, &s, &r)
+                            .expect("the relay's cookie replies decrypt");
+                        p[wire::INITIATION_MAC2_OFFSET..].copy_from_slice(&mac2);
+                        carries_mac2 = true;
+                    }
+                }
+                self.in_flight = (p.clone(), carries_mac2);
                 self.client(l, from, &p, flags & 7 == 7);
+                self.in_flight = (Vec::new(), false);
             }
             1 => {
                 let from = client(input.u8());
@@ -482,6 +522,30 @@ impl Harness {
                     self.slots.push(slot);
                     self.ever_client.insert(from);
                 }
+                Command::SendCookieReply {
+                    listener,
+                    client,
+                    reply,
+                } => {
+                    // Only ever an answer to the initiation just handled, for an exit that
+                    // is configured, to its source, and smaller than what it received.
+                    let (l, from, key) =
+                        opening.expect("a cookie reply answers only a client initiation");
+                    assert_eq!((listener, client), (l, from), "cookie reply misdirected");
+                    assert!(matches!(
+                        Message::parse(&reply),
+                        Ok(Message::CookieReply(_))
+                    ));
+                    let ledger = self.ledgers.entry(client).or_default();
+                    ledger.bytes_out += reply.len() as u64;
+                    assert!(
+                        ledger.verified || ledger.bytes_out <= ledger.bytes_in,
+                        "cookie replies amplify towards {client}"
+                    );
+                    self.cookie_replies += 1;
+                    let sent = self.in_flight.0.clone();
+                    self.held_cookies.insert((from, key), (reply, sent));
+                }
                 Command::CloseExitSocket { slot } => {
                     let s = self
                         .open
@@ -535,6 +599,10 @@ impl Harness {
         let before = self.open.len();
         let pending_before = self.open.values().filter(|s| !s.established).count();
         let per_client_before = self.sessions_of(from).count();
+        let replies_before = self.cookie_replies;
+        // The router knows an address as verified only while a session of it is open, so
+        // this is a superset of what it knows.
+        let address_verified = self.ledgers.get(&from).is_some_and(|l| l.verified);
         let action = self.router.handle_client(self.now, l, from, p);
         self.ledgers.entry(from).or_default().bytes_in += p.len() as u64;
         let msg = Message::parse(p);
@@ -560,9 +628,27 @@ impl Harness {
             }
         };
         if let Message::Initiation(_) = msg {
-            if action != Action::Drop(DropReason::RateLimited) {
-                self.rate_limited_handshake(from.ip());
+            // Initiations certainly past the rate limiter (others may have spent a token
+            // too, so this undercounts, which only weakens the check).
+            if matches!(
+                action,
+                Action::ToExit(_)
+                    | Action::Drop(
+                        DropReason::SessionsFull
+                            | DropReason::PendingFull
+                            | DropReason::ClientSessionLimit
+                    )
+            ) {
+                self.rate_limited_handshake(from.ip(), self.in_flight.1 || address_verified);
             }
+        }
+        // A source that has proven nothing (no mac2, no index used) opens a new pending
+        // session only below the load mark, half of max_pending.
+        if self.open.len() > before && failed.is_none() && !self.in_flight.1 && !address_verified {
+            assert!(
+                pending_before < (self.cfg.max_pending / 2).max(1),
+                "an unproven source opened a session with {pending_before} pending"
+            );
         }
         match action {
             Action::ToClient { .. } => panic!("a client packet was reflected: {action:?}"),
@@ -617,6 +703,17 @@ impl Harness {
                 let is_init = matches!(msg, Message::Initiation(_));
                 match reason {
                     DropReason::RateLimited => assert!(is_init),
+                    DropReason::CookieChallenge => {
+                        let Message::Initiation(i) = msg else {
+                            panic!("challenged a non-initiation")
+                        };
+                        assert!(self.exit_for(l, &i).is_ok(), "challenged for no exit");
+                        assert_eq!(
+                            self.cookie_replies,
+                            replies_before + 1,
+                            "a challenge without a cookie reply"
+                        );
+                    }
                     DropReason::NoExit | DropReason::Mac1Mismatch => {
                         let Message::Initiation(i) = msg else {
                             panic!("{reason} for a non-initiation")
@@ -642,17 +739,49 @@ impl Harness {
         }
     }
 
-    fn rate_limited_handshake(&mut self, ip: IpAddr) {
+    /// Records an initiation from `ip` that got past the rate limiter and checks that the
+    /// budgets were kept: one token bucket for initiations that cannot have been proven
+    /// (no mac2, address never verified), and two (the unproven and the proven one) for
+    /// all of them.
+    fn rate_limited_handshake(&mut self, ip: IpAddr, maybe_proven: bool) {
         let cost = 1_000_000_000 / u128::from(self.cfg.handshakes_per_second);
         let capacity = cost * u128::from(self.cfg.handshake_burst);
-        let times = self.handshakes.entry(rate_key(ip)).or_default();
-        times.push(self.now);
+        let now = self.now;
+        Self::within_budget(
+            self.handshakes_any.entry(rate_key(ip)).or_default(),
+            now,
+            ip,
+            cost,
+            2 * capacity,
+            2,
+        );
+        if !maybe_proven {
+            Self::within_budget(
+                self.handshakes.entry(rate_key(ip)).or_default(),
+                now,
+                ip,
+                cost,
+                capacity,
+                1,
+            );
+        }
+    }
+
+    fn within_budget(
+        times: &mut Vec<Instant>,
+        now: Instant,
+        ip: IpAddr,
+        cost: u128,
+        capacity: u128,
+        buckets: u128,
+    ) {
+        times.push(now);
         // A token bucket lets through at most `burst + rate × window` in any window.
         let n = times.len();
         for (i, &t) in times.iter().enumerate() {
-            let window = (self.now - t).as_nanos();
+            let window = (now - t).as_nanos();
             assert!(
-                (n - i) as u128 * cost <= capacity + window,
+                (n - i) as u128 * cost <= capacity + window * buckets,
                 "{} handshakes from {ip} within {window} ns",
                 n - i
             );
@@ -762,6 +891,7 @@ impl Harness {
         self.past.merge(old_router.stats());
         self.born = self.now;
         self.handshakes.clear();
+        self.handshakes_any.clear();
         self.drops = [0; DropReason::COUNT];
         self.to_exit_bytes = 0;
         self.to_client_bytes = 0;

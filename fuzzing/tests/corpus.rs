@@ -81,6 +81,7 @@ fn fuzz_corpus_router_reaches_the_states_that_matter() {
     for reason in [
         DropReason::AmplificationLimit,
         DropReason::RateLimited,
+        DropReason::CookieChallenge,
         DropReason::SessionsFull,
         DropReason::PendingFull,
         DropReason::ClientSessionLimit,

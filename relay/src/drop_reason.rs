@@ -18,8 +18,13 @@ pub enum DropReason {
     NoExit,
     /// An initiation on a listen port pinned to an exit, whose mac1 is not for that exit.
     Mac1Mismatch,
-    /// The source exceeded its handshake rate.
+    /// The source exceeded its handshake rate, or a challenge was due and the router's
+    /// cookie-reply budget was spent.
     RateLimited,
+    /// An initiation answered with the relay's own cookie reply instead of forwarded: the
+    /// relay is under load or the source is over its budget, and its mac2 does not prove
+    /// its address. The client retries with the cookie.
+    CookieChallenge,
     /// The table of pending handshakes is full; new handshakes wait until it drains.
     PendingFull,
     /// The session table is full; established sessions are never evicted for new ones.
@@ -56,7 +61,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::Truncated,
         DropReason::BadLength,
         DropReason::ReservedNonZero,
@@ -64,6 +69,7 @@ impl DropReason {
         DropReason::NoExit,
         DropReason::Mac1Mismatch,
         DropReason::RateLimited,
+        DropReason::CookieChallenge,
         DropReason::PendingFull,
         DropReason::SessionsFull,
         DropReason::ClientSessionLimit,
@@ -99,6 +105,7 @@ impl DropReason {
             DropReason::NoExit => "no_exit",
             DropReason::Mac1Mismatch => "mac1_mismatch",
             DropReason::RateLimited => "rate_limited",
+            DropReason::CookieChallenge => "cookie_challenge",
             DropReason::PendingFull => "pending_full",
             DropReason::SessionsFull => "sessions_full",
             DropReason::ClientSessionLimit => "client_session_limit",

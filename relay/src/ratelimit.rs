@@ -18,6 +18,51 @@ struct Bucket {
     last: u64,
 }
 
+impl Bucket {
+    /// Refills for the time since the last call and takes one token of `cost` if there is one.
+    fn take(&mut self, now_ns: u64, cost: u64, capacity: u64) -> bool {
+        self.tokens = (self.tokens + now_ns.saturating_sub(self.last)).min(capacity);
+        self.last = now_ns;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One token bucket: `per_second` on average, up to `burst` at once; starts full.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    bucket: Bucket,
+    cost: u64,
+    capacity: u64,
+    base: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(per_second: u32, burst: u32, base: Instant) -> Self {
+        let cost = Duration::from_secs(1).as_nanos() as u64 / u64::from(per_second.max(1));
+        let capacity = cost * u64::from(burst.max(1));
+        TokenBucket {
+            bucket: Bucket {
+                tokens: capacity,
+                last: 0,
+            },
+            cost,
+            capacity,
+            base,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let now_ns = now.saturating_duration_since(self.base).as_nanos() as u64;
+        self.bucket.take(now_ns, self.cost, self.capacity)
+    }
+}
+
 /// Token-bucket rate limiter keyed by source address.
 #[derive(Debug)]
 pub struct HandshakeRateLimiter {
@@ -65,15 +110,7 @@ impl HandshakeRateLimiter {
         }
         let idx = h.finish() as usize & self.mask;
         let now_ns = now.saturating_duration_since(self.base).as_nanos() as u64;
-        let b = &mut self.buckets[idx];
-        b.tokens = (b.tokens + now_ns.saturating_sub(b.last)).min(self.capacity);
-        b.last = now_ns;
-        if b.tokens >= self.cost {
-            b.tokens -= self.cost;
-            true
-        } else {
-            false
-        }
+        self.buckets[idx].take(now_ns, self.cost, self.capacity)
     }
 }
 
@@ -108,5 +145,16 @@ mod tests {
         assert!(rl.allow(a, now) && rl.allow(same64, now));
         assert!(!rl.allow(a, now), "the /64 shares one bucket");
         assert!(rl.allow(other, now), "another source has its own bucket");
+    }
+
+    #[test]
+    fn a_token_bucket_refills_at_its_rate_up_to_its_burst() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1_000, 10, t0);
+        assert_eq!((0..100).filter(|_| b.take(t0)).count(), 10, "starts full");
+        let later = t0 + Duration::from_millis(5);
+        assert_eq!((0..100).filter(|_| b.take(later)).count(), 5, "1 per ms");
+        let much_later = t0 + Duration::from_secs(60);
+        assert_eq!((0..100).filter(|_| b.take(much_later)).count(), 10);
     }
 }

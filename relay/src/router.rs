@@ -24,9 +24,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cookie::{CookieJar, CookieReplyBytes};
 use crate::drop_reason::DropReason;
 use crate::keys::PublicKey;
-use crate::ratelimit::HandshakeRateLimiter;
+use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
 use crate::slab::Slab;
 use crate::table::ExitTable;
 use crate::wire::{Initiation, Message};
@@ -56,6 +57,13 @@ pub struct RouterConfig {
     pub rate_limit_buckets: usize,
     /// Sessions examined per [`Router::handle_timeout`] call after a table swap.
     pub swap_sweep_budget: usize,
+    /// Cookie replies this router sends per second at most (see [`crate::cookie`]);
+    /// initiations beyond it, when a challenge is due, are dropped as `rate_limited`. It
+    /// also caps the mac1 scans a flood of rate-limited initiations can cost.
+    pub cookie_replies_per_second: u32,
+    /// Secret the relay's cookies derive from. Routers of one node share it, so a cookie
+    /// from one worker is good at all of them. Random by default.
+    pub cookie_seed: [u8; 32],
 }
 
 impl Default for RouterConfig {
@@ -70,12 +78,17 @@ impl Default for RouterConfig {
             handshake_burst: 5,
             rate_limit_buckets: 8_192,
             swap_sweep_budget: 4_096,
+            cookie_replies_per_second: 20_000,
+            cookie_seed: rand::random(),
         }
     }
 }
 
 /// The hard upper bound of [`RouterConfig::max_sessions_per_client`].
 pub const MAX_SESSIONS_PER_CLIENT: usize = 4;
+
+/// How long the router stays under load after its pending table was at the load mark.
+const LOAD_HOLD: Duration = Duration::from_secs(1);
 
 /// How many exit-assigned receiver indices a session remembers (WireGuard keeps a
 /// previous, current and next keypair, plus handshakes in flight).
@@ -140,6 +153,13 @@ pub enum Command {
     },
     /// Close the socket of `slot`.
     CloseExitSocket { slot: SessionSlot },
+    /// Send `reply`, the relay's own cookie reply to an initiation it challenged, from
+    /// `listener` to `client` (smaller than the initiation it answers).
+    SendCookieReply {
+        listener: Listener,
+        client: SocketAddr,
+        reply: CookieReplyBytes,
+    },
 }
 
 /// Packets and bytes in one direction.
@@ -394,7 +414,14 @@ pub struct Router {
     clients: HashMap<SocketAddr, ClientSessions>,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     commands: VecDeque<Command>,
+    /// Handshake budget of sources that have not proven their address.
     rate_limiter: HandshakeRateLimiter,
+    /// Handshake budget of sources whose mac2 carries our cookie: spoofers cannot spend it.
+    proven_limiter: HandshakeRateLimiter,
+    cookies: CookieJar,
+    cookie_budget: TokenBucket,
+    /// Under load until then (see [`Router::under_load`]).
+    load_until: Option<Instant>,
     pending: usize,
     /// Next slot index to examine after a table swap, if a sweep is under way.
     sweep: Option<u32>,
@@ -416,6 +443,20 @@ impl Router {
             cfg.rate_limit_buckets,
             now,
         );
+        let proven_limiter = HandshakeRateLimiter::new(
+            cfg.handshakes_per_second,
+            cfg.handshake_burst,
+            cfg.rate_limit_buckets,
+            now,
+        );
+        static ROUTERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let salt = ROUTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cookies = CookieJar::new(cfg.cookie_seed, salt, now);
+        let cookie_budget = TokenBucket::new(
+            cfg.cookie_replies_per_second,
+            (cfg.cookie_replies_per_second / 10).max(1),
+            now,
+        );
         Router {
             cfg,
             table,
@@ -424,6 +465,10 @@ impl Router {
             timers: BinaryHeap::new(),
             commands: VecDeque::new(),
             rate_limiter,
+            proven_limiter,
+            cookies,
+            cookie_budget,
+            load_until: None,
             pending: 0,
             sweep: None,
             stats: RouterStats::default(),
@@ -450,6 +495,19 @@ impl Router {
     /// Sessions still waiting for the exit's first answer.
     pub fn pending_count(&self) -> usize {
         self.pending
+    }
+
+    /// Whether new handshakes must prove their source with our cookie first: the pending
+    /// table is at least half full, or was within the last second. Below that mark any
+    /// source may open a pending session; above it only proven ones, so a flood from spoofed
+    /// sources can fill half the table at most and real clients always find room.
+    pub fn under_load(&mut self, now: Instant) -> bool {
+        let mark = (self.cfg.max_pending / 2).max(1);
+        if self.pending >= mark {
+            self.load_until = Some(now + LOAD_HOLD);
+            return true;
+        }
+        self.load_until.is_some_and(|t| now < t)
     }
 
     /// Whether `client` has a session (pending or established).
@@ -541,9 +599,26 @@ impl Router {
         from: SocketAddr,
         init: Initiation<'_>,
     ) -> Action {
-        if !self.rate_limiter.allow(from.ip(), now) {
-            return self.drop_packet(DropReason::RateLimited);
-        }
+        // Who may start a handshake: any source within its budget while we are not under
+        // load; otherwise only a source that has proven its address, within a budget of
+        // its own: by a mac2 made with our cookie, or by a session whose client has used
+        // an index the exit sent only to it (an established client's rekey is never
+        // challenged). Everyone else is challenged with a cookie reply, which costs the
+        // client one retry (REKEY_TIMEOUT, 5 s) and a spoofer everything.
+        let ip = from.ip();
+        let admitted = if !self.under_load(now) && self.rate_limiter.allow(ip, now) {
+            true
+        } else if self.address_verified(from) || self.cookies.verify_mac2(now, from, &init) {
+            if !self.proven_limiter.allow(ip, now) {
+                return self.drop_packet(DropReason::RateLimited);
+            }
+            true
+        } else {
+            if !self.cookie_budget.take(now) {
+                return self.drop_packet(DropReason::RateLimited);
+            }
+            false
+        };
         let exit = match self.table.pinned(listener.port) {
             Some(id) => {
                 let exit = self.table.get(id).expect("pinned id is in its table");
@@ -564,6 +639,15 @@ impl Router {
             .spec;
         let (exit_key, exit_endpoint) = (spec.public_key, spec.endpoint);
         let len = init.bytes().len();
+        if !admitted {
+            let reply = self.cookies.reply(now, from, &exit_key, &init);
+            self.commands.push_back(Command::SendCookieReply {
+                listener,
+                client: from,
+                reply,
+            });
+            return self.drop_packet(DropReason::CookieChallenge);
+        }
 
         let existing = self.clients.get(&from).and_then(|c| {
             c.as_slice().iter().copied().find(|&i| {
@@ -632,6 +716,15 @@ impl Router {
         self.stats.client_handshakes += 1;
         self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
+    }
+
+    /// Whether a session of `client` has proven that it receives at this address.
+    fn address_verified(&self, client: SocketAddr) -> bool {
+        self.clients.get(&client).is_some_and(|c| {
+            c.as_slice()
+                .iter()
+                .any(|&i| self.sessions.at(i).is_some_and(|(_, s)| s.verified))
+        })
     }
 
     fn insert(&mut self, session: Session) -> SessionSlot {

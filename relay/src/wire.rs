@@ -37,6 +37,8 @@ pub const TRANSPORT_MIN_LEN: usize = 32;
 
 /// Where mac1 starts in an initiation; everything before it is covered by mac1.
 pub const INITIATION_MAC1_OFFSET: usize = 116;
+/// Where mac2 starts in an initiation; mac2 covers everything before it.
+pub const INITIATION_MAC2_OFFSET: usize = INITIATION_MAC1_OFFSET + MAC_LEN;
 /// Where mac1 starts in a response.
 pub const RESPONSE_MAC1_OFFSET: usize = 60;
 /// Length of mac1 and of mac2.
@@ -150,6 +152,16 @@ impl<'a> Initiation<'a> {
         self.0[INITIATION_MAC1_OFFSET..]
             .first_chunk()
             .expect("148-byte message holds mac1 at 116..132")
+    }
+    /// The bytes mac2 covers: everything before it, mac1 included.
+    pub fn mac2_input(&self) -> &'a [u8] {
+        &self.0[..INITIATION_MAC2_OFFSET]
+    }
+    /// mac2, all zeros unless the initiator holds a cookie for the responder.
+    pub fn mac2(&self) -> &'a [u8; MAC_LEN] {
+        self.0[INITIATION_MAC2_OFFSET..]
+            .first_chunk()
+            .expect("148-byte message holds mac2 at 132..148")
     }
     pub fn bytes(&self) -> &'a [u8] {
         self.0

@@ -169,6 +169,8 @@ pub struct IoStats {
     /// Times the kernel refused GSO and the worker switched to plain sends.
     pub gso_fallbacks: u64,
     pub recv_errors: u64,
+    /// The relay's own cookie replies the kernel refused to send.
+    pub cookie_send_errors: u64,
     pub exit_sockets_open: u64,
     /// Longest single housekeeping step (table pick-up, expiry, control requests), in ns:
     /// what a table swap costs a worker's loop.
@@ -190,6 +192,7 @@ impl IoStats {
         self.gso_sends += o.gso_sends;
         self.gso_fallbacks += o.gso_fallbacks;
         self.recv_errors += o.recv_errors;
+        self.cookie_send_errors += o.cookie_send_errors;
         self.exit_sockets_open += o.exit_sockets_open;
         self.housekeeping_max_ns = self.housekeeping_max_ns.max(o.housekeeping_max_ns);
         self.cpu_ns += o.cpu_ns;

@@ -175,6 +175,7 @@ impl Worker {
 
     fn housekeeping(&mut self, now: Instant) {
         let new_table = self.table.load_if_changed(self.router.table());
+        let took_table = new_table.is_some();
         if let Some(t) = &new_table {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
         }
@@ -186,7 +187,9 @@ impl Worker {
             &self.requests,
             now,
         );
-        if now.duration_since(self.last_report) >= REPORT_EVERY {
+        // A new table is reported at once: the control side waits for every worker to
+        // route by it before it calls a swap done.
+        if took_table || now.duration_since(self.last_report) >= REPORT_EVERY {
             self.publish(now);
         }
     }
@@ -531,6 +534,19 @@ impl WorkerIo for PortableIo<'_> {
                 Command::CloseExitSocket { slot } => {
                     if Self::close(self.poll, self.exits, slot) {
                         self.io.exit_sockets_open -= 1;
+                    }
+                }
+                Command::SendCookieReply {
+                    listener,
+                    client,
+                    reply,
+                } => {
+                    let sent = self
+                        .listeners
+                        .get(listener.id as usize)
+                        .is_some_and(|l| l.socket.send_to(&reply, &client.into()).is_ok());
+                    if !sent {
+                        self.io.cookie_send_errors += 1;
                     }
                 }
             }

@@ -1,8 +1,8 @@
 use super::*;
 use crate::table::ExitSpec;
 use crate::wire::{
-    COOKIE_REPLY_LEN, COOKIE_REPLY_TYPE, INITIATION_LEN, INITIATION_MAC1_OFFSET, RESPONSE_LEN,
-    RESPONSE_TYPE, TRANSPORT_TYPE,
+    COOKIE_REPLY_LEN, COOKIE_REPLY_TYPE, INITIATION_LEN, INITIATION_MAC1_OFFSET,
+    INITIATION_MAC2_OFFSET, RESPONSE_LEN, RESPONSE_TYPE, TRANSPORT_TYPE,
 };
 use proptest::prelude::*;
 
@@ -92,6 +92,16 @@ fn transport(receiver: u32, len: usize) -> Vec<u8> {
     m
 }
 
+/// The mac2 a client puts on `retry` after `reply` answered `sent`.
+fn mac2_for(k: &PublicKey, reply: &CookieReplyBytes, sent: &[u8], retry: &[u8]) -> [u8; 16] {
+    let (Ok(Message::Initiation(sent)), Ok(Message::Initiation(retry))) =
+        (Message::parse(sent), Message::parse(retry))
+    else {
+        panic!("not initiations")
+    };
+    crate::cookie::initiator_mac2(k, reply, &sent, &retry).expect("our reply decrypts")
+}
+
 struct Harness {
     r: Router,
     now: Instant,
@@ -120,6 +130,32 @@ impl Harness {
     }
     fn commands(&mut self) -> Vec<Command> {
         std::iter::from_fn(|| self.r.poll_command()).collect()
+    }
+    /// Cookie replies the router asked to send, with their destination.
+    fn cookie_replies(&mut self) -> Vec<(SocketAddr, CookieReplyBytes)> {
+        self.commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                Command::SendCookieReply { client, reply, .. } => Some((client, reply)),
+                _ => None,
+            })
+            .collect()
+    }
+    /// Client `c` sends an initiation to `k`; if the relay challenges it, retries as a
+    /// WireGuard client would, with mac2 made from the cookie. Returns the final action.
+    fn initiate_proving(&mut self, c: SocketAddr, k: PublicKey, sender: u32) -> Action {
+        let first = initiation(k, sender);
+        let action = self.client(MAIN, c, &first);
+        if action != Action::Drop(DropReason::CookieChallenge) {
+            return action;
+        }
+        let replies = self.cookie_replies();
+        assert_eq!(replies.len(), 1, "one cookie reply per challenge");
+        assert_eq!(replies[0].0, c, "the reply goes to the initiation's source");
+        let mut retry = initiation(k, sender + 1);
+        let mac2 = mac2_for(&k, &replies[0].1, &first, &retry);
+        retry[INITIATION_MAC2_OFFSET..].copy_from_slice(&mac2);
+        self.client(MAIN, c, &retry)
     }
     /// Client `c` handshakes with exit `k` through the relay; the exit answers with index
     /// `exit_index`, and the client confirms with a keepalive. Returns the session's slot.
@@ -419,12 +455,19 @@ fn bounds_refuse_new_handshakes_and_never_evict() {
         h.client(MAIN, client(2), &initiation(key(1), 1)),
         Action::ToExit(_)
     ));
-    assert!(matches!(
+    // One pending session is half of max_pending: from here on the relay is under load,
+    // and only sources that prove their address with our cookie get in.
+    assert_eq!(
         h.client(MAIN, client(3), &initiation(key(1), 1)),
+        Action::Drop(DropReason::CookieChallenge)
+    );
+    h.commands();
+    assert!(matches!(
+        h.initiate_proving(client(3), key(1), 1),
         Action::ToExit(_)
     ));
     assert_eq!(
-        h.client(MAIN, client(4), &initiation(key(1), 1)),
+        h.initiate_proving(client(4), key(1), 1),
         Action::Drop(DropReason::SessionsFull)
     );
     let mut h2 = Harness::with(RouterConfig {
@@ -432,10 +475,14 @@ fn bounds_refuse_new_handshakes_and_never_evict() {
         max_pending: 2,
         ..RouterConfig::default()
     });
-    h2.client(MAIN, client(0), &initiation(key(1), 1));
-    h2.client(MAIN, client(1), &initiation(key(1), 1));
+    for c in 0..2 {
+        assert!(matches!(
+            h2.initiate_proving(client(c), key(1), 1),
+            Action::ToExit(_)
+        ));
+    }
     assert_eq!(
-        h2.client(MAIN, client(2), &initiation(key(1), 1)),
+        h2.initiate_proving(client(2), key(1), 1),
         Action::Drop(DropReason::PendingFull)
     );
     // The established sessions in the full router are untouched.
@@ -472,9 +519,10 @@ fn handshake_rate_limit_is_per_source() {
         .collect();
     let limited = results
         .iter()
-        .filter(|a| **a == Action::Drop(DropReason::RateLimited))
+        .filter(|a| **a == Action::Drop(DropReason::CookieChallenge))
         .count();
-    assert_eq!(limited, 5, "burst of 5 then limited: {results:?}");
+    assert_eq!(limited, 5, "burst of 5 then challenged: {results:?}");
+    assert_eq!(h.cookie_replies().len(), 5);
     assert!(matches!(
         h.client(MAIN, client(2), &initiation(key(1), 1)),
         Action::ToExit(_)
@@ -828,6 +876,9 @@ proptest! {
                     (Action::Drop(DropReason::NoSession), None, 0)
                 }
             };
+            if let Some(from) = from {
+                ledger.entry(from).or_default().0 += len as u64;
+            }
             for cmd in h.commands() {
                 match cmd {
                     Command::OpenExitSocket { slot, exit, .. } => {
@@ -836,10 +887,19 @@ proptest! {
                         slots.push(slot);
                     }
                     Command::CloseExitSocket { slot } => prop_assert!(open.remove(&slot)),
+                    Command::SendCookieReply { client: to, .. } => {
+                        // Only ever an answer to the initiation just received, and smaller.
+                        prop_assert_eq!(Some(to), from);
+                        let is_init = matches!(step, Step::ClientInit { .. });
+                        prop_assert!(is_init);
+                        prop_assert_eq!(action, Action::Drop(DropReason::CookieChallenge));
+                        let e = ledger.entry(to).or_default();
+                        e.1 += COOKIE_REPLY_LEN as u64;
+                        prop_assert!(e.1 <= e.0, "cookie amplification to {}", to);
+                    }
                 }
             }
             if let Some(from) = from {
-                ledger.entry(from).or_default().0 += len as u64;
                 if matches!(step, Step::ClientInit { exit: 1 | 2, .. }) && matches!(action, Action::ToExit(_)) {
                     initiated.insert(from);
                 }
@@ -882,4 +942,143 @@ fn an_idle_timeout_shorter_than_the_pending_one_never_leaves_a_session_past_its_
     h.r.handle_timeout(h.now);
     assert_eq!(h.r.session_count(), 0, "idle until its deadline");
     assert_eq!(h.r.stats().sessions_expired_idle, 1);
+}
+
+#[test]
+fn under_load_a_spoofed_flood_fills_half_the_pending_table_and_real_clients_still_get_in() {
+    let mut h = Harness::with(RouterConfig {
+        max_pending: 8,
+        ..RouterConfig::default()
+    });
+    // 200 spoofed sources, each sending one initiation: they never see our replies.
+    let mut challenged = 0;
+    for n in 0..200 {
+        match h.client(MAIN, client(1000 + n), &initiation(key(1), n.into())) {
+            Action::ToExit(_) => {}
+            Action::Drop(DropReason::CookieChallenge) => challenged += 1,
+            other => panic!("flood initiation {n}: {other:?}"),
+        }
+    }
+    assert_eq!(h.r.pending_count(), 4, "the flood stops at half the table");
+    assert_eq!(challenged, 196);
+    let replies = h.cookie_replies();
+    assert_eq!(replies.len(), 196, "every challenge is one cookie reply");
+    assert!(replies.iter().all(|(_, r)| r.len() < INITIATION_LEN));
+
+    // A real client proves its address and gets in, as do three more, up to the bound.
+    for n in 0..4 {
+        assert!(matches!(
+            h.initiate_proving(client(n), key(n as u8 % 2 + 1), 7),
+            Action::ToExit(_)
+        ));
+    }
+    assert_eq!(h.r.pending_count(), 8);
+    assert_eq!(
+        h.initiate_proving(client(9), key(1), 7),
+        Action::Drop(DropReason::PendingFull)
+    );
+    assert_eq!(h.r.stats().dropped(DropReason::CookieChallenge), 196 + 5);
+
+    // The pending handshakes expire; the load mark holds for a second after the table was
+    // last at it, then unproven sources are welcome again.
+    h.advance(Duration::from_millis(4500));
+    assert!(h.r.under_load(h.now), "still full");
+    h.advance(Duration::from_millis(800));
+    assert_eq!(h.r.pending_count(), 0, "expired after 5 s");
+    assert!(h.r.under_load(h.now), "load is remembered for a second");
+    h.advance(Duration::from_millis(300));
+    assert!(!h.r.under_load(h.now));
+    assert!(matches!(
+        h.client(MAIN, client(20), &initiation(key(1), 1)),
+        Action::ToExit(_)
+    ));
+}
+
+#[test]
+fn spoofed_initiations_in_a_victims_name_cannot_spend_its_handshake_budget() {
+    let mut h = Harness::new();
+    let victim = client(1);
+    // A flood from the victim's own address (another port: the attacker cannot see its
+    // traffic) spends the unproven budget of that address...
+    let spoofed: SocketAddr = format!("{}:9", victim.ip()).parse().unwrap();
+    for i in 0..100 {
+        h.client(MAIN, spoofed, &initiation(key(1), i));
+    }
+    h.commands();
+    // ...but the victim is challenged, not refused, and its proof spends another budget.
+    assert!(matches!(
+        h.initiate_proving(victim, key(1), 500),
+        Action::ToExit(_)
+    ));
+    // A mac2 made for the victim is no good from another port.
+    let first = initiation(key(2), 600);
+    assert_eq!(
+        h.client(MAIN, victim, &first),
+        Action::Drop(DropReason::CookieChallenge)
+    );
+    let reply = h.cookie_replies()[0].1;
+    let mut retry = initiation(key(2), 601);
+    let mac2 = mac2_for(&key(2), &reply, &first, &retry);
+    retry[INITIATION_MAC2_OFFSET..].copy_from_slice(&mac2);
+    assert_eq!(
+        h.client(MAIN, spoofed, &retry),
+        Action::Drop(DropReason::CookieChallenge)
+    );
+    assert!(matches!(h.client(MAIN, victim, &retry), Action::ToExit(_)));
+}
+
+#[test]
+fn cookie_replies_have_a_budget_of_their_own() {
+    let mut h = Harness::with(RouterConfig {
+        cookie_replies_per_second: 100,
+        max_pending: 2,
+        ..RouterConfig::default()
+    });
+    let results: Vec<_> = (0..100)
+        .map(|n| h.client(MAIN, client(100 + n), &initiation(key(1), 1)))
+        .collect();
+    let count = |r: DropReason| results.iter().filter(|a| **a == Action::Drop(r)).count();
+    // One admitted (the mark is 1), a burst of 10 challenged, the rest refused unanswered.
+    assert_eq!(count(DropReason::CookieChallenge), 10);
+    assert_eq!(count(DropReason::RateLimited), 89);
+    assert_eq!(h.cookie_replies().len(), 10);
+    h.advance(Duration::from_millis(100));
+    assert_eq!(
+        h.client(MAIN, client(500), &initiation(key(1), 1)),
+        Action::Drop(DropReason::CookieChallenge),
+        "10 ms per reply at 100/s"
+    );
+}
+
+#[test]
+fn under_load_an_established_clients_rekey_is_not_challenged() {
+    let mut h = Harness::with(RouterConfig {
+        max_pending: 4,
+        ..RouterConfig::default()
+    });
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    // A flood takes the pending table to the load mark.
+    for n in 0..50 {
+        h.client(MAIN, client(100 + n), &initiation(key(1), n.into()));
+    }
+    h.commands();
+    assert!(h.r.under_load(h.now));
+    // The client has used an index the exit sent only to it: its rekey goes straight
+    // through, and so does its first handshake with another exit.
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(1), 7)),
+        Action::ToExit(slot)
+    );
+    assert!(matches!(
+        h.client(MAIN, c, &initiation(key(2), 8)),
+        Action::ToExit(_)
+    ));
+    assert!(h.cookie_replies().is_empty());
+    // Another port on the same host has proven nothing.
+    let other: SocketAddr = format!("{}:9", c.ip()).parse().unwrap();
+    assert_eq!(
+        h.client(MAIN, other, &initiation(key(1), 9)),
+        Action::Drop(DropReason::CookieChallenge)
+    );
 }

@@ -484,6 +484,21 @@ impl WorkerIo for Plane {
                         self.close(sid);
                     }
                 }
+                Command::SendCookieReply {
+                    listener,
+                    client,
+                    reply,
+                } => {
+                    // Rare (only under load) and 64 bytes: a plain send, not the ring.
+                    let sent = self
+                        .sockets
+                        .listener(listener.id)
+                        .and_then(|sid| self.sockets.get(sid))
+                        .is_some_and(|s| s.socket.send_to(&reply, &client.into()).is_ok());
+                    if !sent {
+                        self.io.cookie_send_errors += 1;
+                    }
+                }
             }
         }
     }
@@ -753,6 +768,7 @@ impl Worker {
 
     fn housekeeping(&mut self, now: Instant) {
         let new_table = self.table.load_if_changed(self.router.table());
+        let took_table = new_table.is_some();
         if let Some(t) = &new_table {
             tracing::debug!(
                 worker = self.plane.id,
@@ -768,7 +784,9 @@ impl Worker {
             &self.requests,
             now,
         );
-        if now.duration_since(self.last_report) >= REPORT_EVERY {
+        // A new table is reported at once: the control side waits for every worker to
+        // route by it before it calls a swap done.
+        if took_table || now.duration_since(self.last_report) >= REPORT_EVERY {
             self.publish(now);
         }
     }
