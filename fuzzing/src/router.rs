@@ -741,8 +741,8 @@ impl Harness {
 
     /// Records an initiation from `ip` that got past the rate limiter and checks that the
     /// budgets were kept: one token bucket for initiations that cannot have been proven
-    /// (no mac2, address never verified), and two (the unproven and the proven one) for
-    /// all of them.
+    /// (no mac2, address never verified), and three (unproven, verified address, cookie)
+    /// for all of them.
     fn rate_limited_handshake(&mut self, ip: IpAddr, maybe_proven: bool) {
         let cost = 1_000_000_000 / u128::from(self.cfg.handshakes_per_second);
         let capacity = cost * u128::from(self.cfg.handshake_burst);
@@ -752,8 +752,8 @@ impl Harness {
             now,
             ip,
             cost,
-            2 * capacity,
-            2,
+            3 * capacity,
+            3,
         );
         if !maybe_proven {
             Self::within_budget(

@@ -418,6 +418,9 @@ pub struct Router {
     rate_limiter: HandshakeRateLimiter,
     /// Handshake budget of sources whose mac2 carries our cookie: spoofers cannot spend it.
     proven_limiter: HandshakeRateLimiter,
+    /// Handshake budget of addresses with a verified session (under load or over their
+    /// unproven budget).
+    verified_limiter: HandshakeRateLimiter,
     cookies: CookieJar,
     cookie_budget: TokenBucket,
     /// Under load until then (see [`Router::under_load`]).
@@ -449,6 +452,12 @@ impl Router {
             cfg.rate_limit_buckets,
             now,
         );
+        let verified_limiter = HandshakeRateLimiter::new(
+            cfg.handshakes_per_second,
+            cfg.handshake_burst,
+            cfg.rate_limit_buckets,
+            now,
+        );
         static ROUTERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let salt = ROUTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cookies = CookieJar::new(cfg.cookie_seed, salt, now);
@@ -466,6 +475,7 @@ impl Router {
             commands: VecDeque::new(),
             rate_limiter,
             proven_limiter,
+            verified_limiter,
             cookies,
             cookie_budget,
             load_until: None,
@@ -605,10 +615,17 @@ impl Router {
         // an index the exit sent only to it (an established client's rekey is never
         // challenged). Everyone else is challenged with a cookie reply, which costs the
         // client one retry (REKEY_TIMEOUT, 5 s) and a spoofer everything.
+        //
+        // Each kind of proof has a budget of its own. Someone who spoofs a verified client's
+        // exact address spends only the budget of that address's verified sessions; the
+        // client is then challenged like anyone else, and its mac2 reaches a budget the
+        // spoofer cannot touch.
         let ip = from.ip();
-        let admitted = if !self.under_load(now) && self.rate_limiter.allow(ip, now) {
+        let admitted = if (!self.under_load(now) && self.rate_limiter.allow(ip, now))
+            || (self.address_verified(from) && self.verified_limiter.allow(ip, now))
+        {
             true
-        } else if self.address_verified(from) || self.cookies.verify_mac2(now, from, &init) {
+        } else if self.cookies.verify_mac2(now, from, &init) {
             if !self.proven_limiter.allow(ip, now) {
                 return self.drop_packet(DropReason::RateLimited);
             }

@@ -1082,3 +1082,21 @@ fn under_load_an_established_clients_rekey_is_not_challenged() {
         Action::Drop(DropReason::CookieChallenge)
     );
 }
+
+#[test]
+fn spoofing_a_verified_clients_exact_address_costs_it_a_challenge_not_its_handshakes() {
+    let mut h = Harness::new();
+    let c = client(1);
+    h.establish(c, key(1), 0xE1);
+    // A flood in the client's exact name (it cannot see our replies, but the client can):
+    // it spends the unproven budget and that of the address's verified session.
+    for i in 0..100 {
+        h.client(MAIN, c, &initiation(key(2), 1000 + i));
+    }
+    h.commands();
+    // The client's own initiation is challenged, not refused, and its answer gets in.
+    assert!(matches!(
+        h.initiate_proving(c, key(2), 5000),
+        Action::ToExit(_)
+    ));
+}
