@@ -111,6 +111,23 @@ pub struct IperfRun {
     what: String,
 }
 
+/// Whether `test` can run here (root, namespaces, the Debian packages). If not, says why
+/// and returns false when skips are allowed; panics when `WRAITHGATE_REQUIRE_ALL_TESTS`
+/// forbids skipping.
+pub(crate) fn prerequisites_or_skip(test: &str) -> bool {
+    let Some(why) = netns::missing_prerequisites(&PROGRAMS) else {
+        return true;
+    };
+    if crate::skips_allowed() {
+        eprintln!(
+            "\n*** SKIPPED {test}: {why}. It runs as root with the Debian packages \
+             installed (see .ci/run). ***\n"
+        );
+        return false;
+    }
+    panic!("{test} cannot run: {why}; WRAITHGATE_REQUIRE_ALL_TESTS forbids skipping");
+}
+
 impl Lab {
     /// Builds the lab for `test` with the relay's default data path (`auto`, or
     /// `$WRAITHGATE_INTEROP_BACKEND` to run the suite on another), or explains why this
@@ -124,15 +141,8 @@ impl Lab {
     /// [`Lab::start_or_skip`] with the relay on data-path `backend` ("auto", "uring",
     /// "portable").
     pub fn start_or_skip_with(test: &str, backend: &str) -> Option<Lab> {
-        if let Some(why) = netns::missing_prerequisites(&PROGRAMS) {
-            if crate::skips_allowed() {
-                eprintln!(
-                    "\n*** SKIPPED {test}: {why}. It runs as root with the Debian packages \
-                     installed (see .ci/run). ***\n"
-                );
-                return None;
-            }
-            panic!("{test} cannot run: {why}; WRAITHGATE_REQUIRE_ALL_TESTS forbids skipping");
+        if !prerequisites_or_skip(test) {
+            return None;
         }
         match Lab::start(test, backend) {
             Ok(lab) => Some(lab),

@@ -98,15 +98,8 @@ impl ZhopLab {
     /// machine cannot and returns `None` when skips are allowed (panics when
     /// `WRAITHGATE_REQUIRE_ALL_TESTS` forbids them).
     pub fn start_or_skip(test: &str, backend: &str) -> Option<ZhopLab> {
-        if let Some(why) = netns::missing_prerequisites(&super::PROGRAMS) {
-            if crate::skips_allowed() {
-                eprintln!(
-                    "\n*** SKIPPED {test}: {why}. It runs as root with the Debian packages \
-                     installed (see .ci/run). ***\n"
-                );
-                return None;
-            }
-            panic!("{test} cannot run: {why}; WRAITHGATE_REQUIRE_ALL_TESTS forbids skipping");
+        if !super::prerequisites_or_skip(test) {
+            return None;
         }
         match ZhopLab::start(test, backend) {
             Ok(lab) => Some(lab),
