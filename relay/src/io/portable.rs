@@ -510,6 +510,16 @@ fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket) {
     });
 }
 
+impl PortableIo<'_> {
+    /// A plain synchronous send from a listener: for the relay's own packets (cookie
+    /// replies, Z-HOP's re-encrypted replies), never the forwarded ones.
+    fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
+        self.listeners
+            .get(listener.id as usize)
+            .is_some_and(|l| l.socket.send_to(bytes, &to.into()).is_ok())
+    }
+}
+
 impl WorkerIo for PortableIo<'_> {
     fn router_commands(&mut self, router: &mut Router) {
         while let Some(cmd) = router.poll_command() {
@@ -541,11 +551,7 @@ impl WorkerIo for PortableIo<'_> {
                     client,
                     reply,
                 } => {
-                    let sent = self
-                        .listeners
-                        .get(listener.id as usize)
-                        .is_some_and(|l| l.socket.send_to(&reply, &client.into()).is_ok());
-                    if !sent {
+                    if !self.send_from_listener(listener, client, &reply) {
                         self.io.cookie_send_errors += 1;
                     }
                 }
@@ -559,10 +565,7 @@ impl WorkerIo for PortableIo<'_> {
                 listener,
                 to,
                 bytes,
-            } => self
-                .listeners
-                .get(listener.id as usize)
-                .is_some_and(|l| l.socket.send_to(bytes, &to.into()).is_ok()),
+            } => self.send_from_listener(listener, to, bytes),
             ZhopOut::ToExit { flow, bytes } => match self.flows.get(flow.index as usize) {
                 Some(Some(s)) if s.generation == flow.generation => s.socket.send(bytes).is_ok(),
                 _ => false,

@@ -111,6 +111,19 @@ pub struct IperfRun {
     what: String,
 }
 
+/// What every lab does first: take the suite lock, remove what an interrupted run left
+/// behind, and give `test` a fresh log directory. Returns the lock, the start time and
+/// the directory.
+pub(crate) fn begin(test: &str) -> Result<(SuiteLock, Instant, std::path::PathBuf)> {
+    let lock = SuiteLock::acquire()?;
+    remove_leftovers()?;
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join("wraithgate-interop").join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok((lock, started, dir))
+}
+
 /// Whether `test` can run here (root, namespaces, the Debian packages). If not, says why
 /// and returns false when skips are allowed; panics when `WRAITHGATE_REQUIRE_ALL_TESTS`
 /// forbids skipping.
@@ -151,12 +164,7 @@ impl Lab {
     }
 
     fn start(test: &str, backend: &str) -> Result<Lab> {
-        let lock = SuiteLock::acquire()?;
-        remove_leftovers()?;
-        let started = Instant::now();
-        let dir = std::env::temp_dir().join("wraithgate-interop").join(test);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let (lock, started, dir) = begin(test)?;
 
         let ns = |s: &str| Netns::create(s).map(Arc::new);
         let (c1, c2, relay_ns, x1, x2, inet, atk) = (

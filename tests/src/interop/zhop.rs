@@ -37,7 +37,7 @@ use anyhow::{bail, Result};
 use super::relay::{Metrics, RelayNode};
 use super::wg::WgHost;
 use super::{iperf_start, ping, IperfResult, IperfRun, Traffic, EXIT_PORT, INTERNET, RELAY_PORT};
-use crate::netns::{self, remove_leftovers, veth, Daemon, Netns, SuiteLock};
+use crate::netns::{self, veth, Daemon, Netns, SuiteLock};
 
 /// The outer interface's MTU: wireguard-go's default, as a client would have it.
 pub const OUTER_MTU: u16 = 1420;
@@ -108,12 +108,7 @@ impl ZhopLab {
     }
 
     fn start(test: &str, backend: &str) -> Result<ZhopLab> {
-        let lock = SuiteLock::acquire()?;
-        remove_leftovers()?;
-        let started = Instant::now();
-        let dir = std::env::temp_dir().join("wraithgate-interop").join(test);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let (lock, started, dir) = super::begin(test)?;
 
         let ns = |s: &str| Netns::create(s).map(Arc::new);
         let (client, relay_ns, exit_ns, inet) = (ns("zc")?, ns("relay")?, ns("zx")?, ns("inet")?);

@@ -462,6 +462,17 @@ impl Plane {
     }
 }
 
+impl Plane {
+    /// A plain synchronous send from a listener, outside the ring: for the relay's own
+    /// packets (cookie replies, Z-HOP's re-encrypted replies), never the forwarded ones.
+    fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
+        self.sockets
+            .listener(listener.id)
+            .and_then(|sid| self.sockets.get(sid))
+            .is_some_and(|s| s.socket.send_to(bytes, &to.into()).is_ok())
+    }
+}
+
 impl WorkerIo for Plane {
     fn router_commands(&mut self, router: &mut Router) {
         while let Some(cmd) = router.poll_command() {
@@ -490,12 +501,7 @@ impl WorkerIo for Plane {
                     reply,
                 } => {
                     // Rare (only under load) and 64 bytes: a plain send, not the ring.
-                    let sent = self
-                        .sockets
-                        .listener(listener.id)
-                        .and_then(|sid| self.sockets.get(sid))
-                        .is_some_and(|s| s.socket.send_to(&reply, &client.into()).is_ok());
-                    if !sent {
+                    if !self.send_from_listener(listener, client, &reply) {
                         self.io.cookie_send_errors += 1;
                     }
                 }
@@ -511,11 +517,7 @@ impl WorkerIo for Plane {
                 listener,
                 to,
                 bytes,
-            } => self
-                .sockets
-                .listener(listener.id)
-                .and_then(|sid| self.sockets.get(sid))
-                .is_some_and(|s| s.socket.send_to(bytes, &to.into()).is_ok()),
+            } => self.send_from_listener(listener, to, bytes),
             ZhopOut::ToExit { flow, bytes } => self
                 .sockets
                 .flow(flow)
