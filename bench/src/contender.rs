@@ -273,8 +273,15 @@ pub fn wraithgate_config(
     exit: &str,
     state_dir: &Path,
 ) -> String {
+    // `portable@socket_buffer=1048576@batch=64`: a backend with `[relay]` settings of its
+    // own, so that variants of one backend run side by side as separate contenders.
+    let mut parts = backend.split('@');
+    let backend = parts.next().unwrap_or_default();
+    let extra: String = parts
+        .map(|kv| format!("{}\n", kv.replacen('=', " = ", 1)))
+        .collect();
     format!(
-        "[relay]\nlisten = [\"{listen}\"]\nworkers = {workers}\nbackend = \"{backend}\"\n\n\
+        "[relay]\nlisten = [\"{listen}\"]\nworkers = {workers}\nbackend = \"{backend}\"\n{extra}\n\
          [limits]\nmax_sessions = 65536\n\n\
          [control]\napi_enabled = false\nstate_dir = \"{}\"\n\n\
          [[exit]]\nname = \"sink\"\npublic_key = \"{}\"\nendpoint = \"{exit}\"\n",
@@ -453,5 +460,14 @@ mod tests {
         assert!(text.contains("backend = \"portable\""));
         assert!(text.contains("[[exit]]"));
         assert!(text.contains("endpoint = \"127.0.0.2:52000\""));
+        let text = wraithgate_config(
+            "127.0.0.1:51820",
+            1,
+            "uring@socket_buffer=1048576@batch=64",
+            &PublicKey([1; 32]),
+            "127.0.0.2:52000",
+            Path::new("/tmp/rb-state"),
+        );
+        assert!(text.contains("backend = \"uring\"\nsocket_buffer = 1048576\nbatch = 64\n"));
     }
 }

@@ -63,6 +63,10 @@ impl Default for ControlSection {
 
 /// Where the API listens unless configured otherwise.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:7070";
+/// Bounds of `socket_buffer` and `exit_socket_buffer`: below 64 KiB a socket cannot hold
+/// one GRO train; above 256 MiB the kernel's doubled value overflows its int.
+const MIN_SOCKET_BUFFER: usize = 64 << 10;
+const MAX_SOCKET_BUFFER: usize = 256 << 20;
 /// Where the node keeps its state unless configured otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/wraithgate";
 
@@ -89,6 +93,12 @@ pub struct RelaySection {
     /// io_uring receive buffers per worker (64 KiB each, resident only once used).
     #[serde(default = "default_ring_buffers")]
     pub ring_buffers: usize,
+    /// SO_RCVBUF/SO_SNDBUF of each client-facing socket, bytes.
+    #[serde(default = "default_socket_buffer")]
+    pub socket_buffer: usize,
+    /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket, bytes.
+    #[serde(default = "default_exit_socket_buffer")]
+    pub exit_socket_buffer: usize,
 }
 
 impl Default for RelaySection {
@@ -102,6 +112,8 @@ impl Default for RelaySection {
             batch: default_batch(),
             gso: true,
             ring_buffers: default_ring_buffers(),
+            socket_buffer: default_socket_buffer(),
+            exit_socket_buffer: default_exit_socket_buffer(),
         }
     }
 }
@@ -154,6 +166,12 @@ fn default_listen() -> Vec<SocketAddr> {
 }
 fn default_ring_buffers() -> usize {
     DataPlaneConfig::default().ring_buffers
+}
+fn default_socket_buffer() -> usize {
+    DataPlaneConfig::default().listener_socket_buffer
+}
+fn default_exit_socket_buffer() -> usize {
+    DataPlaneConfig::default().exit_socket_buffer
 }
 
 fn default_batch() -> usize {
@@ -224,10 +242,19 @@ impl Config {
         })?;
         let r = &file.relay;
         let l = &file.limits;
-        let checks: [(bool, &str); 7] = [
+        let bad_buffer = |b: usize| !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(&b);
+        let checks: [(bool, &str); 9] = [
             (
                 r.ring_buffers < 8 || r.ring_buffers > 32_768,
                 "[relay] ring_buffers: must be between 8 and 32768",
+            ),
+            (
+                bad_buffer(r.socket_buffer),
+                "[relay] socket_buffer: must be between 65536 and 268435456 bytes",
+            ),
+            (
+                bad_buffer(r.exit_socket_buffer),
+                "[relay] exit_socket_buffer: must be between 65536 and 268435456 bytes",
             ),
             (
                 r.listen.is_empty(),
@@ -336,6 +363,8 @@ impl Config {
             batch: r.batch,
             gso: r.gso,
             ring_buffers: r.ring_buffers,
+            listener_socket_buffer: r.socket_buffer,
+            exit_socket_buffer: r.exit_socket_buffer,
             ..defaults
         };
         Ok(Config {
@@ -376,6 +405,13 @@ listen = ["0.0.0.0:51820"]
 backend = "auto"
 # io_uring receive buffers per worker, a power of two (64 KiB each, resident once used).
 # ring_buffers = 256
+# Kernel buffer of each client-facing socket, bytes (per worker and listen address). It
+# absorbs bursts while a worker is busy; under sustained overload it is also the standing
+# queue every forwarded packet waits in (16 MiB ≈ 100 ms at 1 Gb/s), so latency-sensitive
+# nodes may want less. See BENCHMARKS.md, "Socket buffers".
+# socket_buffer = 16777216
+# Kernel buffer of each exit-facing socket (one per session), bytes.
+# exit_socket_buffer = 1048576
 # Source address of the sockets that talk to exits (by default the kernel picks).
 # exit_source = "203.0.113.5"
 
@@ -486,6 +522,22 @@ mod tests {
         let (l, msg) = line(parse("[relay]\n# a \u{1} b\nworkers = 1\n").unwrap_err());
         assert_eq!(l, 2);
         assert!(!msg.trim().is_empty(), "no reason given");
+    }
+
+    #[test]
+    fn socket_buffers_are_configurable_within_bounds() {
+        let c = parse("[relay]\nsocket_buffer = 1048576\nexit_socket_buffer = 262144\n").unwrap();
+        assert_eq!(c.data_plane.listener_socket_buffer, 1 << 20);
+        assert_eq!(c.data_plane.exit_socket_buffer, 256 << 10);
+        let c = parse("").unwrap();
+        assert_eq!(c.data_plane.listener_socket_buffer, 16 << 20);
+        let (l, msg) =
+            line(parse("[relay]\nexit_socket_buffer = 1024\nsocket_buffer = 1024\n").unwrap_err());
+        assert_eq!(l, 3, "{msg}");
+        assert!(msg.contains("socket_buffer: must be between"), "{msg}");
+        let (l, msg) = line(parse("[relay]\n\nexit_socket_buffer = 999999999999\n").unwrap_err());
+        assert_eq!(l, 3, "{msg}");
+        assert!(msg.contains("exit_socket_buffer"), "{msg}");
     }
 
     #[test]

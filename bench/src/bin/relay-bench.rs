@@ -41,7 +41,9 @@ struct Cli {
     /// Contenders to run (default: all).
     #[arg(long, value_delimiter = ',')]
     contenders: Option<Vec<String>>,
-    /// WraithGate backends to run as contenders.
+    /// WraithGate backends to run as contenders. `BACKEND@KEY=VALUE[@KEY=VALUE…]` adds
+    /// `[relay]` settings, e.g. `portable@socket_buffer=1048576`, to compare variants of one
+    /// backend side by side.
     #[arg(long, value_delimiter = ',', default_value = "portable,uring")]
     backends: Vec<String>,
     /// Scenarios to run (default: all): 1flow-1420B-unpaced, 1000flow-1420B-unpaced,

@@ -317,6 +317,19 @@ pub struct BoundListener {
     pub(crate) gro: bool,
 }
 
+/// Says once per address when the kernel gave a listener less receive buffer than
+/// configured (`net.core.rmem_max` caps it for a process without `CAP_NET_ADMIN`).
+fn warn_if_capped(socket: &socket2::Socket, asked: usize, addr: SocketAddr) {
+    // The kernel reports twice the usable size it granted (it counts its bookkeeping).
+    if let Ok(got) = socket.recv_buffer_size() {
+        if got / 2 < asked {
+            tracing::warn!(%addr, asked, granted = got / 2,
+                "client-facing socket buffer is smaller than configured: raise \
+                 net.core.rmem_max or run with CAP_NET_ADMIN");
+        }
+    }
+}
+
 /// Binds one socket per worker on `addr` (in worker order) and steers clients over them.
 /// Returns the sockets and the address actually bound.
 fn bind_group(
@@ -335,6 +348,9 @@ fn bind_group(
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(resolved);
+        if group.is_empty() {
+            warn_if_capped(&socket, buffer, resolved);
+        }
         group.push(BoundListener {
             socket,
             local: resolved,
