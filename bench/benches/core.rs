@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wraithgate_bench::packets;
+use wraithgate_relay::router::SWEEP_CLOSE_COST;
 use wraithgate_relay::wire::Message;
 use wraithgate_relay::{Action, ExitSpec, ExitTable, Listener, PublicKey, Router, RouterConfig};
 
@@ -59,13 +60,20 @@ fn client(i: usize) -> SocketAddr {
 /// A router with `clients` established sessions to exit 0; returns their slots too.
 fn established_router(clients: usize) -> (Router, Vec<wraithgate_relay::SessionSlot>, Instant) {
     let now = Instant::now();
-    let mut router = Router::new(RouterConfig::default(), Arc::new(table(1, 1)), now);
+    // Every client starts its handshake at the same instant: a burst that the per-source
+    // limiter's hashed buckets would otherwise cut short where sources share a bucket.
+    let cfg = RouterConfig {
+        handshake_burst: 1 << 20,
+        ..RouterConfig::default()
+    };
+    let mut router = Router::new(cfg, Arc::new(table(1, 1)), now);
     let mac1 = exit_key(0).mac1_key();
     let mut slots = Vec::with_capacity(clients);
     for i in 0..clients {
         let init = packets::initiation(i as u32, &mac1);
-        let Action::ToExit(slot) = router.handle_client(now, LISTENER, client(i), &init) else {
-            panic!("initiation {i} is forwarded");
+        let slot = match router.handle_client(now, LISTENER, client(i), &init) {
+            Action::ToExit(slot) => slot,
+            other => panic!("initiation {i} is forwarded, not {other:?}"),
         };
         while router.poll_command().is_some() {}
         let resp = packets::response(packets::client_index(i as u32));
@@ -200,6 +208,42 @@ fn table_swap(c: &mut Criterion) {
             "sessions survive a swap"
         );
     }
+    // The most a single housekeeping step does for a swap: one sweep step, when every
+    // session is kept (`swap_sweep_budget` examined) and when every one is closed because
+    // its exit was removed (each close costs `SWEEP_CLOSE_COST` of the budget).
+    let budget = RouterConfig::default().swap_sweep_budget;
+    let (mut router, _slots, now) = established_router(budget);
+    let tables = [Arc::new(table(1, 2)), Arc::new(table(1, 3))];
+    let mut k = 0;
+    g.bench_function(BenchmarkId::new("sweep_step_all_kept", budget), |b| {
+        b.iter(|| {
+            k ^= 1;
+            router.set_table(tables[k].clone());
+            router.handle_timeout(now);
+            assert!(!router.sweeping(), "one step covers the budget");
+        })
+    });
+    let empty = Arc::new(ExitTable::new(9, Vec::new()).expect("an empty table is valid"));
+    g.sampling_mode(criterion::SamplingMode::Flat);
+    g.sample_size(10);
+    g.bench_function(BenchmarkId::new("sweep_step_all_closed", budget), |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let (mut router, _slots, now) = established_router(budget);
+                let t = Instant::now();
+                router.set_table(empty.clone());
+                router.handle_timeout(now);
+                spent += t.elapsed();
+                assert_eq!(
+                    router.session_count(),
+                    budget - budget.div_ceil(SWEEP_CLOSE_COST),
+                    "one step closes what its budget allows"
+                );
+            }
+            spent
+        })
+    });
     g.finish();
 }
 

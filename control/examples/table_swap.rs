@@ -202,6 +202,14 @@ fn main() {
         .map(|r| r.io.housekeeping_max_ns)
         .max()
         .unwrap_or(0);
+    let swap_cpu = node
+        .control
+        .dp
+        .reports()
+        .iter()
+        .map(|r| r.io.swap_step_max_cpu_ns)
+        .max()
+        .unwrap_or(0);
     let (sent1, recv1) = (
         sent.load(Ordering::Relaxed),
         received.load(Ordering::Relaxed),
@@ -229,6 +237,10 @@ fn main() {
         "longest housekeeping step: {:.1} µs before the swap, {:.1} µs after",
         hk_before as f64 / 1e3,
         hk_after as f64 / 1e3
+    );
+    println!(
+        "longest swap step of any worker, its own CPU time (preemption excluded): {:.1} µs",
+        swap_cpu as f64 / 1e3
     );
     println!(
         "tunnel at {pps} pkt/s of 1,380-byte packets ({:.2} Gb/s), 3 s windows: {window_sent} sent around the swap, {window_lost} lost; {} sent without a swap, {baseline_lost} lost",

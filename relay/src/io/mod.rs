@@ -175,6 +175,10 @@ pub struct IoStats {
     /// Longest single housekeeping step (table pick-up, expiry, control requests), in ns:
     /// what a table swap costs a worker's loop.
     pub housekeeping_max_ns: u64,
+    /// Longest CPU time (the worker thread's own clock, so preemption does not count) of a
+    /// housekeeping step that took a new table or swept sessions of removed exits, in ns:
+    /// what a table swap itself costs a worker.
+    pub swap_step_max_cpu_ns: u64,
     /// CPU time the worker thread has used, in nanoseconds (read when it publishes).
     pub cpu_ns: u64,
     /// io_uring: `io_uring_enter` calls (submit and wait).
@@ -195,6 +199,7 @@ impl IoStats {
         self.cookie_send_errors += o.cookie_send_errors;
         self.exit_sockets_open += o.exit_sockets_open;
         self.housekeeping_max_ns = self.housekeeping_max_ns.max(o.housekeeping_max_ns);
+        self.swap_step_max_cpu_ns = self.swap_step_max_cpu_ns.max(o.swap_step_max_cpu_ns);
         self.cpu_ns += o.cpu_ns;
         self.ring_enters += o.ring_enters;
         self.ring_starved += o.ring_starved;

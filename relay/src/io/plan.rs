@@ -210,7 +210,9 @@ fn with_zhop_events(
 }
 
 /// The periodic part of a worker's loop that does not touch packets: a new table, router
-/// and Z-HOP timers, control requests.
+/// and Z-HOP timers, control requests. A step that took a new table or swept sessions of
+/// removed exits returns the thread CPU time it used (the clock is read only then, never
+/// on an ordinary step).
 pub(crate) fn housekeeping(
     router: &mut Router,
     zhop: &mut Zhop,
@@ -218,7 +220,9 @@ pub(crate) fn housekeeping(
     new_table: Option<std::sync::Arc<ExitTable>>,
     requests: &mpsc::Receiver<WorkerRequest>,
     now: Instant,
-) {
+) -> Option<std::time::Duration> {
+    let swap_work = new_table.is_some() || router.sweeping();
+    let cpu_at_start = swap_work.then(super::sys::thread_cpu_time);
     if let Some(t) = new_table {
         router.set_table(t.clone());
         with_zhop_events(router, io, |out| zhop.set_table(t, out));
@@ -248,6 +252,7 @@ pub(crate) fn housekeeping(
             WorkerRequest::AddListener(l) => io.add_listener(l),
         }
     }
+    cpu_at_start.map(|c| super::sys::thread_cpu_time().saturating_sub(c))
 }
 
 /// Re-creates sessions saved before a restart, each on the listener its client used.

@@ -179,14 +179,17 @@ impl Worker {
         if let Some(t) = &new_table {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
         }
-        plan::housekeeping(
+        if let Some(cpu) = plan::housekeeping(
             &mut self.router,
             &mut self.zhop,
             &mut portable_io!(self),
             new_table,
             &self.requests,
             now,
-        );
+        ) {
+            let ns = cpu.as_nanos() as u64;
+            self.io.swap_step_max_cpu_ns = self.io.swap_step_max_cpu_ns.max(ns);
+        }
         // A new table is reported at once: the control side waits for every worker to
         // route by it before it calls a swap done.
         if took_table || now.duration_since(self.last_report) >= REPORT_EVERY {

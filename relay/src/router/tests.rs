@@ -571,21 +571,28 @@ fn table_swap_keeps_sessions_whose_exit_stays() {
 #[test]
 fn table_swap_sweep_is_spread_over_calls() {
     let mut h = Harness::with(RouterConfig {
-        swap_sweep_budget: 3,
+        swap_sweep_budget: 2 * SWEEP_CLOSE_COST,
         handshake_burst: 100,
         ..RouterConfig::default()
     });
     for i in 0..10 {
         h.establish(client(i), key(2), 1);
     }
-    h.r.set_table(Arc::new(ExitTable::new(2, vec![]).unwrap()));
+    // Every session kept: one step examines ten.
+    let same = ExitTable::new(2, h.r.table().specs().cloned().collect()).unwrap();
+    h.r.set_table(Arc::new(same));
+    h.advance(Duration::ZERO);
+    assert!(!h.r.sweeping());
+    assert_eq!(h.r.session_count(), 10);
+    // Every session closed: a close costs five examinations, so two per step.
+    h.r.set_table(Arc::new(ExitTable::new(3, vec![]).unwrap()));
     let mut calls = 0;
     while h.r.sweeping() {
         h.advance(Duration::ZERO);
         calls += 1;
         assert!(calls < 10);
     }
-    assert_eq!(calls, 4);
+    assert_eq!(calls, 5);
     assert_eq!(h.r.session_count(), 0);
 }
 
