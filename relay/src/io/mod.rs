@@ -65,7 +65,9 @@ pub struct DataPlaneConfig {
     pub batch: usize,
     /// Receive buffer per message: 64 KiB holds a whole GRO train.
     pub recv_buffer: usize,
-    /// SO_RCVBUF/SO_SNDBUF of listeners.
+    /// SO_RCVBUF/SO_SNDBUF of listeners. It absorbs bursts while a worker is busy, and under
+    /// sustained overload it is the standing queue every packet waits in (BENCHMARKS.md,
+    /// "Socket buffers": 16 MiB holds 100–300 ms there, 1–4 MiB a few tens of ms).
     pub listener_socket_buffer: usize,
     /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket.
     pub exit_socket_buffer: usize,
