@@ -435,6 +435,9 @@ pub struct Router {
     pending: usize,
     /// Next slot index to examine after a table swap, if a sweep is under way.
     sweep: Option<u32>,
+    /// Listeners the I/O layer closed (a port no longer pinned): their sessions go in the
+    /// sweep. Ids are never reused, and a node unpins a port rarely, so this stays short.
+    closed_listeners: Vec<u16>,
     stats: RouterStats,
 }
 
@@ -488,6 +491,7 @@ impl Router {
             load_until: None,
             pending: 0,
             sweep: None,
+            closed_listeners: Vec::new(),
             stats: RouterStats::default(),
         }
     }
@@ -890,7 +894,8 @@ impl Router {
                     .table
                     .by_key(&s.exit_key)
                     .and_then(|id| self.table.get(id))
-                    .is_some_and(|e| e.spec.endpoint == s.exit_endpoint);
+                    .is_some_and(|e| e.spec.endpoint == s.exit_endpoint)
+                    && !self.closed_listeners.contains(&s.listener.id);
                 if !keep {
                     self.close(slot, CloseCause::Table);
                     budget = budget.saturating_sub(SWEEP_CLOSE_COST - 1);
@@ -899,6 +904,16 @@ impl Router {
             index += 1;
         }
         self.sweep = (index < bound).then_some(index);
+    }
+
+    /// The I/O layer closed `listener` (its port is no longer pinned to an exit): the
+    /// sessions of clients that came through it can never hear from their exit again, so
+    /// a sweep closes them, spread over calls like a table swap's.
+    pub fn listener_closed(&mut self, listener: Listener) {
+        if !self.closed_listeners.contains(&listener.id) {
+            self.closed_listeners.push(listener.id);
+        }
+        self.sweep = Some(0);
     }
 
     /// Whether a swap sweep is still under way.

@@ -246,6 +246,31 @@ fn pinned_port_routes_to_its_exit_and_checks_mac1() {
 }
 
 #[test]
+fn a_closed_listener_takes_its_sessions_and_only_those() {
+    let mut h = Harness::new();
+    let Action::ToExit(pinned) = h.client(PINNED, client(1), &initiation(key(2), 1)) else {
+        panic!("not forwarded")
+    };
+    h.commands();
+    h.exit(pinned, &response(5, 1));
+    let main = h.establish(client(2), key(2), 2);
+    h.r.listener_closed(PINNED);
+    assert!(h.r.sweeping());
+    h.advance(Duration::ZERO);
+    assert!(!h.r.sweeping());
+    assert_eq!(
+        h.commands(),
+        vec![Command::CloseExitSocket { slot: pinned }]
+    );
+    assert_eq!(h.r.session_count(), 1);
+    assert_eq!(
+        h.client(MAIN, client(2), &transport(2, 32)),
+        Action::ToExit(main)
+    );
+    assert_eq!(h.r.stats().sessions_closed_by_table, 1);
+}
+
+#[test]
 fn transport_flows_both_ways_once_established() {
     let mut h = Harness::new();
     let c = client(1);
