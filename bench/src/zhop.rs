@@ -64,33 +64,60 @@ const INNER_PORT: u16 = 51902;
 /// What terminates the outer tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OuterEnd {
-    WraithGate { binary: PathBuf, backend: String },
+    WraithGate {
+        binary: PathBuf,
+        backend: String,
+        /// Told apart from the main binary's contenders by this suffix (`--wraithgate-alt`).
+        label: Option<String>,
+    },
     WireguardGo,
 }
 
 impl OuterEnd {
     pub fn name(&self) -> String {
         match self {
-            OuterEnd::WraithGate { backend, .. } => format!("zhop-wraithgate-{backend}"),
+            OuterEnd::WraithGate {
+                backend,
+                label: None,
+                ..
+            } => format!("zhop-wraithgate-{backend}"),
+            OuterEnd::WraithGate {
+                backend,
+                label: Some(label),
+                ..
+            } => format!("zhop-wraithgate-{backend}-{label}"),
             OuterEnd::WireguardGo => BASELINE.into(),
         }
     }
 
-    /// The contenders of a run: the baseline, then WraithGate with each backend.
-    pub fn all(binary: &Path, backends: &[String]) -> Vec<OuterEnd> {
-        std::iter::once(OuterEnd::WireguardGo)
-            .chain(backends.iter().map(|b| OuterEnd::WraithGate {
-                binary: binary.to_path_buf(),
-                backend: b.clone(),
-            }))
-            .collect()
+    /// The contenders of a run: the baseline, then WraithGate with each backend, then the
+    /// other binary `alt` (path and label) with each backend, for a before/after comparison.
+    pub fn all(binary: &Path, backends: &[String], alt: Option<(&Path, &str)>) -> Vec<OuterEnd> {
+        let wraithgate = |binary: &Path, label: Option<&str>| -> Vec<OuterEnd> {
+            backends
+                .iter()
+                .map(|b| OuterEnd::WraithGate {
+                    binary: binary.to_path_buf(),
+                    backend: b.clone(),
+                    label: label.map(str::to_owned),
+                })
+                .collect()
+        };
+        let mut ends = vec![OuterEnd::WireguardGo];
+        ends.extend(wraithgate(binary, None));
+        if let Some((path, label)) = alt {
+            ends.extend(wraithgate(path, Some(label)));
+        }
+        ends
     }
 
     /// The equivalent DoubleHop contender, whose `probe` and `unavailable` say whether the
     /// binary runs this backend here.
     pub fn as_contender(&self) -> Option<contender::Contender> {
         match self {
-            OuterEnd::WraithGate { binary, backend } => Some(contender::Contender::WraithGate {
+            OuterEnd::WraithGate {
+                binary, backend, ..
+            } => Some(contender::Contender::WraithGate {
                 binary: binary.clone(),
                 backend: backend.clone(),
             }),
@@ -178,7 +205,9 @@ pub fn start(
         _ => bail!("Z-HOP needs the netns topology"),
     };
     let (relay, node_key) = match end {
-        OuterEnd::WraithGate { binary, backend } => {
+        OuterEnd::WraithGate {
+            binary, backend, ..
+        } => {
             let name = end.name();
             let state = workdir.join(format!("{name}-state"));
             let _ = std::fs::remove_dir_all(&state);
@@ -509,10 +538,25 @@ mod tests {
         assert_eq!(
             OuterEnd::WraithGate {
                 binary: "/x".into(),
-                backend: "uring".into()
+                backend: "uring".into(),
+                label: None,
             }
             .name(),
             "zhop-wraithgate-uring"
+        );
+        let ends = OuterEnd::all(
+            Path::new("/new"),
+            &["portable".into()],
+            Some((Path::new("/old"), "before")),
+        );
+        let names: Vec<_> = ends.iter().map(OuterEnd::name).collect();
+        assert_eq!(
+            names,
+            [
+                BASELINE,
+                "zhop-wraithgate-portable",
+                "zhop-wraithgate-portable-before"
+            ]
         );
     }
 }

@@ -264,6 +264,9 @@ fn run(args: RunArgs) -> Result<()> {
         gso_fallbacks = io.gso_fallbacks,
         ring_enters = io.ring_enters,
         ring_starved = io.ring_starved,
+        zhop_trains_sent = io.zhop_trains_sent,
+        zhop_segments_in_trains = io.zhop_segments_in_trains,
+        zhop_unbatched = io.zhop_unbatched,
         "stopping"
     );
     node.stop();

@@ -31,7 +31,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 23] = [
+    let per_worker: [(&str, &str, ReportField); 26] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -126,6 +126,21 @@ pub fn render(c: &Control) -> String {
             "wraithgate_zhop_bytes_to_peer_total",
             "Z-HOP: exits' payload bytes wrapped and sent to peers.",
             |r| r.zhop.exit_to_inner.bytes,
+        ),
+        (
+            "wraithgate_zhop_trains_sent_total",
+            "Z-HOP: GSO sends of several datagrams to one destination (a train).",
+            |r| r.io.zhop_trains_sent,
+        ),
+        (
+            "wraithgate_zhop_segments_in_trains_total",
+            "Z-HOP: datagrams carried by those GSO sends.",
+            |r| r.io.zhop_segments_in_trains,
+        ),
+        (
+            "wraithgate_zhop_unbatched_total",
+            "Z-HOP: datagrams sent on their own because every train buffer was in flight.",
+            |r| r.io.zhop_unbatched,
         ),
         (
             "wraithgate_zhop_peers",

@@ -39,6 +39,9 @@ const HANDSHAKE_LIMIT: u64 = 100;
 const MAX_FLOWS_PER_PEER: usize = 16;
 /// Largest datagram handled.
 const MAX_DATAGRAM: usize = 65_535;
+/// Largest datagram Z-HOP emits (a [`ZhopOut::ToPeer`] or [`ZhopOut::ToExit`]): what its
+/// scratch buffer holds.
+pub(crate) const MAX_OUTPUT: usize = MAX_DATAGRAM + 32;
 
 /// The node's own static key pair, for terminating outer tunnels.
 #[derive(Clone)]
@@ -157,7 +160,7 @@ impl Zhop {
             by_addr: HashMap::new(),
             flows: Slab::default(),
             by_tuple: HashMap::new(),
-            buf: vec![0; MAX_DATAGRAM + 32],
+            buf: vec![0; MAX_OUTPUT],
             ip: Vec::with_capacity(MAX_DATAGRAM),
             last_tick: now,
             last_limiter_reset: now,

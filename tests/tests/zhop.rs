@@ -99,6 +99,17 @@ fn pump(s: &mut Setup, timeout: Duration, mut done: impl FnMut(bool, &Received) 
     false
 }
 
+/// Sends `body` through both tunnels and waits until the exit has it: both layers have
+/// handshaken and the flow's socket is open. Returns the inner source and destination.
+fn opened(s: &mut Setup, body: &[u8]) -> (std::net::Ipv4Addr, std::net::Ipv4Addr) {
+    let (src, dst) = tunnel_addrs(2);
+    s.client
+        .send_ip(&ipv4_udp(src, dst, 1000, 9, body))
+        .unwrap();
+    assert!(pump(s, WAIT, wants(body)), "the first packet never arrived");
+    (src, dst)
+}
+
 fn wants(body: &[u8]) -> impl FnMut(bool, &Received) -> bool + '_ {
     move |_, r| matches!(r, Received::Packet { data, .. } if udp_payload(data) == Some(body))
 }
@@ -158,11 +169,7 @@ fn both_layers_handshake_and_carry_data_both_ways() {
 fn inner_packets_to_forbidden_destinations_or_from_spoofed_sources_are_dropped() {
     for backend in backends() {
         let mut s = setup(backend);
-        let (src, dst) = tunnel_addrs(2);
-        s.client
-            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"open"))
-            .unwrap();
-        assert!(pump(&mut s, WAIT, wants(b"open")));
+        let (src, dst) = opened(&mut s, b"open");
         // To an exit the peer is not allowed to use, and to an arbitrary address.
         let other = s.other_exit.local_addr();
         let inner_from = s.client.inner_addr;
@@ -206,11 +213,7 @@ fn inner_packets_to_forbidden_destinations_or_from_spoofed_sources_are_dropped()
 fn removing_the_peer_ends_its_tunnel() {
     for backend in backends() {
         let mut s = setup(backend);
-        let (src, dst) = tunnel_addrs(2);
-        s.client
-            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"before"))
-            .unwrap();
-        assert!(pump(&mut s, WAIT, wants(b"before")));
+        let (src, dst) = opened(&mut s, b"before");
         let exits = vec![
             exit_spec("exit", &s.exit, None),
             exit_spec("other", &s.other_exit, None),
@@ -256,11 +259,7 @@ fn removing_the_peer_ends_its_tunnel() {
 fn doublehop_and_zhop_share_one_relay() {
     for backend in backends() {
         let mut s = setup(backend);
-        let (src, dst) = tunnel_addrs(2);
-        s.client
-            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"zhop"))
-            .unwrap();
-        assert!(pump(&mut s, WAIT, wants(b"zhop")));
+        let (src, dst) = opened(&mut s, b"zhop");
         // A plain DoubleHop client of the other exit through the same listen address.
         let mut other = s.other_exit;
         let mut dh = node();
@@ -277,5 +276,98 @@ fn doublehop_and_zhop_share_one_relay() {
         let mut nodes: Vec<&mut WgNode> = vec![&mut other, &mut dh];
         assert!(wraithgate_tests::pump(&mut nodes, WAIT, |i, r| i == 0
             && matches!(r, Received::Packet { .. })));
+    }
+}
+
+/// Sums a counter over the relay's workers.
+fn io_sum(s: &Setup, f: impl Fn(&wraithgate_relay::io::IoStats) -> u64) -> u64 {
+    s.relay.dp.reports().iter().map(|r| f(&r.io)).sum()
+}
+
+/// Sends bursts of equal-sized inner packets (numbered) one way until the relay has sent
+/// some of them as GSO trains, and checks that everything that arrived arrived in order.
+fn burst_until_trains(s: &mut Setup, to_exit: bool) -> (u64, u64) {
+    const BURST: u32 = 64;
+    let (src, dst) = tunnel_addrs(2);
+    let before = (
+        io_sum(s, |io| io.zhop_trains_sent),
+        io_sum(s, |io| io.zhop_segments_in_trains),
+    );
+    let mut next = 0u32;
+    let mut last_seen = None::<u32>;
+    for _ in 0..30 {
+        for _ in 0..BURST {
+            let mut body = vec![0xa5u8; 1000];
+            body[..4].copy_from_slice(&next.to_be_bytes());
+            next += 1;
+            if to_exit {
+                s.client
+                    .send_ip(&ipv4_udp(src, dst, 1000, 9, &body))
+                    .unwrap();
+            } else {
+                s.exit
+                    .send_ip(s.exit_peer, &ipv4_udp(dst, src, 9, 1000, &body))
+                    .unwrap();
+            }
+        }
+        let end = next;
+        pump(s, Duration::from_millis(500), |at_client, r| {
+            // The exit receives what goes to it; the client what goes to the peer.
+            if at_client == to_exit {
+                return false;
+            }
+            let Received::Packet { data, .. } = r else {
+                return false;
+            };
+            let Some(body) = udp_payload(data) else {
+                return false;
+            };
+            if body.len() != 1000 {
+                return false;
+            }
+            let n = u32::from_be_bytes(body[..4].try_into().unwrap());
+            assert!(
+                last_seen.is_none_or(|l| n > l),
+                "datagram {n} arrived after {last_seen:?}: trains reordered"
+            );
+            last_seen = Some(n);
+            n + 1 == end
+        });
+        // Counters are published every 50 ms.
+        std::thread::sleep(Duration::from_millis(60));
+        let trains = io_sum(s, |io| io.zhop_trains_sent) - before.0;
+        if trains > 0 {
+            let segments = io_sum(s, |io| io.zhop_segments_in_trains) - before.1;
+            return (trains, segments);
+        }
+    }
+    (0, 0)
+}
+
+#[test]
+fn bursts_of_inner_packets_leave_as_gso_trains_in_order() {
+    for backend in backends() {
+        let mut s = setup(backend);
+        opened(&mut s, b"open");
+        // Towards the exit (ToExit, one flow socket), then towards the peer (ToPeer, from
+        // the listener to its endpoint).
+        for to_exit in [true, false] {
+            let (trains, segments) = burst_until_trains(&mut s, to_exit);
+            eprintln!("{backend:?}, to exit: {to_exit}: {segments} datagrams in {trains} trains");
+            assert!(
+                trains > 0,
+                "{backend:?}: no train formed (to exit: {to_exit})"
+            );
+            assert!(
+                segments >= 2 * trains,
+                "{backend:?}: {segments} datagrams in {trains} trains"
+            );
+        }
+        assert_eq!(
+            io_sum(&s, |io| io.gso_fallbacks),
+            0,
+            "loopback takes GSO sends"
+        );
+        assert_eq!(s.relay.stats().total_drops(), 0, "{:?}", s.relay.stats());
     }
 }

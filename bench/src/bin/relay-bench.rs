@@ -54,6 +54,15 @@ struct Cli {
     /// The `wraithgate` binary.
     #[arg(long, default_value = "target/release/wraithgate")]
     wraithgate: PathBuf,
+    /// Z-HOP runs: also run this other `wraithgate` binary (one built from another commit,
+    /// in a target directory of its own) with each backend, as contenders
+    /// `zhop-wraithgate-<backend>-<--wraithgate-alt-label>`, interleaved with the others:
+    /// before and after a change, side by side in one run.
+    #[arg(long)]
+    wraithgate_alt: Option<PathBuf>,
+    /// The suffix naming `--wraithgate-alt`'s contenders.
+    #[arg(long, default_value = "alt")]
+    wraithgate_alt_label: String,
     /// Measured seconds per run.
     #[arg(long)]
     duration: Option<f64>,
@@ -405,7 +414,11 @@ fn bench(cli: &Cli) -> Result<()> {
             match wgo::available() {
                 Some(why) => eprintln!("relay-bench: skipping Z-HOP runs: {why}"),
                 None => {
-                    let ends = OuterEnd::all(&cli.wraithgate, &cli.backends);
+                    let alt = cli
+                        .wraithgate_alt
+                        .as_deref()
+                        .map(|p| (p, cli.wraithgate_alt_label.as_str()));
+                    let ends = OuterEnd::all(&cli.wraithgate, &cli.backends, alt);
                     let (z, forwarded) = zhop_runs(cli, &topo, &ends, &workdir, runs, e2e_secs)?;
                     zhop_summary = zhop_ratios(&z, &forwarded);
                     results.extend(z);

@@ -9,6 +9,7 @@
 mod plan;
 pub mod portable;
 pub mod sys;
+mod train;
 pub mod uring;
 
 pub use uring::UringUnavailable;
@@ -187,6 +188,12 @@ pub struct IoStats {
     pub ring_enters: u64,
     /// io_uring: multishot receives that ended because every buffer was in use.
     pub ring_starved: u64,
+    /// Z-HOP: GSO sends of its trains (several datagrams to one destination in one send).
+    pub zhop_trains_sent: u64,
+    /// Z-HOP: datagrams those GSO sends carried.
+    pub zhop_segments_in_trains: u64,
+    /// Z-HOP: datagrams sent on their own because every train buffer was in flight.
+    pub zhop_unbatched: u64,
 }
 
 impl IoStats {
@@ -205,6 +212,9 @@ impl IoStats {
         self.cpu_ns += o.cpu_ns;
         self.ring_enters += o.ring_enters;
         self.ring_starved += o.ring_starved;
+        self.zhop_trains_sent += o.zhop_trains_sent;
+        self.zhop_segments_in_trains += o.zhop_segments_in_trains;
+        self.zhop_unbatched += o.zhop_unbatched;
     }
 }
 

@@ -7,10 +7,11 @@
 //! [`WorkerIo`]. The rest lives here once.
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
-use super::sys::{self, MAX_GSO_SEGMENTS};
+use super::sys::{self, SendBatch, Transmit, MAX_GSO_SEGMENTS};
 use super::{BoundListener, IoStats, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Action, Listener, Router, SessionSlot, SessionSnapshot};
@@ -21,8 +22,13 @@ use crate::zhop::{Zhop, ZhopOut};
 pub(crate) trait WorkerIo {
     /// Carries out the router's pending commands (open or close exit sockets).
     fn router_commands(&mut self, router: &mut Router);
-    /// Carries out one Z-HOP event. Returns `false` when a send in it failed.
-    fn zhop_event(&mut self, out: ZhopOut<'_>) -> bool;
+    /// Queues one of Z-HOP's datagrams towards `target` (a flow's exit, or a peer's
+    /// endpoint from a listener). Returns `false` when the socket is gone.
+    fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool;
+    /// Opens Z-HOP flow `flow`'s socket, connected to `exit`.
+    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr);
+    /// Closes Z-HOP flow `flow`'s socket, after sending what waits for it.
+    fn close_flow(&mut self, flow: SessionSlot);
     /// Takes a listener bound by the control side for a newly pinned port.
     fn add_listener(&mut self, l: BoundListener);
     /// The local port of session `slot`'s exit-facing socket.
@@ -44,7 +50,13 @@ pub(crate) enum Source {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Target {
     Exit(SessionSlot),
-    Client { listener: u16, addr: SocketAddr },
+    /// From a listener to an address: a DoubleHop client, or a Z-HOP peer's endpoint.
+    Client {
+        listener: u16,
+        addr: SocketAddr,
+    },
+    /// Through a Z-HOP flow's socket to its exit.
+    Flow(SessionSlot),
 }
 
 impl Target {
@@ -57,6 +69,14 @@ impl Target {
                 addr: client,
             }),
             Action::Drop(_) => None,
+        }
+    }
+
+    /// The address to send to, or `None` for a connected socket.
+    pub(crate) fn address(self) -> Option<SocketAddr> {
+        match self {
+            Target::Client { addr, .. } => Some(addr),
+            Target::Exit(_) | Target::Flow(_) => None,
         }
     }
 }
@@ -78,6 +98,15 @@ impl Run {
     pub(crate) fn segment_size(&self) -> Option<u16> {
         (self.segments > 1).then_some(self.segment as u16)
     }
+
+    /// Its segments one by one, as (start, length): how it leaves a socket without GSO.
+    pub(crate) fn singles(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (start, end, seg) = (self.start, self.start + self.len, self.segment.max(1));
+        (0..self.segments).map(move |i| {
+            let s = start + i * seg;
+            (s, seg.min(end - s))
+        })
+    }
 }
 
 /// Adds a forwarded segment to `runs`: it extends the last run when it directly follows it
@@ -93,8 +122,9 @@ pub(crate) fn plan(
 ) {
     if let Some(run) = runs.last_mut() {
         let contiguous = run.msg == msg && run.start + run.len == start;
-        // GSO needs equal segments; only the last may be shorter.
-        let fits = len <= run.segment && run.len == run.segment * run.segments;
+        // GSO needs equal segments; only the last may be shorter. An empty datagram is
+        // never a segment (a segment size of 0 means no segmentation).
+        let fits = len > 0 && len <= run.segment && run.len == run.segment * run.segments;
         if gso && contiguous && fits && run.target == target && run.segments < MAX_GSO_SEGMENTS {
             run.len += len;
             run.segments += 1;
@@ -109,6 +139,74 @@ pub(crate) fn plan(
         segment: len,
         segments: 1,
     });
+}
+
+/// Sends `txs` on `fd` with as few `sendmmsg` calls as the batch allows. When the kernel
+/// refuses GSO (EIO, EINVAL, EMSGSIZE) for a message, `gso` is cleared for good (the
+/// caller stops using GSO on that socket or worker) and the message's segments are sent one
+/// by one. Returns how many datagrams could not be sent.
+pub(crate) fn send_all(
+    send: &mut SendBatch,
+    fd: RawFd,
+    txs: &[Transmit<'_>],
+    gso: &mut bool,
+    io: &mut IoStats,
+    worker: usize,
+) -> usize {
+    let mut failed = 0;
+    io.gso_sends += txs.iter().filter(|t| t.segment_size.is_some()).count() as u64;
+    let mut off = 0;
+    while off < txs.len() {
+        io.send_calls += 1;
+        match send.send(fd, &txs[off..]) {
+            Ok(taken) => off += taken.max(1),
+            Err(e) => {
+                failed += send_refused(send, fd, txs[off], e, gso, io, worker);
+                off += 1;
+            }
+        }
+    }
+    failed
+}
+
+/// A send was refused. If the kernel refused GSO, stop using it and send the segments one
+/// by one; anything else fails every datagram of the message. Returns the datagrams lost.
+fn send_refused(
+    send: &mut SendBatch,
+    fd: RawFd,
+    tx: Transmit<'_>,
+    e: std::io::Error,
+    gso: &mut bool,
+    io: &mut IoStats,
+    worker: usize,
+) -> usize {
+    let segment = tx
+        .segment_size
+        .map_or(tx.contents.len(), usize::from)
+        .max(1);
+    if tx.segment_size.is_some() && sys::is_gso_error(&e) {
+        if *gso {
+            *gso = false;
+            io.gso_fallbacks += 1;
+            tracing::warn!(worker, error = %e,
+                "kernel refused UDP GSO; sending segments one by one from now on");
+        }
+        let mut failed = 0;
+        for chunk in tx.contents.chunks(segment) {
+            let single = Transmit {
+                dest: tx.dest,
+                contents: chunk,
+                segment_size: None,
+            };
+            io.send_calls += 1;
+            if send.send(fd, &[single]).is_err() {
+                failed += 1;
+            }
+        }
+        return failed;
+    }
+    tracing::trace!(worker, error = %e, "send failed");
+    tx.contents.len().div_ceil(segment).max(1)
 }
 
 /// One received message: a datagram, or a GRO train of `stride`-sized datagrams.
@@ -157,7 +255,7 @@ pub(crate) fn route_message(
         offset += seg_len;
         let mut failed = 0;
         let mut out = |o: ZhopOut<'_>| {
-            if !io.zhop_event(o) {
+            if !zhop_event(io, o) {
                 failed += 1;
             }
         };
@@ -184,12 +282,45 @@ pub(crate) fn route_message(
     }
 }
 
+/// Carries out one Z-HOP event through `io`. Returns `false` when its send failed.
+fn zhop_event(io: &mut impl WorkerIo, o: ZhopOut<'_>) -> bool {
+    match o {
+        ZhopOut::ToPeer {
+            listener,
+            to,
+            bytes,
+        } => io.zhop_send(
+            Target::Client {
+                listener: listener.id,
+                addr: to,
+            },
+            bytes,
+        ),
+        ZhopOut::ToExit { flow, bytes } => io.zhop_send(Target::Flow(flow), bytes),
+        ZhopOut::OpenFlow { flow, exit } => {
+            io.open_flow(flow, exit);
+            true
+        }
+        ZhopOut::CloseFlow { flow } => {
+            io.close_flow(flow);
+            true
+        }
+    }
+}
+
 /// Counts what Z-HOP refused and the sends of its events that failed.
 fn record_zhop(router: &mut Router, r: Result<(), DropReason>, failed_sends: usize) {
     if let Err(reason) = r {
         router.record_drop(reason);
     }
     for _ in 0..failed_sends {
+        router.record_drop(DropReason::SendFailed);
+    }
+}
+
+/// Counts the Z-HOP datagrams whose sends failed (`failed`, which is reset).
+pub(crate) fn record_send_failures(router: &mut Router, failed: &mut usize) {
+    for _ in 0..std::mem::take(failed) {
         router.record_drop(DropReason::SendFailed);
     }
 }
@@ -202,7 +333,7 @@ fn with_zhop_events(
 ) {
     let mut failed = 0;
     f(&mut |o: ZhopOut<'_>| {
-        if !io.zhop_event(o) {
+        if !zhop_event(io, o) {
             failed += 1;
         }
     });

@@ -21,11 +21,12 @@ use socket2::Socket;
 
 use super::plan::{self, Run, Source, Target, WorkerIo};
 use super::sys::{self, RecvBatch, SendBatch, Transmit};
+use super::train::{self, SyncSend, TrainSockets, Trains};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
-use crate::zhop::{NodeKey, Zhop, ZhopOut};
+use crate::zhop::{NodeKey, Zhop};
 
 /// Token of the waker that interrupts a worker's wait.
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
@@ -52,6 +53,9 @@ macro_rules! portable_io {
             exits: &mut $w.exits,
             flows: &mut $w.flows,
             io: &mut $w.io,
+            send: &mut $w.send,
+            trains: &mut $w.trains,
+            gso: &mut $w.gso,
         }
     };
 }
@@ -80,6 +84,8 @@ struct Worker {
     exits: Vec<Option<ExitSocket>>,
     recv: RecvBatch,
     send: SendBatch,
+    /// Z-HOP's datagrams of the current batch, per destination (`train.rs`).
+    trains: Trains,
     runs: Vec<Run>,
     /// Sends to clients planned from the current batch: listener, client, message,
     /// offset, length, GSO segment size.
@@ -107,6 +113,7 @@ pub(crate) fn run(ctx: WorkerContext) {
         router: Router::new(ctx.cfg.router.clone(), table, now),
         recv: RecvBatch::new(ctx.cfg.batch, ctx.cfg.recv_buffer),
         send: SendBatch::new(ctx.cfg.batch),
+        trains: Trains::new(train::PORTABLE_BUFFERS),
         runs: Vec::with_capacity(ctx.cfg.batch * 4),
         client_tx: Vec::with_capacity(ctx.cfg.batch * 4),
         ready: VecDeque::with_capacity(1024),
@@ -150,6 +157,7 @@ impl Worker {
                     .poll_timeout()
                     .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
             };
+            debug_assert!(self.trains.is_empty(), "Z-HOP trains wait while sleeping");
             match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -190,6 +198,7 @@ impl Worker {
             let ns = cpu.as_nanos() as u64;
             self.io.swap_step_max_cpu_ns = self.io.swap_step_max_cpu_ns.max(ns);
         }
+        self.flush_trains();
         // A new table is reported at once: the control side waits for every worker to
         // route by it before it calls a swap done.
         if took_table || now.duration_since(self.last_report) >= REPORT_EVERY {
@@ -251,6 +260,7 @@ impl Worker {
             let arrived = Instant::now();
             self.route_batch(n, source, arrived);
             self.transmit();
+            self.flush_trains();
             self.io
                 .batch_latency
                 .record(arrived.elapsed().as_nanos() as u64);
@@ -306,6 +316,8 @@ impl Worker {
                         run.segment_size(),
                     ));
                 }
+                // The router never sends through a Z-HOP flow's socket.
+                Target::Flow(_) => {}
             }
         }
         self.runs = runs;
@@ -328,20 +340,22 @@ impl Worker {
             contents: &self.recv.payload(run.msg)[run.start..run.start + run.len],
             segment_size: run.segment_size(),
         };
-        self.io.send_calls += 1;
-        if run.segments > 1 {
-            self.io.gso_sends += 1;
-        }
-        if let Err(e) = self.send.send(fd, &[tx]) {
-            let mut out = Outbox {
-                send: &mut self.send,
-                router: &mut self.router,
-                io: &mut self.io,
-                gso: &mut self.gso,
-                worker: self.id,
-            };
-            out.failed(fd, tx, e);
-        }
+        let mut failed = plan::send_all(
+            &mut self.send,
+            fd,
+            &[tx],
+            &mut self.gso,
+            &mut self.io,
+            self.id,
+        );
+        plan::record_send_failures(&mut self.router, &mut failed);
+    }
+
+    /// Sends what Z-HOP emitted since the last flush, each train in one `sendmmsg`.
+    fn flush_trains(&mut self) {
+        let mut io = portable_io!(self);
+        io.flush_trains(|_| true);
+        plan::record_send_failures(&mut self.router, &mut self.trains.failed);
     }
 
     fn send_to_clients(&mut self) {
@@ -378,29 +392,16 @@ impl Worker {
                     contents: &self.recv.payload(msg)[start..start + len],
                     segment_size: seg,
                 };
-                if seg.is_some() {
-                    self.io.gso_sends += 1;
-                }
             }
-            let txs = &txs[..end - i];
-            let mut out = Outbox {
-                send: &mut self.send,
-                router: &mut self.router,
-                io: &mut self.io,
-                gso: &mut self.gso,
-                worker: self.id,
-            };
-            let mut off = 0;
-            while off < txs.len() {
-                out.io.send_calls += 1;
-                match out.send.send(fd, &txs[off..]) {
-                    Ok(taken) => off += taken.max(1),
-                    Err(e) => {
-                        out.failed(fd, txs[off], e);
-                        off += 1;
-                    }
-                }
-            }
+            let mut failed = plan::send_all(
+                &mut self.send,
+                fd,
+                &txs[..end - i],
+                &mut self.gso,
+                &mut self.io,
+                self.id,
+            );
+            plan::record_send_failures(&mut self.router, &mut failed);
             i = end;
         }
     }
@@ -408,51 +409,6 @@ impl Worker {
 
 /// Most datagrams gathered into one sendmmsg towards clients.
 const SEND_CHUNK: usize = 64;
-
-/// The parts of a worker a failed send touches, borrowed apart from the receive buffers
-/// the failed payload still lives in.
-struct Outbox<'a> {
-    send: &'a mut SendBatch,
-    router: &'a mut Router,
-    io: &'a mut IoStats,
-    gso: &'a mut bool,
-    worker: usize,
-}
-
-impl Outbox<'_> {
-    /// A send was refused. If the kernel refused GSO, stop using it on this worker and
-    /// send the segments one by one; anything else is a counted drop.
-    fn failed(&mut self, fd: i32, tx: Transmit<'_>, e: io::Error) {
-        let segment = tx
-            .segment_size
-            .map_or(tx.contents.len(), usize::from)
-            .max(1);
-        if tx.segment_size.is_some() && sys::is_gso_error(&e) {
-            if *self.gso {
-                *self.gso = false;
-                self.io.gso_fallbacks += 1;
-                tracing::warn!(worker = self.worker, error = %e,
-                    "kernel refused UDP GSO; sending segments one by one from now on");
-            }
-            for chunk in tx.contents.chunks(segment) {
-                let single = Transmit {
-                    dest: tx.dest,
-                    contents: chunk,
-                    segment_size: None,
-                };
-                self.io.send_calls += 1;
-                if self.send.send(fd, &[single]).is_err() {
-                    self.router.record_drop(DropReason::SendFailed);
-                }
-            }
-            return;
-        }
-        tracing::trace!(worker = self.worker, error = %e, "send failed");
-        for _ in 0..tx.contents.len().div_ceil(segment) {
-            self.router.record_drop(DropReason::SendFailed);
-        }
-    }
-}
 
 /// A portable worker's sockets, for the logic shared with the io_uring backend.
 struct PortableIo<'a> {
@@ -463,6 +419,39 @@ struct PortableIo<'a> {
     exits: &'a mut Vec<Option<ExitSocket>>,
     flows: &'a mut Vec<Option<ExitSocket>>,
     io: &'a mut IoStats,
+    send: &'a mut SendBatch,
+    trains: &'a mut Trains,
+    /// Whether this worker's sends may use GSO (cleared when the kernel refuses it).
+    gso: &'a mut bool,
+}
+
+/// The sockets Z-HOP's trains leave from, borrowed apart from the trains.
+struct TrainSocketsView<'a> {
+    listeners: &'a [ListenerSocket],
+    flows: &'a [Option<ExitSocket>],
+    gso: &'a mut bool,
+}
+
+impl TrainSockets for TrainSocketsView<'_> {
+    fn socket(&self, target: Target) -> Option<(i32, bool)> {
+        let fd = match target {
+            Target::Client { listener, .. } => self
+                .listeners
+                .get(usize::from(listener))?
+                .socket
+                .as_raw_fd(),
+            Target::Flow(flow) => match self.flows.get(flow.index as usize) {
+                Some(Some(s)) if s.generation == flow.generation => s.socket.as_raw_fd(),
+                _ => return None,
+            },
+            Target::Exit(_) => return None,
+        };
+        Some((fd, *self.gso))
+    }
+
+    fn refuse_gso(&mut self, _: Target) {
+        *self.gso = false;
+    }
 }
 
 impl PortableIo<'_> {
@@ -514,8 +503,31 @@ fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket) {
 }
 
 impl PortableIo<'_> {
-    /// A plain synchronous send from a listener: for the relay's own packets (cookie
-    /// replies, Z-HOP's re-encrypted replies), never the forwarded ones.
+    /// The trains, the sockets they leave from and what sends them, borrowed apart.
+    fn train_parts(&mut self) -> (&mut Trains, TrainSocketsView<'_>, SyncSend<'_>) {
+        (
+            self.trains,
+            TrainSocketsView {
+                listeners: self.listeners,
+                flows: self.flows,
+                gso: self.gso,
+            },
+            SyncSend {
+                send: self.send,
+                io: self.io,
+                worker: self.worker,
+            },
+        )
+    }
+
+    /// Sends the waiting trains whose destination `wanted` accepts.
+    fn flush_trains(&mut self, wanted: impl Fn(Target) -> bool) {
+        let (trains, mut sockets, mut out) = self.train_parts();
+        trains.flush_now(wanted, &mut sockets, &mut out);
+    }
+
+    /// A plain synchronous send from a listener: for the relay's cookie replies, never the
+    /// forwarded packets.
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
         self.listeners
             .get(listener.id as usize)
@@ -562,32 +574,28 @@ impl WorkerIo for PortableIo<'_> {
         }
     }
 
-    fn zhop_event(&mut self, o: ZhopOut<'_>) -> bool {
-        match o {
-            ZhopOut::ToPeer {
-                listener,
-                to,
-                bytes,
-            } => self.send_from_listener(listener, to, bytes),
-            ZhopOut::ToExit { flow, bytes } => match self.flows.get(flow.index as usize) {
-                Some(Some(s)) if s.generation == flow.generation => s.socket.send(bytes).is_ok(),
-                _ => false,
-            },
-            ZhopOut::OpenFlow { flow, exit } => {
-                let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
-                match self.open(exit, None, token) {
-                    Ok(socket) => put(self.flows, flow, socket),
-                    Err(e) => {
-                        tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open flow socket")
-                    }
-                }
-                true
-            }
-            ZhopOut::CloseFlow { flow } => {
-                Self::close(self.poll, self.flows, flow);
-                true
+    fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool {
+        let (trains, mut sockets, mut out) = self.train_parts();
+        if sockets.socket(target).is_none() {
+            return false;
+        }
+        trains.queue(target, bytes, &mut sockets, &mut out);
+        true
+    }
+
+    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) {
+        let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
+        match self.open(exit, None, token) {
+            Ok(socket) => put(self.flows, flow, socket),
+            Err(e) => {
+                tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open flow socket")
             }
         }
+    }
+
+    fn close_flow(&mut self, flow: SessionSlot) {
+        self.flush_trains(|t| t == Target::Flow(flow));
+        Self::close(self.poll, self.flows, flow);
     }
 
     fn add_listener(&mut self, l: BoundListener) {

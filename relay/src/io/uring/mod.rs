@@ -42,14 +42,15 @@ use io_uring::{cqueue, opcode, squeue, IoUring};
 use socket2::Socket;
 
 use self::bufring::BufRing;
-use self::sendq::{SendInfo, SendSlots};
+use self::sendq::{BufRef, SendInfo, SendSlots};
 use super::plan::{self, Run, Source, Target, WorkerIo};
-use super::sys::{self, is_gso_errno};
+use super::sys::{self, is_gso_errno, SendBatch, MAX_GSO_SEGMENTS};
+use super::train::{self, SyncSend, TrainSockets, Trains};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
-use crate::zhop::{NodeKey, Zhop, ZhopOut};
+use crate::zhop::{NodeKey, Zhop};
 
 /// Longest wait for a completion, so that shutdown and table swaps are noticed when idle.
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -341,6 +342,30 @@ impl Sockets {
     }
 }
 
+impl Sockets {
+    /// The open socket a send to `target` leaves from.
+    fn for_target(&self, target: Target) -> Option<u32> {
+        match target {
+            Target::Exit(slot) => self.exit(slot),
+            Target::Flow(flow) => self.flow(flow),
+            Target::Client { listener, .. } => self.listener(listener),
+        }
+    }
+}
+
+impl TrainSockets for Sockets {
+    fn socket(&self, target: Target) -> Option<(i32, bool)> {
+        let s = self.get(self.for_target(target)?)?;
+        Some((s.socket.as_raw_fd(), s.gso))
+    }
+
+    fn refuse_gso(&mut self, target: Target) {
+        if let Some(s) = self.for_target(target).and_then(|id| self.get_mut(id)) {
+            s.gso = false;
+        }
+    }
+}
+
 /// The ring and the count of requests whose final completion has not arrived.
 struct Ring {
     ring: IoUring,
@@ -389,6 +414,13 @@ struct Plane {
     sockets: Sockets,
     recv_hdr: Box<libc::msghdr>,
     io: IoStats,
+    /// Z-HOP's datagrams, gathered per destination until the end of the batch (`train.rs`).
+    /// Dropped after `ring` (declared after it), and leaked with the receive buffers if the
+    /// kernel does not let go at teardown: a train's buffer is read by its sends.
+    trains: Trains,
+    /// For the rare train that must leave at once (no buffer free, or its flow closing):
+    /// a synchronous `sendmmsg`.
+    sync_send: SendBatch,
 }
 
 impl Plane {
@@ -463,8 +495,31 @@ impl Plane {
 }
 
 impl Plane {
-    /// A plain synchronous send from a listener, outside the ring: for the relay's own
-    /// packets (cookie replies, Z-HOP's re-encrypted replies), never the forwarded ones.
+    /// The trains, the sockets they leave from and what sends them synchronously,
+    /// borrowed apart.
+    fn train_parts(&mut self) -> (&mut Trains, &mut Sockets, SyncSend<'_>) {
+        (
+            &mut self.trains,
+            &mut self.sockets,
+            SyncSend {
+                send: &mut self.sync_send,
+                io: &mut self.io,
+                worker: self.id,
+            },
+        )
+    }
+
+    /// Submits the requests queued on the ring without waiting, so that a synchronous send
+    /// that follows cannot overtake them.
+    fn submit_queued(&mut self) {
+        self.ring.enters += 1;
+        if let Err(e) = self.ring.ring.submit() {
+            tracing::trace!(worker = self.id, error = %e, "io_uring submit failed");
+        }
+    }
+
+    /// A plain synchronous send from a listener, outside the ring: for the relay's cookie
+    /// replies, never the forwarded packets.
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
         self.sockets
             .listener(listener.id)
@@ -509,33 +564,40 @@ impl WorkerIo for Plane {
         }
     }
 
-    /// Z-HOP decrypts into its own buffer, valid only during this call, so its sends are
-    /// plain synchronous ones; Z-HOP's flow sockets receive through the ring like exits.
-    fn zhop_event(&mut self, o: ZhopOut<'_>) -> bool {
-        match o {
-            ZhopOut::ToPeer {
-                listener,
-                to,
-                bytes,
-            } => self.send_from_listener(listener, to, bytes),
-            ZhopOut::ToExit { flow, bytes } => self
-                .sockets
-                .flow(flow)
-                .and_then(|sid| self.sockets.get(sid))
-                .is_some_and(|s| s.socket.send(bytes).is_ok()),
-            ZhopOut::OpenFlow { flow, exit } => {
-                if let Err(e) = self.open(Role::Flow(flow), exit, None) {
-                    tracing::warn!(worker = self.id, %exit, error = %e, "cannot open flow socket");
-                }
-                true
-            }
-            ZhopOut::CloseFlow { flow } => {
-                if let Some(sid) = self.sockets.flow(flow) {
-                    self.sockets.flows[flow.index as usize] = NONE;
-                    self.close(sid);
-                }
-                true
-            }
+    /// Z-HOP decrypts into its own buffer, valid only during this call, so its datagrams
+    /// are copied into trains, which the worker queues on the ring at the end of the batch
+    /// (`flush_trains`); Z-HOP's flow sockets receive through the ring like exits.
+    fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool {
+        if self.sockets.for_target(target).is_none() {
+            return false;
+        }
+        if !self.trains.has_free_buffer() {
+            // A train may have to leave synchronously: what the ring holds queued goes first.
+            self.submit_queued();
+        }
+        let (trains, sockets, mut out) = self.train_parts();
+        trains.queue(target, bytes, sockets, &mut out);
+        true
+    }
+
+    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) {
+        if let Err(e) = self.open(Role::Flow(flow), exit, None) {
+            tracing::warn!(worker = self.id, %exit, error = %e, "cannot open flow socket");
+        }
+    }
+
+    fn close_flow(&mut self, flow: SessionSlot) {
+        // What waits for this flow leaves before its socket closes. (Trains are flushed at
+        // the end of every batch and housekeeping step, and Z-HOP closes flows only in
+        // housekeeping, so there is rarely any.)
+        if !self.trains.is_empty() {
+            self.submit_queued();
+        }
+        let (trains, sockets, mut out) = self.train_parts();
+        trains.flush_now(|t| t == Target::Flow(flow), sockets, &mut out);
+        if let Some(sid) = self.sockets.flow(flow) {
+            self.sockets.flows[flow.index as usize] = NONE;
+            self.close(sid);
         }
     }
 
@@ -676,6 +738,8 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
             sockets: Sockets::default(),
             recv_hdr: recv_msghdr(),
             io: IoStats::default(),
+            trains: Trains::new(train::URING_BUFFERS),
+            sync_send: SendBatch::new(MAX_GSO_SEGMENTS),
         },
         bufs: Buffers {
             ring: bufring,
@@ -726,6 +790,10 @@ impl Worker {
                     .poll_timeout()
                     .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
             };
+            debug_assert!(
+                self.plane.trains.is_empty(),
+                "Z-HOP trains wait while sleeping"
+            );
             self.enter(wait, 1);
             let mut reaped = self.reap();
             // An enter that waits for one completion runs at most LOCAL_WORK_CAP of the
@@ -789,6 +857,7 @@ impl Worker {
             let ns = cpu.as_nanos() as u64;
             self.plane.io.swap_step_max_cpu_ns = self.plane.io.swap_step_max_cpu_ns.max(ns);
         }
+        self.flush_trains();
         // A new table is reported at once: the control side waits for every worker to
         // route by it before it calls a swap done.
         if took_table || now.duration_since(self.last_report) >= REPORT_EVERY {
@@ -940,8 +1009,40 @@ impl Worker {
                 self.router.record_drop(DropReason::SendFailed);
             }
         }
-        self.bufs.release(info.buf);
+        self.release_buf(info.buf);
         self.plane.sockets.release(info.socket);
+    }
+
+    /// Holds the buffer a send reads, for as long as it is in flight.
+    fn hold_buf(&mut self, buf: BufRef) {
+        match buf {
+            BufRef::Recv(b) => self.bufs.hold(b),
+            BufRef::Train(b) => self.plane.trains.hold(b),
+        }
+    }
+
+    /// Lets go of a buffer held by `hold_buf` (or by processing, or by a flush).
+    fn release_buf(&mut self, buf: BufRef) {
+        match buf {
+            BufRef::Recv(b) => self.bufs.release(b),
+            BufRef::Train(b) => self.plane.trains.release(b),
+        }
+    }
+
+    /// Queues every waiting Z-HOP train on the ring: one `SendMsg` per run, with
+    /// `UDP_SEGMENT` when it holds several datagrams. Each send holds the train's buffer
+    /// until its completion (`on_send`), so the buffer is reused only after the kernel is
+    /// done with it.
+    fn flush_trains(&mut self) {
+        while let Some(b) = self.plane.trains.next() {
+            for i in 0..self.plane.trains.runs(b).len() {
+                let run = self.plane.trains.runs(b)[i];
+                self.send_run(&run, BufRef::Train(b));
+            }
+            // The flush's own hold, from `next`.
+            self.plane.trains.release(b);
+        }
+        plan::record_send_failures(&mut self.router, &mut self.plane.trains.failed);
     }
 
     /// Routes every received message and queues its sends, then resends refused GSO
@@ -953,6 +1054,7 @@ impl Worker {
             self.bufs.release(a.buf);
             self.plane.sockets.release(a.socket);
         }
+        self.flush_trains();
         if batch {
             // From the reaping of a batch to its sends queued; the next enter submits them.
             self.plane
@@ -974,7 +1076,7 @@ impl Worker {
                 });
                 off += n;
             }
-            self.bufs.release(info.buf);
+            self.release_buf(info.buf);
             self.plane.sockets.release(info.socket);
         }
     }
@@ -1028,33 +1130,25 @@ impl Worker {
         );
         let runs = std::mem::take(&mut self.runs);
         for run in &runs {
-            self.send_run(run, a.buf);
+            self.send_run(run, BufRef::Recv(a.buf));
         }
         self.runs = runs;
     }
 
-    fn send_run(&mut self, run: &Run, buf: u16) {
-        let (socket, dest) = match run.target {
-            Target::Exit(slot) => match self.plane.sockets.exit(slot) {
-                Some(id) => (id, None),
-                None => {
-                    // The session went away while its packets were being routed.
-                    for _ in 0..run.segments {
-                        self.router.record_drop(DropReason::NoSession);
-                    }
-                    return;
-                }
-            },
-            Target::Client { listener, addr } => match self.plane.sockets.listener(listener) {
-                Some(id) => (id, Some(addr)),
-                None => {
-                    for _ in 0..run.segments {
-                        self.router.record_drop(DropReason::SendFailed);
-                    }
-                    return;
-                }
-            },
+    /// Queues the sends of `run`, whose bytes are in `buf` (its offsets are the buffer's).
+    fn send_run(&mut self, run: &Run, buf: BufRef) {
+        let Some(socket) = self.plane.sockets.for_target(run.target) else {
+            // A session or flow went away while its packets were being routed.
+            let reason = match run.target {
+                Target::Client { .. } => DropReason::SendFailed,
+                Target::Exit(_) | Target::Flow(_) => DropReason::NoSession,
+            };
+            for _ in 0..run.segments {
+                self.router.record_drop(reason);
+            }
+            return;
         };
+        let dest = run.target.address();
         let gso = self.plane.sockets.get(socket).is_some_and(|s| s.gso);
         let info = SendInfo {
             socket,
@@ -1065,9 +1159,7 @@ impl Worker {
             dest,
         };
         if run.segments > 1 && !gso {
-            for i in 0..run.segments {
-                let start = run.start + i * run.segment;
-                let len = run.segment.min(run.start + run.len - start);
+            for (start, len) in run.singles() {
                 self.queue_send(SendInfo {
                     start: start as u32,
                     len: len as u32,
@@ -1098,26 +1190,33 @@ impl Worker {
                 return;
             }
         };
-        self.bufs.hold(info.buf);
-        // SAFETY: the worker holds `info.buf` (a reference was just taken), and
-        // `start + len` lies within the buffer: runs are planned from payload offsets
-        // inside it.
-        let payload = unsafe {
-            self.bufs
-                .ring
-                .buffer(info.buf)
-                .as_ptr()
-                .add(info.start as usize)
+        self.hold_buf(info.buf);
+        let payload = match info.buf {
+            // SAFETY: the worker holds `b` (a reference was just taken), and
+            // `start + len` lies within the buffer: runs are planned from payload offsets
+            // inside it.
+            BufRef::Recv(b) => unsafe {
+                self.bufs.ring.buffer(b).as_ptr().add(info.start as usize)
+            },
+            // A train's bytes stay put until its last send completes (`train.rs`): its
+            // buffer is a heap allocation that never moves, written only while free of
+            // holders, and this send now holds it.
+            BufRef::Train(b) => self.plane.trains.bytes(b)[info.start as usize..].as_ptr(),
         };
         let Some(prepared) = self.sends.take(info, payload) else {
             // Unreachable: a slot was made free above.
-            self.bufs.release(info.buf);
+            self.release_buf(info.buf);
             self.plane.sockets.release(info.socket);
             return;
         };
         self.plane.io.send_calls += 1;
-        if info.segment.is_some() {
+        if let Some(seg) = info.segment {
             self.plane.io.gso_sends += 1;
+            if matches!(info.buf, BufRef::Train(_)) {
+                self.plane.io.zhop_trains_sent += 1;
+                self.plane.io.zhop_segments_in_trains +=
+                    (info.len as usize).div_ceil(usize::from(seg).max(1)) as u64;
+            }
         }
         // A single datagram needs no control message: a plain `Send` (with the address for
         // an unconnected listener) spares the kernel copying and parsing a msghdr.
@@ -1181,7 +1280,7 @@ impl Worker {
             );
             // Refused GSO sends are not resent now.
             while let Some(info) = self.retries.pop_front() {
-                self.bufs.release(info.buf);
+                self.release_buf(info.buf);
                 self.plane.sockets.release(info.socket);
             }
         }
@@ -1194,11 +1293,17 @@ impl Worker {
             let Worker {
                 plane, bufs, sends, ..
             } = self;
-            let Plane { ring, recv_hdr, .. } = plane;
+            let Plane {
+                ring,
+                recv_hdr,
+                trains,
+                ..
+            } = plane;
             drop(ring);
             std::mem::forget(bufs);
             std::mem::forget(sends);
             std::mem::forget(recv_hdr);
+            std::mem::forget(trains);
         }
         // Otherwise fields drop in declaration order: the ring (in `plane`) first, then
         // the buffers and send headers it no longer uses.

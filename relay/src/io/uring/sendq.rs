@@ -28,13 +28,21 @@ struct Headers {
     cmsg: CmsgBuf,
 }
 
+/// The buffer a send's payload is in: a receive buffer (DoubleHop forwards from it) or a
+/// Z-HOP train's buffer. Either is held, one reference per send, until the completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BufRef {
+    Recv(u16),
+    Train(u16),
+}
+
 /// What the worker remembers about a send in flight, to finish it when it completes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SendInfo {
     /// The worker's socket id the send went out on.
     pub socket: u32,
-    /// The receive buffer holding the payload.
-    pub buf: u16,
+    /// The buffer holding the payload.
+    pub buf: BufRef,
     /// Offset of the payload in that buffer, its length, and its GSO segment size.
     pub start: u32,
     pub len: u32,
@@ -69,7 +77,7 @@ impl std::fmt::Debug for SendSlots {
 }
 
 // SAFETY: the raw pointers inside the headers point only into this value's own heap
-// allocation or into receive buffers owned by the same worker thread; the pool moves with
+// allocation or into receive and train buffers owned by the same worker thread; the pool moves with
 // the worker into its thread and is never shared.
 unsafe impl Send for SendSlots {}
 
@@ -98,8 +106,8 @@ impl SendSlots {
         self.free.len()
     }
 
-    /// Takes a slot for `info` whose payload is `payload` (a pointer into a receive
-    /// buffer the caller owns). Returns the slot and what to hand to `SendMsg` or `Send`,
+    /// Takes a slot for `info` whose payload is `payload` (a pointer into a receive or
+    /// train buffer the caller holds). Returns the slot and what to hand to `SendMsg` or `Send`,
     /// or `None` when every slot is in flight.
     ///
     /// The returned header stays valid until [`SendSlots::finish`] is called for the slot;
