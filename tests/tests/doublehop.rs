@@ -343,6 +343,57 @@ fn pinned_listen_port_routes_to_its_exit_only() {
 }
 
 #[test]
+fn a_port_no_longer_pinned_is_released_and_its_sessions_closed() {
+    for_each_backend(|backend| {
+        let mut x = node();
+        let mut y = node();
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let relay = Relay::start(
+            backend,
+            vec![exit_spec("x", &x, None), exit_spec("y", &y, Some(port))],
+        );
+        let pinned = std::net::SocketAddr::new(relay.addr.ip(), port);
+        let mut a = node();
+        let (ap, _) = pair(relay.addr, &mut x, &mut a);
+        let mut b = node();
+        let (bp, _) = pair(pinned, &mut y, &mut b);
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a")).is_some());
+        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b")).is_some());
+        assert!(
+            UdpSocket::bind(pinned).is_err(),
+            "the relay holds the pinned port"
+        );
+
+        // y stays, unpinned: its port is let go, and the session that came through it ends.
+        relay.set_exits(2, vec![exit_spec("x", &x, None), exit_spec("y", &y, None)]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut released = None;
+        while released.is_none() && std::time::Instant::now() < deadline {
+            released = UdpSocket::bind(pinned).ok();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            released.is_some(),
+            "port {port} still bound after the unpin"
+        );
+        drop(released);
+        while relay.stats().sessions_closed_by_table < 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(relay.stats().sessions_closed_by_table, 1);
+        // The session through the main port carries on; y is reached through it by mac1.
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a again")).is_some());
+        let mut c = node();
+        let (cp, _) = pair(relay.addr, &mut y, &mut c);
+        assert!(deliver(&mut c, cp, &mut y, &mut [], &ip(3, b"c")).is_some());
+    });
+}
+
+#[test]
 fn garbage_and_spoofed_packets_move_nothing() {
     for_each_backend(|backend| {
         let mut exit = node();

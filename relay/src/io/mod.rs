@@ -241,6 +241,8 @@ pub enum WorkerRequest {
     Snapshot(mpsc::Sender<Vec<SessionSnapshot>>),
     /// A socket for a newly pinned listen port, bound centrally in worker order.
     AddListener(BoundListener),
+    /// Close the listener on this address: its port is no longer pinned to any exit.
+    RemoveListener(SocketAddr),
     CloseSession {
         slot: SessionSlot,
         reply: mpsc::Sender<bool>,
@@ -269,6 +271,8 @@ pub struct DataPlane {
     retired: Mutex<Vec<Arc<ExitTable>>>,
     /// Every address listened on (pinned ports added as tables pin them).
     bound: Mutex<Vec<SocketAddr>>,
+    /// The configured listen addresses (resolved): never released, pinned or not.
+    configured: Vec<SocketAddr>,
     listen_ips: Vec<IpAddr>,
     listener_socket_buffer: usize,
     steering: bool,
@@ -494,6 +498,8 @@ impl DataPlane {
             workers: handles,
             shutdown,
             bound: Mutex::new(local.clone()),
+            // `addrs` lists the configured addresses first, then the pinned ports.
+            configured: local[..cfg.listen.len()].to_vec(),
             local,
             backend: chosen.as_str(),
             table,
@@ -611,9 +617,11 @@ impl DataPlane {
     }
 
     /// Makes `table` the one workers route by: binds any listen port it newly pins (on
-    /// every listen address, one socket per worker), publishes it, and wakes the workers.
-    /// Sessions whose exit stays carry on. A port that cannot be bound is logged and
-    /// skipped; the table is published regardless (mac1 routing still reaches the exit).
+    /// every listen address, one socket per worker), publishes it, wakes the workers, and
+    /// releases the ports it no longer pins (sessions that came through one are closed: their
+    /// clients must move to another port anyway). Sessions whose exit stays carry on. A port
+    /// that cannot be bound is logged and skipped; the table is published regardless (mac1
+    /// routing still reaches the exit).
     pub fn publish(&self, table: ExitTable) {
         let ports: Vec<u16> = table.pinned_ports().collect();
         let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
@@ -641,9 +649,23 @@ impl DataPlane {
                 }
             }
         }
+        let released: Vec<SocketAddr> = bound
+            .iter()
+            .copied()
+            .filter(|a| !self.configured.contains(a) && !ports.contains(&a.port()))
+            .collect();
+        bound.retain(|a| !released.contains(a));
         drop(bound);
         let old = self.table.load();
         self.table.publish(table);
+        // After the table: by the time a worker closes the socket, no initiation on it is
+        // routed by the old pin any more.
+        for &addr in &released {
+            for w in &self.workers {
+                let _ = w.requests.send(WorkerRequest::RemoveListener(addr));
+            }
+            tracing::info!(%addr, "pinned port released");
+        }
         self.nudge();
         self.reap_retired();
         self.retired

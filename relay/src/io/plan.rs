@@ -31,6 +31,8 @@ pub(crate) trait WorkerIo {
     fn close_flow(&mut self, flow: SessionSlot);
     /// Takes a listener bound by the control side for a newly pinned port.
     fn add_listener(&mut self, l: BoundListener);
+    /// Closes the listener bound to `local` (a port no longer pinned), if any.
+    fn remove_listener(&mut self, local: SocketAddr) -> Option<Listener>;
     /// The local port of session `slot`'s exit-facing socket.
     fn exit_port(&self, slot: SessionSlot) -> Option<u16>;
     /// The listener on `port` for clients of `client`'s address family.
@@ -381,6 +383,13 @@ pub(crate) fn housekeeping(
                 let _ = reply.send(snaps);
             }
             WorkerRequest::AddListener(l) => io.add_listener(l),
+            WorkerRequest::RemoveListener(local) => {
+                // Z-HOP peers that used it find their replies unsendable (counted) until
+                // they come back through a listener that is open.
+                if let Some(l) = io.remove_listener(local) {
+                    router.listener_closed(l);
+                }
+            }
         }
     }
     cpu_at_start.map(|c| super::sys::thread_cpu_time().saturating_sub(c))

@@ -66,6 +66,12 @@ struct ListenerSocket {
     local: SocketAddr,
 }
 
+/// Listener `id` if it is open; a closed one leaves a hole, so ids (and mio tokens) of the
+/// others stay as they are.
+fn open_listener(listeners: &[Option<ListenerSocket>], id: usize) -> Option<&ListenerSocket> {
+    listeners.get(id).and_then(Option::as_ref)
+}
+
 struct ExitSocket {
     generation: u32,
     socket: Socket,
@@ -80,7 +86,7 @@ struct Worker {
     flows: Vec<Option<ExitSocket>>,
     table: SharedTable,
     poll: mio::Poll,
-    listeners: Vec<ListenerSocket>,
+    listeners: Vec<Option<ListenerSocket>>,
     exits: Vec<Option<ExitSocket>>,
     recv: RecvBatch,
     send: SendBatch,
@@ -215,7 +221,7 @@ impl Worker {
     fn serve(&mut self, token: Token) -> bool {
         for _ in 0..BATCHES_PER_TURN {
             let (fd, source) = if token.0 < EXIT_TOKEN_BASE {
-                match self.listeners.get(token.0) {
+                match open_listener(&self.listeners, token.0) {
                     Some(l) => (l.socket.as_raw_fd(), Source::Client(l.listener)),
                     None => return false,
                 }
@@ -367,10 +373,8 @@ impl Worker {
         let mut i = 0;
         while i < self.client_tx.len() {
             let listener = self.client_tx[i].0;
-            let Some(fd) = self
-                .listeners
-                .get(listener as usize)
-                .map(|l| l.socket.as_raw_fd())
+            let Some(fd) =
+                open_listener(&self.listeners, usize::from(listener)).map(|l| l.socket.as_raw_fd())
             else {
                 i += 1;
                 continue;
@@ -415,7 +419,7 @@ struct PortableIo<'a> {
     worker: usize,
     cfg: &'a DataPlaneConfig,
     poll: &'a mio::Poll,
-    listeners: &'a mut Vec<ListenerSocket>,
+    listeners: &'a mut Vec<Option<ListenerSocket>>,
     exits: &'a mut Vec<Option<ExitSocket>>,
     flows: &'a mut Vec<Option<ExitSocket>>,
     io: &'a mut IoStats,
@@ -427,7 +431,7 @@ struct PortableIo<'a> {
 
 /// The sockets Z-HOP's trains leave from, borrowed apart from the trains.
 struct TrainSocketsView<'a> {
-    listeners: &'a [ListenerSocket],
+    listeners: &'a [Option<ListenerSocket>],
     flows: &'a [Option<ExitSocket>],
     gso: &'a mut bool,
 }
@@ -435,11 +439,11 @@ struct TrainSocketsView<'a> {
 impl TrainSockets for TrainSocketsView<'_> {
     fn socket(&self, target: Target) -> Option<(i32, bool)> {
         let fd = match target {
-            Target::Client { listener, .. } => self
-                .listeners
-                .get(usize::from(listener))?
-                .socket
-                .as_raw_fd(),
+            Target::Client { listener, .. } => {
+                open_listener(self.listeners, usize::from(listener))?
+                    .socket
+                    .as_raw_fd()
+            }
             Target::Flow(flow) => match self.flows.get(flow.index as usize) {
                 Some(Some(s)) if s.generation == flow.generation => s.socket.as_raw_fd(),
                 _ => return None,
@@ -529,8 +533,7 @@ impl PortableIo<'_> {
     /// A plain synchronous send from a listener: for the relay's cookie replies, never the
     /// forwarded packets.
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
-        self.listeners
-            .get(listener.id as usize)
+        open_listener(self.listeners, usize::from(listener.id))
             .is_some_and(|l| l.socket.send_to(bytes, &to.into()).is_ok())
     }
 }
@@ -609,14 +612,29 @@ impl WorkerIo for PortableIo<'_> {
             return;
         }
         tracing::debug!(worker = self.worker, local = %l.local, gro = l.gro, "listening");
-        self.listeners.push(ListenerSocket {
+        self.listeners.push(Some(ListenerSocket {
             listener: Listener {
                 id,
                 port: l.local.port(),
             },
             local: l.local,
             socket: l.socket,
-        });
+        }));
+    }
+
+    fn remove_listener(&mut self, local: SocketAddr) -> Option<Listener> {
+        let slot = self
+            .listeners
+            .iter_mut()
+            .find(|l| l.as_ref().is_some_and(|l| l.local == local))?;
+        let l = slot.take()?;
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&l.socket.as_raw_fd()));
+        tracing::debug!(worker = self.worker, %local, "listener closed");
+        // Dropping the socket closes it: the port is free once every worker let go.
+        Some(l.listener)
     }
 
     fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
@@ -628,6 +646,7 @@ impl WorkerIo for PortableIo<'_> {
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {
         self.listeners
             .iter()
+            .flatten()
             .find(|l| l.listener.port == port && l.local.is_ipv4() == client.is_ipv4())
             .map(|l| l.listener)
     }

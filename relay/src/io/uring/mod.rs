@@ -312,7 +312,9 @@ impl Sockets {
     }
 
     fn listener(&self, listener: u16) -> Option<u32> {
-        self.listeners.get(usize::from(listener)).copied()
+        // A closed listener's id maps to NONE, which `get` does not find.
+        let sid = self.listeners.get(usize::from(listener)).copied()?;
+        self.get(sid).is_some_and(|s| !s.closing).then_some(sid)
     }
 
     /// Drops one reference; a closing socket with none left is closed and its id freed.
@@ -620,6 +622,29 @@ impl WorkerIo for Plane {
         self.arm_recv(sid);
     }
 
+    fn remove_listener(&mut self, local: SocketAddr) -> Option<Listener> {
+        let (id, sid, listener) =
+            self.sockets
+                .listeners
+                .iter()
+                .enumerate()
+                .find_map(|(id, &sid)| match self.sockets.get(sid)? {
+                    IoSocket {
+                        role: Role::Listener(l),
+                        local: Some(at),
+                        closing: false,
+                        ..
+                    } if *at == local => Some((id, sid, *l)),
+                    _ => None,
+                })?;
+        self.sockets.listeners[id] = NONE;
+        tracing::debug!(worker = self.id, %local, "listener closed");
+        // Cancels its receive; the descriptor closes (and the port frees) once nothing in
+        // flight names it.
+        self.close(sid);
+        Some(listener)
+    }
+
     fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
         let s = self.sockets.get(self.sockets.exit(slot)?)?;
         Some(s.socket.local_addr().ok()?.as_socket()?.port())
@@ -630,6 +655,7 @@ impl WorkerIo for Plane {
             .slots
             .iter()
             .flatten()
+            .filter(|s| !s.closing)
             .find_map(|s| match (s.role, s.local) {
                 (Role::Listener(l), Some(local))
                     if l.port == port && local.is_ipv4() == client.is_ipv4() =>
