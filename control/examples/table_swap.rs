@@ -19,6 +19,17 @@ use wraithgate_control::testbed::{
 use wraithgate_relay::io::DataPlaneConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable};
 
+/// The largest of one figure over every worker's last report.
+fn worst(node: &Node, figure: impl Fn(&wraithgate_relay::io::WorkerReport) -> u64) -> u64 {
+    node.control
+        .dp
+        .reports()
+        .iter()
+        .map(figure)
+        .max()
+        .unwrap_or(0)
+}
+
 fn main() {
     // The node's own log line for the change says where the time went.
     tracing_subscriber::fmt()
@@ -154,14 +165,7 @@ fn main() {
         all.push(json!({"public_key": k, "endpoint": ip, "name": format!("e{i}")}));
     }
     let body = json!({"exits": all}).to_string();
-    let hk_before = node
-        .control
-        .dp
-        .reports()
-        .iter()
-        .map(|r| r.io.housekeeping_max_ns)
-        .max()
-        .unwrap_or(0);
+    let hk_before = worst(&node, |r| r.io.housekeeping_max_ns);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(60)))
@@ -194,22 +198,8 @@ fn main() {
         std::thread::sleep(Duration::from_micros(200));
     };
     std::thread::sleep(Duration::from_secs(2));
-    let hk_after = node
-        .control
-        .dp
-        .reports()
-        .iter()
-        .map(|r| r.io.housekeeping_max_ns)
-        .max()
-        .unwrap_or(0);
-    let swap_cpu = node
-        .control
-        .dp
-        .reports()
-        .iter()
-        .map(|r| r.io.swap_step_max_cpu_ns)
-        .max()
-        .unwrap_or(0);
+    let hk_after = worst(&node, |r| r.io.housekeeping_max_ns);
+    let swap_cpu = worst(&node, |r| r.io.swap_step_max_cpu_ns);
     let (sent1, recv1) = (
         sent.load(Ordering::Relaxed),
         received.load(Ordering::Relaxed),

@@ -298,21 +298,32 @@ fn two_clients_reach_two_exits_chosen_by_mac1() {
     });
 }
 
+/// A relay with exit x reached by mac1 and exit y pinned to a port of its own; returns the
+/// relay and y's pinned address.
+fn relay_pinning_y(
+    backend: BackendChoice,
+    x: &WgNode,
+    y: &WgNode,
+) -> (Relay, std::net::SocketAddr) {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relay = Relay::start(
+        backend,
+        vec![exit_spec("x", x, None), exit_spec("y", y, Some(port))],
+    );
+    let pinned = std::net::SocketAddr::new(relay.addr.ip(), port);
+    (relay, pinned)
+}
+
 #[test]
 fn pinned_listen_port_routes_to_its_exit_only() {
     for_each_backend(|backend| {
         let mut x = node();
         let mut y = node();
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let relay = Relay::start(
-            backend,
-            vec![exit_spec("x", &x, None), exit_spec("y", &y, Some(port))],
-        );
-        let pinned = std::net::SocketAddr::new(relay.addr.ip(), port);
+        let (relay, pinned) = relay_pinning_y(backend, &x, &y);
         let mut b = node();
         let (bp, yb) = pair(pinned, &mut y, &mut b);
         assert_eq!(
@@ -347,16 +358,7 @@ fn a_port_no_longer_pinned_is_released_and_its_sessions_closed() {
     for_each_backend(|backend| {
         let mut x = node();
         let mut y = node();
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let relay = Relay::start(
-            backend,
-            vec![exit_spec("x", &x, None), exit_spec("y", &y, Some(port))],
-        );
-        let pinned = std::net::SocketAddr::new(relay.addr.ip(), port);
+        let (relay, pinned) = relay_pinning_y(backend, &x, &y);
         let mut a = node();
         let (ap, _) = pair(relay.addr, &mut x, &mut a);
         let mut b = node();
@@ -376,10 +378,7 @@ fn a_port_no_longer_pinned_is_released_and_its_sessions_closed() {
             released = UdpSocket::bind(pinned).ok();
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            released.is_some(),
-            "port {port} still bound after the unpin"
-        );
+        assert!(released.is_some(), "{pinned} still bound after the unpin");
         drop(released);
         while relay.stats().sessions_closed_by_table < 1 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
