@@ -138,7 +138,15 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         }
         exits.push(node);
     }
-    let pinned_port = free_udp_port()?;
+    // Both relay ports are chosen here, so that the pinned one can never be the port the
+    // relay's main listener would have drawn for itself.
+    let listen_port = free_udp_port()?;
+    let pinned_port = loop {
+        let p = free_udp_port()?;
+        if p != listen_port {
+            break p;
+        }
+    };
     let table = ExitTable::new(
         1,
         vec![
@@ -159,7 +167,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let shared = SharedTable::new(table);
     let dp = DataPlane::start(
         DataPlaneConfig {
-            listen: vec![any_loopback()],
+            listen: vec![SocketAddr::new(any_loopback().ip(), listen_port)],
             workers: opts.workers,
             backend: opts.backend,
             ..DataPlaneConfig::default()

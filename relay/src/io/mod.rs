@@ -410,20 +410,22 @@ impl DataPlane {
         let workers = cfg.workers.max(1);
         let chosen = choose_backend(cfg.backend)?;
         let _ = sys::raise_nofile_limit();
-        let mut addrs = cfg.listen.clone();
         let pinned: Vec<u16> = table.load().pinned_ports().collect();
-        for ip in cfg.listen.iter().map(|a| a.ip()) {
-            for &port in &pinned {
-                let a = SocketAddr::new(ip, port);
-                if !addrs.contains(&a) {
-                    addrs.push(a);
-                }
-            }
-        }
         let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
-        let mut local = Vec::new();
+        let mut local: Vec<SocketAddr> = Vec::new();
         let mut steering = true;
-        for addr in addrs {
+        // The configured addresses first (port 0 resolves here), then each pinned port on
+        // their addresses, unless a configured address already is that port: a second
+        // SO_REUSEPORT group on one address would split its clients between the two.
+        let pinned_addrs = cfg.listen.iter().flat_map(|a| {
+            pinned
+                .iter()
+                .map(move |&port| SocketAddr::new(a.ip(), port))
+        });
+        for (i, addr) in cfg.listen.iter().copied().chain(pinned_addrs).enumerate() {
+            if i >= cfg.listen.len() && local.contains(&addr) {
+                continue;
+            }
             let (group, resolved) =
                 bind_group(addr, workers, cfg.listener_socket_buffer, &mut steering)?;
             for (w, l) in per_worker.iter_mut().zip(group) {
@@ -498,7 +500,7 @@ impl DataPlane {
             workers: handles,
             shutdown,
             bound: Mutex::new(local.clone()),
-            // `addrs` lists the configured addresses first, then the pinned ports.
+            // `local` lists the configured addresses first, then the pinned ports.
             configured: local[..cfg.listen.len()].to_vec(),
             local,
             backend: chosen.as_str(),
