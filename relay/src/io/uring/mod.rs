@@ -312,9 +312,12 @@ impl Sockets {
     }
 
     fn listener(&self, listener: u16) -> Option<u32> {
-        // A closed listener's id maps to NONE, which `get` does not find.
-        let sid = self.listeners.get(usize::from(listener)).copied()?;
-        self.get(sid).is_some_and(|s| !s.closing).then_some(sid)
+        // A closed listener's id maps to NONE (set before it starts closing), which no
+        // caller's `get` finds.
+        self.listeners
+            .get(usize::from(listener))
+            .copied()
+            .filter(|&sid| sid != NONE)
     }
 
     /// Drops one reference; a closing socket with none left is closed and its id freed.
