@@ -562,18 +562,20 @@ fn send_train(from: &WgNode, to: std::net::SocketAddr, packets: &[Vec<u8>]) {
     batch.send(sock.as_raw_fd(), &[tx]).expect("GSO send");
 }
 
-/// Seals 24 equal packets from `sender` to its `peer`, sends them to `to` as one GSO
-/// train, and checks that `receiver` gets every one, in order.
+/// Seals 24 equal packets from `sender` to its `peer` (UDP payloads of `12 × repeat`
+/// bytes), sends them to `to` as one GSO train, and checks that `receiver` gets every one,
+/// in order.
 fn train_through(
     sender: &mut WgNode,
     peer: usize,
     receiver: &mut WgNode,
     to: std::net::SocketAddr,
     make_ip: fn(u8, &[u8]) -> Vec<u8>,
+    repeat: usize,
 ) {
     const N: usize = 24;
     let bodies: Vec<Vec<u8>> = (0..N)
-        .map(|i| format!("segment {i:04}").repeat(60).into_bytes())
+        .map(|i| format!("segment {i:04}").repeat(repeat).into_bytes())
         .collect();
     let sealed: Vec<Vec<u8>> = bodies
         .iter()
@@ -606,11 +608,85 @@ fn gro_trains_are_routed_per_segment_and_leave_as_gso_sends() {
         assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"hello")).is_some());
         assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"hello")).is_some());
         let relay_exit_side = x.endpoint(xa).expect("exit knows the relay's socket");
-        train_through(&mut a, ap, &mut x, relay.addr, ip);
-        train_through(&mut x, xa, &mut a, relay_exit_side, reply);
+        train_through(&mut a, ap, &mut x, relay.addr, ip, 60);
+        train_through(&mut x, xa, &mut a, relay_exit_side, reply, 60);
         std::thread::sleep(Duration::from_millis(300));
         let io = &relay.dp.reports()[0].io;
         assert!(io.gro_trains >= 2, "{io:?}");
         assert!(io.gso_sends >= 2, "{io:?}");
     });
+}
+
+/// A path on which the kernel refuses GSO costs GSO on that path's socket only. In a
+/// namespace of its own, the exit's address (127.0.0.2) has a route MTU of 1,000 bytes, so
+/// the kernel answers EMSGSIZE to a GSO send of 1,300-byte segments towards it (and
+/// fragments the same datagrams sent one by one); the client's address keeps loopback's
+/// MTU. The relay must fall back to single datagrams on its exit-facing socket, deliver
+/// every segment, and keep sending GSO trains to the client.
+#[test]
+fn netns_gso_refused_on_one_path_falls_back_on_that_socket_only() {
+    use wraithgate_control::testbed::KeyPair;
+    use wraithgate_tests::netns::{self, Netns, SuiteLock};
+
+    const TEST: &str = "netns_gso_refused_on_one_path_falls_back_on_that_socket_only";
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            wraithgate_tests::skips_allowed(),
+            "{TEST} needs root (a network namespace); WRAITHGATE_REQUIRE_ALL_TESTS forbids skipping"
+        );
+        eprintln!("\n*** SKIPPED {TEST}: needs root (a network namespace) ***\n");
+        return;
+    }
+    let _lock = SuiteLock::acquire().expect("interop suite lock");
+    netns::remove_leftovers().expect("remove leftovers");
+    let ns = Netns::create("gso").expect("namespace");
+    // The relay's socket towards the exit sits on 127.0.0.1 (the route's `src`), so the
+    // exit's own trains back to it keep loopback's MTU.
+    let route = "route replace local 127.0.0.2 dev lo table local mtu 1000 src 127.0.0.1";
+    ns.ip(&route.split(' ').collect::<Vec<_>>())
+        .expect("route with a small MTU");
+    for backend in backends() {
+        eprintln!("backend: {}", backend.as_str());
+        ns.run_in(move || {
+            let exit_addr: std::net::SocketAddr = "127.0.0.2:0".parse()?;
+            let mut x = WgNode::bind(exit_addr, KeyPair::generate())?;
+            let mut a = node();
+            let relay = Relay::start_with(
+                backend,
+                vec![exit_spec("x", &x, None)],
+                Default::default(),
+                1,
+            );
+            let (ap, xa) = pair(relay.addr, &mut x, &mut a);
+            assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"hello")).is_some());
+            assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"hello")).is_some());
+            let relay_exit_side = x.endpoint(xa).expect("exit knows the relay's socket");
+            let io = || {
+                std::thread::sleep(Duration::from_millis(300));
+                relay.dp.reports()[0].io.clone()
+            };
+            // Towards the exit: GSO refused, every segment still arrives.
+            train_through(&mut a, ap, &mut x, relay.addr, ip, 100);
+            let after_refusal = io();
+            assert_eq!(after_refusal.gso_fallbacks, 1, "{after_refusal:?}");
+            assert!(after_refusal.gro_trains >= 1, "{after_refusal:?}");
+            // Towards the client: still GSO.
+            train_through(&mut x, xa, &mut a, relay_exit_side, reply, 100);
+            let back = io();
+            assert!(
+                back.gso_sends > after_refusal.gso_sends,
+                "the client-facing socket should still send GSO trains: {back:?}"
+            );
+            // Towards the exit again: the socket remembers, nothing is refused twice.
+            train_through(&mut a, ap, &mut x, relay.addr, ip, 100);
+            let again = io();
+            assert_eq!(again.gso_fallbacks, 1, "{again:?}");
+            assert_eq!(
+                again.gso_sends, back.gso_sends,
+                "no GSO send should be tried on the exit-facing socket again: {again:?}"
+            );
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{TEST} ({}): {e:#}", backend.as_str()));
+    }
 }

@@ -143,10 +143,11 @@ pub(crate) fn plan(
     });
 }
 
-/// Sends `txs` on `fd` with as few `sendmmsg` calls as the batch allows. When the kernel
-/// refuses GSO (EIO, EINVAL, EMSGSIZE) for a message, `gso` is cleared for good (the
-/// caller stops using GSO on that socket or worker) and the message's segments are sent one
-/// by one. Returns how many datagrams could not be sent.
+/// Sends `txs` on `fd` with as few `sendmmsg` calls as the batch allows. `gso` is whether
+/// this socket may use GSO: when it may not, a message planned as a GSO run leaves as its
+/// segments, one datagram each. When the kernel refuses GSO (EIO, EINVAL, EMSGSIZE) for a
+/// message, `gso` is cleared for good (the caller keeps it per socket) and the message's
+/// segments are sent one by one. Returns how many datagrams could not be sent.
 pub(crate) fn send_all(
     send: &mut SendBatch,
     fd: RawFd,
@@ -156,15 +157,76 @@ pub(crate) fn send_all(
     worker: usize,
 ) -> usize {
     let mut failed = 0;
-    io.gso_sends += txs.iter().filter(|t| t.segment_size.is_some()).count() as u64;
     let mut off = 0;
     while off < txs.len() {
+        if !*gso && txs[off].segment_size.is_some() {
+            failed += send_singly(send, fd, txs[off], io);
+            off += 1;
+            continue;
+        }
+        // Everything up to the next GSO message goes as it is (all of it while GSO is on).
+        let end = if *gso {
+            txs.len()
+        } else {
+            txs[off..]
+                .iter()
+                .position(|t| t.segment_size.is_some())
+                .map_or(txs.len(), |p| off + p)
+        };
         io.send_calls += 1;
-        match send.send(fd, &txs[off..]) {
-            Ok(taken) => off += taken.max(1),
+        match send.send(fd, &txs[off..end]) {
+            Ok(taken) => {
+                let taken = taken.max(1);
+                io.gso_sends += txs[off..off + taken]
+                    .iter()
+                    .filter(|t| t.segment_size.is_some())
+                    .count() as u64;
+                off += taken;
+            }
             Err(e) => {
                 failed += send_refused(send, fd, txs[off], e, gso, io, worker);
                 off += 1;
+            }
+        }
+    }
+    failed
+}
+
+/// Sends a GSO message's segments as datagrams of their own, as few `sendmmsg` calls as
+/// the batch allows. Returns the datagrams that could not be sent.
+fn send_singly(send: &mut SendBatch, fd: RawFd, tx: Transmit<'_>, io: &mut IoStats) -> usize {
+    const EMPTY: Transmit<'static> = Transmit {
+        dest: None,
+        contents: &[],
+        segment_size: None,
+    };
+    let segment = tx
+        .segment_size
+        .map_or(tx.contents.len(), usize::from)
+        .max(1);
+    let mut failed = 0;
+    // A planned run never has more than MAX_GSO_SEGMENTS segments; a longer message (from
+    // no planner of ours) leaves in several rounds.
+    for group in tx.contents.chunks(segment * MAX_GSO_SEGMENTS) {
+        let mut singles = [EMPTY; MAX_GSO_SEGMENTS];
+        let mut n = 0;
+        for chunk in group.chunks(segment) {
+            singles[n] = Transmit {
+                dest: tx.dest,
+                contents: chunk,
+                segment_size: None,
+            };
+            n += 1;
+        }
+        let mut off = 0;
+        while off < n {
+            io.send_calls += 1;
+            match send.send(fd, &singles[off..n]) {
+                Ok(taken) => off += taken.max(1),
+                Err(_) => {
+                    failed += 1;
+                    off += 1;
+                }
             }
         }
     }
@@ -182,32 +244,20 @@ fn send_refused(
     io: &mut IoStats,
     worker: usize,
 ) -> usize {
-    let segment = tx
-        .segment_size
-        .map_or(tx.contents.len(), usize::from)
-        .max(1);
     if tx.segment_size.is_some() && sys::is_gso_error(&e) {
         if *gso {
             *gso = false;
             io.gso_fallbacks += 1;
             tracing::warn!(worker, error = %e,
-                "kernel refused UDP GSO; sending segments one by one from now on");
+                "kernel refused UDP GSO; this socket sends segments one by one from now on");
         }
-        let mut failed = 0;
-        for chunk in tx.contents.chunks(segment) {
-            let single = Transmit {
-                dest: tx.dest,
-                contents: chunk,
-                segment_size: None,
-            };
-            io.send_calls += 1;
-            if send.send(fd, &[single]).is_err() {
-                failed += 1;
-            }
-        }
-        return failed;
+        return send_singly(send, fd, tx, io);
     }
     tracing::trace!(worker, error = %e, "send failed");
+    let segment = tx
+        .segment_size
+        .map_or(tx.contents.len(), usize::from)
+        .max(1);
     tx.contents.len().div_ceil(segment).max(1)
 }
 

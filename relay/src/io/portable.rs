@@ -55,7 +55,6 @@ macro_rules! portable_io {
             io: &mut $w.io,
             send: &mut $w.send,
             trains: &mut $w.trains,
-            gso: &mut $w.gso,
         }
     };
 }
@@ -64,6 +63,8 @@ struct ListenerSocket {
     socket: Socket,
     listener: Listener,
     local: SocketAddr,
+    /// Whether sends on this socket may use GSO; cleared for good when the kernel refuses.
+    gso: bool,
 }
 
 /// Listener `id` if it is open; a closed one leaves a hole, so ids (and mio tokens) of the
@@ -75,6 +76,8 @@ fn open_listener(listeners: &[Option<ListenerSocket>], id: usize) -> Option<&Lis
 struct ExitSocket {
     generation: u32,
     socket: Socket,
+    /// Whether sends on this socket may use GSO; cleared for good when the kernel refuses.
+    gso: bool,
 }
 
 struct Worker {
@@ -100,7 +103,6 @@ struct Worker {
     requests: mpsc::Receiver<WorkerRequest>,
     report: Arc<Mutex<WorkerReport>>,
     shutdown: Arc<AtomicBool>,
-    gso: bool,
     io: IoStats,
     last_report: Instant,
 }
@@ -123,7 +125,6 @@ pub(crate) fn run(ctx: WorkerContext) {
         runs: Vec::with_capacity(ctx.cfg.batch * 4),
         client_tx: Vec::with_capacity(ctx.cfg.batch * 4),
         ready: VecDeque::with_capacity(1024),
-        gso: ctx.cfg.gso,
         cfg: ctx.cfg,
         table: ctx.table,
         poll: ctx.poll,
@@ -287,7 +288,9 @@ impl Worker {
             if plan::is_train(meta.len, meta.stride) {
                 self.io.gro_trains += 1;
             }
-            let (runs, gso) = (&mut self.runs, self.gso);
+            // Runs are planned as if every socket did GSO; a socket the kernel refused it
+            // on sends its runs' segments one by one (`plan::send_all`).
+            let (runs, gso) = (&mut self.runs, self.cfg.gso);
             plan::route_message(
                 &mut self.router,
                 &mut self.zhop,
@@ -331,8 +334,8 @@ impl Worker {
     }
 
     fn send_to_exit(&mut self, slot: SessionSlot, run: &Run) {
-        let fd = match self.exits.get(slot.index as usize) {
-            Some(Some(s)) if s.generation == slot.generation => s.socket.as_raw_fd(),
+        let s = match self.exits.get_mut(slot.index as usize) {
+            Some(Some(s)) if s.generation == slot.generation => s,
             // The session went away while its packets were being routed.
             _ => {
                 for _ in 0..run.segments {
@@ -348,9 +351,9 @@ impl Worker {
         };
         let mut failed = plan::send_all(
             &mut self.send,
-            fd,
+            s.socket.as_raw_fd(),
             &[tx],
-            &mut self.gso,
+            &mut s.gso,
             &mut self.io,
             self.id,
         );
@@ -373,8 +376,10 @@ impl Worker {
         let mut i = 0;
         while i < self.client_tx.len() {
             let listener = self.client_tx[i].0;
-            let Some(fd) =
-                open_listener(&self.listeners, usize::from(listener)).map(|l| l.socket.as_raw_fd())
+            let Some(l) = self
+                .listeners
+                .get_mut(usize::from(listener))
+                .and_then(Option::as_mut)
             else {
                 i += 1;
                 continue;
@@ -399,9 +404,9 @@ impl Worker {
             }
             let mut failed = plan::send_all(
                 &mut self.send,
-                fd,
+                l.socket.as_raw_fd(),
                 &txs[..end - i],
-                &mut self.gso,
+                &mut l.gso,
                 &mut self.io,
                 self.id,
             );
@@ -425,36 +430,52 @@ struct PortableIo<'a> {
     io: &'a mut IoStats,
     send: &'a mut SendBatch,
     trains: &'a mut Trains,
-    /// Whether this worker's sends may use GSO (cleared when the kernel refuses it).
-    gso: &'a mut bool,
 }
 
 /// The sockets Z-HOP's trains leave from, borrowed apart from the trains.
 struct TrainSocketsView<'a> {
-    listeners: &'a [Option<ListenerSocket>],
-    flows: &'a [Option<ExitSocket>],
-    gso: &'a mut bool,
+    listeners: &'a mut [Option<ListenerSocket>],
+    flows: &'a mut [Option<ExitSocket>],
+}
+
+impl TrainSocketsView<'_> {
+    fn gso_flag(&mut self, target: Target) -> Option<&mut bool> {
+        match target {
+            Target::Client { listener, .. } => self
+                .listeners
+                .get_mut(usize::from(listener))?
+                .as_mut()
+                .map(|l| &mut l.gso),
+            Target::Flow(flow) => match self.flows.get_mut(flow.index as usize) {
+                Some(Some(s)) if s.generation == flow.generation => Some(&mut s.gso),
+                _ => None,
+            },
+            Target::Exit(_) => None,
+        }
+    }
 }
 
 impl TrainSockets for TrainSocketsView<'_> {
     fn socket(&self, target: Target) -> Option<(i32, bool)> {
-        let fd = match target {
+        match target {
             Target::Client { listener, .. } => {
-                open_listener(self.listeners, usize::from(listener))?
-                    .socket
-                    .as_raw_fd()
+                let l = open_listener(self.listeners, usize::from(listener))?;
+                Some((l.socket.as_raw_fd(), l.gso))
             }
             Target::Flow(flow) => match self.flows.get(flow.index as usize) {
-                Some(Some(s)) if s.generation == flow.generation => s.socket.as_raw_fd(),
-                _ => return None,
+                Some(Some(s)) if s.generation == flow.generation => {
+                    Some((s.socket.as_raw_fd(), s.gso))
+                }
+                _ => None,
             },
-            Target::Exit(_) => return None,
-        };
-        Some((fd, *self.gso))
+            Target::Exit(_) => None,
+        }
     }
 
-    fn refuse_gso(&mut self, _: Target) {
-        *self.gso = false;
+    fn refuse_gso(&mut self, target: Target) {
+        if let Some(gso) = self.gso_flag(target) {
+            *gso = false;
+        }
     }
 }
 
@@ -495,7 +516,7 @@ impl PortableIo<'_> {
     }
 }
 
-fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket) {
+fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket, gso: bool) {
     let i = slot.index as usize;
     if table.len() <= i {
         table.resize_with(i + 1, || None);
@@ -503,6 +524,7 @@ fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket) {
     table[i] = Some(ExitSocket {
         generation: slot.generation,
         socket,
+        gso,
     });
 }
 
@@ -514,7 +536,6 @@ impl PortableIo<'_> {
             TrainSocketsView {
                 listeners: self.listeners,
                 flows: self.flows,
-                gso: self.gso,
             },
             SyncSend {
                 send: self.send,
@@ -550,7 +571,7 @@ impl WorkerIo for PortableIo<'_> {
                     let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
                     match self.open(exit, local_port, token) {
                         Ok(socket) => {
-                            put(self.exits, slot, socket);
+                            put(self.exits, slot, socket, self.cfg.gso);
                             self.io.exit_sockets_open += 1;
                         }
                         Err(e) => {
@@ -589,7 +610,7 @@ impl WorkerIo for PortableIo<'_> {
     fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) {
         let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
         match self.open(exit, None, token) {
-            Ok(socket) => put(self.flows, flow, socket),
+            Ok(socket) => put(self.flows, flow, socket, self.cfg.gso),
             Err(e) => {
                 tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open flow socket")
             }
@@ -619,6 +640,7 @@ impl WorkerIo for PortableIo<'_> {
             },
             local: l.local,
             socket: l.socket,
+            gso: self.cfg.gso,
         }));
     }
 
