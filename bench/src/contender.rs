@@ -15,6 +15,9 @@ use crate::topology::{kill_group, Kind, Topology, CLEANUP};
 /// One relay implementation under test.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Contender {
+    /// No relay: the generator sends to the sink itself (in `netns`, routed by the relay
+    /// namespace's kernel without NAT). The floor every relay's latency adds to.
+    Direct,
     /// The `wraithgate` binary with one worker backend (`portable`, `uring`, …).
     WraithGate { binary: PathBuf, backend: String },
     /// Kernel DNAT + SNAT (masquerade) with nftables: the Mullvad-style forwarder.
@@ -31,6 +34,7 @@ impl Contender {
     pub fn name(&self) -> String {
         match self {
             Contender::WraithGate { backend, .. } => format!("wraithgate-{backend}"),
+            Contender::Direct => "direct".into(),
             Contender::Nftables => "nftables".into(),
             Contender::NaiveTokio => "naive-tokio".into(),
             Contender::Socat => "socat".into(),
@@ -41,6 +45,7 @@ impl Contender {
     /// Parses a contender name as printed by [`Contender::name`].
     pub fn parse(name: &str, wraithgate: &Path) -> Result<Self> {
         Ok(match name {
+            "direct" => Contender::Direct,
             "nftables" => Contender::Nftables,
             "naive-tokio" | "naive" => Contender::NaiveTokio,
             "socat" => Contender::Socat,
@@ -68,7 +73,7 @@ impl Contender {
                 Some("needs its own namespace (would change the host's ruleset)".into())
             }
             Contender::Nftables => needs("nft"),
-            Contender::NaiveTokio => None,
+            Contender::Direct | Contender::NaiveTokio => None,
             Contender::Socat => needs("socat"),
             Contender::Nginx => needs("nginx").or_else(|| {
                 (!Path::new(NGINX_STREAM_MODULE).exists())
@@ -114,7 +119,18 @@ impl Contender {
         }
     }
 
-    /// Starts the contender so that datagrams to `topo.relay_listen` reach `topo.exit`.
+    /// Where the generator sends: the relay's listen address, or the sink for [`Direct`].
+    ///
+    /// [`Direct`]: Contender::Direct
+    pub fn destination(&self, topo: &Topology) -> std::net::SocketAddrV4 {
+        match self {
+            Contender::Direct => topo.exit,
+            _ => topo.relay_listen,
+        }
+    }
+
+    /// Starts the contender so that datagrams to [`Contender::destination`] reach
+    /// `topo.exit`.
     pub fn start(
         &self,
         topo: &Topology,
@@ -128,6 +144,11 @@ impl Contender {
         let name = self.name();
         let log = workdir.join(format!("{name}.log"));
         match self {
+            Contender::Direct => Ok(Running {
+                name,
+                child: None,
+                teardown: None,
+            }),
             Contender::Nftables => {
                 let ns = topo
                     .relay_ns

@@ -125,6 +125,16 @@ pub struct ScenarioResult {
     pub contenders: Vec<ContenderResult>,
 }
 
+impl ScenarioResult {
+    /// The median figures of contender `name`, if it was measured.
+    pub fn figures_of(&self, name: &str) -> Option<Figures> {
+        self.contenders
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(ContenderResult::figures)
+    }
+}
+
 /// The `--json` document: exactly the shape the benchmark issue specifies.
 #[derive(Debug, Serialize)]
 pub struct JsonReport {
@@ -189,11 +199,7 @@ pub fn json(results: &[ScenarioResult]) -> JsonReport {
 pub fn markdown(results: &[ScenarioResult]) -> String {
     let mut out = String::new();
     for s in results {
-        let reference = s
-            .contenders
-            .iter()
-            .find(|c| c.name == s.reference)
-            .and_then(|c| c.figures());
+        let reference = s.figures_of(&s.reference);
         let ratio_title = if s.paced {
             format!("p99 ÷ {}", s.reference)
         } else {
@@ -246,6 +252,29 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
                 ratio,
                 runs
             );
+        }
+        if let (true, Some(direct)) = (s.paced, s.figures_of("direct")) {
+            let added: Vec<String> = s
+                .contenders
+                .iter()
+                .filter(|c| c.name != "direct")
+                .filter_map(|c| {
+                    let f = c.figures()?;
+                    Some(format!(
+                        "{} {:+.0} µs",
+                        c.name,
+                        f.p99_us() - direct.p99_us()
+                    ))
+                })
+                .collect();
+            if !added.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "\np99 added to the direct path's ({:.0} µs): {}.",
+                    direct.p99_us(),
+                    added.join(", ")
+                );
+            }
         }
     }
     out
@@ -424,6 +453,36 @@ mod tests {
         assert!(md.contains("× nftables"), "{md}");
         assert!(md.contains("| 0.50 |"), "socat is half of nftables: {md}");
         assert!(md.contains("skipped: not installed"));
+    }
+
+    #[test]
+    fn paced_scenarios_say_what_each_relay_adds_to_the_direct_path() {
+        let lat = |p99: f64| Figures {
+            gbps: 1.0,
+            latency_us: [5.0, 8.0, p99, p99 * 2.0, p99 * 3.0],
+            ..Figures::default()
+        };
+        let measured = |name: &str, f: Figures| ContenderResult {
+            name: name.into(),
+            outcome: Outcome::Measured { runs: vec![f] },
+        };
+        let paced = ScenarioResult {
+            name: "netns/1flow-1420B-paced-1G".into(),
+            paced: true,
+            reference: "nftables".into(),
+            contenders: vec![
+                measured("wraithgate-uring", lat(70.0)),
+                measured("nftables", lat(140.0)),
+                measured("direct", lat(40.0)),
+            ],
+        };
+        let md = markdown(&[paced]);
+        assert!(
+            md.contains("p99 added to the direct path's (40 µs): wraithgate-uring +30 µs, nftables +100 µs."),
+            "{md}"
+        );
+        // Unpaced scenarios have no such line, and neither has a run without `direct`.
+        assert!(!markdown(&sample()).contains("added to the direct"));
     }
 
     #[test]

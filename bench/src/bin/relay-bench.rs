@@ -38,7 +38,9 @@ struct Cli {
     /// Topologies: netns, loopback, host (host needs no root; nftables is skipped there).
     #[arg(long, value_delimiter = ',')]
     topology: Option<Vec<String>>,
-    /// Contenders to run (default: all).
+    /// Contenders to run (default: all): wraithgate-<backend> for each of --backends,
+    /// nftables, naive-tokio, socat, nginx, and direct (no relay at all: the generator
+    /// sends to the sink, so its latency is the path's own floor).
     #[arg(long, value_delimiter = ',')]
     contenders: Option<Vec<String>>,
     /// WraithGate backends to run as contenders. `BACKEND@KEY=VALUE[@KEY=VALUE…]` adds
@@ -262,7 +264,7 @@ fn bench(cli: &Cli) -> Result<()> {
             .backends
             .iter()
             .map(|b| format!("wraithgate-{b}"))
-            .chain(["nftables", "naive-tokio", "socat", "nginx"].map(String::from))
+            .chain(["nftables", "naive-tokio", "socat", "nginx", "direct"].map(String::from))
             .collect(),
     };
     let contenders: Vec<Contender> = names
@@ -353,7 +355,7 @@ fn bench(cli: &Cli) -> Result<()> {
                         continue;
                     };
                     let spec = LoadSpec {
-                        relay: topo.relay_listen,
+                        relay: c.destination(&topo),
                         sink: topo.exit,
                         sources: (0..s.flows).map(|i| topo.source(i)).collect(),
                         client_port: topo.client_port(),
@@ -500,8 +502,14 @@ fn end_to_end(
         ("e2e-iperf3-tcp", None),
         ("e2e-iperf3-udp-1380B", Some(cli.e2e_udp_rate.as_str())),
     ];
+    // The direct path is always the reference here, and not a relay to put in between.
     let mut paths: Vec<Option<&Contender>> = vec![None];
-    paths.extend(contenders.iter().map(Some));
+    paths.extend(
+        contenders
+            .iter()
+            .filter(|c| **c != Contender::Direct)
+            .map(Some),
+    );
     let mut results: Vec<ScenarioResult> = tests
         .iter()
         .map(|(name, _)| ScenarioResult {
