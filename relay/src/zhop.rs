@@ -128,6 +128,10 @@ pub struct Zhop {
     buf: Vec<u8>,
     ip: Vec<u8>,
     last_tick: Instant,
+    /// The next peer whose timers run: [`Zhop::tick`] walks the peers a share at a time.
+    timer_cursor: u32,
+    /// Timer visits owed, in peer-nanoseconds (a visit costs [`TIMER_TICK`]'s nanoseconds).
+    timer_credit: u128,
     last_limiter_reset: Instant,
     stats: ZhopStats,
 }
@@ -163,6 +167,8 @@ impl Zhop {
             buf: vec![0; MAX_OUTPUT],
             ip: Vec::with_capacity(MAX_DATAGRAM),
             last_tick: now,
+            timer_cursor: 0,
+            timer_credit: 0,
             last_limiter_reset: now,
             stats: ZhopStats::default(),
         }
@@ -442,17 +448,27 @@ impl Zhop {
         }
     }
 
-    /// Runs boringtun's timers (about every 100 ms) and forgets idle peers.
+    /// Runs boringtun's timers (each peer's about every 100 ms) and forgets idle peers.
+    ///
+    /// The walk is spread over the calls: a call visits the share of the peers that the
+    /// time since the previous call is of [`TIMER_TICK`], so a worker with many peers never
+    /// stalls its traffic for a walk over all of them at once (a call after 100 ms or more
+    /// of sleep still visits everyone).
     pub fn tick(&mut self, now: Instant, out: &mut dyn FnMut(ZhopOut<'_>)) {
         if now.duration_since(self.last_limiter_reset) >= Duration::from_secs(1) {
             self.limiter.reset_count();
             self.last_limiter_reset = now;
         }
-        if now.duration_since(self.last_tick) < TIMER_TICK {
-            return;
-        }
+        let bound = self.peers.index_bound();
+        let tick_ns = TIMER_TICK.as_nanos();
+        let owed = u128::from(bound) * now.duration_since(self.last_tick).as_nanos();
         self.last_tick = now;
-        for i in 0..self.peers.index_bound() {
+        self.timer_credit = (self.timer_credit + owed).min(u128::from(bound) * tick_ns);
+        let visits = (self.timer_credit / tick_ns) as u32;
+        self.timer_credit -= u128::from(visits) * tick_ns;
+        for _ in 0..visits {
+            let i = self.timer_cursor % bound;
+            self.timer_cursor = (i + 1) % bound;
             let Some((_, p)) = self.peers.at_mut(i) else {
                 continue;
             };
@@ -642,5 +658,65 @@ mod tests {
             panic!("nothing is sent")
         });
         assert_eq!(r, Err(DropReason::UnknownPeer));
+    }
+
+    /// A worker with many peers runs their timers a share at a time: called every
+    /// millisecond, each call visits about a hundredth of them, and every peer is still
+    /// visited within one [`TIMER_TICK`] (seen here through idle peers being forgotten).
+    #[test]
+    fn timers_are_walked_a_share_at_a_time_and_reach_every_peer_within_a_tick() {
+        const N: usize = 40;
+        let node = NodeKey::from_secret([7; 32]);
+        let secrets: Vec<x25519::StaticSecret> = (0..N)
+            .map(|i| x25519::StaticSecret::from([i as u8 + 10; 32]))
+            .collect();
+        let peers = secrets
+            .iter()
+            .map(|s| PeerSpec {
+                public_key: PublicKey(x25519::PublicKey::from(s).to_bytes()),
+                name: String::new(),
+                allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
+                preshared_key: None,
+                allowed_exits: vec![],
+            })
+            .collect();
+        let table = ExitTable::new(1, vec![])
+            .unwrap()
+            .with_peers(peers)
+            .unwrap();
+        let t0 = Instant::now();
+        let mut z = Zhop::new(Some(node.clone()), Arc::new(table), t0);
+        let mut buf = [0u8; 256];
+        for (i, secret) in secrets.into_iter().enumerate() {
+            let mut client = Tunn::new(secret, node.public, None, None, 1, None);
+            let TunnResult::WriteToNetwork(init) =
+                client.format_handshake_initiation(&mut buf, false)
+            else {
+                panic!("no initiation")
+            };
+            let from: SocketAddr = format!("198.51.100.{}:4000", i + 1).parse().unwrap();
+            z.handle_client(t0, L, from, init, &mut |_| {}).unwrap();
+        }
+        assert_eq!(z.stats().peers, N as u64);
+        // Up to the idle limit: every call visits everyone (a long sleep), nobody is idle.
+        let limit = t0 + PEER_IDLE;
+        z.tick(limit, &mut |_| {});
+        assert_eq!(z.stats().peers, N as u64);
+        // From here every peer is idle; 1 ms steps each forget at most ceil(N / 100).
+        let mut step = limit;
+        let mut steps = 0;
+        while z.stats().peers > 0 {
+            let before = z.stats().peers;
+            step += Duration::from_millis(1);
+            steps += 1;
+            z.tick(step, &mut |_| {});
+            let forgotten = before - z.stats().peers;
+            assert!(forgotten <= 1, "{forgotten} peers visited in one 1 ms step");
+            assert!(steps <= 100, "a peer was not visited within {TIMER_TICK:?}");
+        }
+        assert!(
+            steps >= 90,
+            "all {N} peers visited in {steps} ms: not spread"
+        );
     }
 }
