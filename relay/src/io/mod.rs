@@ -72,7 +72,7 @@ pub struct DataPlaneConfig {
     pub listener_socket_buffer: usize,
     /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket.
     pub exit_socket_buffer: usize,
-    /// Use UDP GSO on send (each worker still falls back on its own when the kernel refuses).
+    /// Use UDP GSO on send (each socket still falls back on its own when the kernel refuses).
     pub gso: bool,
     /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
     /// is off without one.
