@@ -105,6 +105,8 @@ struct ZPeer {
     endpoint: Option<(Listener, SocketAddr)>,
     last_activity: Instant,
     flows: Vec<SessionSlot>,
+    /// The [`Zhop::table_epoch`] this peer was last checked against the table at.
+    epoch: u64,
 }
 
 struct Flow {
@@ -119,6 +121,10 @@ pub struct Zhop {
     key: Option<(NodeKey, Mac1Key)>,
     limiter: Arc<RateLimiter>,
     table: Arc<ExitTable>,
+    /// Counts the tables taken. A peer checked at an older epoch is checked again (still
+    /// provisioned? flows still allowed?) before anything of its is handled, and by the
+    /// timer walk; so a swap is one pointer store here, however many peers there are.
+    table_epoch: u64,
     /// Peers by the index their `Tunn` was created with.
     peers: Slab<ZPeer>,
     by_key: HashMap<PublicKey, u32>,
@@ -159,6 +165,7 @@ impl Zhop {
                 (k, mac1)
             }),
             table,
+            table_epoch: 0,
             peers: Slab::default(),
             by_key: HashMap::new(),
             by_addr: HashMap::new(),
@@ -229,6 +236,9 @@ impl Zhop {
             },
             _ => *self.by_addr.get(&from).ok_or(DropReason::UnknownClient)?,
         };
+        if !self.check_peer(peer, out) {
+            return Err(DropReason::UnknownPeer);
+        }
         let kind = packet[0];
         let (_, p) = self
             .peers
@@ -317,6 +327,7 @@ impl Zhop {
             endpoint: None,
             last_activity: now,
             flows: Vec::new(),
+            epoch: self.table_epoch,
         });
         debug_assert_eq!(slot.index, index);
         self.by_key.insert(peer_key, index);
@@ -422,8 +433,11 @@ impl Zhop {
         payload: &[u8],
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<(), DropReason> {
+        let peer = self.flows.get(flow).ok_or(DropReason::NoSession)?.peer;
+        // The check may close this flow (its exit no longer allowed) or its whole peer.
+        self.check_peer(peer, out);
         let entry = self.flows.get(flow).ok_or(DropReason::NoSession)?;
-        let (peer, src, dst) = (entry.peer, entry.exit, entry.inner);
+        let (src, dst) = (entry.exit, entry.inner);
         if payload.len() > MAX_DATAGRAM - 48 {
             return Err(DropReason::BadLength);
         }
@@ -469,6 +483,9 @@ impl Zhop {
         for _ in 0..visits {
             let i = self.timer_cursor % bound;
             self.timer_cursor = (i + 1) % bound;
+            if !self.check_peer(i, out) {
+                continue;
+            }
             let Some((_, p)) = self.peers.at_mut(i) else {
                 continue;
             };
@@ -489,36 +506,49 @@ impl Zhop {
         }
     }
 
-    /// Takes a new table: peers no longer provisioned lose their tunnel and flows; flows to
-    /// exits a peer may no longer reach are closed.
-    pub fn set_table(&mut self, table: Arc<ExitTable>, out: &mut dyn FnMut(ZhopOut<'_>)) {
+    /// Takes a new table. Nothing else happens here: each peer is checked against it
+    /// ([`Zhop::check_peer`]) before its next packet either way is handled, and by the
+    /// timer walk within about 100 ms if it is idle. A peer no longer provisioned loses
+    /// its tunnel and flows then; a flow to an exit the peer may no longer reach is closed.
+    pub fn set_table(&mut self, table: Arc<ExitTable>) {
         self.table = table;
-        for i in 0..self.peers.index_bound() {
-            let Some((_, p)) = self.peers.at(i) else {
-                continue;
-            };
-            match self.table.peer(&p.key) {
-                None => {
-                    tracing::info!(peer = %p.key, "peer removed: outer tunnel closed");
-                    self.remove_peer(i, out);
+        self.table_epoch += 1;
+    }
+
+    /// Checks `peer` against the current table if it was not yet: removes it if it is no
+    /// longer provisioned (returns false) and closes its flows to exits it may no longer
+    /// reach.
+    fn check_peer(&mut self, peer: u32, out: &mut dyn FnMut(ZhopOut<'_>)) -> bool {
+        let Some((_, p)) = self.peers.at_mut(peer) else {
+            return false;
+        };
+        if p.epoch == self.table_epoch {
+            return true;
+        }
+        p.epoch = self.table_epoch;
+        let Some(allowed) = self.table.peer(&p.key) else {
+            tracing::info!(peer = %p.key, "peer removed: outer tunnel closed");
+            self.remove_peer(peer, out);
+            return false;
+        };
+        let mut i = 0;
+        while i < p.flows.len() {
+            let f = p.flows[i];
+            let stale = self
+                .flows
+                .get(f)
+                .is_some_and(|fl| !allowed.exit_endpoints.contains(&fl.exit));
+            if stale {
+                if let Some(fl) = self.flows.remove(f) {
+                    self.by_tuple.remove(&(fl.peer, fl.inner, fl.exit));
+                    out(ZhopOut::CloseFlow { flow: f });
                 }
-                Some(allowed) => {
-                    let stale: Vec<SessionSlot> = p
-                        .flows
-                        .iter()
-                        .copied()
-                        .filter(|f| {
-                            self.flows
-                                .get(*f)
-                                .is_some_and(|fl| !allowed.exit_endpoints.contains(&fl.exit))
-                        })
-                        .collect();
-                    for f in stale {
-                        self.close_flow(f, out);
-                    }
-                }
+                p.flows.swap_remove(i);
+            } else {
+                i += 1;
             }
         }
+        true
     }
 
     fn remove_peer(&mut self, peer: u32, out: &mut dyn FnMut(ZhopOut<'_>)) {
@@ -558,20 +588,13 @@ mod tests {
     fn setup() -> (Zhop, Tunn, SocketAddr) {
         let node = NodeKey::from_secret([7; 32]);
         let client_secret = x25519::StaticSecret::from([9; 32]);
-        let client_public = x25519::PublicKey::from(&client_secret);
         let exit = ExitSpec {
             name: "x".into(),
             public_key: PublicKey([1; 32]),
             endpoint: "192.0.2.1:51820".parse().unwrap(),
             listen_port: None,
         };
-        let peer = PeerSpec {
-            public_key: PublicKey(client_public.to_bytes()),
-            name: String::new(),
-            allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
-            preshared_key: None,
-            allowed_exits: vec![PublicKey([1; 32])],
-        };
+        let peer = setup_peer(vec![PublicKey([1; 32])]);
         let table = ExitTable::new(1, vec![exit])
             .unwrap()
             .with_peers(vec![peer])
@@ -718,5 +741,107 @@ mod tests {
             steps >= 90,
             "all {N} peers visited in {steps} ms: not spread"
         );
+    }
+
+    /// Completes the outer handshake of `client` and sends one inner packet to the exit of
+    /// [`setup`]; returns the flow Z-HOP opened for it.
+    fn open_flow(z: &mut Zhop, client: &mut Tunn, from: SocketAddr, now: Instant) -> SessionSlot {
+        let mut buf = vec![0u8; 2048];
+        let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation")
+        };
+        let init = init.to_vec();
+        let mut response = None;
+        z.handle_client(now, L, from, &init, &mut |o| {
+            if let ZhopOut::ToPeer { bytes, .. } = o {
+                response = Some(bytes.to_vec());
+            }
+        })
+        .unwrap();
+        let mut out = vec![0u8; 2048];
+        let _ = client.decapsulate(None, &response.expect("a response"), &mut out);
+        let mut ip = Vec::new();
+        let exit: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        inner::build_udp(&mut ip, "10.0.0.2:5000".parse().unwrap(), exit, b"inner wg");
+        let TunnResult::WriteToNetwork(data) = client.encapsulate(&ip, &mut buf) else {
+            panic!("no session")
+        };
+        let data = data.to_vec();
+        let mut opened = None;
+        z.handle_client(now, L, from, &data, &mut |o| {
+            if let ZhopOut::OpenFlow { flow, exit: to } = o {
+                assert_eq!(to, exit);
+                opened = Some(flow);
+            }
+        })
+        .unwrap();
+        opened.expect("a flow to the exit")
+    }
+
+    /// The provisioning of [`setup`]'s client, with other exits.
+    fn setup_peer(allowed_exits: Vec<PublicKey>) -> PeerSpec {
+        let client = x25519::PublicKey::from(&x25519::StaticSecret::from([9; 32]));
+        PeerSpec {
+            public_key: PublicKey(client.to_bytes()),
+            name: String::new(),
+            allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
+            preshared_key: None,
+            allowed_exits,
+        }
+    }
+
+    /// A table swap costs Z-HOP one pointer store, whatever the peers; a peer removed from
+    /// the table loses its tunnel and flows before anything of its is handled again.
+    #[test]
+    fn a_removed_peer_is_dropped_on_its_next_packet_either_way() {
+        let (mut z, mut client, from) = setup();
+        let t0 = Instant::now();
+        let flow = open_flow(&mut z, &mut client, from, t0);
+        let exits: Vec<ExitSpec> = z.table.specs().cloned().collect();
+        z.set_table(Arc::new(ExitTable::new(2, exits).unwrap()));
+        assert_eq!(z.stats().peers, 1, "nothing happens at the swap itself");
+        let mut closed = Vec::new();
+        let r = z.handle_exit(t0, flow, b"reply", &mut |o| {
+            if let ZhopOut::CloseFlow { flow } = o {
+                closed.push(flow);
+            }
+        });
+        assert_eq!(
+            r,
+            Err(DropReason::NoSession),
+            "no reply reaches a removed peer"
+        );
+        assert_eq!(closed, vec![flow]);
+        assert_eq!((z.stats().peers, z.stats().flows), (0, 0));
+    }
+
+    /// An idle peer whose exit was taken away has that flow closed by the timer walk
+    /// within one tick of the swap, and keeps its tunnel.
+    #[test]
+    fn the_walk_closes_flows_to_exits_no_longer_allowed_within_a_tick() {
+        let (mut z, mut client, from) = setup();
+        let t0 = Instant::now();
+        let flow = open_flow(&mut z, &mut client, from, t0);
+        let exits: Vec<ExitSpec> = z.table.specs().cloned().collect();
+        let table = ExitTable::new(2, exits)
+            .unwrap()
+            .with_peers(vec![setup_peer(vec![])])
+            .unwrap();
+        z.tick(t0 + TIMER_TICK, &mut |_| {});
+        z.set_table(Arc::new(table));
+        let mut closed = Vec::new();
+        let mut now = t0 + TIMER_TICK;
+        while closed.is_empty() && now < t0 + 3 * TIMER_TICK {
+            now += Duration::from_millis(1);
+            z.tick(now, &mut |o| {
+                if let ZhopOut::CloseFlow { flow } = o {
+                    closed.push(flow);
+                }
+            });
+        }
+        assert_eq!(closed, vec![flow]);
+        assert!(now <= t0 + 2 * TIMER_TICK, "closed after {:?}", now - t0);
+        assert_eq!((z.stats().peers, z.stats().flows), (1, 0));
     }
 }

@@ -408,7 +408,7 @@ pub(crate) fn housekeeping(
     let cpu_at_start = swap_work.then(super::sys::thread_cpu_time);
     if let Some(t) = new_table {
         router.set_table(t.clone());
-        with_zhop_events(router, io, |out| zhop.set_table(t, out));
+        zhop.set_table(t);
     }
     router.handle_timeout(now);
     io.router_commands(router);
