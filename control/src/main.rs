@@ -253,11 +253,19 @@ fn run(args: RunArgs) -> Result<()> {
     for r in node.control.dp.reports() {
         io.merge(&r.io);
     }
+    // The reasons behind `drops`, those that happened only: "no_session=3 bad_length=1".
+    let drops_by_reason = wraithgate_relay::DropReason::ALL
+        .iter()
+        .filter(|r| s.dropped(**r) > 0)
+        .map(|r| format!("{}={}", r.as_str(), s.dropped(*r)))
+        .collect::<Vec<_>>()
+        .join(" ");
     tracing::info!(
         backend = node.control.dp.backend(),
         to_exit_packets = s.client_to_exit.packets,
         to_client_packets = s.exit_to_client.packets,
         drops = s.total_drops(),
+        drops_by_reason,
         worker_cpu_seconds = io.cpu_ns as f64 / 1e9,
         send_calls = io.send_calls,
         gso_sends = io.gso_sends,

@@ -163,6 +163,13 @@ fn run_forwards_between_real_endpoints_and_stops_on_sigterm() {
     assert_eq!(peer, ep);
     assert_eq!(udp_payload(&data), Some(&b"through the binary"[..]));
 
+    // Two datagrams of an unknown message type, to be counted by reason.
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..2 {
+        junk.send_to(&[9, 0, 0, 0, 0, 0, 0, 0], relay).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
     // SIGTERM, as systemd sends it.
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -174,6 +181,10 @@ fn run_forwards_between_real_endpoints_and_stops_on_sigterm() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("relay running"), "{log}");
     assert!(log.contains("stopping"), "{log}");
+    assert!(
+        log.contains("unknown_type=2"),
+        "drops by reason at stop: {log}"
+    );
     // The state was seeded from the file, the token created private, the sessions saved.
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join("state.json")).unwrap()).unwrap();
