@@ -593,8 +593,10 @@ impl WorkerIo for Plane {
 
     fn close_flow(&mut self, flow: SessionSlot) {
         // What waits for this flow leaves before its socket closes. (Trains are flushed at
-        // the end of every batch and housekeeping step, and Z-HOP closes flows only in
-        // housekeeping, so there is rarely any.)
+        // the end of every batch and housekeeping step; Z-HOP closes a flow mid-batch only
+        // when a packet of a peer it checks against a new table finds the flow's exit, or
+        // the peer, gone.) Receives already completed on the socket keep their buffers:
+        // the socket lingers, closing, until its last reference is dropped.
         if !self.trains.is_empty() {
             self.submit_queued();
         }
