@@ -193,17 +193,26 @@ impl Zhop {
     /// address the DoubleHop router does not know (`doublehop_client`) — a transport
     /// message naming one of this worker's tunnels by index (a peer that roamed). Indices
     /// chosen by exits are random, so a DoubleHop client's index may look like ours.
-    pub fn claims(&self, from: SocketAddr, packet: &[u8], doublehop_client: bool) -> bool {
+    ///
+    /// Every client datagram of the worker passes here first, so the address lookups are
+    /// made only when they can change the answer: none while the worker has no outer
+    /// tunnel, and `doublehop_client` is asked only of a transport naming one of ours.
+    pub fn claims(
+        &self,
+        from: SocketAddr,
+        packet: &[u8],
+        doublehop_client: impl FnOnce() -> bool,
+    ) -> bool {
         let Some((_, mac1)) = &self.key else {
             return false;
         };
-        if self.by_addr.contains_key(&from) {
+        if !self.by_addr.is_empty() && self.by_addr.contains_key(&from) {
             return true;
         }
         match Message::parse(packet) {
             Ok(Message::Initiation(init)) => mac1.verify(init.mac1_input(), init.mac1()),
-            Ok(Message::Transport(t)) if !doublehop_client => {
-                self.peer_by_index(t.receiver_index()).is_some()
+            Ok(Message::Transport(t)) => {
+                self.peer_by_index(t.receiver_index()).is_some() && !doublehop_client()
             }
             _ => false,
         }
@@ -614,7 +623,7 @@ mod tests {
         };
         let init = init.to_vec();
         assert!(
-            z.claims(from, &init, true),
+            z.claims(from, &init, || true),
             "an initiation for the node is always Z-HOP's"
         );
         let mut sent = Vec::new();
@@ -633,10 +642,10 @@ mod tests {
         t[0] = 4;
         t[4..8].copy_from_slice(&1u32.to_le_bytes());
         let other: SocketAddr = "203.0.113.9:5000".parse().unwrap();
-        assert!(z.claims(other, &t, false));
-        assert!(!z.claims(other, &t, true));
+        assert!(z.claims(other, &t, || false));
+        assert!(!z.claims(other, &t, || true));
         assert!(
-            z.claims(from, &t, true),
+            z.claims(from, &t, || true),
             "the peer's own address is always Z-HOP's"
         );
         // An initiation for someone else's key is not claimed.
@@ -653,7 +662,7 @@ mod tests {
         else {
             panic!()
         };
-        assert!(!z.claims(other, other_init, false));
+        assert!(!z.claims(other, other_init, || false));
         assert_eq!(z.stats().outer_handshakes, 1);
     }
 
@@ -676,7 +685,7 @@ mod tests {
             panic!()
         };
         let init = init.to_vec();
-        assert!(z.claims(from, &init, false));
+        assert!(z.claims(from, &init, || false));
         let r = z.handle_client(Instant::now(), L, from, &init, &mut |_| {
             panic!("nothing is sent")
         });

@@ -312,7 +312,7 @@ pub(crate) fn route_message(
             }
         };
         let zhop_result = match source {
-            Source::Client(l) if zhop.claims(from, seg, router.knows_client(from)) => {
+            Source::Client(l) if zhop.claims(from, seg, || router.knows_client(from)) => {
                 Some(zhop.handle_client(now, l, from, seg, &mut out))
             }
             Source::Flow(flow) => Some(zhop.handle_exit(now, flow, seg, &mut out)),
