@@ -593,21 +593,33 @@ fn train_through(
     assert_eq!(got, bodies, "every segment, in order");
 }
 
+/// A one-worker relay to exit `x`, with client `a` paired to it and one packet delivered
+/// each way. Returns the relay, the client's peer number for the exit, the exit's for the
+/// client, and the relay's exit-facing address as the exit sees it.
+fn one_session(
+    backend: BackendChoice,
+    x: &mut WgNode,
+    a: &mut WgNode,
+) -> (Relay, usize, usize, std::net::SocketAddr) {
+    let relay = Relay::start_with(
+        backend,
+        vec![exit_spec("x", x, None)],
+        Default::default(),
+        1,
+    );
+    let (ap, xa) = pair(relay.addr, x, a);
+    assert!(deliver(a, ap, x, &mut [], &ip(1, b"hello")).is_some());
+    assert!(deliver(x, xa, a, &mut [], &reply(1, b"hello")).is_some());
+    let relay_exit_side = x.endpoint(xa).expect("exit knows the relay's socket");
+    (relay, ap, xa, relay_exit_side)
+}
+
 #[test]
 fn gro_trains_are_routed_per_segment_and_leave_as_gso_sends() {
     for_each_backend(|backend| {
         let mut x = node();
         let mut a = node();
-        let relay = Relay::start_with(
-            backend,
-            vec![exit_spec("x", &x, None)],
-            Default::default(),
-            1,
-        );
-        let (ap, xa) = pair(relay.addr, &mut x, &mut a);
-        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"hello")).is_some());
-        assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"hello")).is_some());
-        let relay_exit_side = x.endpoint(xa).expect("exit knows the relay's socket");
+        let (relay, ap, xa, relay_exit_side) = one_session(backend, &mut x, &mut a);
         train_through(&mut a, ap, &mut x, relay.addr, ip, 60);
         train_through(&mut x, xa, &mut a, relay_exit_side, reply, 60);
         std::thread::sleep(Duration::from_millis(300));
@@ -651,16 +663,7 @@ fn netns_gso_refused_on_one_path_falls_back_on_that_socket_only() {
             let exit_addr: std::net::SocketAddr = "127.0.0.2:0".parse()?;
             let mut x = WgNode::bind(exit_addr, KeyPair::generate())?;
             let mut a = node();
-            let relay = Relay::start_with(
-                backend,
-                vec![exit_spec("x", &x, None)],
-                Default::default(),
-                1,
-            );
-            let (ap, xa) = pair(relay.addr, &mut x, &mut a);
-            assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"hello")).is_some());
-            assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"hello")).is_some());
-            let relay_exit_side = x.endpoint(xa).expect("exit knows the relay's socket");
+            let (relay, ap, xa, relay_exit_side) = one_session(backend, &mut x, &mut a);
             let io = || {
                 std::thread::sleep(Duration::from_millis(300));
                 relay.dp.reports()[0].io.clone()
