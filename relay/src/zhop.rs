@@ -540,23 +540,16 @@ impl Zhop {
             self.remove_peer(peer, out);
             return false;
         };
-        let mut i = 0;
-        while i < p.flows.len() {
-            let f = p.flows[i];
-            let stale = self
-                .flows
+        let (flows, by_tuple) = (&mut self.flows, &mut self.by_tuple);
+        p.flows.retain(|&f| {
+            let stale = flows
                 .get(f)
                 .is_some_and(|fl| !allowed.exit_endpoints.contains(&fl.exit));
             if stale {
-                if let Some(fl) = self.flows.remove(f) {
-                    self.by_tuple.remove(&(fl.peer, fl.inner, fl.exit));
-                    out(ZhopOut::CloseFlow { flow: f });
-                }
-                p.flows.swap_remove(i);
-            } else {
-                i += 1;
+                forget_flow(flows, by_tuple, f, out);
             }
-        }
+            !stale
+        });
         true
     }
 
@@ -572,18 +565,22 @@ impl Zhop {
             self.by_addr.remove(&addr);
         }
         for f in p.flows {
-            self.close_flow(f, out);
+            forget_flow(&mut self.flows, &mut self.by_tuple, f, out);
         }
     }
+}
 
-    fn close_flow(&mut self, flow: SessionSlot, out: &mut dyn FnMut(ZhopOut<'_>)) {
-        if let Some(f) = self.flows.remove(flow) {
-            self.by_tuple.remove(&(f.peer, f.inner, f.exit));
-            if let Some((_, p)) = self.peers.at_mut(f.peer) {
-                p.flows.retain(|x| *x != flow);
-            }
-            out(ZhopOut::CloseFlow { flow });
-        }
+/// Forgets `flow` and tells the I/O layer to close its socket. The caller drops it from its
+/// peer's list.
+fn forget_flow(
+    flows: &mut Slab<Flow>,
+    by_tuple: &mut HashMap<(u32, SocketAddr, SocketAddr), SessionSlot>,
+    flow: SessionSlot,
+    out: &mut dyn FnMut(ZhopOut<'_>),
+) {
+    if let Some(f) = flows.remove(flow) {
+        by_tuple.remove(&(f.peer, f.inner, f.exit));
+        out(ZhopOut::CloseFlow { flow });
     }
 }
 
