@@ -146,11 +146,8 @@ impl SuiteLock {
 /// Removes every namespace named with [`PREFIX`] (killing what still runs in it) and stale
 /// wireguard-go sockets: what an interrupted run left behind. Call with the [`SuiteLock`].
 pub fn remove_leftovers() -> Result<()> {
-    for name in list_namespaces()?
-        .into_iter()
-        .filter(|n| n.starts_with(PREFIX))
-    {
-        eprintln!("interop: removing namespace {name} left by an earlier run");
+    for name in our_namespaces()? {
+        eprintln!("interop: removing namespace {name}");
         kill_all_in(&name, Duration::from_secs(2));
         run_args("ip", &["netns", "del", &name])?;
     }
@@ -183,17 +180,54 @@ fn remove_stale_wg_sockets() {
     }
 }
 
+/// Makes an interrupted run clean up after itself: on SIGINT, SIGTERM or SIGHUP (a developer's
+/// Ctrl-C, a CI job's timeout) the process removes every namespace of ours and what runs
+/// in them ([`remove_leftovers`]) and exits with status 130. Without it the namespaces and
+/// their wireguard-go processes would outlive the run until the next one starts. Installed
+/// once per process; a lab calls it before it creates anything.
+pub fn clean_up_when_interrupted() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // The handler runs on a thread of its own, so it may block on `ip` and `kill`.
+        let installed = ctrlc::set_handler(|| {
+            eprintln!("interop: interrupted; removing the lab's namespaces and processes");
+            if let Err(e) = remove_leftovers() {
+                eprintln!("interop: cleaning up after the interrupt: {e:#}");
+            }
+            std::process::exit(INTERRUPTED_EXIT_CODE);
+        });
+        if let Err(e) = installed {
+            eprintln!("interop: an interrupt will leave the lab behind: {e}");
+        }
+    });
+}
+
+/// The exit status of a run that [`clean_up_when_interrupted`] cleaned up (128 + SIGINT, as a
+/// shell reports an interrupted program).
+pub const INTERRUPTED_EXIT_CODE: i32 = 130;
+
+/// Our namespaces that exist now.
+pub fn our_namespaces() -> Result<Vec<String>> {
+    Ok(list_namespaces()?
+        .into_iter()
+        .filter(|n| n.starts_with(PREFIX))
+        .collect())
+}
+
+/// The processes running in namespace `name`.
+pub fn pids_in(name: &str) -> Vec<Pid> {
+    run_args("ip", &["netns", "pids", name])
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .map(Pid::from_raw)
+        .collect()
+}
+
 /// Asks every process in namespace `name` to stop (SIGTERM), then kills what remains after
 /// `grace`. Every process found there is one this suite started: the namespace is ours.
 fn kill_all_in(name: &str, grace: Duration) {
-    let pids = |name: &str| -> Vec<Pid> {
-        run_args("ip", &["netns", "pids", name])
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-            .map(Pid::from_raw)
-            .collect()
-    };
+    let pids = pids_in;
     let first = pids(name);
     if first.is_empty() {
         return;

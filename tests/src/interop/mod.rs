@@ -84,6 +84,11 @@ pub struct Lab {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Traffic {
     Tcp,
+    /// TCP paced by iperf3 at this many Mb/s (`-b`): asks a tunnel for a fixed load, so a
+    /// shortfall is the tunnel's, not the machine's CPU being shared out differently.
+    TcpPaced {
+        mbps: u32,
+    },
     /// UDP paced at this many Mb/s.
     Udp {
         mbps: u32,
@@ -111,11 +116,12 @@ pub struct IperfRun {
     what: String,
 }
 
-/// What every lab does first: take the suite lock, remove what an interrupted run left
-/// behind, and give `test` a fresh log directory. Returns the lock, the start time and
+/// What every lab does first: take the suite lock, make sure an interrupt removes the lab,
+/// remove what an earlier run left behind, and give `test` a fresh log directory. Returns the lock, the start time and
 /// the directory.
 pub(crate) fn begin(test: &str) -> Result<(SuiteLock, Instant, std::path::PathBuf)> {
     let lock = SuiteLock::acquire()?;
+    netns::clean_up_when_interrupted();
     remove_leftovers()?;
     let started = Instant::now();
     let dir = std::env::temp_dir().join("wraithgate-interop").join(test);
@@ -127,7 +133,7 @@ pub(crate) fn begin(test: &str) -> Result<(SuiteLock, Instant, std::path::PathBu
 /// Whether `test` can run here (root, namespaces, the Debian packages). If not, says why
 /// and returns false when skips are allowed; panics when `WRAITHGATE_REQUIRE_ALL_TESTS`
 /// forbids skipping.
-pub(crate) fn prerequisites_or_skip(test: &str) -> bool {
+pub fn prerequisites_or_skip(test: &str) -> bool {
     let Some(why) = netns::missing_prerequisites(&PROGRAMS) else {
         return true;
     };
@@ -615,6 +621,9 @@ pub fn iperf_start(
             "--connect-timeout",
             "3000",
         ]);
+    if let Traffic::TcpPaced { mbps } = traffic {
+        cmd.args(["-b", &format!("{mbps}M")]);
+    }
     if let Traffic::Udp { mbps } = traffic {
         cmd.args([
             "-u",
@@ -699,7 +708,9 @@ impl IperfRun {
 impl IperfResult {
     pub fn summary(&self, traffic: Traffic) -> String {
         match traffic {
-            Traffic::Tcp => format!("{:.0} Mb/s ({} retransmits)", self.mbps, self.retransmits),
+            Traffic::Tcp | Traffic::TcpPaced { .. } => {
+                format!("{:.0} Mb/s ({} retransmits)", self.mbps, self.retransmits)
+            }
             Traffic::Udp { mbps } => format!(
                 "{:.0} Mb/s of {mbps} offered, {:.2} % lost, jitter {:.3} ms",
                 self.mbps, self.lost_percent, self.jitter_ms
