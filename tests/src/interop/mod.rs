@@ -8,14 +8,15 @@
 //!   attacker ┘
 //! ```
 //!
-//! Namespaces are `wgi-c1`, `wgi-c2`, `wgi-relay`, `wgi-x1`, `wgi-x2`, `wgi-inet` and
-//! `wgi-atk`. Each exit masquerades tunnel traffic to `internet` with nftables. Client `i`
+//! Namespaces are `wgi-client1`, `wgi-client2`, `wgi-relay`, `wgi-exit1`, `wgi-exit2`,
+//! `wgi-internet` and `wgi-attacker` (the issue's names, with the suite's prefix). Each exit masquerades tunnel traffic to `internet` with nftables. Client `i`
 //! talks to exit `i` through the relay: its peer's endpoint is the relay, nothing else
 //! changes; the exits are configured as if the clients were direct. The relay's exits are
 //! added through its operator API, exit2 with a listen port pinned to it.
 //!
-//! A [`Lab`] holds the suite lock, removes what an interrupted run left, and tears
-//! everything down on drop, printing the logs' tails when the test failed.
+//! A [`Lab`] holds the suite lock, removes what an earlier run left, and tears everything
+//! down on drop, printing the logs' tails when the test failed; an interrupted run removes
+//! it too ([`crate::netns::clean_up_when_interrupted`]).
 
 pub mod attack;
 pub mod probe;
@@ -174,13 +175,13 @@ impl Lab {
 
         let ns = |s: &str| Netns::create(s).map(Arc::new);
         let (c1, c2, relay_ns, x1, x2, inet, atk) = (
-            ns("c1")?,
-            ns("c2")?,
+            ns("client1")?,
+            ns("client2")?,
             ns("relay")?,
-            ns("x1")?,
-            ns("x2")?,
-            ns("inet")?,
-            ns("atk")?,
+            ns("exit1")?,
+            ns("exit2")?,
+            ns("internet")?,
+            ns("attacker")?,
         );
         // The relay has one uplink in real life, so spoofed packets arrive where real ones
         // do and reverse-path filtering cannot tell them apart; here it must not either.

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  client (wgi-zc)                       relay (wgi-relay)         exit (wgi-zx)        internet
-//!  wgi-zi inner 10.200.0.11 ─┐                                                           (wgi-inet)
+//!  wgi-zi inner 10.200.0.11 ─┐                                                           (wgi-internet)
 //!    peer exit, endpoint     │ routed    wraithgate :51820          wgi-zx 10.200.0.1
 //!    10.92.2.2:51820         │ into ──►  outer tunnel ends here ──► 10.92.2.2:51820 ──► 198.18.0.1
 //!  wgi-zo outer 10.201.0.2 ◄─┘           inner payload leaves from  masquerade           iperf3
@@ -111,7 +111,8 @@ impl ZhopLab {
         let (lock, started, dir) = super::begin(test)?;
 
         let ns = |s: &str| Netns::create(s).map(Arc::new);
-        let (client, relay_ns, exit_ns, inet) = (ns("zc")?, ns("relay")?, ns("zx")?, ns("inet")?);
+        let (client, relay_ns, exit_ns, inet) =
+            (ns("zc")?, ns("relay")?, ns("zx")?, ns("internet")?);
         // Nothing reaches the exit from the client but through the node.
         relay_ns.sysctl("net.ipv4.ip_forward", "0")?;
         veth(
