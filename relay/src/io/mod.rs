@@ -410,6 +410,12 @@ impl DataPlane {
         let workers = cfg.workers.max(1);
         let chosen = choose_backend(cfg.backend)?;
         let _ = sys::raise_nofile_limit();
+        // Every session holds one exit-facing socket, each worker a few more descriptors.
+        let descriptors = workers as u64 * (cfg.router.max_sessions as u64 + 64) + 1024;
+        match sys::reserve_descriptors(descriptors) {
+            Ok(n) => tracing::debug!(descriptors = n, "descriptor table reserved"),
+            Err(e) => tracing::warn!(error = %e, "could not reserve the descriptor table"),
+        }
         let pinned: Vec<u16> = table.load().pinned_ports().collect();
         let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
         let mut local: Vec<SocketAddr> = Vec::new();
