@@ -3,13 +3,15 @@
 //!
 //! Spoofing uses `IP_TRANSPARENT` sockets bound to the impersonated address, so the kernel
 //! sends from an address the attacker's namespace does not own, as an off-path attacker on
-//! a network without source filtering would.
+//! a network without source filtering would. The handshake flood ([`launch_raw_flood`])
+//! writes whole IPv4 datagrams through a raw socket instead, each from another address.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use rand::Rng as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use wraithgate_relay::wire::{
     COOKIE_REPLY_LEN, INITIATION_LEN, INITIATION_MAC1_OFFSET, RESPONSE_LEN,
@@ -195,6 +197,97 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
             sent_total += 1;
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+    report.ran = start.elapsed();
+    Ok(report)
+}
+
+/// A handshake flood as an off-path attacker on a network without source filtering sends
+/// it: initiations with a valid mac1 (for one of `exit_keys`, round-robin), each from a
+/// different random address in `sources` and a random port, written whole (IPv4 and UDP
+/// headers included) through a raw socket, so that no source is ever seen twice for long
+/// and none of them can receive an answer.
+#[derive(Debug, Clone)]
+pub struct RawFloodPlan {
+    /// The relay's client-facing address.
+    pub relay: SocketAddrV4,
+    pub exit_keys: Vec<String>,
+    /// The spoofed sources: a network and its prefix length.
+    pub sources: (Ipv4Addr, u8),
+    /// Initiations per second.
+    pub rate: u32,
+    pub duration: Duration,
+}
+
+/// Runs `plan` from inside `ns` on a thread of its own; join the handle for how many
+/// initiations went out (under `"raw_flood_initiation"`).
+pub fn launch_raw_flood(
+    ns: &Netns,
+    plan: RawFloodPlan,
+) -> Result<std::thread::JoinHandle<Result<AttackReport>>> {
+    ns.spawn_thread(move || raw_flood(&plan))
+}
+
+fn raw_flood(plan: &RawFloodPlan) -> Result<AttackReport> {
+    const KIND: &str = "raw_flood_initiation";
+    const IP_HEADER: usize = 20;
+    const UDP_HEADER: usize = 8;
+    let keys: Vec<PublicKey> = plan
+        .exit_keys
+        .iter()
+        .map(|k| PublicKey::from_base64(k).map_err(|e| anyhow::anyhow!("{k}: {e:?}")))
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(!keys.is_empty(), "a flood needs an exit key for its mac1");
+    // IP_HDRINCL: the kernel sends our IPv4 header as written, filling in only the total
+    // length, the identification and the header checksum (raw(7)).
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .context("a raw socket (needs CAP_NET_RAW)")?;
+    socket.set_header_included_v4(true)?;
+    let to = socket2::SockAddr::from(SocketAddr::V4(plan.relay));
+
+    let mut rng = rand::thread_rng();
+    let mut payload = vec![0u8; INITIATION_LEN];
+    let pool: Vec<Vec<u8>> = (0..POOL * keys.len())
+        .map(|i| {
+            let n = forge(
+                "mac1_initiation",
+                Some(&keys[i % keys.len()]),
+                &mut payload,
+                &mut rng,
+            );
+            payload[..n].to_vec()
+        })
+        .collect();
+    let (net, prefix) = plan.sources;
+    let host_bits = 32 - u32::from(prefix);
+    let mut datagram = [0u8; IP_HEADER + UDP_HEADER + INITIATION_LEN];
+    datagram[0] = 0x45; // IPv4, a 20-byte header
+    datagram[6] = 0x40; // don't fragment
+    datagram[8] = 64; // TTL
+    datagram[9] = 17; // UDP
+    datagram[16..20].copy_from_slice(&plan.relay.ip().octets());
+    datagram[22..24].copy_from_slice(&plan.relay.port().to_be_bytes());
+    datagram[24..26].copy_from_slice(&((UDP_HEADER + INITIATION_LEN) as u16).to_be_bytes());
+    // A zero UDP checksum over IPv4 means "none" (RFC 768).
+
+    let mut report = AttackReport::default();
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    while start.elapsed() < plan.duration {
+        let due = (start.elapsed().as_secs_f64() * f64::from(plan.rate)) as u64;
+        while sent < due {
+            let host = rng.gen::<u32>() & ((1u64 << host_bits) - 1) as u32;
+            let source = u32::from(net) | host.max(1);
+            datagram[12..16].copy_from_slice(&source.to_be_bytes());
+            datagram[20..22].copy_from_slice(&rng.gen_range(1024u16..=65535).to_be_bytes());
+            datagram[IP_HEADER + UDP_HEADER..].copy_from_slice(&pool[(sent as usize) % pool.len()]);
+            match socket.send_to(&datagram, &to) {
+                Ok(_) => *report.sent.entry(KIND).or_default() += 1,
+                Err(_) => report.send_errors += 1,
+            }
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
     report.ran = start.elapsed();
     Ok(report)

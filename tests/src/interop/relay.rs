@@ -306,6 +306,19 @@ state_dir = "{}"
         self.process.as_ref().map_or(0.0, Daemon::cpu_seconds)
     }
 
+    /// The node's resident memory now, KiB; `None` if it does not run.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.process.as_ref()?.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// Whether the node still runs.
     pub fn is_running(&mut self) -> bool {
         self.process.as_mut().is_some_and(Daemon::is_running)
