@@ -133,8 +133,15 @@ impl Control {
             });
             // An invalid state drops `prepared`, which removes the temporary file.
             let table = table?;
+            // A port the change newly pins must be bindable now, or the state would name a
+            // listener the node does not have. The sockets are handed to workers only
+            // with the table; refused or unpersisted, they close.
+            let listeners = self
+                .dp
+                .bind_pinned(&table)
+                .map_err(|e| ChangeError::Conflict(format!("{e}; nothing was changed")))?;
             prepared.and_then(|p| p.commit()).map_err(persist_err)?;
-            self.dp.publish(table);
+            self.dp.publish_bound(table, listeners);
             Ok((next, table_time, write_time))
         })();
         match result {

@@ -10,7 +10,7 @@ fn error_responses(codes: &[&str]) -> Value {
             "401" => "Missing or wrong bearer token.",
             "403" => "Request carried Origin or Referer.",
             "404" => "No such object.",
-            "409" => "Conflicts with the current state (duplicate, or still referenced).",
+            "409" => "Conflicts with the current state (duplicate, still referenced, or a newly pinned listen_port the node cannot bind).",
             "412" => "If-Match names a generation that is no longer current.",
             "413" => "Request body too large.",
             "428" => "If-Match is required.",

@@ -632,3 +632,134 @@ fn a_client_that_stops_reading_does_not_hold_up_the_stop() {
     );
     drop(conn);
 }
+
+/// A free loopback UDP port, held by a plain socket (no `SO_REUSEPORT`) until dropped.
+fn squat_port() -> (std::net::UdpSocket, u16) {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    (s, port)
+}
+
+/// Whether a client sending to `relay` with `exit`'s key gets a packet through to it.
+fn reaches(relay: SocketAddr, exit: &mut WgNode) -> bool {
+    let mut client = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let cp = client.add_peer(
+        exit.keys().public,
+        PeerOptions {
+            endpoint: Some(relay),
+            ..Default::default()
+        },
+    );
+    exit.add_peer(client.keys().public, PeerOptions::default());
+    let (s, d) = tunnel_addrs(1);
+    client
+        .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"through"))
+        .unwrap();
+    wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+        let _ = client.try_recv();
+        matches!(exit.try_recv(), Ok(Some(Received::Packet { .. }))).then_some(())
+    })
+    .is_some()
+}
+
+#[test]
+fn a_pinned_port_that_cannot_be_bound_is_refused_and_changes_nothing() {
+    let n = TestNode::start("pin-taken", vec![]);
+    let (squatter, port) = squat_port();
+    let k = key();
+    let body = json!({"public_key": k, "endpoint": "192.0.2.1:51820", "name": "pinned",
+                      "listen_port": port})
+    .to_string();
+    let before = n.state();
+    let (status, answer) = n.send("POST", "/v1/exits", &body, &[]);
+    assert_eq!(status, 409, "{answer}");
+    let msg = serde_json::from_str::<Value>(&answer).unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("\"pinned\"") && msg.contains(&format!("listen port {port}")),
+        "{msg}"
+    );
+    assert!(msg.contains("nothing was changed"), "{msg}");
+    assert_eq!(n.state(), before);
+    let whole = json!({"exits": [{"public_key": k, "endpoint": "192.0.2.1:51820",
+                                  "name": "pinned", "listen_port": port}]})
+    .to_string();
+    let (status, answer) = n.send("PUT", "/v1/config", &whole, &[("If-Match", "1")]);
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.contains(&format!("listen port {port}")), "{answer}");
+    assert_eq!(n.state(), before);
+    assert!(!n.get("/v1/node").1.contains(&format!(":{port}\"")));
+    // Once the port is free, the same change goes through and the node listens there.
+    drop(squatter);
+    let (status, answer) = n.send("POST", "/v1/exits", &body, &[]);
+    assert_eq!(status, 201, "{answer}");
+    assert!(
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_err(),
+        "pinned port {port} not bound"
+    );
+}
+
+#[test]
+fn a_node_whose_pinned_port_is_taken_starts_and_forwards_for_every_exit() {
+    let (squatter, port) = squat_port();
+    let dir = temp_dir("pin-start");
+    let mut pinned = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let mut other = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let specs = vec![
+        ExitSpec {
+            name: "pinned".into(),
+            public_key: pinned.keys().relay_key(),
+            endpoint: pinned.local_addr(),
+            listen_port: Some(port),
+        },
+        ExitSpec {
+            name: "other".into(),
+            public_key: other.keys().relay_key(),
+            endpoint: other.local_addr(),
+            listen_port: None,
+        },
+    ];
+    let node = Node::start(config(&dir, specs, None)).expect("one taken port stops no node");
+    let relay = node.control.dp.local_addrs()[0];
+    assert!(
+        !node
+            .control
+            .dp
+            .local_addrs()
+            .iter()
+            .any(|a| a.port() == port),
+        "{:?}",
+        node.control.dp.local_addrs()
+    );
+    assert_eq!(
+        node.control.dp.table().len(),
+        2,
+        "both exits are in the table"
+    );
+    assert!(
+        reaches(relay, &mut other),
+        "the other exit is forwarded for"
+    );
+    assert!(
+        reaches(relay, &mut pinned),
+        "the pinned exit is reached by mac1 on the main listener"
+    );
+    // An unrelated change is not refused for the port the running table already pins,
+    // and binds it once it is free.
+    drop(squatter);
+    let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
+    let r = ureq::post(format!("http://{}/v1/exits", node.api_addr().unwrap()))
+        .header("Authorization", format!("Bearer {token}"))
+        .content_type("application/json")
+        .send(exit_json("third", &key(), 1))
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_err(),
+        "pinned port {port} bound once free"
+    );
+    node.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
