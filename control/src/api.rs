@@ -28,7 +28,7 @@ use wraithgate_relay::PublicKey;
 use crate::config::ControlSection;
 use crate::metrics;
 use crate::node::{ChangeError, Control};
-use crate::state::{DesiredState, PeerSpec};
+use crate::state::{DesiredState, IpNet, PeerSpec, PresharedKey};
 
 /// Largest request body, but for `PUT /v1/config`.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -324,7 +324,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> 
 pub mod body {
     use wraithgate_relay::table::ExitSpec;
 
-    use super::{parse_json, ConfigBody, ExitBody};
+    use super::{parse_json, ConfigBody, ExitBody, WholeState};
     use crate::state::{DesiredState, PeerSpec};
 
     /// `POST /v1/exits`.
@@ -343,16 +343,87 @@ pub mod body {
         parse_json(body)
     }
 
-    /// `PUT /v1/config`: the new exits and peers, as a state of generation 0 (the node
-    /// assigns generations).
-    pub fn config(body: &[u8]) -> Result<DesiredState, String> {
+    /// `PUT /v1/config`: the new exits and peers. A peer that leaves `preshared_key` out
+    /// keeps the one the node holds for its key, so it is resolved against the node's
+    /// state ([`WholeState::resolve`]).
+    pub fn whole_state(body: &[u8]) -> Result<WholeState, String> {
         let c: ConfigBody = parse_json(body)?;
-        Ok(DesiredState {
-            generation: 0,
+        Ok(WholeState {
             exits: c.exits,
             peers: c.peers,
         })
     }
+
+    /// `PUT /v1/config` sent to a node with no peers, as a state of generation 0 (the
+    /// node assigns generations).
+    pub fn config(body: &[u8]) -> Result<DesiredState, String> {
+        Ok(whole_state(body)?.resolve(&DesiredState::default()))
+    }
+}
+
+/// A whole state as `PUT /v1/config` takes it, before it meets the node's own.
+///
+/// `GET /v1/config` never shows preshared keys, so a state fetched, edited and put back
+/// has none: a peer entry without `preshared_key` keeps the key stored for that peer, an
+/// explicit `null` removes it, a key sets it.
+#[derive(Debug)]
+pub struct WholeState {
+    exits: Vec<ExitSpec>,
+    peers: Vec<PeerEntry>,
+}
+
+impl WholeState {
+    /// The state this makes of `current`, as generation 0 (the node assigns generations).
+    pub fn resolve(self, current: &DesiredState) -> DesiredState {
+        let kept: std::collections::HashMap<PublicKey, &PresharedKey> = current
+            .peers
+            .iter()
+            .filter_map(|p| p.preshared_key.as_ref().map(|k| (p.public_key, k)))
+            .collect();
+        let peers = self
+            .peers
+            .into_iter()
+            .map(|p| PeerSpec {
+                preshared_key: match p.preshared_key {
+                    Some(given) => given,
+                    None => kept.get(&p.public_key).map(|k| (*k).clone()),
+                },
+                public_key: p.public_key,
+                name: p.name,
+                allowed_ips: p.allowed_ips,
+                allowed_exits: p.allowed_exits,
+            })
+            .collect();
+        DesiredState {
+            generation: 0,
+            exits: self.exits,
+            peers,
+        }
+    }
+}
+
+/// A peer in a whole state: [`PeerSpec`], but telling a left-out `preshared_key` (keep
+/// the stored one) from `null` (remove it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerEntry {
+    public_key: PublicKey,
+    #[serde(default)]
+    name: String,
+    allowed_ips: Vec<IpNet>,
+    #[serde(default, deserialize_with = "present")]
+    preshared_key: Option<Option<PresharedKey>>,
+    #[serde(default)]
+    allowed_exits: Vec<PublicKey>,
+}
+
+/// A field that is present, whatever its value (`null` included); absent is the default.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// A key from a URL path: base64url (as in the API's paths) or standard base64.
@@ -544,7 +615,7 @@ struct ConfigBody {
     #[serde(default)]
     exits: Vec<ExitSpec>,
     #[serde(default)]
-    peers: Vec<PeerSpec>,
+    peers: Vec<PeerEntry>,
 }
 
 async fn put_config(
@@ -564,8 +635,10 @@ async fn put_config(
         .map(|s| s.trim().trim_matches('"'))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad_request("If-Match must be a generation number"))?;
-    let new = body::config(&body).map_err(bad_request)?;
-    let applied = app.control.replace(expected, new)?;
+    let new = body::whole_state(&body).map_err(bad_request)?;
+    let applied = app
+        .control
+        .replace(expected, |current| new.resolve(current))?;
     // A summary, not the state echoed back: a whole table can be megabytes.
     let mut r = Json(json!({
         "generation": applied.generation,

@@ -168,13 +168,15 @@ impl Control {
         }
     }
 
-    /// Replaces the whole state if the caller saw generation `expected`.
+    /// Replaces the whole state with what `build` makes of the current one (which it may
+    /// consult, say for what the new state leaves out), if the caller saw generation
+    /// `expected`.
     pub fn replace(
         &self,
         expected: u64,
-        new: DesiredState,
+        build: impl FnOnce(&DesiredState) -> DesiredState,
     ) -> Result<Arc<DesiredState>, ChangeError> {
-        // Built from `new` alone: the current state, however large, is not copied.
+        // Built by `build`: the current state, however large, is not copied.
         self.apply_with(|s| {
             if s.generation != expected {
                 return Err(ChangeError::Stale {
@@ -184,8 +186,7 @@ impl Control {
             }
             Ok(DesiredState {
                 generation: s.generation,
-                exits: new.exits,
-                peers: new.peers,
+                ..build(s)
             })
         })
     }

@@ -763,3 +763,75 @@ fn a_node_whose_pinned_port_is_taken_starts_and_forwards_for_every_exit() {
     node.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_fetched_config_put_back_keeps_preshared_keys_and_null_removes_one() {
+    let n = TestNode::start("psk-round-trip", vec![]);
+    let (exit_key, alice, bob, psk_a, psk_b) = (key(), key(), key(), key(), key());
+    assert_eq!(
+        n.send("POST", "/v1/exits", &exit_json("x", &exit_key, 1), &[])
+            .0,
+        201
+    );
+    for (peer, psk, ip) in [
+        (&alice, &psk_a, "10.0.0.2/32"),
+        (&bob, &psk_b, "10.0.0.3/32"),
+    ] {
+        let body = json!({"public_key": peer, "allowed_ips": [ip], "preshared_key": psk,
+                          "allowed_exits": [exit_key]});
+        assert_eq!(n.send("POST", "/v1/peers", &body.to_string(), &[]).0, 201);
+    }
+    let file_psk = |peer: &str| -> Value {
+        let state: Value =
+            serde_json::from_slice(&std::fs::read(n.dir.join("state.json")).unwrap()).unwrap();
+        let p = state["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["public_key"] == peer)
+            .unwrap_or_else(|| panic!("no peer {peer} in {state}"))
+            .clone();
+        p.get("preshared_key").cloned().unwrap_or(Value::Null)
+    };
+    // Fetched (the keys redacted) and put back as it is: both keys stay.
+    let fetched = n.json("/v1/config");
+    assert!(!fetched.to_string().contains(&psk_a), "{fetched}");
+    let g = fetched["generation"].to_string();
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &fetched.to_string(),
+        &[("If-Match", &g)],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(file_psk(&alice), psk_a.as_str());
+    assert_eq!(file_psk(&bob), psk_b.as_str());
+    // An explicit null removes alice's key only; a string replaces bob's.
+    let psk_b2 = key();
+    let mut edited = n.json("/v1/config");
+    let g = edited["generation"].to_string();
+    for p in edited["peers"].as_array_mut().unwrap() {
+        if p["public_key"] == alice.as_str() {
+            p["preshared_key"] = Value::Null;
+        } else {
+            p["preshared_key"] = json!(psk_b2);
+        }
+    }
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &edited.to_string(),
+        &[("If-Match", &g)],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(file_psk(&alice), Value::Null);
+    assert_eq!(file_psk(&bob), psk_b2.as_str());
+    // A bad key in the edit is refused whole: nothing changes.
+    let before = n.state();
+    let mut bad = n.json("/v1/config");
+    let g = bad["generation"].to_string();
+    bad["peers"][0]["preshared_key"] = json!("AAAA");
+    let (status, body) = n.send("PUT", "/v1/config", &bad.to_string(), &[("If-Match", &g)]);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(n.state(), before);
+}
