@@ -452,14 +452,128 @@ fn sessions_are_listed_without_payload_and_can_be_killed() {
     assert_eq!(n.json("/v1/sessions"), json!([]));
 }
 
+/// A `/metrics` exposition read strictly: `prometheus_parse` skips lines it cannot read,
+/// so every sample line must also be one it returned, every `# TYPE` a known type, and
+/// every histogram cumulative with `+Inf` equal to its `_count`.
+fn scrape(n: &TestNode) -> (prometheus_parse::Scrape, String) {
+    let (status, text) = n.get("/metrics");
+    assert_eq!(status, 200, "{text}");
+    (check_exposition(&text), text)
+}
+
+fn check_exposition(text: &str) -> prometheus_parse::Scrape {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("reading from a string cannot fail");
+    let sample_lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .count();
+    // The parser folds a histogram's bucket lines into one sample per label set.
+    let returned: usize = scrape
+        .samples
+        .iter()
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(b) => b.len(),
+            prometheus_parse::Value::Summary(q) => q.len(),
+            _ => 1,
+        })
+        .sum();
+    assert_eq!(
+        returned, sample_lines,
+        "the parser skipped sample lines:\n{text}"
+    );
+    let mut typed = std::collections::HashMap::new();
+    for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let parts: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(parts.len(), 4, "{l}");
+        assert!(
+            ["counter", "gauge", "histogram", "summary", "untyped"].contains(&parts[3]),
+            "{l}"
+        );
+        assert!(
+            typed
+                .insert(parts[2].to_owned(), parts[3].to_owned())
+                .is_none(),
+            "{l}: a family typed twice"
+        );
+    }
+    for s in &scrape.samples {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                s.metric
+                    .strip_suffix(suffix)
+                    .filter(|f| typed.get(*f).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(&s.metric);
+        assert!(typed.contains_key(family), "{} has no # TYPE", s.metric);
+        if let prometheus_parse::Value::Histogram(buckets) = &s.value {
+            assert!(
+                buckets
+                    .windows(2)
+                    .all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count),
+                "{} {:?} is not cumulative: {buckets:?}",
+                s.metric,
+                s.labels
+            );
+            let last = buckets.last().expect("a histogram has buckets");
+            assert_eq!(
+                last.less_than,
+                f64::INFINITY,
+                "{} ends without +Inf",
+                s.metric
+            );
+            let count = scrape
+                .samples
+                .iter()
+                .find(|c| c.metric == format!("{}_count", s.metric) && c.labels == s.labels)
+                .unwrap_or_else(|| panic!("{} {:?} has no _count", s.metric, s.labels));
+            assert_eq!(
+                prometheus_parse::Value::Untyped(last.count),
+                count.value,
+                "{}: +Inf bucket and _count differ",
+                s.metric
+            );
+        }
+    }
+    scrape
+}
+
+/// The sum of a family's plain samples that pass `filter`.
+fn metric_sum(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    filter: &dyn Fn(&prometheus_parse::Sample) -> bool,
+) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && filter(s))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is a histogram or summary"),
+        })
+        .sum()
+}
+
 #[test]
 fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
     let n = TestNode::start("metrics", vec![]);
-    let (mut client, _exit, cp, _) = tunnel(&n);
+    let (mut client, mut exit, cp, ep) = tunnel(&n);
+    let (before, _) = scrape(&n);
+    let latency_count = |s: &prometheus_parse::Scrape| {
+        metric_sum(s, "wraithgate_batch_latency_seconds_count", &|_| true)
+    };
     let (s, d) = tunnel_addrs(1);
     for _ in 0..100 {
         client
             .send_ip(cp, &ipv4_udp(s, d, 1, 2, &[1u8; 1000]))
+            .unwrap();
+    }
+    for _ in 0..50 {
+        exit.send_ip(ep, &ipv4_udp(d, s, 2, 1, &[2u8; 600]))
             .unwrap();
     }
     // Junk from elsewhere, counted by reason.
@@ -467,43 +581,80 @@ fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
     for _ in 0..7 {
         junk.send_to(&[9, 9], n.relay_addr()).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let (status, text) = n.get("/metrics");
-    assert_eq!(status, 200);
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("valid exposition");
-    let sum = |name: &str, filter: &dyn Fn(&prometheus_parse::Sample) -> bool| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name && filter(s))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
-    let to_exit = sum("wraithgate_packets_to_exit_total", &|_| true);
+    // Both ends take in what reached them, so that nothing waits on a full socket.
+    let scraped = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+        while let Ok(Some(_)) = client.try_recv() {}
+        while let Ok(Some(_)) = exit.try_recv() {}
+        let (scrape, text) = scrape(&n);
+        let done = metric_sum(&scrape, "wraithgate_packets_to_exit_total", &|_| true) >= 102.0
+            && metric_sum(&scrape, "wraithgate_packets_to_client_total", &|_| true) >= 51.0
+            && metric_sum(&scrape, "wraithgate_drops_total", &|s| {
+                s.labels.get("reason") == Some("truncated")
+            }) >= 7.0;
+        done.then_some((scrape, text))
+    });
+    let (scrape, text) = scraped.expect("the counters never caught up with the traffic");
+    let sum = |name: &str| metric_sum(&scrape, name, &|_| true);
+    // To the exit: the initiation, "hello", the 100 sent here, perhaps a keepalive or two.
+    let to_exit = sum("wraithgate_packets_to_exit_total");
     assert!(
-        (102.0..=110.0).contains(&to_exit),
+        (102.0..=106.0).contains(&to_exit),
         "packets to exit {to_exit}"
     );
-    assert!(sum("wraithgate_bytes_to_exit_total", &|_| true) >= 100.0 * 1000.0);
+    let to_exit_bytes = sum("wraithgate_bytes_to_exit_total");
+    assert!(
+        (100.0 * 1028.0..=to_exit * 1100.0).contains(&to_exit_bytes),
+        "bytes to exit {to_exit_bytes} for {to_exit} packets"
+    );
+    // To the client: the response, the 50 sent here, perhaps a keepalive or two.
+    let to_client = sum("wraithgate_packets_to_client_total");
+    assert!(
+        (51.0..=55.0).contains(&to_client),
+        "packets to client {to_client}"
+    );
+    let to_client_bytes = sum("wraithgate_bytes_to_client_total");
+    assert!(
+        (50.0 * 628.0..=to_client * 700.0).contains(&to_client_bytes),
+        "bytes to client {to_client_bytes} for {to_client} packets"
+    );
     assert_eq!(
-        sum("wraithgate_drops_total", &|s| s.labels.get("reason")
+        metric_sum(&scrape, "wraithgate_drops_total", &|s| s
+            .labels
+            .get("reason")
             == Some("truncated")),
         7.0
     );
-    assert_eq!(sum("wraithgate_sessions", &|_| true), 1.0);
-    assert_eq!(sum("wraithgate_client_handshakes_total", &|_| true), 1.0);
+    assert_eq!(sum("wraithgate_sessions"), 1.0);
+    assert_eq!(sum("wraithgate_client_handshakes_total"), 1.0);
     assert!(text.contains("wraithgate_info{backend=\""), "backend label");
+    assert!(
+        latency_count(&scrape) > latency_count(&before),
+        "the batch latency histogram did not grow: {} then {}",
+        latency_count(&before),
+        latency_count(&scrape)
+    );
     assert!(scrape
         .samples
         .iter()
-        .any(|s| s.metric == "wraithgate_batch_latency_seconds"));
+        .any(|s| s.metric == "wraithgate_batch_latency_seconds"
+            && matches!(s.value, prometheus_parse::Value::Histogram(_))));
     assert!(scrape.docs.contains_key("wraithgate_drops_total"));
+    // The strict reading refuses what the lenient parser would skip or accept.
+    let spoiled = [
+        text.replacen("wraithgate_workers 1", "wraithgate_workers one", 1),
+        text.replacen(
+            "# TYPE wraithgate_workers gauge",
+            "# TYPE wraithgate_workers meter",
+            1,
+        ),
+        text.replacen("le=\"+Inf\"", "le=\"0.5\"", 1),
+        format!("{text}wraithgate_unheard_of 1\n"),
+    ];
+    for bad in spoiled {
+        assert_ne!(bad, text, "the spoiling edit found nothing to change");
+        let refused = std::panic::catch_unwind(|| check_exposition(&bad)).is_err();
+        assert!(refused, "a spoiled exposition passed the check");
+    }
 }
 
 #[test]
