@@ -211,28 +211,130 @@ async fn serve(
 /// How long a stopping sidecar waits for open connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
+/// Every path the API serves with its methods: the router is built from this list (a
+/// path missing here is not served) and the OpenAPI document is checked against it.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/healthz", &["GET"]),
+    ("/metrics", &["GET"]),
+    ("/v1/openapi.json", &["GET"]),
+    ("/v1/node", &["GET"]),
+    ("/v1/exits", &["GET", "POST"]),
+    ("/v1/exits/{key}", &["DELETE"]),
+    ("/v1/peers", &["GET", "POST"]),
+    ("/v1/peers/{key}", &["DELETE"]),
+    ("/v1/config", &["GET", "PUT"]),
+    ("/v1/sessions", &["GET"]),
+    ("/v1/sessions/{id}", &["DELETE"]),
+];
+
+/// The handlers of one of [`ROUTES`]' paths.
+fn handlers(path: &str) -> axum::routing::MethodRouter<App> {
+    match path {
+        "/healthz" => get(healthz),
+        "/metrics" => get(get_metrics),
+        "/v1/openapi.json" => get(openapi),
+        "/v1/node" => get(node_info),
+        "/v1/exits" => get(list_exits).post(add_exit),
+        "/v1/exits/{key}" => delete(remove_exit),
+        "/v1/peers" => get(list_peers).post(add_peer),
+        "/v1/peers/{key}" => delete(remove_peer),
+        "/v1/config" => get(get_config)
+            .put(put_config)
+            .layer(DefaultBodyLimit::max(CONFIG_BODY_LIMIT)),
+        "/v1/sessions" => get(list_sessions),
+        "/v1/sessions/{id}" => delete(kill_session),
+        // Serves no method: the API test that probes every route finds it.
+        _ => axum::routing::MethodRouter::new(),
+    }
+}
+
+/// The methods [`ROUTES`] serves on `path` (a concrete path: `{key}` matches any segment).
+fn route_methods(path: &str) -> Option<&'static [&'static str]> {
+    let segments: Vec<&str> = path.split('/').collect();
+    ROUTES.iter().find_map(|(route, methods)| {
+        let pattern: Vec<&str> = route.split('/').collect();
+        let matches = pattern.len() == segments.len()
+            && pattern
+                .iter()
+                .zip(&segments)
+                .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()));
+        matches.then_some(*methods)
+    })
+}
+
+/// The largest body `path` takes.
+fn body_limit(path: &str) -> usize {
+    if path == "/v1/config" {
+        CONFIG_BODY_LIMIT
+    } else {
+        BODY_LIMIT
+    }
+}
+
 fn router(app: App) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(get_metrics))
-        .route("/v1/openapi.json", get(openapi))
-        .route("/v1/node", get(node_info))
-        .route("/v1/exits", get(list_exits).post(add_exit))
-        .route("/v1/exits/{key}", delete(remove_exit))
-        .route("/v1/peers", get(list_peers).post(add_peer))
-        .route("/v1/peers/{key}", delete(remove_peer))
-        .route(
-            "/v1/config",
-            get(get_config)
-                .put(put_config)
-                .layer(DefaultBodyLimit::max(CONFIG_BODY_LIMIT)),
-        )
-        .route("/v1/sessions", get(list_sessions))
-        .route("/v1/sessions/{id}", delete(kill_session))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |r, (path, _)| r.route(path, handlers(path)))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(json_rejections))
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
+}
+
+/// Gives the refusals axum makes itself (wrong method, body too large, and any other
+/// without a JSON body) the `{"error": ...}` shape of the API's own.
+async fn json_rejections(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let r = next.run(req).await;
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let mut allow = r.headers().get(header::ALLOW).cloned();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let methods = route_methods(&path).map(|m| m.join(", "));
+            if let Some(m) = methods
+                .as_deref()
+                .and_then(|m| HeaderValue::from_str(m).ok())
+            {
+                allow = Some(m);
+            }
+            format!(
+                "{method} is not allowed on {path}; allowed: {}",
+                methods.as_deref().unwrap_or("see /v1/openapi.json")
+            )
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "request body larger than {} bytes, the limit for {path}",
+            body_limit(&path)
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "unsupported content type: send application/json".to_owned()
+        }
+        _ => {
+            let body = axum::body::to_bytes(r.into_body(), BODY_LIMIT)
+                .await
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body).trim().to_owned();
+            if text.is_empty() {
+                status.canonical_reason().unwrap_or("error").to_owned()
+            } else {
+                text
+            }
+        }
+    };
+    let mut out = ApiError(status, message).into_response();
+    if let Some(v) = allow {
+        out.headers_mut().insert(header::ALLOW, v);
+    }
+    out
 }
 
 /// An error answer: a status and a message, as `{"error": "..."}`.

@@ -192,8 +192,13 @@ fn guards_token_and_browsers() {
         assert!(body.contains("Origin or Referer"));
     }
     // A mutation by GET does not exist.
-    let (status, _) = n.get("/v1/exits/abc");
+    let (status, body) = n.get("/v1/exits/abc");
     assert_eq!(status, 405);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["error"],
+        "GET is not allowed on /v1/exits/abc; allowed: DELETE"
+    );
     let (status, body) = n.get("/nope");
     assert_eq!(status, 404);
     assert!(body.contains("error"));
@@ -260,7 +265,7 @@ fn exits_good_and_bad_input_leave_state_exactly_as_it_was() {
             400,
             "port 0",
         ),
-        (oversized, 413, ""),
+        (oversized, 413, "request body larger than 65536 bytes"),
     ];
     for (body, want, words) in cases {
         let (status, answer) = n.send("POST", "/v1/exits", &body, &[]);
@@ -985,4 +990,486 @@ fn a_fetched_config_put_back_keeps_preshared_keys_and_null_removes_one() {
     let (status, body) = n.send("PUT", "/v1/config", &bad.to_string(), &[("If-Match", &g)]);
     assert_eq!(status, 400, "{body}");
     assert_eq!(n.state(), before);
+}
+
+/// Which token a request carries.
+#[derive(Clone, Copy, Debug)]
+enum Token {
+    Right,
+    Missing,
+    Wrong,
+}
+
+/// One request the API must refuse, and how.
+struct Refused {
+    method: &'static str,
+    path: String,
+    body: String,
+    headers: Vec<(&'static str, String)>,
+    token: Token,
+    status: u16,
+    /// What the `{"error": ...}` message must say.
+    words: &'static str,
+}
+
+fn refused(
+    method: &'static str,
+    path: &str,
+    body: &str,
+    status: u16,
+    words: &'static str,
+) -> Refused {
+    Refused {
+        method,
+        path: path.to_owned(),
+        body: body.to_owned(),
+        headers: Vec::new(),
+        token: Token::Right,
+        status,
+        words,
+    }
+}
+
+impl Refused {
+    fn with(mut self, name: &'static str, value: &str) -> Refused {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+
+    fn token(mut self, token: Token) -> Refused {
+        self.token = token;
+        self
+    }
+}
+
+impl TestNode {
+    /// Any request, with the token or not.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        token: Token,
+        headers: &[(&str, String)],
+    ) -> (u16, String) {
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url));
+        match token {
+            Token::Right => req = req.header("Authorization", self.auth()),
+            Token::Wrong => req = req.header("Authorization", "Bearer 0123456789abcdef"),
+            Token::Missing => {}
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        // A connection of its own: one the node closed after a refusal is never reused.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        finish(agent.run(req.body(body.as_bytes()).unwrap()).unwrap())
+    }
+
+    /// Sends every case; each must be refused as it says, with a JSON message, leaving the
+    /// state exactly as it was (the API's view and the file, byte for byte).
+    fn assert_refused(&self, cases: Vec<Refused>) {
+        let before = self.state();
+        for c in cases {
+            let what = format!("{} {} {:?} {:.80}", c.method, c.path, c.token, c.body);
+            let (status, answer) = self.request(c.method, &c.path, &c.body, c.token, &c.headers);
+            assert_eq!(status, c.status, "{what} -> {answer}");
+            let v: Value = serde_json::from_str(&answer)
+                .unwrap_or_else(|e| panic!("{what}: the answer is not JSON ({e}): {answer}"));
+            let msg = v["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: no \"error\" in {answer}"));
+            assert!(msg.contains(c.words), "{what}: {msg:?} lacks {:?}", c.words);
+            assert_eq!(self.state(), before, "state changed by a refused {what}");
+        }
+    }
+}
+
+/// A node with exit `x` (used by peer `p`, which has a preshared key) and exit `y` (unused).
+fn provisioned(tag: &str) -> (TestNode, String, String, String) {
+    let n = TestNode::start(tag, vec![]);
+    let (x, y, p) = (key(), key(), key());
+    assert_eq!(
+        n.send("POST", "/v1/exits", &exit_json("x", &x, 1), &[]).0,
+        201
+    );
+    assert_eq!(
+        n.send("POST", "/v1/exits", &exit_json("y", &y, 2), &[]).0,
+        201
+    );
+    let peer = json!({"public_key": p, "name": "p", "allowed_ips": ["10.0.0.2/32"],
+                      "preshared_key": key(), "allowed_exits": [x]});
+    assert_eq!(n.send("POST", "/v1/peers", &peer.to_string(), &[]).0, 201);
+    (n, x, y, p)
+}
+
+#[test]
+fn peers_good_and_bad_input_leave_state_exactly_as_it_was() {
+    let (n, x, _y, p) = provisioned("peers-matrix");
+    let fresh = key();
+    let peer = |f: &dyn Fn(&mut Value)| {
+        let mut v = json!({"public_key": fresh, "name": "q", "allowed_ips": ["10.0.0.3/32"],
+                           "preshared_key": key(), "allowed_exits": [x]});
+        f(&mut v);
+        v.to_string()
+    };
+    let post = |body: String, status, words| refused("POST", "/v1/peers", &body, status, words);
+    n.assert_refused(vec![
+        post("{not json".into(), 400, "invalid request body"),
+        post("[]".into(), 400, "invalid request body"),
+        post(peer(&|v| v["public_key"] = json!("!!!")), 400, "base64"),
+        post(peer(&|v| v["public_key"] = json!("AAAA")), 400, "32 bytes"),
+        post(peer(&|v| v["preshared_key"] = json!("!!!")), 400, "base64"),
+        post(
+            peer(&|v| v["preshared_key"] = json!("AAAA")),
+            400,
+            "32 bytes",
+        ),
+        post(
+            peer(&|v| v["allowed_ips"] = json!(["10.0.0.0/40"])),
+            400,
+            "prefix length",
+        ),
+        post(
+            peer(&|v| v["allowed_ips"] = json!(["ten"])),
+            400,
+            "not an IP network",
+        ),
+        post(
+            peer(&|v| v["allowed_ips"] = json!([])),
+            400,
+            "must not be empty",
+        ),
+        post(
+            peer(&|v| {
+                v.as_object_mut().unwrap().remove("allowed_ips");
+            }),
+            400,
+            "missing field `allowed_ips`",
+        ),
+        post(
+            peer(&|v| v["allowed_exits"] = json!([key()])),
+            400,
+            "not a configured exit",
+        ),
+        post(
+            peer(&|v| v["allowed_exits"] = json!(["AAAA"])),
+            400,
+            "32 bytes",
+        ),
+        post(
+            peer(&|v| v["name"] = json!("n".repeat(65))),
+            400,
+            "at most 64",
+        ),
+        post(peer(&|v| v["colour"] = json!("red")), 400, "unknown field"),
+        post(peer(&|v| v["public_key"] = json!(p)), 409, "already exists"),
+        post(
+            peer(&|v| v["public_key"] = json!(x)),
+            409,
+            "also configured as an exit",
+        ),
+        post(
+            peer(&|v| v["name"] = json!("x".repeat(100_000))),
+            413,
+            "larger than 65536 bytes",
+        ),
+    ]);
+    n.assert_refused(vec![
+        refused("DELETE", "/v1/peers/notakey!", "", 400, "base64url"),
+        refused("DELETE", "/v1/peers/AAAA", "", 400, "32 bytes"),
+        refused(
+            "DELETE",
+            &format!("/v1/peers/{}", url_key(&fresh)),
+            "",
+            404,
+            "no peer",
+        ),
+        refused(
+            "GET",
+            &format!("/v1/peers/{}", url_key(&p)),
+            "",
+            405,
+            "allowed: DELETE",
+        ),
+        refused(
+            "PATCH",
+            "/v1/peers",
+            &peer(&|_| {}),
+            405,
+            "PATCH is not allowed",
+        ),
+    ]);
+    // The good request from which every bad one above was made goes through.
+    assert_eq!(n.send("POST", "/v1/peers", &peer(&|_| {}), &[]).0, 201);
+    assert_eq!(
+        n.send("DELETE", &format!("/v1/peers/{}", url_key(&fresh)), "", &[])
+            .0,
+        204
+    );
+}
+
+#[test]
+fn whole_config_bad_input_leaves_state_exactly_as_it_was() {
+    let (n, x, y, p) = provisioned("config-matrix");
+    let current = n.json("/v1/config");
+    let g = current["generation"].as_u64().unwrap();
+    let edited = |f: &dyn Fn(&mut Value)| {
+        let mut v = current.clone();
+        f(&mut v);
+        v.to_string()
+    };
+    let put = |body: String, status, words| {
+        refused("PUT", "/v1/config", &body, status, words).with("If-Match", &g.to_string())
+    };
+    n.assert_refused(vec![
+        put("{not json".into(), 400, "invalid request body"),
+        put(
+            edited(&|v| v["exits"][0]["public_key"] = json!("!!!")),
+            400,
+            "base64",
+        ),
+        put(
+            edited(&|v| v["exits"][0]["public_key"] = json!("AAAA")),
+            400,
+            "32 bytes",
+        ),
+        put(
+            edited(&|v| v["peers"][0]["public_key"] = json!("AAAA")),
+            400,
+            "32 bytes",
+        ),
+        put(
+            edited(&|v| v["peers"][0]["preshared_key"] = json!("!!!")),
+            400,
+            "base64",
+        ),
+        put(
+            edited(&|v| v["exits"][0]["endpoint"] = json!("nowhere")),
+            400,
+            "invalid",
+        ),
+        put(
+            edited(&|v| v["exits"][0]["endpoint"] = json!("0.0.0.0:1")),
+            400,
+            "endpoint",
+        ),
+        put(
+            edited(&|v| v["exits"][1]["public_key"] = json!(x)),
+            409,
+            "already used",
+        ),
+        put(
+            edited(&|v| v["exits"][1]["name"] = json!("x")),
+            409,
+            "used twice",
+        ),
+        put(
+            edited(&|v| {
+                let again = v["peers"][0].clone();
+                v["peers"].as_array_mut().unwrap().push(again);
+            }),
+            409,
+            "used twice",
+        ),
+        put(
+            edited(&|v| v["peers"][0]["allowed_exits"] = json!([key()])),
+            400,
+            "not a configured exit",
+        ),
+        put(
+            edited(&|v| v["colour"] = json!("red")),
+            400,
+            "unknown field",
+        ),
+        refused("PUT", "/v1/config", &current.to_string(), 428, "If-Match"),
+        refused(
+            "PUT",
+            "/v1/config",
+            &current.to_string(),
+            400,
+            "generation number",
+        )
+        .with("If-Match", "latest"),
+        refused(
+            "PUT",
+            "/v1/config",
+            &current.to_string(),
+            412,
+            "stale generation",
+        )
+        .with("If-Match", &(g - 1).to_string()),
+        refused(
+            "POST",
+            "/v1/config",
+            &current.to_string(),
+            405,
+            "allowed: GET, PUT",
+        ),
+    ]);
+    // One byte past the 64 MiB a whole table may take. Sent by hand, all of it before the
+    // answer is read: a client still writing when the node answers may be reset instead.
+    let before = n.state();
+    let addr = n.url.trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "PUT /v1/config HTTP/1.1\r\nHost: node\r\nConnection: close\r\nAuthorization: Bearer {}\r\nIf-Match: {g}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        n.token,
+        (64 << 20) + 1
+    )
+    .unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    for _ in 0..64 {
+        conn.write_all(&chunk).unwrap();
+    }
+    conn.write_all(b" ").unwrap();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains(
+            "{\"error\":\"request body larger than 67108864 bytes, the limit for /v1/config\"}"
+        ),
+        "{answer}"
+    );
+    drop(conn);
+    assert_eq!(n.state(), before);
+    // Removing exit y alone is good, so every refusal above was for its own reason.
+    let without_y = edited(&|v| {
+        v["exits"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|e| e["public_key"] != y.as_str());
+    });
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &without_y,
+        &[("If-Match", &g.to_string())],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(n.json("/v1/peers")[0]["public_key"], p.as_str());
+}
+
+/// A request that changes something: method, path, body, headers.
+type Mutation = (&'static str, String, String, Vec<(&'static str, String)>);
+
+#[test]
+fn every_mutation_needs_the_token_and_no_browser_headers() {
+    let (n, x, y, p) = provisioned("guard-matrix");
+    let g = n.json("/v1/config")["generation"].to_string();
+    let whole = n.json("/v1/config").to_string();
+    // Requests that would succeed with the right token and no browser headers.
+    // The PUT first: each success below moves the generation on.
+    let mutations: Vec<Mutation> = vec![
+        ("PUT", "/v1/config".into(), whole, vec![("If-Match", g)]),
+        (
+            "POST",
+            "/v1/exits".into(),
+            exit_json("z", &key(), 3),
+            vec![],
+        ),
+        (
+            "DELETE",
+            format!("/v1/exits/{}", url_key(&y)),
+            String::new(),
+            vec![],
+        ),
+        (
+            "POST",
+            "/v1/peers".into(),
+            json!({"public_key": key(), "allowed_ips": ["10.0.0.9/32"], "allowed_exits": [x]})
+                .to_string(),
+            vec![],
+        ),
+        (
+            "DELETE",
+            format!("/v1/peers/{}", url_key(&p)),
+            String::new(),
+            vec![],
+        ),
+        ("DELETE", "/v1/sessions/0.0.0".into(), String::new(), vec![]),
+    ];
+    let mut cases = Vec::new();
+    for (method, path, body, headers) in &mutations {
+        let case = |status, words| {
+            let mut r = refused(method, path, body, status, words);
+            r.headers = headers.clone();
+            r
+        };
+        cases.push(case(401, "missing Authorization: Bearer").token(Token::Missing));
+        cases.push(case(401, "wrong token").token(Token::Wrong));
+        for h in ["Origin", "Referer"] {
+            cases.push(case(403, "Origin or Referer").with(h, "https://evil.example"));
+            cases.push(
+                case(403, "Origin or Referer")
+                    .with(h, "https://evil.example")
+                    .token(Token::Missing),
+            );
+        }
+    }
+    n.assert_refused(cases);
+    // With the token they go through (the session one: there is none to close).
+    for (method, path, body, headers) in &mutations {
+        let (status, answer) = n.request(method, path, body, Token::Right, headers);
+        let want = if path.starts_with("/v1/sessions") {
+            404
+        } else {
+            200
+        };
+        assert!(
+            status == want || (want == 200 && (status == 201 || status == 204)),
+            "{method} {path} -> {status} {answer}"
+        );
+    }
+}
+
+#[test]
+fn the_openapi_document_names_every_route_served() {
+    let n = TestNode::start("openapi", vec![]);
+    let doc = n.json("/v1/openapi.json");
+    let paths = doc["paths"].as_object().expect("paths");
+    let methods = ["GET", "POST", "PUT", "DELETE", "PATCH"];
+    for (path, served) in wraithgate_control::api::ROUTES {
+        let documented = paths
+            .get(*path)
+            .unwrap_or_else(|| panic!("{path} is served but not documented"));
+        let concrete = path
+            .replace("{key}", &url_key(&key()))
+            .replace("{id}", "0.0.0");
+        for m in methods {
+            let in_doc = documented.get(m.to_lowercase()).is_some();
+            // An empty body: every handler refuses it or ignores it; nothing changes.
+            let (status, answer) = n.request(m, &concrete, "", Token::Right, &[]);
+            let is_served = status != 405 && !answer.contains("no such resource");
+            assert_eq!(
+                served.contains(&m),
+                is_served,
+                "{m} {path}: listed in ROUTES and served must agree ({status} {answer:.100})"
+            );
+            assert_eq!(
+                in_doc, is_served,
+                "{m} {path}: documented and served must agree"
+            );
+        }
+    }
+    for path in paths.keys() {
+        assert!(
+            wraithgate_control::api::ROUTES
+                .iter()
+                .any(|(p, _)| p == path),
+            "{path} is documented but not served"
+        );
+    }
 }
