@@ -363,7 +363,9 @@ impl From<ChangeError> for ApiError {
             ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
             ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
             ChangeError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
-            ChangeError::Persist { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ChangeError::Persist { .. } | ChangeError::NotDurable { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError(status, e.to_string())
     }
