@@ -14,7 +14,7 @@ fn error_responses(codes: &[&str]) -> Value {
             "412" => "If-Match names a generation that is no longer current.",
             "413" => "Request body too large.",
             "428" => "If-Match is required.",
-            "500" => "The new state could not be persisted; nothing changed.",
+            "500" => "The new state could not be persisted (nothing changed), or it was applied but its directory could not be synced (the message says which).",
             _ => "Error.",
         };
         m.insert(
