@@ -109,6 +109,7 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
         None => None,
     };
     let local_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let dp = control.dp.clone();
     let app = router(App {
         control,
         token: token.into(),
@@ -117,6 +118,9 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
     let thread = std::thread::Builder::new()
         .name("wg-sidecar".into())
         .spawn(move || {
+            // Changes are validated and persisted on this thread and the writer it starts.
+            let placement = dp.settle_control_thread();
+            tracing::info!(%placement, "operator API and state writer threads");
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

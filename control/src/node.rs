@@ -128,7 +128,11 @@ impl Control {
             let (table, table_time, (prepared, write_time)) = std::thread::scope(|scope| {
                 let writer = std::thread::Builder::new()
                     .name("wg-state-write".into())
-                    .spawn_scoped(scope, || timed(&write));
+                    .spawn_scoped(scope, || {
+                        // Inherited from the API thread already; not from any other caller.
+                        self.dp.settle_control_thread();
+                        timed(&write)
+                    });
                 let t = std::time::Instant::now();
                 let table = next.validate_after(&self.dp.table());
                 let table_time = t.elapsed();

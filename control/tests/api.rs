@@ -1473,3 +1473,58 @@ fn the_openapi_document_names_every_route_served() {
         );
     }
 }
+
+/// The calling thread's allowed CPUs and nice value, as the kernel reports them.
+fn this_thread_cpus_and_nice() -> (Vec<usize>, i64) {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // nice is field 19.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let nice = after.split(' ').nth(16).unwrap().parse().unwrap();
+    (cpus, nice)
+}
+
+#[test]
+fn control_threads_keep_off_the_workers_cores_or_yield_to_them() {
+    let (all, _) = this_thread_cpus_and_nice();
+    for pin_workers in [true, false] {
+        let dir = temp_dir("placement");
+        let mut cfg = config(&dir, vec![], None);
+        cfg.data_plane.pin_workers = pin_workers;
+        cfg.control.api_enabled = false;
+        let node = Node::start(cfg).unwrap();
+        let dp = node.control.dp.clone();
+        let (placement, cpus, nice) = std::thread::spawn(move || {
+            let p = dp.settle_control_thread();
+            let (cpus, nice) = this_thread_cpus_and_nice();
+            (p, cpus, nice)
+        })
+        .join()
+        .unwrap();
+        use wraithgate_relay::io::{ControlPlacement, CONTROL_THREAD_NICE};
+        if pin_workers && all.len() > 1 {
+            // One worker, pinned to the first core this process may use; the rest is ours.
+            assert_eq!(placement, ControlPlacement::SpareCores(all[1..].to_vec()));
+            assert_eq!(cpus, all[1..], "allowed CPUs");
+        } else {
+            assert_eq!(placement, ControlPlacement::Niced(CONTROL_THREAD_NICE));
+            assert_eq!(nice, i64::from(CONTROL_THREAD_NICE));
+            assert_eq!(cpus, all, "allowed CPUs unchanged");
+        }
+        node.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

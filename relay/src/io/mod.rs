@@ -276,6 +276,38 @@ pub struct DataPlane {
     listen_ips: Vec<IpAddr>,
     listener_socket_buffer: usize,
     steering: bool,
+    /// Cores this process may use that no pinned worker runs on.
+    spare_cores: Vec<usize>,
+}
+
+/// The nice value of control threads when every core has a worker: the scheduler then
+/// gives a busy worker most of the core and the API the rest.
+pub const CONTROL_THREAD_NICE: i32 = 10;
+
+/// Where [`DataPlane::settle_control_thread`] put a thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlPlacement {
+    /// On the cores no worker is pinned to.
+    SpareCores(Vec<usize>),
+    /// Sharing the workers' cores, at a lower priority than theirs.
+    Niced(i32),
+    /// The kernel refused both; the thread runs as it was.
+    Unchanged(String),
+}
+
+impl std::fmt::Display for ControlPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlPlacement::SpareCores(c) => {
+                write!(f, "pinned to cores {c:?}, which have no worker")
+            }
+            ControlPlacement::Niced(n) => write!(
+                f,
+                "every core has a worker: sharing them at nice {n}, so workers come first"
+            ),
+            ControlPlacement::Unchanged(why) => write!(f, "left as it was ({why})"),
+        }
+    }
 }
 
 /// What a worker thread starts with, whichever backend it runs.
@@ -488,6 +520,11 @@ impl DataPlane {
         } else {
             Vec::new()
         };
+        let spare_cores: Vec<usize> = if cores.len() > workers {
+            cores[workers..].iter().map(|c| c.id).collect()
+        } else {
+            Vec::new()
+        };
         let shutdown = Arc::new(AtomicBool::new(false));
         let backend = cfg.backend;
         let mut handles = Vec::with_capacity(workers);
@@ -555,6 +592,7 @@ impl DataPlane {
             listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
             listener_socket_buffer: cfg.listener_socket_buffer,
             steering,
+            spare_cores,
         };
         // Each worker sets up its own ring (a ring is tied to the thread that made it).
         for _ in 0..workers {
@@ -580,6 +618,27 @@ impl DataPlane {
             "data plane started"
         );
         Ok(plane)
+    }
+
+    /// Keeps the calling thread, a control-side one (the API, the state writer), out of
+    /// the workers' way: pinned to the cores no worker is pinned to when there are any,
+    /// otherwise (every core has a worker, or workers are not pinned) at nice
+    /// [`CONTROL_THREAD_NICE`]. Threads it starts afterwards inherit either.
+    pub fn settle_control_thread(&self) -> ControlPlacement {
+        let mut why = Vec::new();
+        if !self.spare_cores.is_empty() {
+            match sys::pin_current_thread(&self.spare_cores) {
+                Ok(()) => return ControlPlacement::SpareCores(self.spare_cores.clone()),
+                Err(e) => why.push(format!("pinning: {e}")),
+            }
+        }
+        match sys::set_current_thread_nice(CONTROL_THREAD_NICE) {
+            Ok(()) => ControlPlacement::Niced(CONTROL_THREAD_NICE),
+            Err(e) => {
+                why.push(format!("nice: {e}"));
+                ControlPlacement::Unchanged(why.join("; "))
+            }
+        }
     }
 
     /// The addresses actually bound (port 0 resolved), listen addresses first.
