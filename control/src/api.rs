@@ -28,7 +28,7 @@ use wraithgate_relay::PublicKey;
 use crate::config::ControlSection;
 use crate::metrics;
 use crate::node::{ChangeError, Control};
-use crate::state::{DesiredState, PeerSpec};
+use crate::state::{DesiredState, IpNet, PeerSpec, PresharedKey};
 
 /// Largest request body, but for `PUT /v1/config`.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -109,6 +109,7 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
         None => None,
     };
     let local_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let dp = control.dp.clone();
     let app = router(App {
         control,
         token: token.into(),
@@ -117,6 +118,9 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
     let thread = std::thread::Builder::new()
         .name("wg-sidecar".into())
         .spawn(move || {
+            // Changes are validated and persisted on this thread and the writer it starts.
+            let placement = dp.settle_control_thread();
+            tracing::info!(%placement, "operator API and state writer threads");
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -211,28 +215,130 @@ async fn serve(
 /// How long a stopping sidecar waits for open connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
+/// Every path the API serves with its methods: the router is built from this list (a
+/// path missing here is not served) and the OpenAPI document is checked against it.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/healthz", &["GET"]),
+    ("/metrics", &["GET"]),
+    ("/v1/openapi.json", &["GET"]),
+    ("/v1/node", &["GET"]),
+    ("/v1/exits", &["GET", "POST"]),
+    ("/v1/exits/{key}", &["DELETE"]),
+    ("/v1/peers", &["GET", "POST"]),
+    ("/v1/peers/{key}", &["DELETE"]),
+    ("/v1/config", &["GET", "PUT"]),
+    ("/v1/sessions", &["GET"]),
+    ("/v1/sessions/{id}", &["DELETE"]),
+];
+
+/// The handlers of one of [`ROUTES`]' paths.
+fn handlers(path: &str) -> axum::routing::MethodRouter<App> {
+    match path {
+        "/healthz" => get(healthz),
+        "/metrics" => get(get_metrics),
+        "/v1/openapi.json" => get(openapi),
+        "/v1/node" => get(node_info),
+        "/v1/exits" => get(list_exits).post(add_exit),
+        "/v1/exits/{key}" => delete(remove_exit),
+        "/v1/peers" => get(list_peers).post(add_peer),
+        "/v1/peers/{key}" => delete(remove_peer),
+        "/v1/config" => get(get_config)
+            .put(put_config)
+            .layer(DefaultBodyLimit::max(CONFIG_BODY_LIMIT)),
+        "/v1/sessions" => get(list_sessions),
+        "/v1/sessions/{id}" => delete(kill_session),
+        // Serves no method: the API test that probes every route finds it.
+        _ => axum::routing::MethodRouter::new(),
+    }
+}
+
+/// The methods [`ROUTES`] serves on `path` (a concrete path: `{key}` matches any segment).
+fn route_methods(path: &str) -> Option<&'static [&'static str]> {
+    let segments: Vec<&str> = path.split('/').collect();
+    ROUTES.iter().find_map(|(route, methods)| {
+        let pattern: Vec<&str> = route.split('/').collect();
+        let matches = pattern.len() == segments.len()
+            && pattern
+                .iter()
+                .zip(&segments)
+                .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()));
+        matches.then_some(*methods)
+    })
+}
+
+/// The largest body `path` takes.
+fn body_limit(path: &str) -> usize {
+    if path == "/v1/config" {
+        CONFIG_BODY_LIMIT
+    } else {
+        BODY_LIMIT
+    }
+}
+
 fn router(app: App) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(get_metrics))
-        .route("/v1/openapi.json", get(openapi))
-        .route("/v1/node", get(node_info))
-        .route("/v1/exits", get(list_exits).post(add_exit))
-        .route("/v1/exits/{key}", delete(remove_exit))
-        .route("/v1/peers", get(list_peers).post(add_peer))
-        .route("/v1/peers/{key}", delete(remove_peer))
-        .route(
-            "/v1/config",
-            get(get_config)
-                .put(put_config)
-                .layer(DefaultBodyLimit::max(CONFIG_BODY_LIMIT)),
-        )
-        .route("/v1/sessions", get(list_sessions))
-        .route("/v1/sessions/{id}", delete(kill_session))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |r, (path, _)| r.route(path, handlers(path)))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(json_rejections))
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
+}
+
+/// Gives the refusals axum makes itself (wrong method, body too large, and any other
+/// without a JSON body) the `{"error": ...}` shape of the API's own.
+async fn json_rejections(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let r = next.run(req).await;
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let mut allow = r.headers().get(header::ALLOW).cloned();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let methods = route_methods(&path).map(|m| m.join(", "));
+            if let Some(m) = methods
+                .as_deref()
+                .and_then(|m| HeaderValue::from_str(m).ok())
+            {
+                allow = Some(m);
+            }
+            format!(
+                "{method} is not allowed on {path}; allowed: {}",
+                methods.as_deref().unwrap_or("see /v1/openapi.json")
+            )
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "request body larger than {} bytes, the limit for {path}",
+            body_limit(&path)
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "unsupported content type: send application/json".to_owned()
+        }
+        _ => {
+            let body = axum::body::to_bytes(r.into_body(), BODY_LIMIT)
+                .await
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body).trim().to_owned();
+            if text.is_empty() {
+                status.canonical_reason().unwrap_or("error").to_owned()
+            } else {
+                text
+            }
+        }
+    };
+    let mut out = ApiError(status, message).into_response();
+    if let Some(v) = allow {
+        out.headers_mut().insert(header::ALLOW, v);
+    }
+    out
 }
 
 /// An error answer: a status and a message, as `{"error": "..."}`.
@@ -261,7 +367,9 @@ impl From<ChangeError> for ApiError {
             ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
             ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
             ChangeError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
-            ChangeError::Persist { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ChangeError::Persist { .. } | ChangeError::NotDurable { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -324,7 +432,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> 
 pub mod body {
     use wraithgate_relay::table::ExitSpec;
 
-    use super::{parse_json, ConfigBody, ExitBody};
+    use super::{parse_json, ConfigBody, ExitBody, WholeState};
     use crate::state::{DesiredState, PeerSpec};
 
     /// `POST /v1/exits`.
@@ -343,16 +451,87 @@ pub mod body {
         parse_json(body)
     }
 
-    /// `PUT /v1/config`: the new exits and peers, as a state of generation 0 (the node
-    /// assigns generations).
-    pub fn config(body: &[u8]) -> Result<DesiredState, String> {
+    /// `PUT /v1/config`: the new exits and peers. A peer that leaves `preshared_key` out
+    /// keeps the one the node holds for its key, so it is resolved against the node's
+    /// state ([`WholeState::resolve`]).
+    pub fn whole_state(body: &[u8]) -> Result<WholeState, String> {
         let c: ConfigBody = parse_json(body)?;
-        Ok(DesiredState {
-            generation: 0,
+        Ok(WholeState {
             exits: c.exits,
             peers: c.peers,
         })
     }
+
+    /// `PUT /v1/config` sent to a node with no peers, as a state of generation 0 (the
+    /// node assigns generations).
+    pub fn config(body: &[u8]) -> Result<DesiredState, String> {
+        Ok(whole_state(body)?.resolve(&DesiredState::default()))
+    }
+}
+
+/// A whole state as `PUT /v1/config` takes it, before it meets the node's own.
+///
+/// `GET /v1/config` never shows preshared keys, so a state fetched, edited and put back
+/// has none: a peer entry without `preshared_key` keeps the key stored for that peer, an
+/// explicit `null` removes it, a key sets it.
+#[derive(Debug)]
+pub struct WholeState {
+    exits: Vec<ExitSpec>,
+    peers: Vec<PeerEntry>,
+}
+
+impl WholeState {
+    /// The state this makes of `current`, as generation 0 (the node assigns generations).
+    pub fn resolve(self, current: &DesiredState) -> DesiredState {
+        let kept: std::collections::HashMap<PublicKey, &PresharedKey> = current
+            .peers
+            .iter()
+            .filter_map(|p| p.preshared_key.as_ref().map(|k| (p.public_key, k)))
+            .collect();
+        let peers = self
+            .peers
+            .into_iter()
+            .map(|p| PeerSpec {
+                preshared_key: match p.preshared_key {
+                    Some(given) => given,
+                    None => kept.get(&p.public_key).map(|k| (*k).clone()),
+                },
+                public_key: p.public_key,
+                name: p.name,
+                allowed_ips: p.allowed_ips,
+                allowed_exits: p.allowed_exits,
+            })
+            .collect();
+        DesiredState {
+            generation: 0,
+            exits: self.exits,
+            peers,
+        }
+    }
+}
+
+/// A peer in a whole state: [`PeerSpec`], but telling a left-out `preshared_key` (keep
+/// the stored one) from `null` (remove it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerEntry {
+    public_key: PublicKey,
+    #[serde(default)]
+    name: String,
+    allowed_ips: Vec<IpNet>,
+    #[serde(default, deserialize_with = "present")]
+    preshared_key: Option<Option<PresharedKey>>,
+    #[serde(default)]
+    allowed_exits: Vec<PublicKey>,
+}
+
+/// A field that is present, whatever its value (`null` included); absent is the default.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// A key from a URL path: base64url (as in the API's paths) or standard base64.
@@ -544,7 +723,7 @@ struct ConfigBody {
     #[serde(default)]
     exits: Vec<ExitSpec>,
     #[serde(default)]
-    peers: Vec<PeerSpec>,
+    peers: Vec<PeerEntry>,
 }
 
 async fn put_config(
@@ -564,8 +743,10 @@ async fn put_config(
         .map(|s| s.trim().trim_matches('"'))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad_request("If-Match must be a generation number"))?;
-    let new = body::config(&body).map_err(bad_request)?;
-    let applied = app.control.replace(expected, new)?;
+    let new = body::whole_state(&body).map_err(bad_request)?;
+    let applied = app
+        .control
+        .replace(expected, |current| new.resolve(current))?;
     // A summary, not the state echoed back: a whole table can be megabytes.
     let mut r = Json(json!({
         "generation": applied.generation,

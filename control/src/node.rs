@@ -18,7 +18,9 @@ use wraithgate_relay::table::SharedTable;
 
 use crate::api::{self, Sidecar};
 use crate::config::Config;
-use crate::state::{write_atomically, DesiredState, PreparedWrite, StateError, StateFile};
+use crate::state::{
+    write_atomically, CommitError, DesiredState, PreparedWrite, StateError, StateFile,
+};
 
 /// Restored sessions older than this are useless: their keys are rejected after
 /// REJECT_AFTER_TIME (180 s) without a new handshake anyway.
@@ -58,6 +60,17 @@ pub enum ChangeError {
     #[error("cannot persist the new state to {path}: {source}; nothing was changed")]
     Persist {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The change is made (file renamed into place, table published), but the directory
+    /// was not synced: the file may revert to the old state after a power loss.
+    #[error(
+        "the change was applied (generation {generation}, in use and in {path}), but {source}; \
+         it may not survive a power loss"
+    )]
+    NotDurable {
+        path: PathBuf,
+        generation: u64,
         source: std::io::Error,
     },
 }
@@ -115,7 +128,11 @@ impl Control {
             let (table, table_time, (prepared, write_time)) = std::thread::scope(|scope| {
                 let writer = std::thread::Builder::new()
                     .name("wg-state-write".into())
-                    .spawn_scoped(scope, || timed(&write));
+                    .spawn_scoped(scope, || {
+                        // Inherited from the API thread already; not from any other caller.
+                        self.dp.settle_control_thread();
+                        timed(&write)
+                    });
                 let t = std::time::Instant::now();
                 let table = next.validate_after(&self.dp.table());
                 let table_time = t.elapsed();
@@ -133,15 +150,37 @@ impl Control {
             });
             // An invalid state drops `prepared`, which removes the temporary file.
             let table = table?;
-            prepared.and_then(|p| p.commit()).map_err(persist_err)?;
-            self.dp.publish(table);
-            Ok((next, table_time, write_time))
+            // A port the change newly pins must be bindable now, or the state would name a
+            // listener the node does not have. The sockets are handed to workers only
+            // with the table; refused or unpersisted, they close.
+            let listeners = self
+                .dp
+                .bind_pinned(&table)
+                .map_err(|e| ChangeError::Conflict(format!("{e}; nothing was changed")))?;
+            // The rename is the commit point: once the file holds the new state, the
+            // table follows it even if syncing the directory then fails.
+            let not_durable = match prepared.map_err(persist_err)?.commit() {
+                Ok(()) => None,
+                Err(CommitError::NotRenamed(e)) => return Err(persist_err(e)),
+                Err(e @ CommitError::NotDurable(_)) => Some(e),
+            };
+            self.dp.publish_bound(table, listeners);
+            Ok((next, table_time, write_time, not_durable))
         })();
         match result {
-            Ok((next, table_time, write_time)) => {
+            Ok((next, table_time, write_time, not_durable)) => {
                 let next = Arc::new(next);
                 *state = next.clone();
                 self.changes.fetch_add(1, Ordering::Relaxed);
+                if let Some(e) = not_durable {
+                    let e = ChangeError::NotDurable {
+                        path: self.file.path().to_owned(),
+                        generation: next.generation,
+                        source: std::io::Error::other(e),
+                    };
+                    tracing::error!(error = %e, "state changed but not synced");
+                    return Err(e);
+                }
                 tracing::info!(
                     generation = next.generation,
                     exits = next.exits.len(),
@@ -161,13 +200,15 @@ impl Control {
         }
     }
 
-    /// Replaces the whole state if the caller saw generation `expected`.
+    /// Replaces the whole state with what `build` makes of the current one (which it may
+    /// consult, say for what the new state leaves out), if the caller saw generation
+    /// `expected`.
     pub fn replace(
         &self,
         expected: u64,
-        new: DesiredState,
+        build: impl FnOnce(&DesiredState) -> DesiredState,
     ) -> Result<Arc<DesiredState>, ChangeError> {
-        // Built from `new` alone: the current state, however large, is not copied.
+        // Built by `build`: the current state, however large, is not copied.
         self.apply_with(|s| {
             if s.generation != expected {
                 return Err(ChangeError::Stale {
@@ -177,8 +218,7 @@ impl Control {
             }
             Ok(DesiredState {
                 generation: s.generation,
-                exits: new.exits,
-                peers: new.peers,
+                ..build(s)
             })
         })
     }

@@ -10,11 +10,11 @@ fn error_responses(codes: &[&str]) -> Value {
             "401" => "Missing or wrong bearer token.",
             "403" => "Request carried Origin or Referer.",
             "404" => "No such object.",
-            "409" => "Conflicts with the current state (duplicate, or still referenced).",
+            "409" => "Conflicts with the current state (duplicate, still referenced, or a newly pinned listen_port the node cannot bind).",
             "412" => "If-Match names a generation that is no longer current.",
             "413" => "Request body too large.",
             "428" => "If-Match is required.",
-            "500" => "The new state could not be persisted; nothing changed.",
+            "500" => "The new state could not be persisted (nothing changed), or it was applied but its directory could not be synced (the message says which).",
             _ => "Error.",
         };
         m.insert(
@@ -58,7 +58,7 @@ pub fn document() -> Value {
                         "public_key": {"$ref": "#/components/schemas/Key"},
                         "name": {"type": "string", "maxLength": 64},
                         "allowed_ips": {"type": "array", "minItems": 1, "items": {"type": "string", "example": "10.0.0.2/32"}},
-                        "preshared_key": {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$", "nullable": true, "description": "Write-only: never shown"},
+                        "preshared_key": {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$", "nullable": true, "description": "Write-only: never shown. In PUT /v1/config a peer that leaves it out keeps the preshared key the node holds for its public key (so a state from GET /v1/config can be applied as it is); null removes it; a key sets it."},
                         "allowed_exits": {"type": "array", "items": {"$ref": "#/components/schemas/Key"}}
                     }},
                 "Config": {"type": "object", "additionalProperties": false, "properties": {
@@ -121,6 +121,7 @@ pub fn document() -> Value {
                 "get": {"summary": "The whole desired state; ETag is its generation",
                     "responses": merge(json!({"200": {"description": "State", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}}}), error_responses(&common))},
                 "put": {"summary": "Replace the whole desired state atomically",
+                    "description": "Peers that leave preshared_key out keep the one stored for their public key; an explicit null removes it.",
                     "parameters": [{"name": "If-Match", "in": "header", "required": true, "description": "The generation this change is based on", "schema": {"type": "string", "pattern": "^\"?[0-9]{1,19}\"?$"}}],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}},
                     "responses": merge(json!({"200": {"description": "Applied; ETag is the new generation", "content": {"application/json": {"schema": {"type": "object", "properties": {"generation": {"type": "integer"}, "exits": {"type": "integer"}, "peers": {"type": "integer"}}}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}

@@ -3,7 +3,10 @@
 //! Every change goes validate → persist → publish: a candidate state is checked whole
 //! (building the exit table is the check), written to a temporary file in the same
 //! directory, fsynced, renamed over the old file, and the directory fsynced; only then do
-//! workers see it. A failure at any step leaves the running table and the file as they were.
+//! workers see it. A failure up to the rename leaves the running table and the file as they
+//! were. The rename is the commit point: if syncing the directory fails after it, the file
+//! already holds the new state, so the table follows it and the failure is reported as a
+//! change made but perhaps not durable.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -100,7 +103,7 @@ impl StateFile {
     /// Replaces the file with `state` atomically: after a crash at any point the file
     /// holds either the old state or the new one, whole.
     pub fn save(&self, state: &DesiredState) -> std::io::Result<()> {
-        self.prepare(state)?.commit()
+        Ok(self.prepare(state)?.commit()?)
     }
 
     /// Writes `state` beside the file under a temporary name and fsyncs it; the file
@@ -153,11 +156,35 @@ impl PreparedWrite {
         Ok(w)
     }
 
-    /// Renames the new content into place and fsyncs the directory.
-    pub fn commit(mut self) -> std::io::Result<()> {
-        fs::rename(&self.tmp, &self.path)?;
+    /// Renames the new content into place and fsyncs the directory. The rename is the
+    /// commit point: once it is done the file holds the new content, whatever follows.
+    pub fn commit(mut self) -> Result<(), CommitError> {
+        fs::rename(&self.tmp, &self.path).map_err(CommitError::NotRenamed)?;
         self.committed = true;
-        File::open(&self.dir)?.sync_all()
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(CommitError::NotDurable)
+    }
+}
+
+/// Why [`PreparedWrite::commit`] failed, which says whether the file changed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The rename failed: the file holds the old content.
+    #[error("{0}")]
+    NotRenamed(std::io::Error),
+    /// The file holds the new content, but the directory entry may not survive a power
+    /// loss.
+    #[error("syncing the directory after the rename: {0}")]
+    NotDurable(std::io::Error),
+}
+
+impl From<CommitError> for std::io::Error {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::NotRenamed(e) => e,
+            CommitError::NotDurable(e) => std::io::Error::new(e.kind(), CommitError::NotDurable(e)),
+        }
     }
 }
 
@@ -171,7 +198,7 @@ impl Drop for PreparedWrite {
 
 /// Writes `bytes` to `path` by temp file + fsync + rename + directory fsync.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    PreparedWrite::new(path, bytes, mode)?.commit()
+    Ok(PreparedWrite::new(path, bytes, mode)?.commit()?)
 }
 
 #[cfg(test)]
@@ -223,6 +250,59 @@ mod tests {
         assert_eq!(listing(), vec!["state.json".to_owned()]);
         assert_eq!(file.load().unwrap(), Some(new));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_directory_sync_after_the_rename_says_the_file_changed() {
+        // Opening the directory to sync it is the one step after the rename that needs a
+        // file descriptor: with none left it fails, the rename having been made. Run in a
+        // child process of its own, so that no other test runs short of descriptors.
+        const CHILD: &str = "WG_STATE_TEST_CHILD";
+        let name = "state::tests::a_failed_directory_sync_after_the_rename_says_the_file_changed";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("commit: not durable, file new"),
+                "{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("wg-not-durable-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = StateFile::new(dir.join("state.json"));
+        let old = DesiredState {
+            generation: 1,
+            exits: vec![exit("a", 1)],
+            peers: vec![],
+        };
+        file.save(&old).unwrap();
+        let new = DesiredState {
+            generation: 2,
+            ..old.clone()
+        };
+        let prepared = file.prepare(&new).unwrap();
+        let mut hog = Vec::new();
+        let committed = loop {
+            match File::open("/dev/null") {
+                Ok(f) => hog.push(f),
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break prepared.commit(),
+                Err(e) => panic!("opening /dev/null: {e}"),
+            }
+        };
+        drop(hog);
+        assert!(
+            matches!(committed, Err(CommitError::NotDurable(_))),
+            "{committed:?}"
+        );
+        assert_eq!(file.load().unwrap(), Some(new));
+        fs::remove_dir_all(&dir).unwrap();
+        println!("commit: not durable, file new");
     }
 
     #[test]

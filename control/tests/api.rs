@@ -192,8 +192,13 @@ fn guards_token_and_browsers() {
         assert!(body.contains("Origin or Referer"));
     }
     // A mutation by GET does not exist.
-    let (status, _) = n.get("/v1/exits/abc");
+    let (status, body) = n.get("/v1/exits/abc");
     assert_eq!(status, 405);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["error"],
+        "GET is not allowed on /v1/exits/abc; allowed: DELETE"
+    );
     let (status, body) = n.get("/nope");
     assert_eq!(status, 404);
     assert!(body.contains("error"));
@@ -260,7 +265,7 @@ fn exits_good_and_bad_input_leave_state_exactly_as_it_was() {
             400,
             "port 0",
         ),
-        (oversized, 413, ""),
+        (oversized, 413, "request body larger than 65536 bytes"),
     ];
     for (body, want, words) in cases {
         let (status, answer) = n.send("POST", "/v1/exits", &body, &[]);
@@ -452,14 +457,128 @@ fn sessions_are_listed_without_payload_and_can_be_killed() {
     assert_eq!(n.json("/v1/sessions"), json!([]));
 }
 
+/// A `/metrics` exposition read strictly: `prometheus_parse` skips lines it cannot read,
+/// so every sample line must also be one it returned, every `# TYPE` a known type, and
+/// every histogram cumulative with `+Inf` equal to its `_count`.
+fn scrape(n: &TestNode) -> (prometheus_parse::Scrape, String) {
+    let (status, text) = n.get("/metrics");
+    assert_eq!(status, 200, "{text}");
+    (check_exposition(&text), text)
+}
+
+fn check_exposition(text: &str) -> prometheus_parse::Scrape {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("reading from a string cannot fail");
+    let sample_lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .count();
+    // The parser folds a histogram's bucket lines into one sample per label set.
+    let returned: usize = scrape
+        .samples
+        .iter()
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(b) => b.len(),
+            prometheus_parse::Value::Summary(q) => q.len(),
+            _ => 1,
+        })
+        .sum();
+    assert_eq!(
+        returned, sample_lines,
+        "the parser skipped sample lines:\n{text}"
+    );
+    let mut typed = std::collections::HashMap::new();
+    for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let parts: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(parts.len(), 4, "{l}");
+        assert!(
+            ["counter", "gauge", "histogram", "summary", "untyped"].contains(&parts[3]),
+            "{l}"
+        );
+        assert!(
+            typed
+                .insert(parts[2].to_owned(), parts[3].to_owned())
+                .is_none(),
+            "{l}: a family typed twice"
+        );
+    }
+    for s in &scrape.samples {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                s.metric
+                    .strip_suffix(suffix)
+                    .filter(|f| typed.get(*f).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(&s.metric);
+        assert!(typed.contains_key(family), "{} has no # TYPE", s.metric);
+        if let prometheus_parse::Value::Histogram(buckets) = &s.value {
+            assert!(
+                buckets
+                    .windows(2)
+                    .all(|w| w[0].less_than < w[1].less_than && w[0].count <= w[1].count),
+                "{} {:?} is not cumulative: {buckets:?}",
+                s.metric,
+                s.labels
+            );
+            let last = buckets.last().expect("a histogram has buckets");
+            assert_eq!(
+                last.less_than,
+                f64::INFINITY,
+                "{} ends without +Inf",
+                s.metric
+            );
+            let count = scrape
+                .samples
+                .iter()
+                .find(|c| c.metric == format!("{}_count", s.metric) && c.labels == s.labels)
+                .unwrap_or_else(|| panic!("{} {:?} has no _count", s.metric, s.labels));
+            assert_eq!(
+                prometheus_parse::Value::Untyped(last.count),
+                count.value,
+                "{}: +Inf bucket and _count differ",
+                s.metric
+            );
+        }
+    }
+    scrape
+}
+
+/// The sum of a family's plain samples that pass `filter`.
+fn metric_sum(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    filter: &dyn Fn(&prometheus_parse::Sample) -> bool,
+) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && filter(s))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is a histogram or summary"),
+        })
+        .sum()
+}
+
 #[test]
 fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
     let n = TestNode::start("metrics", vec![]);
-    let (mut client, _exit, cp, _) = tunnel(&n);
+    let (mut client, mut exit, cp, ep) = tunnel(&n);
+    let (before, _) = scrape(&n);
+    let latency_count = |s: &prometheus_parse::Scrape| {
+        metric_sum(s, "wraithgate_batch_latency_seconds_count", &|_| true)
+    };
     let (s, d) = tunnel_addrs(1);
     for _ in 0..100 {
         client
             .send_ip(cp, &ipv4_udp(s, d, 1, 2, &[1u8; 1000]))
+            .unwrap();
+    }
+    for _ in 0..50 {
+        exit.send_ip(ep, &ipv4_udp(d, s, 2, 1, &[2u8; 600]))
             .unwrap();
     }
     // Junk from elsewhere, counted by reason.
@@ -467,43 +586,80 @@ fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
     for _ in 0..7 {
         junk.send_to(&[9, 9], n.relay_addr()).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let (status, text) = n.get("/metrics");
-    assert_eq!(status, 200);
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("valid exposition");
-    let sum = |name: &str, filter: &dyn Fn(&prometheus_parse::Sample) -> bool| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name && filter(s))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
-    let to_exit = sum("wraithgate_packets_to_exit_total", &|_| true);
+    // Both ends take in what reached them, so that nothing waits on a full socket.
+    let scraped = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+        while let Ok(Some(_)) = client.try_recv() {}
+        while let Ok(Some(_)) = exit.try_recv() {}
+        let (scrape, text) = scrape(&n);
+        let done = metric_sum(&scrape, "wraithgate_packets_to_exit_total", &|_| true) >= 102.0
+            && metric_sum(&scrape, "wraithgate_packets_to_client_total", &|_| true) >= 51.0
+            && metric_sum(&scrape, "wraithgate_drops_total", &|s| {
+                s.labels.get("reason") == Some("truncated")
+            }) >= 7.0;
+        done.then_some((scrape, text))
+    });
+    let (scrape, text) = scraped.expect("the counters never caught up with the traffic");
+    let sum = |name: &str| metric_sum(&scrape, name, &|_| true);
+    // To the exit: the initiation, "hello", the 100 sent here, perhaps a keepalive or two.
+    let to_exit = sum("wraithgate_packets_to_exit_total");
     assert!(
-        (102.0..=110.0).contains(&to_exit),
+        (102.0..=106.0).contains(&to_exit),
         "packets to exit {to_exit}"
     );
-    assert!(sum("wraithgate_bytes_to_exit_total", &|_| true) >= 100.0 * 1000.0);
+    let to_exit_bytes = sum("wraithgate_bytes_to_exit_total");
+    assert!(
+        (100.0 * 1028.0..=to_exit * 1100.0).contains(&to_exit_bytes),
+        "bytes to exit {to_exit_bytes} for {to_exit} packets"
+    );
+    // To the client: the response, the 50 sent here, perhaps a keepalive or two.
+    let to_client = sum("wraithgate_packets_to_client_total");
+    assert!(
+        (51.0..=55.0).contains(&to_client),
+        "packets to client {to_client}"
+    );
+    let to_client_bytes = sum("wraithgate_bytes_to_client_total");
+    assert!(
+        (50.0 * 628.0..=to_client * 700.0).contains(&to_client_bytes),
+        "bytes to client {to_client_bytes} for {to_client} packets"
+    );
     assert_eq!(
-        sum("wraithgate_drops_total", &|s| s.labels.get("reason")
+        metric_sum(&scrape, "wraithgate_drops_total", &|s| s
+            .labels
+            .get("reason")
             == Some("truncated")),
         7.0
     );
-    assert_eq!(sum("wraithgate_sessions", &|_| true), 1.0);
-    assert_eq!(sum("wraithgate_client_handshakes_total", &|_| true), 1.0);
+    assert_eq!(sum("wraithgate_sessions"), 1.0);
+    assert_eq!(sum("wraithgate_client_handshakes_total"), 1.0);
     assert!(text.contains("wraithgate_info{backend=\""), "backend label");
+    assert!(
+        latency_count(&scrape) > latency_count(&before),
+        "the batch latency histogram did not grow: {} then {}",
+        latency_count(&before),
+        latency_count(&scrape)
+    );
     assert!(scrape
         .samples
         .iter()
-        .any(|s| s.metric == "wraithgate_batch_latency_seconds"));
+        .any(|s| s.metric == "wraithgate_batch_latency_seconds"
+            && matches!(s.value, prometheus_parse::Value::Histogram(_))));
     assert!(scrape.docs.contains_key("wraithgate_drops_total"));
+    // The strict reading refuses what the lenient parser would skip or accept.
+    let spoiled = [
+        text.replacen("wraithgate_workers 1", "wraithgate_workers one", 1),
+        text.replacen(
+            "# TYPE wraithgate_workers gauge",
+            "# TYPE wraithgate_workers meter",
+            1,
+        ),
+        text.replacen("le=\"+Inf\"", "le=\"0.5\"", 1),
+        format!("{text}wraithgate_unheard_of 1\n"),
+    ];
+    for bad in spoiled {
+        assert_ne!(bad, text, "the spoiling edit found nothing to change");
+        let refused = std::panic::catch_unwind(|| check_exposition(&bad)).is_err();
+        assert!(refused, "a spoiled exposition passed the check");
+    }
 }
 
 #[test]
@@ -631,4 +787,744 @@ fn a_client_that_stops_reading_does_not_hold_up_the_stop() {
         "the node did not stop while a client sat on a response"
     );
     drop(conn);
+}
+
+/// A free loopback UDP port, held by a plain socket (no `SO_REUSEPORT`) until dropped.
+fn squat_port() -> (std::net::UdpSocket, u16) {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    (s, port)
+}
+
+/// Whether a client sending to `relay` with `exit`'s key gets a packet through to it.
+fn reaches(relay: SocketAddr, exit: &mut WgNode) -> bool {
+    let mut client = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let cp = client.add_peer(
+        exit.keys().public,
+        PeerOptions {
+            endpoint: Some(relay),
+            ..Default::default()
+        },
+    );
+    exit.add_peer(client.keys().public, PeerOptions::default());
+    let (s, d) = tunnel_addrs(1);
+    client
+        .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"through"))
+        .unwrap();
+    wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+        let _ = client.try_recv();
+        matches!(exit.try_recv(), Ok(Some(Received::Packet { .. }))).then_some(())
+    })
+    .is_some()
+}
+
+#[test]
+fn a_pinned_port_that_cannot_be_bound_is_refused_and_changes_nothing() {
+    let n = TestNode::start("pin-taken", vec![]);
+    let (squatter, port) = squat_port();
+    let k = key();
+    let body = json!({"public_key": k, "endpoint": "192.0.2.1:51820", "name": "pinned",
+                      "listen_port": port})
+    .to_string();
+    let before = n.state();
+    let (status, answer) = n.send("POST", "/v1/exits", &body, &[]);
+    assert_eq!(status, 409, "{answer}");
+    let msg = serde_json::from_str::<Value>(&answer).unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("\"pinned\"") && msg.contains(&format!("listen port {port}")),
+        "{msg}"
+    );
+    assert!(msg.contains("nothing was changed"), "{msg}");
+    assert_eq!(n.state(), before);
+    let whole = json!({"exits": [{"public_key": k, "endpoint": "192.0.2.1:51820",
+                                  "name": "pinned", "listen_port": port}]})
+    .to_string();
+    let (status, answer) = n.send("PUT", "/v1/config", &whole, &[("If-Match", "1")]);
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.contains(&format!("listen port {port}")), "{answer}");
+    assert_eq!(n.state(), before);
+    assert!(!n.get("/v1/node").1.contains(&format!(":{port}\"")));
+    // Once the port is free, the same change goes through and the node listens there.
+    drop(squatter);
+    let (status, answer) = n.send("POST", "/v1/exits", &body, &[]);
+    assert_eq!(status, 201, "{answer}");
+    assert!(
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_err(),
+        "pinned port {port} not bound"
+    );
+}
+
+#[test]
+fn a_node_whose_pinned_port_is_taken_starts_and_forwards_for_every_exit() {
+    let (squatter, port) = squat_port();
+    let dir = temp_dir("pin-start");
+    let mut pinned = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let mut other = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let specs = vec![
+        ExitSpec {
+            name: "pinned".into(),
+            public_key: pinned.keys().relay_key(),
+            endpoint: pinned.local_addr(),
+            listen_port: Some(port),
+        },
+        ExitSpec {
+            name: "other".into(),
+            public_key: other.keys().relay_key(),
+            endpoint: other.local_addr(),
+            listen_port: None,
+        },
+    ];
+    let node = Node::start(config(&dir, specs, None)).expect("one taken port stops no node");
+    let relay = node.control.dp.local_addrs()[0];
+    assert!(
+        !node
+            .control
+            .dp
+            .local_addrs()
+            .iter()
+            .any(|a| a.port() == port),
+        "{:?}",
+        node.control.dp.local_addrs()
+    );
+    assert_eq!(
+        node.control.dp.table().len(),
+        2,
+        "both exits are in the table"
+    );
+    assert!(
+        reaches(relay, &mut other),
+        "the other exit is forwarded for"
+    );
+    assert!(
+        reaches(relay, &mut pinned),
+        "the pinned exit is reached by mac1 on the main listener"
+    );
+    // An unrelated change is not refused for the port the running table already pins,
+    // and binds it once it is free.
+    drop(squatter);
+    let token = std::fs::read_to_string(dir.join("api.token")).unwrap();
+    let r = ureq::post(format!("http://{}/v1/exits", node.api_addr().unwrap()))
+        .header("Authorization", format!("Bearer {token}"))
+        .content_type("application/json")
+        .send(exit_json("third", &key(), 1))
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert!(
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_err(),
+        "pinned port {port} bound once free"
+    );
+    node.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_fetched_config_put_back_keeps_preshared_keys_and_null_removes_one() {
+    let n = TestNode::start("psk-round-trip", vec![]);
+    let (exit_key, alice, bob, psk_a, psk_b) = (key(), key(), key(), key(), key());
+    assert_eq!(
+        n.send("POST", "/v1/exits", &exit_json("x", &exit_key, 1), &[])
+            .0,
+        201
+    );
+    for (peer, psk, ip) in [
+        (&alice, &psk_a, "10.0.0.2/32"),
+        (&bob, &psk_b, "10.0.0.3/32"),
+    ] {
+        let body = json!({"public_key": peer, "allowed_ips": [ip], "preshared_key": psk,
+                          "allowed_exits": [exit_key]});
+        assert_eq!(n.send("POST", "/v1/peers", &body.to_string(), &[]).0, 201);
+    }
+    let file_psk = |peer: &str| -> Value {
+        let state: Value =
+            serde_json::from_slice(&std::fs::read(n.dir.join("state.json")).unwrap()).unwrap();
+        let p = state["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["public_key"] == peer)
+            .unwrap_or_else(|| panic!("no peer {peer} in {state}"))
+            .clone();
+        p.get("preshared_key").cloned().unwrap_or(Value::Null)
+    };
+    // Fetched (the keys redacted) and put back as it is: both keys stay.
+    let fetched = n.json("/v1/config");
+    assert!(!fetched.to_string().contains(&psk_a), "{fetched}");
+    let g = fetched["generation"].to_string();
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &fetched.to_string(),
+        &[("If-Match", &g)],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(file_psk(&alice), psk_a.as_str());
+    assert_eq!(file_psk(&bob), psk_b.as_str());
+    // An explicit null removes alice's key only; a string replaces bob's.
+    let psk_b2 = key();
+    let mut edited = n.json("/v1/config");
+    let g = edited["generation"].to_string();
+    for p in edited["peers"].as_array_mut().unwrap() {
+        if p["public_key"] == alice.as_str() {
+            p["preshared_key"] = Value::Null;
+        } else {
+            p["preshared_key"] = json!(psk_b2);
+        }
+    }
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &edited.to_string(),
+        &[("If-Match", &g)],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(file_psk(&alice), Value::Null);
+    assert_eq!(file_psk(&bob), psk_b2.as_str());
+    // A bad key in the edit is refused whole: nothing changes.
+    let before = n.state();
+    let mut bad = n.json("/v1/config");
+    let g = bad["generation"].to_string();
+    bad["peers"][0]["preshared_key"] = json!("AAAA");
+    let (status, body) = n.send("PUT", "/v1/config", &bad.to_string(), &[("If-Match", &g)]);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(n.state(), before);
+}
+
+/// Which token a request carries.
+#[derive(Clone, Copy, Debug)]
+enum Token {
+    Right,
+    Missing,
+    Wrong,
+}
+
+/// One request the API must refuse, and how.
+struct Refused {
+    method: &'static str,
+    path: String,
+    body: String,
+    headers: Vec<(&'static str, String)>,
+    token: Token,
+    status: u16,
+    /// What the `{"error": ...}` message must say.
+    words: &'static str,
+}
+
+fn refused(
+    method: &'static str,
+    path: &str,
+    body: &str,
+    status: u16,
+    words: &'static str,
+) -> Refused {
+    Refused {
+        method,
+        path: path.to_owned(),
+        body: body.to_owned(),
+        headers: Vec::new(),
+        token: Token::Right,
+        status,
+        words,
+    }
+}
+
+impl Refused {
+    fn with(mut self, name: &'static str, value: &str) -> Refused {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+
+    fn token(mut self, token: Token) -> Refused {
+        self.token = token;
+        self
+    }
+}
+
+impl TestNode {
+    /// Any request, with the token or not.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        token: Token,
+        headers: &[(&str, String)],
+    ) -> (u16, String) {
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url));
+        match token {
+            Token::Right => req = req.header("Authorization", self.auth()),
+            Token::Wrong => req = req.header("Authorization", "Bearer 0123456789abcdef"),
+            Token::Missing => {}
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        // A connection of its own: one the node closed after a refusal is never reused.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        finish(agent.run(req.body(body.as_bytes()).unwrap()).unwrap())
+    }
+
+    /// Sends every case; each must be refused as it says, with a JSON message, leaving the
+    /// state exactly as it was (the API's view and the file, byte for byte).
+    fn assert_refused(&self, cases: Vec<Refused>) {
+        let before = self.state();
+        for c in cases {
+            let what = format!("{} {} {:?} {:.80}", c.method, c.path, c.token, c.body);
+            let (status, answer) = self.request(c.method, &c.path, &c.body, c.token, &c.headers);
+            assert_eq!(status, c.status, "{what} -> {answer}");
+            let v: Value = serde_json::from_str(&answer)
+                .unwrap_or_else(|e| panic!("{what}: the answer is not JSON ({e}): {answer}"));
+            let msg = v["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: no \"error\" in {answer}"));
+            assert!(msg.contains(c.words), "{what}: {msg:?} lacks {:?}", c.words);
+            assert_eq!(self.state(), before, "state changed by a refused {what}");
+        }
+    }
+}
+
+/// A node with exit `x` (used by peer `p`, which has a preshared key) and exit `y` (unused).
+fn provisioned(tag: &str) -> (TestNode, String, String, String) {
+    let n = TestNode::start(tag, vec![]);
+    let (x, y, p) = (key(), key(), key());
+    assert_eq!(
+        n.send("POST", "/v1/exits", &exit_json("x", &x, 1), &[]).0,
+        201
+    );
+    assert_eq!(
+        n.send("POST", "/v1/exits", &exit_json("y", &y, 2), &[]).0,
+        201
+    );
+    let peer = json!({"public_key": p, "name": "p", "allowed_ips": ["10.0.0.2/32"],
+                      "preshared_key": key(), "allowed_exits": [x]});
+    assert_eq!(n.send("POST", "/v1/peers", &peer.to_string(), &[]).0, 201);
+    (n, x, y, p)
+}
+
+#[test]
+fn peers_good_and_bad_input_leave_state_exactly_as_it_was() {
+    let (n, x, _y, p) = provisioned("peers-matrix");
+    let fresh = key();
+    let peer = |f: &dyn Fn(&mut Value)| {
+        let mut v = json!({"public_key": fresh, "name": "q", "allowed_ips": ["10.0.0.3/32"],
+                           "preshared_key": key(), "allowed_exits": [x]});
+        f(&mut v);
+        v.to_string()
+    };
+    let post = |body: String, status, words| refused("POST", "/v1/peers", &body, status, words);
+    n.assert_refused(vec![
+        post("{not json".into(), 400, "invalid request body"),
+        post("[]".into(), 400, "invalid request body"),
+        post(peer(&|v| v["public_key"] = json!("!!!")), 400, "base64"),
+        post(peer(&|v| v["public_key"] = json!("AAAA")), 400, "32 bytes"),
+        post(peer(&|v| v["preshared_key"] = json!("!!!")), 400, "base64"),
+        post(
+            peer(&|v| v["preshared_key"] = json!("AAAA")),
+            400,
+            "32 bytes",
+        ),
+        post(
+            peer(&|v| v["allowed_ips"] = json!(["10.0.0.0/40"])),
+            400,
+            "prefix length",
+        ),
+        post(
+            peer(&|v| v["allowed_ips"] = json!(["ten"])),
+            400,
+            "not an IP network",
+        ),
+        post(
+            peer(&|v| v["allowed_ips"] = json!([])),
+            400,
+            "must not be empty",
+        ),
+        post(
+            peer(&|v| {
+                v.as_object_mut().unwrap().remove("allowed_ips");
+            }),
+            400,
+            "missing field `allowed_ips`",
+        ),
+        post(
+            peer(&|v| v["allowed_exits"] = json!([key()])),
+            400,
+            "not a configured exit",
+        ),
+        post(
+            peer(&|v| v["allowed_exits"] = json!(["AAAA"])),
+            400,
+            "32 bytes",
+        ),
+        post(
+            peer(&|v| v["name"] = json!("n".repeat(65))),
+            400,
+            "at most 64",
+        ),
+        post(peer(&|v| v["colour"] = json!("red")), 400, "unknown field"),
+        post(peer(&|v| v["public_key"] = json!(p)), 409, "already exists"),
+        post(
+            peer(&|v| v["public_key"] = json!(x)),
+            409,
+            "also configured as an exit",
+        ),
+        post(
+            peer(&|v| v["name"] = json!("x".repeat(100_000))),
+            413,
+            "larger than 65536 bytes",
+        ),
+    ]);
+    n.assert_refused(vec![
+        refused("DELETE", "/v1/peers/notakey!", "", 400, "base64url"),
+        refused("DELETE", "/v1/peers/AAAA", "", 400, "32 bytes"),
+        refused(
+            "DELETE",
+            &format!("/v1/peers/{}", url_key(&fresh)),
+            "",
+            404,
+            "no peer",
+        ),
+        refused(
+            "GET",
+            &format!("/v1/peers/{}", url_key(&p)),
+            "",
+            405,
+            "allowed: DELETE",
+        ),
+        refused(
+            "PATCH",
+            "/v1/peers",
+            &peer(&|_| {}),
+            405,
+            "PATCH is not allowed",
+        ),
+    ]);
+    // The good request from which every bad one above was made goes through.
+    assert_eq!(n.send("POST", "/v1/peers", &peer(&|_| {}), &[]).0, 201);
+    assert_eq!(
+        n.send("DELETE", &format!("/v1/peers/{}", url_key(&fresh)), "", &[])
+            .0,
+        204
+    );
+}
+
+#[test]
+fn whole_config_bad_input_leaves_state_exactly_as_it_was() {
+    let (n, x, y, p) = provisioned("config-matrix");
+    let current = n.json("/v1/config");
+    let g = current["generation"].as_u64().unwrap();
+    let edited = |f: &dyn Fn(&mut Value)| {
+        let mut v = current.clone();
+        f(&mut v);
+        v.to_string()
+    };
+    let put = |body: String, status, words| {
+        refused("PUT", "/v1/config", &body, status, words).with("If-Match", &g.to_string())
+    };
+    n.assert_refused(vec![
+        put("{not json".into(), 400, "invalid request body"),
+        put(
+            edited(&|v| v["exits"][0]["public_key"] = json!("!!!")),
+            400,
+            "base64",
+        ),
+        put(
+            edited(&|v| v["exits"][0]["public_key"] = json!("AAAA")),
+            400,
+            "32 bytes",
+        ),
+        put(
+            edited(&|v| v["peers"][0]["public_key"] = json!("AAAA")),
+            400,
+            "32 bytes",
+        ),
+        put(
+            edited(&|v| v["peers"][0]["preshared_key"] = json!("!!!")),
+            400,
+            "base64",
+        ),
+        put(
+            edited(&|v| v["exits"][0]["endpoint"] = json!("nowhere")),
+            400,
+            "invalid",
+        ),
+        put(
+            edited(&|v| v["exits"][0]["endpoint"] = json!("0.0.0.0:1")),
+            400,
+            "endpoint",
+        ),
+        put(
+            edited(&|v| v["exits"][1]["public_key"] = json!(x)),
+            409,
+            "already used",
+        ),
+        put(
+            edited(&|v| v["exits"][1]["name"] = json!("x")),
+            409,
+            "used twice",
+        ),
+        put(
+            edited(&|v| {
+                let again = v["peers"][0].clone();
+                v["peers"].as_array_mut().unwrap().push(again);
+            }),
+            409,
+            "used twice",
+        ),
+        put(
+            edited(&|v| v["peers"][0]["allowed_exits"] = json!([key()])),
+            400,
+            "not a configured exit",
+        ),
+        put(
+            edited(&|v| v["colour"] = json!("red")),
+            400,
+            "unknown field",
+        ),
+        refused("PUT", "/v1/config", &current.to_string(), 428, "If-Match"),
+        refused(
+            "PUT",
+            "/v1/config",
+            &current.to_string(),
+            400,
+            "generation number",
+        )
+        .with("If-Match", "latest"),
+        refused(
+            "PUT",
+            "/v1/config",
+            &current.to_string(),
+            412,
+            "stale generation",
+        )
+        .with("If-Match", &(g - 1).to_string()),
+        refused(
+            "POST",
+            "/v1/config",
+            &current.to_string(),
+            405,
+            "allowed: GET, PUT",
+        ),
+    ]);
+    // One byte past the 64 MiB a whole table may take. Sent by hand, all of it before the
+    // answer is read: a client still writing when the node answers may be reset instead.
+    let before = n.state();
+    let addr = n.url.trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "PUT /v1/config HTTP/1.1\r\nHost: node\r\nConnection: close\r\nAuthorization: Bearer {}\r\nIf-Match: {g}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        n.token,
+        (64 << 20) + 1
+    )
+    .unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    for _ in 0..64 {
+        conn.write_all(&chunk).unwrap();
+    }
+    conn.write_all(b" ").unwrap();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains(
+            "{\"error\":\"request body larger than 67108864 bytes, the limit for /v1/config\"}"
+        ),
+        "{answer}"
+    );
+    drop(conn);
+    assert_eq!(n.state(), before);
+    // Removing exit y alone is good, so every refusal above was for its own reason.
+    let without_y = edited(&|v| {
+        v["exits"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|e| e["public_key"] != y.as_str());
+    });
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &without_y,
+        &[("If-Match", &g.to_string())],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(n.json("/v1/peers")[0]["public_key"], p.as_str());
+}
+
+/// A request that changes something: method, path, body, headers.
+type Mutation = (&'static str, String, String, Vec<(&'static str, String)>);
+
+#[test]
+fn every_mutation_needs_the_token_and_no_browser_headers() {
+    let (n, x, y, p) = provisioned("guard-matrix");
+    let g = n.json("/v1/config")["generation"].to_string();
+    let whole = n.json("/v1/config").to_string();
+    // Requests that would succeed with the right token and no browser headers.
+    // The PUT first: each success below moves the generation on.
+    let mutations: Vec<Mutation> = vec![
+        ("PUT", "/v1/config".into(), whole, vec![("If-Match", g)]),
+        (
+            "POST",
+            "/v1/exits".into(),
+            exit_json("z", &key(), 3),
+            vec![],
+        ),
+        (
+            "DELETE",
+            format!("/v1/exits/{}", url_key(&y)),
+            String::new(),
+            vec![],
+        ),
+        (
+            "POST",
+            "/v1/peers".into(),
+            json!({"public_key": key(), "allowed_ips": ["10.0.0.9/32"], "allowed_exits": [x]})
+                .to_string(),
+            vec![],
+        ),
+        (
+            "DELETE",
+            format!("/v1/peers/{}", url_key(&p)),
+            String::new(),
+            vec![],
+        ),
+        ("DELETE", "/v1/sessions/0.0.0".into(), String::new(), vec![]),
+    ];
+    let mut cases = Vec::new();
+    for (method, path, body, headers) in &mutations {
+        let case = |status, words| {
+            let mut r = refused(method, path, body, status, words);
+            r.headers = headers.clone();
+            r
+        };
+        cases.push(case(401, "missing Authorization: Bearer").token(Token::Missing));
+        cases.push(case(401, "wrong token").token(Token::Wrong));
+        for h in ["Origin", "Referer"] {
+            cases.push(case(403, "Origin or Referer").with(h, "https://evil.example"));
+            cases.push(
+                case(403, "Origin or Referer")
+                    .with(h, "https://evil.example")
+                    .token(Token::Missing),
+            );
+        }
+    }
+    n.assert_refused(cases);
+    // With the token they go through (the session one: there is none to close).
+    for (method, path, body, headers) in &mutations {
+        let (status, answer) = n.request(method, path, body, Token::Right, headers);
+        let want = if path.starts_with("/v1/sessions") {
+            404
+        } else {
+            200
+        };
+        assert!(
+            status == want || (want == 200 && (status == 201 || status == 204)),
+            "{method} {path} -> {status} {answer}"
+        );
+    }
+}
+
+#[test]
+fn the_openapi_document_names_every_route_served() {
+    let n = TestNode::start("openapi", vec![]);
+    let doc = n.json("/v1/openapi.json");
+    let paths = doc["paths"].as_object().expect("paths");
+    let methods = ["GET", "POST", "PUT", "DELETE", "PATCH"];
+    for (path, served) in wraithgate_control::api::ROUTES {
+        let documented = paths
+            .get(*path)
+            .unwrap_or_else(|| panic!("{path} is served but not documented"));
+        let concrete = path
+            .replace("{key}", &url_key(&key()))
+            .replace("{id}", "0.0.0");
+        for m in methods {
+            let in_doc = documented.get(m.to_lowercase()).is_some();
+            // An empty body: every handler refuses it or ignores it; nothing changes.
+            let (status, answer) = n.request(m, &concrete, "", Token::Right, &[]);
+            let is_served = status != 405 && !answer.contains("no such resource");
+            assert_eq!(
+                served.contains(&m),
+                is_served,
+                "{m} {path}: listed in ROUTES and served must agree ({status} {answer:.100})"
+            );
+            assert_eq!(
+                in_doc, is_served,
+                "{m} {path}: documented and served must agree"
+            );
+        }
+    }
+    for path in paths.keys() {
+        assert!(
+            wraithgate_control::api::ROUTES
+                .iter()
+                .any(|(p, _)| p == path),
+            "{path} is documented but not served"
+        );
+    }
+}
+
+/// The calling thread's allowed CPUs and nice value, as the kernel reports them.
+fn this_thread_cpus_and_nice() -> (Vec<usize>, i64) {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // nice is field 19.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let nice = after.split(' ').nth(16).unwrap().parse().unwrap();
+    (cpus, nice)
+}
+
+#[test]
+fn control_threads_keep_off_the_workers_cores_or_yield_to_them() {
+    let (all, _) = this_thread_cpus_and_nice();
+    for pin_workers in [true, false] {
+        let dir = temp_dir("placement");
+        let mut cfg = config(&dir, vec![], None);
+        cfg.data_plane.pin_workers = pin_workers;
+        cfg.control.api_enabled = false;
+        let node = Node::start(cfg).unwrap();
+        let dp = node.control.dp.clone();
+        let (placement, cpus, nice) = std::thread::spawn(move || {
+            let p = dp.settle_control_thread();
+            let (cpus, nice) = this_thread_cpus_and_nice();
+            (p, cpus, nice)
+        })
+        .join()
+        .unwrap();
+        use wraithgate_relay::io::{ControlPlacement, CONTROL_THREAD_NICE};
+        if pin_workers && all.len() > 1 {
+            // One worker, pinned to the first core this process may use; the rest is ours.
+            assert_eq!(placement, ControlPlacement::SpareCores(all[1..].to_vec()));
+            assert_eq!(cpus, all[1..], "allowed CPUs");
+        } else {
+            assert_eq!(placement, ControlPlacement::Niced(CONTROL_THREAD_NICE));
+            assert_eq!(nice, i64::from(CONTROL_THREAD_NICE));
+            assert_eq!(cpus, all, "allowed CPUs unchanged");
+        }
+        node.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -276,6 +276,38 @@ pub struct DataPlane {
     listen_ips: Vec<IpAddr>,
     listener_socket_buffer: usize,
     steering: bool,
+    /// Cores this process may use that no pinned worker runs on.
+    spare_cores: Vec<usize>,
+}
+
+/// The nice value of control threads when every core has a worker: the scheduler then
+/// gives a busy worker most of the core and the API the rest.
+pub const CONTROL_THREAD_NICE: i32 = 10;
+
+/// Where [`DataPlane::settle_control_thread`] put a thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlPlacement {
+    /// On the cores no worker is pinned to.
+    SpareCores(Vec<usize>),
+    /// Sharing the workers' cores, at a lower priority than theirs.
+    Niced(i32),
+    /// The kernel refused both; the thread runs as it was.
+    Unchanged(String),
+}
+
+impl std::fmt::Display for ControlPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlPlacement::SpareCores(c) => {
+                write!(f, "pinned to cores {c:?}, which have no worker")
+            }
+            ControlPlacement::Niced(n) => write!(
+                f,
+                "every core has a worker: sharing them at nice {n}, so workers come first"
+            ),
+            ControlPlacement::Unchanged(why) => write!(f, "left as it was ({why})"),
+        }
+    }
 }
 
 /// What a worker thread starts with, whichever backend it runs.
@@ -349,6 +381,38 @@ fn warn_if_capped(socket: &socket2::Socket, asked: usize, addr: SocketAddr) {
                  net.core.rmem_max or run with CAP_NET_ADMIN");
         }
     }
+}
+
+/// Sockets bound for the listen ports a table newly pins, not yet handed to workers;
+/// dropped, they close.
+#[derive(Debug, Default)]
+pub struct PinnedListeners {
+    groups: Vec<(SocketAddr, Vec<BoundListener>)>,
+}
+
+impl PinnedListeners {
+    /// The addresses bound.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.groups.iter().map(|(a, _)| *a)
+    }
+}
+
+/// A listen port a table pins to an exit that cannot be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("exit {exit:?}: listen port {port} cannot be bound on {addr}: {source}")]
+pub struct PinError {
+    pub exit: String,
+    pub port: u16,
+    pub addr: SocketAddr,
+    pub source: io::Error,
+}
+
+/// The name of the exit `table` pins to `port`, for messages.
+fn pinned_exit_name(table: &ExitTable, port: u16) -> String {
+    table
+        .pinned(port)
+        .and_then(|id| table.get(id))
+        .map_or_else(String::new, |e| e.spec.name.clone())
 }
 
 /// Binds one socket per worker on `addr` (in worker order) and steers clients over them.
@@ -429,11 +493,25 @@ impl DataPlane {
                 .map(move |&port| SocketAddr::new(a.ip(), port))
         });
         for (i, addr) in cfg.listen.iter().copied().chain(pinned_addrs).enumerate() {
-            if i >= cfg.listen.len() && local.contains(&addr) {
+            let is_pin = i >= cfg.listen.len();
+            if is_pin && local.contains(&addr) {
                 continue;
             }
             let (group, resolved) =
-                bind_group(addr, workers, cfg.listener_socket_buffer, &mut steering)?;
+                match bind_group(addr, workers, cfg.listener_socket_buffer, &mut steering) {
+                    Ok(bound) => bound,
+                    // One exit's port must not cost every other exit its forwarding: the
+                    // exit is still found by mac1 on the configured listeners, and the
+                    // next table published retries the port.
+                    Err(e) if is_pin => {
+                        tracing::error!(exit = %pinned_exit_name(&table.load(), addr.port()),
+                            port = addr.port(), error = %e,
+                            "pinned listen port cannot be bound; its exit is reached through \
+                             the other listeners (by mac1) until the port is free");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
             for (w, l) in per_worker.iter_mut().zip(group) {
                 w.push(l);
             }
@@ -445,6 +523,11 @@ impl DataPlane {
         }
         let cores = if cfg.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let spare_cores: Vec<usize> = if cores.len() > workers {
+            cores[workers..].iter().map(|c| c.id).collect()
         } else {
             Vec::new()
         };
@@ -515,6 +598,7 @@ impl DataPlane {
             listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
             listener_socket_buffer: cfg.listener_socket_buffer,
             steering,
+            spare_cores,
         };
         // Each worker sets up its own ring (a ring is tied to the thread that made it).
         for _ in 0..workers {
@@ -540,6 +624,27 @@ impl DataPlane {
             "data plane started"
         );
         Ok(plane)
+    }
+
+    /// Keeps the calling thread, a control-side one (the API, the state writer), out of
+    /// the workers' way: pinned to the cores no worker is pinned to when there are any,
+    /// otherwise (every core has a worker, or workers are not pinned) at nice
+    /// [`CONTROL_THREAD_NICE`]. Threads it starts afterwards inherit either.
+    pub fn settle_control_thread(&self) -> ControlPlacement {
+        let mut why = Vec::new();
+        if !self.spare_cores.is_empty() {
+            match sys::pin_current_thread(&self.spare_cores) {
+                Ok(()) => return ControlPlacement::SpareCores(self.spare_cores.clone()),
+                Err(e) => why.push(format!("pinning: {e}")),
+            }
+        }
+        match sys::set_current_thread_nice(CONTROL_THREAD_NICE) {
+            Ok(()) => ControlPlacement::Niced(CONTROL_THREAD_NICE),
+            Err(e) => {
+                why.push(format!("nice: {e}"));
+                ControlPlacement::Unchanged(why.join("; "))
+            }
+        }
     }
 
     /// The addresses actually bound (port 0 resolved), listen addresses first.
@@ -624,20 +729,35 @@ impl DataPlane {
         rx.recv_timeout(timeout).unwrap_or(false)
     }
 
-    /// Makes `table` the one workers route by: binds any listen port it newly pins (on
-    /// every listen address, one socket per worker), publishes it, wakes the workers, and
-    /// releases the ports it no longer pins (sessions that came through one are closed: their
-    /// clients must move to another port anyway). Sessions whose exit stays carry on. A port
-    /// that cannot be bound is logged and skipped; the table is published regardless (mac1
+    /// Makes `table` the one workers route by, as [`DataPlane::publish_bound`] with the
+    /// ports it newly pins bound by [`DataPlane::bind_pinned`], except that a port that
+    /// cannot be bound is logged and skipped: the table is published regardless (mac1
     /// routing still reaches the exit).
     pub fn publish(&self, table: ExitTable) {
-        let ports: Vec<u16> = table.pinned_ports().collect();
-        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let listeners = self.bind_new_ports(&table, false).unwrap_or_default();
+        self.publish_bound(table, listeners);
+    }
+
+    /// Binds, on every listen address and once per worker, each listen port `table` pins
+    /// that is not bound yet, without handing the sockets to workers: a change can find
+    /// out that its port is taken before it is persisted. A port the running table pins
+    /// already (and could not bind before) is retried but never refuses the change; a port
+    /// newly pinned that cannot be bound does, and closes whatever this call bound.
+    ///
+    /// Callers serialise `bind_pinned` and the [`DataPlane::publish_bound`] that follows.
+    pub fn bind_pinned(&self, table: &ExitTable) -> Result<PinnedListeners, PinError> {
+        self.bind_new_ports(table, true)
+    }
+
+    fn bind_new_ports(&self, table: &ExitTable, strict: bool) -> Result<PinnedListeners, PinError> {
+        let running = self.table.load();
+        let bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
         let mut steering = self.steering;
+        let mut out = PinnedListeners::default();
         for ip in &self.listen_ips {
-            for &port in &ports {
+            for port in table.pinned_ports() {
                 let addr = SocketAddr::new(*ip, port);
-                if bound.contains(&addr) {
+                if bound.contains(&addr) || out.groups.iter().any(|(a, _)| *a == addr) {
                     continue;
                 }
                 match bind_group(
@@ -646,17 +766,44 @@ impl DataPlane {
                     self.listener_socket_buffer,
                     &mut steering,
                 ) {
-                    Ok((group, _)) => {
-                        for (w, l) in self.workers.iter().zip(group) {
-                            let _ = w.requests.send(WorkerRequest::AddListener(l));
+                    Ok((group, _)) => out.groups.push((addr, group)),
+                    Err(e) => {
+                        let source = match e {
+                            StartError::Bind { source, .. } => source,
+                            other => io::Error::other(other.to_string()),
+                        };
+                        let err = PinError {
+                            exit: pinned_exit_name(table, port),
+                            port,
+                            addr,
+                            source,
+                        };
+                        if strict && running.pinned(port).is_none() {
+                            return Err(err);
                         }
-                        bound.push(addr);
-                        tracing::info!(%addr, "listening on pinned port");
+                        tracing::warn!(error = %err, "pinned port not bound");
                     }
-                    Err(e) => tracing::warn!(error = %e, "pinned port not bound"),
                 }
             }
         }
+        Ok(out)
+    }
+
+    /// Makes `table` the one workers route by: hands them the sockets `listeners` holds
+    /// for the ports it newly pins (see [`DataPlane::bind_pinned`]), publishes it, wakes
+    /// the workers, and releases the ports it no longer pins (sessions that came through
+    /// one are closed: their clients must move to another port anyway). Sessions whose
+    /// exit stays carry on.
+    pub fn publish_bound(&self, table: ExitTable, listeners: PinnedListeners) {
+        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        for (addr, group) in listeners.groups {
+            for (w, l) in self.workers.iter().zip(group) {
+                let _ = w.requests.send(WorkerRequest::AddListener(l));
+            }
+            bound.push(addr);
+            tracing::info!(%addr, "listening on pinned port");
+        }
+        let ports: Vec<u16> = table.pinned_ports().collect();
         let released: Vec<SocketAddr> = bound
             .iter()
             .copied()

@@ -625,6 +625,36 @@ pub fn reserve_descriptors(count: u64) -> io::Result<u64> {
     Ok(count)
 }
 
+/// Restricts the calling thread to `cores` (CPU numbers). Threads it starts inherit this.
+pub fn pin_current_thread(cores: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { zeroed() };
+    for &c in cores {
+        // SAFETY: CPU_SET writes only inside the set we own and ignores numbers past its
+        // size.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; the size is that of the set passed.
+    let r = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the calling thread's nice value (Linux keeps one per thread; threads it starts
+/// inherit it). Raising it needs no privilege.
+pub fn set_current_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority reads its integer arguments only; a tid names one thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -881,3 +881,56 @@ fn auto_backend() -> &'static str {
         Err(_) => "portable",
     }
 }
+
+#[test]
+fn config_get_then_apply_keeps_preshared_keys() {
+    let node = Node::start("psk-round-trip");
+    let (exit, peer, psk) = (key(), key(), key());
+    node.run(&[
+        "exit",
+        "add",
+        "e1",
+        "--public-key",
+        &exit,
+        "--endpoint",
+        "192.0.2.1:51820",
+    ])
+    .ok();
+    let psk_file = node.dir.0.join("psk");
+    std::fs::write(&psk_file, format!("{psk}\n")).unwrap();
+    node.run(&[
+        "peer",
+        "add",
+        &peer,
+        "--allowed-ips",
+        "10.0.0.2/32",
+        "--exit",
+        "e1",
+        "--preshared-key-file",
+        psk_file.to_str().unwrap(),
+    ])
+    .ok();
+    // `wraithctl config get > f && wraithctl config apply f`, as the README has it.
+    let get = node.run(&["config", "get"]);
+    let fetched = &get.ok().stdout;
+    assert!(!fetched.contains(&psk), "the psk was shown: {fetched}");
+    let file = node.dir.0.join("state-copy.json");
+    std::fs::write(&file, fetched).unwrap();
+    let f = file.to_str().unwrap();
+    node.run(&["config", "apply", f]).ok();
+    let state = node.state_file();
+    assert_eq!(state["peers"][0]["preshared_key"], psk.as_str(), "{state}");
+
+    // An explicit null in the file removes it.
+    let get = node.run(&["config", "get"]);
+    let mut doc: Value = serde_json::from_str(&get.ok().stdout).unwrap();
+    doc["peers"][0]["preshared_key"] = Value::Null;
+    std::fs::write(&file, doc.to_string()).unwrap();
+    node.run(&["config", "apply", f]).ok();
+    let state = node.state_file();
+    assert!(
+        state["peers"][0].get("preshared_key").is_none(),
+        "the psk stayed: {state}"
+    );
+    assert_eq!(state["peers"][0]["public_key"], peer.as_str());
+}
