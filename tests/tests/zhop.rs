@@ -9,6 +9,7 @@ use wraithgate_control::testbed::{
 };
 use wraithgate_relay::io::BackendChoice;
 use wraithgate_relay::table::{ExitTable, PeerSpec};
+use wraithgate_relay::wire::{INITIATION_LEN, INITIATION_MAC1_OFFSET, INITIATION_MAC2_OFFSET};
 use wraithgate_relay::zhop::NodeKey;
 use wraithgate_relay::DropReason;
 use wraithgate_tests::{backends, exit_spec, node, Relay};
@@ -22,6 +23,7 @@ struct Setup {
     client: ZhopClient,
     exit_peer: usize,
     peer: PeerSpec,
+    node_public: wraithgate_relay::PublicKey,
 }
 
 fn setup(backend: BackendChoice) -> Setup {
@@ -66,6 +68,7 @@ fn setup(backend: BackendChoice) -> Setup {
         client,
         exit_peer,
         peer,
+        node_public: node_key.public_key(),
     }
 }
 
@@ -276,6 +279,125 @@ fn doublehop_and_zhop_share_one_relay() {
         let mut nodes: Vec<&mut WgNode> = vec![&mut other, &mut dh];
         assert!(wraithgate_tests::pump(&mut nodes, WAIT, |i, r| i == 0
             && matches!(r, Received::Packet { .. })));
+    }
+}
+
+/// An initiation anyone who knows the node's public key can make, from any source: a valid
+/// mac1 over noise. Only a DH (decrypting the initiator's static key) tells it from a real one.
+fn junk_initiation(node: &wraithgate_relay::PublicKey, sender: u32) -> [u8; INITIATION_LEN] {
+    let mut m = [0u8; INITIATION_LEN];
+    m[0] = 1;
+    m[4..8].copy_from_slice(&sender.to_le_bytes());
+    for (i, b) in m[8..INITIATION_MAC1_OFFSET].iter_mut().enumerate() {
+        *b = (i as u32 ^ sender) as u8;
+    }
+    let mac1 = node.mac1_key().compute(&m[..INITIATION_MAC1_OFFSET]);
+    m[INITIATION_MAC1_OFFSET..INITIATION_MAC2_OFFSET].copy_from_slice(&mac1);
+    m
+}
+
+/// Sums a Z-HOP counter over the relay's workers.
+fn zhop_sum(s: &Setup, f: impl Fn(&wraithgate_relay::zhop::ZhopStats) -> u64) -> u64 {
+    s.relay.dp.reports().iter().map(|r| f(&r.zhop)).sum()
+}
+
+/// A flood of initiations with the node's mac1 from many source addresses is answered with
+/// cookie replies, not DH operations (past each worker's budget), while a real client,
+/// challenged like everyone, retries with the cookie as mac2, completes both handshakes and
+/// carries data.
+#[test]
+fn a_flood_of_valid_mac1_initiations_is_challenged_and_a_real_client_gets_through() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    const SOURCES: u32 = 120;
+    for backend in backends() {
+        let mut s = setup(backend);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooded = Arc::new(AtomicU64::new(0));
+        let sockets: Vec<std::net::UdpSocket> = (0..SOURCES)
+            .map(|i| {
+                std::net::UdpSocket::bind(SocketAddr::from((
+                    [127, 3, (i / 200) as u8, (i % 200 + 1) as u8],
+                    0,
+                )))
+            })
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let probe = sockets[0].try_clone().unwrap();
+        let flood = {
+            let (stop, flooded, node, relay) =
+                (stop.clone(), flooded.clone(), s.node_public, s.relay.addr);
+            std::thread::spawn(move || {
+                let mut sender = 0u32;
+                // About 2,400 a second: each worker's share is far past its budget.
+                while !stop.load(Ordering::Relaxed) {
+                    for sock in &sockets {
+                        sender = sender.wrapping_add(1);
+                        if sock.send_to(&junk_initiation(&node, sender), relay).is_ok() {
+                            flooded.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let flood_started = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        let (src, dst) = tunnel_addrs(2);
+        s.client
+            .send_ip(&ipv4_udp(src, dst, 1000, 9, b"under load"))
+            .unwrap();
+        // The client's retry comes REKEY_TIMEOUT (5 s) after its challenge.
+        let through = pump(&mut s, Duration::from_secs(20), wants(b"under load"));
+        let took = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        flood.join().unwrap();
+        let flood_secs = flood_started.elapsed().as_secs_f64();
+        assert!(through, "the real client never got through the flood");
+        eprintln!("{backend:?}: through after {took:?}");
+        // And data both ways afterwards.
+        s.exit
+            .send_ip(s.exit_peer, &ipv4_udp(dst, src, 9, 1000, b"reply"))
+            .unwrap();
+        assert!(
+            pump(&mut s, WAIT, wants(b"reply")),
+            "no reply after the flood"
+        );
+
+        // The flood's sources got cookie replies (what they would answer with mac2).
+        probe
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 128];
+        let (n, from) = probe.recv_from(&mut buf).expect("a cookie reply");
+        assert_eq!((n, buf[0], from), (64, 3, s.relay.addr));
+
+        std::thread::sleep(Duration::from_millis(120));
+        let flooded = flooded.load(Ordering::Relaxed);
+        let st = s.relay.stats();
+        let (replies, proven) = (
+            zhop_sum(&s, |z| z.cookie_replies),
+            zhop_sum(&s, |z| z.cookie_proven),
+        );
+        eprintln!(
+            "{backend:?}: {flooded} sent, {replies} cookie replies, {proven} proven, {} decrypted and refused",
+            st.dropped(DropReason::OuterRejected)
+        );
+        assert_eq!(st.dropped(DropReason::CookieChallenge), replies, "{st:?}");
+        assert!(
+            replies >= flooded / 2,
+            "{replies} cookie replies for {flooded}"
+        );
+        assert!(proven >= 1, "the client's retry carried our cookie");
+        // A worker decrypts at most its budget (100) at once and 100 a second after, as
+        // its token bucket refills; a relay that decrypts first would have done all of them.
+        let budget = (2.0 * 100.0 * (flood_secs + 1.0)) as u64 + 20;
+        assert!(
+            st.dropped(DropReason::OuterRejected) <= budget,
+            "{} junk initiations decrypted (budget {budget}): {st:?}",
+            st.dropped(DropReason::OuterRejected)
+        );
     }
 }
 
