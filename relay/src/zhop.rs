@@ -38,7 +38,7 @@ const PEER_IDLE: Duration = Duration::from_secs(540);
 /// address (boringtun's default limit, counted across all peers of a worker). Past it the
 /// worker is under load and asks for cookies.
 const HANDSHAKE_LIMIT: u32 = 100;
-/// How long a worker stays under load after it found its handshake budget spent.
+/// How long a worker stays under load after it last found its handshake budget spent.
 const LOAD_HOLD: Duration = Duration::from_secs(1);
 /// Initiations per second, per source, decrypted under load from a source that proved its
 /// address (by our cookie, or by an authenticated packet from it), and their burst.
@@ -386,17 +386,15 @@ impl Zhop {
         Ok(false)
     }
 
-    /// Whether the worker is under handshake load: its budget was found spent within the
-    /// last [`LOAD_HOLD`]. Takes one handshake from the budget when it is not.
+    /// Whether the worker is under handshake load: initiations arrive faster than its
+    /// budget refills, or did within the last [`LOAD_HOLD`]. Every initiation takes from
+    /// the budget, challenged or not, so a sustained flood keeps the worker under load
+    /// throughout rather than letting one initiation through each time a token refills.
     fn under_load(&mut self, now: Instant) -> bool {
-        if self.load_until.is_some_and(|t| now < t) {
-            return true;
+        if !self.handshake_budget.take(now) {
+            self.load_until = Some(now + LOAD_HOLD);
         }
-        if self.handshake_budget.take(now) {
-            return false;
-        }
-        self.load_until = Some(now + LOAD_HOLD);
-        true
+        self.load_until.is_some_and(|t| now < t)
     }
 
     /// The peer an initiation comes from (decrypting its static key), created on first use.
