@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
-    ZhopClient,
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, wait_for, KeyPair, PeerOptions, Received,
+    WgNode, ZhopClient,
 };
 use wraithgate_relay::io::BackendChoice;
 use wraithgate_relay::table::{ExitTable, PeerSpec};
@@ -550,6 +550,132 @@ fn a_peer_that_roams_to_another_worker_recovers_after_its_next_handshake() {
         );
         let per_worker: Vec<u64> = s.relay.dp.reports().iter().map(|r| r.zhop.peers).collect();
         assert_eq!(per_worker[1 - worker], 1, "{per_worker:?}");
+    }
+}
+
+/// The UDP checksum of an IPv6 packet, computed here from RFC 8200 §8.1 and RFC 768 (not
+/// with the relay's code): the one's complement of the one's-complement sum of the
+/// pseudo-header (source, destination, 32-bit upper-layer length, three zero bytes, next
+/// header 17) and the UDP datagram with its checksum field zero, padded to an even length;
+/// a result of zero is sent as 0xffff.
+fn rfc8200_udp_checksum(ip: &[u8]) -> u16 {
+    let udp_len = usize::from(u16::from_be_bytes([ip[44], ip[45]]));
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[8..40]);
+    pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    let mut udp = ip[40..40 + udp_len].to_vec();
+    udp[6] = 0;
+    udp[7] = 0;
+    pseudo.extend_from_slice(&udp);
+    if pseudo.len() % 2 == 1 {
+        pseudo.push(0);
+    }
+    let mut total: u64 = pseudo
+        .chunks(2)
+        .map(|w| u64::from(w[0]) << 8 | u64::from(w[1]))
+        .sum();
+    while total > 0xffff {
+        total = (total >> 16) + (total & 0xffff);
+    }
+    match !(total as u16) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// Z-HOP with IPv6 inside the outer tunnel (a peer whose inner interface has an IPv6
+/// address, an exit on ::1): the relay's replies are IPv6/UDP packets whose headers and
+/// checksums are what an independent computation from the RFCs says.
+#[test]
+fn ipv6_inner_replies_have_the_checksum_rfc_8200_gives() {
+    for backend in backends() {
+        let node_secret: [u8; 32] = rand::random();
+        let node_key = NodeKey::from_secret(node_secret);
+        let mut exit = WgNode::bind("[::1]:0".parse().unwrap(), KeyPair::generate()).unwrap();
+        let (outer, inner) = (KeyPair::generate(), KeyPair::generate());
+        let exit_peer = exit.add_peer(inner.public, PeerOptions::default());
+        let peer = PeerSpec {
+            public_key: outer.relay_key(),
+            name: "six".into(),
+            allowed_ips: vec!["fd00:7::/64".parse().unwrap()],
+            preshared_key: None,
+            allowed_exits: vec![exit.keys().relay_key()],
+        };
+        let table = ExitTable::new(1, vec![exit_spec("exit6", &exit, None)])
+            .unwrap()
+            .with_peers(vec![peer.clone()])
+            .unwrap();
+        let relay = Relay::start_zhop(backend, table, node_secret);
+        let inner_addr: SocketAddr = "[fd00:7::2]:40000".parse().unwrap();
+        let client = ZhopClient::new(
+            outer,
+            inner,
+            relay.addr,
+            boringtun::x25519::PublicKey::from(node_key.public_key().0),
+            exit.keys().public,
+            exit.local_addr(),
+            inner_addr,
+        )
+        .unwrap();
+        let mut s = Setup {
+            relay,
+            other_exit: node(),
+            exit,
+            client,
+            exit_peer,
+            peer,
+            node_public: node_key.public_key(),
+        };
+        let (src, dst) = opened(&mut s, b"over ipv6");
+        // Replies of many lengths; read them straight off the outer tunnel.
+        for len in [1usize, 15, 16, 17, 100, 555, 1200] {
+            s.exit
+                .send_ip(s.exit_peer, &ipv4_udp(dst, src, 9, 1000, &vec![0xc3; len]))
+                .unwrap();
+            let ip = wait_for(WAIT, || match s.client.outer.try_recv() {
+                Ok(Some(Received::Packet { data, .. })) => Some(data),
+                _ => None,
+            })
+            .expect("a reply through the outer tunnel");
+            assert_eq!(ip[0] >> 4, 6, "an IPv6 packet");
+            let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            assert_eq!(40 + payload_len, ip.len());
+            assert_eq!((ip[6], ip[7] > 0), (17, true), "UDP, a hop limit");
+            let v6 = |a: SocketAddr| match a.ip() {
+                std::net::IpAddr::V6(a) => a.octets(),
+                std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            };
+            assert_eq!(ip[8..24], v6(s.exit.local_addr()), "from the exit");
+            assert_eq!(ip[24..40], v6(inner_addr), "to the peer's inner address");
+            assert_eq!(
+                u16::from_be_bytes([ip[40], ip[41]]),
+                s.exit.local_addr().port()
+            );
+            assert_eq!(u16::from_be_bytes([ip[42], ip[43]]), inner_addr.port());
+            assert_eq!(
+                usize::from(u16::from_be_bytes([ip[44], ip[45]])),
+                payload_len
+            );
+            let sent = u16::from_be_bytes([ip[46], ip[47]]);
+            assert_eq!(sent, rfc8200_udp_checksum(&ip), "{len}-byte reply");
+        }
+        // And the builder on its own at lengths the relay never sends (odd ones).
+        for len in [0usize, 1, 3, 149, 1421] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
+            let mut ip = Vec::new();
+            wraithgate_relay::inner::build_udp(
+                &mut ip,
+                "[2001:db8::1]:51820".parse().unwrap(),
+                "[fd00::ffff:2]:65535".parse().unwrap(),
+                &payload,
+            );
+            assert_eq!(
+                u16::from_be_bytes([ip[46], ip[47]]),
+                rfc8200_udp_checksum(&ip)
+            );
+        }
+        assert_eq!(s.relay.stats().total_drops(), 0, "{:?}", s.relay.stats());
     }
 }
 
