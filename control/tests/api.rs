@@ -605,6 +605,53 @@ fn a_peer_deleted_through_the_api_loses_its_zhop_tunnel_and_nobody_else_does() {
     ));
 }
 
+/// The node's private key (`node.key`, what `wg genkey` writes) is created 0600 on first
+/// start and the same key is used on the next; a file that holds no key stops the start
+/// with an error naming it, and is left as it was.
+#[test]
+fn the_node_key_is_created_private_on_first_start_and_kept() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = temp_dir("node-key");
+    let path = dir.join("node.key");
+    assert!(!path.exists());
+    let node = Node::start(config(&dir, vec![], None)).unwrap();
+    let first_public = node.control.node_public;
+    node.stop();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "node.key mode");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let secret = wraithgate_relay::PublicKey::from_base64(text.trim()).unwrap();
+    // The public key the node announces is the one of the secret on disk (derived here
+    // with x25519 directly).
+    let derived =
+        boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(secret.0));
+    assert_eq!(first_public.0, derived.to_bytes());
+
+    let node = Node::start(config(&dir, vec![], None)).unwrap();
+    assert_eq!(
+        node.control.node_public, first_public,
+        "the key was replaced"
+    );
+    node.stop();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    std::fs::write(&path, "not a key\n").unwrap();
+    let err = match Node::start(config(&dir, vec![], None)) {
+        Ok(node) => {
+            node.stop();
+            panic!("started with a node.key that holds no key")
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("node.key"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a key\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn sessions_are_listed_without_payload_and_can_be_killed() {
     let n = TestNode::start("sessions", vec![]);
