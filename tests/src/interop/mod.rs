@@ -18,6 +18,7 @@
 //! everything down on drop, printing the logs' tails when the test failed.
 
 pub mod attack;
+pub mod kernel;
 pub mod probe;
 pub mod relay;
 pub mod wg;
