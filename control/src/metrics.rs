@@ -31,7 +31,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 26] = [
+    let per_worker: [(&str, &str, ReportField); 27] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -104,8 +104,13 @@ pub fn render(c: &Control) -> String {
         ),
         (
             "wraithgate_zhop_cookie_replies_total",
-            "Z-HOP: cookie replies sent to peers under handshake load.",
+            "Z-HOP: cookie replies sent to initiations under handshake load.",
             |r| r.zhop.cookie_replies,
+        ),
+        (
+            "wraithgate_zhop_cookie_proven_total",
+            "Z-HOP: initiations decrypted under load because their mac2 carried our cookie.",
+            |r| r.zhop.cookie_proven,
         ),
         (
             "wraithgate_zhop_packets_to_exit_total",

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use wraithgate_control::config::{Config, ControlSection};
 use wraithgate_control::node::Node;
 use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, KeyPair, PeerOptions, Received, WgNode,
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
+    ZhopClient,
 };
 use wraithgate_relay::io::DataPlaneConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable};
@@ -419,6 +420,241 @@ fn tunnel(n: &TestNode) -> (WgNode, WgNode, usize, usize) {
     });
     assert!(got.is_some(), "no traffic through the node");
     (client, exit, cp, ep)
+}
+
+/// Drives Z-HOP clients and plain WireGuard nodes (receiving, timers every 100 ms) until
+/// one of them receives an IP packet whose UDP payload is `body`, or `timeout` passes.
+fn pump_until(
+    zhop: &mut [&mut ZhopClient],
+    nodes: &mut [&mut WgNode],
+    timeout: Duration,
+    body: &[u8],
+) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    let mut last_tick = std::time::Instant::now();
+    let is_it = |r: &Received| matches!(r, Received::Packet { data, .. } if udp_payload(data) == Some(body));
+    while std::time::Instant::now() < end {
+        let mut idle = true;
+        for c in zhop.iter_mut() {
+            while let Ok(Some(r)) = c.try_recv() {
+                idle = false;
+                if is_it(&r) {
+                    return true;
+                }
+            }
+        }
+        for n in nodes.iter_mut() {
+            while let Ok(Some(r)) = n.try_recv() {
+                idle = false;
+                if is_it(&r) {
+                    return true;
+                }
+            }
+        }
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            zhop.iter_mut().for_each(|c| c.tick());
+            nodes.iter_mut().for_each(|n| n.tick());
+            last_tick = std::time::Instant::now();
+        }
+        if idle {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    false
+}
+
+/// Z-HOP end to end through the operator API: two peers provisioned with POST /v1/peers
+/// reach their exit through the node (outer tunnel to the node, inner tunnel to a
+/// boringtun exit); DELETE /v1/peers/{key} of one ends its tunnel, while the other peer
+/// and a DoubleHop client of the same exit carry on.
+#[test]
+fn a_peer_deleted_through_the_api_loses_its_zhop_tunnel_and_nobody_else_does() {
+    let n = TestNode::start("zhop-delete", vec![]);
+    // The exit "x", with a DoubleHop session through the node.
+    let (mut dh, mut exit, dh_peer, _) = tunnel(&n);
+    let node_public = n.json("/v1/node")["public_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let node_public = boringtun::x25519::PublicKey::from(
+        wraithgate_relay::PublicKey::from_base64(&node_public)
+            .unwrap()
+            .0,
+    );
+    let mut clients = Vec::new();
+    let mut outer_keys = Vec::new();
+    for i in 2..4u8 {
+        let (outer, inner) = (KeyPair::generate(), KeyPair::generate());
+        exit.add_peer(inner.public, PeerOptions::default());
+        let inner_addr: SocketAddr = format!("10.7.0.{i}:40000").parse().unwrap();
+        let peer = json!({"public_key": outer.relay_key().to_base64(), "name": format!("z{i}"),
+                          "allowed_ips": [format!("10.7.0.{i}/32")],
+                          "allowed_exits": [exit.keys().relay_key().to_base64()]});
+        let (status, body) = n.send("POST", "/v1/peers", &peer.to_string(), &[]);
+        assert_eq!(status, 201, "{body}");
+        outer_keys.push(outer.relay_key().to_base64());
+        clients.push(
+            ZhopClient::new(
+                outer,
+                inner,
+                n.relay_addr(),
+                node_public,
+                exit.keys().public,
+                exit.local_addr(),
+                inner_addr,
+            )
+            .unwrap(),
+        );
+    }
+    let [a, b] = &mut clients[..] else {
+        unreachable!("two clients")
+    };
+    let wait = Duration::from_secs(10);
+    let send = |c: &mut ZhopClient, i: u8, body: &[u8]| {
+        let (s, d) = tunnel_addrs(i);
+        c.send_ip(&ipv4_udp(s, d, 1000, 9, body)).unwrap();
+    };
+    send(a, 2, b"a before");
+    assert!(pump_until(
+        &mut [a, b],
+        &mut [&mut exit, &mut dh],
+        wait,
+        b"a before"
+    ));
+    send(b, 3, b"b before");
+    assert!(pump_until(
+        &mut [a, b],
+        &mut [&mut exit, &mut dh],
+        wait,
+        b"b before"
+    ));
+    // Workers publish their counters every 100 ms or so.
+    let zhop_peers = |want: u64| {
+        wraithgate_control::testbed::wait_for(wait, || {
+            std::thread::sleep(Duration::from_millis(20));
+            (n.json("/v1/node")["zhop_peers"] == want).then_some(())
+        })
+        .is_some()
+    };
+    assert!(zhop_peers(2), "{}", n.json("/v1/node"));
+
+    let (status, body) = n.send(
+        "DELETE",
+        &format!("/v1/peers/{}", url_key(&outer_keys[0])),
+        "",
+        &[],
+    );
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(n.json("/v1/peers").as_array().unwrap().len(), 1);
+    // The swap reaches the worker within its next loop iteration; give it a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..3 {
+        let body = format!("a after {i}").into_bytes();
+        send(a, 2, &body);
+        assert!(
+            !pump_until(
+                &mut [a, b],
+                &mut [&mut exit, &mut dh],
+                Duration::from_millis(300),
+                &body
+            ),
+            "a deleted peer's packet reached the exit"
+        );
+    }
+    // A fresh outer handshake is refused as well: the key is no longer a peer.
+    a.outer.initiate(0).unwrap();
+    let drops = |n: &TestNode| {
+        n.node
+            .as_ref()
+            .unwrap()
+            .control
+            .dp
+            .stats()
+            .dropped(wraithgate_relay::DropReason::UnknownPeer)
+    };
+    let refused = wraithgate_control::testbed::wait_for(wait, || {
+        std::thread::sleep(Duration::from_millis(20));
+        (drops(&n) >= 1).then_some(())
+    });
+    assert!(
+        refused.is_some(),
+        "the new initiation was not refused as unknown_peer"
+    );
+    assert!(zhop_peers(1), "{}", n.json("/v1/node"));
+    // The other peer, both ways, and the DoubleHop client still work.
+    send(b, 3, b"b after");
+    assert!(pump_until(
+        &mut [a, b],
+        &mut [&mut exit, &mut dh],
+        wait,
+        b"b after"
+    ));
+    let b_exit_peer = 2; // exit peers: the DoubleHop client, a's inner key, b's inner key
+    let (s, d) = tunnel_addrs(3);
+    exit.send_ip(b_exit_peer, &ipv4_udp(d, s, 9, 1000, b"to b"))
+        .unwrap();
+    assert!(pump_until(
+        &mut [a, b],
+        &mut [&mut exit, &mut dh],
+        wait,
+        b"to b"
+    ));
+    let (s, d) = tunnel_addrs(1);
+    dh.send_ip(dh_peer, &ipv4_udp(s, d, 1, 2, b"doublehop after"))
+        .unwrap();
+    assert!(pump_until(
+        &mut [a, b],
+        &mut [&mut exit, &mut dh],
+        wait,
+        b"doublehop after"
+    ));
+}
+
+/// The node's private key (`node.key`, what `wg genkey` writes) is created 0600 on first
+/// start and the same key is used on the next; a file that holds no key stops the start
+/// with an error naming it, and is left as it was.
+#[test]
+fn the_node_key_is_created_private_on_first_start_and_kept() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = temp_dir("node-key");
+    let path = dir.join("node.key");
+    assert!(!path.exists());
+    let node = Node::start(config(&dir, vec![], None)).unwrap();
+    let first_public = node.control.node_public;
+    node.stop();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "node.key mode");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let secret = wraithgate_relay::PublicKey::from_base64(text.trim()).unwrap();
+    // The public key the node announces is the one of the secret on disk (derived here
+    // with x25519 directly).
+    let derived =
+        boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(secret.0));
+    assert_eq!(first_public.0, derived.to_bytes());
+
+    let node = Node::start(config(&dir, vec![], None)).unwrap();
+    assert_eq!(
+        node.control.node_public, first_public,
+        "the key was replaced"
+    );
+    node.stop();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    std::fs::write(&path, "not a key\n").unwrap();
+    let err = match Node::start(config(&dir, vec![], None)) {
+        Ok(node) => {
+            node.stop();
+            panic!("started with a node.key that holds no key")
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("node.key"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a key\n");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -19,11 +19,12 @@ pub enum DropReason {
     /// An initiation on a listen port pinned to an exit, whose mac1 is not for that exit.
     Mac1Mismatch,
     /// The source exceeded its handshake rate, or a challenge was due and the router's
-    /// cookie-reply budget was spent.
+    /// (or Z-HOP's) cookie-reply budget was spent.
     RateLimited,
     /// An initiation answered with the relay's own cookie reply instead of forwarded: the
     /// relay is under load or the source is over its budget, and its mac2 does not prove
-    /// its address. The client retries with the cookie.
+    /// its address. The client retries with the cookie. Z-HOP does the same for outer
+    /// initiations to the node, before decrypting them.
     CookieChallenge,
     /// The table of pending handshakes is full; new handshakes wait until it drains.
     PendingFull,

@@ -20,21 +20,35 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
+use crate::cookie::CookieJar;
 use crate::drop_reason::DropReason;
 use crate::inner::{self, InnerError};
 use crate::keys::{Mac1Key, PublicKey};
+use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
 use crate::router::{Listener, SessionSlot, Traffic};
 use crate::slab::Slab;
 use crate::table::ExitTable;
-use crate::wire::{Message, INITIATION_LEN};
+use crate::wire::{Initiation, Message, INITIATION_LEN};
 
 /// boringtun's timers want a call about every 100 ms.
 const TIMER_TICK: Duration = Duration::from_millis(100);
 /// A peer silent this long is forgotten (WireGuard drops keys after 540 s).
 const PEER_IDLE: Duration = Duration::from_secs(540);
-/// Handshakes per second the node answers before asking for cookies (boringtun counts
-/// them across all peers of a worker).
-const HANDSHAKE_LIMIT: u64 = 100;
+/// Outer initiations per second a worker decrypts from sources that have not proven their
+/// address (boringtun's default limit, counted across all peers of a worker). Past it the
+/// worker is under load and asks for cookies.
+const HANDSHAKE_LIMIT: u32 = 100;
+/// How long a worker stays under load after it last found its handshake budget spent.
+const LOAD_HOLD: Duration = Duration::from_secs(1);
+/// Initiations per second, per source, decrypted under load from a source that proved its
+/// address (by our cookie, or by an authenticated packet from it), and their burst.
+const PROVEN_PER_SOURCE: u32 = 20;
+const PROVEN_BURST: u32 = 5;
+/// Buckets of each per-source limiter (fixed: a flood from many sources costs no memory).
+const LIMITER_BUCKETS: usize = 4_096;
+/// Cookie replies a worker sends per second at most: bounds the work (and the bytes sent
+/// to unproven addresses) a flood can cost once the worker is under load.
+const COOKIE_REPLIES_PER_SECOND: u32 = 20_000;
 /// Distinct inner flows (source, exit) one peer may have.
 const MAX_FLOWS_PER_PEER: usize = 16;
 /// Largest datagram handled.
@@ -92,6 +106,8 @@ pub struct ZhopStats {
     pub outer_handshakes: u64,
     /// Cookie replies sent because the worker was under handshake load.
     pub cookie_replies: u64,
+    /// Initiations decrypted under load because their mac2 carried our cookie.
+    pub cookie_proven: u64,
     pub inner_to_exit: Traffic,
     pub exit_to_inner: Traffic,
     pub peers: u64,
@@ -119,7 +135,18 @@ struct Flow {
 /// One worker's Z-HOP state.
 pub struct Zhop {
     key: Option<(NodeKey, Mac1Key)>,
+    /// Given to every `Tunn` so that boringtun never challenges on its own: the admission
+    /// below has already run, with our cookies, before any DH. It still checks mac1.
     limiter: Arc<RateLimiter>,
+    /// Admission of outer initiations, before the DH that decrypting one costs
+    /// ([`Zhop::admit`]).
+    handshake_budget: TokenBucket,
+    /// Under load until then.
+    load_until: Option<Instant>,
+    proven_limiter: HandshakeRateLimiter,
+    verified_limiter: HandshakeRateLimiter,
+    cookies: CookieJar,
+    cookie_budget: TokenBucket,
     table: Arc<ExitTable>,
     /// Counts the tables taken. A peer checked at an older epoch is checked again (still
     /// provisioned? flows still allowed?) before anything of its is handled, and by the
@@ -138,7 +165,6 @@ pub struct Zhop {
     timer_cursor: u32,
     /// Timer visits owed, in peer-nanoseconds (a visit costs [`TIMER_TICK`]'s nanoseconds).
     timer_credit: u128,
-    last_limiter_reset: Instant,
     stats: ZhopStats,
 }
 
@@ -154,12 +180,33 @@ impl std::fmt::Debug for Zhop {
 
 impl Zhop {
     /// Z-HOP with the node's key, or disabled (`None`): then nothing is ever claimed.
-    pub fn new(key: Option<NodeKey>, table: Arc<ExitTable>, now: Instant) -> Self {
+    /// Cookies derive from `cookie_seed`; workers sharing it accept each other's cookies.
+    pub fn new(
+        key: Option<NodeKey>,
+        table: Arc<ExitTable>,
+        cookie_seed: [u8; 32],
+        now: Instant,
+    ) -> Self {
         let public = key
             .as_ref()
             .map_or(x25519::PublicKey::from([0u8; 32]), |k| k.public);
+        static WORKERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        // Apart from the routers' salts (which count from 0), so no two jars share a nonce.
+        let salt = (1 << 63) | WORKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let proven =
+            || HandshakeRateLimiter::new(PROVEN_PER_SOURCE, PROVEN_BURST, LIMITER_BUCKETS, now);
         Zhop {
-            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_LIMIT)),
+            limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            handshake_budget: TokenBucket::new(HANDSHAKE_LIMIT, HANDSHAKE_LIMIT, now),
+            load_until: None,
+            proven_limiter: proven(),
+            verified_limiter: proven(),
+            cookies: CookieJar::new(cookie_seed, salt, now),
+            cookie_budget: TokenBucket::new(
+                COOKIE_REPLIES_PER_SECOND,
+                COOKIE_REPLIES_PER_SECOND / 10,
+                now,
+            ),
             key: key.map(|k| {
                 let mac1 = k.public_key().mac1_key();
                 (k, mac1)
@@ -176,7 +223,6 @@ impl Zhop {
             last_tick: now,
             timer_cursor: 0,
             timer_credit: 0,
-            last_limiter_reset: now,
             stats: ZhopStats::default(),
         }
     }
@@ -236,7 +282,12 @@ impl Zhop {
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<(), DropReason> {
         let peer = match Message::parse(packet)? {
-            Message::Initiation(_) => self.peer_for_initiation(packet, now)?,
+            Message::Initiation(init) => {
+                if !self.admit(now, listener, from, &init, out)? {
+                    return Err(DropReason::CookieChallenge);
+                }
+                self.peer_for_initiation(packet, now)?
+            }
             Message::Transport(t) => match self.by_addr.get(&from) {
                 Some(&p) => p,
                 None => self
@@ -257,16 +308,6 @@ impl Zhop {
         match r {
             TunnResult::WriteToNetwork(reply) => {
                 let len = reply.len();
-                // A cookie reply goes to the unauthenticated sender; the endpoint does not move.
-                if self.buf[0] == 3 {
-                    self.stats.cookie_replies += 1;
-                    out(ZhopOut::ToPeer {
-                        listener,
-                        to: from,
-                        bytes: &self.buf[..len],
-                    });
-                    return Ok(());
-                }
                 if kind == 1 {
                     self.stats.outer_handshakes += 1;
                 }
@@ -293,6 +334,67 @@ impl Zhop {
                 Err(DropReason::OuterRejected)
             }
         }
+    }
+
+    /// Whether an outer initiation may be decrypted (a DH, which a flood must not get for
+    /// free). Cheap checks only: mac1, then budgets. Not under load, any source within the
+    /// worker's budget is admitted (boringtun's rule: [`HANDSHAKE_LIMIT`] a second). Under
+    /// load only a source that proved its address is, within a per-source budget: by a mac2
+    /// made with our cookie, or by an authenticated packet already received from it (a
+    /// peer's rekey is not challenged). Anyone else gets a cookie reply, keyed by the
+    /// node's public key (WireGuard paper §5.4.7), and `Ok(false)`; a real client retries
+    /// with mac2 after REKEY_TIMEOUT, a spoofed source never sees the cookie.
+    fn admit(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        init: &Initiation<'_>,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<bool, DropReason> {
+        let Some((key, mac1)) = &self.key else {
+            return Err(DropReason::UnknownPeer);
+        };
+        if !mac1.verify(init.mac1_input(), init.mac1()) {
+            return Err(DropReason::OuterRejected);
+        }
+        let node_public = key.public_key();
+        let ip = from.ip();
+        if !self.under_load(now)
+            || (self.by_addr.contains_key(&from) && self.verified_limiter.allow(ip, now))
+        {
+            return Ok(true);
+        }
+        if self.cookies.verify_mac2(now, from, init) {
+            if !self.proven_limiter.allow(ip, now) {
+                return Err(DropReason::RateLimited);
+            }
+            self.stats.cookie_proven += 1;
+            return Ok(true);
+        }
+        if !self.cookie_budget.take(now) {
+            return Err(DropReason::RateLimited);
+        }
+        let reply = self.cookies.reply(now, from, &node_public, init);
+        self.stats.cookie_replies += 1;
+        // To the unauthenticated sender, no bigger than what it sent; nothing moves.
+        out(ZhopOut::ToPeer {
+            listener,
+            to: from,
+            bytes: &reply,
+        });
+        Ok(false)
+    }
+
+    /// Whether the worker is under handshake load: initiations arrive faster than its
+    /// budget refills, or did within the last [`LOAD_HOLD`]. Every initiation takes from
+    /// the budget, challenged or not, so a sustained flood keeps the worker under load
+    /// throughout rather than letting one initiation through each time a token refills.
+    fn under_load(&mut self, now: Instant) -> bool {
+        if !self.handshake_budget.take(now) {
+            self.load_until = Some(now + LOAD_HOLD);
+        }
+        self.load_until.is_some_and(|t| now < t)
     }
 
     /// The peer an initiation comes from (decrypting its static key), created on first use.
@@ -478,10 +580,6 @@ impl Zhop {
     /// stalls its traffic for a walk over all of them at once (a call after 100 ms or more
     /// of sleep still visits everyone).
     pub fn tick(&mut self, now: Instant, out: &mut dyn FnMut(ZhopOut<'_>)) {
-        if now.duration_since(self.last_limiter_reset) >= Duration::from_secs(1) {
-            self.limiter.reset_count();
-            self.last_limiter_reset = now;
-        }
         let bound = self.peers.index_bound();
         let tick_ns = TIMER_TICK.as_nanos();
         let owed = u128::from(bound) * now.duration_since(self.last_tick).as_nanos();
@@ -605,7 +703,7 @@ mod tests {
             .unwrap()
             .with_peers(vec![peer])
             .unwrap();
-        let z = Zhop::new(Some(node.clone()), Arc::new(table), Instant::now());
+        let z = Zhop::new(Some(node.clone()), Arc::new(table), [3; 32], Instant::now());
         let client = Tunn::new(client_secret, node.public, None, None, 77, None);
         (z, client, "198.51.100.1:4000".parse().unwrap())
     }
@@ -689,6 +787,106 @@ mod tests {
         assert_eq!(r, Err(DropReason::UnknownPeer));
     }
 
+    /// An initiation with a valid mac1 for `node` and noise where its encrypted fields go:
+    /// what anyone who knows the node's public key can send from any source.
+    fn junk_initiation(node: &NodeKey, sender: u32) -> Vec<u8> {
+        use crate::wire::{INITIATION_MAC1_OFFSET, INITIATION_MAC2_OFFSET};
+        let mut m = vec![0x5a; INITIATION_LEN];
+        m[..4].copy_from_slice(&[1, 0, 0, 0]);
+        m[4..8].copy_from_slice(&sender.to_le_bytes());
+        let mac1 = node
+            .public_key()
+            .mac1_key()
+            .compute(&m[..INITIATION_MAC1_OFFSET]);
+        m[INITIATION_MAC1_OFFSET..INITIATION_MAC2_OFFSET].copy_from_slice(&mac1);
+        m[INITIATION_MAC2_OFFSET..].fill(0);
+        m
+    }
+
+    /// Past the worker's handshake budget an initiation costs a MAC and a cookie reply,
+    /// never a DH, until its source proves its address; a real client does with the cookie
+    /// and is answered.
+    #[test]
+    fn under_load_initiations_are_challenged_before_any_dh() {
+        let (mut z, mut client, from) = setup();
+        let node = z.key.as_ref().unwrap().0.clone();
+        let t0 = Instant::now();
+        let mut sent = Vec::new();
+        let mut record = |o: ZhopOut<'_>| {
+            if let ZhopOut::ToPeer { to, bytes, .. } = o {
+                sent.push((to, bytes.to_vec()));
+            }
+        };
+        // The budget: decrypted (and refused: noise does not decrypt).
+        for i in 0..HANDSHAKE_LIMIT {
+            let src = SocketAddr::from(([127, 1, (i >> 8) as u8, i as u8], 1000));
+            let r = z.handle_client(t0, L, src, &junk_initiation(&node, i), &mut record);
+            assert_eq!(r, Err(DropReason::OuterRejected));
+        }
+        // Past it, from anywhere: a cookie reply each, addressed to its sender.
+        for i in 0..1000u32 {
+            let src = SocketAddr::from(([127, 2, (i >> 8) as u8, i as u8], 1000));
+            let r = z.handle_client(t0, L, src, &junk_initiation(&node, i), &mut record);
+            assert_eq!(r, Err(DropReason::CookieChallenge));
+        }
+        assert_eq!(sent.len(), 1000);
+        assert!(sent.iter().all(|(_, b)| b.len() == 64 && b[0] == 3));
+        assert_eq!(z.stats().cookie_replies, 1000);
+        // The real client is challenged too, takes the cookie, and its retry carries mac2.
+        let mut buf = vec![0u8; 2048];
+        let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation")
+        };
+        let init = init.to_vec();
+        sent.clear();
+        let r = z.handle_client(t0, L, from, &init, &mut |o| {
+            if let ZhopOut::ToPeer { to, bytes, .. } = o {
+                sent.push((to, bytes.to_vec()));
+            }
+        });
+        assert_eq!(r, Err(DropReason::CookieChallenge));
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, from);
+        assert!(matches!(
+            client.decapsulate(None, &sent[0].1, &mut buf),
+            TunnResult::Done
+        ));
+        // REKEY_TIMEOUT later boringtun sends a new initiation; force it now.
+        let TunnResult::WriteToNetwork(retry) = client.format_handshake_initiation(&mut buf, true)
+        else {
+            panic!("no retry")
+        };
+        assert_ne!(retry[132..148], [0; 16], "the retry carries mac2");
+        let retry = retry.to_vec();
+        // Still under load a second later (the flood goes on), but the cookie proves it.
+        let t1 = t0 + Duration::from_millis(900);
+        let _ = z.handle_client(t1, L, from, &junk_initiation(&node, 7), &mut |_| {});
+        sent.clear();
+        z.handle_client(t1, L, from, &retry, &mut |o| {
+            if let ZhopOut::ToPeer { bytes, .. } = o {
+                sent.push((from, bytes.to_vec()));
+            }
+        })
+        .unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1[0], 2, "a handshake response");
+        assert_eq!(z.stats().cookie_proven, 1);
+        assert_eq!(z.stats().outer_handshakes, 1);
+        // The same cookie from another address proves nothing.
+        let elsewhere: SocketAddr = "198.51.100.2:4000".parse().unwrap();
+        assert_eq!(
+            z.handle_client(t1, L, elsewhere, &retry, &mut |_| {}),
+            Err(DropReason::CookieChallenge)
+        );
+        // Once the budget refills and the load has passed, no challenge.
+        let later = t1 + LOAD_HOLD + Duration::from_secs(1);
+        assert_eq!(
+            z.handle_client(later, L, elsewhere, &junk_initiation(&node, 8), &mut |_| {}),
+            Err(DropReason::OuterRejected)
+        );
+    }
+
     /// A worker with many peers runs their timers a share at a time: called every
     /// millisecond, each call visits about a hundredth of them, and every peer is still
     /// visited within one [`TIMER_TICK`] (seen here through idle peers being forgotten).
@@ -714,7 +912,7 @@ mod tests {
             .with_peers(peers)
             .unwrap();
         let t0 = Instant::now();
-        let mut z = Zhop::new(Some(node.clone()), Arc::new(table), t0);
+        let mut z = Zhop::new(Some(node.clone()), Arc::new(table), [3; 32], t0);
         let mut buf = [0u8; 256];
         for (i, secret) in secrets.into_iter().enumerate() {
             let mut client = Tunn::new(secret, node.public, None, None, 1, None);

@@ -238,3 +238,59 @@ fn netns_zhop_portable_wireguard_go_through_both_layers() {
         BackendChoice::Portable,
     );
 }
+
+/// The IPv6/UDP packets Z-HOP wraps replies in (`inner::build_udp`, what `Zhop::handle_exit`
+/// sends to the peer) pass the kernel's own checksum check: through a wireguard-go
+/// interface, whose TUN hands them to the kernel as they are, each reaches a UDP socket on
+/// its destination. A copy with its checksum off by one bit is dropped and counted as a
+/// checksum error, so the path does check.
+#[test]
+fn netns_ipv6_inner_packets_pass_the_kernels_udp_checksum_check() {
+    use wraithgate_tests::interop::kernel::{KernelSink, SINK_V6};
+    let test = "netns_ipv6_inner_packets_pass_the_kernels_udp_checksum_check";
+    let Some(sink) = KernelSink::start_or_skip(test) else {
+        return;
+    };
+    const PORT: u16 = 5353;
+    let from: std::net::SocketAddr = "[fd00:7::1]:51820".parse().unwrap();
+    let to = std::net::SocketAddr::new(SINK_V6.parse().unwrap(), PORT);
+    let payloads: Vec<Vec<u8>> = [0usize, 1, 2, 17, 32, 61, 148, 1001, 1280]
+        .iter()
+        .map(|&len| (0..len).map(|i| (i * 31 + len) as u8).collect())
+        .collect();
+    let mut packets: Vec<Vec<u8>> = payloads
+        .iter()
+        .map(|p| {
+            let mut ip = Vec::new();
+            wraithgate_relay::inner::build_udp(&mut ip, from, to, p);
+            ip
+        })
+        .collect();
+    let mut bad = packets[5].clone();
+    bad[47] ^= 1;
+    packets.insert(0, bad);
+    let errors_before = sink.udp6_checksum_errors().unwrap();
+    let got = sink
+        .deliver(PORT, packets, Duration::from_millis(300))
+        .unwrap_or_else(|e| panic!("{test}: {e:#}"));
+    let errors = sink.udp6_checksum_errors().unwrap() - errors_before;
+    eprintln!(
+        "{test}: {} of {} good packets delivered, {errors} checksum error(s) counted",
+        got.len(),
+        payloads.len()
+    );
+    let lens = |v: &[Vec<u8>]| v.iter().map(Vec::len).collect::<Vec<_>>();
+    assert_eq!(
+        lens(&got),
+        lens(&payloads),
+        "payload lengths delivered: every good packet, and nothing else"
+    );
+    assert!(
+        got == payloads,
+        "a delivered payload differs from the one sent"
+    );
+    assert_eq!(
+        errors, 1,
+        "the corrupted copy is counted as a checksum error"
+    );
+}

@@ -115,6 +115,7 @@ pub(crate) fn run(ctx: WorkerContext) {
         zhop: Zhop::new(
             ctx.cfg.node_key.map(NodeKey::from_secret),
             table.clone(),
+            ctx.cfg.router.cookie_seed,
             now,
         ),
         flows: Vec::new(),
