@@ -36,8 +36,6 @@ pub enum DropReason {
     UnknownClient,
     /// A message from a known client whose receiver index the exit never assigned.
     UnknownIndex,
-    /// A message of a kind that never travels in this direction.
-    UnexpectedMessage,
     /// A packet from an exit for a session that has gone (closed between receive and handling).
     NoSession,
     /// Sending would give an unverified client address more bytes than it sent us.
@@ -62,7 +60,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::Truncated,
         DropReason::BadLength,
         DropReason::ReservedNonZero,
@@ -76,7 +74,6 @@ impl DropReason {
         DropReason::ClientSessionLimit,
         DropReason::UnknownClient,
         DropReason::UnknownIndex,
-        DropReason::UnexpectedMessage,
         DropReason::NoSession,
         DropReason::AmplificationLimit,
         DropReason::SocketUnavailable,
@@ -112,7 +109,6 @@ impl DropReason {
             DropReason::ClientSessionLimit => "client_session_limit",
             DropReason::UnknownClient => "unknown_client",
             DropReason::UnknownIndex => "unknown_index",
-            DropReason::UnexpectedMessage => "unexpected_message",
             DropReason::NoSession => "no_session",
             DropReason::AmplificationLimit => "amplification_limit",
             DropReason::SocketUnavailable => "socket_unavailable",

@@ -662,7 +662,14 @@ mod tests {
 
     #[test]
     fn reserving_descriptors_grows_the_table_and_leaks_nothing() {
-        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        // Other tests open and close descriptors meanwhile, but none this high.
+        let highest_open = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0)
+        };
         let table = || {
             let status = std::fs::read_to_string("/proc/self/status").unwrap();
             status
@@ -671,12 +678,14 @@ mod tests {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .expect("FDSize in /proc/self/status")
         };
-        let before = open();
         let asked = reserve_descriptors(4096).expect("reserve");
         assert!(asked <= 4096);
         // The table is sized in powers of two and holds at least what was asked for.
         assert!(table() >= asked, "FDSize {} below {asked}", table());
-        assert_eq!(open(), before, "a descriptor was left open");
+        assert!(
+            highest_open() < asked.saturating_sub(1),
+            "the probe descriptor was left open"
+        );
     }
 
     #[test]

@@ -621,10 +621,12 @@ fn table_swap_sweep_is_spread_over_calls() {
     assert_eq!(h.r.session_count(), 0);
 }
 
+/// Every message type travels both ways in WireGuard (either side initiates, answers or
+/// sends a cookie), so nothing is refused for its direction; a response or cookie reply
+/// from a client address with no session has nowhere to go.
 #[test]
-fn messages_that_never_travel_that_way_are_dropped() {
+fn responses_and_cookies_from_unknown_client_addresses_are_dropped() {
     let mut h = Harness::new();
-    // A response or cookie from a client address with no session.
     assert_eq!(
         h.client(MAIN, client(1), &response(1, 2)),
         Action::Drop(DropReason::UnknownClient)
