@@ -332,6 +332,65 @@ fn api_seeds() -> Vec<(&'static str, Vec<u8>)> {
     .collect()
 }
 
+/// Inner packets: the first byte picks an arbitrary datagram (odd) or one built from the
+/// rest (even); see `wraithgate_fuzzing::inner`.
+fn inner_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use wraithgate_relay::inner::build_udp;
+    let raw = |src: &str, dst: &str, payload: &[u8]| {
+        let mut p = Vec::new();
+        build_udp(
+            &mut p,
+            src.parse().expect("address"),
+            dst.parse().expect("address"),
+            payload,
+        );
+        p
+    };
+    let with_mode = |mode: u8, p: Vec<u8>| [vec![mode], p].concat();
+    let v4 = raw(
+        "10.0.0.2:40000",
+        "192.0.2.10:51820",
+        &[4, 0, 0, 0, 1, 2, 3, 4],
+    );
+    let v6 = raw("[fd00::2]:40000", "[2001:db8::10]:51820", &[1; 148]);
+    let mut fragment = v4.clone();
+    fragment[6] |= 0x20;
+    let mut tcp = v4.clone();
+    tcp[9] = 6;
+    let mut short_udp = v6.clone();
+    short_udp[44..46].copy_from_slice(&4u16.to_be_bytes());
+    vec![
+        ("v4", with_mode(1, v4.clone())),
+        ("v6", with_mode(1, v6)),
+        ("v4-fragment", with_mode(1, fragment)),
+        ("v4-tcp", with_mode(1, tcp)),
+        ("v6-udp-length-short", with_mode(1, short_udp)),
+        ("v4-truncated", with_mode(1, v4[..30].to_vec())),
+        // Built: flags (bit 0 IPv6, bits 1-2 IPv4 option words, bits 3-4 trailing bytes),
+        // ports, addresses, payload length, payload.
+        (
+            "built-v4-options",
+            [
+                &[0u8, 0b1_0110][..],
+                &[1, 2, 3, 4, 10, 0, 0, 2, 192, 0, 2, 1],
+                &[3, 0, 7, 7, 7],
+            ]
+            .concat(),
+        ),
+        (
+            "built-v6",
+            [
+                &[0u8, 1][..],
+                &[9; 4],
+                &[0xfd; 16],
+                &[0x20; 16],
+                &[2, 0, 1, 2],
+            ]
+            .concat(),
+        ),
+    ]
+}
+
 fn write(root: &Path, target: &str, seeds: Vec<(&str, Vec<u8>)>) {
     let dir = root.join(target);
     std::fs::create_dir_all(&dir).expect("create corpus directory");
@@ -349,5 +408,6 @@ fn main() {
     write(&root, "wire", wire_seeds());
     write(&root, "config", config_seeds());
     write(&root, "api", api_seeds());
+    write(&root, "inner", inner_seeds());
     println!("seeds written to {}", root.display());
 }

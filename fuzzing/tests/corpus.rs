@@ -65,6 +65,11 @@ fn fuzz_corpus_api() {
     replay("api");
 }
 
+#[test]
+fn fuzz_corpus_inner() {
+    replay("inner");
+}
+
 /// The router corpus is only worth replaying if it reaches the states the properties are
 /// about; this keeps a minimisation or a change of encoding from quietly hollowing it out.
 #[test]
