@@ -175,3 +175,107 @@ fn starved_receive_ring_is_counted_rearmed_and_refilled() {
         "every datagram after the flood came through a receive: {after:?}"
     );
 }
+
+const CHILD_ENV: &str = "WRAITHGATE_TEST_ADDRESS_SPACE_CHILD";
+const FALLBACK_TEST: &str = "auto_falls_back_to_portable_when_a_worker_cannot_map_its_buffers";
+
+/// The probe's ring passes, but a worker's own buffers do not fit: in a child process
+/// whose address space (RLIMIT_AS) has 384 MiB to spare, 2 workers of 4,096 receive
+/// buffers (269 MB each) cannot both map theirs, whichever of them comes first. `--backend uring`
+/// must fail saying so; `auto` must start on the portable backend with one log line naming
+/// the reason, and carry traffic both ways.
+#[test]
+fn auto_falls_back_to_portable_when_a_worker_cannot_map_its_buffers() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        fallback_child();
+        return;
+    }
+    if !uring_runs() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([FALLBACK_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{stderr}"
+    );
+    let fallbacks: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("falling back to the portable backend"))
+        .collect();
+    assert_eq!(fallbacks.len(), 1, "one log line:\n{stderr}");
+    assert!(
+        fallbacks[0].contains("WARN")
+            && fallbacks[0].contains("mapping receive buffers")
+            && fallbacks[0].contains("ring_buffers"),
+        "the line names the step and the setting: {}",
+        fallbacks[0]
+    );
+}
+
+fn fallback_child() {
+    use nix::sys::resource::{setrlimit, Resource};
+    use wraithgate_relay::io::{DataPlane, StartError};
+    use wraithgate_relay::table::SharedTable;
+
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmSize in /proc/self/status");
+    let limit = vm_kib * 1024 + (384 << 20);
+    setrlimit(Resource::RLIMIT_AS, limit, limit).expect("setrlimit(RLIMIT_AS)");
+
+    let mut x = node();
+    let mut a = node();
+    let table = || ExitTable::new(1, vec![exit_spec("x", &x, None)]).expect("valid test table");
+    let cfg = |backend| DataPlaneConfig {
+        backend,
+        workers: 2,
+        ring_buffers: 4_096,
+        ..Relay::config()
+    };
+    match DataPlane::start(cfg(BackendChoice::Uring), SharedTable::new(table())) {
+        Err(StartError::Uring(e)) => {
+            assert_eq!(e.step, "mapping receive buffers", "{e}");
+            assert_eq!(
+                e.error.raw_os_error(),
+                Some(nix::errno::Errno::ENOMEM as i32),
+                "{e}"
+            );
+        }
+        Err(e) => panic!("--backend uring should fail on the buffers: {e}"),
+        Ok(dp) => panic!(
+            "--backend uring started ({}) with 538 MB of buffers in 384 MiB of address space",
+            dp.backend()
+        ),
+    }
+
+    let relay = Relay::start_config(table(), cfg(BackendChoice::Auto));
+    assert_eq!(relay.dp.backend(), "portable");
+    let ap = a.add_peer(
+        x.keys().public,
+        PeerOptions {
+            endpoint: Some(relay.addr),
+            ..Default::default()
+        },
+    );
+    let xa = x.add_peer(a.keys().public, PeerOptions::default());
+    assert!(delivered(&mut a, ap, &mut x, &ip(b"through the fallback")));
+    assert!(delivered(
+        &mut x,
+        xa,
+        &mut a,
+        &reply(b"through the fallback")
+    ));
+}

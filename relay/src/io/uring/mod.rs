@@ -132,7 +132,10 @@ impl UringUnavailable {
                  task running, buffer rings, multishot recvmsg)"
                     .to_owned()
             }
-            Some(libc::ENOMEM) => "not enough locked memory for the ring".to_owned(),
+            Some(libc::ENOMEM) => "not enough memory (or address space, or locked memory \
+                 under RLIMIT_MEMLOCK) for the ring and its receive buffers: each worker maps \
+                 ring_buffers of them, 64 KiB each"
+                .to_owned(),
             _ => "unexpected error".to_owned(),
         };
         UringUnavailable { step, error, hint }
