@@ -279,3 +279,35 @@ fn fallback_child() {
         &reply(b"through the fallback")
     ));
 }
+
+/// The largest `ring_buffers` the configuration accepts still gives a ring the kernel
+/// sets up: the completion queue a worker asks for stays within the kernel's maximum
+/// (65,536 entries), and the worker carries traffic. (The buffers are mapped, not touched:
+/// this costs address space, not memory.)
+#[test]
+fn the_largest_ring_buffers_setting_starts_on_io_uring() {
+    if !uring_runs() {
+        return;
+    }
+    let mut x = node();
+    let mut a = node();
+    let relay = Relay::start_config(
+        ExitTable::new(1, vec![exit_spec("x", &x, None)]).expect("valid test table"),
+        DataPlaneConfig {
+            backend: BackendChoice::Uring,
+            workers: 1,
+            ring_buffers: 32_768,
+            ..Relay::config()
+        },
+    );
+    let ap = a.add_peer(
+        x.keys().public,
+        PeerOptions {
+            endpoint: Some(relay.addr),
+            ..Default::default()
+        },
+    );
+    let xa = x.add_peer(a.keys().public, PeerOptions::default());
+    assert!(delivered(&mut a, ap, &mut x, &ip(b"a big ring")));
+    assert!(delivered(&mut x, xa, &mut a, &reply(b"a big ring")));
+}

@@ -77,8 +77,9 @@ pub struct DataPlaneConfig {
     /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
     /// is off without one.
     pub node_key: Option<[u8; 32]>,
-    /// io_uring backend: receive buffers per worker (rounded up to a power of two), each
-    /// big enough for a whole GRO train; they bound the worker's buffer memory.
+    /// io_uring backend: receive buffers per worker (rounded up to a power of two, at most
+    /// 16,384: the kernel bounds the completion queue they need), each big enough for a
+    /// whole GRO train; they bound the worker's buffer memory.
     pub ring_buffers: usize,
 }
 
