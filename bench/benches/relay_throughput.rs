@@ -8,8 +8,12 @@
 //! quantiles next to criterion's figures.
 //!
 //! The `wraithgate` binary is taken from `WRAITHGATE_BIN`, else `target/release/wraithgate`
-//! (build it first: `cargo build --release -p wraithgate-control`); without it only the
-//! naive relay runs, with a loud message. Quick mode for CI: `RB_QUICK=1`.
+//! (build it first: `cargo build --release -p wraithgate-control`). A relay that will not
+//! start, or through which the flows cannot complete their handshakes, fails the bench
+//! (a skipped relay would let a broken node pass CI); only the io_uring backend where
+//! io_uring cannot run here is skipped, loudly. Without the binary, `cargo bench` fails;
+//! `cargo test --benches` (which only checks that the benches still run) runs the naive
+//! relay alone, with a loud message. Quick mode for CI: `RB_QUICK=1`.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -47,7 +51,12 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The relays to measure: each WraithGate backend the binary accepts, then the baseline.
+/// Whether this is `cargo bench` (criterion passes `--bench`), not `cargo test --benches`.
+fn benching() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// The relays to measure: each WraithGate backend that can run here, then the baseline.
 fn contenders(workdir: &std::path::Path) -> Vec<Contender> {
     let binary = std::env::var_os("WRAITHGATE_BIN")
         .map(PathBuf::from)
@@ -59,14 +68,26 @@ fn contenders(workdir: &std::path::Path) -> Vec<Contender> {
                 binary: binary.clone(),
                 backend: backend.into(),
             };
-            match c.probe(workdir) {
-                None => out.push(c),
-                Some(why) => eprintln!("relay_throughput: skipping {}: {why}", c.name()),
+            if let Some(e) = c.uring_unavailable() {
+                eprintln!("relay_throughput: SKIPPING {}: {e}", c.name());
+                continue;
             }
+            if let Some(why) = c.probe(workdir) {
+                panic!(
+                    "relay_throughput: {} refuses its configuration: {why}",
+                    c.name()
+                );
+            }
+            out.push(c);
         }
+    } else if benching() {
+        panic!(
+            "relay_throughput: {} not found (cargo build --release -p wraithgate-control, or set WRAITHGATE_BIN)",
+            binary.display()
+        );
     } else {
         eprintln!(
-            "relay_throughput: SKIPPING WraithGate: {} not found (cargo build --release -p wraithgate-control, or set WRAITHGATE_BIN)",
+            "relay_throughput: SKIPPING WraithGate under cargo test: {} not found",
             binary.display()
         );
     }
@@ -75,14 +96,9 @@ fn contenders(workdir: &std::path::Path) -> Vec<Contender> {
     out
 }
 
-fn start(c: &Contender, topo: &Topology, workdir: &std::path::Path) -> Option<Running> {
-    match c.start(topo, &EXIT_KEY, "0-1", workdir) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            eprintln!("relay_throughput: cannot start {}: {e:#}", c.name());
-            None
-        }
-    }
+fn start(c: &Contender, topo: &Topology, workdir: &std::path::Path) -> Running {
+    c.start(topo, &EXIT_KEY, "0-1", workdir)
+        .unwrap_or_else(|e| panic!("relay_throughput: cannot start {}: {e:#}", c.name()))
 }
 
 fn throughput(c: &mut Criterion) {
@@ -93,28 +109,23 @@ fn throughput(c: &mut Criterion) {
     let mut g = c.benchmark_group("relay_throughput");
     g.throughput(Throughput::Bytes((BURST * SIZE) as u64));
     for contender in contenders(&workdir) {
-        let Some(mut running) = start(&contender, &topo, &workdir) else {
-            continue;
-        };
+        let mut running = start(&contender, &topo, &workdir);
         for flows in [1usize, 1000] {
             let sources: Vec<_> = (0..flows).map(|i| topo.source(i)).collect();
-            let mut burst = match Burst::establish(
+            let mut burst = Burst::establish(
                 topo.relay_listen,
                 topo.exit,
                 &sources,
                 topo.client_port(),
                 &EXIT_KEY,
                 SIZE,
-            ) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!(
-                        "relay_throughput: {} {flows} flows: {e:#}",
-                        contender.name()
-                    );
-                    continue;
-                }
-            };
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "relay_throughput: {} {flows} flows: {e:#}",
+                    contender.name()
+                )
+            });
             let mut lost = 0usize;
             g.bench_with_input(
                 BenchmarkId::new(contender.name(), format!("{flows}flow")),
@@ -147,8 +158,7 @@ fn jitter(_c: &mut Criterion) {
     let clock = quanta::Clock::new();
     let abort = AtomicBool::new(false);
     // `cargo test --benches` runs each bench once without `--bench`: keep that short.
-    let benching = std::env::args().any(|a| a == "--bench");
-    let secs = match (benching, quick()) {
+    let secs = match (benching(), quick()) {
         (false, _) => 0.3,
         (true, true) => 1.0,
         (true, false) => 5.0,
@@ -156,10 +166,9 @@ fn jitter(_c: &mut Criterion) {
     println!("\nrelay_jitter: 1 flow, {SIZE} B, 1 Gb/s paced, {secs} s, host loopback");
     println!("| relay | Gb/s | loss % | jitter ms | p50 µs | p99 µs | p99.9 µs |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut failed = Vec::new();
     for contender in contenders(&workdir) {
-        let Some(mut running) = start(&contender, &topo, &workdir) else {
-            continue;
-        };
+        let mut running = start(&contender, &topo, &workdir);
         let spec = LoadSpec {
             relay: topo.relay_listen,
             sink: topo.exit,
@@ -189,10 +198,17 @@ fn jitter(_c: &mut Criterion) {
                 m.latency.quantile(0.99) as f64 / 1e3,
                 m.latency.quantile(0.999) as f64 / 1e3,
             ),
-            Err(e) => println!("| {} | failed: {e:#} ||||||", contender.name()),
+            Err(e) => {
+                println!("| {} | failed: {e:#} ||||||", contender.name());
+                failed.push(contender.name());
+            }
         }
         running.stop();
     }
+    assert!(
+        failed.is_empty(),
+        "relay_jitter: no paced run through {failed:?}"
+    );
 }
 
 criterion_group! {

@@ -66,9 +66,12 @@ impl Contender {
             (!program_exists(prog)).then(|| format!("`{prog}` not installed"))
         };
         match self {
-            Contender::WraithGate { binary, .. } => {
-                (!binary.exists()).then(|| format!("{} not built", binary.display()))
+            Contender::WraithGate { binary, .. } if !binary.exists() => {
+                Some(format!("{} not built", binary.display()))
             }
+            Contender::WraithGate { .. } => self
+                .uring_unavailable()
+                .map(|e| format!("io_uring cannot run here: {e}")),
             Contender::Nftables if topo.kind == Kind::Host => {
                 Some("needs its own namespace (would change the host's ruleset)".into())
             }
@@ -79,6 +82,17 @@ impl Contender {
                 (!Path::new(NGINX_STREAM_MODULE).exists())
                     .then(|| "libnginx-mod-stream not installed".to_string())
             }),
+        }
+    }
+
+    /// For WraithGate's io_uring backend: why io_uring cannot run on this machine (the
+    /// same probe the node runs), if it cannot. `None` for every other contender.
+    pub fn uring_unavailable(&self) -> Option<wraithgate_relay::io::UringUnavailable> {
+        match self {
+            Contender::WraithGate { backend, .. } if backend.split('@').next() == Some("uring") => {
+                wraithgate_relay::io::uring::probe().err()
+            }
+            _ => None,
         }
     }
 

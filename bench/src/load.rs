@@ -221,6 +221,59 @@ struct FlowRx {
     jitter: f64,
 }
 
+/// The sink's accounting of the transport messages stamped inside the window.
+#[derive(Debug)]
+struct Tally {
+    flows: Vec<FlowRx>,
+    m: Measurement,
+}
+
+impl Tally {
+    fn new(flows: usize) -> Self {
+        Tally {
+            flows: vec![FlowRx::default(); flows],
+            m: Measurement::default(),
+        }
+    }
+
+    /// Counts one message of `len` bytes from `flow` with sequence number `seq`, received
+    /// `transit_ns` after it was stamped. A flow the run does not have is ignored (false).
+    fn record(&mut self, flow: u32, seq: u64, transit_ns: u64, len: usize) -> bool {
+        let Some(f) = self.flows.get_mut(flow as usize) else {
+            return false;
+        };
+        let m = &mut self.m;
+        m.latency.record(transit_ns);
+        m.received_packets += 1;
+        m.received_bytes += len as u64;
+        f.received += 1;
+        // Anything not above the flow's highest sequence so far came late (or twice).
+        match f.max_seq {
+            Some(max) if seq <= max => m.reordered += 1,
+            _ => f.max_seq = Some(seq),
+        }
+        // RFC 3550 §6.4.1: D(i,j) = (Rj − Ri) − (Sj − Si), J += (|D| − J)/16.
+        let transit = transit_ns as i64;
+        if let Some(last) = f.last_transit {
+            let d = (transit - last).unsigned_abs() as f64;
+            f.jitter += (d - f.jitter) / 16.0;
+        }
+        f.last_transit = Some(transit);
+        true
+    }
+
+    /// The measurement so far; jitter is the mean over the flows with two messages or more
+    /// (one message has no interarrival).
+    fn finish(self) -> Measurement {
+        let mut m = self.m;
+        let active: Vec<_> = self.flows.iter().filter(|f| f.received > 1).collect();
+        if !active.is_empty() {
+            m.jitter_ns = active.iter().map(|f| f.jitter).sum::<f64>() / active.len() as f64;
+        }
+        m
+    }
+}
+
 fn sink_thread(spec: &LoadSpec, clock: &Clock, shared: &Shared) -> Result<Measurement> {
     if let Some(ns) = &spec.exit_netns {
         enter_netns(ns)?;
@@ -233,8 +286,7 @@ fn sink_thread(spec: &LoadSpec, clock: &Clock, shared: &Shared) -> Result<Measur
     shared.sink_ready.store(true, Ordering::Release);
 
     let mut rb = RecvBatch::new(64, 65_536);
-    let mut flows = vec![FlowRx::default(); spec.sources.len()];
-    let mut m = Measurement::default();
+    let mut tally = Tally::new(spec.sources.len());
     // After the generator stops, keep draining until nothing has arrived for 300 ms.
     let mut last_arrival: Option<u64> = None;
     loop {
@@ -276,36 +328,15 @@ fn sink_thread(spec: &LoadSpec, clock: &Clock, shared: &Shared) -> Result<Measur
                         if start == 0 || p.sent_raw < start || p.sent_raw >= end {
                             continue;
                         }
-                        let Some(f) = flows.get_mut(p.flow as usize) else {
-                            continue;
-                        };
                         let transit = clock.delta_as_nanos(p.sent_raw, now);
-                        m.latency.record(transit);
-                        m.received_packets += 1;
-                        m.received_bytes += d.len() as u64;
-                        f.received += 1;
-                        match f.max_seq {
-                            Some(max) if p.seq <= max => m.reordered += 1,
-                            _ => f.max_seq = Some(p.seq),
-                        }
-                        // RFC 3550 §6.4.1: D(i,j) = (Rj − Ri) − (Sj − Si), J += (|D| − J)/16.
-                        let transit = transit as i64;
-                        if let Some(last) = f.last_transit {
-                            let d = (transit - last).unsigned_abs() as f64;
-                            f.jitter += (d - f.jitter) / 16.0;
-                        }
-                        f.last_transit = Some(transit);
+                        tally.record(p.flow, p.seq, transit, d.len());
                     }
                     _ => {}
                 }
             }
         }
     }
-    let active: Vec<_> = flows.iter().filter(|f| f.received > 1).collect();
-    if !active.is_empty() {
-        m.jitter_ns = active.iter().map(|f| f.jitter).sum::<f64>() / active.len() as f64;
-    }
-    Ok(m)
+    Ok(tally.finish())
 }
 
 /// Per-flow state of the generator.
@@ -762,5 +793,100 @@ impl Burst {
             .iter()
             .map(|r| r.len.div_ceil(r.segment.max(1)))
             .sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEN: usize = 1424;
+
+    #[test]
+    fn in_order_steady_flow_has_no_reordering_no_jitter_and_its_loss_from_the_sender() {
+        let mut t = Tally::new(1);
+        for seq in 0..90 {
+            assert!(t.record(0, seq, 50_000, LEN));
+        }
+        let mut m = t.finish();
+        assert_eq!(m.received_packets, 90);
+        assert_eq!(m.received_bytes, 90 * LEN as u64);
+        assert_eq!(m.reordered, 0);
+        assert_eq!(m.jitter_ns, 0.0);
+        assert_eq!(m.latency.count(), 90);
+        // 10 of the 100 stamped never arrived.
+        m.sent_packets = 100;
+        assert!(
+            (m.loss_percent() - 10.0).abs() < 1e-9,
+            "{}",
+            m.loss_percent()
+        );
+        m.sent_packets = 0;
+        assert_eq!(m.loss_percent(), 100.0, "nothing sent reads as total loss");
+    }
+
+    #[test]
+    fn late_and_duplicate_messages_count_as_reordered_per_flow() {
+        let mut t = Tally::new(2);
+        // Flow 0: 2 arrives after 3, and 4 twice.
+        for seq in [0, 1, 3, 2, 4, 4, 5] {
+            t.record(0, seq, 1_000, LEN);
+        }
+        // Flow 1 starts at 0 after flow 0 reached 5: a flow of its own, not late.
+        for seq in [0, 1, 2] {
+            t.record(1, seq, 1_000, LEN);
+        }
+        let m = t.finish();
+        assert_eq!(m.reordered, 2);
+        assert_eq!(m.received_packets, 10);
+    }
+
+    #[test]
+    fn jitter_follows_rfc_3550() {
+        // Transit times alternating 100 and 300 µs: |D| = 200 µs at every arrival after
+        // the first, so J_n = 200 µs × (1 − (15/16)^n).
+        let mut t = Tally::new(1);
+        let n = 40;
+        for i in 0..=n {
+            let transit = if i % 2 == 0 { 100_000 } else { 300_000 };
+            t.record(0, i, transit, LEN);
+        }
+        let m = t.finish();
+        let want = 200_000.0 * (1.0 - (15.0f64 / 16.0).powi(n as i32));
+        assert!(
+            (m.jitter_ns - want).abs() < 1e-6,
+            "{} vs {want}",
+            m.jitter_ns
+        );
+        // A constant delay added to every transit changes nothing.
+        let mut shifted = Tally::new(1);
+        for i in 0..=n {
+            let transit = if i % 2 == 0 { 5_100_000 } else { 5_300_000 };
+            shifted.record(0, i, transit, LEN);
+        }
+        assert!((shifted.finish().jitter_ns - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn jitter_is_the_mean_over_flows_with_an_interarrival() {
+        let mut t = Tally::new(3);
+        // Flow 0: one step of |D| = 160 µs -> J = 10 µs. Flow 1: steady -> 0. Flow 2: a
+        // single message, no interarrival: left out of the mean.
+        t.record(0, 0, 100_000, LEN);
+        t.record(0, 1, 260_000, LEN);
+        t.record(1, 0, 100_000, LEN);
+        t.record(1, 1, 100_000, LEN);
+        t.record(2, 0, 900_000, LEN);
+        assert_eq!(t.finish().jitter_ns, 5_000.0);
+    }
+
+    #[test]
+    fn a_flow_the_run_does_not_have_is_ignored() {
+        let mut t = Tally::new(1);
+        assert!(!t.record(1, 0, 1_000, LEN));
+        assert!(!t.record(u32::MAX, 0, 1_000, LEN));
+        let m = t.finish();
+        assert_eq!(m.received_packets, 0);
+        assert_eq!(m.jitter_ns, 0.0);
     }
 }

@@ -29,6 +29,8 @@ pub struct Figures {
     /// Latency at each of [`QUANTILES`], in microseconds.
     pub latency_us: [f64; QUANTILES.len()],
     pub cpu_s_per_gb: f64,
+    /// Datagrams that arrived after a later one of their flow; NaN where the run cannot
+    /// tell (iperf3 end to end).
     pub reordered: f64,
     pub flows_established: f64,
 }
@@ -92,6 +94,24 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The cells of contenders named in `fatal` that have no figures (failed, skipped, or no
+/// run completed), one line each: what makes a run fail after its table is printed.
+pub fn missing_cells(results: &[ScenarioResult], fatal: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in results {
+        for c in s.contenders.iter().filter(|c| fatal.contains(&c.name)) {
+            let why = match &c.outcome {
+                Outcome::Measured { runs } if !runs.is_empty() => continue,
+                Outcome::Measured { .. } => "no run completed".to_owned(),
+                Outcome::Skipped(why) => format!("skipped: {why}"),
+                Outcome::Failed(why) => format!("failed: {why}"),
+            };
+            out.push(format!("{} {}: {why}", s.name, c.name));
+        }
+    }
+    out
+}
+
 /// A contender's outcome in one scenario.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -135,7 +155,9 @@ impl ScenarioResult {
     }
 }
 
-/// The `--json` document: exactly the shape the benchmark issue specifies.
+/// The `--json` document: the shape the benchmark issue specifies, plus `reordered`. A
+/// figure a run could not produce (CPU per GB of nothing received, say) is `null`, never
+/// a number that reads as measured.
 #[derive(Debug, Serialize)]
 pub struct JsonReport {
     pub scenarios: Vec<JsonScenario>,
@@ -150,20 +172,17 @@ pub struct JsonScenario {
 #[derive(Debug, Serialize)]
 pub struct JsonContender {
     pub name: String,
-    pub gbps: f64,
-    pub mpps: f64,
-    pub loss_percent: f64,
-    pub jitter_ms: f64,
-    pub p99_us: f64,
-    pub cpu_s_per_gb: f64,
+    pub gbps: Option<f64>,
+    pub mpps: Option<f64>,
+    pub loss_percent: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub cpu_s_per_gb: Option<f64>,
+    pub reordered: Option<f64>,
 }
 
-fn finite(x: f64) -> f64 {
-    if x.is_finite() {
-        x
-    } else {
-        0.0
-    }
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
 }
 
 pub fn json(results: &[ScenarioResult]) -> JsonReport {
@@ -185,6 +204,7 @@ pub fn json(results: &[ScenarioResult]) -> JsonReport {
                             jitter_ms: finite(f.jitter_ms),
                             p99_us: finite(f.p99_us()),
                             cpu_s_per_gb: finite(f.cpu_s_per_gb),
+                            reordered: finite(f.reordered),
                         })
                     })
                     .collect(),
@@ -208,25 +228,25 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         let _ = writeln!(out, "\n### {}\n", s.name);
         let _ = writeln!(
             out,
-            "| contender | Gb/s | Mpps | loss % | jitter ms | p50 µs | p99 µs | p99.9 µs | CPU s/GB | {ratio_title} | runs |"
+            "| contender | Gb/s | Mpps | loss % | reordered | jitter ms | p50 µs | p99 µs | p99.9 µs | CPU s/GB | {ratio_title} | runs |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for c in &s.contenders {
             let f = match (&c.outcome, c.figures()) {
                 (Outcome::Skipped(why), _) => {
-                    let _ = writeln!(out, "| {} | skipped: {why} |||||||||", c.name);
+                    let _ = writeln!(out, "| {} | skipped: {why} |||||||||||", c.name);
                     continue;
                 }
                 (Outcome::Failed(why), _) => {
                     let why = why.replace('|', "/");
-                    let _ = writeln!(out, "| {} | failed: {why} |||||||||", c.name);
+                    let _ = writeln!(out, "| {} | failed: {why} |||||||||||", c.name);
                     continue;
                 }
                 (Outcome::Measured { .. }, None) => {
-                    let _ = writeln!(out, "| {} | failed: no run completed |||||||||", c.name);
+                    let _ = writeln!(out, "| {} | failed: no run completed |||||||||||", c.name);
                     continue;
                 }
                 (Outcome::Measured { runs }, Some(f)) => (f, runs.len()),
@@ -239,11 +259,12 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {:.3} | {:.3} | {:.3} | {:.4} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} |",
+                "| {} | {:.3} | {:.3} | {:.3} | {} | {:.4} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} |",
                 c.name,
                 f.gbps,
                 f.mpps,
                 f.loss_percent,
+                count(f.reordered),
                 f.jitter_ms,
                 f.latency_us[0],
                 f.latency_us[2],
@@ -278,6 +299,15 @@ pub fn markdown(results: &[ScenarioResult]) -> String {
         }
     }
     out
+}
+
+/// A count for the table (a median of counts may end in .5), or "–" where not measured.
+pub fn count(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "–".into()
+    }
 }
 
 /// An SVG with one row per scenario: throughput bars on the left, latency quantiles
@@ -501,6 +531,87 @@ mod tests {
             assert!(c.get(key).is_some(), "missing {key}");
         }
         assert_eq!(v["scenarios"][0]["contenders"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn json_says_null_for_a_figure_a_run_could_not_produce() {
+        let mut results = sample();
+        results[0].contenders[1].outcome = Outcome::Measured {
+            runs: vec![Figures {
+                cpu_s_per_gb: f64::NAN,
+                reordered: f64::NAN,
+                ..fig(0.0)
+            }],
+        };
+        let v = serde_json::to_value(json(&results)).unwrap();
+        let socat = &v["scenarios"][0]["contenders"][1];
+        assert_eq!(socat["name"], "socat");
+        assert!(socat["cpu_s_per_gb"].is_null(), "{socat}");
+        assert!(socat["reordered"].is_null(), "{socat}");
+        assert_eq!(socat["gbps"], 0.0, "a measured zero stays a zero: {socat}");
+        let text = serde_json::to_string(&json(&results)).unwrap();
+        assert!(text.contains("\"cpu_s_per_gb\":null"), "{text}");
+    }
+
+    #[test]
+    fn reordered_datagrams_are_a_column() {
+        let mut results = sample();
+        results[0].contenders[1].outcome = Outcome::Measured {
+            runs: vec![Figures {
+                loss_percent: 1.5,
+                reordered: 17.0,
+                ..fig(1.5)
+            }],
+        };
+        let md = markdown(&results);
+        assert!(md.contains("| loss % | reordered | jitter ms |"), "{md}");
+        assert!(
+            md.contains("| socat | 1.500 | 0.150 | 1.500 | 17 | 0.0000 |"),
+            "{md}"
+        );
+        // Every row has as many cells as the header, skipped ones too.
+        let cells = |l: &str| l.matches('|').count();
+        let header = md.lines().find(|l| l.starts_with("| contender")).unwrap();
+        for row in md.lines().filter(|l| l.starts_with("| ")) {
+            assert_eq!(cells(row), cells(header), "{row}");
+        }
+        assert_eq!(count(f64::NAN), "–");
+    }
+
+    #[test]
+    fn missing_cells_name_only_the_fatal_contenders() {
+        let mut results = sample();
+        results[0].contenders.push(ContenderResult {
+            name: "wraithgate-uring".into(),
+            outcome: Outcome::Failed("relay exited: status 1".into()),
+        });
+        results[0].contenders.push(ContenderResult {
+            name: "wraithgate-portable".into(),
+            outcome: Outcome::Measured {
+                runs: vec![fig(3.0)],
+            },
+        });
+        results[0].contenders.push(ContenderResult {
+            name: "direct".into(),
+            outcome: Outcome::Measured { runs: Vec::new() },
+        });
+        let fatal: Vec<String> = ["wraithgate-uring", "wraithgate-portable", "direct"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            missing_cells(&results, &fatal),
+            [
+                "loopback/1flow-1420B-unpaced wraithgate-uring: failed: relay exited: status 1",
+                "loopback/1flow-1420B-unpaced direct: no run completed",
+            ]
+        );
+        // nginx was skipped and socat measured: neither is fatal.
+        assert!(missing_cells(&sample(), &fatal).is_empty());
+        let nginx = ["nginx".to_owned()];
+        assert_eq!(
+            missing_cells(&sample(), &nginx),
+            ["loopback/1flow-1420B-unpaced nginx: skipped: not installed"]
+        );
     }
 
     #[test]

@@ -22,8 +22,17 @@ use wraithgate_relay::RouterStats;
 /// (`WRAITHGATE_UNDER_QEMU=1`: qemu-user has no io_uring).
 pub fn backends() -> Vec<BackendChoice> {
     let mut out = vec![BackendChoice::Portable];
+    if uring_runs() {
+        out.push(BackendChoice::Uring);
+    }
+    out
+}
+
+/// Whether the io_uring backend can run here; says so loudly when it cannot (a failure
+/// under the same conditions as in [`backends`]).
+pub fn uring_runs() -> bool {
     match wraithgate_relay::io::uring::probe() {
-        Ok(()) => out.push(BackendChoice::Uring),
+        Ok(()) => true,
         Err(e) => {
             let emulated = std::env::var_os("WRAITHGATE_UNDER_QEMU").is_some_and(|v| v == "1");
             assert!(
@@ -31,9 +40,9 @@ pub fn backends() -> Vec<BackendChoice> {
                 "io_uring backend cannot run here and every test must: {e}"
             );
             eprintln!("SKIPPED: the io_uring backend: {e}");
+            false
         }
     }
-    out
 }
 
 /// A relay on loopback.
@@ -77,20 +86,32 @@ impl Relay {
         workers: usize,
         node_key: Option<[u8; 32]>,
     ) -> Relay {
-        let table = SharedTable::new(table);
-        let dp = DataPlane::start(
+        Self::start_config(
+            table,
             DataPlaneConfig {
-                listen: vec![any_loopback()],
-                workers,
-                pin_workers: false,
                 backend,
                 router,
+                workers,
                 node_key,
-                ..DataPlaneConfig::default()
+                ..Self::config()
             },
-            table.clone(),
         )
-        .expect("relay starts");
+    }
+
+    /// The configuration every test relay starts from: loopback, unpinned workers.
+    pub fn config() -> DataPlaneConfig {
+        DataPlaneConfig {
+            listen: vec![any_loopback()],
+            pin_workers: false,
+            ..DataPlaneConfig::default()
+        }
+    }
+
+    /// A relay with a configuration of the test's own (start from [`Relay::config`]).
+    pub fn start_config(table: ExitTable, cfg: DataPlaneConfig) -> Relay {
+        let backend = cfg.backend;
+        let table = SharedTable::new(table);
+        let dp = DataPlane::start(cfg, table.clone()).expect("relay starts");
         if backend != BackendChoice::Auto {
             assert_eq!(dp.backend(), backend.as_str(), "the backend asked for runs");
         }

@@ -271,6 +271,26 @@ fn bench(cli: &Cli) -> Result<()> {
         .iter()
         .map(|n| Contender::parse(n, &cli.wraithgate))
         .collect::<Result<_>>()?;
+    // Cells that fail the run when they have no figures: WraithGate's (what this harness
+    // is for) and the direct path's (no relay at all: when it fails, the generator, the
+    // sink or the topology is broken and no figure of the run means anything). The other
+    // contenders are third-party programs; their failures are reported in the table.
+    // `--wraithgate-alt` is an older build that may lack a backend: reported only. So is
+    // the io_uring backend where io_uring cannot run (a container's seccomp profile, say).
+    let mut fatal: Vec<String> = Vec::new();
+    for c in &contenders {
+        if let Some(e) = c.uring_unavailable() {
+            eprintln!("relay-bench: SKIPPING {}: {e}", c.name());
+        } else if matches!(c, Contender::WraithGate { .. } | Contender::Direct) {
+            fatal.push(c.name());
+        }
+    }
+    if wraithgate_relay::io::uring::probe().is_ok() {
+        fatal.extend(cli.backends.iter().map(|b| format!("zhop-wraithgate-{b}")));
+    } else {
+        let portable = cli.backends.iter().filter(|b| !b.starts_with("uring"));
+        fatal.extend(portable.map(|b| format!("zhop-wraithgate-{b}")));
+    }
     let scenarios = scenarios(cli)?;
     let (duration, warmup, runs) = if cli.quick {
         (
@@ -351,9 +371,9 @@ fn bench(cli: &Cli) -> Result<()> {
                         }
                     };
                     let slot = &mut results[first + si].contenders[ci];
-                    let Outcome::Measured { runs: done } = &mut slot.outcome else {
+                    if !matches!(slot.outcome, Outcome::Measured { .. }) {
                         continue;
-                    };
+                    }
                     let spec = LoadSpec {
                         relay: c.destination(&topo),
                         sink: topo.exit,
@@ -379,22 +399,17 @@ fn bench(cli: &Cli) -> Result<()> {
                         s.name,
                         c.name()
                     );
-                    match measure_once(c, &topo, &spec, cli, &workdir, &clock, &abort) {
-                        Ok(f) => {
-                            eprintln!(
-                                "{:7.3} Gb/s {:7.3} Mpps loss {:6.2}% p99 {:8.0} µs",
-                                f.gbps,
-                                f.mpps,
-                                f.loss_percent,
-                                f.p99_us()
-                            );
-                            done.push(f);
-                        }
-                        Err(e) => {
-                            eprintln!("FAILED: {e:#}");
-                            slot.outcome = Outcome::Failed(format!("{e:#}"));
-                        }
-                    }
+                    let measured = measure_once(c, &topo, &spec, cli, &workdir, &clock, &abort);
+                    record(slot, measured, |f| {
+                        format!(
+                            "{:7.3} Gb/s {:7.3} Mpps loss {:6.2}% reordered {} p99 {:8.0} µs",
+                            f.gbps,
+                            f.mpps,
+                            f.loss_percent,
+                            report::count(f.reordered),
+                            f.p99_us()
+                        )
+                    });
                 }
             }
         }
@@ -451,7 +466,57 @@ fn bench(cli: &Cli) -> Result<()> {
     }
     report::svg(&results, &cli.svg)?;
     eprintln!("relay-bench: wrote {}", cli.svg.display());
+    let missing = report::missing_cells(&results, &fatal);
+    if !missing.is_empty() {
+        for m in &missing {
+            eprintln!("relay-bench: {m}");
+        }
+        bail!(
+            "{} cell(s) of WraithGate or of the direct path have no figures (listed above)",
+            missing.len()
+        );
+    }
     Ok(())
+}
+
+/// Ends the progress line a run started: its figures (`describe`) and into the cell's
+/// runs, or FAILED and the cell failed.
+fn record(
+    slot: &mut ContenderResult,
+    measured: Result<Figures>,
+    describe: impl Fn(&Figures) -> String,
+) {
+    match measured {
+        Ok(f) => {
+            eprintln!("{}", describe(&f));
+            if let Outcome::Measured { runs } = &mut slot.outcome {
+                runs.push(f);
+            }
+        }
+        Err(e) => {
+            eprintln!("FAILED: {e:#}");
+            slot.outcome = Outcome::Failed(format!("{e:#}"));
+        }
+    }
+}
+
+/// The figures of one iperf3 run; `cpu_ns` is what the measured processes spent in it.
+/// iperf3 counts no reordering here, so `reordered` is not a figure of these rows.
+fn iperf_figures(r: &wgo::IperfResult, cpu_ns: u64) -> Figures {
+    let gb = r.bytes / 1e9;
+    Figures {
+        gbps: r.gbps,
+        mpps: r.mpps,
+        loss_percent: r.loss_percent,
+        jitter_ms: r.jitter_ms,
+        cpu_s_per_gb: if gb > 0.0 {
+            cpu_ns as f64 / 1e9 / gb
+        } else {
+            f64::NAN
+        },
+        reordered: f64::NAN,
+        ..Figures::default()
+    }
 }
 
 fn measure_once(
@@ -533,9 +598,9 @@ fn end_to_end(
         for (ti, (test, udp)) in tests.iter().enumerate() {
             for (pi, path) in paths.iter().enumerate() {
                 let slot = &mut results[ti].contenders[pi];
-                let Outcome::Measured { runs: done } = &mut slot.outcome else {
+                if !matches!(slot.outcome, Outcome::Measured { .. }) {
                     continue;
-                };
+                }
                 eprint!("[e2e run {}/{runs}] {test:<24} {:<20} ", run + 1, slot.name);
                 let testdir = workdir.join(test);
                 std::fs::create_dir_all(&testdir)?;
@@ -579,33 +644,14 @@ fn end_to_end(
                     }
                     drop(tunnel);
                     drop(relay);
-                    let gb = r.bytes / 1e9;
-                    Ok(Figures {
-                        gbps: r.gbps,
-                        mpps: r.mpps,
-                        loss_percent: r.loss_percent,
-                        jitter_ms: r.jitter_ms,
-                        cpu_s_per_gb: if gb > 0.0 {
-                            cpu_ns as f64 / 1e9 / gb
-                        } else {
-                            f64::NAN
-                        },
-                        ..Figures::default()
-                    })
+                    Ok(iperf_figures(&r, cpu_ns))
                 })();
-                match measured {
-                    Ok(f) => {
-                        eprintln!(
-                            "{:7.3} Gb/s loss {:6.2}% jitter {:.4} ms",
-                            f.gbps, f.loss_percent, f.jitter_ms
-                        );
-                        done.push(f);
-                    }
-                    Err(e) => {
-                        eprintln!("FAILED: {e:#}");
-                        slot.outcome = Outcome::Failed(format!("{e:#}"));
-                    }
-                }
+                record(slot, measured, |f| {
+                    format!(
+                        "{:7.3} Gb/s loss {:6.2}% jitter {:.4} ms",
+                        f.gbps, f.loss_percent, f.jitter_ms
+                    )
+                });
             }
         }
     }
@@ -681,9 +727,9 @@ fn zhop_runs(
         for (ti, (test, udp)) in tests.iter().enumerate() {
             for (ei, end) in ends.iter().enumerate() {
                 let slot = &mut results[ti].contenders[ei];
-                let Outcome::Measured { runs: done } = &mut slot.outcome else {
+                if !matches!(slot.outcome, Outcome::Measured { .. }) {
                     continue;
-                };
+                }
                 eprint!(
                     "[zhop run {}/{runs}] {test:<24} {:<24} ",
                     run + 1,
@@ -723,33 +769,14 @@ fn zhop_runs(
                     path.check_alive()?;
                     drop(path);
                     forwarded[ti][ei].push(cpu_ns as f64 / sent.max(1) as f64);
-                    let gb = r.bytes / 1e9;
-                    Ok(Figures {
-                        gbps: r.gbps,
-                        mpps: r.mpps,
-                        loss_percent: r.loss_percent,
-                        jitter_ms: r.jitter_ms,
-                        cpu_s_per_gb: if gb > 0.0 {
-                            cpu_ns as f64 / 1e9 / gb
-                        } else {
-                            f64::NAN
-                        },
-                        ..Figures::default()
-                    })
+                    Ok(iperf_figures(&r, cpu_ns))
                 })();
-                match measured {
-                    Ok(f) => {
-                        eprintln!(
-                            "{:7.3} Gb/s loss {:6.2}% relay CPU {:6.2} s/GB",
-                            f.gbps, f.loss_percent, f.cpu_s_per_gb
-                        );
-                        done.push(f);
-                    }
-                    Err(e) => {
-                        eprintln!("FAILED: {e:#}");
-                        slot.outcome = Outcome::Failed(format!("{e:#}"));
-                    }
-                }
+                record(slot, measured, |f| {
+                    format!(
+                        "{:7.3} Gb/s loss {:6.2}% relay CPU {:6.2} s/GB",
+                        f.gbps, f.loss_percent, f.cpu_s_per_gb
+                    )
+                });
             }
         }
     }

@@ -77,8 +77,9 @@ pub struct DataPlaneConfig {
     /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
     /// is off without one.
     pub node_key: Option<[u8; 32]>,
-    /// io_uring backend: receive buffers per worker (rounded up to a power of two), each
-    /// big enough for a whole GRO train; they bound the worker's buffer memory.
+    /// io_uring backend: receive buffers per worker (rounded up to a power of two, at most
+    /// 16,384: the kernel bounds the completion queue they need), each big enough for a
+    /// whole GRO train; they bound the worker's buffer memory.
     pub ring_buffers: usize,
 }
 
@@ -463,6 +464,11 @@ impl DataPlane {
 
     /// Starts the data plane with sessions saved by [`DataPlane::snapshot`] before a
     /// restart; each goes to the worker its client is steered to.
+    ///
+    /// Under `auto`, a worker that cannot set up its own ring (the probe passed, but a
+    /// worker's ring or buffers are far bigger than the probe's, so memory limits bite
+    /// there) makes the whole data plane start again on the portable backend, with one log
+    /// line saying why: every worker runs the same backend.
     pub fn start_restoring(
         cfg: DataPlaneConfig,
         table: SharedTable,
@@ -471,8 +477,36 @@ impl DataPlane {
         if cfg.listen.is_empty() {
             return Err(StartError::NoListen);
         }
-        let workers = cfg.workers.max(1);
         let chosen = choose_backend(cfg.backend)?;
+        if !matches!((cfg.backend, chosen), (BackendChoice::Auto, Chosen::Uring)) {
+            return Self::start_backend(cfg, chosen, table, restore_sessions);
+        }
+        match Self::start_backend(
+            cfg.clone(),
+            Chosen::Uring,
+            table.clone(),
+            restore_sessions.clone(),
+        ) {
+            Err(StartError::Uring(e)) => {
+                tracing::warn!(
+                    "{e}; a worker could not set up io_uring, falling back to the portable \
+                     backend (epoll + recvmmsg)"
+                );
+                Self::start_backend(cfg, Chosen::Portable, table, restore_sessions)
+            }
+            started => started,
+        }
+    }
+
+    /// Binds the listeners and starts every worker on `chosen`. Whatever was started is
+    /// stopped again (sockets closed) before an error returns.
+    fn start_backend(
+        cfg: DataPlaneConfig,
+        chosen: Chosen,
+        table: SharedTable,
+        restore_sessions: Vec<SessionSnapshot>,
+    ) -> Result<DataPlane, StartError> {
+        let workers = cfg.workers.max(1);
         let _ = sys::raise_nofile_limit();
         // Every session holds one exit-facing socket, each worker a few more descriptors.
         let descriptors = workers as u64 * (cfg.router.max_sessions as u64 + 64) + 1024;

@@ -132,7 +132,10 @@ impl UringUnavailable {
                  task running, buffer rings, multishot recvmsg)"
                     .to_owned()
             }
-            Some(libc::ENOMEM) => "not enough locked memory for the ring".to_owned(),
+            Some(libc::ENOMEM) => "not enough memory (or address space, or locked memory \
+                 under RLIMIT_MEMLOCK) for the ring and its receive buffers: each worker maps \
+                 ring_buffers of them, 64 KiB each"
+                .to_owned(),
             _ => "unexpected error".to_owned(),
         };
         UringUnavailable { step, error, hint }
@@ -718,14 +721,25 @@ struct Worker {
     stopping: bool,
 }
 
-/// Sizes of a worker's pools.
+/// The largest completion queue `io_uring_setup` accepts (the kernel's
+/// `IORING_MAX_CQ_ENTRIES`); it answers EINVAL above.
+const MAX_CQ_ENTRIES: usize = 65_536;
+
+/// Sizes of a worker's pools: receive buffers, send slots, completion queue entries.
+///
+/// The completion queue has room for twice everything that can complete at once (a
+/// receive per buffer, a send per slot), and must fit [`MAX_CQ_ENTRIES`]: so at most
+/// 16,384 buffers, and fewer than four send slots per buffer above 4,096 (never fewer
+/// than one).
 fn pool_sizes(cfg: &DataPlaneConfig) -> (u16, usize, u32) {
-    let buffers = cfg.ring_buffers.clamp(8, 32_768).next_power_of_two() as u16;
-    let sends = usize::from(buffers) * 4;
-    let cq = (2 * (usize::from(buffers) + sends))
-        .next_power_of_two()
-        .max(4096) as u32;
-    (buffers, sends, cq)
+    let buffers = cfg
+        .ring_buffers
+        .clamp(8, MAX_CQ_ENTRIES / 4)
+        .next_power_of_two();
+    let sends = (buffers * 4).min(MAX_CQ_ENTRIES / 2 - buffers);
+    let cq = (2 * (buffers + sends)).next_power_of_two().max(4096);
+    // At most 16,384 and 65,536 by the bounds above.
+    (buffers as u16, sends, cq as u32)
 }
 
 /// Runs one worker. Reports on `ready` whether its ring could be set up before it starts
@@ -1376,5 +1390,45 @@ impl Received {
             len,
             stride: if stride == 0 { len } else { stride },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_fit_the_kernels_largest_completion_queue() {
+        for asked in [
+            0,
+            1,
+            8,
+            9,
+            256,
+            4_096,
+            6_000,
+            8_192,
+            16_384,
+            16_385,
+            32_768,
+            1 << 20,
+        ] {
+            let cfg = DataPlaneConfig {
+                ring_buffers: asked,
+                ..DataPlaneConfig::default()
+            };
+            let (buffers, sends, cq) = pool_sizes(&cfg);
+            let b = usize::from(buffers);
+            assert!(
+                b.is_power_of_two() && (8..=16_384).contains(&b),
+                "{asked}: {b}"
+            );
+            assert!(b >= asked.min(16_384), "{asked}: {b} buffers");
+            assert!(sends >= b, "{asked}: {sends} send slots for {b} buffers");
+            assert!(cq as usize >= 2 * (b + sends), "{asked}: cq {cq}");
+            assert!(cq as usize <= MAX_CQ_ENTRIES, "{asked}: cq {cq}");
+        }
+        // The default keeps four send slots per buffer.
+        assert_eq!(pool_sizes(&DataPlaneConfig::default()), (256, 1024, 4096));
     }
 }
