@@ -245,8 +245,9 @@ impl Config {
         let bad_buffer = |b: usize| !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(&b);
         let checks: [(bool, &str); 9] = [
             (
-                r.ring_buffers < 8 || r.ring_buffers > 32_768,
-                "[relay] ring_buffers: must be between 8 and 32768",
+                r.ring_buffers < 8 || r.ring_buffers > 16_384,
+                "[relay] ring_buffers: must be between 8 and 16384 (each buffer needs room in \
+                 the kernel's largest io_uring completion queue, 65,536 entries)",
             ),
             (
                 bad_buffer(r.socket_buffer),
@@ -403,7 +404,8 @@ listen = ["0.0.0.0:51820"]
 # "auto" uses io_uring where the kernel allows it, else "portable" (recvmmsg/sendmmsg);
 # "uring" refuses to start without io_uring.
 backend = "auto"
-# io_uring receive buffers per worker, a power of two (64 KiB each, resident once used).
+# io_uring receive buffers per worker, a power of two from 8 to 16384 (64 KiB each,
+# resident once used).
 # ring_buffers = 256
 # Kernel buffer of each client-facing socket, bytes (per worker and listen address). It
 # absorbs bursts while a worker is busy; under sustained overload it is also the standing
@@ -538,6 +540,20 @@ mod tests {
         let (l, msg) = line(parse("[relay]\n\nexit_socket_buffer = 999999999999\n").unwrap_err());
         assert_eq!(l, 3, "{msg}");
         assert!(msg.contains("exit_socket_buffer"), "{msg}");
+    }
+
+    #[test]
+    fn ring_buffers_stop_at_what_the_kernel_can_complete() {
+        assert_eq!(
+            parse("[relay]\nring_buffers = 16384\n")
+                .unwrap()
+                .data_plane
+                .ring_buffers,
+            16_384
+        );
+        let (l, msg) = line(parse("[relay]\n\nring_buffers = 32768\n").unwrap_err());
+        assert_eq!(l, 3, "{msg}");
+        assert!(msg.contains("between 8 and 16384"), "{msg}");
     }
 
     #[test]
