@@ -940,15 +940,7 @@ fn netns_interop_garbage_and_spoofing() {
             // Forged initiations with a valid mac1 "from" the client may open pending
             // sessions from its address to other exits (they expire); its established
             // session must be the very same one.
-            let (b, a) = (
-                own_session(lab, &sessions_before, i),
-                own_session(lab, &sessions_after, i),
-            );
-            ensure!(
-                a.len() == 1 && b.len() == 1 && a[0].id == b[0].id && a[0].established,
-                "client{}'s session to its exit changed under attack: {b:#?} -> {a:#?}",
-                i + 1
-            );
+            same_session(lab, &sessions_before, &sessions_after, i)?;
             ensure!(
                 lab.exit_view_of_client(i, i)? == views[i],
                 "exit{} now sends client{}'s traffic elsewhere",
@@ -1004,14 +996,23 @@ fn capacity_and_pace(lab: &Lab, secs: u32) -> Result<([f64; 2], [Traffic; 2])> {
     Ok((capacity, paced))
 }
 
-/// Client `i`'s established session to its own exit, which an attack must leave alone.
-fn own_session(lab: &Lab, sessions: &[SessionView], i: usize) -> Vec<SessionView> {
+/// Client `i`'s session to its own exit is the very one it was before an attack, and still
+/// established.
+fn same_session(lab: &Lab, before: &[SessionView], after: &[SessionView], i: usize) -> Result<()> {
     let exit = format!("exit{}", i + 1);
-    session_of(sessions, lab.client_addr(i))
-        .into_iter()
-        .filter(|s| s.exit == exit)
-        .cloned()
-        .collect()
+    let own = |sessions| -> Vec<&SessionView> {
+        session_of(sessions, lab.client_addr(i))
+            .into_iter()
+            .filter(|s| s.exit == exit)
+            .collect()
+    };
+    let (b, a) = (own(before), own(after));
+    ensure!(
+        a.len() == 1 && b.len() == 1 && a[0].id == b[0].id && a[0].established,
+        "client{}'s session to {exit} changed under attack: {b:#?} -> {a:#?}",
+        i + 1
+    );
+    Ok(())
 }
 
 /// Issue 7, in the lab: a handshake flood from many spoofed sources, written with a raw
@@ -1123,15 +1124,7 @@ fn netns_flood_of_raw_spoofed_handshakes_spares_the_tunnels() {
                     i + 1,
                     100.0 * kept
                 );
-                let (b, a) = (
-                    own_session(lab, &sessions_before, i),
-                    own_session(lab, &sessions_after, i),
-                );
-                ensure!(
-                    a.len() == 1 && b.len() == 1 && a[0].id == b[0].id && a[0].established,
-                    "client{}'s session changed under the flood: {b:#?} -> {a:#?}",
-                    i + 1
-                );
+                same_session(lab, &sessions_before, &sessions_after, i)?;
             }
             ensure!(
                 sent.total() > u64::from(RATE) * u64::from(SECS) * ROUNDS as u64 / 2,
