@@ -265,6 +265,8 @@ pub struct DataPlane {
     shutdown: Arc<AtomicBool>,
     local: Vec<SocketAddr>,
     backend: &'static str,
+    /// Why `auto` runs the portable backend, when it asked for io_uring and was refused.
+    fallback: Option<UringUnavailable>,
     table: SharedTable,
     /// Tables replaced but perhaps still held by a worker. Kept here so that the last
     /// reference, and the cost of freeing a large table, falls on the control thread.
@@ -310,19 +312,19 @@ impl Chosen {
 }
 
 /// Resolves `auto`: io_uring when this process can set it up, otherwise the portable
-/// backend with one log line saying why.
-fn choose_backend(choice: BackendChoice) -> Result<Chosen, StartError> {
+/// backend with one log line saying why; that reason is returned with the choice.
+fn choose_backend(choice: BackendChoice) -> Result<(Chosen, Option<UringUnavailable>), StartError> {
     match choice {
-        BackendChoice::Portable => Ok(Chosen::Portable),
+        BackendChoice::Portable => Ok((Chosen::Portable, None)),
         BackendChoice::Uring => {
             uring::probe()?;
-            Ok(Chosen::Uring)
+            Ok((Chosen::Uring, None))
         }
         BackendChoice::Auto => match uring::probe() {
-            Ok(()) => Ok(Chosen::Uring),
+            Ok(()) => Ok((Chosen::Uring, None)),
             Err(e) => {
                 tracing::warn!("{e}; falling back to the portable backend (epoll + recvmmsg)");
-                Ok(Chosen::Portable)
+                Ok((Chosen::Portable, Some(e)))
             }
         },
     }
@@ -408,7 +410,7 @@ impl DataPlane {
             return Err(StartError::NoListen);
         }
         let workers = cfg.workers.max(1);
-        let chosen = choose_backend(cfg.backend)?;
+        let (chosen, fallback) = choose_backend(cfg.backend)?;
         let _ = sys::raise_nofile_limit();
         let pinned: Vec<u16> = table.load().pinned_ports().collect();
         let mut per_worker: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
@@ -504,6 +506,7 @@ impl DataPlane {
             configured: local[..cfg.listen.len()].to_vec(),
             local,
             backend: chosen.as_str(),
+            fallback,
             table,
             retired: Mutex::new(Vec::new()),
             listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
@@ -544,6 +547,12 @@ impl DataPlane {
     /// The backend the workers run.
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Why `backend = "auto"` fell back to the portable backend (the error io_uring's set-up
+    /// gave); `None` when it runs io_uring or another backend was asked for by name.
+    pub fn fallback_reason(&self) -> Option<&UringUnavailable> {
+        self.fallback.as_ref()
     }
 
     pub fn worker_count(&self) -> usize {
