@@ -218,6 +218,25 @@ impl IoStats {
     }
 }
 
+/// `T` aligned, and so padded, to 128 bytes: per-worker state that another thread reads
+/// never shares a cache line with another worker's. Graviton 2-4 (Neoverse N1/V1/V2) have
+/// 64-byte lines, but some ARM server cores have 128-byte lines, and x86_64's spatial
+/// prefetcher pulls lines in 128-byte pairs; 64 would be enough only on the first.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(pub T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// A worker's published report as the worker and the control side share it: in an
+/// allocation of its own, padded so that no other worker's report shares its lines.
+pub(crate) type SharedReport = Arc<CachePadded<Mutex<WorkerReport>>>;
+
 /// What a worker last published about itself.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerReport {
@@ -255,7 +274,7 @@ struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
     requests: mpsc::Sender<WorkerRequest>,
     waker: Arc<mio::Waker>,
-    report: Arc<Mutex<WorkerReport>>,
+    report: SharedReport,
 }
 
 /// The running data plane.
@@ -291,7 +310,7 @@ pub(crate) struct WorkerContext {
     /// Its waker's registry: the worker learns of requests and shutdown through it.
     pub poll: mio::Poll,
     pub requests: mpsc::Receiver<WorkerRequest>,
-    pub report: Arc<Mutex<WorkerReport>>,
+    pub report: SharedReport,
     pub shutdown: Arc<AtomicBool>,
 }
 
@@ -455,11 +474,11 @@ impl DataPlane {
                     .map_err(StartError::Poll)?,
             );
             let (tx, rx) = mpsc::channel();
-            let report = Arc::new(Mutex::new(WorkerReport {
+            let report = Arc::new(CachePadded(Mutex::new(WorkerReport {
                 worker: id,
                 backend: chosen.as_str(),
                 ..Default::default()
-            }));
+            })));
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let ctx = WorkerContext {
                 id,
@@ -752,6 +771,24 @@ impl Drop for DataPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_reports_fill_whole_128_byte_blocks() {
+        assert_eq!(
+            std::mem::align_of::<CachePadded<Mutex<WorkerReport>>>(),
+            128
+        );
+        assert_eq!(
+            std::mem::size_of::<CachePadded<Mutex<WorkerReport>>>() % 128,
+            0
+        );
+        let reports: Vec<SharedReport> = (0..4)
+            .map(|_| Arc::new(CachePadded(Mutex::new(WorkerReport::default()))))
+            .collect();
+        for r in &reports {
+            assert_eq!(Arc::as_ptr(r) as usize % 128, 0, "{:p}", Arc::as_ptr(r));
+        }
+    }
 
     #[test]
     fn histogram_buckets_by_powers_of_two_microseconds() {
