@@ -29,7 +29,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use serde_json::{json, Value};
 use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, KeyPair, PeerOptions, Received, WgNode,
+    any_loopback, ipv4_udp, tunnel_addrs, workspace_command, KeyPair, PeerOptions, Received, WgNode,
 };
 use wraithgate_relay::wire::{self, Message};
 use wraithgate_relay::{DropReason, PublicKey};
@@ -181,7 +181,7 @@ impl Node {
         std::fs::write(&path, conf).unwrap();
         // Auto (io_uring where it works) unless WRAITHGATE_ADVERSARIAL_BACKEND says.
         let backend = std::env::var("WRAITHGATE_ADVERSARIAL_BACKEND").unwrap_or("auto".into());
-        let child = Command::new(env!("CARGO_BIN_EXE_wraithgate"))
+        let child = workspace_command(env!("CARGO_BIN_EXE_wraithgate"))
             .args(["run", "--backend", &backend, "--config"])
             .arg(&path)
             .arg("--state-dir")

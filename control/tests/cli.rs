@@ -6,11 +6,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, workspace_command, KeyPair, PeerOptions,
+    Received, WgNode,
 };
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wraithgate"))
+    workspace_command(env!("CARGO_BIN_EXE_wraithgate"))
 }
 
 fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {

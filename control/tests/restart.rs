@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use wraithgate_control::state::DesiredState;
 use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, workspace_command, KeyPair, PeerOptions,
+    Received, WgNode,
 };
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -37,7 +38,7 @@ fn free_tcp_port() -> u16 {
 }
 
 fn start(config: &Path, state: &Path, api: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_wraithgate"))
+    workspace_command(env!("CARGO_BIN_EXE_wraithgate"))
         .args(["run", "--workers", "2", "--config"])
         .arg(config)
         .arg("--state-dir")

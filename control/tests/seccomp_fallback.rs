@@ -15,7 +15,7 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 const CHILD_ENV: &str = "WRAITHGATE_TEST_SECCOMP_ERRNO";
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wraithgate"))
+    wraithgate_control::testbed::workspace_command(env!("CARGO_BIN_EXE_wraithgate"))
 }
 
 /// Makes `io_uring_setup` fail with `errno` for every thread of this process and every

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use boringtun::noise::rate_limiter::RateLimiter;
+use nix::errno::Errno;
 use wraithgate_control::testbed::{
     ipv4_udp, tunnel_addrs, udp_payload, PeerOptions, Received, WgNode,
 };
 use wraithgate_relay::io::BackendChoice;
 use wraithgate_relay::DropReason;
-use wraithgate_tests::{backends, exit_spec, node, pump, Relay};
+use wraithgate_tests::{backends, exit_spec, node, pump, under_qemu, Relay};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -123,6 +124,80 @@ fn handshake_and_data_both_ways() {
         assert_eq!(s.total_drops(), 0, "{s:?}");
         assert_eq!(exit.handshakes(ep), 1);
     });
+}
+
+/// `auto` runs io_uring exactly where this process can set it up and the portable backend
+/// elsewhere, says why it fell back, and forwards either way. Under qemu-user, where
+/// io_uring answers ENOSYS, this is the test that the fallback happens.
+#[test]
+fn auto_runs_io_uring_exactly_where_the_probe_allows_and_forwards() {
+    let probe = wraithgate_relay::io::uring::probe();
+    if under_qemu() {
+        let e = probe
+            .as_ref()
+            .expect_err("qemu-user does not emulate io_uring");
+        assert_eq!(e.error.raw_os_error(), Some(Errno::ENOSYS as i32), "{e}");
+    }
+    let mut exit = node();
+    let mut client = node();
+    let relay = Relay::start(BackendChoice::Auto, vec![exit_spec("exit", &exit, None)]);
+    match &probe {
+        Ok(()) => {
+            assert_eq!(relay.dp.backend(), "uring");
+            assert!(relay.dp.fallback_reason().is_none());
+        }
+        Err(refused) => {
+            assert_eq!(relay.dp.backend(), "portable");
+            let why = relay
+                .dp
+                .fallback_reason()
+                .expect("the data plane says why it fell back");
+            assert_eq!(why.step, refused.step, "{why}");
+            assert_eq!(
+                why.error.raw_os_error(),
+                refused.error.raw_os_error(),
+                "{why}"
+            );
+            eprintln!("auto fell back to the portable backend: {why}");
+        }
+    }
+
+    let (cp, ep) = pair(relay.addr, &mut exit, &mut client);
+    for i in 0..20u32 {
+        let body = format!("auto {i}");
+        assert_eq!(
+            deliver(&mut client, cp, &mut exit, &mut [], &ip(1, body.as_bytes())),
+            Some(ep)
+        );
+        assert_eq!(
+            deliver(
+                &mut exit,
+                ep,
+                &mut client,
+                &mut [],
+                &reply(1, body.as_bytes())
+            ),
+            Some(cp)
+        );
+    }
+
+    // Every worker runs the backend the data plane reports, and the traffic went through
+    // it: only io_uring workers enter a ring.
+    let since = std::time::Instant::now();
+    let reports = relay.dp.reports_after(since, WAIT);
+    let mut forwarded = 0;
+    let mut ring_enters = 0;
+    for r in &reports {
+        assert_eq!(r.backend, relay.dp.backend(), "worker {}", r.worker);
+        forwarded += r.router.client_to_exit.packets + r.router.exit_to_client.packets;
+        ring_enters += r.io.ring_enters;
+    }
+    assert!(forwarded >= 40, "{reports:?}");
+    if probe.is_ok() {
+        assert!(ring_enters > 0, "io_uring workers entered their rings");
+    } else {
+        assert_eq!(ring_enters, 0, "portable workers have no ring");
+    }
 }
 
 #[test]

@@ -219,6 +219,25 @@ impl IoStats {
     }
 }
 
+/// `T` aligned, and so padded, to 128 bytes: per-worker state that another thread reads
+/// never shares a cache line with another worker's. Graviton 2-4 (Neoverse N1/V1/V2) have
+/// 64-byte lines, but some ARM server cores have 128-byte lines, and x86_64's spatial
+/// prefetcher pulls lines in 128-byte pairs; 64 would be enough only on the first.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(pub T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// A worker's published report as the worker and the control side share it: in an
+/// allocation of its own, padded so that no other worker's report shares its lines.
+pub(crate) type SharedReport = Arc<CachePadded<Mutex<WorkerReport>>>;
+
 /// What a worker last published about itself.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerReport {
@@ -256,7 +275,7 @@ struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
     requests: mpsc::Sender<WorkerRequest>,
     waker: Arc<mio::Waker>,
-    report: Arc<Mutex<WorkerReport>>,
+    report: SharedReport,
 }
 
 /// The running data plane.
@@ -266,6 +285,8 @@ pub struct DataPlane {
     shutdown: Arc<AtomicBool>,
     local: Vec<SocketAddr>,
     backend: &'static str,
+    /// Why `auto` runs the portable backend, when it asked for io_uring and was refused.
+    fallback: Option<UringUnavailable>,
     table: SharedTable,
     /// Tables replaced but perhaps still held by a worker. Kept here so that the last
     /// reference, and the cost of freeing a large table, falls on the control thread.
@@ -322,7 +343,7 @@ pub(crate) struct WorkerContext {
     /// Its waker's registry: the worker learns of requests and shutdown through it.
     pub poll: mio::Poll,
     pub requests: mpsc::Receiver<WorkerRequest>,
-    pub report: Arc<Mutex<WorkerReport>>,
+    pub report: SharedReport,
     pub shutdown: Arc<AtomicBool>,
 }
 
@@ -343,19 +364,19 @@ impl Chosen {
 }
 
 /// Resolves `auto`: io_uring when this process can set it up, otherwise the portable
-/// backend with one log line saying why.
-fn choose_backend(choice: BackendChoice) -> Result<Chosen, StartError> {
+/// backend with one log line saying why; that reason is returned with the choice.
+fn choose_backend(choice: BackendChoice) -> Result<(Chosen, Option<UringUnavailable>), StartError> {
     match choice {
-        BackendChoice::Portable => Ok(Chosen::Portable),
+        BackendChoice::Portable => Ok((Chosen::Portable, None)),
         BackendChoice::Uring => {
             uring::probe()?;
-            Ok(Chosen::Uring)
+            Ok((Chosen::Uring, None))
         }
         BackendChoice::Auto => match uring::probe() {
-            Ok(()) => Ok(Chosen::Uring),
+            Ok(()) => Ok((Chosen::Uring, None)),
             Err(e) => {
                 tracing::warn!("{e}; falling back to the portable backend (epoll + recvmmsg)");
-                Ok(Chosen::Portable)
+                Ok((Chosen::Portable, Some(e)))
             }
         },
     }
@@ -477,13 +498,14 @@ impl DataPlane {
         if cfg.listen.is_empty() {
             return Err(StartError::NoListen);
         }
-        let chosen = choose_backend(cfg.backend)?;
+        let (chosen, fallback) = choose_backend(cfg.backend)?;
         if !matches!((cfg.backend, chosen), (BackendChoice::Auto, Chosen::Uring)) {
-            return Self::start_backend(cfg, chosen, table, restore_sessions);
+            return Self::start_backend(cfg, chosen, fallback, table, restore_sessions);
         }
         match Self::start_backend(
             cfg.clone(),
             Chosen::Uring,
+            None,
             table.clone(),
             restore_sessions.clone(),
         ) {
@@ -492,17 +514,19 @@ impl DataPlane {
                     "{e}; a worker could not set up io_uring, falling back to the portable \
                      backend (epoll + recvmmsg)"
                 );
-                Self::start_backend(cfg, Chosen::Portable, table, restore_sessions)
+                Self::start_backend(cfg, Chosen::Portable, Some(e), table, restore_sessions)
             }
             started => started,
         }
     }
 
-    /// Binds the listeners and starts every worker on `chosen`. Whatever was started is
-    /// stopped again (sockets closed) before an error returns.
+    /// Binds the listeners and starts every worker on `chosen` (`fallback`: why `auto` did
+    /// not get io_uring, if so). Whatever was started is stopped again (sockets closed)
+    /// before an error returns.
     fn start_backend(
         cfg: DataPlaneConfig,
         chosen: Chosen,
+        fallback: Option<UringUnavailable>,
         table: SharedTable,
         restore_sessions: Vec<SessionSnapshot>,
     ) -> Result<DataPlane, StartError> {
@@ -576,11 +600,11 @@ impl DataPlane {
                     .map_err(StartError::Poll)?,
             );
             let (tx, rx) = mpsc::channel();
-            let report = Arc::new(Mutex::new(WorkerReport {
+            let report = Arc::new(CachePadded(Mutex::new(WorkerReport {
                 worker: id,
                 backend: chosen.as_str(),
                 ..Default::default()
-            }));
+            })));
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let ctx = WorkerContext {
                 id,
@@ -627,6 +651,7 @@ impl DataPlane {
             configured: local[..cfg.listen.len()].to_vec(),
             local,
             backend: chosen.as_str(),
+            fallback,
             table,
             retired: Mutex::new(Vec::new()),
             listen_ips: cfg.listen.iter().map(|a| a.ip()).collect(),
@@ -689,6 +714,12 @@ impl DataPlane {
     /// The backend the workers run.
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Why `backend = "auto"` fell back to the portable backend (the error io_uring's set-up
+    /// gave); `None` when it runs io_uring or another backend was asked for by name.
+    pub fn fallback_reason(&self) -> Option<&UringUnavailable> {
+        self.fallback.as_ref()
     }
 
     pub fn worker_count(&self) -> usize {
@@ -930,6 +961,24 @@ impl Drop for DataPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_reports_fill_whole_128_byte_blocks() {
+        assert_eq!(
+            std::mem::align_of::<CachePadded<Mutex<WorkerReport>>>(),
+            128
+        );
+        assert_eq!(
+            std::mem::size_of::<CachePadded<Mutex<WorkerReport>>>() % 128,
+            0
+        );
+        let reports: Vec<SharedReport> = (0..4)
+            .map(|_| Arc::new(CachePadded(Mutex::new(WorkerReport::default()))))
+            .collect();
+        for r in &reports {
+            assert_eq!(Arc::as_ptr(r) as usize % 128, 0, "{:p}", Arc::as_ptr(r));
+        }
+    }
 
     #[test]
     fn histogram_buckets_by_powers_of_two_microseconds() {

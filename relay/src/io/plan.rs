@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Mutex, TryLockError};
 use std::time::Instant;
 
 use super::sys::{self, SendBatch, Transmit, MAX_GSO_SEGMENTS};
@@ -473,18 +473,31 @@ pub(crate) fn restore(
     }
 }
 
-/// Publishes a worker's counters for the control side.
-pub(crate) fn publish(report: &Mutex<WorkerReport>, router: &Router, zhop: &Zhop, io: &IoStats) {
-    if let Ok(mut r) = report.lock() {
-        r.router.clone_from(router.stats());
-        r.io.clone_from(io);
-        r.io.cpu_ns = sys::thread_cpu_time().as_nanos() as u64;
-        r.sessions = router.session_count();
-        r.pending = router.pending_count();
-        r.table_generation = router.table().generation();
-        r.zhop = zhop.stats();
-        r.published = Some(std::time::Instant::now());
-    }
+/// Publishes a worker's counters for the control side, unless a reader holds the report at
+/// this moment: a worker never waits for the control side. Returns whether it published;
+/// when not, the caller tries again on its next loop iteration.
+pub(crate) fn publish(
+    report: &Mutex<WorkerReport>,
+    router: &Router,
+    zhop: &Zhop,
+    io: &IoStats,
+) -> bool {
+    let mut r = match report.try_lock() {
+        Ok(r) => r,
+        Err(TryLockError::WouldBlock) => return false,
+        // A reader panicked while cloning; the report itself is whole, and readers that
+        // see the poison fall back to an empty one, so keep it current.
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+    };
+    r.router.clone_from(router.stats());
+    r.io.clone_from(io);
+    r.io.cpu_ns = sys::thread_cpu_time().as_nanos() as u64;
+    r.sessions = router.session_count();
+    r.pending = router.pending_count();
+    r.table_generation = router.table().generation();
+    r.zhop = zhop.stats();
+    r.published = Some(std::time::Instant::now());
+    true
 }
 
 #[cfg(test)]
@@ -528,5 +541,31 @@ mod tests {
             plan(&mut runs, true, exit(1), 0, i * 10, 10);
         }
         assert_eq!(runs.len(), 2);
+    }
+    #[test]
+    fn publish_skips_while_a_reader_holds_the_report_and_never_waits() {
+        let now = Instant::now();
+        let table = std::sync::Arc::new(ExitTable::new(1, Vec::new()).expect("empty table"));
+        let router = Router::new(crate::router::RouterConfig::default(), table.clone(), now);
+        let zhop = Zhop::new(None, table, [0; 32], now);
+        let io = IoStats {
+            recv_calls: 7,
+            ..IoStats::default()
+        };
+        let report = Mutex::new(WorkerReport::default());
+
+        let held = report.lock().expect("not poisoned");
+        assert!(
+            !publish(&report, &router, &zhop, &io),
+            "skipped, not blocked"
+        );
+        drop(held);
+        assert_eq!(report.lock().expect("not poisoned").io.recv_calls, 0);
+
+        assert!(publish(&report, &router, &zhop, &io));
+        let r = report.lock().expect("not poisoned");
+        assert_eq!(r.io.recv_calls, 7);
+        assert_eq!(r.table_generation, 1);
+        assert!(r.published.is_some());
     }
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -22,7 +22,7 @@ use socket2::Socket;
 use super::plan::{self, Run, Source, Target, WorkerIo};
 use super::sys::{self, RecvBatch, SendBatch, Transmit};
 use super::train::{self, SyncSend, TrainSockets, Trains};
-use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
+use super::{BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
@@ -101,7 +101,7 @@ struct Worker {
     client_tx: Vec<(u16, SocketAddr, usize, usize, usize, Option<u16>)>,
     ready: VecDeque<Token>,
     requests: mpsc::Receiver<WorkerRequest>,
-    report: Arc<Mutex<WorkerReport>>,
+    report: SharedReport,
     shutdown: Arc<AtomicBool>,
     io: IoStats,
     last_report: Instant,
@@ -215,8 +215,9 @@ impl Worker {
     }
 
     fn publish(&mut self, now: Instant) {
-        self.last_report = now;
-        plan::publish(&self.report, &self.router, &self.zhop, &self.io);
+        if plan::publish(&self.report, &self.router, &self.zhop, &self.io) {
+            self.last_report = now;
+        }
     }
 
     /// Serves one ready socket for a turn. Returns whether it may have more to read.

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, workspace_command, KeyPair, PeerOptions,
+    Received, WgNode,
 };
 
 /// The `wraithgate` binary, built by Cargo on first use.
@@ -123,7 +124,7 @@ impl Node {
             ),
         )
         .unwrap();
-        let mut child = Command::new(wraithgate_bin())
+        let mut child = workspace_command(wraithgate_bin())
             .args(["run", "--api-listen", "127.0.0.1:0", "--config"])
             .arg(&config)
             .arg("--state-dir")
@@ -223,7 +224,7 @@ impl Drop for Node {
 
 /// `wraithctl` with none of its environment variables set.
 fn wraithctl() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_wraithctl"));
+    let mut c = workspace_command(env!("CARGO_BIN_EXE_wraithctl"));
     for v in ["WRAITHCTL_URL", "WRAITHCTL_SOCKET", "WRAITHCTL_TOKEN_FILE"] {
         c.env_remove(v);
     }

@@ -34,7 +34,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, SubmitArgs, Timespec};
@@ -46,7 +46,7 @@ use self::sendq::{BufRef, SendInfo, SendSlots};
 use super::plan::{self, Run, Source, Target, WorkerIo};
 use super::sys::{self, is_gso_errno, SendBatch, MAX_GSO_SEGMENTS};
 use super::train::{self, SyncSend, TrainSockets, Trains};
-use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext, WorkerReport, WorkerRequest};
+use super::{BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
 use crate::table::SharedTable;
@@ -707,7 +707,7 @@ struct Worker {
     events: mio::Events,
     wake_armed: bool,
     requests: mpsc::Receiver<WorkerRequest>,
-    report: Arc<Mutex<WorkerReport>>,
+    report: SharedReport,
     shutdown: Arc<AtomicBool>,
     /// Sockets whose multishot receive ended and must be armed again.
     rearm: Vec<u32>,
@@ -912,9 +912,10 @@ impl Worker {
     }
 
     fn publish(&mut self, now: Instant) {
-        self.last_report = now;
         self.plane.io.ring_enters = self.plane.ring.enters;
-        plan::publish(&self.report, &self.router, &self.zhop, &self.plane.io);
+        if plan::publish(&self.report, &self.router, &self.zhop, &self.plane.io) {
+            self.last_report = now;
+        }
     }
 
     /// Watches the waker's epoll descriptor, which becomes readable when the control side
