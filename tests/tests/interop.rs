@@ -858,14 +858,11 @@ fn netns_interop_garbage_and_spoofing() {
             std::thread::sleep(Duration::from_millis(300));
             attacked.push(measure(lab, paced)?);
             let t2 = lab.cpu_seconds();
-            let r = attacker
-                .join()
-                .map_err(|_| anyhow::anyhow!("the attacker panicked"))??;
-            for (k, n) in r.sent {
-                *sent.sent.entry(k).or_default() += n;
-            }
-            sent.send_errors += r.send_errors;
-            sent.ran += r.ran;
+            sent.add(
+                attacker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the attacker panicked"))??,
+            );
             for k in 0..6 {
                 cpu[0][k] += t1[k] - t0[k];
                 cpu[1][k] += t2[k] - t1[k];
@@ -876,14 +873,11 @@ fn netns_interop_garbage_and_spoofing() {
         let attacker = attack::launch(&lab.attacker, plan.clone())?;
         std::thread::sleep(Duration::from_millis(300));
         let unpaced = measure(lab, [Traffic::Tcp; 2])?;
-        let r = attacker
-            .join()
-            .map_err(|_| anyhow::anyhow!("the attacker panicked"))??;
-        for (k, n) in r.sent {
-            *sent.sent.entry(k).or_default() += n;
-        }
-        sent.send_errors += r.send_errors;
-        sent.ran += r.ran;
+        sent.add(
+            attacker
+                .join()
+                .map_err(|_| anyhow::anyhow!("the attacker panicked"))??,
+        );
         lab.report(&format!(
             "unpaced under attack: {unpaced:.0?} Mb/s, {:.0?} % of undisturbed (reported, not \
              judged)",
@@ -1072,14 +1066,11 @@ fn netns_flood_of_raw_spoofed_handshakes_spares_the_tunnels() {
                     tunnels.1.wait().map_or(0.0, |r| r.mbps),
                 ];
                 flooded.push(got);
-                let r = flood
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the flood panicked"))??;
-                sent.send_errors += r.send_errors;
-                sent.ran += r.ran;
-                for (k, n) in r.sent {
-                    *sent.sent.entry(k).or_default() += n;
-                }
+                sent.add(
+                    flood
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the flood panicked"))??,
+                );
                 rss.push(lab.relay.rss_kib().context("the node's memory")?);
             }
             let after = lab.relay.metrics()?;

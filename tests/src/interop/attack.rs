@@ -64,6 +64,15 @@ impl AttackReport {
     pub fn total(&self) -> u64 {
         self.sent.values().sum()
     }
+
+    /// Adds another run's figures to these.
+    pub fn add(&mut self, other: AttackReport) {
+        for (k, n) in other.sent {
+            *self.sent.entry(k).or_default() += n;
+        }
+        self.send_errors += other.send_errors;
+        self.ran += other.ran;
+    }
 }
 
 /// Runs `plan` from inside `ns` on a thread of its own; join the handle for the report.
