@@ -260,7 +260,9 @@ mod tests {
         const CHILD: &str = "WG_STATE_TEST_CHILD";
         let name = "state::tests::a_failed_directory_sync_after_the_rename_says_the_file_changed";
         if std::env::var_os(CHILD).is_none() {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
+            // Through the target runner under emulation, which cannot exec an aarch64 binary
+            // by itself.
+            let out = crate::testbed::workspace_command(std::env::current_exe().unwrap())
                 .args(["--exact", name, "--nocapture", "--test-threads=1"])
                 .env(CHILD, "1")
                 .output()
