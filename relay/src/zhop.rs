@@ -25,6 +25,7 @@ use crate::drop_reason::DropReason;
 use crate::inner::{self, InnerError};
 use crate::keys::{Mac1Key, PublicKey};
 use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
+use crate::router::RouterConfig;
 use crate::router::{Listener, SessionSlot, Traffic};
 use crate::slab::Slab;
 use crate::table::ExitTable;
@@ -46,9 +47,6 @@ const PROVEN_PER_SOURCE: u32 = 20;
 const PROVEN_BURST: u32 = 5;
 /// Buckets of each per-source limiter (fixed: a flood from many sources costs no memory).
 const LIMITER_BUCKETS: usize = 4_096;
-/// Cookie replies a worker sends per second at most: bounds the work (and the bytes sent
-/// to unproven addresses) a flood can cost once the worker is under load.
-const COOKIE_REPLIES_PER_SECOND: u32 = 20_000;
 /// Distinct inner flows (source, exit) one peer may have.
 const MAX_FLOWS_PER_PEER: usize = 16;
 /// Largest datagram handled.
@@ -180,11 +178,14 @@ impl std::fmt::Debug for Zhop {
 
 impl Zhop {
     /// Z-HOP with the node's key, or disabled (`None`): then nothing is ever claimed.
-    /// Cookies derive from `cookie_seed`; workers sharing it accept each other's cookies.
+    /// Cookies derive from the router's `cookie_seed` (workers sharing it accept each
+    /// other's cookies), and their replies share the operator's budget per second
+    /// (`cookie_replies_per_second`), which bounds the work and the bytes sent to unproven
+    /// addresses a flood can cost once the worker is under load.
     pub fn new(
         key: Option<NodeKey>,
         table: Arc<ExitTable>,
-        cookie_seed: [u8; 32],
+        router: &RouterConfig,
         now: Instant,
     ) -> Self {
         let public = key
@@ -201,10 +202,10 @@ impl Zhop {
             load_until: None,
             proven_limiter: proven(),
             verified_limiter: proven(),
-            cookies: CookieJar::new(cookie_seed, salt, now),
+            cookies: CookieJar::new(router.cookie_seed, salt, now),
             cookie_budget: TokenBucket::new(
-                COOKIE_REPLIES_PER_SECOND,
-                COOKIE_REPLIES_PER_SECOND / 10,
+                router.cookie_replies_per_second,
+                (router.cookie_replies_per_second / 10).max(1),
                 now,
             ),
             key: key.map(|k| {
@@ -689,6 +690,13 @@ mod tests {
 
     const L: Listener = Listener { id: 0, port: 51820 };
 
+    fn test_router() -> RouterConfig {
+        RouterConfig {
+            cookie_seed: [3; 32],
+            ..RouterConfig::default()
+        }
+    }
+
     fn setup() -> (Zhop, Tunn, SocketAddr) {
         let node = NodeKey::from_secret([7; 32]);
         let client_secret = x25519::StaticSecret::from([9; 32]);
@@ -703,7 +711,12 @@ mod tests {
             .unwrap()
             .with_peers(vec![peer])
             .unwrap();
-        let z = Zhop::new(Some(node.clone()), Arc::new(table), [3; 32], Instant::now());
+        let z = Zhop::new(
+            Some(node.clone()),
+            Arc::new(table),
+            &test_router(),
+            Instant::now(),
+        );
         let client = Tunn::new(client_secret, node.public, None, None, 77, None);
         (z, client, "198.51.100.1:4000".parse().unwrap())
     }
@@ -912,7 +925,7 @@ mod tests {
             .with_peers(peers)
             .unwrap();
         let t0 = Instant::now();
-        let mut z = Zhop::new(Some(node.clone()), Arc::new(table), [3; 32], t0);
+        let mut z = Zhop::new(Some(node.clone()), Arc::new(table), &test_router(), t0);
         let mut buf = [0u8; 256];
         for (i, secret) in secrets.into_iter().enumerate() {
             let mut client = Tunn::new(secret, node.public, None, None, 1, None);

@@ -546,8 +546,9 @@ mod tests {
     fn publish_skips_while_a_reader_holds_the_report_and_never_waits() {
         let now = Instant::now();
         let table = std::sync::Arc::new(ExitTable::new(1, Vec::new()).expect("empty table"));
-        let router = Router::new(crate::router::RouterConfig::default(), table.clone(), now);
-        let zhop = Zhop::new(None, table, [0; 32], now);
+        let cfg = crate::router::RouterConfig::default();
+        let router = Router::new(cfg.clone(), table.clone(), now);
+        let zhop = Zhop::new(None, table, &cfg, now);
         let io = IoStats {
             recv_calls: 7,
             ..IoStats::default()

@@ -115,7 +115,7 @@ pub(crate) fn run(ctx: WorkerContext) {
         zhop: Zhop::new(
             ctx.cfg.node_key.map(NodeKey::from_secret),
             table.clone(),
-            ctx.cfg.router.cookie_seed,
+            &ctx.cfg.router,
             now,
         ),
         flows: Vec::new(),

@@ -769,7 +769,7 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
         zhop: Zhop::new(
             ctx.cfg.node_key.map(NodeKey::from_secret),
             table.clone(),
-            ctx.cfg.router.cookie_seed,
+            &ctx.cfg.router,
             now,
         ),
         router: Router::new(ctx.cfg.router.clone(), table, now),
