@@ -14,9 +14,16 @@
 //!   from a session's socket goes only to that session's client, on its listener
 //!   (sessions never move, so no packet goes to an address that was never a session's
 //!   client);
-//! - an address that has never used an index the exit sent to it gets no more bytes than
-//!   it sent;
+//! - an address that has never used an index the exit sent to it (in a transport, or in a
+//!   response to an exit initiation delivered to it) gets no more bytes than it sent;
 //! - non-initiations reach an exit only with an index that exit sent through that session;
+//!   a client's response only with the mac1 of that session's exit;
+//! - the exit side is the attacker's too (anyone who spoofs the exit's address and knows the
+//!   socket's port): an exit-side packet changes the indices a session's client may use
+//!   only when it is the first response to an initiation that client sent through it, and
+//!   then only by adding the response's sender index; any other exit response is refused
+//!   as `unmatched_response`; a client's cookie reply uses no index and proves nothing;
+//!   a client transport naming an index the session lists as usable is always forwarded;
 //! - a new session's socket connects to the endpoint the current table gives its exit;
 //! - sessions, pending sessions and sessions per client stay within their bounds, and the
 //!   router's list of sessions is the model's;
@@ -191,8 +198,14 @@ struct SessionModel {
     established: bool,
     last_forward: Instant,
     pending_since: Instant,
-    /// Every index the exit sent through this session (the router keeps the newest 8).
+    /// Every index the exit sent through this session in a response to the client's
+    /// initiation, or that the client answered with a response (the router keeps 8).
     exit_indices: HashSet<u32>,
+    /// Sender indices of exit initiations delivered through this session.
+    offered: HashSet<u32>,
+    /// Sender indices of the client's initiations forwarded through this session and not
+    /// yet answered, newest last; the router keeps the newest four.
+    awaiting: Vec<u32>,
 }
 
 impl SessionModel {
@@ -373,7 +386,16 @@ impl Harness {
                     1 => {
                         let sender = input.u32();
                         self.learn(sender);
-                        response(sender, index)
+                        let mut p = response(sender, index);
+                        // Mostly a real client's, with the mac1 of one of the exits.
+                        let k = (sender >> 29) as usize;
+                        if k < EXITS {
+                            let mac =
+                                mac1_key(&exit_key(k)).compute(&p[..wire::RESPONSE_MAC1_OFFSET]);
+                            p[wire::RESPONSE_MAC1_OFFSET..wire::RESPONSE_MAC1_OFFSET + 16]
+                                .copy_from_slice(&mac);
+                        }
+                        p
                     }
                     _ => cookie(index),
                 };
@@ -517,6 +539,8 @@ impl Harness {
                             last_forward: self.now,
                             pending_since: self.now,
                             exit_indices: HashSet::new(),
+                            offered: HashSet::new(),
+                            awaiting: Vec::new(),
                         },
                     );
                     self.slots.push(slot);
@@ -603,6 +627,7 @@ impl Harness {
         // The router knows an address as verified only while a session of it is open, so
         // this is a superset of what it knows.
         let address_verified = self.ledgers.get(&from).is_some_and(|l| l.verified);
+        let usable_before = self.usable();
         let action = self.router.handle_client(self.now, l, from, p);
         self.ledgers.entry(from).or_default().bytes_in += p.len() as u64;
         let msg = Message::parse(p);
@@ -670,8 +695,9 @@ impl Harness {
                     .get_mut(&slot)
                     .unwrap_or_else(|| panic!("sent through {slot:?}, which is not open"));
                 assert_eq!(s.client, from, "{from} used the session of {}", s.client);
+                let mut proves_receipt = false;
                 match msg {
-                    Message::Initiation(_) => {
+                    Message::Initiation(i) => {
                         assert_eq!(
                             Some(Ok(s.exit_key)),
                             wanted,
@@ -680,20 +706,34 @@ impl Harness {
                         if !s.established {
                             s.pending_since = now;
                         }
+                        s.awaiting.retain(|&x| x != i.sender_index());
+                        s.awaiting.push(i.sender_index());
+                        if s.awaiting.len() > 4 {
+                            s.awaiting.remove(0);
+                        }
                     }
                     Message::Response(r) => {
-                        assert!(s.exit_indices.contains(&r.receiver_index()));
+                        assert!(
+                            mac1_key(&s.exit_key).verify(r.mac1_input(), r.mac1()),
+                            "a client response without its exit's mac1 reached it"
+                        );
                         s.established = true;
+                        proves_receipt = s.offered.contains(&r.receiver_index());
+                        s.exit_indices.insert(r.receiver_index());
                     }
                     Message::CookieReply(c) => {
-                        assert!(s.exit_indices.contains(&c.receiver_index()))
+                        assert!(
+                            s.offered.contains(&c.receiver_index()),
+                            "a cookie reply for an initiation the exit never sent"
+                        )
                     }
                     Message::Transport(t) => {
-                        assert!(s.exit_indices.contains(&t.receiver_index()))
+                        assert!(s.exit_indices.contains(&t.receiver_index()));
+                        proves_receipt = true;
                     }
                 }
                 s.last_forward = now;
-                if !matches!(msg, Message::Initiation(_)) {
+                if proves_receipt {
                     self.ledgers.entry(from).or_default().verified = true;
                 }
                 self.to_exit_bytes += p.len() as u64;
@@ -714,6 +754,16 @@ impl Harness {
                             "a challenge without a cookie reply"
                         );
                     }
+                    DropReason::Mac1Mismatch if matches!(msg, Message::Response(_)) => {
+                        let Message::Response(r) = msg else {
+                            unreachable!()
+                        };
+                        assert!(
+                            self.sessions_of(from)
+                                .all(|s| !mac1_key(&s.exit_key).verify(r.mac1_input(), r.mac1())),
+                            "a response with the mac1 of {from}'s exit refused"
+                        );
+                    }
                     DropReason::NoExit | DropReason::Mac1Mismatch => {
                         let Message::Initiation(i) = msg else {
                             panic!("{reason} for a non-initiation")
@@ -732,11 +782,45 @@ impl Harness {
                     DropReason::UnknownClient => {
                         assert!(!is_init && per_client_before == 0)
                     }
-                    DropReason::UnknownIndex => assert!(!is_init && per_client_before > 0),
+                    DropReason::UnknownIndex => {
+                        assert!(!is_init && per_client_before > 0);
+                        if let Message::Transport(t) = msg {
+                            let index = t.receiver_index();
+                            assert!(
+                                !self.usable_of(&usable_before, from).contains(&index),
+                                "transport from {from} on usable index {index:#x} refused"
+                            );
+                        }
+                    }
                     other => panic!("client packet refused as {other}"),
                 }
             }
         }
+        // Only a client's initiation (a new session) or response changes what it may use.
+        if !matches!(msg, Message::Initiation(_) | Message::Response(_)) {
+            assert_eq!(
+                self.usable(),
+                usable_before,
+                "{msg:?} changed usable indices"
+            );
+        }
+    }
+
+    /// Every open session's usable indices, as the router lists them.
+    fn usable(&self) -> HashMap<SessionSlot, Vec<u32>> {
+        self.router
+            .sessions(self.now)
+            .map(|i| (i.slot, i.exit_indices))
+            .collect()
+    }
+
+    /// The usable indices of all of `client`'s sessions in `usable`.
+    fn usable_of(&self, usable: &HashMap<SessionSlot, Vec<u32>>, client: SocketAddr) -> Vec<u32> {
+        usable
+            .iter()
+            .filter(|(slot, _)| self.open.get(slot).is_some_and(|s| s.client == client))
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect()
     }
 
     /// Records an initiation from `ip` that got past the rate limiter and checks that the
@@ -793,6 +877,13 @@ impl Harness {
     }
 
     fn exit(&mut self, slot: SessionSlot, p: &[u8]) {
+        let usable_before = self.usable();
+        // The first response to an initiation of the session's client is the exit's; the
+        // model believes nothing else that arrives on an exit-facing socket.
+        let answers = match (Message::parse(p), self.open.get(&slot)) {
+            (Ok(Message::Response(r)), Some(s)) => Some(s.awaiting.contains(&r.receiver_index())),
+            _ => None,
+        };
         let action = self.router.handle_exit(self.now, slot, p);
         self.commands(Closing::Never, None);
         let msg = match Message::parse(p) {
@@ -816,16 +907,19 @@ impl Harness {
                 assert!(self.ever_client.contains(&client));
                 s.last_forward = now;
                 let index = match msg {
-                    Message::Initiation(i) => Some(i.sender_index()),
+                    Message::Initiation(i) => {
+                        s.offered.insert(i.sender_index());
+                        Some(i.sender_index())
+                    }
                     Message::Response(r) => {
+                        assert_eq!(answers, Some(true), "an unmatched response was believed");
+                        s.awaiting.retain(|&x| x != r.receiver_index());
                         s.established = true;
+                        s.exit_indices.insert(r.sender_index());
                         Some(r.sender_index())
                     }
                     _ => None,
                 };
-                if let Some(i) = index {
-                    s.exit_indices.insert(i);
-                }
                 let ledger = self.ledgers.entry(client).or_default();
                 if let Some(i) = index {
                     ledger.received.insert(i);
@@ -845,8 +939,33 @@ impl Harness {
                 match reason {
                     DropReason::NoSession => assert!(!open, "{slot:?} is open"),
                     DropReason::AmplificationLimit => assert!(open, "{slot:?} is not open"),
+                    DropReason::UnmatchedResponse => {
+                        assert_eq!(answers, Some(false), "the exit's response refused")
+                    }
                     other => panic!("exit packet refused as {other}"),
                 }
+            }
+        }
+        // The attacker's packets change nothing the client's traffic runs on.
+        let after = self.usable();
+        for (slot_after, indices) in &after {
+            let before = &usable_before[slot_after];
+            if *slot_after == slot
+                && answers == Some(true)
+                && action != Action::Drop(DropReason::AmplificationLimit)
+            {
+                let Ok(Message::Response(r)) = Message::parse(p) else {
+                    unreachable!("answers is set for responses only")
+                };
+                assert!(indices.contains(&r.sender_index()));
+                assert!(indices
+                    .iter()
+                    .all(|i| *i == r.sender_index() || before.contains(i)));
+            } else {
+                assert_eq!(
+                    indices, before,
+                    "an exit-side packet changed usable indices of {slot_after:?}"
+                );
             }
         }
     }
@@ -921,6 +1040,9 @@ impl Harness {
             s.last_forward = self.now;
             s.pending_since = self.now;
             s.listener = l;
+            // Handshakes in flight are not saved.
+            s.awaiting.clear();
+            s.offered.clear();
             self.open.insert(slot, s);
             self.slots.push(slot);
         }

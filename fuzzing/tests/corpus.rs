@@ -93,6 +93,7 @@ fn fuzz_corpus_router_reaches_the_states_that_matter() {
         DropReason::Mac1Mismatch,
         DropReason::UnknownClient,
         DropReason::UnknownIndex,
+        DropReason::UnmatchedResponse,
         DropReason::NoSession,
         DropReason::SocketUnavailable,
         DropReason::Truncated,

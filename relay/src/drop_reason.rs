@@ -16,7 +16,8 @@ pub enum DropReason {
     UnknownType,
     /// An initiation whose mac1 matches no configured exit.
     NoExit,
-    /// An initiation on a listen port pinned to an exit, whose mac1 is not for that exit.
+    /// An initiation on a listen port pinned to an exit, whose mac1 is not for that exit;
+    /// or a client's response whose mac1 is for none of the exits it has sessions with.
     Mac1Mismatch,
     /// The source exceeded its handshake rate, or a challenge was due and the router's
     /// (or Z-HOP's) cookie-reply budget was spent.
@@ -36,6 +37,9 @@ pub enum DropReason {
     UnknownClient,
     /// A message from a known client whose receiver index the exit never assigned.
     UnknownIndex,
+    /// A response on an exit-facing socket that answers no initiation of the session's
+    /// client (or one already answered): forged by someone spoofing the exit, or late.
+    UnmatchedResponse,
     /// A packet from an exit for a session that has gone (closed between receive and handling).
     NoSession,
     /// Sending would give an unverified client address more bytes than it sent us.
@@ -60,7 +64,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::Truncated,
         DropReason::BadLength,
         DropReason::ReservedNonZero,
@@ -74,6 +78,7 @@ impl DropReason {
         DropReason::ClientSessionLimit,
         DropReason::UnknownClient,
         DropReason::UnknownIndex,
+        DropReason::UnmatchedResponse,
         DropReason::NoSession,
         DropReason::AmplificationLimit,
         DropReason::SocketUnavailable,
@@ -109,6 +114,7 @@ impl DropReason {
             DropReason::ClientSessionLimit => "client_session_limit",
             DropReason::UnknownClient => "unknown_client",
             DropReason::UnknownIndex => "unknown_index",
+            DropReason::UnmatchedResponse => "unmatched_response",
             DropReason::NoSession => "no_session",
             DropReason::AmplificationLimit => "amplification_limit",
             DropReason::SocketUnavailable => "socket_unavailable",

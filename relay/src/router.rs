@@ -9,14 +9,24 @@
 //!   (a port pinned to one exit) or else by mac1 against every exit's key. The pair
 //!   `(C, exit)` gets a session with its own exit-facing socket, connected to the exit, so the
 //!   exit sees one endpoint per client and can start handshakes towards it.
-//! - Client → exit packets are found by `C` and the receiver index, which must be one the
-//!   exit assigned (seen in its responses and initiations as they passed through).
+//! - Client → exit transport is found by `C` and the receiver index, which must be one the
+//!   exit assigned to this client (see [`ExitIndices`] for which exit-side packets may teach
+//!   the router an index). A client's response names its exit by its mac1 (keyed by the
+//!   exit's public key, like an initiation's); a client's cookie reply by the index of the
+//!   exit initiation it refuses.
 //! - Exit → client packets are found by the socket (slot) they arrived on.
 //!
 //! Security (DESIGN §3 requirements): nothing is sent anywhere but to a session's client or
 //! through a session's socket to its exit; a session never moves, so a spoofed packet moves
 //! nothing; until the client proves it receives what we send to it (by using an index the
 //! exit sent only to it), it never gets more bytes than it sent.
+//!
+//! Nothing that arrives on an exit-facing socket is authenticated: anyone who can spoof the
+//! exit's address and knows (or guesses) the socket's port is "the exit" to the relay. So no
+//! exit-side packet may cost a live session its traffic: an exit's response is believed
+//! only when it answers an initiation this session's client sent (whose sender index an
+//! off-path attacker never sees), once; an exit's initiation only offers an index, which
+//! the client's own response (mac1 for its exit) or transport turns into one it may use.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -96,6 +106,14 @@ const LOAD_HOLD: Duration = Duration::from_secs(1);
 /// How many exit-assigned receiver indices a session remembers (WireGuard keeps a
 /// previous, current and next keypair, plus handshakes in flight).
 const EXIT_INDICES: usize = 8;
+
+/// How many of its client's initiations a session remembers while waiting for the exit's
+/// response (a client retries every REKEY_TIMEOUT, 5 s, with a new sender index).
+const CLIENT_INITIATIONS: usize = 4;
+
+/// How many indices of exit initiations a session remembers for routing the client's
+/// cookie replies to them.
+const OFFERED_INDICES: usize = 4;
 
 /// What closing a session costs a sweep step, in sessions examined (see
 /// [`RouterConfig::swap_sweep_budget`]).
@@ -257,7 +275,8 @@ pub struct SessionInfo {
     pub handshakes: u64,
     pub age: Duration,
     pub idle: Duration,
-    /// Receiver indices the exit assigned, oldest first (not secret: they travel in clear).
+    /// Receiver indices the exit assigned that the client may use, oldest first (not
+    /// secret: they travel in clear).
     pub exit_indices: Vec<u32>,
 }
 
@@ -278,14 +297,15 @@ pub struct SessionSnapshot {
     pub handshakes: u64,
 }
 
-/// Receiver indices an exit assigned to one client, oldest first, each marked once the
-/// client has used it.
+/// Receiver indices the client may send to, oldest first, each marked once the client has
+/// used it (in a response or a transport message; a cookie reply is no use of an index).
 ///
-/// The relay cannot authenticate what arrives on an exit-facing socket: anyone who can
-/// spoof the exit's address and guess the socket's port can make it look like the exit
-/// assigned an index. Such indices are never used by the real client, so when the ring is
-/// full the oldest index the client has *not* used goes first; a flood of forged
-/// initiations only churns those and never evicts the indices the client's traffic runs on.
+/// Only two things add an index here, and a forger on the exit side can do neither: the
+/// exit's response to an initiation this client sent (its receiver index must be that
+/// initiation's sender index, which travelled only from the client to the exit), and the
+/// client's own response to an exit initiation (mac1 for the session's exit, from the
+/// client's address). When the ring is full the oldest index the client has not used goes
+/// first, so the index the client's transport runs on stays.
 #[derive(Debug, Clone, Copy, Default)]
 struct IndexRing {
     indices: [u32; EXIT_INDICES],
@@ -348,6 +368,72 @@ impl IndexRing {
     }
 }
 
+/// The newest `N` indices of one kind, oldest evicted first.
+#[derive(Debug, Clone, Copy)]
+struct RecentIndices<const N: usize> {
+    indices: [u32; N],
+    len: u8,
+}
+
+impl<const N: usize> Default for RecentIndices<N> {
+    fn default() -> Self {
+        RecentIndices {
+            indices: [0; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> RecentIndices<N> {
+    fn as_slice(&self) -> &[u32] {
+        &self.indices[..self.len as usize]
+    }
+    fn push(&mut self, index: u32) {
+        if self.contains(index) {
+            return;
+        }
+        let len = self.len as usize;
+        if len == N {
+            self.indices.copy_within(1.., 0);
+            self.indices[N - 1] = index;
+        } else {
+            self.indices[len] = index;
+            self.len += 1;
+        }
+    }
+    fn contains(&self, index: u32) -> bool {
+        self.as_slice().contains(&index)
+    }
+    /// Forgets `index`; returns whether it was there.
+    fn take(&mut self, index: u32) -> bool {
+        let len = self.len as usize;
+        let Some(pos) = self.as_slice().iter().position(|&i| i == index) else {
+            return false;
+        };
+        self.indices.copy_within(pos + 1..len, pos);
+        self.len -= 1;
+        true
+    }
+}
+
+/// What a session knows of the indices its client and exit chose.
+///
+/// The relay cannot authenticate the exit side, so it sorts what it learns by who could
+/// have forged it. `usable` (what the client's transport may name) is fed only by packets
+/// a forger who merely spoofs the exit cannot make (see [`IndexRing`]); `offered` holds
+/// the indices of the exit's initiations, which anyone can forge, and serves only to route
+/// the client's cookie replies to them, so a flood of forged initiations churns `offered`
+/// and nothing else.
+#[derive(Debug, Clone, Copy, Default)]
+struct ExitIndices {
+    usable: IndexRing,
+    /// Sender indices of the exit's initiations forwarded to the client.
+    offered: RecentIndices<OFFERED_INDICES>,
+    /// Sender indices of the client's initiations forwarded to the exit and not yet
+    /// answered: an exit response naming one of these is the exit's.
+    awaiting: RecentIndices<CLIENT_INITIATIONS>,
+}
+
 #[derive(Debug)]
 struct Session {
     client: SocketAddr,
@@ -359,7 +445,7 @@ struct Session {
     verified: bool,
     /// While unverified: bytes received from the client not yet matched by bytes sent to it.
     budget: u64,
-    exit_indices: IndexRing,
+    indices: ExitIndices,
     created: Instant,
     /// When the current pending handshake started (meaningful while not established).
     pending_since: Instant,
@@ -570,21 +656,26 @@ impl Router {
             Err(reason) => return self.drop_packet(reason),
         };
         let len = packet.len();
-        let (index, proves_receipt) = match msg {
+        let index = match msg {
             Message::Initiation(init) => return self.client_initiation(now, listener, from, init),
-            // A response answers the exit's initiation and a cookie reply refuses it: both
-            // carry the index the exit chose, which only the real client has seen.
-            Message::Response(r) => (r.receiver_index(), true),
-            Message::CookieReply(c) => (c.receiver_index(), true),
-            Message::Transport(t) => (t.receiver_index(), true),
+            Message::Response(r) => return self.client_response(now, from, r, len),
+            Message::CookieReply(c) => c.receiver_index(),
+            Message::Transport(t) => t.receiver_index(),
         };
         let Some(sessions) = self.clients.get(&from) else {
             return self.drop_packet(DropReason::UnknownClient);
         };
+        let is_transport = matches!(msg, Message::Transport(_));
+        // A transport message names an index the client may use; a cookie reply refuses an
+        // exit initiation, whose index it names. Neither finds a session by anything else.
         let found = sessions.as_slice().iter().copied().find(|&i| {
-            self.sessions
-                .at(i)
-                .is_some_and(|(_, s)| s.exit_indices.contains(index))
+            self.sessions.at(i).is_some_and(|(_, s)| {
+                if is_transport {
+                    s.indices.usable.contains(index)
+                } else {
+                    s.indices.offered.contains(index)
+                }
+            })
         });
         let Some(slot_index) = found else {
             return self.drop_packet(DropReason::UnknownIndex);
@@ -593,23 +684,69 @@ impl Router {
             .sessions
             .at_mut(slot_index)
             .expect("slot listed for a client holds a session");
-        s.verified |= proves_receipt;
-        s.exit_indices.mark_used(index);
+        if is_transport {
+            // The exit sent this index only to this address (an exit-side forger cannot
+            // put one in `usable`), so using it proves the client receives here.
+            s.verified = true;
+            s.indices.usable.mark_used(index);
+        } else {
+            // Anyone who spoofs the exit can offer an index and see it refused: a cookie
+            // reply proves nothing and uses nothing.
+            self.stats.cookie_replies += 1;
+        }
         s.last_activity = now;
         s.to_exit.add(len);
         self.stats.client_to_exit.add(len);
-        match msg {
-            Message::Response(_) => {
-                s.handshakes += 1;
-                if !s.established {
-                    s.established = true;
-                    self.pending -= 1;
-                    self.stats.sessions_established += 1;
+        Action::ToExit(slot)
+    }
+
+    /// A client's response to an exit's initiation. Its mac1 is keyed by the public key of
+    /// the exit it answers, so it names its session as an initiation does, whatever became
+    /// of the initiation's index meanwhile (a flood of forged exit initiations may have
+    /// pushed it out of `offered`). The index it answers becomes one the client may use.
+    fn client_response(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        r: crate::wire::Response<'_>,
+        len: usize,
+    ) -> Action {
+        let Some(sessions) = self.clients.get(&from) else {
+            return self.drop_packet(DropReason::UnknownClient);
+        };
+        let table = &self.table;
+        let found = sessions.as_slice().iter().copied().find(|&i| {
+            self.sessions.at(i).is_some_and(|(_, s)| {
+                let (input, mac1) = (r.mac1_input(), r.mac1());
+                match table.by_key(&s.exit_key).and_then(|id| table.get(id)) {
+                    Some(exit) => exit.mac1_key().verify(input, mac1),
+                    // Its exit left the table and the sweep has not reached it yet.
+                    None => s.exit_key.mac1_key().verify(input, mac1),
                 }
-            }
-            Message::CookieReply(_) => self.stats.cookie_replies += 1,
-            _ => {}
+            })
+        });
+        let Some(slot_index) = found else {
+            return self.drop_packet(DropReason::Mac1Mismatch);
+        };
+        let (slot, s) = self
+            .sessions
+            .at_mut(slot_index)
+            .expect("slot listed for a client holds a session");
+        let index = r.receiver_index();
+        // Answering an initiation the relay delivered only to this address proves receipt,
+        // as a transport message does.
+        s.verified |= s.indices.offered.contains(index);
+        s.indices.usable.push(index);
+        s.indices.usable.mark_used(index);
+        s.last_activity = now;
+        s.to_exit.add(len);
+        s.handshakes += 1;
+        if !s.established {
+            s.established = true;
+            self.pending -= 1;
+            self.stats.sessions_established += 1;
         }
+        self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
     }
 
@@ -697,6 +834,7 @@ impl Router {
                 if !s.verified {
                     s.budget += len as u64;
                 }
+                s.indices.awaiting.push(init.sender_index());
                 s.last_activity = now;
                 s.to_exit.add(len);
                 s.handshakes += 1;
@@ -715,6 +853,8 @@ impl Router {
                 }
                 let mut to_exit = Traffic::default();
                 to_exit.add(len);
+                let mut indices = ExitIndices::default();
+                indices.awaiting.push(init.sender_index());
                 let session = Session {
                     client: from,
                     listener,
@@ -723,7 +863,7 @@ impl Router {
                     established: false,
                     verified: false,
                     budget: len as u64,
-                    exit_indices: IndexRing::default(),
+                    indices,
                     created: now,
                     pending_since: now,
                     last_activity: now,
@@ -767,6 +907,10 @@ impl Router {
     }
 
     /// A datagram arrived on the exit-facing socket of `slot`.
+    ///
+    /// Anyone who spoofs the exit's address and knows the socket's port can send here, so
+    /// nothing that arrives teaches the router an index the client may use, except a
+    /// response to an initiation this session's client sent, and only the first one.
     pub fn handle_exit(&mut self, now: Instant, slot: SessionSlot, packet: &[u8]) -> Action {
         let msg = match Message::parse(packet) {
             Ok(m) => m,
@@ -775,6 +919,11 @@ impl Router {
         let Some(s) = self.sessions.get_mut(slot) else {
             return self.drop_packet(DropReason::NoSession);
         };
+        if let Message::Response(r) = msg {
+            if !s.indices.awaiting.contains(r.receiver_index()) {
+                return self.drop_packet(DropReason::UnmatchedResponse);
+            }
+        }
         let len = packet.len() as u64;
         if !s.verified {
             if s.budget < len {
@@ -785,12 +934,13 @@ impl Router {
         }
         match msg {
             Message::Initiation(init) => {
-                s.exit_indices.push(init.sender_index());
+                s.indices.offered.push(init.sender_index());
                 s.handshakes += 1;
                 self.stats.exit_handshakes += 1;
             }
             Message::Response(r) => {
-                s.exit_indices.push(r.sender_index());
+                s.indices.awaiting.take(r.receiver_index());
+                s.indices.usable.push(r.sender_index());
                 if !s.established {
                     s.established = true;
                     self.pending -= 1;
@@ -953,9 +1103,11 @@ impl Router {
             self.record_drop(reason);
             return Err(reason);
         }
-        let mut exit_indices = IndexRing::default();
+        // Indices saved were usable ones; handshakes in flight are not saved (a client
+        // whose response was lost in the restart retries within REKEY_TIMEOUT).
+        let mut indices = ExitIndices::default();
         for &i in &snap.exit_indices {
-            exit_indices.push(i);
+            indices.usable.push(i);
         }
         let session = Session {
             client: snap.client,
@@ -965,7 +1117,7 @@ impl Router {
             established: snap.established,
             verified: snap.verified,
             budget: 0,
-            exit_indices,
+            indices,
             created: now,
             pending_since: now,
             last_activity: now,
@@ -1000,7 +1152,7 @@ impl Router {
             handshakes: s.handshakes,
             age: now.saturating_duration_since(s.created),
             idle: now.saturating_duration_since(s.last_activity),
-            exit_indices: s.exit_indices.to_vec(),
+            exit_indices: s.indices.usable.to_vec(),
         })
     }
 }

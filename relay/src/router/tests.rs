@@ -2,7 +2,7 @@ use super::*;
 use crate::table::ExitSpec;
 use crate::wire::{
     COOKIE_REPLY_LEN, COOKIE_REPLY_TYPE, INITIATION_LEN, INITIATION_MAC1_OFFSET,
-    INITIATION_MAC2_OFFSET, RESPONSE_LEN, RESPONSE_TYPE, TRANSPORT_TYPE,
+    INITIATION_MAC2_OFFSET, RESPONSE_LEN, RESPONSE_MAC1_OFFSET, RESPONSE_TYPE, TRANSPORT_TYPE,
 };
 use proptest::prelude::*;
 
@@ -72,6 +72,15 @@ fn response(sender: u32, receiver: u32) -> Vec<u8> {
     m[1..4].fill(0);
     m[4..8].copy_from_slice(&sender.to_le_bytes());
     m[8..12].copy_from_slice(&receiver.to_le_bytes());
+    m
+}
+
+/// A response with the mac1 of `to`, the initiator it answers (as a real client's is).
+fn response_to(to: PublicKey, sender: u32, receiver: u32) -> Vec<u8> {
+    let mut m = response(sender, receiver);
+    let mac = to.mac1_key().compute(&m[..RESPONSE_MAC1_OFFSET]);
+    m[RESPONSE_MAC1_OFFSET..RESPONSE_MAC1_OFFSET + 16].copy_from_slice(&mac);
+    m[RESPONSE_MAC1_OFFSET + 16..].fill(0);
     m
 }
 
@@ -393,7 +402,15 @@ fn exit_initiated_handshakes_reach_the_right_client() {
         }
     );
     // B answers using the index from the exit's initiation.
-    assert_eq!(h.client(MAIN, b, &response(500, 0xB2)), Action::ToExit(sb));
+    assert_eq!(
+        h.client(MAIN, b, &response_to(key(1), 500, 0xB2)),
+        Action::ToExit(sb)
+    );
+    // A response without the exit's mac1 names no session.
+    assert_eq!(
+        h.client(MAIN, b, &response(501, 0xB2)),
+        Action::Drop(DropReason::Mac1Mismatch)
+    );
     assert_eq!(h.client(MAIN, b, &transport(0xB2, 48)), Action::ToExit(sb));
     // A cannot use B's new index.
     assert_eq!(
@@ -664,6 +681,7 @@ fn snapshot_and_restore_keep_a_session_without_a_handshake() {
     let c = client(1);
     let slot = h.establish(c, key(1), 0xE1);
     h.exit(slot, &initiation(key(0xCC), 0xE2));
+    h.client(MAIN, c, &response_to(key(1), 7, 0xE2));
     let info = h.r.sessions(h.now).next().unwrap();
     assert_eq!(info.exit_indices, vec![0xE1, 0xE2]);
     let snap = SessionSnapshot::new(info, 40123);
@@ -1133,4 +1151,153 @@ fn spoofing_a_verified_clients_exact_address_costs_it_a_challenge_not_its_handsh
         h.initiate_proving(c, key(2), 5000),
         Action::ToExit(_)
     ));
+}
+
+// Attacks by someone who spoofs the exit's address towards a session's exit-facing socket
+// (its port seen on the relay–exit path or found by trying) and knows the client's public
+// key. The router cannot authenticate the exit side; none of this may cost the session.
+
+/// Attack 1: a flood of forged responses and initiations with fresh sender indices right
+/// after a rekey, before the client's first transport on the new index.
+#[test]
+fn forged_exit_packets_during_a_rekey_never_evict_the_new_index() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(1), 101)),
+        Action::ToExit(slot)
+    );
+    assert!(matches!(
+        h.exit(slot, &response(0xE2, 101)),
+        Action::ToClient { .. }
+    ));
+    for forged in 0..2_000u32 {
+        // Responses naming made-up initiations, the old (answered) ones, and the rekey's.
+        let receiver = [forged, 100, 101][forged as usize % 3];
+        assert_eq!(
+            h.exit(slot, &response(0xF000_0000 + forged, receiver)),
+            Action::Drop(DropReason::UnmatchedResponse)
+        );
+        h.exit(
+            slot,
+            &initiation(PublicKey([0xCC; 32]), 0xF100_0000 + forged),
+        );
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE2, 64)),
+        Action::ToExit(slot),
+        "the rekey's index survived the flood"
+    );
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE1, 64)),
+        Action::ToExit(slot)
+    );
+    assert_eq!(h.r.stats().dropped(DropReason::UnmatchedResponse), 2_000);
+    assert_eq!(h.r.stats().dropped(DropReason::UnknownIndex), 0);
+}
+
+/// Attack 2: forged exit initiations with a valid mac1 for the client's key, which a stock
+/// client under load answers with cookie replies naming the forged indices.
+#[test]
+fn client_cookie_replies_to_forged_initiations_never_count_as_use() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let client_key = PublicKey([0xC1; 32]);
+    let slot = h.establish(c, key(1), 0xE1);
+    for forged in 0..1_000u32 {
+        let index = 0xF000_0000 + forged;
+        assert!(matches!(
+            h.exit(slot, &initiation(client_key, index)),
+            Action::ToClient { .. }
+        ));
+        // The client refuses it with a cookie reply, which reaches the (real) exit.
+        assert_eq!(h.client(MAIN, c, &cookie(index)), Action::ToExit(slot));
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE1, 64)),
+        Action::ToExit(slot),
+        "the index the client's transport runs on stays"
+    );
+    // An exit-initiated rekey in the middle of the flood: the client's response names its
+    // exit by mac1, even though the exit's index is long gone from the offered ones.
+    h.exit(slot, &initiation(client_key, 0xE3));
+    for forged in 0..100u32 {
+        h.exit(slot, &initiation(client_key, 0xF200_0000 + forged));
+    }
+    assert_eq!(
+        h.client(MAIN, c, &response_to(key(1), 0xC3, 0xE3)),
+        Action::ToExit(slot)
+    );
+    for forged in 0..1_000u32 {
+        h.exit(slot, &initiation(client_key, 0xF300_0000 + forged));
+        h.client(MAIN, c, &cookie(0xF300_0000 + forged));
+    }
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE3, 64)),
+        Action::ToExit(slot)
+    );
+    assert_eq!(h.r.stats().dropped(DropReason::UnknownIndex), 0);
+}
+
+/// Attack 3: an initiation in a victim's name, a forged exit response with an index of the
+/// attacker's choosing, then a transport in the victim's name with that index: the victim
+/// must stay unverified, capped at what was sent in its name.
+#[test]
+fn a_forged_response_never_lifts_the_amplification_cap() {
+    let mut h = Harness::new();
+    let victim = client(1);
+    let Action::ToExit(slot) = h.client(MAIN, victim, &initiation(key(1), 1)) else {
+        panic!("initiation not forwarded")
+    };
+    assert_eq!(
+        h.exit(slot, &response(0xBAD, 0x5EED)),
+        Action::Drop(DropReason::UnmatchedResponse)
+    );
+    assert_eq!(
+        h.client(MAIN, victim, &transport(0xBAD, 32)),
+        Action::Drop(DropReason::UnknownIndex)
+    );
+    let info = h.r.sessions(h.now).next().unwrap();
+    assert!(!info.verified && !info.established);
+    // 148 bytes were sent in its name: the exit's retries go no further than that.
+    let mut to_victim = 0;
+    for _ in 0..10 {
+        if let Action::ToClient { .. } = h.exit(slot, &initiation(PublicKey([0xC1; 32]), 9)) {
+            to_victim += INITIATION_LEN;
+        }
+    }
+    assert!(
+        to_victim <= INITIATION_LEN,
+        "{to_victim} bytes to the victim"
+    );
+}
+
+/// The limit of what the relay can tell without authentication (ARCHITECTURE.md): an
+/// attacker who spoofs the victim's initiation knows its sender index, so a response it
+/// forges for it is believed. It gets exactly one per initiation, and the initiations it
+/// can send in the victim's name are rate-limited.
+#[test]
+fn a_response_is_believed_once_per_initiation_of_the_client() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let Action::ToExit(slot) = h.client(MAIN, c, &initiation(key(1), 1)) else {
+        panic!("initiation not forwarded")
+    };
+    assert!(matches!(
+        h.exit(slot, &response(0xE1, 1)),
+        Action::ToClient { .. }
+    ));
+    assert_eq!(
+        h.exit(slot, &response(0xE2, 1)),
+        Action::Drop(DropReason::UnmatchedResponse)
+    );
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE2, 32)),
+        Action::Drop(DropReason::UnknownIndex)
+    );
+    assert_eq!(
+        h.client(MAIN, c, &transport(0xE1, 32)),
+        Action::ToExit(slot)
+    );
 }
