@@ -667,14 +667,12 @@ impl Router {
         };
         let is_transport = matches!(msg, Message::Transport(_));
         // A transport message names an index the client may use; a cookie reply refuses an
-        // exit initiation, whose index it names. Neither finds a session by anything else.
+        // exit's initiation or response (a client under load answers the exit's response to
+        // its own initiation with one), whose sender index it names.
         let found = sessions.as_slice().iter().copied().find(|&i| {
             self.sessions.at(i).is_some_and(|(_, s)| {
-                if is_transport {
-                    s.indices.usable.contains(index)
-                } else {
-                    s.indices.offered.contains(index)
-                }
+                s.indices.usable.contains(index)
+                    || (!is_transport && s.indices.offered.contains(index))
             })
         });
         let Some(slot_index) = found else {

