@@ -67,6 +67,7 @@ fn contenders(workdir: &std::path::Path) -> Vec<Contender> {
             let c = Contender::WraithGate {
                 binary: binary.clone(),
                 backend: backend.into(),
+                label: None,
             };
             if let Some(e) = c.uring_unavailable() {
                 eprintln!("relay_throughput: SKIPPING {}: {e}", c.name());

@@ -19,7 +19,13 @@ pub enum Contender {
     /// namespace's kernel without NAT). The floor every relay's latency adds to.
     Direct,
     /// The `wraithgate` binary with one worker backend (`portable`, `uring`, …).
-    WraithGate { binary: PathBuf, backend: String },
+    WraithGate {
+        binary: PathBuf,
+        backend: String,
+        /// Names a second build (`relay-bench --wraithgate-alt`): the contender is
+        /// `wraithgate-<backend>-<label>`.
+        label: Option<String>,
+    },
     /// Kernel DNAT + SNAT (masquerade) with nftables: the Mullvad-style forwarder.
     Nftables,
     /// The naive tokio `recv_from`/`send_to` relay in this crate (`relay-bench naive-relay`).
@@ -33,7 +39,16 @@ pub enum Contender {
 impl Contender {
     pub fn name(&self) -> String {
         match self {
-            Contender::WraithGate { backend, .. } => format!("wraithgate-{backend}"),
+            Contender::WraithGate {
+                backend,
+                label: None,
+                ..
+            } => format!("wraithgate-{backend}"),
+            Contender::WraithGate {
+                backend,
+                label: Some(label),
+                ..
+            } => format!("wraithgate-{backend}-{label}"),
             Contender::Direct => "direct".into(),
             Contender::Nftables => "nftables".into(),
             Contender::NaiveTokio => "naive-tokio".into(),
@@ -42,8 +57,18 @@ impl Contender {
         }
     }
 
-    /// Parses a contender name as printed by [`Contender::name`].
-    pub fn parse(name: &str, wraithgate: &Path) -> Result<Self> {
+    /// Parses a contender name as printed by [`Contender::name`]; `alt` is the second
+    /// build and its label, if any (`wraithgate-<backend>-<label>` runs it).
+    pub fn parse(name: &str, wraithgate: &Path, alt: Option<(&Path, &str)>) -> Result<Self> {
+        if let (Some(rest), Some((binary, label))) = (name.strip_prefix("wraithgate-"), alt) {
+            if let Some(backend) = rest.strip_suffix(&format!("-{label}")) {
+                return Ok(Contender::WraithGate {
+                    binary: binary.to_path_buf(),
+                    backend: backend.to_string(),
+                    label: Some(label.to_string()),
+                });
+            }
+        }
         Ok(match name {
             "direct" => Contender::Direct,
             "nftables" => Contender::Nftables,
@@ -54,6 +79,7 @@ impl Contender {
                 Some(backend) => Contender::WraithGate {
                     binary: wraithgate.to_path_buf(),
                     backend: backend.to_string(),
+                    label: None,
                 },
                 None => bail!("unknown contender {other:?}"),
             },
@@ -99,10 +125,13 @@ impl Contender {
     /// Asks the `wraithgate` binary whether it accepts this contender's configuration
     /// (`run --check`), so a backend it does not have yet is skipped, not failed.
     pub fn probe(&self, workdir: &Path) -> Option<String> {
-        let Contender::WraithGate { binary, backend } = self else {
+        let Contender::WraithGate {
+            binary, backend, ..
+        } = self
+        else {
             return None;
         };
-        let conf = workdir.join(format!("probe-{backend}.toml"));
+        let conf = workdir.join(format!("probe-{}.toml", self.name()));
         let text = wraithgate_config(
             "127.0.0.1:51820",
             1,
@@ -271,10 +300,12 @@ impl Contender {
                 ];
                 spawn(topo, relay_cpus, &name, &args, &log, listen.port())
             }
-            Contender::WraithGate { binary, backend } => {
-                let conf = workdir.join(format!("wraithgate-{backend}.toml"));
+            Contender::WraithGate {
+                binary, backend, ..
+            } => {
+                let conf = workdir.join(format!("{name}.toml"));
                 // A fresh state directory each start: no exits or sessions carried over.
-                let state = workdir.join(format!("wraithgate-{backend}-state"));
+                let state = workdir.join(format!("{name}-state"));
                 let _ = std::fs::remove_dir_all(&state);
                 let text = wraithgate_config(
                     &listen.to_string(),
@@ -472,9 +503,16 @@ mod tests {
             Contender::WraithGate {
                 binary: wg.into(),
                 backend: "portable".into(),
+                label: None,
+            },
+            Contender::WraithGate {
+                binary: "/y/wraithgate".into(),
+                backend: "uring@socket_buffer=1048576".into(),
+                label: Some("before".into()),
             },
         ] {
-            assert_eq!(Contender::parse(&c.name(), wg).unwrap(), c);
+            let alt = Some((Path::new("/y/wraithgate"), "before"));
+            assert_eq!(Contender::parse(&c.name(), wg, alt).unwrap(), c);
         }
         assert_eq!(cpu_count("1"), 1);
         assert_eq!(cpu_count("0-1"), 2);

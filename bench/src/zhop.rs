@@ -120,6 +120,7 @@ impl OuterEnd {
             } => Some(contender::Contender::WraithGate {
                 binary: binary.clone(),
                 backend: backend.clone(),
+                label: None,
             }),
             OuterEnd::WireguardGo => None,
         }

@@ -56,10 +56,11 @@ struct Cli {
     /// The `wraithgate` binary.
     #[arg(long, default_value = "target/release/wraithgate")]
     wraithgate: PathBuf,
-    /// Z-HOP runs: also run this other `wraithgate` binary (one built from another commit,
-    /// in a target directory of its own) with each backend, as contenders
-    /// `zhop-wraithgate-<backend>-<--wraithgate-alt-label>`, interleaved with the others:
-    /// before and after a change, side by side in one run.
+    /// Also run this other `wraithgate` binary (one built from another commit, in a target
+    /// directory of its own) with each backend, as contenders
+    /// `wraithgate-<backend>-<--wraithgate-alt-label>` (and `zhop-wraithgate-…` in the
+    /// Z-HOP runs), interleaved with the others: before and after a change, side by side
+    /// in one run. With `--contenders`, name them there.
     #[arg(long)]
     wraithgate_alt: Option<PathBuf>,
     /// The suffix naming `--wraithgate-alt`'s contenders.
@@ -258,18 +259,25 @@ fn bench(cli: &Cli) -> Result<()> {
     if !root && kinds.iter().any(|k| *k != Kind::Host) {
         bail!("the netns and loopback topologies need root");
     }
+    let alt = cli
+        .wraithgate_alt
+        .as_deref()
+        .map(|p| (p, cli.wraithgate_alt_label.as_str()));
     let names: Vec<String> = match &cli.contenders {
         Some(c) => c.clone(),
         None => cli
             .backends
             .iter()
-            .map(|b| format!("wraithgate-{b}"))
+            .flat_map(|b| {
+                let label = alt.map(|(_, l)| format!("wraithgate-{b}-{l}"));
+                std::iter::once(format!("wraithgate-{b}")).chain(label)
+            })
             .chain(["nftables", "naive-tokio", "socat", "nginx", "direct"].map(String::from))
             .collect(),
     };
     let contenders: Vec<Contender> = names
         .iter()
-        .map(|n| Contender::parse(n, &cli.wraithgate))
+        .map(|n| Contender::parse(n, &cli.wraithgate, alt))
         .collect::<Result<_>>()?;
     // Cells that fail the run when they have no figures: WraithGate's (what this harness
     // is for) and the direct path's (no relay at all: when it fails, the generator, the
@@ -281,7 +289,10 @@ fn bench(cli: &Cli) -> Result<()> {
     for c in &contenders {
         if let Some(e) = c.uring_unavailable() {
             eprintln!("relay-bench: SKIPPING {}: {e}", c.name());
-        } else if matches!(c, Contender::WraithGate { .. } | Contender::Direct) {
+        } else if matches!(
+            c,
+            Contender::WraithGate { label: None, .. } | Contender::Direct
+        ) {
             fatal.push(c.name());
         }
     }
@@ -434,10 +445,6 @@ fn bench(cli: &Cli) -> Result<()> {
             match wgo::available() {
                 Some(why) => eprintln!("relay-bench: skipping Z-HOP runs: {why}"),
                 None => {
-                    let alt = cli
-                        .wraithgate_alt
-                        .as_deref()
-                        .map(|p| (p, cli.wraithgate_alt_label.as_str()));
                     let ends = OuterEnd::all(&cli.wraithgate, &cli.backends, alt);
                     let (z, forwarded) = zhop_runs(cli, &topo, &ends, &workdir, runs, e2e_secs)?;
                     zhop_summary = zhop_ratios(&z, &forwarded);
