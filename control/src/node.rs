@@ -368,8 +368,7 @@ fn load_sessions(path: &Path) -> Vec<SessionSnapshot> {
     let Ok(bytes) = std::fs::read(path) else {
         return Vec::new();
     };
-    let _ = std::fs::remove_file(path);
-    match serde_json::from_slice::<SessionsFile>(&bytes) {
+    let sessions = match serde_json::from_slice::<SessionsFile>(&bytes) {
         Ok(f) => {
             let age = unix_now().saturating_sub(f.saved_at_unix);
             if age > SNAPSHOT_MAX_AGE.as_secs() {
@@ -385,10 +384,25 @@ fn load_sessions(path: &Path) -> Vec<SessionSnapshot> {
             }
         }
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable sessions file");
-            Vec::new()
+            // Sessions are worth a handshake each, not a refusal to start: the file is set
+            // aside for the operator and the clients handshake again.
+            let aside = path.with_extension("json.unreadable");
+            match std::fs::rename(path, &aside) {
+                Ok(()) => tracing::warn!(
+                    path = %path.display(), error = %e, set_aside = %aside.display(),
+                    "unreadable sessions file set aside; its clients will handshake again"
+                ),
+                Err(re) => tracing::warn!(
+                    path = %path.display(), error = %e, rename_error = %re,
+                    "unreadable sessions file ignored; its clients will handshake again"
+                ),
+            }
+            return Vec::new();
         }
-    }
+    };
+    // Read once: a crash after this start must not restore the same sessions again.
+    let _ = std::fs::remove_file(path);
+    sessions
 }
 
 /// The node's static private key from `path` (base64, as `wg genkey` writes it), created
