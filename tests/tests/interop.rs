@@ -1319,28 +1319,47 @@ fn netns_interop_forged_exit_indices_never_cut_a_rekey() {
             // wireguard-go's line for each cookie reply it sends under load.
             const COOKIE_LINE: &str = "Sending cookie response";
             let mut unmatched = 0;
-            // (name, forgeries, per second, flood, rekeys, bound on each, steady probe first)
-            let variants: [(&str, Vec<&'static str>, u32, u64, usize, Duration, bool); 2] = [
-                (
-                    "fresh indices",
-                    vec!["spoofed_exit_response", "spoofed_exit_initiation_fresh"],
-                    40_000,
-                    20,
-                    6,
-                    REKEY_ANSWERED,
-                    false,
-                ),
-                (
-                    "valid mac1 for client1's key",
-                    vec!["spoofed_exit_initiation_mac1"],
-                    10_000,
-                    30,
-                    2,
-                    REKEY_RETRIED,
-                    true,
-                ),
+            struct Variant {
+                name: &'static str,
+                forgeries: Vec<&'static str>,
+                rate: u32,
+                flood_secs: u64,
+                rekeys: usize,
+                /// How long each rekey may take to carry traffic.
+                bound: Duration,
+                /// Probe the established tunnel before the rekeys.
+                steady: bool,
+            }
+            let variants = [
+                Variant {
+                    name: "fresh indices",
+                    forgeries: vec!["spoofed_exit_response", "spoofed_exit_initiation_fresh"],
+                    rate: 40_000,
+                    flood_secs: 20,
+                    rekeys: 6,
+                    bound: REKEY_ANSWERED,
+                    steady: false,
+                },
+                Variant {
+                    name: "valid mac1 for client1's key",
+                    forgeries: vec!["spoofed_exit_initiation_mac1"],
+                    rate: 10_000,
+                    flood_secs: 30,
+                    rekeys: 2,
+                    bound: REKEY_RETRIED,
+                    steady: true,
+                },
             ];
-            for (variant, only, rate, flood, rekeys, bound, steady) in variants {
+            for v in variants {
+                let Variant {
+                    name: variant,
+                    forgeries: only,
+                    rate,
+                    flood_secs: flood,
+                    rekeys,
+                    bound,
+                    steady,
+                } = v;
                 let flood = Duration::from_secs(flood);
                 let plan = AttackPlan {
                     relay: lab.relay_addr_for(0, RELAY_PORT),

@@ -294,3 +294,151 @@ fn netns_ipv6_inner_packets_pass_the_kernels_udp_checksum_check() {
         "the corrupted copy is counted as a checksum error"
     );
 }
+
+/// Issue 19: a Z-HOP client set up from what the node prints and nothing else.
+/// `wraithctl peer add … --client-config --out-dir DIR` provisions a new peer and writes its
+/// outer and inner wg-quick files; with only their `<…>` placeholders filled in (the
+/// client's own keys, the address its exit gave it), `wg-quick up` brings a stock
+/// wireguard-go client up from them (userspace: this machine has no kernel WireGuard), and
+/// its traffic reaches the internet host through both layers.
+#[test]
+fn netns_zhop_client_from_wraithctl_client_config() {
+    let test = "netns_zhop_client_from_wraithctl_client_config";
+    let Some(mut lab) = ZhopLab::start_or_skip(test, "auto") else {
+        return;
+    };
+    if let Err(e) = client_from_printed_config(&mut lab) {
+        panic!("{test} failed: {e:#}");
+    }
+    if let Err(e) = lab.check_processes() {
+        panic!("{test}: {e:#}");
+    }
+}
+
+fn genkey() -> Result<(String, String)> {
+    let private = std::process::Command::new("wg").arg("genkey").output()?;
+    ensure!(private.status.success(), "wg genkey: {private:?}");
+    let private = String::from_utf8(private.stdout)?.trim().to_string();
+    let mut child = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(private.as_bytes())?;
+    let public = child.wait_with_output()?;
+    ensure!(public.status.success(), "wg pubkey: {public:?}");
+    Ok((
+        private,
+        String::from_utf8(public.stdout)?.trim().to_string(),
+    ))
+}
+
+fn client_from_printed_config(lab: &mut ZhopLab) -> Result<()> {
+    // The lab's own client interfaces go: the new ones take their routes.
+    for ifname in [lab.inner.ifname.clone(), lab.outer.ifname.clone()] {
+        lab.client_ns().ip(&["link", "del", &ifname])?;
+    }
+    let (outer_private, outer_public) = genkey()?;
+    let (inner_private, inner_public) = genkey()?;
+    // The exit's operator gives the client an address (10.200.0.12) for its inner key.
+    lab.exit
+        .set_peer(&inner_public, None, "10.200.0.12/32", None)?;
+    let dir = lab.dir.join("client-config");
+    let printed = lab.relay.wraithctl(&[
+        "peer",
+        "add",
+        &outer_public,
+        "--allowed-ips",
+        "10.201.0.3/32",
+        "--exit",
+        "exit",
+        "--client-config",
+        "--endpoint",
+        "10.92.1.1:51820",
+        "--out-dir",
+        &dir.display().to_string(),
+    ])?;
+    lab.report(&format!("wraithctl: {}", printed.trim()));
+    let fill = |file: &str, with: &[(&str, &str)]| -> Result<std::path::PathBuf> {
+        let path = dir.join(file);
+        let mut text =
+            std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        for (placeholder, value) in with {
+            ensure!(
+                text.contains(placeholder),
+                "{file} has no {placeholder}:\n{text}"
+            );
+            text = text.replace(placeholder, value);
+        }
+        ensure!(
+            !text.contains('<'),
+            "{file} still has a placeholder after filling in the documented ones:\n{text}"
+        );
+        std::fs::write(&path, &text)?;
+        Ok(path)
+    };
+    let outer = fill(
+        "zhop-outer.conf",
+        &[("<your outer private key>", &outer_private)],
+    )?;
+    let inner = fill(
+        "zhop-exit1.conf",
+        &[
+            ("<your private key at exit exit>", &inner_private),
+            ("<your address at exit exit>", "10.200.0.12/32"),
+        ],
+    )?;
+    for conf in [&outer, &inner] {
+        let out = lab
+            .client_ns()
+            .command("wg-quick")
+            .arg("up")
+            .arg(conf)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "wg-quick up {}: {}",
+            conf.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let started = Instant::now();
+    let mut answered = false;
+    while !answered && started.elapsed() < Duration::from_secs(15) {
+        answered = matches!(lab.ping(1), Ok((_, 1)));
+    }
+    ensure!(
+        answered,
+        "no ping through the configured client within 15 s"
+    );
+    let (sent, received) = lab.ping(5)?;
+    lab.report(&format!(
+        "client from the printed config: up after {:.2} s, ping {received}/{sent}",
+        started.elapsed().as_secs_f64()
+    ));
+    ensure!(received == sent, "ping {received}/{sent}");
+    let peers = lab.relay.wraithctl(&["--json", "peer", "ls"])?;
+    ensure!(
+        peers.contains(&outer_public),
+        "the new peer is not listed: {peers}"
+    );
+    let exit_sees = lab.exit.endpoint_of(&inner_public)?;
+    ensure!(
+        exit_sees.is_some_and(|a| a.ip() == RELAY_EXIT_SIDE),
+        "the exit should see the new client's inner tunnel from the node, sees {exit_sees:?}"
+    );
+    for conf in [&inner, &outer] {
+        let _ = lab
+            .client_ns()
+            .command("wg-quick")
+            .arg("down")
+            .arg(conf)
+            .output();
+    }
+    Ok(())
+}

@@ -1329,7 +1329,7 @@ fn the_residual_lift_reflects_the_attackers_own_bytes_one_for_one() {
     let victim = client(1);
     let mut attacker_sent = 0usize;
     let mut to_victim = 0usize;
-    let mut send_exit = |h: &mut Harness, slot, p: &[u8], to_victim: &mut usize| {
+    let send_exit = |h: &mut Harness, slot, p: &[u8], to_victim: &mut usize| {
         if let Action::ToClient { client, .. } = h.exit(slot, p) {
             assert_eq!(client, victim);
             *to_victim += p.len();

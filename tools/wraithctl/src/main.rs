@@ -5,6 +5,7 @@
 //! `--json` prints the API's JSON for programs.
 
 mod client;
+mod client_config;
 mod model;
 mod prom;
 mod render;
@@ -142,6 +143,21 @@ enum PeerCmd {
         /// An exit the peer may reach, by public key or name (repeat for several).
         #[arg(long = "exit", value_name = "EXIT")]
         exits: Vec<String>,
+        /// Then print the client's WireGuard configurations, as `peer config` does.
+        #[arg(long)]
+        client_config: bool,
+        #[command(flatten)]
+        config: ClientConfigArgs,
+    },
+    /// Print the WireGuard configurations a Z-HOP client needs: the outer tunnel to this
+    /// node and one inner tunnel per exit it may reach, for wg-quick. Private keys (the
+    /// node holds none of the client's) and its address at each exit are `<…>`
+    /// placeholders to fill in.
+    Config {
+        /// The peer's public key (base64 or base64url).
+        public_key: Key,
+        #[command(flatten)]
+        config: ClientConfigArgs,
     },
     /// Remove a peer.
     #[command(visible_alias = "remove")]
@@ -149,6 +165,18 @@ enum PeerCmd {
         /// The peer's public key (base64 or base64url).
         public_key: Key,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ClientConfigArgs {
+    /// Where clients reach this node, HOST:PORT (default: the node's first listen address
+    /// that names a host; a placeholder when it listens on every address).
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: Option<String>,
+    /// Write each configuration to a file of its own in DIR (zhop-outer.conf,
+    /// zhop-exit1.conf, …; mode 0600) instead of printing them.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -351,6 +379,8 @@ fn peer_cmd(client: &Client, out: Output, cmd: PeerCmd) -> Result<()> {
             name,
             preshared_key_file,
             exits: given_exits,
+            client_config,
+            config,
         } => {
             let mut known = None;
             let allowed_exits = given_exits
@@ -369,7 +399,15 @@ fn peer_cmd(client: &Client, out: Output, cmd: PeerCmd) -> Result<()> {
                 body["preshared_key"] = json!(read_preshared_key(&path)?.to_string());
             }
             let v = client.post_json("/v1/peers", &body)?.json()?;
-            out.emit(&v, || format!("added peer {public_key}\n"));
+            if client_config {
+                eprintln!("added peer {public_key}");
+                print_client_config(client, out, &public_key, &config)?;
+            } else {
+                out.emit(&v, || format!("added peer {public_key}\n"));
+            }
+        }
+        PeerCmd::Config { public_key, config } => {
+            print_client_config(client, out, &public_key, &config)?;
         }
         PeerCmd::Rm { public_key } => {
             client.delete(&format!("/v1/peers/{}", public_key.path_segment()))?;
@@ -379,6 +417,83 @@ fn peer_cmd(client: &Client, out: Output, cmd: PeerCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_client_config(
+    client: &Client,
+    out: Output,
+    key: &Key,
+    args: &ClientConfigArgs,
+) -> Result<()> {
+    let node: NodeInfo = parse(&client.get("/v1/node")?.json()?, "node")?;
+    let peers: Vec<Peer> = parse(&client.get("/v1/peers")?.json()?, "peer list")?;
+    let wanted = key.to_string();
+    let peer = peers
+        .iter()
+        .find(|p| p.public_key == wanted)
+        .ok_or_else(|| {
+            Failure::new(
+                FailureKind::Refused,
+                format!("no peer {wanted} on this node (see `wraithctl peer ls`)"),
+            )
+        })?;
+    let (_, exits) = exits(client)?;
+    let endpoint = args
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| client_config::node_endpoint(&node.listen));
+    let files = client_config::render(&node.public_key, &endpoint, peer, &exits)
+        .map_err(|e| Failure::new(FailureKind::Refused, e.to_string()))?;
+    if let Some(dir) = &args.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for f in &files {
+            let path = dir.join(&f.file);
+            write_private(&path, &f.text)?;
+        }
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| dir.join(&f.file).display().to_string())
+            .collect();
+        out.emit(&json!({ "written": names }), || {
+            let mut s = String::new();
+            for n in &names {
+                s.push_str(&format!("wrote {n}\n"));
+            }
+            s.push_str("fill in each <…>, then: wg-quick up zhop-outer.conf, and one inner\n");
+            s
+        });
+        return Ok(());
+    }
+    let value = json!({
+        "outer": files[0].text,
+        "inner": files[1..]
+            .iter()
+            .map(|f| json!({"exit": f.exit, "file": f.file, "config": f.text}))
+            .collect::<Vec<_>>(),
+    });
+    out.emit(&value, || {
+        files
+            .iter()
+            .map(|f| format!("# ---- {} ----\n{}", f.file, f.text))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+/// Writes `text` to `path`, readable by its owner only (it will hold private keys).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn read_preshared_key(path: &Path) -> Result<Key> {
