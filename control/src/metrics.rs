@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use wraithgate_relay::io::LatencyHistogram;
 use wraithgate_relay::DropReason;
 
-use crate::node::Control;
+use crate::change::Control;
 
 /// The whole exposition.
 pub fn render(c: &Control) -> String {

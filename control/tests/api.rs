@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use wraithgate_control::config::{Config, ControlSection};
-use wraithgate_control::node::Node;
-use wraithgate_control::testbed::{
+use wraithgate_control::endpoints::{
     any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
     ZhopClient,
 };
+use wraithgate_control::node::Node;
 use wraithgate_relay::io::DataPlaneConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable};
 
@@ -411,7 +411,7 @@ fn tunnel(n: &TestNode) -> (WgNode, WgNode, usize, usize) {
     let ep = exit.add_peer(client.keys().public, PeerOptions::default());
     let (s, d) = tunnel_addrs(1);
     client.send_ip(cp, &ipv4_udp(s, d, 1, 2, b"hello")).unwrap();
-    let got = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+    let got = wraithgate_testkit::wait_for(Duration::from_secs(10), || {
         let _ = client.try_recv();
         match exit.try_recv() {
             Ok(Some(Received::Packet { .. })) => Some(()),
@@ -530,7 +530,7 @@ fn a_peer_deleted_through_the_api_loses_its_zhop_tunnel_and_nobody_else_does() {
     ));
     // Workers publish their counters every 100 ms or so.
     let zhop_peers = |want: u64| {
-        wraithgate_control::testbed::wait_for(wait, || {
+        wraithgate_testkit::wait_for(wait, || {
             std::thread::sleep(Duration::from_millis(20));
             (n.json("/v1/node")["zhop_peers"] == want).then_some(())
         })
@@ -572,7 +572,7 @@ fn a_peer_deleted_through_the_api_loses_its_zhop_tunnel_and_nobody_else_does() {
             .stats()
             .dropped(wraithgate_relay::DropReason::UnknownPeer)
     };
-    let refused = wraithgate_control::testbed::wait_for(wait, || {
+    let refused = wraithgate_testkit::wait_for(wait, || {
         std::thread::sleep(Duration::from_millis(20));
         (drops(&n) >= 1).then_some(())
     });
@@ -823,7 +823,7 @@ fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
         junk.send_to(&[9, 9], n.relay_addr()).unwrap();
     }
     // Both ends take in what reached them, so that nothing waits on a full socket.
-    let scraped = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+    let scraped = wraithgate_testkit::wait_for(Duration::from_secs(10), || {
         while let Ok(Some(_)) = client.try_recv() {}
         while let Ok(Some(_)) = exit.try_recv() {}
         let (scrape, text) = scrape(&n);
@@ -971,7 +971,7 @@ fn forwarding_carries_on_when_the_api_port_is_taken() {
     client
         .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"no api needed"))
         .unwrap();
-    let got = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+    let got = wraithgate_testkit::wait_for(Duration::from_secs(10), || {
         let _ = client.try_recv();
         matches!(exit.try_recv(), Ok(Some(Received::Packet { .. }))).then_some(())
     });
@@ -1047,7 +1047,7 @@ fn reaches(relay: SocketAddr, exit: &mut WgNode) -> bool {
     client
         .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"through"))
         .unwrap();
-    wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+    wraithgate_testkit::wait_for(Duration::from_secs(10), || {
         let _ = client.try_recv();
         matches!(exit.try_recv(), Ok(Some(Received::Packet { .. }))).then_some(())
     })

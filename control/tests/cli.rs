@@ -5,10 +5,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, workspace_command, KeyPair, PeerOptions,
-    Received, WgNode,
+use wraithgate_control::endpoints::{
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
 };
+use wraithgate_testkit::workspace_command;
 
 fn bin() -> Command {
     workspace_command(env!("CARGO_BIN_EXE_wraithgate"))

@@ -20,10 +20,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, workspace_command, KeyPair, PeerOptions,
-    Received, WgNode,
+use wraithgate_control::endpoints::{
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
 };
+use wraithgate_testkit::workspace_command;
 
 /// The `wraithgate` binary, built by Cargo on first use.
 fn wraithgate_bin() -> &'static Path {
