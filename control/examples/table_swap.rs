@@ -64,6 +64,7 @@ fn main() {
             state_dir: dir.clone(),
             ..ControlSection::default()
         },
+        log: Default::default(),
     })
     .unwrap();
     let url = format!("http://{}", node.api_addr().unwrap());

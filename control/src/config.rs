@@ -585,7 +585,10 @@ mod tests {
         );
         let (l, msg) = line(parse(&text).unwrap_err());
         assert!((4..=8).contains(&l), "line {l}: {msg}");
-        assert!(msg.contains("listen_port 51821 is a configured [relay] listen port"), "{msg}");
+        assert!(
+            msg.contains("listen_port 51821 is a configured [relay] listen port"),
+            "{msg}"
+        );
         assert!(parse(&text.replace("51821\n", "51822\n")).is_ok());
     }
 
@@ -602,7 +605,9 @@ mod tests {
 
     #[test]
     fn a_bad_log_filter_is_refused_with_its_line() {
-        let (l, msg) = line(parse("[relay]\nworkers = 1\n[log]\nfilter = \"wraithgate=blah[\"\n").unwrap_err());
+        let (l, msg) = line(
+            parse("[relay]\nworkers = 1\n[log]\nfilter = \"wraithgate=blah[\"\n").unwrap_err(),
+        );
         assert_eq!(l, 4, "{msg}");
         assert!(msg.contains("not a log filter"), "{msg}");
     }

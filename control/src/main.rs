@@ -124,6 +124,7 @@ impl LogFilter {
         self.handle
             .reload(filter)
             .context("changing the log filter")?;
+        tracing::debug!(filter = file.unwrap_or("info"), "log filter in use");
         Ok(())
     }
 }
@@ -362,7 +363,9 @@ fn reload(path: &Path, started_text: &str, applied_text: &mut String, log: &LogF
         .collect();
     if live.iter().any(|k| k == "log.filter") {
         if log.from_command_line {
-            tracing::warn!("[log] filter changed in the file, but --log (or WRAITHGATE_LOG) overrides it");
+            tracing::warn!(
+                "[log] filter changed in the file, but --log (or WRAITHGATE_LOG) overrides it"
+            );
         } else if let Err(e) = log.follow(cfg.log.filter.as_deref()) {
             tracing::error!(error = %format!("{e:#}"), "configuration reload refused; the node runs on as it was");
             return;

@@ -48,6 +48,7 @@ fn config(dir: &std::path::Path, exits: Vec<ExitSpec>, api_socket: Option<PathBu
             state_dir: dir.to_owned(),
             ..ControlSection::default()
         },
+        log: Default::default(),
     }
 }
 
@@ -1763,4 +1764,160 @@ fn control_threads_keep_off_the_workers_cores_or_yield_to_them() {
         node.stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn an_exit_pinned_to_a_configured_listen_port_is_refused_and_changes_nothing() {
+    let n = TestNode::start("pin-listen", vec![]);
+    let (_client, mut exit, _, _) = tunnel(&n);
+    let listen = n.relay_addr().port();
+    let k = key();
+    let body = json!({"public_key": k, "endpoint": "192.0.2.1:51820", "name": "decoy",
+                      "listen_port": listen})
+    .to_string();
+    let whole = json!({"exits": [{"public_key": k, "endpoint": "192.0.2.1:51820",
+                                  "name": "decoy", "listen_port": listen}]})
+    .to_string();
+    let generation = n.state().0["generation"].to_string();
+    let words = "is a configured [relay] listen port";
+    n.assert_refused(vec![
+        refused("POST", "/v1/exits", &body, 409, words),
+        refused("PUT", "/v1/config", &whole, 409, words).with("If-Match", &generation),
+        refused("PUT", "/v1/config?dry_run=true", &whole, 409, words).with("If-Match", &generation),
+    ]);
+    // The exit already there still gets new clients on that port (found by mac1).
+    let mut client = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let cp = client.add_peer(
+        exit.keys().public,
+        PeerOptions {
+            endpoint: Some(n.relay_addr()),
+            ..Default::default()
+        },
+    );
+    exit.add_peer(client.keys().public, PeerOptions::default());
+    let (s, d) = tunnel_addrs(2);
+    client
+        .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"new client"))
+        .unwrap();
+    let got = wraithgate_testkit::wait_for(Duration::from_secs(10), || {
+        let _ = client.try_recv();
+        match exit.try_recv() {
+            Ok(Some(Received::Packet { data, .. })) => {
+                (udp_payload(&data) == Some(&b"new client"[..])).then_some(())
+            }
+            _ => None,
+        }
+    });
+    assert!(got.is_some(), "a new client of the exit got through");
+}
+
+#[test]
+fn re_applying_the_state_in_use_is_a_no_op_and_keeps_the_generation() {
+    let n = TestNode::start("noop", vec![]);
+    let (ka, kb) = (key(), key());
+    let desired = json!({"exits": [
+        {"public_key": ka, "endpoint": "192.0.2.1:51820", "name": "a"},
+        {"public_key": kb, "endpoint": "192.0.2.2:51820", "name": "b"}
+    ], "peers": [{"public_key": key(), "allowed_ips": ["10.77.0.9/24"], "allowed_exits": [ka]}]})
+    .to_string();
+    let (status, body) = n.send("PUT", "/v1/config", &desired, &[("If-Match", "1")]);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["generation"].as_u64(), v["changed"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert_eq!(v["changes"]["exits_added"], json!(["a", "b"]), "{v}");
+    // Host bits are cleared, in the state file and in listings.
+    assert_eq!(
+        n.json("/v1/peers")[0]["allowed_ips"],
+        json!(["10.77.0.0/24"])
+    );
+    let file = std::fs::read_to_string(n.dir.join("state.json")).unwrap();
+    assert!(
+        file.contains("10.77.0.0/24") && !file.contains("10.77.0.9"),
+        "{file}"
+    );
+    let state_before = n.state();
+    for _ in 0..3 {
+        let (status, body) = n.send("PUT", "/v1/config", &desired, &[("If-Match", "2")]);
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["generation"].as_u64(), v["changed"].as_bool()),
+            (Some(2), Some(false)),
+            "{v}"
+        );
+    }
+    assert_eq!(n.state(), state_before);
+    assert_eq!(
+        std::fs::read_to_string(n.dir.join("state.json")).unwrap(),
+        file
+    );
+    // A dry run names the difference and changes nothing.
+    let moved = desired.replace("192.0.2.2:51820", "192.0.2.3:51820");
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config?dry_run=true",
+        &moved,
+        &[("If-Match", "2")],
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["changes"]["exits_changed"],
+        json!(["b (endpoint 192.0.2.2:51820 -> 192.0.2.3:51820)"]),
+        "{v}"
+    );
+    assert_eq!(n.state(), state_before);
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config?dry_run=maybe",
+        &moved,
+        &[("If-Match", "2")],
+    );
+    assert_eq!(status, 400, "{body}");
+}
+
+#[test]
+fn an_endpoint_change_says_which_exit_and_how_many_sessions_it_closes() {
+    let n = TestNode::start("endpoint", vec![]);
+    let (_client, exit, _, _) = tunnel(&n);
+    let sessions = wraithgate_testkit::wait_for(Duration::from_secs(5), || {
+        let s = n.json("/v1/sessions");
+        (s.as_array().unwrap().len() == 1).then_some(())
+    });
+    assert!(sessions.is_some(), "one session through the node");
+    let (status, body) = n.get("/v1/config");
+    assert_eq!(status, 200);
+    let mut config: Value = serde_json::from_str(&body).unwrap();
+    let generation = config["generation"].to_string();
+    let moved_to = "127.0.0.1:9";
+    config["exits"][0]["endpoint"] = json!(moved_to);
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &config.to_string(),
+        &[("If-Match", &generation)],
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["sessions_closed"],
+        json!([{"exit": "x", "exit_key": exit.keys().relay_key().to_base64(), "sessions": 1}]),
+        "{v}"
+    );
+    assert_eq!(
+        v["changes"]["exits_changed"],
+        json!([format!("x (endpoint {} -> {moved_to})", exit.local_addr())]),
+        "{v}"
+    );
+    let gone = wraithgate_testkit::wait_for(Duration::from_secs(5), || {
+        n.json("/v1/sessions")
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+    assert!(gone.is_some(), "the session was closed");
 }
