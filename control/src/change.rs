@@ -159,7 +159,12 @@ impl Control {
             Err(e) => return Err(self.refuse(e)),
         };
         let diff = StateDiff::between(&state, &next);
-        if diff.is_empty() {
+        // The same entries, none twice (the running state has each key once): the state in
+        // use, perhaps in another order.
+        if diff.is_empty()
+            && next.exits.len() == state.exits.len()
+            && next.peers.len() == state.peers.len()
+        {
             tracing::info!(
                 generation = state.generation,
                 "change asks for the state in use: nothing to do"

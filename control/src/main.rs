@@ -31,6 +31,9 @@ struct Cli {
     /// Overrides the configuration's [log] filter; "info" when neither says.
     #[arg(long, env = "WRAITHGATE_LOG", global = true)]
     log: Option<String>,
+    /// Log lines as text (for people) or as JSON objects, one a line (for collectors).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -88,6 +91,12 @@ enum Cmd {
     ExampleConfig,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 /// `auto` picks io_uring where the kernel allows it and says in the log why not otherwise;
 /// `uring` refuses to start without it.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -142,15 +151,15 @@ fn main() {
         }
     };
     let (filter, handle) = reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                // Escape codes only for a person at a terminal, never into a journal or file.
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
-        .init();
+    let lines = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Escape codes only for a person at a terminal, never into a journal or file.
+        .with_ansi(std::io::stderr().is_terminal());
+    let logs = tracing_subscriber::registry().with(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.with(lines).init(),
+        LogFormat::Json => logs.with(lines.json()).init(),
+    }
     let log = LogFilter {
         handle,
         from_command_line: cli.log.is_some(),

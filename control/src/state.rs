@@ -101,15 +101,25 @@ pub fn network(net: IpNet) -> IpNet {
     IpNet { addr, ..net }
 }
 
-/// What a change does to a state, by key: exits by name, peers by public key.
+/// How many names of each kind a [`StateDiff`] lists; the rest are counted.
+const DIFF_NAMES: usize = 10;
+
+/// What a change does to a state, by key: exits by name, peers by public key. Lists left
+/// out of the JSON are empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StateDiff {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub exits_added: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub exits_removed: Vec<String>,
     /// One line per changed exit: its name and each field's old and new value.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub exits_changed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers_added: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers_removed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers_changed: Vec<String>,
     /// The exits whose sessions the change closes (removed, or given another endpoint).
     #[serde(skip)]
@@ -174,6 +184,21 @@ impl StateDiff {
         for p in &old.peers {
             if !new_peers.contains_key(&p.public_key) {
                 d.peers_removed.push(label(p));
+            }
+        }
+        // Answers and log lines stay short when a whole table of 100,000 exits changes.
+        for list in [
+            &mut d.exits_added,
+            &mut d.exits_removed,
+            &mut d.exits_changed,
+            &mut d.peers_added,
+            &mut d.peers_removed,
+            &mut d.peers_changed,
+        ] {
+            if list.len() > DIFF_NAMES {
+                let more = list.len() - DIFF_NAMES;
+                list.truncate(DIFF_NAMES);
+                list.push(format!("and {more} more"));
             }
         }
         d

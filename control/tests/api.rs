@@ -199,7 +199,7 @@ fn guards_token_and_browsers() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         v["error"],
-        "GET is not allowed on /v1/exits/abc; allowed: DELETE"
+        "GET is not allowed on /v1/exits/abc; allowed: PATCH, DELETE"
     );
     let (status, body) = n.get("/nope");
     assert_eq!(status, 404);

@@ -411,3 +411,32 @@ fn bad_invocations_are_refused_with_one_clear_message() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn log_format_json_writes_one_object_a_line() {
+    let path = temp_file("json", "[relay]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n");
+    let state_dir = path.parent().unwrap().join("state");
+    let mut child = bin()
+        .args(["--log-format", "json", "run", "--no-api", "--config"])
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::follow(child.stderr.take().unwrap());
+    let mut child = KillOnDrop(child);
+    log.wait_for("relay running", 1);
+    signal(&child, "-TERM");
+    assert!(child.0.wait().unwrap().success());
+    let t = log.wait_for("sessions saved", 1);
+    for line in t.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(t.contains("\"message\":\"relay running"), "{t}");
+}

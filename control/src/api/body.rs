@@ -27,6 +27,15 @@ pub fn exit(body: &[u8]) -> Result<ExitSpec, String> {
     })
 }
 
+/// `PATCH /v1/exits/{key}`: the fields to change, at least one.
+pub fn exit_patch(body: &[u8]) -> Result<ExitPatch, String> {
+    let p: ExitPatch = parse_json(body)?;
+    if p.name.is_none() && p.endpoint.is_none() && p.listen_port.is_none() {
+        return Err("nothing to change: give name, endpoint or listen_port (null unpins)".into());
+    }
+    Ok(p)
+}
+
 /// `POST /v1/peers`.
 pub fn peer(body: &[u8]) -> Result<PeerSpec, String> {
     parse_json(body)
@@ -131,6 +140,19 @@ pub(super) fn key_from_path(s: &str) -> Result<PublicKey, ApiError> {
         .try_into()
         .map(PublicKey)
         .map_err(|_| bad_request(format!("a key is 32 bytes, {s:?} decodes to {len}")))
+}
+
+/// The fields of an exit that `PATCH /v1/exits/{key}` changes; one left out keeps its
+/// value, `"listen_port": null` unpins the exit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitPatch {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "present")]
+    pub listen_port: Option<Option<u16>>,
 }
 
 /// An exit as the API takes it.

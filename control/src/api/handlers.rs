@@ -100,6 +100,38 @@ pub(super) async fn remove_exit(
     Ok(StatusCode::NO_CONTENT)
 }
 
+pub(super) async fn patch_exit(
+    State(app): State<App>,
+    UrlPath(key): UrlPath<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = key_from_path(&key)?;
+    let patch = body::exit_patch(&body).map_err(bad_request)?;
+    let applied = app.control.apply(|s| {
+        let Some(e) = s.exits.iter_mut().find(|x| x.public_key == key) else {
+            return Err(ChangeError::NotFound(format!("no exit {key}")));
+        };
+        if let Some(name) = patch.name {
+            e.name = name;
+        }
+        if let Some(endpoint) = patch.endpoint {
+            e.endpoint = endpoint;
+        }
+        if let Some(port) = patch.listen_port {
+            e.listen_port = port;
+        }
+        Ok(())
+    })?;
+    let exit = applied.state.exits.iter().find(|x| x.public_key == key);
+    Ok(Json(json!({
+        "exit": exit,
+        "generation": applied.state.generation,
+        "changed": applied.changed(),
+        "changes": applied.diff,
+        "sessions_closed": applied.sessions_closed,
+    })))
+}
+
 pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
     // Preshared keys are write-only.
     let mut peers = app.control.state().peers.clone();

@@ -59,7 +59,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/openapi.json", &["GET"]),
     ("/v1/node", &["GET"]),
     ("/v1/exits", &["GET", "POST"]),
-    ("/v1/exits/{key}", &["DELETE"]),
+    ("/v1/exits/{key}", &["PATCH", "DELETE"]),
     ("/v1/peers", &["GET", "POST"]),
     ("/v1/peers/{key}", &["DELETE"]),
     ("/v1/config", &["GET", "PUT"]),
@@ -75,7 +75,7 @@ fn handlers(path: &str) -> axum::routing::MethodRouter<App> {
         "/v1/openapi.json" => get(openapi),
         "/v1/node" => get(node_info),
         "/v1/exits" => get(list_exits).post(add_exit),
-        "/v1/exits/{key}" => delete(remove_exit),
+        "/v1/exits/{key}" => delete(remove_exit).patch(patch_exit),
         "/v1/peers" => get(list_peers).post(add_peer),
         "/v1/peers/{key}" => delete(remove_peer),
         "/v1/config" => get(get_config)
