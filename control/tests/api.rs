@@ -180,6 +180,20 @@ fn guards_token_and_browsers() {
         .call()
         .unwrap();
     assert_eq!(wrong.status(), 401);
+    // Off by the last character, a prefix, the token twice: refused alike.
+    let token = n.token.trim().to_owned();
+    let mut last = token.clone();
+    let c = last.pop().unwrap();
+    last.push(if c == '0' { '1' } else { '0' });
+    for presented in [last, token[..token.len() - 1].to_owned(), token.repeat(2)] {
+        let r = n
+            .agent
+            .get(format!("{}/v1/exits", n.url))
+            .header("Authorization", format!("Bearer {presented}"))
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), 401, "{presented}");
+    }
     for h in ["Origin", "Referer"] {
         let r = n
             .agent
