@@ -1935,3 +1935,48 @@ fn an_endpoint_change_says_which_exit_and_how_many_sessions_it_closes() {
     });
     assert!(gone.is_some(), "the session was closed");
 }
+
+#[test]
+fn metrics_include_process_and_build_info() {
+    let n = TestNode::start("process", vec![]);
+    let (scrape, text) = scrape(&n);
+    let one = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => panic!("{name} is not a gauge"),
+            })
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let open = one("process_open_fds");
+    let max = one("process_max_fds");
+    // The node, its data plane and this test's own descriptors share the process.
+    let ours = std::fs::read_dir("/proc/self/fd").unwrap().count() as f64;
+    assert!(
+        open >= 5.0 && (open - ours).abs() < 50.0,
+        "{open} open, {ours} here"
+    );
+    assert!(max >= open, "{max} max, {open} open");
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    assert!(limits.contains(&format!(" {max} ")), "{max}:\n{limits}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let start = one("process_start_time_seconds");
+    assert!(
+        start <= now && start > now - 600.0,
+        "start {start}, now {now}"
+    );
+    assert!(one("process_resident_memory_bytes") > 1e6);
+    let build = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "wraithgate_build_info")
+        .expect("wraithgate_build_info");
+    assert_eq!(build.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
+    assert!(build.labels.get("commit").is_some_and(|c| !c.is_empty()));
+}
