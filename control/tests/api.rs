@@ -1980,3 +1980,32 @@ fn metrics_include_process_and_build_info() {
     assert_eq!(build.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
     assert!(build.labels.get("commit").is_some_and(|c| !c.is_empty()));
 }
+
+#[test]
+fn a_saved_state_pinning_a_configured_listen_port_is_refused_at_start() {
+    let dir = temp_dir("pinned-state");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let k = key();
+    std::fs::write(
+        dir.join("state.json"),
+        json!({"generation": 3, "exits": [{"public_key": k, "endpoint": "192.0.2.1:51820",
+                                            "name": "decoy", "listen_port": port}]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut cfg = config(&dir, vec![], None);
+    cfg.data_plane.listen = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    let err = format!("{:#}", Node::start(cfg).unwrap_err());
+    assert!(
+        err.contains("state.json")
+            && err.contains(&format!(
+                "listen_port {port} is a configured [relay] listen port"
+            )),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
