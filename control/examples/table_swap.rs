@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wraithgate_control::config::{Config, ControlSection};
-use wraithgate_control::node::Node;
-use wraithgate_control::testbed::{
+use wraithgate_control::endpoints::{
     any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
 };
+use wraithgate_control::node::Node;
 use wraithgate_relay::io::DataPlaneConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable};
 
@@ -64,6 +64,7 @@ fn main() {
             state_dir: dir.clone(),
             ..ControlSection::default()
         },
+        log: Default::default(),
     })
     .unwrap();
     let url = format!("http://{}", node.api_addr().unwrap());

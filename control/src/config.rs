@@ -27,8 +27,57 @@ pub struct ConfigFile {
     pub limits: LimitsSection,
     #[serde(default)]
     pub control: ControlSection,
+    #[serde(default)]
+    pub log: LogSection,
     #[serde(default, rename = "exit")]
     pub exits: Vec<Spanned<ExitEntry>>,
+}
+
+/// `[log]`: what the node logs. Changes with SIGHUP.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// tracing's EnvFilter syntax, e.g. "info" or "wraithgate_relay=debug". `--log` (or
+    /// `WRAITHGATE_LOG`) overrides it.
+    pub filter: Option<String>,
+}
+
+/// The settings of a configuration file that a running node applies on SIGHUP; any other
+/// change waits for a restart (`[[exit]]` entries only ever seed a new state).
+pub const LIVE_SETTINGS: &[&str] = &["log.filter"];
+
+/// The settings (`section.key`, and `[[exit]]` as a whole) that differ between two
+/// configuration files, both already checked.
+pub fn changed_settings(old: &str, new: &str) -> Vec<String> {
+    use std::collections::BTreeMap;
+    fn settings(text: &str) -> BTreeMap<String, toml::Value> {
+        let table: toml::Table = toml::from_str(text).unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for (k, v) in table {
+            match v {
+                toml::Value::Table(inner) => {
+                    for (k2, v2) in inner {
+                        out.insert(format!("{k}.{k2}"), v2);
+                    }
+                }
+                toml::Value::Array(_) if k == "exit" => {
+                    out.insert("[[exit]]".to_owned(), v);
+                }
+                other => {
+                    out.insert(k, other);
+                }
+            }
+        }
+        out
+    }
+    let (a, b) = (settings(old), settings(new));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
 }
 
 /// `[control]`: the operator API and the node's state on disk.
@@ -184,10 +233,12 @@ fn yes() -> bool {
 /// A configuration error, with where it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    // Not named `source`: thiserror would make it the error's source too, and a chain
+    // printer (anyhow's `{:#}`) would then print the cause twice.
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}:{line}: {message}")]
     At {
@@ -206,14 +257,15 @@ pub struct Config {
     /// The exits of the file: the node's state until the API changes it.
     pub table: ExitTable,
     pub control: ControlSection,
+    pub log: LogSection,
 }
 
 impl Config {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         Self::parse(path, &text)
     }
@@ -231,6 +283,21 @@ impl Config {
                 message,
             },
         };
+        let settings = text.lines().any(|l| {
+            let l = l.trim();
+            !l.is_empty() && !l.starts_with('#')
+        });
+        if !settings {
+            // Defaults everywhere and no exit: almost certainly the wrong file, or one
+            // truncated. A node meant to start empty says so with a section.
+            return Err(ConfigError::File {
+                path: path.to_owned(),
+                message: "the file is empty (no section, no setting): start from \
+                          `wraithgate example-config`; a node meant to start without exits \
+                          still names its listen addresses in [relay]"
+                    .into(),
+            });
+        }
         let file: ConfigFile = toml::from_str(text).map_err(|e| {
             // toml gives no message for some syntax errors (a control character in a
             // comment, for one): never report an error without a reason.
@@ -297,6 +364,14 @@ impl Config {
                 "[limits] handshakes_per_second and handshake_burst must be at least 1".into(),
             ));
         }
+        if let Some(f) = &file.log.filter {
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(f) {
+                return Err(at(
+                    find_key(text, "filter"),
+                    format!("[log] filter: {f:?} is not a log filter: {e}"),
+                ));
+            }
+        }
         let spans: Vec<_> = file.exits.iter().map(|e| e.span()).collect();
         let specs: Vec<ExitSpec> = file
             .exits
@@ -324,6 +399,16 @@ impl Config {
                 .position(|s| s.name == name)
                 .map(|i| spans[i].clone());
             return Err(at(span, StateError::ExitName(name).to_string()));
+        }
+        if let Some(i) = specs.iter().position(|s| {
+            s.listen_port
+                .is_some_and(|p| r.listen.iter().any(|l| l.port() == p))
+        }) {
+            let port = specs[i].listen_port.unwrap_or_default();
+            return Err(at(
+                Some(spans[i].clone()),
+                listen_port_conflict(&specs[i].name, port),
+            ));
         }
         let table = ExitTable::new(1, specs.clone()).map_err(|err| {
             let name = match &err {
@@ -372,8 +457,18 @@ impl Config {
             data_plane,
             table,
             control: file.control.clone(),
+            log: file.log.clone(),
         })
     }
+}
+
+/// Why an exit may not be pinned to `port`, one of the configured `[relay] listen` ports.
+pub fn listen_port_conflict(exit: &str, port: u16) -> String {
+    format!(
+        "exit {exit:?}: listen_port {port} is a configured [relay] listen port; pinning it \
+         would send every initiation arriving there to this exit and cut off the clients of \
+         every other exit (found by mac1 on that port); pin a port of its own"
+    )
 }
 
 /// 1-based line of byte offset `at`.
@@ -431,6 +526,10 @@ cookie_replies_per_second = 20000
 pending_timeout_secs = 5
 idle_timeout_secs = 540
 
+[log]
+# tracing's filter syntax; `--log` or WRAITHGATE_LOG override it. SIGHUP applies a change.
+filter = "info"
+
 [control]
 # The operator API (wraithctl talks to it). Bearer token in <state_dir>/api.token.
 api_listen = "127.0.0.1:7070"
@@ -471,8 +570,58 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_file_is_refused_with_a_reason() {
+        for text in ["", "\n\n", "# only a comment\n   \n"] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.starts_with("test.toml: the file is empty"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_exit_pinned_to_a_listen_port_is_refused_with_its_line() {
+        let k = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let text = format!(
+            "[relay]\nlisten = [\"0.0.0.0:51820\", \"0.0.0.0:51821\"]\n\n[[exit]]\nname = \"a\"\npublic_key = \"{k}\"\nendpoint = \"192.0.2.1:1\"\nlisten_port = 51821\n"
+        );
+        let (l, msg) = line(parse(&text).unwrap_err());
+        assert!((4..=8).contains(&l), "line {l}: {msg}");
+        assert!(
+            msg.contains("listen_port 51821 is a configured [relay] listen port"),
+            "{msg}"
+        );
+        assert!(parse(&text.replace("51821\n", "51822\n")).is_ok());
+    }
+
+    #[test]
+    fn changed_settings_name_each_key_that_differs() {
+        let old = "[relay]\nworkers = 1\n[log]\nfilter = \"info\"\n[[exit]]\nname = \"a\"\n";
+        let new = "[relay]\nworkers = 2\n[limits]\nmax_pending = 9\n[log]\nfilter = \"info\"\n[[exit]]\nname = \"b\"\n";
+        assert_eq!(
+            changed_settings(old, new),
+            ["[[exit]]", "limits.max_pending", "relay.workers"]
+        );
+        assert!(changed_settings(old, old).is_empty());
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_refused_with_its_line() {
+        let (l, msg) = line(
+            parse("[relay]\nworkers = 1\n[log]\nfilter = \"wraithgate=blah[\"\n").unwrap_err(),
+        );
+        assert_eq!(l, 4, "{msg}");
+        assert!(msg.contains("not a log filter"), "{msg}");
+    }
+
+    #[test]
+    fn a_missing_file_names_its_cause_once() {
+        let err = Config::load(Path::new("/nonexistent/wg.toml")).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::new(err));
+        assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
+    }
+
+    #[test]
     fn defaults_fill_an_almost_empty_file() {
-        let c = parse("").unwrap();
+        let c = parse("[relay]\n").unwrap();
         assert!(c.table.is_empty());
         assert_eq!(c.data_plane.listen, default_listen());
     }
@@ -531,7 +680,7 @@ mod tests {
         let c = parse("[relay]\nsocket_buffer = 1048576\nexit_socket_buffer = 262144\n").unwrap();
         assert_eq!(c.data_plane.listener_socket_buffer, 1 << 20);
         assert_eq!(c.data_plane.exit_socket_buffer, 256 << 10);
-        let c = parse("").unwrap();
+        let c = parse("[limits]\n").unwrap();
         assert_eq!(c.data_plane.listener_socket_buffer, 16 << 20);
         let (l, msg) =
             line(parse("[relay]\nexit_socket_buffer = 1024\nsocket_buffer = 1024\n").unwrap_err());

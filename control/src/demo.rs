@@ -17,7 +17,7 @@ use serde::Serialize;
 use wraithgate_relay::io::{BackendChoice, DataPlane, DataPlaneConfig};
 use wraithgate_relay::table::{ExitSpec, ExitTable, SharedTable};
 
-use crate::testbed::{
+use crate::endpoints::{
     any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
 };
 

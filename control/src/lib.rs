@@ -1,11 +1,12 @@
-//! WraithGate node: configuration, state, the operator sidecar, the demo, and the testbed of
+//! WraithGate node: configuration, state, the operator sidecar, the demo, and the
 //! real WireGuard endpoints.
 
 pub mod api;
+pub mod change;
 pub mod config;
 pub mod demo;
+pub mod endpoints;
 pub mod metrics;
 pub mod node;
 pub mod openapi;
 pub mod state;
-pub mod testbed;

@@ -1,13 +1,16 @@
 //! `wraithgate`: the relay node.
 
-use std::path::PathBuf;
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use wraithgate_control::config::{Config, EXAMPLE};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+use wraithgate_control::config::{changed_settings, Config, EXAMPLE, LIVE_SETTINGS};
 use wraithgate_control::demo::{self, DemoOptions};
 use wraithgate_control::node::Node;
 use wraithgate_relay::io::BackendChoice;
@@ -25,8 +28,12 @@ use wraithgate_relay::io::BackendChoice;
 #[command(name = "wraithgate", version, about, long_about)]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "wraithgate_relay=debug".
-    #[arg(long, env = "WRAITHGATE_LOG", default_value = "info", global = true)]
-    log: String,
+    /// Overrides the configuration's [log] filter; "info" when neither says.
+    #[arg(long, env = "WRAITHGATE_LOG", global = true)]
+    log: Option<String>,
+    /// Log lines as text (for people) or as JSON objects, one a line (for collectors).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -84,6 +91,12 @@ enum Cmd {
     ExampleConfig,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 /// `auto` picks io_uring where the kernel allows it and says in the log why not otherwise;
 /// `uring` refuses to start without it.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -103,21 +116,61 @@ impl From<Backend> for BackendChoice {
     }
 }
 
+/// The log filter in use, changed when the configuration's changes (SIGHUP).
+struct LogFilter {
+    handle: reload::Handle<EnvFilter, Registry>,
+    /// Given by `--log` or `WRAITHGATE_LOG`: then the file's filter is not used.
+    from_command_line: bool,
+}
+
+impl LogFilter {
+    /// Uses the file's filter, unless the command line gave one.
+    fn follow(&self, file: Option<&str>) -> Result<()> {
+        if self.from_command_line {
+            return Ok(());
+        }
+        let filter = EnvFilter::try_new(file.unwrap_or("info"))?;
+        self.handle
+            .reload(filter)
+            .context("changing the log filter")?;
+        tracing::debug!(filter = file.unwrap_or("info"), "log filter in use");
+        Ok(())
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = match EnvFilter::try_new(cli.log.as_deref().unwrap_or("info")) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "wraithgate: error: --log {:?} is not a log filter: {e}",
+                cli.log.as_deref().unwrap_or_default()
+            );
+            std::process::exit(2);
+        }
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = real_main(cli) {
+        // Escape codes only for a person at a terminal, never into a journal or file.
+        .with_ansi(std::io::stderr().is_terminal());
+    let logs = tracing_subscriber::registry().with(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.with(lines).init(),
+        LogFormat::Json => logs.with(lines.json()).init(),
+    }
+    let log = LogFilter {
+        handle,
+        from_command_line: cli.log.is_some(),
+    };
+    if let Err(e) = real_main(cli, &log) {
         eprintln!("wraithgate: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn real_main(cli: Cli) -> Result<()> {
+fn real_main(cli: Cli, log: &LogFilter) -> Result<()> {
     match cli.command {
         Cmd::Run {
             config,
@@ -135,6 +188,7 @@ fn real_main(cli: Cli) -> Result<()> {
             state_dir,
             api_listen,
             no_api,
+            log,
         }),
         Cmd::Demo {
             clients,
@@ -180,7 +234,7 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-struct RunArgs {
+struct RunArgs<'a> {
     path: PathBuf,
     workers: Option<usize>,
     backend: Option<Backend>,
@@ -188,9 +242,10 @@ struct RunArgs {
     state_dir: Option<PathBuf>,
     api_listen: Option<std::net::SocketAddr>,
     no_api: bool,
+    log: &'a LogFilter,
 }
 
-fn run(args: RunArgs) -> Result<()> {
+fn run(args: RunArgs<'_>) -> Result<()> {
     let RunArgs {
         path,
         workers,
@@ -199,7 +254,12 @@ fn run(args: RunArgs) -> Result<()> {
         state_dir,
         api_listen,
         no_api,
+        log,
     } = args;
+    // From the start: a SIGHUP while starting must not kill the node either.
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook_register(libc::SIGHUP, hup.clone())?;
+    let started_text = std::fs::read_to_string(&path).unwrap_or_default();
     let mut cfg = Config::load(&path)?;
     if let Some(d) = state_dir {
         cfg.control.state_dir = d;
@@ -229,6 +289,7 @@ fn run(args: RunArgs) -> Result<()> {
         );
         return Ok(());
     }
+    log.follow(cfg.log.filter.as_deref())?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGTERM, libc::SIGINT] {
         signal_hook_register(sig, stop.clone())?;
@@ -244,9 +305,13 @@ fn run(args: RunArgs) -> Result<()> {
         eprintln!("wraithgate: operator API token in {}", path.display());
     }
     tracing::info!(listen = ?node.control.dp.local_addrs(), backend = node.control.dp.backend(),
-        api = ?node.api_addr(), "relay running; SIGTERM or Ctrl-C stops it");
+        api = ?node.api_addr(), "relay running; SIGTERM or Ctrl-C stops it, SIGHUP reloads the configuration");
+    let mut applied_text = started_text.clone();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        if hup.swap(false, Ordering::Relaxed) {
+            reload(&path, &started_text, &mut applied_text, log);
+        }
     }
     let s = node.control.dp.stats();
     let mut io = wraithgate_relay::io::IoStats::default();
@@ -279,6 +344,55 @@ fn run(args: RunArgs) -> Result<()> {
     );
     node.stop();
     Ok(())
+}
+
+/// SIGHUP: reads the configuration again. A file with an error is refused whole, with its
+/// `file:line`, and the node runs on as it was. Otherwise what can change live does, and
+/// one line names the settings that differ from those the node started with but wait for
+/// a restart.
+fn reload(path: &Path, started_text: &str, applied_text: &mut String, log: &LogFilter) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %format!("cannot read {}: {e}", path.display()),
+                "configuration reload refused; the node runs on as it was");
+            return;
+        }
+    };
+    let cfg = match Config::parse(path, &text) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "configuration reload refused; the node runs on as it was");
+            return;
+        }
+    };
+    let live: Vec<String> = changed_settings(applied_text, &text)
+        .into_iter()
+        .filter(|k| LIVE_SETTINGS.contains(&k.as_str()))
+        .collect();
+    if live.iter().any(|k| k == "log.filter") {
+        if log.from_command_line {
+            tracing::warn!(
+                "[log] filter changed in the file, but --log (or WRAITHGATE_LOG) overrides it"
+            );
+        } else if let Err(e) = log.follow(cfg.log.filter.as_deref()) {
+            tracing::error!(error = %format!("{e:#}"), "configuration reload refused; the node runs on as it was");
+            return;
+        }
+    }
+    let waiting: Vec<String> = changed_settings(started_text, &text)
+        .into_iter()
+        .filter(|k| !LIVE_SETTINGS.contains(&k.as_str()))
+        .collect();
+    tracing::info!(path = %path.display(), applied = %live.join(", "), "configuration reloaded");
+    if !waiting.is_empty() {
+        tracing::warn!(
+            settings = %waiting.join(", "),
+            "changed in the file but not applied: they take effect at the next start \
+             ([[exit]] entries only seed a new state; change exits through the API)"
+        );
+    }
+    *applied_text = text;
 }
 
 /// Sets `flag` when `signal` arrives.

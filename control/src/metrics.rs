@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use wraithgate_relay::io::LatencyHistogram;
 use wraithgate_relay::DropReason;
 
-use crate::node::Control;
+use crate::change::Control;
 
 /// The whole exposition.
 pub fn render(c: &Control) -> String {
@@ -265,7 +265,71 @@ pub fn render(c: &Control) -> String {
         &[],
         c.started.elapsed().as_secs(),
     );
+    w.header(
+        "wraithgate_build_info",
+        "gauge",
+        "Constant 1, labelled with the version and the commit built (WRAITHGATE_COMMIT at build time, else \"unknown\").",
+    );
+    w.sample(
+        "wraithgate_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            (
+                "commit",
+                option_env!("WRAITHGATE_COMMIT").unwrap_or("unknown"),
+            ),
+        ],
+        1,
+    );
+    process(&mut w, c);
     out
+}
+
+/// The `process_*` families Prometheus' client libraries export, from `/proc/self`. Open
+/// descriptors against their limit matter most here: every session holds a socket.
+fn process(w: &mut Writer<'_>, c: &Control) {
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.saturating_sub(c.started.elapsed()).as_secs());
+    w.header(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the node since the Unix epoch, seconds.",
+    );
+    w.sample("process_start_time_seconds", &[], start);
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        w.header("process_open_fds", "gauge", "Open file descriptors.");
+        w.sample("process_open_fds", &[], fds.count() as u64);
+    }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    // "Max open files            1048576              1048576              files"
+    let soft = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(max) = soft {
+        w.header(
+            "process_max_fds",
+            "gauge",
+            "The open-files limit (soft), descriptors.",
+        );
+        w.sample("process_max_fds", &[], max);
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(kib) = rss_kib {
+        w.header(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory, bytes.",
+        );
+        w.sample("process_resident_memory_bytes", &[], kib * 1024);
+    }
 }
 
 /// Reads one figure out of a worker's report.

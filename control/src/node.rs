@@ -6,8 +6,7 @@
 //! cannot bind or dies, forwarding carries on.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -17,212 +16,13 @@ use wraithgate_relay::router::SessionSnapshot;
 use wraithgate_relay::table::SharedTable;
 
 use crate::api::{self, Sidecar};
+use crate::change::Control;
 use crate::config::Config;
-use crate::state::{
-    write_atomically, CommitError, DesiredState, PreparedWrite, StateError, StateFile,
-};
+use crate::state::{write_atomically, DesiredState, StateFile};
 
 /// Restored sessions older than this are useless: their keys are rejected after
 /// REJECT_AFTER_TIME (180 s) without a new handshake anyway.
 const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(180);
-
-/// The state the control side owns: the desired state, its file, and the data plane it
-/// drives. Only the sidecar and start-up touch it; workers never do.
-#[derive(Debug)]
-pub struct Control {
-    /// The node's own public key (Z-HOP peers' outer peer).
-    pub node_public: wraithgate_relay::PublicKey,
-    /// Shared, immutable once published: readers (listings, metrics) take a reference, not
-    /// a copy of a table that may hold 100,000 exits.
-    state: Mutex<Arc<DesiredState>>,
-    file: StateFile,
-    pub dp: Arc<DataPlane>,
-    pub started: std::time::Instant,
-    /// Accepted changes since start.
-    pub changes: AtomicU64,
-    /// Changes refused (validation, persistence).
-    pub refused: AtomicU64,
-}
-
-/// Why a change was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum ChangeError {
-    #[error(transparent)]
-    Invalid(#[from] StateError),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error(
-        "stale generation: the node is at generation {current}, the request expected {expected}"
-    )]
-    Stale { current: u64, expected: u64 },
-    #[error("cannot persist the new state to {path}: {source}; nothing was changed")]
-    Persist {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The change is made (file renamed into place, table published), but the directory
-    /// was not synced: the file may revert to the old state after a power loss.
-    #[error(
-        "the change was applied (generation {generation}, in use and in {path}), but {source}; \
-         it may not survive a power loss"
-    )]
-    NotDurable {
-        path: PathBuf,
-        generation: u64,
-        source: std::io::Error,
-    },
-}
-
-impl Control {
-    /// The current desired state.
-    pub fn state(&self) -> Arc<DesiredState> {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<DesiredState>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Applies `change` to a copy of the state; validates, persists and publishes the
-    /// result, or changes nothing. Returns the new state.
-    pub fn apply(
-        &self,
-        change: impl FnOnce(&mut DesiredState) -> Result<(), ChangeError>,
-    ) -> Result<Arc<DesiredState>, ChangeError> {
-        self.apply_with(|current| {
-            let mut next = current.clone();
-            change(&mut next)?;
-            Ok(next)
-        })
-    }
-
-    /// Makes the next state with `build` from the current one, then validates, persists
-    /// and publishes it, or changes nothing.
-    ///
-    /// Validating builds the exit table (a pre-keyed mac1 state per exit) and persisting
-    /// writes and fsyncs the state file: for a large table both take tens of milliseconds,
-    /// and they do not depend on each other, so they run at once. The file is written
-    /// under a temporary name and renamed into place only once the state has proved
-    /// valid; otherwise it is removed and the old file stays.
-    fn apply_with(
-        &self,
-        build: impl FnOnce(&DesiredState) -> Result<DesiredState, ChangeError>,
-    ) -> Result<Arc<DesiredState>, ChangeError> {
-        let mut state = self.lock();
-        let started = std::time::Instant::now();
-        let result = (|| {
-            let mut next = build(&state)?;
-            next.generation = state.generation + 1;
-            next.check()?;
-            let persist_err = |source| ChangeError::Persist {
-                path: self.file.path().to_owned(),
-                source,
-            };
-            let timed = |f: &dyn Fn() -> std::io::Result<PreparedWrite>| {
-                let t = std::time::Instant::now();
-                (f(), t.elapsed())
-            };
-            let write = || self.file.prepare(&next);
-            let (table, table_time, (prepared, write_time)) = std::thread::scope(|scope| {
-                let writer = std::thread::Builder::new()
-                    .name("wg-state-write".into())
-                    .spawn_scoped(scope, || {
-                        // Inherited from the API thread already; not from any other caller.
-                        self.dp.settle_control_thread();
-                        timed(&write)
-                    });
-                let t = std::time::Instant::now();
-                let table = next.validate_after(&self.dp.table());
-                let table_time = t.elapsed();
-                let prepared = match writer {
-                    Ok(w) => w.join().unwrap_or_else(|_| {
-                        (
-                            Err(std::io::Error::other("the state writer panicked")),
-                            Duration::ZERO,
-                        )
-                    }),
-                    // No thread to spare: write it here.
-                    Err(_) => timed(&write),
-                };
-                (table, table_time, prepared)
-            });
-            // An invalid state drops `prepared`, which removes the temporary file.
-            let table = table?;
-            // A port the change newly pins must be bindable now, or the state would name a
-            // listener the node does not have. The sockets are handed to workers only
-            // with the table; refused or unpersisted, they close.
-            let listeners = self
-                .dp
-                .bind_pinned(&table)
-                .map_err(|e| ChangeError::Conflict(format!("{e}; nothing was changed")))?;
-            // The rename is the commit point: once the file holds the new state, the
-            // table follows it even if syncing the directory then fails.
-            let not_durable = match prepared.map_err(persist_err)?.commit() {
-                Ok(()) => None,
-                Err(CommitError::NotRenamed(e)) => return Err(persist_err(e)),
-                Err(e @ CommitError::NotDurable(_)) => Some(e),
-            };
-            self.dp.publish_bound(table, listeners);
-            Ok((next, table_time, write_time, not_durable))
-        })();
-        match result {
-            Ok((next, table_time, write_time, not_durable)) => {
-                let next = Arc::new(next);
-                *state = next.clone();
-                self.changes.fetch_add(1, Ordering::Relaxed);
-                if let Some(e) = not_durable {
-                    let e = ChangeError::NotDurable {
-                        path: self.file.path().to_owned(),
-                        generation: next.generation,
-                        source: std::io::Error::other(e),
-                    };
-                    tracing::error!(error = %e, "state changed but not synced");
-                    return Err(e);
-                }
-                tracing::info!(
-                    generation = next.generation,
-                    exits = next.exits.len(),
-                    peers = next.peers.len(),
-                    table_ms = table_time.as_secs_f64() * 1e3,
-                    write_ms = write_time.as_secs_f64() * 1e3,
-                    total_ms = started.elapsed().as_secs_f64() * 1e3,
-                    "state changed"
-                );
-                Ok(next)
-            }
-            Err(e) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(error = %e, "change refused");
-                Err(e)
-            }
-        }
-    }
-
-    /// Replaces the whole state with what `build` makes of the current one (which it may
-    /// consult, say for what the new state leaves out), if the caller saw generation
-    /// `expected`.
-    pub fn replace(
-        &self,
-        expected: u64,
-        build: impl FnOnce(&DesiredState) -> DesiredState,
-    ) -> Result<Arc<DesiredState>, ChangeError> {
-        // Built by `build`: the current state, however large, is not copied.
-        self.apply_with(|s| {
-            if s.generation != expected {
-                return Err(ChangeError::Stale {
-                    current: s.generation,
-                    expected,
-                });
-            }
-            Ok(DesiredState {
-                generation: s.generation,
-                ..build(s)
-            })
-        })
-    }
-}
 
 /// Sessions saved across a restart.
 #[derive(Debug, Serialize, Deserialize)]
@@ -271,6 +71,20 @@ impl Node {
                 seeded
             }
         };
+        let mut state = state;
+        state.normalise();
+        // A state written before pinned listen ports were checked: refuse to run on it
+        // rather than cut off every other exit's clients on that port.
+        if let Some(e) = state.exits.iter().find(|e| {
+            e.listen_port
+                .is_some_and(|p| cfg.data_plane.listen.iter().any(|l| l.port() == p))
+        }) {
+            anyhow::bail!(
+                "{}: {}; remove its listen_port there (or the port from [relay] listen)",
+                file.path().display(),
+                crate::config::listen_port_conflict(&e.name, e.listen_port.unwrap_or_default())
+            );
+        }
         let table = state
             .validate()
             .with_context(|| format!("{} holds an invalid state", file.path().display()))?;
@@ -282,15 +96,7 @@ impl Node {
         let restore = load_sessions(&sessions_path);
         let dp = DataPlane::start_restoring(cfg.data_plane, SharedTable::new(table), restore)
             .context("starting the data plane")?;
-        let control = Arc::new(Control {
-            node_public,
-            state: Mutex::new(Arc::new(state)),
-            file,
-            dp: Arc::new(dp),
-            started: std::time::Instant::now(),
-            changes: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-        });
+        let control = Arc::new(Control::new(node_public, state, file, Arc::new(dp)));
         let mut token_path = None;
         let sidecar = if cfg.control.api_enabled {
             let path = cfg

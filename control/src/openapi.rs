@@ -45,6 +45,15 @@ pub fn document() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "Change": {"type": "object", "description": "What a change did (or, dry_run, would do)", "properties": {
+                    "generation": {"type": "integer"}, "changed": {"type": "boolean"}, "dry_run": {"type": "boolean"},
+                    "changes": {"type": "object", "properties": {
+                        "exits_added": {"type": "array", "items": {"type": "string"}}, "exits_removed": {"type": "array", "items": {"type": "string"}},
+                        "exits_changed": {"type": "array", "items": {"type": "string"}}, "peers_added": {"type": "array", "items": {"type": "string"}},
+                        "peers_removed": {"type": "array", "items": {"type": "string"}}, "peers_changed": {"type": "array", "items": {"type": "string"}}}},
+                    "sessions_closed": {"type": "array", "items": {"type": "object", "properties": {
+                        "exit": {"type": "string"}, "exit_key": {"type": "string"}, "sessions": {"type": "integer"}}}},
+                    "exit": {"type": "object"}, "exits": {"type": "integer"}, "peers": {"type": "integer"}}},
                 "Key": key,
                 "Exit": {"type": "object", "required": ["public_key", "endpoint", "name"], "additionalProperties": false,
                     "properties": {
@@ -107,7 +116,11 @@ pub fn document() -> Value {
                     "responses": merge(json!({"201": {"description": "Added", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Exit"}}}}}), error_responses(&["400", "401", "403", "409", "413", "500"]))}
             },
             "/v1/exits/{key}": {"delete": {"summary": "Remove an exit; its sessions end", "parameters": [key_path],
-                "responses": merge(json!({"204": {"description": "Removed"}}), error_responses(&["400", "401", "403", "404", "409", "500"]))}},
+                "responses": merge(json!({"204": {"description": "Removed"}}), error_responses(&["400", "401", "403", "404", "409", "500"]))},
+                "patch": {"summary": "Change one exit: name, endpoint, listen_port (null unpins); a new endpoint ends the exit's sessions", "parameters": [key_path],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {
+                        "name": {"type": "string"}, "endpoint": {"type": "string"}, "listen_port": {"type": ["integer", "null"]}}}}}},
+                    "responses": merge(json!({"200": {"description": "Changed (or already so: changed is false)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Change"}}}}}), error_responses(&["400", "401", "403", "404", "409", "413", "500"]))}},
             "/v1/peers": {
                 "get": {"summary": "List provisioned peers (preshared keys are never shown)",
                     "responses": merge(json!({"200": {"description": "Peers", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}}}}}), error_responses(&common))},
@@ -122,9 +135,10 @@ pub fn document() -> Value {
                     "responses": merge(json!({"200": {"description": "State", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}}}), error_responses(&common))},
                 "put": {"summary": "Replace the whole desired state atomically",
                     "description": "Peers that leave preshared_key out keep the one stored for their public key; an explicit null removes it.",
-                    "parameters": [{"name": "If-Match", "in": "header", "required": true, "description": "The generation this change is based on", "schema": {"type": "string", "pattern": "^\"?[0-9]{1,19}\"?$"}}],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}},
-                    "responses": merge(json!({"200": {"description": "Applied; ETag is the new generation", "content": {"application/json": {"schema": {"type": "object", "properties": {"generation": {"type": "integer"}, "exits": {"type": "integer"}, "peers": {"type": "integer"}}}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
+                    "parameters": [{"name": "If-Match", "in": "header", "required": true, "description": "The generation this change is based on", "schema": {"type": "string", "pattern": "^\"?[0-9]{1,19}\"?$"}},
+                        {"name": "dry_run", "in": "query", "required": false, "description": "true: check the state and answer what would change, changing nothing", "schema": {"type": "boolean"}}],
+                    "responses": merge(json!({"200": {"description": "Applied (ETag is the generation, unchanged when the state was already so), or what a dry run would change", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Change"}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
             },
             "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
                 "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&common))}},

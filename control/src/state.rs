@@ -68,6 +68,175 @@ impl DesiredState {
     }
 }
 
+impl DesiredState {
+    /// Writes every allowed network in canonical form, host bits cleared
+    /// (`10.77.0.9/24` becomes `10.77.0.0/24`), as `wg` shows them: the stored and the
+    /// listed state say exactly which sources a peer may use.
+    pub fn normalise(&mut self) {
+        for p in &mut self.peers {
+            for n in &mut p.allowed_ips {
+                *n = network(*n);
+            }
+        }
+    }
+}
+
+/// `net` with its host bits cleared.
+pub fn network(net: IpNet) -> IpNet {
+    use std::net::IpAddr;
+    let addr = match net.addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(net.prefix))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(net.prefix))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    IpNet { addr, ..net }
+}
+
+/// How many names of each kind a [`StateDiff`] lists; the rest are counted.
+const DIFF_NAMES: usize = 10;
+
+/// What a change does to a state, by key: exits by name, peers by public key. Lists left
+/// out of the JSON are empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StateDiff {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exits_added: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exits_removed: Vec<String>,
+    /// One line per changed exit: its name and each field's old and new value.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exits_changed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers_added: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers_removed: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers_changed: Vec<String>,
+    /// The exits whose sessions the change closes (removed, or given another endpoint).
+    #[serde(skip)]
+    pub exits_closing_sessions: Vec<wraithgate_relay::PublicKey>,
+}
+
+impl StateDiff {
+    /// What turns `old` into `new`.
+    pub fn between(old: &DesiredState, new: &DesiredState) -> StateDiff {
+        use std::collections::HashMap;
+        let mut d = StateDiff::default();
+        let old_exits: HashMap<_, _> = old.exits.iter().map(|e| (e.public_key, e)).collect();
+        let new_exits: HashMap<_, _> = new.exits.iter().map(|e| (e.public_key, e)).collect();
+        for e in &new.exits {
+            match old_exits.get(&e.public_key) {
+                None => d.exits_added.push(e.name.clone()),
+                Some(o) if *o != e => {
+                    let mut fields = Vec::new();
+                    if o.name != e.name {
+                        fields.push(format!("name {:?} -> {:?}", o.name, e.name));
+                    }
+                    if o.endpoint != e.endpoint {
+                        fields.push(format!("endpoint {} -> {}", o.endpoint, e.endpoint));
+                        d.exits_closing_sessions.push(e.public_key);
+                    }
+                    if o.listen_port != e.listen_port {
+                        let port = |p: Option<u16>| p.map_or("none".to_owned(), |p| p.to_string());
+                        fields.push(format!(
+                            "listen_port {} -> {}",
+                            port(o.listen_port),
+                            port(e.listen_port)
+                        ));
+                    }
+                    d.exits_changed
+                        .push(format!("{} ({})", o.name, fields.join(", ")));
+                }
+                Some(_) => {}
+            }
+        }
+        for e in &old.exits {
+            if !new_exits.contains_key(&e.public_key) {
+                d.exits_removed.push(e.name.clone());
+                d.exits_closing_sessions.push(e.public_key);
+            }
+        }
+        let old_peers: HashMap<_, _> = old.peers.iter().map(|p| (p.public_key, p)).collect();
+        let new_peers: HashMap<_, _> = new.peers.iter().map(|p| (p.public_key, p)).collect();
+        let label = |p: &PeerSpec| {
+            if p.name.is_empty() {
+                p.public_key.to_string()
+            } else {
+                format!("{} ({})", p.name, p.public_key)
+            }
+        };
+        for p in &new.peers {
+            match old_peers.get(&p.public_key) {
+                None => d.peers_added.push(label(p)),
+                Some(o) if *o != p => d.peers_changed.push(label(p)),
+                Some(_) => {}
+            }
+        }
+        for p in &old.peers {
+            if !new_peers.contains_key(&p.public_key) {
+                d.peers_removed.push(label(p));
+            }
+        }
+        // Answers and log lines stay short when a whole table of 100,000 exits changes.
+        for list in [
+            &mut d.exits_added,
+            &mut d.exits_removed,
+            &mut d.exits_changed,
+            &mut d.peers_added,
+            &mut d.peers_removed,
+            &mut d.peers_changed,
+        ] {
+            if list.len() > DIFF_NAMES {
+                let more = list.len() - DIFF_NAMES;
+                list.truncate(DIFF_NAMES);
+                list.push(format!("and {more} more"));
+            }
+        }
+        d
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exits_added.is_empty()
+            && self.exits_removed.is_empty()
+            && self.exits_changed.is_empty()
+            && self.peers_added.is_empty()
+            && self.peers_removed.is_empty()
+            && self.peers_changed.is_empty()
+    }
+}
+
+impl std::fmt::Display for StateDiff {
+    /// `exits added: a, b; exits changed: c (endpoint x -> y)`, or `none`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            ("exits added", &self.exits_added),
+            ("exits removed", &self.exits_removed),
+            ("exits changed", &self.exits_changed),
+            ("peers added", &self.peers_added),
+            ("peers removed", &self.peers_removed),
+            ("peers changed", &self.peers_changed),
+        ]
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(what, v)| format!("{what}: {}", v.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&parts.join("; "))
+        }
+    }
+}
+
 /// Where the state lives on disk.
 #[derive(Debug, Clone)]
 pub struct StateFile {
@@ -262,7 +431,7 @@ mod tests {
         if std::env::var_os(CHILD).is_none() {
             // Through the target runner under emulation, which cannot exec an aarch64 binary
             // by itself.
-            let out = crate::testbed::workspace_command(std::env::current_exe().unwrap())
+            let out = wraithgate_testkit::workspace_command(std::env::current_exe().unwrap())
                 .args(["--exact", name, "--nocapture", "--test-threads=1"])
                 .env(CHILD, "1")
                 .output()

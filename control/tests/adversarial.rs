@@ -5,7 +5,7 @@
 //! Spoofing on loopback needs no privilege: all of 127.0.0.0/8 is local, so a socket bound
 //! to 127.a.b.c sends from that address, and receives whatever the relay sends back to it,
 //! which is how the amplification ratio is measured. Real sessions are boringtun endpoints
-//! (`testbed::WgNode`) that know nothing of the relay. Figures come from the node's own
+//! (`endpoints::WgNode`) that know nothing of the relay. Figures come from the node's own
 //! `/metrics`, from `/proc/<pid>` and from the kernel's per-socket drop counters.
 //!
 //! Every test is short by default (each well under a minute, in CI). For the figures in
@@ -28,11 +28,12 @@ use std::time::{Duration, Instant};
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use serde_json::{json, Value};
-use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, workspace_command, KeyPair, PeerOptions, Received, WgNode,
+use wraithgate_control::endpoints::{
+    any_loopback, ipv4_udp, tunnel_addrs, KeyPair, PeerOptions, Received, WgNode,
 };
 use wraithgate_relay::wire::{self, Message};
 use wraithgate_relay::{DropReason, PublicKey};
+use wraithgate_testkit::workspace_command;
 
 // ---------------------------------------------------------------------------------------
 // Knobs

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use wraithgate_control::config::{Config, ControlSection};
-use wraithgate_control::node::Node;
-use wraithgate_control::testbed::{
+use wraithgate_control::endpoints::{
     any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
     ZhopClient,
 };
+use wraithgate_control::node::Node;
 use wraithgate_relay::io::DataPlaneConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable};
 
@@ -48,6 +48,7 @@ fn config(dir: &std::path::Path, exits: Vec<ExitSpec>, api_socket: Option<PathBu
             state_dir: dir.to_owned(),
             ..ControlSection::default()
         },
+        log: Default::default(),
     }
 }
 
@@ -179,6 +180,20 @@ fn guards_token_and_browsers() {
         .call()
         .unwrap();
     assert_eq!(wrong.status(), 401);
+    // Off by the last character, a prefix, the token twice: refused alike.
+    let token = n.token.trim().to_owned();
+    let mut last = token.clone();
+    let c = last.pop().unwrap();
+    last.push(if c == '0' { '1' } else { '0' });
+    for presented in [last, token[..token.len() - 1].to_owned(), token.repeat(2)] {
+        let r = n
+            .agent
+            .get(format!("{}/v1/exits", n.url))
+            .header("Authorization", format!("Bearer {presented}"))
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), 401, "{presented}");
+    }
     for h in ["Origin", "Referer"] {
         let r = n
             .agent
@@ -198,7 +213,7 @@ fn guards_token_and_browsers() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         v["error"],
-        "GET is not allowed on /v1/exits/abc; allowed: DELETE"
+        "GET is not allowed on /v1/exits/abc; allowed: PATCH, DELETE"
     );
     let (status, body) = n.get("/nope");
     assert_eq!(status, 404);
@@ -411,7 +426,7 @@ fn tunnel(n: &TestNode) -> (WgNode, WgNode, usize, usize) {
     let ep = exit.add_peer(client.keys().public, PeerOptions::default());
     let (s, d) = tunnel_addrs(1);
     client.send_ip(cp, &ipv4_udp(s, d, 1, 2, b"hello")).unwrap();
-    let got = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+    let got = wraithgate_testkit::wait_for(Duration::from_secs(10), || {
         let _ = client.try_recv();
         match exit.try_recv() {
             Ok(Some(Received::Packet { .. })) => Some(()),
@@ -530,7 +545,7 @@ fn a_peer_deleted_through_the_api_loses_its_zhop_tunnel_and_nobody_else_does() {
     ));
     // Workers publish their counters every 100 ms or so.
     let zhop_peers = |want: u64| {
-        wraithgate_control::testbed::wait_for(wait, || {
+        wraithgate_testkit::wait_for(wait, || {
             std::thread::sleep(Duration::from_millis(20));
             (n.json("/v1/node")["zhop_peers"] == want).then_some(())
         })
@@ -572,7 +587,7 @@ fn a_peer_deleted_through_the_api_loses_its_zhop_tunnel_and_nobody_else_does() {
             .stats()
             .dropped(wraithgate_relay::DropReason::UnknownPeer)
     };
-    let refused = wraithgate_control::testbed::wait_for(wait, || {
+    let refused = wraithgate_testkit::wait_for(wait, || {
         std::thread::sleep(Duration::from_millis(20));
         (drops(&n) >= 1).then_some(())
     });
@@ -823,7 +838,7 @@ fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
         junk.send_to(&[9, 9], n.relay_addr()).unwrap();
     }
     // Both ends take in what reached them, so that nothing waits on a full socket.
-    let scraped = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+    let scraped = wraithgate_testkit::wait_for(Duration::from_secs(10), || {
         while let Ok(Some(_)) = client.try_recv() {}
         while let Ok(Some(_)) = exit.try_recv() {}
         let (scrape, text) = scrape(&n);
@@ -971,7 +986,7 @@ fn forwarding_carries_on_when_the_api_port_is_taken() {
     client
         .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"no api needed"))
         .unwrap();
-    let got = wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+    let got = wraithgate_testkit::wait_for(Duration::from_secs(10), || {
         let _ = client.try_recv();
         matches!(exit.try_recv(), Ok(Some(Received::Packet { .. }))).then_some(())
     });
@@ -1047,7 +1062,7 @@ fn reaches(relay: SocketAddr, exit: &mut WgNode) -> bool {
     client
         .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"through"))
         .unwrap();
-    wraithgate_control::testbed::wait_for(Duration::from_secs(10), || {
+    wraithgate_testkit::wait_for(Duration::from_secs(10), || {
         let _ = client.try_recv();
         matches!(exit.try_recv(), Ok(Some(Received::Packet { .. }))).then_some(())
     })
@@ -1763,4 +1778,234 @@ fn control_threads_keep_off_the_workers_cores_or_yield_to_them() {
         node.stop();
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn an_exit_pinned_to_a_configured_listen_port_is_refused_and_changes_nothing() {
+    let n = TestNode::start("pin-listen", vec![]);
+    let (_client, mut exit, _, _) = tunnel(&n);
+    let listen = n.relay_addr().port();
+    let k = key();
+    let body = json!({"public_key": k, "endpoint": "192.0.2.1:51820", "name": "decoy",
+                      "listen_port": listen})
+    .to_string();
+    let whole = json!({"exits": [{"public_key": k, "endpoint": "192.0.2.1:51820",
+                                  "name": "decoy", "listen_port": listen}]})
+    .to_string();
+    let generation = n.state().0["generation"].to_string();
+    let words = "is a configured [relay] listen port";
+    n.assert_refused(vec![
+        refused("POST", "/v1/exits", &body, 409, words),
+        refused("PUT", "/v1/config", &whole, 409, words).with("If-Match", &generation),
+        refused("PUT", "/v1/config?dry_run=true", &whole, 409, words).with("If-Match", &generation),
+    ]);
+    // The exit already there still gets new clients on that port (found by mac1).
+    let mut client = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
+    let cp = client.add_peer(
+        exit.keys().public,
+        PeerOptions {
+            endpoint: Some(n.relay_addr()),
+            ..Default::default()
+        },
+    );
+    exit.add_peer(client.keys().public, PeerOptions::default());
+    let (s, d) = tunnel_addrs(2);
+    client
+        .send_ip(cp, &ipv4_udp(s, d, 1, 2, b"new client"))
+        .unwrap();
+    let got = wraithgate_testkit::wait_for(Duration::from_secs(10), || {
+        let _ = client.try_recv();
+        match exit.try_recv() {
+            Ok(Some(Received::Packet { data, .. })) => {
+                (udp_payload(&data) == Some(&b"new client"[..])).then_some(())
+            }
+            _ => None,
+        }
+    });
+    assert!(got.is_some(), "a new client of the exit got through");
+}
+
+#[test]
+fn re_applying_the_state_in_use_is_a_no_op_and_keeps_the_generation() {
+    let n = TestNode::start("noop", vec![]);
+    let (ka, kb) = (key(), key());
+    let desired = json!({"exits": [
+        {"public_key": ka, "endpoint": "192.0.2.1:51820", "name": "a"},
+        {"public_key": kb, "endpoint": "192.0.2.2:51820", "name": "b"}
+    ], "peers": [{"public_key": key(), "allowed_ips": ["10.77.0.9/24"], "allowed_exits": [ka]}]})
+    .to_string();
+    let (status, body) = n.send("PUT", "/v1/config", &desired, &[("If-Match", "1")]);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["generation"].as_u64(), v["changed"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert_eq!(v["changes"]["exits_added"], json!(["a", "b"]), "{v}");
+    // Host bits are cleared, in the state file and in listings.
+    assert_eq!(
+        n.json("/v1/peers")[0]["allowed_ips"],
+        json!(["10.77.0.0/24"])
+    );
+    let file = std::fs::read_to_string(n.dir.join("state.json")).unwrap();
+    assert!(
+        file.contains("10.77.0.0/24") && !file.contains("10.77.0.9"),
+        "{file}"
+    );
+    let state_before = n.state();
+    for _ in 0..3 {
+        let (status, body) = n.send("PUT", "/v1/config", &desired, &[("If-Match", "2")]);
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["generation"].as_u64(), v["changed"].as_bool()),
+            (Some(2), Some(false)),
+            "{v}"
+        );
+    }
+    assert_eq!(n.state(), state_before);
+    assert_eq!(
+        std::fs::read_to_string(n.dir.join("state.json")).unwrap(),
+        file
+    );
+    // A dry run names the difference and changes nothing.
+    let moved = desired.replace("192.0.2.2:51820", "192.0.2.3:51820");
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config?dry_run=true",
+        &moved,
+        &[("If-Match", "2")],
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["changes"]["exits_changed"],
+        json!(["b (endpoint 192.0.2.2:51820 -> 192.0.2.3:51820)"]),
+        "{v}"
+    );
+    assert_eq!(n.state(), state_before);
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config?dry_run=maybe",
+        &moved,
+        &[("If-Match", "2")],
+    );
+    assert_eq!(status, 400, "{body}");
+}
+
+#[test]
+fn an_endpoint_change_says_which_exit_and_how_many_sessions_it_closes() {
+    let n = TestNode::start("endpoint", vec![]);
+    let (_client, exit, _, _) = tunnel(&n);
+    let sessions = wraithgate_testkit::wait_for(Duration::from_secs(5), || {
+        let s = n.json("/v1/sessions");
+        (s.as_array().unwrap().len() == 1).then_some(())
+    });
+    assert!(sessions.is_some(), "one session through the node");
+    let (status, body) = n.get("/v1/config");
+    assert_eq!(status, 200);
+    let mut config: Value = serde_json::from_str(&body).unwrap();
+    let generation = config["generation"].to_string();
+    let moved_to = "127.0.0.1:9";
+    config["exits"][0]["endpoint"] = json!(moved_to);
+    let (status, body) = n.send(
+        "PUT",
+        "/v1/config",
+        &config.to_string(),
+        &[("If-Match", &generation)],
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["sessions_closed"],
+        json!([{"exit": "x", "exit_key": exit.keys().relay_key().to_base64(), "sessions": 1}]),
+        "{v}"
+    );
+    assert_eq!(
+        v["changes"]["exits_changed"],
+        json!([format!("x (endpoint {} -> {moved_to})", exit.local_addr())]),
+        "{v}"
+    );
+    let gone = wraithgate_testkit::wait_for(Duration::from_secs(5), || {
+        n.json("/v1/sessions")
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+    assert!(gone.is_some(), "the session was closed");
+}
+
+#[test]
+fn metrics_include_process_and_build_info() {
+    let n = TestNode::start("process", vec![]);
+    let (scrape, text) = scrape(&n);
+    let one = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => panic!("{name} is not a gauge"),
+            })
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let open = one("process_open_fds");
+    let max = one("process_max_fds");
+    // The node, its data plane and this test's own descriptors share the process.
+    let ours = std::fs::read_dir("/proc/self/fd").unwrap().count() as f64;
+    assert!(
+        open >= 5.0 && (open - ours).abs() < 50.0,
+        "{open} open, {ours} here"
+    );
+    assert!(max >= open, "{max} max, {open} open");
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    assert!(limits.contains(&format!(" {max} ")), "{max}:\n{limits}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let start = one("process_start_time_seconds");
+    assert!(
+        start <= now && start > now - 600.0,
+        "start {start}, now {now}"
+    );
+    assert!(one("process_resident_memory_bytes") > 1e6);
+    let build = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "wraithgate_build_info")
+        .expect("wraithgate_build_info");
+    assert_eq!(build.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
+    assert!(build.labels.get("commit").is_some_and(|c| !c.is_empty()));
+}
+
+#[test]
+fn a_saved_state_pinning_a_configured_listen_port_is_refused_at_start() {
+    let dir = temp_dir("pinned-state");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let k = key();
+    std::fs::write(
+        dir.join("state.json"),
+        json!({"generation": 3, "exits": [{"public_key": k, "endpoint": "192.0.2.1:51820",
+                                            "name": "decoy", "listen_port": port}]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut cfg = config(&dir, vec![], None);
+    cfg.data_plane.listen = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    let err = format!("{:#}", Node::start(cfg).unwrap_err());
+    assert!(
+        err.contains("state.json")
+            && err.contains(&format!(
+                "listen_port {port} is a configured [relay] listen port"
+            )),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wraithgate_control::state::DesiredState;
-use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, workspace_command, KeyPair, PeerOptions,
-    Received, WgNode,
+use wraithgate_control::endpoints::{
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
 };
+use wraithgate_control::state::DesiredState;
+use wraithgate_testkit::workspace_command;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("wg-restart-{tag}-{}", std::process::id()));

@@ -32,6 +32,8 @@ pub fn check(data: &[u8]) {
             for s in c.table.specs() {
                 assert!(s.endpoint.port() != 0 && !s.endpoint.ip().is_unspecified());
                 assert_ne!(s.listen_port, Some(0));
+                // A configured listener stays with mac1 routing.
+                assert!(!dp.listen.iter().any(|l| s.listen_port == Some(l.port())));
             }
             // On first start the node seeds its state from these exits and refuses to run
             // on a state that does not validate: a file `--check` passes must start.

@@ -9,7 +9,7 @@ pub mod netns;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use wraithgate_control::testbed::{any_loopback, KeyPair, Received, WgNode};
+use wraithgate_control::endpoints::{any_loopback, KeyPair, Received, WgNode};
 use wraithgate_relay::io::{BackendChoice, DataPlane, DataPlaneConfig};
 use wraithgate_relay::router::RouterConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable, SharedTable};

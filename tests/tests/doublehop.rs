@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use nix::errno::Errno;
-use wraithgate_control::testbed::{
+use wraithgate_control::endpoints::{
     ipv4_udp, tunnel_addrs, udp_payload, PeerOptions, Received, WgNode,
 };
 use wraithgate_relay::io::BackendChoice;
@@ -712,7 +712,7 @@ fn gro_trains_are_routed_per_segment_and_leave_as_gso_sends() {
 /// every segment, and keep sending GSO trains to the client.
 #[test]
 fn netns_gso_refused_on_one_path_falls_back_on_that_socket_only() {
-    use wraithgate_control::testbed::KeyPair;
+    use wraithgate_control::endpoints::KeyPair;
     use wraithgate_tests::netns::{self, Netns, SuiteLock};
 
     const TEST: &str = "netns_gso_refused_on_one_path_falls_back_on_that_socket_only";

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use wraithgate_control::testbed::{
+use wraithgate_control::endpoints::{
     ipv4_udp, tunnel_addrs, udp_payload, PeerOptions, Received, WgNode,
 };
 use wraithgate_relay::io::sys::{SendBatch, Transmit};

@@ -4,15 +4,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, wait_for, KeyPair, PeerOptions, Received,
-    WgNode, ZhopClient,
+use wraithgate_control::endpoints::{
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
+    ZhopClient,
 };
 use wraithgate_relay::io::BackendChoice;
 use wraithgate_relay::table::{ExitTable, PeerSpec};
 use wraithgate_relay::wire::{INITIATION_LEN, INITIATION_MAC1_OFFSET, INITIATION_MAC2_OFFSET};
 use wraithgate_relay::zhop::NodeKey;
 use wraithgate_relay::DropReason;
+use wraithgate_testkit::wait_for;
 use wraithgate_tests::{backends, exit_spec, node, Relay};
 
 const WAIT: Duration = Duration::from_secs(10);

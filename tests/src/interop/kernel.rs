@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use wraithgate_control::testbed::{KeyPair, PeerOptions, WgNode};
+use wraithgate_control::endpoints::{KeyPair, PeerOptions, WgNode};
 
 use super::wg::WgHost;
 use crate::netns::{Netns, SuiteLock};

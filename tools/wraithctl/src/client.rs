@@ -223,6 +223,19 @@ impl Client {
         self.finish(r)
     }
 
+    /// `PATCH` with a JSON body.
+    pub fn patch_json(&self, path: &str, body: &Value) -> Result<Reply, Failure> {
+        let url = self.url(path);
+        let body = body.to_string();
+        let r = self
+            .agent
+            .patch(&url)
+            .header("Authorization", self.bearer())
+            .content_type("application/json")
+            .send(body.as_bytes());
+        self.finish(r)
+    }
+
     /// `PUT` with `If-Match: "<generation>"`.
     pub fn put_json(&self, path: &str, body: &[u8], generation: u64) -> Result<Reply, Failure> {
         let url = self.url(path);

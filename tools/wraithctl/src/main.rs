@@ -114,6 +114,24 @@ enum ExitCmd {
         #[arg(long, value_name = "PORT")]
         listen_port: Option<u16>,
     },
+    /// Change one exit, by public key or by name; a new endpoint ends its sessions (the
+    /// answer says how many).
+    Set {
+        /// The exit's public key (base64 or base64url) or its name.
+        exit: String,
+        /// A new name.
+        #[arg(long)]
+        name: Option<String>,
+        /// A new address, ip:port ([v6]:port).
+        #[arg(long, value_name = "IP:PORT")]
+        endpoint: Option<SocketAddr>,
+        /// Pin this relay listen port to the exit.
+        #[arg(long, value_name = "PORT", conflicts_with = "unpin")]
+        listen_port: Option<u16>,
+        /// Unpin the exit's listen port (it is then found by mac1 only).
+        #[arg(long)]
+        unpin: bool,
+    },
     /// Remove an exit, by public key or by name; its sessions end.
     #[command(visible_alias = "remove")]
     Rm {
@@ -211,6 +229,10 @@ enum ConfigCmd {
         /// since FILE was fetched.
         #[arg(long)]
         force: bool,
+        /// Check FILE against the node and print what applying it would change, changing
+        /// nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -330,6 +352,38 @@ fn exit_cmd(client: &Client, out: Output, cmd: ExitCmd) -> Result<()> {
             out.emit(&v, || {
                 let pinned = listen_port.map_or(String::new(), |p| format!(", listen port {p}"));
                 format!("added exit {name} ({public_key}) at {endpoint}{pinned}\n")
+            });
+        }
+        ExitCmd::Set {
+            exit,
+            name,
+            endpoint,
+            listen_port,
+            unpin,
+        } => {
+            let key = resolve_exit(&exit, &mut None, client)?;
+            let mut body = json!({});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(e) = endpoint {
+                body["endpoint"] = json!(e.to_string());
+            }
+            if let Some(p) = listen_port {
+                body["listen_port"] = json!(p);
+            }
+            if unpin {
+                body["listen_port"] = Value::Null;
+            }
+            if body.as_object().is_some_and(|o| o.is_empty()) {
+                bail!("nothing to change: give --name, --endpoint, --listen-port or --unpin");
+            }
+            let v = client
+                .patch_json(&format!("/v1/exits/{}", key.path_segment()), &body)?
+                .json()?;
+            out.emit(&v, || match describe_change(&v) {
+                Some(lines) => format!("changed exit {key}:\n{lines}\n"),
+                None => format!("exit {key} is so already: nothing changed\n"),
             });
         }
         ExitCmd::Rm { exit } => {
@@ -632,6 +686,7 @@ fn config_cmd(client: &Client, out: Output, cmd: ConfigCmd) -> Result<()> {
             file,
             generation,
             force,
+            dry_run,
         } => {
             let shown = if file == Path::new("-") {
                 "stdin".to_owned()
@@ -671,9 +726,26 @@ fn config_cmd(client: &Client, out: Output, cmd: ConfigCmd) -> Result<()> {
                     ),
                 },
             };
+            let path = if dry_run {
+                "/v1/config?dry_run=true"
+            } else {
+                "/v1/config"
+            };
             let reply = client
-                .put_json("/v1/config", text.as_bytes(), base)
+                .put_json(path, text.as_bytes(), base)
                 .map_err(|f| stale_hint(f, base, &source))?;
+            if dry_run {
+                let v = reply.json()?;
+                out.emit(&v, || match describe_change(&v) {
+                    Some(lines) => format!(
+                        "dry run, nothing applied: {shown} would change generation {base}:\n{lines}\n"
+                    ),
+                    None => format!(
+                        "dry run, nothing applied: {shown} is the state in use already\n"
+                    ),
+                });
+                return Ok(());
+            }
             // The node answers with a summary: the new generation and how many of each.
             let v = reply.json()?;
             let number = |field: &str| {
@@ -682,16 +754,54 @@ fn config_cmd(client: &Client, out: Output, cmd: ConfigCmd) -> Result<()> {
                     .unwrap_or(0) as usize
             };
             let generation = v.get("generation").and_then(Value::as_u64).unwrap_or(0);
+            let changed = v.get("changed").and_then(Value::as_bool).unwrap_or(true);
             out.emit(&v, || {
+                if !changed {
+                    return format!(
+                        "{shown} is the state in use already: nothing applied, generation stays {generation}\n"
+                    );
+                }
                 format!(
-                    "applied {shown}: generation {base} -> {generation} ({}, {})\n",
+                    "applied {shown}: generation {base} -> {generation} ({}, {}):\n{}\n",
                     count(number("exits"), "exit"),
-                    count(number("peers"), "peer")
+                    count(number("peers"), "peer"),
+                    describe_change(&v).unwrap_or_default()
                 )
             });
         }
     }
     Ok(())
+}
+
+/// The `changes` and `sessions_closed` of a change's answer, one indented line per kind
+/// of change, e.g. `  exits changed: b (endpoint 192.0.2.2:51820 -> 192.0.2.3:51820)`;
+/// `None` when nothing changed.
+fn describe_change(v: &Value) -> Option<String> {
+    let mut lines = Vec::new();
+    for (field, what) in [
+        ("exits_added", "exits added"),
+        ("exits_removed", "exits removed"),
+        ("exits_changed", "exits changed"),
+        ("peers_added", "peers added"),
+        ("peers_removed", "peers removed"),
+        ("peers_changed", "peers changed"),
+    ] {
+        let items: Vec<&str> = v["changes"][field]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !items.is_empty() {
+            lines.push(format!("  {what}: {}", items.join(", ")));
+        }
+    }
+    for c in v["sessions_closed"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "  sessions closed: {} of exit {}",
+            c["sessions"].as_u64().unwrap_or(0),
+            c["exit"].as_str().unwrap_or("?")
+        ));
+    }
+    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 fn stale_hint(mut f: Failure, base: u64, source: &str) -> Failure {

@@ -20,10 +20,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wraithgate_control::testbed::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, workspace_command, KeyPair, PeerOptions,
-    Received, WgNode,
+use wraithgate_control::endpoints::{
+    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
 };
+use wraithgate_testkit::workspace_command;
 
 /// The `wraithgate` binary, built by Cargo on first use.
 fn wraithgate_bin() -> &'static Path {
@@ -468,7 +468,7 @@ fn config_apply_is_conditional_on_the_generation_it_was_fetched_at() {
     assert_eq!(
         applied.ok().stdout,
         format!(
-            "applied {f}: generation {g0} -> {} (1 exit, 0 peers)\n",
+            "applied {f}: generation {g0} -> {} (1 exit, 0 peers):\n  exits added: from-file\n",
             g0 + 1
         )
     );
@@ -934,4 +934,87 @@ fn config_get_then_apply_keeps_preshared_keys() {
         "the psk stayed: {state}"
     );
     assert_eq!(state["peers"][0]["public_key"], peer.as_str());
+}
+
+#[test]
+fn a_no_op_apply_a_dry_run_and_exit_set_say_what_they_change() {
+    let node = Node::start("changes");
+    let k = key();
+    node.run(&[
+        "exit",
+        "add",
+        "a",
+        "--public-key",
+        &k,
+        "--endpoint",
+        "192.0.2.7:51820",
+    ])
+    .ok();
+    let doc = node.json(&["config", "get"]);
+    let g = doc["generation"].as_u64().unwrap();
+    let file = node.dir.0.join("same.json");
+    let f = file.to_str().unwrap();
+    std::fs::write(&file, doc.to_string()).unwrap();
+    // The state in use already: nothing changes, the generation stays.
+    for _ in 0..2 {
+        assert_eq!(
+            node.run(&["config", "apply", f]).ok().stdout,
+            format!("{f} is the state in use already: nothing applied, generation stays {g}\n")
+        );
+    }
+    assert_eq!(node.state_file()["generation"], g);
+    // A dry run of an edit names the difference and applies nothing.
+    let mut edited = doc.clone();
+    edited["exits"][0]["endpoint"] = serde_json::json!("192.0.2.9:51820");
+    std::fs::write(&file, edited.to_string()).unwrap();
+    let change = "  exits changed: a (endpoint 192.0.2.7:51820 -> 192.0.2.9:51820)";
+    assert_eq!(
+        node.run(&["config", "apply", f, "--dry-run"]).ok().stdout,
+        format!("dry run, nothing applied: {f} would change generation {g}:\n{change}\n")
+    );
+    assert_eq!(node.json(&["config", "get"]), doc);
+    // `exit set` changes one exit and says so; the same again changes nothing.
+    assert_eq!(
+        node.run(&["exit", "set", "a", "--endpoint", "192.0.2.9:51820"])
+            .ok()
+            .stdout,
+        format!("changed exit {k}:\n{change}\n  sessions closed: 0 of exit a\n")
+    );
+    assert_eq!(
+        node.run(&["exit", "set", "a", "--endpoint", "192.0.2.9:51820"])
+            .ok()
+            .stdout,
+        format!("exit {k} is so already: nothing changed\n")
+    );
+    assert_eq!(node.state_file()["generation"], g + 1);
+    node.run(&["exit", "set", "a"])
+        .fails(1, &["nothing to change"]);
+    node.run(&["exit", "set", "nobody", "--unpin"])
+        .fails(1, &["no exit is named \"nobody\""]);
+    // Pinning a configured listen port is the node's to refuse.
+    let port = node.relay.port().to_string();
+    node.run(&["exit", "set", "a", "--listen-port", &port])
+        .fails(1, &["is a configured [relay] listen port", "409"]);
+    assert_eq!(node.state_file()["generation"], g + 1);
+    // The node's log has the audit trail: what changed, what was refused.
+    let log = wraithgate_testkit::wait_for(Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(20));
+        let log = node.log.lock().unwrap().clone();
+        log.contains("change refused").then_some(log)
+    })
+    .unwrap_or_else(|| node.log.lock().unwrap().clone());
+    assert!(
+        log.lines().any(|l| l.contains("state changed")
+            && l.contains(
+                "changes=exits changed: a (endpoint 192.0.2.7:51820 -> 192.0.2.9:51820)"
+            )
+            && l.contains("sessions_closed=a=0")),
+        "{log}"
+    );
+    assert!(log.contains("nothing to do"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("change refused") && l.contains("listen port")),
+        "{log}"
+    );
 }

@@ -10,31 +10,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use wraithgate_relay::inner;
-
-/// A command that runs `program`, one of this workspace's binaries, as the tests run:
-/// behind `WRAITHGATE_TARGET_RUNNER` (split on whitespace) when that is set. Under
-/// qemu-user (`tools/cross-aarch64`) the kernel cannot exec an aarch64 binary by itself
-/// without binfmt_misc, so the runner runs it; the child is then qemu, and signals sent to
-/// it reach the program.
-pub fn workspace_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
-    let runner = std::env::var("WRAITHGATE_TARGET_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(first) => {
-            let mut c = std::process::Command::new(first);
-            c.args(words).arg(program);
-            c
-        }
-        None => std::process::Command::new(program),
-    }
-}
 
 /// Largest datagram an endpoint handles.
 const MAX_PACKET: usize = 65_536;
@@ -579,22 +561,10 @@ pub fn any_loopback() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
 }
 
-/// Calls `f` until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wraithgate_testkit::wait_for;
 
     #[test]
     fn ipv4_udp_checksums_verify() {

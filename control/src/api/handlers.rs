@@ -1,0 +1,320 @@
+//! One function per route and method; each parses with [`super::body`] and changes the
+//! node through [`Control`](crate::change::Control).
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use wraithgate_relay::router::SessionSlot;
+use wraithgate_relay::table::ExitSpec;
+
+use super::body::{self, key_from_path, SessionView};
+use super::error::{bad_request, ApiError};
+use super::{App, WORKER_TIMEOUT};
+use crate::change::ChangeError;
+use crate::metrics;
+use crate::state::{DesiredState, PeerSpec};
+
+pub(super) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+pub(super) async fn get_metrics(State(app): State<App>) -> Response {
+    let body = metrics::render(&app.control);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+pub(super) async fn node_info(State(app): State<App>) -> Json<serde_json::Value> {
+    let c = &app.control;
+    let reports = c.dp.reports();
+    Json(json!({
+        "public_key": c.node_public,
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": c.dp.backend(),
+        "workers": c.dp.worker_count(),
+        "listen": c.dp.local_addrs(),
+        "generation": c.state().generation,
+        "exits": c.dp.table().len(),
+        "peers": c.dp.table().peer_count(),
+        "sessions": reports.iter().map(|r| r.sessions).sum::<usize>(),
+        "zhop_peers": reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
+        "uptime_secs": c.started.elapsed().as_secs(),
+    }))
+}
+
+pub(super) async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
+}
+
+pub(super) async fn list_exits(State(app): State<App>) -> Json<Vec<ExitSpec>> {
+    Json(app.control.state().exits.clone())
+}
+
+pub(super) async fn add_exit(
+    State(app): State<App>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ExitSpec>), ApiError> {
+    let spec = body::exit(&body).map_err(bad_request)?;
+    let added = spec.clone();
+    app.control.apply(move |s| {
+        if s.exits.iter().any(|x| x.public_key == spec.public_key) {
+            return Err(ChangeError::Conflict(format!(
+                "exit {} already exists",
+                spec.public_key
+            )));
+        }
+        s.exits.push(spec);
+        Ok(())
+    })?;
+    Ok((StatusCode::CREATED, Json(added)))
+}
+
+pub(super) async fn remove_exit(
+    State(app): State<App>,
+    UrlPath(key): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let key = key_from_path(&key)?;
+    app.control.apply(|s| {
+        let before = s.exits.len();
+        s.exits.retain(|x| x.public_key != key);
+        if s.exits.len() == before {
+            return Err(ChangeError::NotFound(format!("no exit {key}")));
+        }
+        if let Some(p) = s.peers.iter().find(|p| p.allowed_exits.contains(&key)) {
+            return Err(ChangeError::Conflict(format!(
+                "peer {} may use exit {key}; remove it from the peer's allowed_exits first",
+                p.public_key
+            )));
+        }
+        Ok(())
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn patch_exit(
+    State(app): State<App>,
+    UrlPath(key): UrlPath<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = key_from_path(&key)?;
+    let patch = body::exit_patch(&body).map_err(bad_request)?;
+    let applied = app.control.apply(|s| {
+        let Some(e) = s.exits.iter_mut().find(|x| x.public_key == key) else {
+            return Err(ChangeError::NotFound(format!("no exit {key}")));
+        };
+        if let Some(name) = patch.name {
+            e.name = name;
+        }
+        if let Some(endpoint) = patch.endpoint {
+            e.endpoint = endpoint;
+        }
+        if let Some(port) = patch.listen_port {
+            e.listen_port = port;
+        }
+        Ok(())
+    })?;
+    let exit = applied.state.exits.iter().find(|x| x.public_key == key);
+    Ok(Json(json!({
+        "exit": exit,
+        "generation": applied.state.generation,
+        "changed": applied.changed(),
+        "changes": applied.diff,
+        "sessions_closed": applied.sessions_closed,
+    })))
+}
+
+pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
+    // Preshared keys are write-only.
+    let mut peers = app.control.state().peers.clone();
+    for p in &mut peers {
+        p.preshared_key = None;
+    }
+    Json(peers)
+}
+
+pub(super) async fn add_peer(
+    State(app): State<App>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PeerSpec>), ApiError> {
+    let p = body::peer(&body).map_err(bad_request)?;
+    let mut shown = p.clone();
+    shown.preshared_key = None;
+    app.control.apply(move |s| {
+        if s.peers.iter().any(|x| x.public_key == p.public_key) {
+            return Err(ChangeError::Conflict(format!(
+                "peer {} already exists",
+                p.public_key
+            )));
+        }
+        s.peers.push(p);
+        Ok(())
+    })?;
+    Ok((StatusCode::CREATED, Json(shown)))
+}
+
+pub(super) async fn remove_peer(
+    State(app): State<App>,
+    UrlPath(key): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let key = key_from_path(&key)?;
+    app.control.apply(|s| {
+        let before = s.peers.len();
+        s.peers.retain(|x| x.public_key != key);
+        if s.peers.len() == before {
+            return Err(ChangeError::NotFound(format!("no peer {key}")));
+        }
+        Ok(())
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn with_etag(state: &DesiredState) -> Response {
+    let etag = format!("\"{}\"", state.generation);
+    let mut shown = state.clone();
+    for p in &mut shown.peers {
+        p.preshared_key = None;
+    }
+    let mut r = Json(shown).into_response();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+pub(super) async fn get_config(State(app): State<App>) -> Response {
+    with_etag(&app.control.state())
+}
+
+pub(super) async fn put_config(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(if_match) = headers.get(header::IF_MATCH) else {
+        return Err(ApiError(
+            StatusCode::PRECONDITION_REQUIRED,
+            "PUT /v1/config needs If-Match: <generation> (from GET /v1/config)".into(),
+        ));
+    };
+    let expected: u64 = if_match
+        .to_str()
+        .ok()
+        .map(|s| s.trim().trim_matches('"'))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad_request("If-Match must be a generation number"))?;
+    let new = body::whole_state(&body).map_err(bad_request)?;
+    let dry_run = match query.as_deref() {
+        None | Some("") => false,
+        Some("dry_run=true" | "dry_run=1" | "dry_run") => true,
+        Some(other) => {
+            return Err(bad_request(format!(
+                "unknown query {other:?}; PUT /v1/config takes only dry_run=true"
+            )))
+        }
+    };
+    if dry_run {
+        let diff = app
+            .control
+            .preview(expected, |current| new.resolve(current))?;
+        return Ok(Json(json!({
+            "dry_run": true,
+            "generation": expected,
+            "changed": !diff.is_empty(),
+            "changes": diff,
+        }))
+        .into_response());
+    }
+    let applied = app
+        .control
+        .replace(expected, |current| new.resolve(current))?;
+    let state = &applied.state;
+    // A summary, not the state echoed back: a whole table can be megabytes.
+    let mut r = Json(json!({
+        "generation": state.generation,
+        "changed": applied.changed(),
+        "changes": applied.diff,
+        "sessions_closed": applied.sessions_closed,
+        "exits": state.exits.len(),
+        "peers": state.peers.len(),
+    }))
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", state.generation)) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(r)
+}
+
+pub(super) async fn list_sessions(State(app): State<App>) -> Json<Vec<SessionView>> {
+    let table = app.control.dp.table();
+    let list = app
+        .control
+        .dp
+        .sessions(WORKER_TIMEOUT)
+        .into_iter()
+        .map(|(worker, s)| SessionView {
+            id: format!("{worker}.{}.{}", s.slot.index, s.slot.generation),
+            worker,
+            client: s.client,
+            exit: table
+                .by_key(&s.exit_key)
+                .and_then(|id| table.get(id))
+                .map(|e| e.spec.name.clone())
+                .unwrap_or_default(),
+            exit_key: s.exit_key,
+            exit_endpoint: s.exit_endpoint,
+            listen_port: s.listen_port,
+            established: s.established,
+            verified: s.verified,
+            to_exit: s.to_exit,
+            to_client: s.to_client,
+            handshakes: s.handshakes,
+            age_secs: s.age.as_secs_f64(),
+            idle_secs: s.idle.as_secs_f64(),
+        })
+        .collect();
+    Json(list)
+}
+
+pub(super) async fn kill_session(
+    State(app): State<App>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let parts: Vec<&str> = id.split('.').collect();
+    let parsed = match parts.as_slice() {
+        [w, i, g] => match (w.parse::<usize>(), i.parse::<u32>(), g.parse::<u32>()) {
+            (Ok(w), Ok(index), Ok(generation)) => Some((w, SessionSlot { index, generation })),
+            _ => None,
+        },
+        _ => None,
+    };
+    let well_formed = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let Some((worker, slot)) = parsed else {
+        // Digits out of range name no session that can exist.
+        return Err(if well_formed {
+            ApiError(StatusCode::NOT_FOUND, format!("no session {id}"))
+        } else {
+            bad_request(format!(
+                "{id:?} is not a session id (worker.index.generation)"
+            ))
+        });
+    };
+    if app.control.dp.close_session(worker, slot, WORKER_TIMEOUT) {
+        tracing::info!(session = %id, "session closed on request");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError(StatusCode::NOT_FOUND, format!("no session {id}")))
+    }
+}

@@ -1,0 +1,128 @@
+//! The operator API: a thin axum sidecar on a thread and runtime of its own.
+//!
+//! `GET /healthz` is open; everything else needs `Authorization: Bearer <token>`, the token
+//! read from a file the node creates (mode 0600) on first start. Requests carrying
+//! `Origin` or `Referer` are refused, so a browser page cannot drive the API. Reads are
+//! GET; changes are POST, PUT and DELETE, each validated, persisted, then published.
+//!
+//! - this module: the routes ([`ROUTES`]) and the router built from them;
+//! - `server`: the sidecar thread, its listeners and its stop;
+//! - `guard`: the token and the refusal of browser requests;
+//! - `error`: the `{"error": ...}` answers, axum's own refusals included;
+//! - [`body`]: what requests carry and answers hold, parsed as the handlers parse them;
+//! - `handlers`: one function per route and method.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::routing::{delete, get};
+use axum::Router;
+
+use crate::change::Control;
+
+pub mod body;
+mod error;
+mod guard;
+mod handlers;
+mod server;
+
+pub use body::WholeState;
+pub use error::ApiError;
+pub use guard::load_or_create_token;
+pub use server::{start, Sidecar};
+
+use error::{json_rejections, not_found};
+use handlers::*;
+
+/// Largest request body, but for `PUT /v1/config`.
+const BODY_LIMIT: usize = 64 * 1024;
+/// Largest `PUT /v1/config` body (a 100,000-exit table is about 15 MB of JSON).
+const CONFIG_BODY_LIMIT: usize = 64 * 1024 * 1024;
+/// How long a listing waits for each worker.
+const WORKER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What every handler shares.
+#[derive(Clone)]
+struct App {
+    control: Arc<Control>,
+    token: Arc<str>,
+}
+
+/// Every path the API serves with its methods: the router is built from this list (a
+/// path missing here is not served) and the OpenAPI document is checked against it.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/healthz", &["GET"]),
+    ("/metrics", &["GET"]),
+    ("/v1/openapi.json", &["GET"]),
+    ("/v1/node", &["GET"]),
+    ("/v1/exits", &["GET", "POST"]),
+    ("/v1/exits/{key}", &["PATCH", "DELETE"]),
+    ("/v1/peers", &["GET", "POST"]),
+    ("/v1/peers/{key}", &["DELETE"]),
+    ("/v1/config", &["GET", "PUT"]),
+    ("/v1/sessions", &["GET"]),
+    ("/v1/sessions/{id}", &["DELETE"]),
+];
+
+/// The handlers of one of [`ROUTES`]' paths.
+fn handlers(path: &str) -> axum::routing::MethodRouter<App> {
+    match path {
+        "/healthz" => get(healthz),
+        "/metrics" => get(get_metrics),
+        "/v1/openapi.json" => get(openapi),
+        "/v1/node" => get(node_info),
+        "/v1/exits" => get(list_exits).post(add_exit),
+        "/v1/exits/{key}" => delete(remove_exit).patch(patch_exit),
+        "/v1/peers" => get(list_peers).post(add_peer),
+        "/v1/peers/{key}" => delete(remove_peer),
+        "/v1/config" => get(get_config)
+            .put(put_config)
+            .layer(DefaultBodyLimit::max(CONFIG_BODY_LIMIT)),
+        "/v1/sessions" => get(list_sessions),
+        "/v1/sessions/{id}" => delete(kill_session),
+        // Serves no method: the API test that probes every route finds it.
+        _ => axum::routing::MethodRouter::new(),
+    }
+}
+
+/// The methods [`ROUTES`] serves on `path` (a concrete path: `{key}` matches any segment).
+fn route_methods(path: &str) -> Option<&'static [&'static str]> {
+    let segments: Vec<&str> = path.split('/').collect();
+    ROUTES.iter().find_map(|(route, methods)| {
+        let pattern: Vec<&str> = route.split('/').collect();
+        let matches = pattern.len() == segments.len()
+            && pattern
+                .iter()
+                .zip(&segments)
+                .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()));
+        matches.then_some(*methods)
+    })
+}
+
+/// The largest body `path` takes.
+fn body_limit(path: &str) -> usize {
+    if path == "/v1/config" {
+        CONFIG_BODY_LIMIT
+    } else {
+        BODY_LIMIT
+    }
+}
+
+fn router(app: App) -> Router {
+    ROUTES
+        .iter()
+        .fold(Router::new(), |r, (path, _)| r.route(path, handlers(path)))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(json_rejections))
+        .layer(middleware::from_fn_with_state(app.clone(), guard::guard))
+        .with_state(app)
+}
+
+/// Where the token file is when the configuration does not say.
+pub fn default_token_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("api.token")
+}
