@@ -46,6 +46,7 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
             state_dir: dir.clone(),
             ..ControlSection::default()
         },
+        log: Default::default(),
     };
     let node = Node::start(config).unwrap();
     let url = format!("http://{}/metrics", node.api_addr().unwrap());
