@@ -80,9 +80,7 @@ pub struct DirectionCounters {
 #[non_exhaustive]
 pub enum Unavailable {
     /// The process lacks a capability the kernel requires.
-    #[error(
-        "needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN); this process lacks {missing}"
-    )]
+    #[error("needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN); this process lacks {missing}")]
     MissingCapability {
         /// The capabilities missing from the effective set.
         missing: String,
@@ -193,7 +191,10 @@ impl FastPath {
             .try_into()
             .map_err(|e: ProgramError| Unavailable::Load(e.to_string()))?;
         program.load().map_err(|e| match e {
-            ProgramError::LoadError { io_error, verifier_log } => {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => {
                 if is_permission(&io_error) {
                     refused("BPF_PROG_LOAD", io_error)
                 } else {
@@ -258,7 +259,12 @@ impl FastPath {
         }
         let key = ClientToExitKey::new(route.client, route.listen, receiver_index);
         let value = Rewrite::new(route.exit_facing, route.exit, session.0);
-        insert_new(&mut self.client_to_exit, key, value, "client endpoint and index")?;
+        insert_new(
+            &mut self.client_to_exit,
+            key,
+            value,
+            "client endpoint and index",
+        )?;
         self.sessions
             .get_mut(&session)
             .expect("session_entry created it") // local invariant: inserted above
@@ -280,7 +286,12 @@ impl FastPath {
         }
         let key = ExitToClientKey::new(route.exit, route.exit_facing);
         let value = Rewrite::new(route.listen, route.client, session.0);
-        insert_new(&mut self.exit_to_client, key, value, "exit-facing socket and exit")?;
+        insert_new(
+            &mut self.exit_to_client,
+            key,
+            value,
+            "exit-facing socket and exit",
+        )?;
         self.sessions
             .get_mut(&session)
             .expect("session_entry created it") // local invariant: inserted above
@@ -404,10 +415,7 @@ impl FastPath {
                 },
             );
         }
-        let entry = self
-            .sessions
-            .get_mut(&session)
-            .expect("inserted above"); // local invariant
+        let entry = self.sessions.get_mut(&session).expect("inserted above"); // local invariant
         if entry.route != *route {
             return Err(OffloadError::RouteMismatch(session));
         }
@@ -473,9 +481,7 @@ where
 {
     match map.remove_key(key) {
         Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-            Ok(())
-        }
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -622,7 +628,10 @@ mod tests {
     #[test]
     fn embedded_object_declares_the_program_and_maps_this_crate_expects() {
         let obj = aya_obj_parse();
-        assert!(obj.programs.contains_key(PROGRAM), "program {PROGRAM} missing");
+        assert!(
+            obj.programs.contains_key(PROGRAM),
+            "program {PROGRAM} missing"
+        );
         let expect = [
             ("client_to_exit", 16, 16, MAX_CLIENT_INDICES),
             ("exit_to_client", 12, 16, MAX_SESSIONS),

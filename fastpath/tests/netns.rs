@@ -111,8 +111,8 @@ fn forwarded_from(a: SocketAddrV4) -> Arrived {
 }
 
 #[test]
-fn root_transport_is_forwarded_rewritten_with_valid_checksums_both_ways() {
-    if !lab::can_run("root_transport_is_forwarded_rewritten_with_valid_checksums_both_ways") {
+fn root_bpf_transport_is_forwarded_rewritten_with_valid_checksums_both_ways() {
+    if !lab::can_run("root_bpf_transport_is_forwarded_rewritten_with_valid_checksums_both_ways") {
         return;
     }
     let w = World::new(Checksums::Full, true);
@@ -122,9 +122,17 @@ fn root_transport_is_forwarded_rewritten_with_valid_checksums_both_ways() {
 
     for (i, len) in [32, 48, 160, 1424].into_iter().enumerate() {
         let m = lab::transport(INDEX, i as u64, len);
-        assert_eq!(w.client_sends(&m), forwarded_from(r.exit_facing), "{len} B to the exit");
+        assert_eq!(
+            w.client_sends(&m),
+            forwarded_from(r.exit_facing),
+            "{len} B to the exit"
+        );
         let reply = lab::transport(0x0102_0304, i as u64, len);
-        assert_eq!(w.exit_sends(&reply), forwarded_from(r.listen), "{len} B to the client");
+        assert_eq!(
+            w.exit_sends(&reply),
+            forwarded_from(r.listen),
+            "{len} B to the client"
+        );
     }
     // The datagrams on the wire carry correct UDP checksums (recomputed here), and the
     // receiving stacks, which verify every one (no offload), counted no error.
@@ -140,8 +148,8 @@ fn root_transport_is_forwarded_rewritten_with_valid_checksums_both_ways() {
 }
 
 #[test]
-fn root_what_the_program_must_not_forward_reaches_the_relay_socket() {
-    if !lab::can_run("root_what_the_program_must_not_forward_reaches_the_relay_socket") {
+fn root_bpf_what_the_program_must_not_forward_reaches_the_relay_socket() {
+    if !lab::can_run("root_bpf_what_the_program_must_not_forward_reaches_the_relay_socket") {
         return;
     }
     let w = World::new(Checksums::Full, true);
@@ -153,13 +161,29 @@ fn root_what_the_program_must_not_forward_reaches_the_relay_socket() {
     assert_eq!(w.client_sends(&lab::handshake(2, INDEX)), u, "response");
     assert_eq!(w.client_sends(&lab::handshake(3, INDEX)), u, "cookie reply");
     assert_eq!(w.exit_sends(&lab::handshake(2, 1)), u, "exit's response");
-    assert_eq!(w.exit_sends(&lab::handshake(3, 1)), u, "exit's cookie reply");
+    assert_eq!(
+        w.exit_sends(&lab::handshake(3, 1)),
+        u,
+        "exit's cookie reply"
+    );
     assert_eq!(w.exit_sends(&lab::handshake(1, 0)), u, "exit's initiation");
     // Transport with an index the exit did not assign to this session.
-    assert_eq!(w.client_sends(&lab::transport(INDEX + 1, 0, 64)), u, "wrong index");
+    assert_eq!(
+        w.client_sends(&lab::transport(INDEX + 1, 0, 64)),
+        u,
+        "wrong index"
+    );
     // Not a transport message: bad length, non-zero reserved bytes.
-    assert_eq!(w.client_sends(&lab::transport(INDEX, 0, 40)), u, "length not 16n");
-    assert_eq!(w.client_sends(&lab::transport(INDEX, 0, 16)[..16]), u, "too short");
+    assert_eq!(
+        w.client_sends(&lab::transport(INDEX, 0, 40)),
+        u,
+        "length not 16n"
+    );
+    assert_eq!(
+        w.client_sends(&lab::transport(INDEX, 0, 16)[..16]),
+        u,
+        "too short"
+    );
     let mut reserved = lab::transport(INDEX, 0, 64);
     reserved[2] = 1;
     assert_eq!(w.client_sends(&reserved), u, "reserved bytes");
@@ -186,8 +210,8 @@ fn root_what_the_program_must_not_forward_reaches_the_relay_socket() {
 }
 
 #[test]
-fn root_counters_count_packets_and_bytes_and_withdraw_stops_forwarding() {
-    if !lab::can_run("root_counters_count_packets_and_bytes_and_withdraw_stops_forwarding") {
+fn root_bpf_counters_count_packets_and_bytes_and_withdraw_stops_forwarding() {
+    if !lab::can_run("root_bpf_counters_count_packets_and_bytes_and_withdraw_stops_forwarding") {
         return;
     }
     let mut w = World::new(Checksums::Full, true);
@@ -205,14 +229,22 @@ fn root_counters_count_packets_and_bytes_and_withdraw_stops_forwarding() {
     assert_eq!(w.client_sends(&lab::handshake(1, 0)), Arrived::Userspace);
 
     let c = w.fast().counters(SESSION).unwrap().unwrap();
-    assert_eq!((c.client_to_exit.packets, c.client_to_exit.bytes), (5, 5 * 96));
-    assert_eq!((c.exit_to_client.packets, c.exit_to_client.bytes), (3, 3 * 48));
+    assert_eq!(
+        (c.client_to_exit.packets, c.client_to_exit.bytes),
+        (5, 5 * 96)
+    );
+    assert_eq!(
+        (c.exit_to_client.packets, c.exit_to_client.bytes),
+        (3, 3 * 48)
+    );
     let seen = c.last_seen.expect("last seen");
     assert!(seen >= before && seen <= wraithgate_fastpath::monotonic_now());
 
     // A second index of the same session (a rekey's new keypair) forwards too; withdrawing
     // the old one stops only that one.
-    w.fast().offload_client_to_exit(SESSION, &r, INDEX ^ 1).unwrap();
+    w.fast()
+        .offload_client_to_exit(SESSION, &r, INDEX ^ 1)
+        .unwrap();
     let m = lab::transport(INDEX ^ 1, 9, 64);
     assert_eq!(w.client_sends(&m), forwarded_from(r.exit_facing));
     assert!(w.fast().withdraw_index(SESSION, INDEX).unwrap());
@@ -229,8 +261,8 @@ fn root_counters_count_packets_and_bytes_and_withdraw_stops_forwarding() {
 }
 
 #[test]
-fn root_offload_rules_index_limit_route_mismatch_and_taken_keys() {
-    if !lab::can_run("root_offload_rules_index_limit_route_mismatch_and_taken_keys") {
+fn root_bpf_offload_rules_index_limit_route_mismatch_and_taken_keys() {
+    if !lab::can_run("root_bpf_offload_rules_index_limit_route_mismatch_and_taken_keys") {
         return;
     }
     let mut w = World::new(Checksums::Full, false);
@@ -240,10 +272,16 @@ fn root_offload_rules_index_limit_route_mismatch_and_taken_keys() {
         f.offload_client_to_exit(SESSION, &r, 100 + i).unwrap();
     }
     f.offload_client_to_exit(SESSION, &r, 100).unwrap(); // idempotent
-    assert!(f.offload_client_to_exit(SESSION, &r, 999).is_err(), "9th index");
+    assert!(
+        f.offload_client_to_exit(SESSION, &r, 999).is_err(),
+        "9th index"
+    );
     let mut moved = r;
     moved.exit.set_port(1);
-    assert!(f.offload_exit_to_client(SESSION, &moved).is_err(), "other route");
+    assert!(
+        f.offload_exit_to_client(SESSION, &moved).is_err(),
+        "other route"
+    );
     // Another session cannot take the same client endpoint and index, nor the same
     // exit-facing socket and exit.
     f.offload_exit_to_client(SESSION, &r).unwrap();
@@ -254,8 +292,9 @@ fn root_offload_rules_index_limit_route_mismatch_and_taken_keys() {
 }
 
 #[test]
-fn root_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessions_transport() {
-    let test = "root_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessions_transport";
+fn root_bpf_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessions_transport() {
+    let test =
+        "root_bpf_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessions_transport";
     if !lab::can_run(test) {
         return;
     }
@@ -277,7 +316,10 @@ fn root_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessions_t
     // One program run forwarded eight counted datagrams: the train stayed whole.
     assert_eq!(w.verdict(Verdict::Forwarded), 1);
     let c = w.fast.as_ref().unwrap().counters(SESSION).unwrap().unwrap();
-    assert_eq!((c.client_to_exit.packets, c.client_to_exit.bytes), (8, 8 * 160));
+    assert_eq!(
+        (c.client_to_exit.packets, c.client_to_exit.bytes),
+        (8, 8 * 160)
+    );
     // The relay's exit-side veth has no offload: the kernel segmented the train and
     // computed every checksum from the pseudo-header sum the program rewrote.
     let wire = lab::raw_packets(&raw_exit, RELAY_EXIT_SIDE, EXIT);
@@ -286,7 +328,9 @@ fn root_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessions_t
     assert_eq!(Lab::udp_checksum_errors(&w.lab.exit), 0);
 
     // Data, then a 148-byte initiation in the same train: to userspace, whole.
-    let mut mixed: Vec<u8> = (0..3).flat_map(|i| lab::transport(INDEX, 10 + i, 160)).collect();
+    let mut mixed: Vec<u8> = (0..3)
+        .flat_map(|i| lab::transport(INDEX, 10 + i, 160))
+        .collect();
     mixed.extend(lab::handshake(1, 0));
     w.client.send_to(&mixed, r.listen).unwrap();
     let got = lab::expect(&w.listen, 4);
@@ -297,12 +341,16 @@ fn root_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessions_t
     // Same sizes, but the last segment is not transport (a 160-byte type-3 lookalike).
     let mut odd = lab::transport(INDEX, 20, 160);
     odd[0] = 3;
-    let mut same_size: Vec<u8> = (0..3).flat_map(|i| lab::transport(INDEX, 21 + i, 160)).collect();
+    let mut same_size: Vec<u8> = (0..3)
+        .flat_map(|i| lab::transport(INDEX, 21 + i, 160))
+        .collect();
     same_size.extend(&odd);
     w.client.send_to(&same_size, r.listen).unwrap();
     assert_eq!(lab::expect(&w.listen, 4).len(), 4);
     // Same sizes, last segment for an index the session does not own.
-    let mut foreign: Vec<u8> = (0..3).flat_map(|i| lab::transport(INDEX, 30 + i, 160)).collect();
+    let mut foreign: Vec<u8> = (0..3)
+        .flat_map(|i| lab::transport(INDEX, 30 + i, 160))
+        .collect();
     foreign.extend(lab::transport(INDEX + 5, 33, 160));
     w.client.send_to(&foreign, r.listen).unwrap();
     assert_eq!(lab::expect(&w.listen, 4).len(), 4);
@@ -311,12 +359,73 @@ fn root_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessions_t
     assert_eq!(w.verdict(Verdict::TrainMixed), 3);
     assert_eq!(w.verdict(Verdict::Forwarded), 1);
     let c = w.fast.as_ref().unwrap().counters(SESSION).unwrap().unwrap();
-    assert_eq!(c.client_to_exit.packets, 8, "nothing of the mixed trains was counted");
+    assert_eq!(
+        c.client_to_exit.packets, 8,
+        "nothing of the mixed trains was counted"
+    );
 }
 
 #[test]
-fn root_dropping_the_loader_detaches_the_program() {
-    if !lab::can_run("root_dropping_the_loader_detaches_the_program") {
+fn root_bpf_a_zero_udp_checksum_stays_zero() {
+    if !lab::can_run("root_bpf_a_zero_udp_checksum_stays_zero") {
+        return;
+    }
+    let w = World::new(Checksums::Full, true);
+    let r = route();
+    let raw_exit = Lab::raw_udp(&w.lab.exit);
+    // SO_NO_CHECK: the client sends without a UDP checksum (RFC 768 allows it on IPv4).
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket and a pointer to a c_int of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&w.client),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let m = lab::transport(INDEX, 0, 64);
+    assert_eq!(w.client_sends(&m), forwarded_from(r.exit_facing));
+    let wire = lab::raw_packets(&raw_exit, RELAY_EXIT_SIDE, EXIT);
+    assert_eq!(wire.len(), 1);
+    assert_eq!(wire[0][26..28], [0, 0], "the checksum field stayed zero");
+}
+
+#[test]
+fn root_bpf_without_ip_forwarding_attach_refuses_and_the_program_passes() {
+    if !lab::can_run("root_bpf_without_ip_forwarding_attach_refuses_and_the_program_passes") {
+        return;
+    }
+    let w = World::new(Checksums::Full, true);
+    let r = route();
+    let set_forwarding = |on: &str| {
+        lab::run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &w.lab.relay,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.all.forwarding={on}"),
+        ]));
+    };
+    set_forwarding("0");
+    let err = Lab::within(&w.lab.relay, || FastPath::attach(&lab::RELAY_INTERFACES))
+        .expect_err("attached where nothing can be forwarded");
+    assert!(matches!(err, Unavailable::ForwardingOff(_)), "{err}");
+    // The kernel's FIB lookup refuses too: a program attached before forwarding was turned
+    // off passes everything to the stack, untouched.
+    let m = lab::transport(INDEX, 0, 64);
+    assert_eq!(w.client_sends(&m), Arrived::Userspace);
+    assert_eq!(w.verdict(Verdict::NoRoute), 1);
+    set_forwarding("1");
+    assert_eq!(w.client_sends(&m), forwarded_from(r.exit_facing));
+}
+
+#[test]
+fn root_bpf_dropping_the_loader_detaches_the_program() {
+    if !lab::can_run("root_bpf_dropping_the_loader_detaches_the_program") {
         return;
     }
     let mut w = World::new(Checksums::Full, true);
@@ -351,8 +460,8 @@ fn attached_programs(relay_ns: &str) -> usize {
 const CHILD_ENV: &str = "WRAITHGATE_FASTPATH_TEST_CHILD_NS";
 
 #[test]
-fn root_a_killed_owner_leaves_nothing_attached_that_forwards() {
-    if !lab::can_run("root_a_killed_owner_leaves_nothing_attached_that_forwards") {
+fn root_bpf_a_killed_owner_leaves_nothing_attached_that_forwards() {
+    if !lab::can_run("root_bpf_a_killed_owner_leaves_nothing_attached_that_forwards") {
         return;
     }
     let lab = Lab::new(Checksums::Full);
@@ -400,14 +509,18 @@ fn root_a_killed_owner_leaves_nothing_attached_that_forwards() {
     while attached_programs(&lab.relay) != 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(attached_programs(&lab.relay), 0, "still attached after SIGKILL");
+    assert_eq!(
+        attached_programs(&lab.relay),
+        0,
+        "still attached after SIGKILL"
+    );
     client.send_to(&m, r.listen).unwrap();
     assert_eq!(arrived(&exit, &listen, &m), Arrived::Userspace);
 }
 
 /// Not a test: the child process of the test above (does nothing when run by hand).
 #[test]
-#[ignore = "child process of root_a_killed_owner_leaves_nothing_attached_that_forwards"]
+#[ignore = "child process of root_bpf_a_killed_owner_leaves_nothing_attached_that_forwards"]
 fn child_holds_the_fast_path_until_killed() {
     let Some(ns) = std::env::var_os(CHILD_ENV) else {
         return;
@@ -423,8 +536,8 @@ fn child_holds_the_fast_path_until_killed() {
 }
 
 #[test]
-fn root_without_capabilities_attach_says_why() {
-    if !lab::can_run("root_without_capabilities_attach_says_why") {
+fn root_bpf_without_capabilities_attach_says_why() {
+    if !lab::can_run("root_bpf_without_capabilities_attach_says_why") {
         return;
     }
     // Capabilities are per thread: drop them on a fresh one only.
@@ -442,8 +555,8 @@ fn root_without_capabilities_attach_says_why() {
 }
 
 #[test]
-fn root_with_bpf_denied_by_seccomp_attach_says_why() {
-    if !lab::can_run("root_with_bpf_denied_by_seccomp_attach_says_why") {
+fn root_bpf_with_bpf_denied_by_seccomp_attach_says_why() {
+    if !lab::can_run("root_bpf_with_bpf_denied_by_seccomp_attach_says_why") {
         return;
     }
     let err = std::thread::spawn(|| {

@@ -50,9 +50,8 @@ pub fn can_run(test: &str) -> bool {
 }
 
 fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
 /// How the veths treat checksums.
@@ -222,7 +221,11 @@ pub fn drain(socket: &UdpSocket, window: Duration) -> Vec<(Vec<u8>, SocketAddr)>
     while Instant::now() < end {
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => got.push((buf[..n].to_vec(), from)),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => panic!("recv: {e}"),
         }
     }
@@ -249,12 +252,19 @@ pub fn raw_packets(raw: &socket2::Socket, from: Ipv4Addr, to: Ipv4Addr) -> Vec<V
         match raw.recv(&mut buf) {
             Ok(n) => {
                 // SAFETY: recv initialised the first `n` bytes.
-                let p: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+                let p: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
                 if p.len() >= 28 && p[12..16] == from.octets() && p[16..20] == to.octets() {
                     got.push(p);
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => panic!("raw recv: {e}"),
         }
     }
