@@ -513,24 +513,14 @@ where
     T::try_from(map).map_err(|e| Unavailable::Load(format!("map {name}: {e}")))
 }
 
-/// An interface must exist in this namespace, be Ethernet, and forward IPv4.
+/// An interface must exist in this thread's namespace, be Ethernet, and forward IPv4.
 fn check_interface(name: &str) -> Result<(), Unavailable> {
-    let sys = std::path::Path::new("/sys/class/net").join(name);
-    // `/sys/class/net` shows the namespace sysfs was mounted in, not necessarily this
-    // thread's; if_nametoindex asks the thread's own namespace.
-    let c_name =
-        std::ffi::CString::new(name).map_err(|_| Unavailable::NoInterface(name.to_owned()))?;
-    // SAFETY: `c_name` is a valid NUL-terminated string for the duration of the call.
-    if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
-        return Err(Unavailable::NoInterface(name.to_owned()));
+    match hardware_type(name) {
+        Some(ARPHRD_ETHER) => {}
+        Some(_) => return Err(Unavailable::NotEthernet(name.to_owned())),
+        None => return Err(Unavailable::NoInterface(name.to_owned())),
     }
-    if let Ok(t) = std::fs::read_to_string(sys.join("type")) {
-        // ARPHRD_ETHER
-        if t.trim() != "1" {
-            return Err(Unavailable::NotEthernet(name.to_owned()));
-        }
-    }
-    // /proc/sys/net follows the namespace of the thread that opens it.
+    // /proc/sys/net follows the network namespace of the thread that opens it.
     let fwd = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
     if let Ok(v) = std::fs::read_to_string(&fwd) {
         if v.trim() == "0" {
@@ -538,6 +528,45 @@ fn check_interface(name: &str) -> Result<(), Unavailable> {
         }
     }
     Ok(())
+}
+
+const ARPHRD_ETHER: u16 = 1;
+
+/// The interface's ARPHRD_* type in this thread's network namespace (SIOCGIFHWADDR; sysfs
+/// would show the namespace it was mounted in), or `None` if there is no such interface.
+fn hardware_type(name: &str) -> Option<u16> {
+    const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
+    /// `struct ifreq` with the `ifr_hwaddr` member of its union (40 bytes on Linux).
+    #[repr(C)]
+    struct IfreqHwaddr {
+        name: [u8; 16],
+        family: libc::sa_family_t,
+        data: [u8; 22],
+    }
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= 16 || bytes.contains(&0) {
+        return None;
+    }
+    let mut req = IfreqHwaddr {
+        name: [0; 16],
+        family: 0,
+        data: [0; 22],
+    };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .ok()?;
+    // SAFETY: SIOCGIFHWADDR reads a NUL-terminated name from and writes a sockaddr into a
+    // `struct ifreq`, which `req` is laid out as (and large enough for); the socket is open
+    // for the duration of the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            SIOCGIFHWADDR as _,
+            &raw mut req,
+        )
+    };
+    (rc == 0).then_some(req.family)
 }
 
 /// Capabilities from `/proc/self/status` that the effective set lacks, if any.

@@ -555,6 +555,28 @@ fn root_bpf_without_capabilities_attach_says_why() {
 }
 
 #[test]
+fn root_bpf_attach_names_a_missing_or_non_ethernet_interface() {
+    if !lab::can_run("root_bpf_attach_names_a_missing_or_non_ethernet_interface") {
+        return;
+    }
+    let lab = Lab::new(Checksums::Full);
+    let (missing, loopback) = Lab::within(&lab.relay, || {
+        (
+            FastPath::attach(&["rc0", "nosuch0"]).expect_err("attached to nothing"),
+            FastPath::attach(&["lo"]).expect_err("attached to loopback"),
+        )
+    });
+    assert!(
+        matches!(&missing, Unavailable::NoInterface(n) if n == "nosuch0"),
+        "{missing}"
+    );
+    assert!(
+        matches!(&loopback, Unavailable::NotEthernet(n) if n == "lo"),
+        "{loopback}"
+    );
+}
+
+#[test]
 fn root_bpf_with_bpf_denied_by_seccomp_attach_says_why() {
     if !lab::can_run("root_bpf_with_bpf_denied_by_seccomp_attach_says_why") {
         return;
