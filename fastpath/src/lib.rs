@@ -18,9 +18,12 @@ mod maps;
 use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::net::SocketAddrV4;
+use std::os::fd::AsFd as _;
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{
+    HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, ProgramError};
 use aya::{Ebpf, EbpfLoader};
@@ -154,18 +157,25 @@ struct Offloaded {
 }
 
 /// The attached program and its maps. Dropping it detaches the program from every
-/// interface and frees the maps.
+/// interface; the maps are freed once every [`SessionMaps`] is dropped too.
 pub struct FastPath {
+    maps: SessionMaps,
+    verdicts: PerCpuArray<MapData, u64>,
+    interfaces: Vec<String>,
+    /// Owns the program and its tcx links.
+    ebpf: Ebpf,
+}
+
+/// A writer of the session maps with its own descriptors and its own bookkeeping: one per
+/// worker, each offloading and withdrawing the sessions it owns without a lock. Two
+/// writers can never hold the same key or session id: the kernel refuses the second
+/// ([`OffloadError::Taken`]).
+pub struct SessionMaps {
     client_to_exit: HashMap<MapData, ClientToExitKey, Rewrite>,
     exit_to_client: HashMap<MapData, ExitToClientKey, Rewrite>,
     counters: PerCpuHashMap<MapData, u32, SessionCounters>,
-    verdicts: PerCpuArray<MapData, u64>,
     sessions: StdHashMap<SessionId, Offloaded>,
-    interfaces: Vec<String>,
     cpus: usize,
-    /// Owns the program and its tcx links; declared last so the maps above are closed
-    /// after the links are gone.
-    ebpf: Ebpf,
 }
 
 impl FastPath {
@@ -224,13 +234,15 @@ impl FastPath {
         let cpus = aya::util::nr_cpus()
             .map_err(|(path, e)| Unavailable::Load(format!("reading {path}: {e}")))?;
         Ok(FastPath {
-            client_to_exit: take_map(&mut ebpf, "client_to_exit")?,
-            exit_to_client: take_map(&mut ebpf, "exit_to_client")?,
-            counters: take_map(&mut ebpf, "session_counters")?,
+            maps: SessionMaps {
+                client_to_exit: take_map(&mut ebpf, "client_to_exit")?,
+                exit_to_client: take_map(&mut ebpf, "exit_to_client")?,
+                counters: take_map(&mut ebpf, "session_counters")?,
+                sessions: StdHashMap::new(),
+                cpus,
+            },
             verdicts: take_map(&mut ebpf, "verdicts")?,
-            sessions: StdHashMap::new(),
             interfaces: interfaces.iter().map(|s| (*s).to_owned()).collect(),
-            cpus,
             ebpf,
         })
     }
@@ -240,6 +252,57 @@ impl FastPath {
         &self.interfaces
     }
 
+    /// The session maps, as written through this handle.
+    pub fn maps(&self) -> &SessionMaps {
+        &self.maps
+    }
+
+    /// The session maps, to offload and withdraw through this handle.
+    pub fn maps_mut(&mut self) -> &mut SessionMaps {
+        &mut self.maps
+    }
+
+    /// Another writer of the same maps (for another worker), with no sessions of its own
+    /// yet.
+    pub fn session_maps(&self) -> Result<SessionMaps, OffloadError> {
+        fn dup(map: &MapData) -> Result<MapData, OffloadError> {
+            let fd = map
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(OffloadError::Io)?;
+            Ok(MapData::from_fd(fd)?)
+        }
+        let m = &self.maps;
+        Ok(SessionMaps {
+            client_to_exit: HashMap::try_from(Map::HashMap(dup(IterableMap::map(
+                &m.client_to_exit,
+            ))?))?,
+            exit_to_client: HashMap::try_from(Map::HashMap(dup(IterableMap::map(
+                &m.exit_to_client,
+            ))?))?,
+            counters: PerCpuHashMap::try_from(Map::PerCpuHashMap(dup(IterableMap::map(
+                &m.counters,
+            ))?))?,
+            sessions: StdHashMap::new(),
+            cpus: m.cpus,
+        })
+    }
+
+    /// How many packets the program forwarded or passed on, by verdict, since it was loaded.
+    pub fn verdicts(&self) -> Result<Vec<(Verdict, u64)>, OffloadError> {
+        Verdict::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let i = u32::try_from(i).expect("9 verdicts"); // local invariant: ALL is short
+                Ok((v, self.verdicts.get(&i, 0)?.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+impl SessionMaps {
     /// Lets transport messages from `route.client` to `route.listen` carrying
     /// `receiver_index` (an index the exit assigned to this session, seen by userspace in
     /// its handshake response) go straight to `route.exit` from `route.exit_facing`.
@@ -259,12 +322,15 @@ impl FastPath {
         }
         let key = ClientToExitKey::new(route.client, route.listen, receiver_index);
         let value = Rewrite::new(route.exit_facing, route.exit, session.0);
-        insert_new(
+        if let Err(e) = insert_new(
             &mut self.client_to_exit,
             key,
             value,
             "client endpoint and index",
-        )?;
+        ) {
+            self.forget_if_empty(session);
+            return Err(e);
+        }
         self.sessions
             .get_mut(&session)
             .expect("session_entry created it") // local invariant: inserted above
@@ -286,12 +352,15 @@ impl FastPath {
         }
         let key = ExitToClientKey::new(route.exit, route.exit_facing);
         let value = Rewrite::new(route.listen, route.client, session.0);
-        insert_new(
+        if let Err(e) = insert_new(
             &mut self.exit_to_client,
             key,
             value,
             "exit-facing socket and exit",
-        )?;
+        ) {
+            self.forget_if_empty(session);
+            return Err(e);
+        }
         self.sessions
             .get_mut(&session)
             .expect("session_entry created it") // local invariant: inserted above
@@ -378,21 +447,20 @@ impl FastPath {
         Ok(Some(sum))
     }
 
-    /// How many packets the program forwarded or passed on, by verdict, since it was loaded.
-    pub fn verdicts(&self) -> Result<Vec<(Verdict, u64)>, OffloadError> {
-        Verdict::ALL
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let i = u32::try_from(i).expect("9 verdicts"); // local invariant: ALL is short
-                Ok((v, self.verdicts.get(&i, 0)?.iter().sum()))
-            })
-            .collect()
-    }
-
-    /// Sessions with at least one entry offloaded by this process.
+    /// Sessions with at least one entry offloaded through this handle.
     pub fn sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
         self.sessions.keys().copied()
+    }
+
+    /// Undoes [`Self::session_entry`] for a session whose first offload failed.
+    fn forget_if_empty(&mut self, session: SessionId) {
+        let empty = self
+            .sessions
+            .get(&session)
+            .is_some_and(|e| e.indices.is_empty() && !e.exit_to_client);
+        if empty && remove_present(&mut self.counters, &session.0).is_ok() {
+            self.sessions.remove(&session);
+        }
     }
 
     /// The session's bookkeeping, created (with zeroed kernel counters) on first use.
@@ -404,8 +472,15 @@ impl FastPath {
         if !self.sessions.contains_key(&session) {
             let zeros = PerCpuValues::try_from(vec![SessionCounters::default(); self.cpus])
                 .map_err(OffloadError::Io)?;
-            // Replaces any stale entry: a new session starts from zero.
-            self.counters.insert(session.0, zeros, 0)?;
+            // A session starts from zero; an id another writer holds is refused.
+            match self.counters.insert(session.0, zeros, BPF_NOEXIST) {
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    return Err(OffloadError::Taken("session id"));
+                }
+                r => r?,
+            }
             self.sessions.insert(
                 session,
                 Offloaded {
@@ -427,6 +502,14 @@ impl std::fmt::Debug for FastPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FastPath")
             .field("interfaces", &self.interfaces)
+            .field("maps", &self.maps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for SessionMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionMaps")
             .field("sessions", &self.sessions)
             .finish_non_exhaustive()
     }
@@ -434,7 +517,7 @@ impl std::fmt::Debug for FastPath {
 
 impl Drop for FastPath {
     fn drop(&mut self) {
-        // Detach explicitly rather than rely on field order: the links go before the maps.
+        // Detach first, explicitly: nothing may forward once the owner is gone.
         if let Some(program) = self.ebpf.program_mut(PROGRAM) {
             if let Ok(program) = <&mut SchedClassifier>::try_from(program) {
                 let _ = program.unload();

@@ -45,8 +45,10 @@ impl World {
         let fast = Lab::within(&lab.relay, || FastPath::attach(&lab::RELAY_INTERFACES));
         let mut fast = fast.unwrap_or_else(|e| panic!("attach: {e}"));
         if offload {
-            fast.offload_client_to_exit(SESSION, &r, INDEX).unwrap();
-            fast.offload_exit_to_client(SESSION, &r).unwrap();
+            fast.maps_mut()
+                .offload_client_to_exit(SESSION, &r, INDEX)
+                .unwrap();
+            fast.maps_mut().offload_exit_to_client(SESSION, &r).unwrap();
         }
         World {
             client: Lab::udp(&lab.client, r.client),
@@ -201,7 +203,14 @@ fn root_bpf_what_the_program_must_not_forward_reaches_the_relay_socket() {
     assert_eq!(arrived(&w.client, &w.exit_facing, &m), u, "other exit port");
     // Nothing was forwarded, and the session's counters saw nothing.
     assert_eq!(w.verdict(Verdict::Forwarded), 0);
-    let c = w.fast.as_ref().unwrap().counters(SESSION).unwrap().unwrap();
+    let c = w
+        .fast
+        .as_ref()
+        .unwrap()
+        .maps()
+        .counters(SESSION)
+        .unwrap()
+        .unwrap();
     assert_eq!((c.client_to_exit.packets, c.exit_to_client.packets), (0, 0));
     assert!(w.verdict(Verdict::NoEntry) >= 4);
     assert!(w.verdict(Verdict::NotTransport) >= 9);
@@ -228,7 +237,7 @@ fn root_bpf_counters_count_packets_and_bytes_and_withdraw_stops_forwarding() {
     // Userspace traffic is not counted as the session's.
     assert_eq!(w.client_sends(&lab::handshake(1, 0)), Arrived::Userspace);
 
-    let c = w.fast().counters(SESSION).unwrap().unwrap();
+    let c = w.fast().maps_mut().counters(SESSION).unwrap().unwrap();
     assert_eq!(
         (c.client_to_exit.packets, c.client_to_exit.bytes),
         (5, 5 * 96)
@@ -243,21 +252,27 @@ fn root_bpf_counters_count_packets_and_bytes_and_withdraw_stops_forwarding() {
     // A second index of the same session (a rekey's new keypair) forwards too; withdrawing
     // the old one stops only that one.
     w.fast()
+        .maps_mut()
         .offload_client_to_exit(SESSION, &r, INDEX ^ 1)
         .unwrap();
     let m = lab::transport(INDEX ^ 1, 9, 64);
     assert_eq!(w.client_sends(&m), forwarded_from(r.exit_facing));
-    assert!(w.fast().withdraw_index(SESSION, INDEX).unwrap());
+    assert!(w.fast().maps_mut().withdraw_index(SESSION, INDEX).unwrap());
     let old = lab::transport(INDEX, 10, 64);
     assert_eq!(w.client_sends(&old), Arrived::Userspace);
 
     // Withdrawing the session returns its final counters and sends everything to userspace.
-    let last = w.fast().withdraw(SESSION).unwrap().expect("was offloaded");
+    let last = w
+        .fast()
+        .maps_mut()
+        .withdraw(SESSION)
+        .unwrap()
+        .expect("was offloaded");
     assert_eq!(last.client_to_exit.packets, 6);
     assert_eq!(w.client_sends(&m), Arrived::Userspace);
     assert_eq!(w.exit_sends(&lab::transport(77, 9, 48)), Arrived::Userspace);
-    assert_eq!(w.fast().counters(SESSION).unwrap(), None);
-    assert_eq!(w.fast().sessions().count(), 0);
+    assert_eq!(w.fast().maps_mut().counters(SESSION).unwrap(), None);
+    assert_eq!(w.fast().maps_mut().sessions().count(), 0);
 }
 
 #[test]
@@ -269,26 +284,56 @@ fn root_bpf_offload_rules_index_limit_route_mismatch_and_taken_keys() {
     let r = route();
     let f = w.fast();
     for i in 0..wraithgate_fastpath::MAX_INDICES_PER_SESSION as u32 {
-        f.offload_client_to_exit(SESSION, &r, 100 + i).unwrap();
+        f.maps_mut()
+            .offload_client_to_exit(SESSION, &r, 100 + i)
+            .unwrap();
     }
-    f.offload_client_to_exit(SESSION, &r, 100).unwrap(); // idempotent
+    f.maps_mut()
+        .offload_client_to_exit(SESSION, &r, 100)
+        .unwrap(); // idempotent
     assert!(
-        f.offload_client_to_exit(SESSION, &r, 999).is_err(),
+        f.maps_mut()
+            .offload_client_to_exit(SESSION, &r, 999)
+            .is_err(),
         "9th index"
     );
     let mut moved = r;
     moved.exit.set_port(1);
     assert!(
-        f.offload_exit_to_client(SESSION, &moved).is_err(),
+        f.maps_mut()
+            .offload_exit_to_client(SESSION, &moved)
+            .is_err(),
         "other route"
     );
     // Another session cannot take the same client endpoint and index, nor the same
     // exit-facing socket and exit.
-    f.offload_exit_to_client(SESSION, &r).unwrap();
-    assert!(f.offload_client_to_exit(SessionId(8), &r, 100).is_err());
-    assert!(f.offload_exit_to_client(SessionId(8), &r).is_err());
-    f.withdraw(SESSION).unwrap();
-    f.offload_client_to_exit(SessionId(8), &r, 100).unwrap();
+    f.maps_mut().offload_exit_to_client(SESSION, &r).unwrap();
+    assert!(f
+        .maps_mut()
+        .offload_client_to_exit(SessionId(8), &r, 100)
+        .is_err());
+    assert!(f
+        .maps_mut()
+        .offload_exit_to_client(SessionId(8), &r)
+        .is_err());
+    // A second writer (another worker) shares the maps but not the keys or session ids.
+    let mut other = f.session_maps().unwrap();
+    assert!(other.offload_client_to_exit(SessionId(8), &r, 100).is_err());
+    let mut elsewhere = r;
+    elsewhere.client.set_port(40_009);
+    assert!(
+        other
+            .offload_client_to_exit(SESSION, &elsewhere, 1)
+            .is_err(),
+        "same id"
+    );
+    f.maps_mut().withdraw(SESSION).unwrap();
+    other.offload_client_to_exit(SessionId(8), &r, 100).unwrap();
+    other.offload_exit_to_client(SessionId(8), &r).unwrap();
+    let m = lab::transport(100, 0, 64);
+    assert_eq!(w.client_sends(&m), forwarded_from(r.exit_facing));
+    let c = other.counters(SessionId(8)).unwrap().unwrap();
+    assert_eq!(c.client_to_exit.packets, 1);
 }
 
 #[test]
@@ -315,7 +360,14 @@ fn root_bpf_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessio
     assert!(lab::drain(&w.listen, Duration::from_millis(50)).is_empty());
     // One program run forwarded eight counted datagrams: the train stayed whole.
     assert_eq!(w.verdict(Verdict::Forwarded), 1);
-    let c = w.fast.as_ref().unwrap().counters(SESSION).unwrap().unwrap();
+    let c = w
+        .fast
+        .as_ref()
+        .unwrap()
+        .maps()
+        .counters(SESSION)
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (c.client_to_exit.packets, c.client_to_exit.bytes),
         (8, 8 * 160)
@@ -358,7 +410,14 @@ fn root_bpf_gso_trains_are_forwarded_whole_only_when_every_segment_is_the_sessio
 
     assert_eq!(w.verdict(Verdict::TrainMixed), 3);
     assert_eq!(w.verdict(Verdict::Forwarded), 1);
-    let c = w.fast.as_ref().unwrap().counters(SESSION).unwrap().unwrap();
+    let c = w
+        .fast
+        .as_ref()
+        .unwrap()
+        .maps()
+        .counters(SESSION)
+        .unwrap()
+        .unwrap();
     assert_eq!(
         c.client_to_exit.packets, 8,
         "nothing of the mixed trains was counted"
@@ -528,8 +587,10 @@ fn child_holds_the_fast_path_until_killed() {
     let ns = ns.into_string().unwrap();
     let r = route();
     let mut fast = Lab::within(&ns, || FastPath::attach(&lab::RELAY_INTERFACES)).unwrap();
-    fast.offload_client_to_exit(SESSION, &r, INDEX).unwrap();
-    fast.offload_exit_to_client(SESSION, &r).unwrap();
+    fast.maps_mut()
+        .offload_client_to_exit(SESSION, &r, INDEX)
+        .unwrap();
+    fast.maps_mut().offload_exit_to_client(SESSION, &r).unwrap();
     println!("READY");
     // Bounded, in case the parent died without killing us.
     std::thread::sleep(Duration::from_secs(60));
