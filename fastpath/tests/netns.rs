@@ -282,56 +282,37 @@ fn root_bpf_offload_rules_index_limit_route_mismatch_and_taken_keys() {
     }
     let mut w = World::new(Checksums::Full, false);
     let r = route();
-    let f = w.fast();
+    let m = w.fast().maps_mut();
     for i in 0..wraithgate_fastpath::MAX_INDICES_PER_SESSION as u32 {
-        f.maps_mut()
-            .offload_client_to_exit(SESSION, &r, 100 + i)
-            .unwrap();
+        m.offload_client_to_exit(SESSION, &r, 100 + i).unwrap();
     }
-    f.maps_mut()
-        .offload_client_to_exit(SESSION, &r, 100)
-        .unwrap(); // idempotent
-    assert!(
-        f.maps_mut()
-            .offload_client_to_exit(SESSION, &r, 999)
-            .is_err(),
-        "9th index"
-    );
+    m.offload_client_to_exit(SESSION, &r, 100).unwrap(); // idempotent
+    let ninth = m.offload_client_to_exit(SESSION, &r, 999);
+    assert!(ninth.is_err(), "9th index");
     let mut moved = r;
     moved.exit.set_port(1);
-    assert!(
-        f.maps_mut()
-            .offload_exit_to_client(SESSION, &moved)
-            .is_err(),
-        "other route"
-    );
+    let moved = m.offload_exit_to_client(SESSION, &moved);
+    assert!(moved.is_err(), "other route");
     // Another session cannot take the same client endpoint and index, nor the same
     // exit-facing socket and exit.
-    f.maps_mut().offload_exit_to_client(SESSION, &r).unwrap();
-    assert!(f
-        .maps_mut()
-        .offload_client_to_exit(SessionId(8), &r, 100)
-        .is_err());
-    assert!(f
-        .maps_mut()
-        .offload_exit_to_client(SessionId(8), &r)
-        .is_err());
+    m.offload_exit_to_client(SESSION, &r).unwrap();
+    assert!(m.offload_client_to_exit(SessionId(8), &r, 100).is_err());
+    assert!(m.offload_exit_to_client(SessionId(8), &r).is_err());
+    // A refused first offload leaves nothing behind (no session, no counters).
+    assert_eq!(m.sessions().collect::<Vec<_>>(), [SESSION]);
+    assert_eq!(m.counters(SessionId(8)).unwrap(), None);
     // A second writer (another worker) shares the maps but not the keys or session ids.
-    let mut other = f.session_maps().unwrap();
+    let mut other = w.fast().session_maps().unwrap();
     assert!(other.offload_client_to_exit(SessionId(8), &r, 100).is_err());
     let mut elsewhere = r;
     elsewhere.client.set_port(40_009);
-    assert!(
-        other
-            .offload_client_to_exit(SESSION, &elsewhere, 1)
-            .is_err(),
-        "same id"
-    );
-    f.maps_mut().withdraw(SESSION).unwrap();
+    let same_id = other.offload_client_to_exit(SESSION, &elsewhere, 1);
+    assert!(same_id.is_err(), "same session id");
+    w.fast().maps_mut().withdraw(SESSION).unwrap();
     other.offload_client_to_exit(SessionId(8), &r, 100).unwrap();
     other.offload_exit_to_client(SessionId(8), &r).unwrap();
-    let m = lab::transport(100, 0, 64);
-    assert_eq!(w.client_sends(&m), forwarded_from(r.exit_facing));
+    let msg = lab::transport(100, 0, 64);
+    assert_eq!(w.client_sends(&msg), forwarded_from(r.exit_facing));
     let c = other.counters(SessionId(8)).unwrap().unwrap();
     assert_eq!(c.client_to_exit.packets, 1);
 }
