@@ -464,6 +464,95 @@ fn root_bpf_without_ip_forwarding_attach_refuses_and_the_program_passes() {
 }
 
 #[test]
+fn root_bpf_gro_trains_built_at_the_relay_are_forwarded_intact() {
+    if !lab::can_run("root_bpf_gro_trains_built_at_the_relay_are_forwarded_intact") {
+        return;
+    }
+    let w = World::new(Checksums::GsoFromClient, true);
+    let r = route();
+    // GRO on the relay's client-side veth, and UDP_GRO on the listen socket (as the relay's
+    // own sockets have it): back-to-back datagrams of one flow may reach tc ingress as one
+    // coalesced packet with gso_size set, which the program must treat like a GSO train.
+    lab::run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &w.lab.relay,
+        "ethtool",
+        "-K",
+        "rc0",
+        "gro",
+        "on",
+        "rx-udp-gro-forwarding",
+        "on",
+    ]));
+    lab::set_udp_option(&w.listen, libc::UDP_GRO, 1);
+    // Bursts: the client's veth segments each 8-datagram send in software, so the relay's
+    // veth receives 8 datagrams at once, as a NIC would.
+    lab::run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &w.lab.client,
+        "ethtool",
+        "-K",
+        "c0",
+        "tx-udp-segmentation",
+        "off",
+    ]));
+    lab::set_udp_segment(&w.client, 160);
+    let sent: Vec<Vec<u8>> = (0..64).map(|i| lab::transport(INDEX, i, 160)).collect();
+    for burst in sent.chunks(8) {
+        w.client.send_to(&burst.concat(), r.listen).unwrap();
+    }
+    let got = lab::expect(&w.exit, sent.len());
+    let got: Vec<Vec<u8>> = got.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(got, sent, "every datagram, intact and in order");
+    assert!(lab::drain(&w.listen, Duration::from_millis(50)).is_empty());
+    let runs = w.verdict(Verdict::Forwarded);
+    let c = w
+        .fast
+        .as_ref()
+        .unwrap()
+        .maps()
+        .counters(SESSION)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (c.client_to_exit.packets, c.client_to_exit.bytes),
+        (64, 64 * 160)
+    );
+    eprintln!("gro: 64 datagrams forwarded in {runs} program runs");
+    assert!(runs < 64, "no GRO train reached the program");
+
+    // A burst of data that ends in an initiation: if GRO coalesced it, the train is mixed
+    // and goes to userspace whole (the listen socket, with UDP_GRO, reads it as one
+    // buffer); whatever was not coalesced is forwarded or passed on datagram by datagram.
+    let mut burst: Vec<u8> = (0..3)
+        .flat_map(|i| lab::transport(INDEX, 100 + i, 160))
+        .collect();
+    let initiation = lab::handshake(1, 0);
+    burst.extend(&initiation);
+    w.client.send_to(&burst, r.listen).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let at_exit: usize = lab::drain(&w.exit, Duration::from_millis(100))
+        .iter()
+        .map(|(b, _)| b.len())
+        .sum();
+    let at_relay: Vec<u8> = lab::drain(&w.listen, Duration::from_millis(100))
+        .into_iter()
+        .flat_map(|(b, _)| b)
+        .collect();
+    assert_eq!(at_exit + at_relay.len(), burst.len(), "lost or duplicated");
+    assert!(
+        at_relay.ends_with(&initiation),
+        "the initiation reached userspace"
+    );
+    eprintln!(
+        "gro: mixed burst: {at_exit} B forwarded, {} B to userspace",
+        at_relay.len()
+    );
+}
+
+#[test]
 fn root_bpf_dropping_the_loader_detaches_the_program() {
     if !lab::can_run("root_bpf_dropping_the_loader_detaches_the_program") {
         return;

@@ -324,19 +324,28 @@ pub fn handshake(kind: u8, receiver_index: u32) -> Vec<u8> {
     m
 }
 
-/// Sets UDP_SEGMENT on `socket`: each send of more than `size` bytes leaves as one GSO
-/// train of `size`-byte datagrams (the last may be shorter).
-pub fn set_udp_segment(socket: &UdpSocket, size: u16) {
-    let size = libc::c_int::from(size);
+/// Sets a SOL_UDP option (UDP_GRO, UDP_SEGMENT) on `socket`.
+pub fn set_udp_option(socket: &UdpSocket, option: libc::c_int, value: libc::c_int) {
     // SAFETY: a valid socket and a pointer to a c_int of the given length.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&raw const size).cast(),
+            option,
+            (&raw const value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "UDP_SEGMENT: {}", io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "SOL_UDP option {option}: {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// Sets UDP_SEGMENT on `socket`: each send of more than `size` bytes leaves as one GSO
+/// train of `size`-byte datagrams (the last may be shorter).
+pub fn set_udp_segment(socket: &UdpSocket, size: u16) {
+    set_udp_option(socket, libc::UDP_SEGMENT, libc::c_int::from(size));
 }
