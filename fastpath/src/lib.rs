@@ -4,10 +4,10 @@
 //! See `fastpath/README.md` for the map layout, what goes to userspace, and how the
 //! committed object is built and verified.
 //!
-//! **API Boundary**: userspace decides, the kernel forwards. [`FastPath`] is the only writer
-//! of the maps; the program never creates an entry, it forwards a packet only when its exact
-//! addresses, ports and (client → exit) receiver index were written here, and counts what it
-//! forwarded per session.
+//! **API Boundary**: userspace decides, the kernel forwards. [`SessionMaps`] (one per
+//! worker, from [`FastPath`]) are the only writers of the maps; the program never creates
+//! an entry, it forwards a packet only when its exact addresses, ports and (client → exit)
+//! receiver index were written here, and counts what it forwarded per session.
 //!
 //! **Architecture Invariant**: the program is attached with tcx links owned by this process.
 //! Dropping [`FastPath`], or the process dying (even by `SIGKILL`), detaches it: nothing
