@@ -404,6 +404,16 @@ impl Ring {
             }
         }
     }
+
+    /// Queues the cancellation of the request whose user data is `target`; the
+    /// cancellation's own completion carries `user_data`.
+    fn cancel(&mut self, target: u64, user_data: u64) {
+        let entry = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(user_data);
+        // SAFETY: a cancellation points at nothing but a user data value.
+        unsafe { self.push(&entry) };
+    }
 }
 
 /// A received message waiting to be routed.
@@ -492,11 +502,8 @@ impl Plane {
         s.closing = true;
         if s.recv_armed {
             s.refs += 1;
-            let entry = opcode::AsyncCancel::new(user_data(RECV, sid))
-                .build()
-                .user_data(user_data(CANCEL, sid));
-            // SAFETY: a cancellation points at nothing but a user data value.
-            unsafe { self.ring.push(&entry) };
+            self.ring
+                .cancel(user_data(RECV, sid), user_data(CANCEL, sid));
         }
         self.sockets.finish_if_unused(sid);
     }
@@ -1309,11 +1316,9 @@ impl Worker {
             cancels.push(user_data(WAKE, 0));
         }
         for target in cancels {
-            let entry = opcode::AsyncCancel::new(target)
-                .build()
-                .user_data(user_data(TEARDOWN_CANCEL, 0));
-            // SAFETY: a cancellation points at nothing but a user data value.
-            unsafe { self.plane.ring.push(&entry) };
+            self.plane
+                .ring
+                .cancel(target, user_data(TEARDOWN_CANCEL, 0));
         }
         let deadline = Instant::now() + TEARDOWN_WAIT;
         while self.plane.ring.inflight > 0 && Instant::now() < deadline {
