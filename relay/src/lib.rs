@@ -10,6 +10,7 @@ pub mod inner;
 pub mod io;
 pub mod keys;
 pub mod ratelimit;
+pub mod role;
 pub mod router;
 pub mod slab;
 pub mod table;

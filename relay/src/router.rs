@@ -29,6 +29,9 @@ use crate::drop_reason::DropReason;
 use crate::keys::PublicKey;
 use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
 use crate::slab::Slab;
+// Re-exported: the names the router's API speaks in, defined where every role finds them.
+pub use crate::role::{Listener, Traffic};
+pub use crate::slab::SessionSlot;
 use crate::table::ExitTable;
 use crate::wire::{Initiation, Message};
 
@@ -101,36 +104,6 @@ const EXIT_INDICES: usize = 8;
 /// [`RouterConfig::swap_sweep_budget`]).
 pub const SWEEP_CLOSE_COST: usize = 5;
 
-/// A session's slot, naming its exit-facing socket. The generation tells a recycled slot
-/// from the session that used it before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionSlot {
-    pub index: u32,
-    pub generation: u32,
-}
-
-impl SessionSlot {
-    /// Packs the slot into one integer, for epoll tokens and io_uring user data.
-    pub fn to_u64(self) -> u64 {
-        (u64::from(self.generation) << 32) | u64::from(self.index)
-    }
-    pub fn from_u64(v: u64) -> Self {
-        SessionSlot {
-            index: v as u32,
-            generation: (v >> 32) as u32,
-        }
-    }
-}
-
-/// The relay socket a client packet arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Listener {
-    /// The I/O layer's own number for the socket; replies go out the same socket.
-    pub id: u16,
-    /// Its local port, for port-pinned exits.
-    pub port: u16,
-}
-
 /// What to do with the packet just handled. The payload is sent from the buffer it was
 /// received into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,25 +140,6 @@ pub enum Command {
         client: SocketAddr,
         reply: CookieReplyBytes,
     },
-}
-
-/// Packets and bytes in one direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Traffic {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-impl Traffic {
-    /// Counts one packet of `bytes`.
-    pub fn add_bytes(&mut self, bytes: usize) {
-        self.add(bytes);
-    }
-
-    fn add(&mut self, bytes: usize) {
-        self.packets += 1;
-        self.bytes += bytes as u64;
-    }
 }
 
 /// Counters of one router; plain integers, summed across workers at scrape time.

@@ -25,9 +25,9 @@ use crate::drop_reason::DropReason;
 use crate::inner::{self, InnerError};
 use crate::keys::{Mac1Key, PublicKey};
 use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
+use crate::role::{Listener, Traffic};
 use crate::router::RouterConfig;
-use crate::router::{Listener, SessionSlot, Traffic};
-use crate::slab::Slab;
+use crate::slab::{SessionSlot, Slab};
 use crate::table::ExitTable;
 use crate::wire::{Initiation, Message, INITIATION_LEN};
 
