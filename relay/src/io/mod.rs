@@ -6,11 +6,11 @@
 //! nothing but the read-only [`ExitTable`] snapshot, and talk to the rest of the process
 //! only through a request channel drained once per loop iteration.
 
-mod plan;
 pub mod portable;
 pub mod sys;
 mod train;
 pub mod uring;
+mod worker;
 
 pub use uring::UringUnavailable;
 

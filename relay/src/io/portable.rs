@@ -19,9 +19,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use socket2::Socket;
 
-use super::plan::{self, Run, Source, Target, WorkerIo};
 use super::sys::{self, RecvBatch, SendBatch, Transmit};
 use super::train::{self, SyncSend, TrainSockets, Trains};
+use super::worker::{self, Run, Source, Target, WorkerIo};
 use super::{BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
@@ -140,7 +140,7 @@ pub(crate) fn run(ctx: WorkerContext) {
     for l in ctx.listeners {
         portable_io!(w).add_listener(l);
     }
-    plan::restore(w.id, &mut w.router, &mut portable_io!(w), &ctx.restore, now);
+    worker::restore(w.id, &mut w.router, &mut portable_io!(w), &ctx.restore, now);
     if let Err(e) = w.event_loop() {
         tracing::error!(worker = w.id, error = %e, "worker stopped");
     }
@@ -195,7 +195,7 @@ impl Worker {
         if let Some(t) = &new_table {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
         }
-        if let Some(cpu) = plan::housekeeping(
+        if let Some(cpu) = worker::housekeeping(
             &mut self.router,
             &mut self.zhop,
             &mut portable_io!(self),
@@ -215,7 +215,7 @@ impl Worker {
     }
 
     fn publish(&mut self, now: Instant) {
-        if plan::publish(&self.report, &self.router, &self.zhop, &self.io) {
+        if worker::publish(&self.report, &self.router, &self.zhop, &self.io) {
             self.last_report = now;
         }
     }
@@ -287,24 +287,24 @@ impl Worker {
             let Some(meta) = self.recv.meta(msg) else {
                 continue;
             };
-            if plan::is_train(meta.len, meta.stride) {
+            if worker::is_train(meta.len, meta.stride) {
                 self.io.gro_trains += 1;
             }
             // Runs are planned as if every socket did GSO; a socket the kernel refused it
-            // on sends its runs' segments one by one (`plan::send_all`).
+            // on sends its runs' segments one by one (`worker::send_all`).
             let (runs, gso) = (&mut self.runs, self.cfg.gso);
-            plan::route_message(
+            worker::route_message(
                 &mut self.router,
                 &mut self.zhop,
                 &mut portable_io!(self),
                 now,
-                plan::Message {
+                worker::Message {
                     source,
                     from: meta.from,
                     payload: self.recv.payload(msg),
                     stride: meta.stride,
                 },
-                |target, offset, len| plan::plan(runs, gso, target, msg, offset, len),
+                |target, offset, len| worker::plan(runs, gso, target, msg, offset, len),
             );
         }
     }
@@ -351,7 +351,7 @@ impl Worker {
             contents: &self.recv.payload(run.msg)[run.start..run.start + run.len],
             segment_size: run.segment_size(),
         };
-        let mut failed = plan::send_all(
+        let mut failed = worker::send_all(
             &mut self.send,
             s.socket.as_raw_fd(),
             &[tx],
@@ -359,14 +359,14 @@ impl Worker {
             &mut self.io,
             self.id,
         );
-        plan::record_send_failures(&mut self.router, &mut failed);
+        worker::record_send_failures(&mut self.router, &mut failed);
     }
 
     /// Sends what Z-HOP emitted since the last flush, each train in one `sendmmsg`.
     fn flush_trains(&mut self) {
         let mut io = portable_io!(self);
         io.flush_trains(|_| true);
-        plan::record_send_failures(&mut self.router, &mut self.trains.failed);
+        worker::record_send_failures(&mut self.router, &mut self.trains.failed);
     }
 
     fn send_to_clients(&mut self) {
@@ -404,7 +404,7 @@ impl Worker {
                     segment_size: seg,
                 };
             }
-            let mut failed = plan::send_all(
+            let mut failed = worker::send_all(
                 &mut self.send,
                 l.socket.as_raw_fd(),
                 &txs[..end - i],
@@ -412,7 +412,7 @@ impl Worker {
                 &mut self.io,
                 self.id,
             );
-            plan::record_send_failures(&mut self.router, &mut failed);
+            worker::record_send_failures(&mut self.router, &mut failed);
             i = end;
         }
     }

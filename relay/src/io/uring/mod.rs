@@ -43,9 +43,9 @@ use socket2::Socket;
 
 use self::bufring::BufRing;
 use self::sendq::{BufRef, SendInfo, SendSlots};
-use super::plan::{self, Run, Source, Target, WorkerIo};
 use super::sys::{self, is_gso_errno, SendBatch, MAX_GSO_SEGMENTS};
 use super::train::{self, SyncSend, TrainSockets, Trains};
+use super::worker::{self, Run, Source, Target, WorkerIo};
 use super::{BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerRequest};
 use crate::drop_reason::DropReason;
 use crate::router::{Command, Listener, Router, SessionSlot};
@@ -817,7 +817,7 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
     for l in ctx.listeners {
         w.plane.add_listener(l);
     }
-    plan::restore(w.plane.id, &mut w.router, &mut w.plane, &ctx.restore, now);
+    worker::restore(w.plane.id, &mut w.router, &mut w.plane, &ctx.restore, now);
     w.event_loop();
     w.publish(Instant::now());
     w.teardown();
@@ -899,7 +899,7 @@ impl Worker {
                 "new table"
             );
         }
-        if let Some(cpu) = plan::housekeeping(
+        if let Some(cpu) = worker::housekeeping(
             &mut self.router,
             &mut self.zhop,
             &mut self.plane,
@@ -920,7 +920,7 @@ impl Worker {
 
     fn publish(&mut self, now: Instant) {
         self.plane.io.ring_enters = self.plane.ring.enters;
-        if plan::publish(&self.report, &self.router, &self.zhop, &self.plane.io) {
+        if worker::publish(&self.report, &self.router, &self.zhop, &self.plane.io) {
             self.last_report = now;
         }
     }
@@ -1096,7 +1096,7 @@ impl Worker {
             // The flush's own hold, from `next`.
             self.plane.trains.release(b);
         }
-        plan::record_send_failures(&mut self.router, &mut self.plane.trains.failed);
+        worker::record_send_failures(&mut self.router, &mut self.plane.trains.failed);
     }
 
     /// Routes every received message and queues its sends, then resends refused GSO
@@ -1152,18 +1152,18 @@ impl Worker {
             self.plane.io.recv_errors += 1;
             return;
         };
-        if plan::is_train(msg.len, msg.stride) {
+        if worker::is_train(msg.len, msg.stride) {
             self.plane.io.gro_trains += 1;
         }
         let payload = &buffer[msg.offset..msg.offset + msg.len];
         let runs = &mut self.runs;
         runs.clear();
-        plan::route_message(
+        worker::route_message(
             &mut self.router,
             &mut self.zhop,
             &mut self.plane,
             now,
-            plan::Message {
+            worker::Message {
                 source,
                 from: msg.from,
                 payload,
@@ -1172,7 +1172,7 @@ impl Worker {
             // Runs are planned as if every socket did GSO; `send_run` splits them for
             // sockets that fell back.
             |target, offset, len| {
-                plan::plan(
+                worker::plan(
                     runs,
                     true,
                     target,
