@@ -4,6 +4,7 @@
 //!   no sockets, no clock, no threads.
 //! - [`io`] drives that core from real sockets, one worker thread per core.
 
+pub mod admission;
 pub mod cookie;
 pub mod drop_reason;
 pub mod inner;

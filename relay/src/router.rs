@@ -24,10 +24,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cookie::{CookieJar, CookieReplyBytes};
+use crate::admission::{Admission, CookieSettings, HandshakeAdmission, SourceBudget};
+use crate::cookie::CookieReplyBytes;
 use crate::drop_reason::DropReason;
 use crate::keys::PublicKey;
-use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
+use crate::ratelimit::HandshakeRateLimiter;
 use crate::slab::Slab;
 // Re-exported: the names the router's API speaks in, defined where every role finds them.
 pub use crate::role::{Listener, Traffic};
@@ -72,6 +73,16 @@ pub struct RouterConfig {
     pub cookie_seed: [u8; 32],
 }
 
+impl RouterConfig {
+    /// The cookie settings Z-HOP shares with the router.
+    pub fn cookie_settings(&self) -> CookieSettings {
+        CookieSettings {
+            seed: self.cookie_seed,
+            replies_per_second: self.cookie_replies_per_second,
+        }
+    }
+}
+
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
@@ -92,9 +103,6 @@ impl Default for RouterConfig {
 
 /// The hard upper bound of [`RouterConfig::max_sessions_per_client`].
 pub const MAX_SESSIONS_PER_CLIENT: usize = 4;
-
-/// How long the router stays under load after its pending table was at the load mark.
-const LOAD_HOLD: Duration = Duration::from_secs(1);
 
 /// How many exit-assigned receiver indices a session remembers (WireGuard keeps a
 /// previous, current and next keypair, plus handshakes in flight).
@@ -377,15 +385,9 @@ pub struct Router {
     commands: VecDeque<Command>,
     /// Handshake budget of sources that have not proven their address.
     rate_limiter: HandshakeRateLimiter,
-    /// Handshake budget of sources whose mac2 carries our cookie: spoofers cannot spend it.
-    proven_limiter: HandshakeRateLimiter,
-    /// Handshake budget of addresses with a verified session (under load or over their
-    /// unproven budget).
-    verified_limiter: HandshakeRateLimiter,
-    cookies: CookieJar,
-    cookie_budget: TokenBucket,
-    /// Under load until then (see [`Router::under_load`]).
-    load_until: Option<Instant>,
+    /// The budgets of proven sources, the cookie challenge and the load mark
+    /// (see [`Router::under_load`]).
+    admission: HandshakeAdmission,
     pending: usize,
     /// Next slot index to examine after a table swap, if a sweep is under way.
     sweep: Option<u32>,
@@ -410,26 +412,14 @@ impl Router {
             cfg.rate_limit_buckets,
             now,
         );
-        let proven_limiter = HandshakeRateLimiter::new(
-            cfg.handshakes_per_second,
-            cfg.handshake_burst,
-            cfg.rate_limit_buckets,
-            now,
-        );
-        let verified_limiter = HandshakeRateLimiter::new(
-            cfg.handshakes_per_second,
-            cfg.handshake_burst,
-            cfg.rate_limit_buckets,
-            now,
-        );
         static ROUTERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let salt = ROUTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let cookies = CookieJar::new(cfg.cookie_seed, salt, now);
-        let cookie_budget = TokenBucket::new(
-            cfg.cookie_replies_per_second,
-            (cfg.cookie_replies_per_second / 10).max(1),
-            now,
-        );
+        let proven = SourceBudget {
+            per_second: cfg.handshakes_per_second,
+            burst: cfg.handshake_burst,
+            buckets: cfg.rate_limit_buckets,
+        };
+        let admission = HandshakeAdmission::new(cfg.cookie_settings(), salt, proven, now);
         Router {
             cfg,
             table,
@@ -438,11 +428,7 @@ impl Router {
             timers: BinaryHeap::new(),
             commands: VecDeque::new(),
             rate_limiter,
-            proven_limiter,
-            verified_limiter,
-            cookies,
-            cookie_budget,
-            load_until: None,
+            admission,
             pending: 0,
             sweep: None,
             closed_listeners: Vec::new(),
@@ -478,11 +464,7 @@ impl Router {
     /// sources can fill half the table at most and real clients always find room.
     pub fn under_load(&mut self, now: Instant) -> bool {
         let mark = (self.cfg.max_pending / 2).max(1);
-        if self.pending >= mark {
-            self.load_until = Some(now + LOAD_HOLD);
-            return true;
-        }
-        self.load_until.is_some_and(|t| now < t)
+        self.admission.under_load(now, self.pending >= mark)
     }
 
     /// Whether `client` has a session (pending or established).
@@ -585,21 +567,11 @@ impl Router {
         // exact address spends only the budget of that address's verified sessions; the
         // client is then challenged like anyone else, and its mac2 reaches a budget the
         // spoofer cannot touch.
-        let ip = from.ip();
-        let admitted = if (!self.under_load(now) && self.rate_limiter.allow(ip, now))
-            || (self.address_verified(from) && self.verified_limiter.allow(ip, now))
-        {
-            true
-        } else if self.cookies.verify_mac2(now, from, &init) {
-            if !self.proven_limiter.allow(ip, now) {
-                return self.drop_packet(DropReason::RateLimited);
-            }
-            true
-        } else {
-            if !self.cookie_budget.take(now) {
-                return self.drop_packet(DropReason::RateLimited);
-            }
-            false
+        let open = !self.under_load(now) && self.rate_limiter.allow(from.ip(), now);
+        let verified = !open && self.address_verified(from);
+        let admitted = match self.admission.admit(now, from, &init, open, verified) {
+            Ok(a) => a != Admission::Challenge,
+            Err(reason) => return self.drop_packet(reason),
         };
         let exit = match self.table.pinned(listener.port) {
             Some(id) => {
@@ -622,7 +594,7 @@ impl Router {
         let (exit_key, exit_endpoint) = (spec.public_key, spec.endpoint);
         let len = init.bytes().len();
         if !admitted {
-            let reply = self.cookies.reply(now, from, &exit_key, &init);
+            let reply = self.admission.cookie_reply(now, from, &exit_key, &init);
             self.commands.push_back(Command::SendCookieReply {
                 listener,
                 client: from,

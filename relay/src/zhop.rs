@@ -20,13 +20,12 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
-use crate::cookie::CookieJar;
+use crate::admission::{Admission, CookieSettings, HandshakeAdmission, SourceBudget};
 use crate::drop_reason::DropReason;
 use crate::inner::{self, InnerError};
 use crate::keys::{Mac1Key, PublicKey};
-use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
+use crate::ratelimit::TokenBucket;
 use crate::role::{Listener, Traffic};
-use crate::router::RouterConfig;
 use crate::slab::{SessionSlot, Slab};
 use crate::table::ExitTable;
 use crate::wire::{Initiation, Message, INITIATION_LEN};
@@ -39,8 +38,6 @@ const PEER_IDLE: Duration = Duration::from_secs(540);
 /// address (boringtun's default limit, counted across all peers of a worker). Past it the
 /// worker is under load and asks for cookies.
 const HANDSHAKE_LIMIT: u32 = 100;
-/// How long a worker stays under load after it last found its handshake budget spent.
-const LOAD_HOLD: Duration = Duration::from_secs(1);
 /// Initiations per second, per source, decrypted under load from a source that proved its
 /// address (by our cookie, or by an authenticated packet from it), and their burst.
 const PROVEN_PER_SOURCE: u32 = 20;
@@ -139,12 +136,8 @@ pub struct Zhop {
     /// Admission of outer initiations, before the DH that decrypting one costs
     /// ([`Zhop::admit`]).
     handshake_budget: TokenBucket,
-    /// Under load until then.
-    load_until: Option<Instant>,
-    proven_limiter: HandshakeRateLimiter,
-    verified_limiter: HandshakeRateLimiter,
-    cookies: CookieJar,
-    cookie_budget: TokenBucket,
+    /// The budgets of proven sources, the cookie challenge and the load mark.
+    admission: HandshakeAdmission,
     table: Arc<ExitTable>,
     /// Counts the tables taken. A peer checked at an older epoch is checked again (still
     /// provisioned? flows still allowed?) before anything of its is handled, and by the
@@ -178,14 +171,15 @@ impl std::fmt::Debug for Zhop {
 
 impl Zhop {
     /// Z-HOP with the node's key, or disabled (`None`): then nothing is ever claimed.
-    /// Cookies derive from the router's `cookie_seed` (workers sharing it accept each
-    /// other's cookies), and their replies share the operator's budget per second
-    /// (`cookie_replies_per_second`), which bounds the work and the bytes sent to unproven
-    /// addresses a flood can cost once the worker is under load.
+    /// Cookies derive from the node's cookie seed (workers sharing it accept each other's
+    /// cookies, the DoubleHop router's too), and their replies have the operator's budget
+    /// per second (`[limits] cookie_replies_per_second`, as DoubleHop's), which bounds the
+    /// work and the bytes sent to unproven addresses a flood can cost once the worker is
+    /// under load.
     pub fn new(
         key: Option<NodeKey>,
         table: Arc<ExitTable>,
-        router: &RouterConfig,
+        cookies: CookieSettings,
         now: Instant,
     ) -> Self {
         let public = key
@@ -194,20 +188,15 @@ impl Zhop {
         static WORKERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         // Apart from the routers' salts (which count from 0), so no two jars share a nonce.
         let salt = (1 << 63) | WORKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let proven =
-            || HandshakeRateLimiter::new(PROVEN_PER_SOURCE, PROVEN_BURST, LIMITER_BUCKETS, now);
+        let proven = SourceBudget {
+            per_second: PROVEN_PER_SOURCE,
+            burst: PROVEN_BURST,
+            buckets: LIMITER_BUCKETS,
+        };
         Zhop {
             limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             handshake_budget: TokenBucket::new(HANDSHAKE_LIMIT, HANDSHAKE_LIMIT, now),
-            load_until: None,
-            proven_limiter: proven(),
-            verified_limiter: proven(),
-            cookies: CookieJar::new(router.cookie_seed, salt, now),
-            cookie_budget: TokenBucket::new(
-                router.cookie_replies_per_second,
-                (router.cookie_replies_per_second / 10).max(1),
-                now,
-            ),
+            admission: HandshakeAdmission::new(cookies, salt, proven, now),
             key: key.map(|k| {
                 let mac1 = k.public_key().mac1_key();
                 (k, mac1)
@@ -360,23 +349,17 @@ impl Zhop {
             return Err(DropReason::OuterRejected);
         }
         let node_public = key.public_key();
-        let ip = from.ip();
-        if !self.under_load(now)
-            || (self.by_addr.contains_key(&from) && self.verified_limiter.allow(ip, now))
-        {
-            return Ok(true);
-        }
-        if self.cookies.verify_mac2(now, from, init) {
-            if !self.proven_limiter.allow(ip, now) {
-                return Err(DropReason::RateLimited);
+        let open = !self.under_load(now);
+        let verified = !open && self.by_addr.contains_key(&from);
+        match self.admission.admit(now, from, init, open, verified)? {
+            Admission::Admitted => return Ok(true),
+            Admission::CookieProven => {
+                self.stats.cookie_proven += 1;
+                return Ok(true);
             }
-            self.stats.cookie_proven += 1;
-            return Ok(true);
+            Admission::Challenge => {}
         }
-        if !self.cookie_budget.take(now) {
-            return Err(DropReason::RateLimited);
-        }
-        let reply = self.cookies.reply(now, from, &node_public, init);
+        let reply = self.admission.cookie_reply(now, from, &node_public, init);
         self.stats.cookie_replies += 1;
         // To the unauthenticated sender, no bigger than what it sent; nothing moves.
         out(ZhopOut::ToPeer {
@@ -388,14 +371,12 @@ impl Zhop {
     }
 
     /// Whether the worker is under handshake load: initiations arrive faster than its
-    /// budget refills, or did within the last [`LOAD_HOLD`]. Every initiation takes from
+    /// budget refills, or did within the last [`LOAD_HOLD`](crate::admission::LOAD_HOLD). Every initiation takes from
     /// the budget, challenged or not, so a sustained flood keeps the worker under load
     /// throughout rather than letting one initiation through each time a token refills.
     fn under_load(&mut self, now: Instant) -> bool {
-        if !self.handshake_budget.take(now) {
-            self.load_until = Some(now + LOAD_HOLD);
-        }
-        self.load_until.is_some_and(|t| now < t)
+        let spent = !self.handshake_budget.take(now);
+        self.admission.under_load(now, spent)
     }
 
     /// The peer an initiation comes from (decrypting its static key), created on first use.
@@ -614,6 +595,13 @@ impl Zhop {
         }
     }
 
+    /// When [`Zhop::tick`] next has timers to run: [`TIMER_TICK`] after the last call while
+    /// there are peers (a worker that sleeps that long has every peer visited on waking),
+    /// never without them.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (!self.by_key.is_empty()).then(|| self.last_tick + TIMER_TICK)
+    }
+
     /// Takes a new table. Nothing else happens here: each peer is checked against it
     /// ([`Zhop::check_peer`]) before its next packet either way is handled, and by the
     /// timer walk within about 100 ms if it is idle. A peer no longer provisioned loses
@@ -686,6 +674,8 @@ fn forget_flow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::LOAD_HOLD;
+    use crate::router::RouterConfig;
     use crate::table::{ExitSpec, PeerSpec};
 
     const L: Listener = Listener { id: 0, port: 51820 };
@@ -714,7 +704,7 @@ mod tests {
         let z = Zhop::new(
             Some(node.clone()),
             Arc::new(table),
-            &test_router(),
+            test_router().cookie_settings(),
             Instant::now(),
         );
         let client = Tunn::new(client_secret, node.public, None, None, 77, None);
@@ -925,7 +915,12 @@ mod tests {
             .with_peers(peers)
             .unwrap();
         let t0 = Instant::now();
-        let mut z = Zhop::new(Some(node.clone()), Arc::new(table), &test_router(), t0);
+        let mut z = Zhop::new(
+            Some(node.clone()),
+            Arc::new(table),
+            test_router().cookie_settings(),
+            t0,
+        );
         let mut buf = [0u8; 256];
         for (i, secret) in secrets.into_iter().enumerate() {
             let mut client = Tunn::new(secret, node.public, None, None, 1, None);

@@ -7,6 +7,7 @@
 //! only through a request channel drained once per loop iteration.
 
 pub mod portable;
+mod runs;
 pub mod sys;
 mod train;
 pub mod uring;

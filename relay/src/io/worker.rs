@@ -1,32 +1,56 @@
-//! What both backends do between receiving and sending: run every segment of a received
-//! message (a datagram or a GRO train) through Z-HOP or the DoubleHop router, group what
-//! the router forwards into runs, each of which leaves as one send (a GSO send when it
-//! holds several segments), answer control requests and restore sessions.
+//! The worker, written once: it owns the roles (the DoubleHop router and Z-HOP), picks up
+//! tables, runs every segment of a received message (a datagram or a GRO train) through
+//! the role that claims it, carries out what the roles ask of the sockets, answers control
+//! requests, restores sessions and publishes its counters.
 //!
-//! The backends differ only in how they receive, open sockets and send: that is
-//! [`WorkerIo`]. The rest lives here once.
+//! A backend supplies only its sockets ([`Datapath`]): how it opens, closes and sends on
+//! them. How it waits and receives is its own loop around [`Worker`].
 
+use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
-use std::sync::{mpsc, Mutex, TryLockError};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, TryLockError};
+use std::time::{Duration, Instant};
 
-use super::sys::{self, SendBatch, Transmit, MAX_GSO_SEGMENTS};
-use super::{BoundListener, IoStats, WorkerReport, WorkerRequest};
+use super::runs::Target;
+use super::sys;
+use super::{
+    BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerReport,
+    WorkerRequest,
+};
 use crate::drop_reason::DropReason;
-use crate::router::{Action, Listener, Router, SessionSlot, SessionSnapshot};
-use crate::table::ExitTable;
-use crate::zhop::{Zhop, ZhopOut};
+use crate::role::Listener;
+use crate::router::{Command, Router, SessionSnapshot};
+use crate::slab::SessionSlot;
+use crate::table::{ExitTable, SharedTable};
+use crate::zhop::{NodeKey, Zhop, ZhopOut};
 
-/// A backend's sockets, as the shared logic needs them.
-pub(crate) trait WorkerIo {
-    /// Carries out the router's pending commands (open or close exit sockets).
-    fn router_commands(&mut self, router: &mut Router);
+/// Longest a worker waits for traffic, so that shutdown and table swaps are noticed when
+/// idle.
+pub(crate) const MAX_WAIT: Duration = Duration::from_millis(100);
+/// How often a worker publishes its counters.
+const REPORT_EVERY: Duration = Duration::from_millis(50);
+
+/// A backend's sockets, as the worker needs them.
+pub(crate) trait Datapath {
+    /// Opens session `slot`'s exit-facing socket, connected to `exit` (bound to
+    /// `local_port` when given: a restored session keeps the port its exit knows).
+    fn open_exit(
+        &mut self,
+        slot: SessionSlot,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+    ) -> io::Result<()>;
+    /// Closes session `slot`'s socket. Returns whether it had one.
+    fn close_exit(&mut self, slot: SessionSlot) -> bool;
+    /// A plain synchronous send from a listener: for the relay's cookie replies (rare, and
+    /// 64 bytes), never the forwarded packets.
+    fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool;
     /// Queues one of Z-HOP's datagrams towards `target` (a flow's exit, or a peer's
     /// endpoint from a listener). Returns `false` when the socket is gone.
     fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool;
     /// Opens Z-HOP flow `flow`'s socket, connected to `exit`.
-    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr);
+    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()>;
     /// Closes Z-HOP flow `flow`'s socket, after sending what waits for it.
     fn close_flow(&mut self, flow: SessionSlot);
     /// Takes a listener bound by the control side for a newly pinned port.
@@ -37,324 +61,334 @@ pub(crate) trait WorkerIo {
     fn exit_port(&self, slot: SessionSlot) -> Option<u16>;
     /// The listener on `port` for clients of `client`'s address family.
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener>;
+    /// The backend's counters.
+    fn stats(&mut self) -> &mut IoStats;
 }
 
-/// The socket a message arrived on, as the router and Z-HOP know it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Source {
-    Client(Listener),
-    Exit(SessionSlot),
-    /// A Z-HOP flow's socket towards an exit.
-    Flow(SessionSlot),
+/// What a backend keeps of its [`WorkerContext`]; the rest is the [`Worker`]'s.
+pub(crate) struct BackendContext {
+    pub cfg: DataPlaneConfig,
+    /// Its waker's registry: the worker learns of requests and shutdown through it.
+    pub poll: mio::Poll,
+    pub listeners: Vec<BoundListener>,
+    /// Sessions saved before a restart that this worker's clients are steered to.
+    pub restore: Vec<SessionSnapshot>,
 }
 
-/// Where a run of segments goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Target {
-    Exit(SessionSlot),
-    /// From a listener to an address: a DoubleHop client, or a Z-HOP peer's endpoint.
-    Client {
-        listener: u16,
-        addr: SocketAddr,
-    },
-    /// Through a Z-HOP flow's socket to its exit.
-    Flow(SessionSlot),
+/// What a worker is, whatever its backend: its roles, its view of the table, and its line
+/// to the control side.
+pub(crate) struct Worker {
+    pub id: usize,
+    pub router: Router,
+    pub zhop: Zhop,
+    table: SharedTable,
+    requests: mpsc::Receiver<WorkerRequest>,
+    report: SharedReport,
+    shutdown: Arc<AtomicBool>,
+    last_report: Instant,
 }
 
-impl Target {
-    /// Where the router said a segment goes, or `None` when it dropped it.
-    pub(crate) fn of(action: Action) -> Option<Target> {
-        match action {
-            Action::ToExit(slot) => Some(Target::Exit(slot)),
-            Action::ToClient { listener, client } => Some(Target::Client {
-                listener: listener.id,
-                addr: client,
-            }),
-            Action::Drop(_) => None,
-        }
-    }
-
-    /// The address to send to, or `None` for a connected socket.
-    pub(crate) fn address(self) -> Option<SocketAddr> {
-        match self {
-            Target::Client { addr, .. } => Some(addr),
-            Target::Exit(_) | Target::Flow(_) => None,
-        }
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.id).finish()
     }
 }
 
-/// Consecutive segments of one received message going to one target. `msg` names the
-/// message in the backend's own terms (a batch index, a ring buffer id).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Run {
-    pub target: Target,
-    pub msg: usize,
-    pub start: usize,
-    pub len: usize,
-    pub segment: usize,
-    pub segments: usize,
-}
-
-impl Run {
-    /// The UDP_SEGMENT size to send this run with, when it holds more than one segment.
-    pub(crate) fn segment_size(&self) -> Option<u16> {
-        (self.segments > 1).then_some(self.segment as u16)
-    }
-
-    /// Its segments one by one, as (start, length): how it leaves a socket without GSO.
-    pub(crate) fn singles(&self) -> impl Iterator<Item = (usize, usize)> {
-        let (start, end, seg) = (self.start, self.start + self.len, self.segment.max(1));
-        (0..self.segments).map(move |i| {
-            let s = start + i * seg;
-            (s, seg.min(end - s))
-        })
-    }
-}
-
-/// Adds a forwarded segment to `runs`: it extends the last run when it directly follows it
-/// in the same message, goes to the same target, and GSO may carry it (`gso`); otherwise
-/// it starts a run of its own.
-pub(crate) fn plan(
-    runs: &mut Vec<Run>,
-    gso: bool,
-    target: Target,
-    msg: usize,
-    start: usize,
-    len: usize,
-) {
-    if let Some(run) = runs.last_mut() {
-        let contiguous = run.msg == msg && run.start + run.len == start;
-        // GSO needs equal segments; only the last may be shorter. An empty datagram is
-        // never a segment (a segment size of 0 means no segmentation).
-        let fits = len > 0 && len <= run.segment && run.len == run.segment * run.segments;
-        if gso && contiguous && fits && run.target == target && run.segments < MAX_GSO_SEGMENTS {
-            run.len += len;
-            run.segments += 1;
-            return;
-        }
-    }
-    runs.push(Run {
-        target,
-        msg,
-        start,
-        len,
-        segment: len,
-        segments: 1,
-    });
-}
-
-/// Sends `txs` on `fd` with as few `sendmmsg` calls as the batch allows. `gso` is whether
-/// this socket may use GSO: when it may not, a message planned as a GSO run leaves as its
-/// segments, one datagram each. When the kernel refuses GSO (EIO, EINVAL, EMSGSIZE) for a
-/// message, `gso` is cleared for good (the caller keeps it per socket) and the message's
-/// segments are sent one by one. Returns how many datagrams could not be sent.
-pub(crate) fn send_all(
-    send: &mut SendBatch,
-    fd: RawFd,
-    txs: &[Transmit<'_>],
-    gso: &mut bool,
-    io: &mut IoStats,
-    worker: usize,
-) -> usize {
-    let mut failed = 0;
-    let mut off = 0;
-    while off < txs.len() {
-        if !*gso && txs[off].segment_size.is_some() {
-            failed += send_singly(send, fd, txs[off], io);
-            off += 1;
-            continue;
-        }
-        // Everything up to the next GSO message goes as it is (all of it while GSO is on).
-        let end = if *gso {
-            txs.len()
-        } else {
-            txs[off..]
-                .iter()
-                .position(|t| t.segment_size.is_some())
-                .map_or(txs.len(), |p| off + p)
+impl Worker {
+    /// A worker with the roles the configuration asks for, routing by the current table,
+    /// and what of `ctx` its backend keeps.
+    pub(crate) fn new(ctx: WorkerContext, now: Instant) -> (Worker, BackendContext) {
+        let current = ctx.table.load();
+        let worker = Worker {
+            id: ctx.id,
+            zhop: Zhop::new(
+                ctx.cfg.node_key.map(NodeKey::from_secret),
+                current.clone(),
+                ctx.cfg.router.cookie_settings(),
+                now,
+            ),
+            router: Router::new(ctx.cfg.router.clone(), current, now),
+            table: ctx.table,
+            requests: ctx.requests,
+            report: ctx.report,
+            shutdown: ctx.shutdown,
+            last_report: now,
         };
-        io.send_calls += 1;
-        match send.send(fd, &txs[off..end]) {
-            Ok(taken) => {
-                let taken = taken.max(1);
-                io.gso_sends += txs[off..off + taken]
-                    .iter()
-                    .filter(|t| t.segment_size.is_some())
-                    .count() as u64;
-                off += taken;
+        let rest = BackendContext {
+            cfg: ctx.cfg,
+            poll: ctx.poll,
+            listeners: ctx.listeners,
+            restore: ctx.restore,
+        };
+        (worker, rest)
+    }
+
+    /// Takes the listeners bound at start-up and re-creates the sessions saved before a
+    /// restart, each on the listener its client used.
+    pub(crate) fn start(
+        &mut self,
+        d: &mut impl Datapath,
+        listeners: Vec<BoundListener>,
+        sessions: &[SessionSnapshot],
+        now: Instant,
+    ) {
+        for l in listeners {
+            d.add_listener(l);
+        }
+        let mut restored = 0;
+        for snap in sessions {
+            let Some(listener) = d.listener_for(snap.listen_port, snap.client) else {
+                continue;
+            };
+            if self.router.restore(now, listener, snap).is_ok() {
+                restored += 1;
             }
-            Err(e) => {
-                failed += send_refused(send, fd, txs[off], e, gso, io, worker);
-                off += 1;
-            }
+            self.router_commands(d);
+        }
+        if !sessions.is_empty() {
+            tracing::info!(
+                worker = self.id,
+                restored,
+                offered = sessions.len(),
+                "sessions restored"
+            );
         }
     }
-    failed
-}
 
-/// Sends a GSO message's segments as datagrams of their own, as few `sendmmsg` calls as
-/// the batch allows. Returns the datagrams that could not be sent.
-fn send_singly(send: &mut SendBatch, fd: RawFd, tx: Transmit<'_>, io: &mut IoStats) -> usize {
-    const EMPTY: Transmit<'static> = Transmit {
-        dest: None,
-        contents: &[],
-        segment_size: None,
-    };
-    let segment = tx
-        .segment_size
-        .map_or(tx.contents.len(), usize::from)
-        .max(1);
-    let mut failed = 0;
-    // A planned run never has more than MAX_GSO_SEGMENTS segments; a longer message (from
-    // no planner of ours) leaves in several rounds.
-    for group in tx.contents.chunks(segment * MAX_GSO_SEGMENTS) {
-        let mut singles = [EMPTY; MAX_GSO_SEGMENTS];
-        let mut n = 0;
-        for chunk in group.chunks(segment) {
-            singles[n] = Transmit {
-                dest: tx.dest,
-                contents: chunk,
-                segment_size: None,
-            };
-            n += 1;
+    /// Whether the data plane is shutting down.
+    pub(crate) fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// How long the backend may wait for traffic: not at all when it has work waiting
+    /// (`busy`) or a table sweep is under way, else until the roles' next timer, at most
+    /// [`MAX_WAIT`].
+    pub(crate) fn wait(&self, now: Instant, busy: bool) -> Duration {
+        if busy || self.router.sweeping() {
+            return Duration::ZERO;
         }
-        let mut off = 0;
-        while off < n {
-            io.send_calls += 1;
-            match send.send(fd, &singles[off..n]) {
-                Ok(taken) => off += taken.max(1),
-                Err(_) => {
-                    failed += 1;
-                    off += 1;
+        let next = match (self.router.poll_timeout(), self.zhop.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
+    }
+
+    /// The periodic part of a worker's loop that does not touch packets: a new table,
+    /// router and Z-HOP timers, control requests. Returns whether the counters are due to
+    /// be published: a new table is reported at once (the control side waits for every
+    /// worker to route by it before it calls a swap done), otherwise every
+    /// [`REPORT_EVERY`]. A step that took a new table or swept sessions of removed exits
+    /// records the thread CPU time it used (the clock is read only then, never on an
+    /// ordinary step).
+    pub(crate) fn housekeeping(&mut self, d: &mut impl Datapath, now: Instant) -> bool {
+        let new_table = self.table.load_if_changed(self.router.table());
+        let took_table = new_table.is_some();
+        let swap_work = took_table || self.router.sweeping();
+        let cpu_at_start = swap_work.then(sys::thread_cpu_time);
+        if let Some(t) = new_table {
+            tracing::debug!(worker = self.id, generation = t.generation(), "new table");
+            self.set_table(t);
+        }
+        self.router.handle_timeout(now);
+        self.router_commands(d);
+        self.zhop_events(d, |zhop, out| zhop.tick(now, out));
+        while let Ok(req) = self.requests.try_recv() {
+            self.answer(d, req, now);
+        }
+        if let Some(c) = cpu_at_start {
+            let ns = sys::thread_cpu_time().saturating_sub(c).as_nanos() as u64;
+            let io = d.stats();
+            io.swap_step_max_cpu_ns = io.swap_step_max_cpu_ns.max(ns);
+        }
+        took_table || now.duration_since(self.last_report) >= REPORT_EVERY
+    }
+
+    fn set_table(&mut self, t: Arc<ExitTable>) {
+        self.router.set_table(t.clone());
+        self.zhop.set_table(t);
+    }
+
+    fn answer(&mut self, d: &mut impl Datapath, req: WorkerRequest, now: Instant) {
+        let router = &mut self.router;
+        match req {
+            WorkerRequest::Sessions(reply) => {
+                let _ = reply.send(router.sessions(now).collect());
+            }
+            WorkerRequest::CloseSession { slot, reply } => {
+                let _ = reply.send(router.close_session(slot));
+                self.router_commands(d);
+            }
+            WorkerRequest::Snapshot(reply) => {
+                let snaps = router
+                    .sessions(now)
+                    .filter_map(|info| {
+                        let port = d.exit_port(info.slot)?;
+                        Some(SessionSnapshot::new(info, port))
+                    })
+                    .collect();
+                let _ = reply.send(snaps);
+            }
+            WorkerRequest::AddListener(l) => d.add_listener(l),
+            WorkerRequest::RemoveListener(local) => {
+                // Z-HOP peers that used it find their replies unsendable (counted) until
+                // they come back through a listener that is open.
+                if let Some(l) = d.remove_listener(local) {
+                    router.listener_closed(l);
                 }
             }
         }
     }
-    failed
-}
 
-/// A send was refused. If the kernel refused GSO, stop using it and send the segments one
-/// by one; anything else fails every datagram of the message. Returns the datagrams lost.
-fn send_refused(
-    send: &mut SendBatch,
-    fd: RawFd,
-    tx: Transmit<'_>,
-    e: std::io::Error,
-    gso: &mut bool,
-    io: &mut IoStats,
-    worker: usize,
-) -> usize {
-    if tx.segment_size.is_some() && sys::is_gso_error(&e) {
-        if *gso {
-            *gso = false;
-            io.gso_fallbacks += 1;
-            tracing::warn!(worker, error = %e,
-                "kernel refused UDP GSO; this socket sends segments one by one from now on");
+    /// Publishes the counters (`io`, the backend's) unless the control side is reading
+    /// them at this moment; then the next housekeeping step tries again.
+    pub(crate) fn publish(&mut self, io: &IoStats, now: Instant) {
+        if publish(&self.report, &self.router, &self.zhop, io) {
+            self.last_report = now;
         }
-        return send_singly(send, fd, tx, io);
     }
-    tracing::trace!(worker, error = %e, "send failed");
-    let segment = tx
-        .segment_size
-        .map_or(tx.contents.len(), usize::from)
-        .max(1);
-    tx.contents.len().div_ceil(segment).max(1)
-}
 
-/// One received message: a datagram, or a GRO train of `stride`-sized datagrams.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Message<'a> {
-    pub source: Source,
-    pub from: SocketAddr,
-    pub payload: &'a [u8],
-    pub stride: usize,
-}
+    /// Carries out the router's pending commands: open or close exit sockets, send the
+    /// relay's cookie replies.
+    fn router_commands(&mut self, d: &mut impl Datapath) {
+        while let Some(cmd) = self.router.poll_command() {
+            match cmd {
+                Command::OpenExitSocket {
+                    slot,
+                    exit,
+                    local_port,
+                } => match d.open_exit(slot, exit, local_port) {
+                    Ok(()) => d.stats().exit_sockets_open += 1,
+                    Err(e) => {
+                        tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
+                        self.router.socket_failed(slot);
+                    }
+                },
+                Command::CloseExitSocket { slot } => {
+                    if d.close_exit(slot) {
+                        d.stats().exit_sockets_open -= 1;
+                    }
+                }
+                Command::SendCookieReply {
+                    listener,
+                    client,
+                    reply,
+                } => {
+                    if !d.send_from_listener(listener, client, &reply) {
+                        d.stats().cookie_send_errors += 1;
+                    }
+                }
+            }
+        }
+    }
 
-/// Whether a message of `len` bytes received with GRO segment size `stride` is a train of
-/// several datagrams.
-pub(crate) fn is_train(len: usize, stride: usize) -> bool {
-    stride != 0 && stride < len
-}
+    /// Runs each segment of `msg` through Z-HOP (what it claims, and whatever arrives on a
+    /// flow socket) or the router. Z-HOP's events and the router's commands are carried
+    /// out by `d` as they come (an exit socket must exist before anything is sent through
+    /// it); `forward` gets the target, offset and length of each segment the router
+    /// forwards.
+    pub(crate) fn route(
+        &mut self,
+        d: &mut impl Datapath,
+        now: Instant,
+        msg: Message<'_>,
+        mut forward: impl FnMut(Target, usize, usize),
+    ) {
+        let Message {
+            source,
+            from,
+            payload,
+            stride,
+        } = msg;
+        let len = payload.len();
+        let stride = if stride == 0 { len } else { stride };
+        let mut offset = 0;
+        // At least one pass, so that an empty datagram reaches the router too and is
+        // counted (as truncated) like any other malformed one.
+        let mut first = true;
+        while offset < len || first {
+            first = false;
+            let seg_len = stride.min(len - offset);
+            let seg = &payload[offset..offset + seg_len];
+            offset += seg_len;
+            let (router, zhop) = (&mut self.router, &mut self.zhop);
+            let mut failed = 0;
+            let mut out = |o: ZhopOut<'_>| {
+                if !zhop_event(self.id, d, o) {
+                    failed += 1;
+                }
+            };
+            let zhop_result = match source {
+                Source::Client(l) if zhop.claims(from, seg, || router.knows_client(from)) => {
+                    Some(zhop.handle_client(now, l, from, seg, &mut out))
+                }
+                Source::Flow(flow) => Some(zhop.handle_exit(now, flow, seg, &mut out)),
+                _ => None,
+            };
+            if let Some(r) = zhop_result {
+                record_zhop(router, r, failed);
+                continue;
+            }
+            let action = match source {
+                Source::Client(l) => router.handle_client(now, l, from, seg),
+                Source::Exit(slot) => router.handle_exit(now, slot, seg),
+                Source::Flow(_) => continue,
+            };
+            self.router_commands(d);
+            if let Some(target) = Target::of(action) {
+                forward(target, offset - seg_len, seg_len);
+            }
+        }
+    }
 
-/// Runs each segment of `msg` through Z-HOP (what it claims, and whatever arrives on a
-/// flow socket) or the router. Z-HOP's events and the router's commands are carried out
-/// by `io` as they come (an exit socket must exist before anything is sent through it);
-/// `forward` gets the target, offset and length of each segment the router forwards.
-pub(crate) fn route_message(
-    router: &mut Router,
-    zhop: &mut Zhop,
-    io: &mut impl WorkerIo,
-    now: Instant,
-    msg: Message<'_>,
-    mut forward: impl FnMut(Target, usize, usize),
-) {
-    let Message {
-        source,
-        from,
-        payload,
-        stride,
-    } = msg;
-    let len = payload.len();
-    let stride = if stride == 0 { len } else { stride };
-    let mut offset = 0;
-    // At least one pass, so that an empty datagram reaches the router too and is counted
-    // (as truncated) like any other malformed one.
-    let mut first = true;
-    while offset < len || first {
-        first = false;
-        let seg_len = stride.min(len - offset);
-        let seg = &payload[offset..offset + seg_len];
-        offset += seg_len;
+    /// Runs `f` on Z-HOP with a sink for its events that `d` carries out, counting failed
+    /// sends.
+    fn zhop_events(
+        &mut self,
+        d: &mut impl Datapath,
+        f: impl FnOnce(&mut Zhop, &mut dyn FnMut(ZhopOut<'_>)),
+    ) {
         let mut failed = 0;
-        let mut out = |o: ZhopOut<'_>| {
-            if !zhop_event(io, o) {
+        let id = self.id;
+        f(&mut self.zhop, &mut |o: ZhopOut<'_>| {
+            if !zhop_event(id, d, o) {
                 failed += 1;
             }
-        };
-        let zhop_result = match source {
-            Source::Client(l) if zhop.claims(from, seg, || router.knows_client(from)) => {
-                Some(zhop.handle_client(now, l, from, seg, &mut out))
-            }
-            Source::Flow(flow) => Some(zhop.handle_exit(now, flow, seg, &mut out)),
-            _ => None,
-        };
-        if let Some(r) = zhop_result {
-            record_zhop(router, r, failed);
-            continue;
-        }
-        let action = match source {
-            Source::Client(l) => router.handle_client(now, l, from, seg),
-            Source::Exit(slot) => router.handle_exit(now, slot, seg),
-            Source::Flow(_) => continue,
-        };
-        io.router_commands(router);
-        if let Some(target) = Target::of(action) {
-            forward(target, offset - seg_len, seg_len);
+        });
+        record_zhop(&mut self.router, Ok(()), failed);
+    }
+
+    /// Counts the datagrams whose sends failed (`failed`, which is reset).
+    pub(crate) fn record_send_failures(&mut self, failed: &mut usize) {
+        for _ in 0..std::mem::take(failed) {
+            self.router.record_drop(DropReason::SendFailed);
         }
     }
 }
 
-/// Carries out one Z-HOP event through `io`. Returns `false` when its send failed.
-fn zhop_event(io: &mut impl WorkerIo, o: ZhopOut<'_>) -> bool {
+/// Carries out one Z-HOP event through `d`. Returns `false` when its send failed.
+fn zhop_event(worker: usize, d: &mut impl Datapath, o: ZhopOut<'_>) -> bool {
     match o {
         ZhopOut::ToPeer {
             listener,
             to,
             bytes,
-        } => io.zhop_send(
+        } => d.zhop_send(
             Target::Client {
                 listener: listener.id,
                 addr: to,
             },
             bytes,
         ),
-        ZhopOut::ToExit { flow, bytes } => io.zhop_send(Target::Flow(flow), bytes),
+        ZhopOut::ToExit { flow, bytes } => d.zhop_send(Target::Flow(flow), bytes),
         ZhopOut::OpenFlow { flow, exit } => {
-            io.open_flow(flow, exit);
+            if let Err(e) = d.open_flow(flow, exit) {
+                tracing::warn!(worker, %exit, error = %e, "cannot open flow socket");
+            }
             true
         }
         ZhopOut::CloseFlow { flow } => {
-            io.close_flow(flow);
+            d.close_flow(flow);
             true
         }
     }
@@ -370,107 +404,28 @@ fn record_zhop(router: &mut Router, r: Result<(), DropReason>, failed_sends: usi
     }
 }
 
-/// Counts the Z-HOP datagrams whose sends failed (`failed`, which is reset).
-pub(crate) fn record_send_failures(router: &mut Router, failed: &mut usize) {
-    for _ in 0..std::mem::take(failed) {
-        router.record_drop(DropReason::SendFailed);
-    }
+/// The socket a message arrived on, as the router and Z-HOP know it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source {
+    Client(Listener),
+    Exit(SessionSlot),
+    /// A Z-HOP flow's socket towards an exit.
+    Flow(SessionSlot),
 }
 
-/// Runs `f` with a sink for Z-HOP events that `io` carries out, counting failed sends.
-fn with_zhop_events(
-    router: &mut Router,
-    io: &mut impl WorkerIo,
-    f: impl FnOnce(&mut dyn FnMut(ZhopOut<'_>)),
-) {
-    let mut failed = 0;
-    f(&mut |o: ZhopOut<'_>| {
-        if !zhop_event(io, o) {
-            failed += 1;
-        }
-    });
-    record_zhop(router, Ok(()), failed);
+/// One received message: a datagram, or a GRO train of `stride`-sized datagrams.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Message<'a> {
+    pub source: Source,
+    pub from: SocketAddr,
+    pub payload: &'a [u8],
+    pub stride: usize,
 }
 
-/// The periodic part of a worker's loop that does not touch packets: a new table, router
-/// and Z-HOP timers, control requests. A step that took a new table or swept sessions of
-/// removed exits returns the thread CPU time it used (the clock is read only then, never
-/// on an ordinary step).
-pub(crate) fn housekeeping(
-    router: &mut Router,
-    zhop: &mut Zhop,
-    io: &mut impl WorkerIo,
-    new_table: Option<std::sync::Arc<ExitTable>>,
-    requests: &mpsc::Receiver<WorkerRequest>,
-    now: Instant,
-) -> Option<std::time::Duration> {
-    let swap_work = new_table.is_some() || router.sweeping();
-    let cpu_at_start = swap_work.then(super::sys::thread_cpu_time);
-    if let Some(t) = new_table {
-        router.set_table(t.clone());
-        zhop.set_table(t);
-    }
-    router.handle_timeout(now);
-    io.router_commands(router);
-    with_zhop_events(router, io, |out| zhop.tick(now, out));
-    while let Ok(req) = requests.try_recv() {
-        match req {
-            WorkerRequest::Sessions(reply) => {
-                let _ = reply.send(router.sessions(now).collect());
-            }
-            WorkerRequest::CloseSession { slot, reply } => {
-                let _ = reply.send(router.close_session(slot));
-                io.router_commands(router);
-            }
-            WorkerRequest::Snapshot(reply) => {
-                let snaps = router
-                    .sessions(now)
-                    .filter_map(|info| {
-                        let port = io.exit_port(info.slot)?;
-                        Some(SessionSnapshot::new(info, port))
-                    })
-                    .collect();
-                let _ = reply.send(snaps);
-            }
-            WorkerRequest::AddListener(l) => io.add_listener(l),
-            WorkerRequest::RemoveListener(local) => {
-                // Z-HOP peers that used it find their replies unsendable (counted) until
-                // they come back through a listener that is open.
-                if let Some(l) = io.remove_listener(local) {
-                    router.listener_closed(l);
-                }
-            }
-        }
-    }
-    cpu_at_start.map(|c| super::sys::thread_cpu_time().saturating_sub(c))
-}
-
-/// Re-creates sessions saved before a restart, each on the listener its client used.
-pub(crate) fn restore(
-    worker: usize,
-    router: &mut Router,
-    io: &mut impl WorkerIo,
-    sessions: &[SessionSnapshot],
-    now: Instant,
-) {
-    let mut restored = 0;
-    for snap in sessions {
-        let Some(listener) = io.listener_for(snap.listen_port, snap.client) else {
-            continue;
-        };
-        if router.restore(now, listener, snap).is_ok() {
-            restored += 1;
-        }
-        io.router_commands(router);
-    }
-    if !sessions.is_empty() {
-        tracing::info!(
-            worker,
-            restored,
-            offered = sessions.len(),
-            "sessions restored"
-        );
-    }
+/// Whether a message of `len` bytes received with GRO segment size `stride` is a train of
+/// several datagrams.
+pub(crate) fn is_train(len: usize, stride: usize) -> bool {
+    stride != 0 && stride < len
 }
 
 /// Publishes a worker's counters for the control side, unless a reader holds the report at
@@ -504,51 +459,13 @@ pub(crate) fn publish(
 mod tests {
     use super::*;
 
-    fn exit(i: u32) -> Target {
-        Target::Exit(SessionSlot {
-            index: i,
-            generation: 0,
-        })
-    }
-
-    #[test]
-    fn contiguous_equal_segments_to_one_target_make_one_run() {
-        let mut runs = Vec::new();
-        for i in 0..3 {
-            plan(&mut runs, true, exit(1), 0, i * 100, 100);
-        }
-        // A shorter last segment still belongs; nothing may follow it.
-        plan(&mut runs, true, exit(1), 0, 300, 40);
-        plan(&mut runs, true, exit(1), 0, 340, 40);
-        assert_eq!(runs.len(), 2);
-        assert_eq!(
-            (runs[0].len, runs[0].segments, runs[0].segment_size()),
-            (340, 4, Some(100))
-        );
-        assert_eq!((runs[1].start, runs[1].segment_size()), (340, None));
-    }
-
-    #[test]
-    fn a_new_target_message_or_no_gso_starts_a_new_run() {
-        let mut runs = Vec::new();
-        plan(&mut runs, true, exit(1), 0, 0, 100);
-        plan(&mut runs, true, exit(2), 0, 100, 100);
-        plan(&mut runs, true, exit(2), 1, 200, 100);
-        plan(&mut runs, false, exit(2), 1, 300, 100);
-        assert_eq!(runs.len(), 4);
-        let mut runs = Vec::new();
-        for i in 0..(MAX_GSO_SEGMENTS + 1) {
-            plan(&mut runs, true, exit(1), 0, i * 10, 10);
-        }
-        assert_eq!(runs.len(), 2);
-    }
     #[test]
     fn publish_skips_while_a_reader_holds_the_report_and_never_waits() {
         let now = Instant::now();
         let table = std::sync::Arc::new(ExitTable::new(1, Vec::new()).expect("empty table"));
         let cfg = crate::router::RouterConfig::default();
         let router = Router::new(cfg.clone(), table.clone(), now);
-        let zhop = Zhop::new(None, table, &cfg, now);
+        let zhop = Zhop::new(None, table, cfg.cookie_settings(), now);
         let io = IoStats {
             recv_calls: 7,
             ..IoStats::default()

@@ -33,8 +33,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, SubmitArgs, Timespec};
@@ -43,19 +42,14 @@ use socket2::Socket;
 
 use self::bufring::BufRing;
 use self::sendq::{BufRef, SendInfo, SendSlots};
+use super::runs::{self, Run, Target};
 use super::sys::{self, is_gso_errno, SendBatch, MAX_GSO_SEGMENTS};
 use super::train::{self, SyncSend, TrainSockets, Trains};
-use super::worker::{self, Run, Source, Target, WorkerIo};
-use super::{BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerRequest};
+use super::worker::{self, Datapath, Source, Worker, MAX_WAIT};
+use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
-use crate::router::{Command, Listener, Router, SessionSlot};
-use crate::table::SharedTable;
-use crate::zhop::{NodeKey, Zhop};
-
-/// Longest wait for a completion, so that shutdown and table swaps are noticed when idle.
-const MAX_WAIT: Duration = Duration::from_millis(100);
-/// How often a worker publishes its counters.
-const REPORT_EVERY: Duration = Duration::from_millis(50);
+use crate::role::Listener;
+use crate::slab::SessionSlot;
 /// Deferred completions the kernel runs in an enter that waits for one
 /// (`IO_LOCAL_TW_DEFAULT_MAX`).
 const LOCAL_WORK_CAP: usize = 20;
@@ -532,51 +526,37 @@ impl Plane {
             tracing::trace!(worker = self.id, error = %e, "io_uring submit failed");
         }
     }
+}
 
-    /// A plain synchronous send from a listener, outside the ring: for the relay's cookie
-    /// replies, never the forwarded packets.
+impl Datapath for Plane {
+    fn open_exit(
+        &mut self,
+        slot: SessionSlot,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+    ) -> io::Result<()> {
+        self.open(Role::Exit(slot), exit, local_port)
+    }
+
+    fn close_exit(&mut self, slot: SessionSlot) -> bool {
+        let Some(sid) = self.sockets.exit(slot) else {
+            return false;
+        };
+        self.sockets.exits[slot.index as usize] = NONE;
+        self.close(sid);
+        true
+    }
+
+    /// Outside the ring: cookie replies are rare (only under load) and 64 bytes.
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
         self.sockets
             .listener(listener.id)
             .and_then(|sid| self.sockets.get(sid))
             .is_some_and(|s| s.socket.send_to(bytes, &to.into()).is_ok())
     }
-}
 
-impl WorkerIo for Plane {
-    fn router_commands(&mut self, router: &mut Router) {
-        while let Some(cmd) = router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket {
-                    slot,
-                    exit,
-                    local_port,
-                } => match self.open(Role::Exit(slot), exit, local_port) {
-                    Ok(()) => self.io.exit_sockets_open += 1,
-                    Err(e) => {
-                        tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
-                        router.socket_failed(slot);
-                    }
-                },
-                Command::CloseExitSocket { slot } => {
-                    if let Some(sid) = self.sockets.exit(slot) {
-                        self.sockets.exits[slot.index as usize] = NONE;
-                        self.io.exit_sockets_open -= 1;
-                        self.close(sid);
-                    }
-                }
-                Command::SendCookieReply {
-                    listener,
-                    client,
-                    reply,
-                } => {
-                    // Rare (only under load) and 64 bytes: a plain send, not the ring.
-                    if !self.send_from_listener(listener, client, &reply) {
-                        self.io.cookie_send_errors += 1;
-                    }
-                }
-            }
-        }
+    fn stats(&mut self) -> &mut IoStats {
+        &mut self.io
     }
 
     /// Z-HOP decrypts into its own buffer, valid only during this call, so its datagrams
@@ -595,10 +575,8 @@ impl WorkerIo for Plane {
         true
     }
 
-    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) {
-        if let Err(e) = self.open(Role::Flow(flow), exit, None) {
-            tracing::warn!(worker = self.id, %exit, error = %e, "cannot open flow socket");
-        }
+    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()> {
+        self.open(Role::Flow(flow), exit, None)
     }
 
     fn close_flow(&mut self, flow: SessionSlot) {
@@ -703,19 +681,15 @@ impl Buffers {
     }
 }
 
-struct Worker {
+/// An io_uring worker: the [`Worker`], and the ring, buffers and sockets that serve it.
+struct Loop {
     plane: Plane,
-    router: Router,
-    zhop: Zhop,
+    worker: Worker,
     bufs: Buffers,
     sends: SendSlots,
-    table: SharedTable,
     poll: mio::Poll,
     events: mio::Events,
     wake_armed: bool,
-    requests: mpsc::Receiver<WorkerRequest>,
-    report: SharedReport,
-    shutdown: Arc<AtomicBool>,
     /// Sockets whose multishot receive ended and must be armed again.
     rearm: Vec<u32>,
     arrived: VecDeque<Arrived>,
@@ -724,7 +698,6 @@ struct Worker {
     retries: VecDeque<SendInfo>,
     completions: Vec<(u64, i32, u32)>,
     runs: Vec<Run>,
-    last_report: Instant,
     stopping: bool,
 }
 
@@ -771,17 +744,12 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
     let _ = ready.send(Ok(()));
     let now = Instant::now();
     let nbufs = bufring.entries();
-    let table = ctx.table.load();
-    let mut w = Worker {
-        zhop: Zhop::new(
-            ctx.cfg.node_key.map(NodeKey::from_secret),
-            table.clone(),
-            &ctx.cfg.router,
-            now,
-        ),
-        router: Router::new(ctx.cfg.router.clone(), table, now),
+    let id = ctx.id;
+    let (worker, ctx) = Worker::new(ctx, now);
+    let mut w = Loop {
+        worker,
         plane: Plane {
-            id: ctx.id,
+            id,
             cfg: ctx.cfg,
             ring: Ring {
                 ring,
@@ -799,34 +767,27 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
             refs: vec![0; nbufs].into_boxed_slice(),
         },
         sends: SendSlots::new(sends),
-        table: ctx.table,
         poll: ctx.poll,
         events: mio::Events::with_capacity(16),
         wake_armed: false,
-        requests: ctx.requests,
-        report: ctx.report,
-        shutdown: ctx.shutdown,
         rearm: Vec::with_capacity(1024),
         arrived: VecDeque::with_capacity(nbufs),
         retries: VecDeque::with_capacity(sends),
         completions: Vec::with_capacity(cq as usize),
         runs: Vec::with_capacity(256),
-        last_report: now,
         stopping: false,
     };
-    for l in ctx.listeners {
-        w.plane.add_listener(l);
-    }
-    worker::restore(w.plane.id, &mut w.router, &mut w.plane, &ctx.restore, now);
+    w.worker
+        .start(&mut w.plane, ctx.listeners, &ctx.restore, now);
     w.event_loop();
     w.publish(Instant::now());
     w.teardown();
 }
 
-impl Worker {
+impl Loop {
     fn event_loop(&mut self) {
         loop {
-            if self.shutdown.load(Ordering::Acquire) {
+            if self.worker.stopping() {
                 return;
             }
             let now = Instant::now();
@@ -836,13 +797,7 @@ impl Worker {
             self.arm_wake();
             self.rearm_receives();
             self.bufs.ring.publish();
-            let wait = if self.router.sweeping() || !self.retries.is_empty() {
-                Duration::ZERO
-            } else {
-                self.router
-                    .poll_timeout()
-                    .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
-            };
+            let wait = self.worker.wait(now, !self.retries.is_empty());
             debug_assert!(
                 self.plane.trains.is_empty(),
                 "Z-HOP trains wait while sleeping"
@@ -890,39 +845,16 @@ impl Worker {
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        let new_table = self.table.load_if_changed(self.router.table());
-        let took_table = new_table.is_some();
-        if let Some(t) = &new_table {
-            tracing::debug!(
-                worker = self.plane.id,
-                generation = t.generation(),
-                "new table"
-            );
-        }
-        if let Some(cpu) = worker::housekeeping(
-            &mut self.router,
-            &mut self.zhop,
-            &mut self.plane,
-            new_table,
-            &self.requests,
-            now,
-        ) {
-            let ns = cpu.as_nanos() as u64;
-            self.plane.io.swap_step_max_cpu_ns = self.plane.io.swap_step_max_cpu_ns.max(ns);
-        }
+        let publish = self.worker.housekeeping(&mut self.plane, now);
         self.flush_trains();
-        // A new table is reported at once: the control side waits for every worker to
-        // route by it before it calls a swap done.
-        if took_table || now.duration_since(self.last_report) >= REPORT_EVERY {
+        if publish {
             self.publish(now);
         }
     }
 
     fn publish(&mut self, now: Instant) {
         self.plane.io.ring_enters = self.plane.ring.enters;
-        if worker::publish(&self.report, &self.router, &self.zhop, &self.plane.io) {
-            self.last_report = now;
-        }
+        self.worker.publish(&self.plane.io, now);
     }
 
     /// Watches the waker's epoll descriptor, which becomes readable when the control side
@@ -1060,7 +992,7 @@ impl Worker {
             }
             tracing::trace!(worker = self.plane.id, errno = err, "send failed");
             for _ in 0..segments(&info) {
-                self.router.record_drop(DropReason::SendFailed);
+                self.worker.router.record_drop(DropReason::SendFailed);
             }
         }
         self.release_buf(info.buf);
@@ -1096,7 +1028,8 @@ impl Worker {
             // The flush's own hold, from `next`.
             self.plane.trains.release(b);
         }
-        worker::record_send_failures(&mut self.router, &mut self.plane.trains.failed);
+        self.worker
+            .record_send_failures(&mut self.plane.trains.failed);
     }
 
     /// Routes every received message and queues its sends, then resends refused GSO
@@ -1156,11 +1089,9 @@ impl Worker {
             self.plane.io.gro_trains += 1;
         }
         let payload = &buffer[msg.offset..msg.offset + msg.len];
-        let runs = &mut self.runs;
-        runs.clear();
-        worker::route_message(
-            &mut self.router,
-            &mut self.zhop,
+        let planned = &mut self.runs;
+        planned.clear();
+        self.worker.route(
             &mut self.plane,
             now,
             worker::Message {
@@ -1172,8 +1103,8 @@ impl Worker {
             // Runs are planned as if every socket did GSO; `send_run` splits them for
             // sockets that fell back.
             |target, offset, len| {
-                worker::plan(
-                    runs,
+                runs::push_segment(
+                    planned,
                     true,
                     target,
                     usize::from(a.buf),
@@ -1198,7 +1129,7 @@ impl Worker {
                 Target::Exit(_) | Target::Flow(_) => DropReason::NoSession,
             };
             for _ in 0..run.segments {
-                self.router.record_drop(reason);
+                self.worker.router.record_drop(reason);
             }
             return;
         };
@@ -1239,7 +1170,7 @@ impl Worker {
             }
             _ => {
                 for _ in 0..segments(&info) {
-                    self.router.record_drop(DropReason::NoSession);
+                    self.worker.router.record_drop(DropReason::NoSession);
                 }
                 return;
             }
@@ -1342,7 +1273,7 @@ impl Worker {
                 inflight = self.plane.ring.inflight,
                 "io_uring requests still in flight at shutdown; leaking the receive buffers"
             );
-            let Worker {
+            let Loop {
                 plane, bufs, sends, ..
             } = self;
             let Plane {
