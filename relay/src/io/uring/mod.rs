@@ -6,9 +6,11 @@
 //! `io_uring_enter` submits everything queued since the last one (sends, receives,
 //! cancellations) and waits for at least one completion (or the next router timer). It then
 //! reaps the completion queue (which only records what happened) and processes every
-//! received message: each segment goes through the router exactly as in the portable
-//! backend (`plan.rs`), and each run of segments to one target becomes one `SendMsg`
-//! (with `UDP_SEGMENT` when it holds several) pointing into the very buffer it arrived in.
+//! received message: each segment goes through the roles exactly as in the portable
+//! backend (`Worker::route`), and each run of segments to one target becomes one
+//! `SendMsg` (with `UDP_SEGMENT` when it holds several) pointing into the very buffer it
+//! arrived in. `probe.rs` says whether this backend can run, `ring.rs` holds the ring,
+//! `sockets.rs` the socket registry; this file the loop.
 //!
 //! Invariants (each `unsafe` block below names the one it relies on):
 //! - **Buffers**: a receive buffer belongs to the kernel while it is in the buffer ring,
@@ -27,7 +29,10 @@
 //!   the kernel may still use them.
 
 mod bufring;
+mod probe;
+mod ring;
 mod sendq;
+mod sockets;
 
 use std::collections::VecDeque;
 use std::io;
@@ -37,14 +42,17 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, SubmitArgs, Timespec};
-use io_uring::{cqueue, opcode, squeue, IoUring};
-use socket2::Socket;
+use io_uring::{cqueue, opcode, IoUring};
 
 use self::bufring::BufRing;
+use self::probe::build_ring;
+pub use self::probe::{probe, UringUnavailable};
+use self::ring::Ring;
 use self::sendq::{BufRef, SendInfo, SendSlots};
+use self::sockets::{IoSocket, Role, Sockets, NONE};
 use super::runs::{self, Run, Target};
 use super::sys::{self, is_gso_errno, SendBatch, MAX_GSO_SEGMENTS};
-use super::train::{self, SyncSend, TrainSockets, Trains};
+use super::train::{self, SyncSend, Trains};
 use super::worker::{self, Datapath, Source, Worker, MAX_WAIT};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
@@ -88,132 +96,6 @@ fn user_data(kind: u64, id: u32) -> u64 {
     (kind << KIND_SHIFT) | u64::from(id)
 }
 
-/// Why io_uring cannot drive the data path on this machine.
-#[derive(Debug, thiserror::Error)]
-#[error("io_uring unavailable: {step} failed: {error}; likely cause: {hint}")]
-pub struct UringUnavailable {
-    /// What was being set up.
-    pub step: &'static str,
-    pub error: io::Error,
-    /// The likely cause, in words.
-    pub hint: String,
-}
-
-impl UringUnavailable {
-    fn new(step: &'static str, error: io::Error) -> Self {
-        let hint = match error.raw_os_error() {
-            Some(libc::ENOSYS) => {
-                "the kernel has no io_uring, or this runs under an emulator such as qemu-user"
-                    .to_owned()
-            }
-            Some(libc::EPERM) | Some(libc::EACCES) => {
-                match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
-                    .ok()
-                    .as_deref()
-                    .map(str::trim)
-                {
-                    Some("2") => "kernel.io_uring_disabled = 2".to_owned(),
-                    Some("1") => {
-                        "kernel.io_uring_disabled = 1 and this process is not in io_uring_group"
-                            .to_owned()
-                    }
-                    _ => "denied by a seccomp filter (Docker's default profile blocks io_uring)"
-                        .to_owned(),
-                }
-            }
-            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                "the kernel is too old: this backend needs Linux 6.1 (single issuer, deferred \
-                 task running, buffer rings, multishot recvmsg)"
-                    .to_owned()
-            }
-            Some(libc::ENOMEM) => "not enough memory (or address space, or locked memory \
-                 under RLIMIT_MEMLOCK) for the ring and its receive buffers: each worker maps \
-                 ring_buffers of them, 64 KiB each"
-                .to_owned(),
-            _ => "unexpected error".to_owned(),
-        };
-        UringUnavailable { step, error, hint }
-    }
-}
-
-/// A ring with the flags every worker uses: one thread submits, and the kernel runs
-/// completion work only when that thread enters the ring (so completions never interrupt
-/// the worker), and a bad request does not stop the rest of its batch.
-fn build_ring(cq_entries: u32) -> Result<IoUring, UringUnavailable> {
-    IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_submit_all()
-        .setup_cqsize(cq_entries)
-        .build(SQ_ENTRIES)
-        .map_err(|e| UringUnavailable::new("io_uring_setup", e))
-}
-
-/// Checks that this process can run the io_uring backend: a ring with the workers' flags,
-/// a provided buffer ring, and a multishot recvmsg the kernel accepts. Cheap; leaves
-/// nothing behind.
-pub fn probe() -> Result<(), UringUnavailable> {
-    let mut ring = build_ring(2 * SQ_ENTRIES)?;
-    let bufs = BufRing::new(1, 4096, BUFFER_GROUP).map_err(|e| UringUnavailable::new("mmap", e))?;
-    bufs.register(&ring.submitter())
-        .map_err(|e| UringUnavailable::new("registering a buffer ring", e))?;
-    let sock = sys::udp_socket(&SocketAddr::from(([127, 0, 0, 1], 0)))
-        .map_err(|e| UringUnavailable::new("opening a probe socket", e))?;
-    let hdr = recv_msghdr();
-    let recv = opcode::RecvMsgMulti::new(Fd(sock.as_raw_fd()), &*hdr, BUFFER_GROUP)
-        .build()
-        .user_data(user_data(RECV, 0));
-    let cancel = opcode::AsyncCancel::new(user_data(RECV, 0))
-        .build()
-        .user_data(user_data(CANCEL, 0));
-    // SAFETY: the receive's msghdr and the buffer ring outlive the ring's requests: both
-    // are dropped after `ring`, and the loop below waits for the receive's final
-    // completion before anything is dropped.
-    unsafe {
-        let mut sq = ring.submission();
-        let _ = sq.push(&recv);
-        let _ = sq.push(&cancel);
-    }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut result = Ok(());
-    let mut recv_done = false;
-    while !recv_done && Instant::now() < deadline {
-        let ts = Timespec::from(Duration::from_millis(100));
-        match ring
-            .submitter()
-            .submit_with_args(1, &SubmitArgs::new().timespec(&ts))
-        {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-            Err(e) => return Err(UringUnavailable::new("io_uring_enter", e)),
-        }
-        for cqe in ring.completion() {
-            if cqe.user_data() == user_data(RECV, 0) && !cqueue::more(cqe.flags()) {
-                recv_done = true;
-                let res = cqe.result();
-                if res < 0 && res != -libc::ECANCELED {
-                    result = Err(UringUnavailable::new(
-                        "multishot recvmsg",
-                        io::Error::from_raw_os_error(-res),
-                    ));
-                }
-            }
-        }
-    }
-    if !recv_done {
-        // The kernel still holds the header and the buffer ring: leak them rather than
-        // free memory it may write to.
-        std::mem::forget(hdr);
-        std::mem::forget(bufs);
-        return Err(UringUnavailable::new(
-            "cancelling the probe receive",
-            io::Error::from(io::ErrorKind::TimedOut),
-        ));
-    }
-    drop(ring);
-    result
-}
-
 /// The header every multishot receive of a worker uses: only the name and control lengths
 /// matter (they lay out each buffer).
 fn recv_msghdr() -> Box<libc::msghdr> {
@@ -222,192 +104,6 @@ fn recv_msghdr() -> Box<libc::msghdr> {
     h.msg_namelen = RECV_NAME_LEN;
     h.msg_controllen = RECV_CONTROL_LEN as _;
     h
-}
-
-/// What a socket is to the router.
-#[derive(Debug, Clone, Copy)]
-enum Role {
-    Listener(Listener),
-    Exit(SessionSlot),
-    /// A Z-HOP flow's socket towards an exit.
-    Flow(SessionSlot),
-}
-
-struct IoSocket {
-    socket: Socket,
-    role: Role,
-    local: Option<SocketAddr>,
-    /// Whether sends on this socket may use GSO; cleared for good when the kernel refuses.
-    gso: bool,
-    recv_armed: bool,
-    closing: bool,
-    /// Requests in flight and received messages waiting that name this socket.
-    refs: u32,
-}
-
-/// The worker's sockets by id, and the router's names for them.
-#[derive(Default)]
-struct Sockets {
-    slots: Vec<Option<IoSocket>>,
-    free: Vec<u32>,
-    /// Socket id by router listener id.
-    listeners: Vec<u32>,
-    /// Socket id by session slot index (`NONE` when the slot has no socket).
-    exits: Vec<u32>,
-    /// Socket id by Z-HOP flow index.
-    flows: Vec<u32>,
-}
-
-const NONE: u32 = u32::MAX;
-
-impl Sockets {
-    fn insert(&mut self, s: IoSocket) -> u32 {
-        match self.free.pop() {
-            Some(id) => {
-                self.slots[id as usize] = Some(s);
-                id
-            }
-            None => {
-                self.slots.push(Some(s));
-                (self.slots.len() - 1) as u32
-            }
-        }
-    }
-
-    fn get(&self, id: u32) -> Option<&IoSocket> {
-        self.slots.get(id as usize).and_then(Option::as_ref)
-    }
-
-    fn get_mut(&mut self, id: u32) -> Option<&mut IoSocket> {
-        self.slots.get_mut(id as usize).and_then(Option::as_mut)
-    }
-
-    /// The open socket of session `slot`, if it has one.
-    fn exit(&self, slot: SessionSlot) -> Option<u32> {
-        let id = *self.exits.get(slot.index as usize)?;
-        match self.get(id)? {
-            IoSocket {
-                role: Role::Exit(s),
-                closing: false,
-                ..
-            } if *s == slot => Some(id),
-            _ => None,
-        }
-    }
-
-    /// The open socket of Z-HOP flow `flow`, if it has one.
-    fn flow(&self, flow: SessionSlot) -> Option<u32> {
-        let id = *self.flows.get(flow.index as usize)?;
-        match self.get(id)? {
-            IoSocket {
-                role: Role::Flow(f),
-                closing: false,
-                ..
-            } if *f == flow => Some(id),
-            _ => None,
-        }
-    }
-
-    fn listener(&self, listener: u16) -> Option<u32> {
-        // A closed listener's id maps to NONE (set before it starts closing), which no
-        // caller's `get` finds.
-        self.listeners
-            .get(usize::from(listener))
-            .copied()
-            .filter(|&sid| sid != NONE)
-    }
-
-    /// Drops one reference; a closing socket with none left is closed and its id freed.
-    fn release(&mut self, id: u32) {
-        let done = match self.get_mut(id) {
-            Some(s) => {
-                s.refs = s.refs.saturating_sub(1);
-                s.closing && s.refs == 0
-            }
-            None => false,
-        };
-        if done {
-            self.finish(id);
-        }
-    }
-
-    fn finish_if_unused(&mut self, id: u32) {
-        if matches!(self.get(id), Some(s) if s.closing && s.refs == 0) {
-            self.finish(id);
-        }
-    }
-
-    fn finish(&mut self, id: u32) {
-        // Dropping the socket closes its descriptor: nothing queued or in flight names it.
-        self.slots[id as usize] = None;
-        self.free.push(id);
-    }
-}
-
-impl Sockets {
-    /// The open socket a send to `target` leaves from.
-    fn for_target(&self, target: Target) -> Option<u32> {
-        match target {
-            Target::Exit(slot) => self.exit(slot),
-            Target::Flow(flow) => self.flow(flow),
-            Target::Client { listener, .. } => self.listener(listener),
-        }
-    }
-}
-
-impl TrainSockets for Sockets {
-    fn socket(&self, target: Target) -> Option<(i32, bool)> {
-        let s = self.get(self.for_target(target)?)?;
-        Some((s.socket.as_raw_fd(), s.gso))
-    }
-
-    fn refuse_gso(&mut self, target: Target) {
-        if let Some(s) = self.for_target(target).and_then(|id| self.get_mut(id)) {
-            s.gso = false;
-        }
-    }
-}
-
-/// The ring and the count of requests whose final completion has not arrived.
-struct Ring {
-    ring: IoUring,
-    inflight: usize,
-    enters: u64,
-}
-
-impl Ring {
-    /// Queues `entry`, submitting what is queued first when the queue is full.
-    ///
-    /// # Safety
-    /// Everything `entry` points at (headers, buffers, descriptors) stays valid until its
-    /// final completion has been reaped.
-    unsafe fn push(&mut self, entry: &squeue::Entry) {
-        loop {
-            // SAFETY: passed on from this function's contract.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                self.inflight += 1;
-                return;
-            }
-            self.enters += 1;
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.kind() != io::ErrorKind::Interrupted {
-                    tracing::warn!(error = %e, "io_uring submit failed");
-                }
-                // EBUSY: the completion queue overflowed; the caller reaps before long.
-                std::thread::yield_now();
-            }
-        }
-    }
-
-    /// Queues the cancellation of the request whose user data is `target`; the
-    /// cancellation's own completion carries `user_data`.
-    fn cancel(&mut self, target: u64, user_data: u64) {
-        let entry = opcode::AsyncCancel::new(target)
-            .build()
-            .user_data(user_data);
-        // SAFETY: a cancellation points at nothing but a user data value.
-        unsafe { self.push(&entry) };
-    }
 }
 
 /// A received message waiting to be routed.
