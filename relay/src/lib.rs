@@ -7,7 +7,6 @@
 pub mod admission;
 pub mod cookie;
 pub mod drop_reason;
-pub mod inner;
 pub mod io;
 pub mod keys;
 pub mod ratelimit;
@@ -17,6 +16,9 @@ pub mod slab;
 pub mod table;
 pub mod wire;
 pub mod zhop;
+
+/// Z-HOP's inner IP/UDP packets, also the tests' and the demo's.
+pub use zhop::inner;
 
 pub use drop_reason::DropReason;
 pub use keys::PublicKey;

@@ -10,6 +10,8 @@
 //! Unlike the DoubleHop router this holds keys and calls boringtun, which keeps its own
 //! timers; the I/O layer owns every socket, and learns what to do from [`ZhopOut`] events.
 
+pub mod inner;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,9 +22,9 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
+use self::inner::InnerError;
 use crate::admission::{Admission, CookieSettings, HandshakeAdmission, SourceBudget};
 use crate::drop_reason::DropReason;
-use crate::inner::{self, InnerError};
 use crate::keys::{Mac1Key, PublicKey};
 use crate::ratelimit::TokenBucket;
 use crate::role::{Listener, Traffic};
