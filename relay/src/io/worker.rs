@@ -319,9 +319,9 @@ impl Worker {
                 }
             };
             let zhop_result = match source {
-                Source::Client(l) if zhop.claims(from, seg, || router.knows_client(from)) => {
-                    Some(zhop.handle_client(now, l, from, seg, &mut out))
-                }
+                Source::Client(l) => zhop
+                    .claim(from, seg, || router.knows_client(from))
+                    .map(|claim| zhop.handle_claimed(now, l, from, seg, claim, &mut out)),
                 Source::Flow(flow) => Some(zhop.handle_exit(now, flow, seg, &mut out)),
                 _ => None,
             };

@@ -79,6 +79,18 @@ impl std::fmt::Debug for NodeKey {
     }
 }
 
+/// What [`Zhop::claim`] found in a client datagram it claims.
+#[derive(Debug, Clone, Copy)]
+pub enum Claim<'a> {
+    /// It comes from the endpoint of one of this worker's tunnels (not parsed yet).
+    Endpoint,
+    /// An initiation whose mac1 is made for the node's key.
+    Initiation(Initiation<'a>),
+    /// A transport message naming tunnel `peer` by its index, from an address the
+    /// DoubleHop router does not know (a peer that roamed).
+    Transport { peer: u32 },
+}
+
 /// Something the I/O layer must do, in order.
 #[derive(Debug)]
 pub enum ZhopOut<'a> {
@@ -241,18 +253,30 @@ impl Zhop {
         packet: &[u8],
         doublehop_client: impl FnOnce() -> bool,
     ) -> bool {
-        let Some((_, mac1)) = &self.key else {
-            return false;
-        };
+        self.claim(from, packet, doublehop_client).is_some()
+    }
+
+    /// [`Zhop::claims`], returning what it found for [`Zhop::handle_claimed`], so that a
+    /// datagram is parsed, and an initiation's mac1 checked, once.
+    pub fn claim<'a>(
+        &self,
+        from: SocketAddr,
+        packet: &'a [u8],
+        doublehop_client: impl FnOnce() -> bool,
+    ) -> Option<Claim<'a>> {
+        let (_, mac1) = self.key.as_ref()?;
         if !self.by_addr.is_empty() && self.by_addr.contains_key(&from) {
-            return true;
+            return Some(Claim::Endpoint);
         }
         match Message::parse(packet) {
-            Ok(Message::Initiation(init)) => mac1.verify(init.mac1_input(), init.mac1()),
-            Ok(Message::Transport(t)) => {
-                self.peer_by_index(t.receiver_index()).is_some() && !doublehop_client()
+            Ok(Message::Initiation(init)) if mac1.verify(init.mac1_input(), init.mac1()) => {
+                Some(Claim::Initiation(init))
             }
-            _ => false,
+            Ok(Message::Transport(t)) => {
+                let peer = self.peer_by_index(t.receiver_index())?;
+                (!doublehop_client()).then_some(Claim::Transport { peer })
+            }
+            _ => None,
         }
     }
 
@@ -273,9 +297,47 @@ impl Zhop {
         packet: &[u8],
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<(), DropReason> {
-        let peer = match Message::parse(packet)? {
+        let msg = Message::parse(packet)?;
+        self.handle_message(now, listener, from, packet, msg, false, out)
+    }
+
+    /// Handles a datagram as [`Zhop::handle_client`] does, with what [`Zhop::claim`] found
+    /// (`claim`) rather than looking again.
+    pub fn handle_claimed(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        packet: &[u8],
+        claim: Claim<'_>,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        match claim {
+            Claim::Endpoint => self.handle_client(now, listener, from, packet, out),
+            Claim::Initiation(init) => {
+                let msg = Message::Initiation(init);
+                self.handle_message(now, listener, from, packet, msg, true, out)
+            }
+            Claim::Transport { peer } => self.decapsulate(now, listener, from, packet, peer, out),
+        }
+    }
+
+    /// Handles `msg`, parsed from `packet`; `mac1_checked`: an initiation's mac1 was
+    /// found to be for the node's key already.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_message(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        packet: &[u8],
+        msg: Message<'_>,
+        mac1_checked: bool,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let peer = match msg {
             Message::Initiation(init) => {
-                if !self.admit(now, listener, from, &init, out)? {
+                if !self.admit(now, listener, from, &init, mac1_checked, out)? {
                     return Err(DropReason::CookieChallenge);
                 }
                 self.peer_for_initiation(packet, now)?
@@ -288,6 +350,19 @@ impl Zhop {
             },
             _ => *self.by_addr.get(&from).ok_or(DropReason::UnknownClient)?,
         };
+        self.decapsulate(now, listener, from, packet, peer, out)
+    }
+
+    /// Decrypts `packet` from `peer`'s tunnel and carries out what comes of it.
+    fn decapsulate(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        packet: &[u8],
+        peer: u32,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
         if !self.check_peer(peer, out) {
             return Err(DropReason::UnknownPeer);
         }
@@ -342,12 +417,13 @@ impl Zhop {
         listener: Listener,
         from: SocketAddr,
         init: &Initiation<'_>,
+        mac1_checked: bool,
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<bool, DropReason> {
         let Some((key, mac1)) = &self.key else {
             return Err(DropReason::UnknownPeer);
         };
-        if !mac1.verify(init.mac1_input(), init.mac1()) {
+        if !mac1_checked && !mac1.verify(init.mac1_input(), init.mac1()) {
             return Err(DropReason::OuterRejected);
         }
         let node_public = key.public_key();

@@ -37,6 +37,50 @@ fn setup() -> (Zhop, Tunn, SocketAddr) {
 }
 
 #[test]
+fn a_claim_carries_what_it_found_and_is_handled_without_looking_again() {
+    let (mut z, mut client, from) = setup();
+    let mut buf = [0u8; 256];
+    let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
+    else {
+        panic!("no initiation")
+    };
+    let init = init.to_vec();
+    let claim = z
+        .claim(from, &init, || true)
+        .expect("an initiation for the node");
+    assert!(matches!(claim, Claim::Initiation(_)), "{claim:?}");
+    let mut sent = 0;
+    z.handle_claimed(Instant::now(), L, from, &init, claim, &mut |o| {
+        if let ZhopOut::ToPeer { to, bytes, .. } = o {
+            assert_eq!(
+                (to, bytes[0]),
+                (from, 2),
+                "a handshake response to the peer"
+            );
+            sent += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(sent, 1);
+    // Now the peer's address is an endpoint; elsewhere its index names the tunnel.
+    let mut t = vec![0u8; 64];
+    t[0] = 4;
+    t[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert!(matches!(z.claim(from, &t, || true), Some(Claim::Endpoint)));
+    let other: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+    assert!(matches!(
+        z.claim(other, &t, || false),
+        Some(Claim::Transport { peer: 0 })
+    ));
+    // Garbage on the tunnel's index is refused by the tunnel, as by handle_client.
+    let claim = z.claim(other, &t, || false).expect("claimed by index");
+    assert_eq!(
+        z.handle_claimed(Instant::now(), L, other, &t, claim, &mut |_| {}),
+        Err(DropReason::OuterRejected)
+    );
+}
+
+#[test]
 fn answers_a_provisioned_peer_and_claims_only_what_is_its_own() {
     let (mut z, mut client, from) = setup();
     let mut buf = [0u8; 256];
