@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
@@ -92,6 +92,7 @@ struct Loop {
     /// offset, length, GSO segment size.
     client_tx: Vec<(u16, SocketAddr, usize, usize, usize, Option<u16>)>,
     ready: VecDeque<Token>,
+    events: Events,
     io: IoStats,
 }
 
@@ -107,6 +108,7 @@ pub(crate) fn run(ctx: WorkerContext) {
         runs: Vec::with_capacity(ctx.cfg.batch * 4),
         client_tx: Vec::with_capacity(ctx.cfg.batch * 4),
         ready: VecDeque::with_capacity(1024),
+        events: Events::with_capacity(1024),
         cfg: ctx.cfg,
         poll: ctx.poll,
         listeners: Vec::new(),
@@ -115,46 +117,19 @@ pub(crate) fn run(ctx: WorkerContext) {
     };
     w.worker
         .start(&mut portable_io!(w), ctx.listeners, &ctx.restore, now);
-    if let Err(e) = w.event_loop() {
+    if let Err(e) = worker::run(&mut w) {
         tracing::error!(worker = w.worker.id, error = %e, "worker stopped");
     }
     w.worker.publish(&w.io, Instant::now());
 }
 
-impl Loop {
-    fn event_loop(&mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
-        loop {
-            if self.worker.stopping() {
-                return Ok(());
-            }
-            let now = Instant::now();
-            self.housekeeping(now);
-            let spent = now.elapsed().as_nanos() as u64;
-            self.io.housekeeping_max_ns = self.io.housekeeping_max_ns.max(spent);
-            let wait = self.worker.wait(now, !self.ready.is_empty());
-            debug_assert!(self.trains.is_empty(), "Z-HOP trains wait while sleeping");
-            match self.poll.poll(&mut events, Some(wait)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            for ev in events.iter() {
-                if ev.token() != WAKER_TOKEN {
-                    self.ready.push_back(ev.token());
-                }
-            }
-            // Each socket that was ready gets a turn; one that still has data after its
-            // turn goes to the back of the queue (readiness is edge-triggered).
-            for _ in 0..self.ready.len() {
-                let Some(token) = self.ready.pop_front() else {
-                    break;
-                };
-                if self.serve(token) {
-                    self.ready.push_back(token);
-                }
-            }
-        }
+impl worker::Backend for Loop {
+    fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    fn stats(&mut self) -> &mut IoStats {
+        &mut self.io
     }
 
     fn housekeeping(&mut self, now: Instant) {
@@ -165,8 +140,40 @@ impl Loop {
         }
     }
 
+    fn busy(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Waits for readiness, then gives each socket that was ready a turn; one that still
+    /// has data after its turn goes to the back of the queue (readiness is
+    /// edge-triggered).
+    fn serve(&mut self, wait: Duration) -> io::Result<()> {
+        debug_assert!(self.trains.is_empty(), "Z-HOP trains wait while sleeping");
+        match self.poll.poll(&mut self.events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        for ev in self.events.iter() {
+            if ev.token() != WAKER_TOKEN {
+                self.ready.push_back(ev.token());
+            }
+        }
+        for _ in 0..self.ready.len() {
+            let Some(token) = self.ready.pop_front() else {
+                break;
+            };
+            if self.serve_socket(token) {
+                self.ready.push_back(token);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Loop {
     /// Serves one ready socket for a turn. Returns whether it may have more to read.
-    fn serve(&mut self, token: Token) -> bool {
+    fn serve_socket(&mut self, token: Token) -> bool {
         for _ in 0..BATCHES_PER_TURN {
             let (fd, source) = if token.0 < EXIT_TOKEN_BASE {
                 match open_listener(&self.listeners, token.0) {

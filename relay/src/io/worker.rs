@@ -3,8 +3,8 @@
 //! the role that claims it, carries out what the roles ask of the sockets, answers control
 //! requests, restores sessions and publishes its counters.
 //!
-//! A backend supplies only its sockets ([`Datapath`]): how it opens, closes and sends on
-//! them. How it waits and receives is its own loop around [`Worker`].
+//! A backend supplies its sockets ([`Datapath`]: how it opens, closes and sends on them)
+//! and how it waits and receives ([`Backend`]); the loop around them is [`run`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -63,6 +63,37 @@ pub(crate) trait Datapath {
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener>;
     /// The backend's counters.
     fn stats(&mut self) -> &mut IoStats;
+}
+
+/// A backend's own part of the worker loop: its housekeeping around
+/// [`Worker::housekeeping`] (flushing what Z-HOP queued, publishing), and how it waits for
+/// traffic and serves what arrived. The loop itself is [`run`].
+pub(crate) trait Backend {
+    fn worker(&self) -> &Worker;
+    fn stats(&mut self) -> &mut IoStats;
+    /// One housekeeping step at `now`.
+    fn housekeeping(&mut self, now: Instant);
+    /// Whether work is waiting that must not wait for traffic.
+    fn busy(&self) -> bool;
+    /// Waits at most `wait` for traffic, then receives and serves what arrived.
+    fn serve(&mut self, wait: Duration) -> io::Result<()>;
+}
+
+/// A worker's loop, whatever its backend: housekeeping, then wait for traffic no longer
+/// than the roles' timers allow and serve it, until the data plane shuts down.
+pub(crate) fn run(b: &mut impl Backend) -> io::Result<()> {
+    loop {
+        if b.worker().stopping() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        b.housekeeping(now);
+        let spent = now.elapsed().as_nanos() as u64;
+        let io = b.stats();
+        io.housekeeping_max_ns = io.housekeeping_max_ns.max(spent);
+        let wait = b.worker().wait(now, b.busy());
+        b.serve(wait)?;
+    }
 }
 
 /// What a backend keeps of its [`WorkerContext`]; the rest is the [`Worker`]'s.

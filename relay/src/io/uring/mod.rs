@@ -475,45 +475,63 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
     };
     w.worker
         .start(&mut w.plane, ctx.listeners, &ctx.restore, now);
-    w.event_loop();
+    if let Err(e) = worker::run(&mut w) {
+        tracing::error!(worker = w.worker.id, error = %e, "worker stopped");
+    }
     w.publish(Instant::now());
     w.teardown();
 }
 
-impl Loop {
-    fn event_loop(&mut self) {
-        loop {
-            if self.worker.stopping() {
-                return;
-            }
-            let now = Instant::now();
-            self.housekeeping(now);
-            let spent = now.elapsed().as_nanos() as u64;
-            self.plane.io.housekeeping_max_ns = self.plane.io.housekeeping_max_ns.max(spent);
-            self.arm_wake();
-            self.rearm_receives();
-            self.bufs.ring.publish();
-            let wait = self.worker.wait(now, !self.retries.is_empty());
-            debug_assert!(
-                self.plane.trains.is_empty(),
-                "Z-HOP trains wait while sleeping"
-            );
-            self.enter(wait, 1);
-            let mut reaped = self.reap();
-            // An enter that waits for one completion runs at most LOCAL_WORK_CAP of the
-            // kernel's deferred completions; when it ran that many, ask for the rest
-            // without waiting, so that a busy socket's batch is taken in one go.
-            for _ in 0..MORE_ROUNDS {
-                if reaped < LOCAL_WORK_CAP {
-                    break;
-                }
-                self.enter(Duration::ZERO, MORE_WANT);
-                reaped = self.reap();
-            }
-            self.process(Instant::now());
+impl worker::Backend for Loop {
+    fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    fn stats(&mut self) -> &mut IoStats {
+        &mut self.plane.io
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let publish = self.worker.housekeeping(&mut self.plane, now);
+        self.flush_trains();
+        if publish {
+            self.publish(now);
         }
     }
 
+    fn busy(&self) -> bool {
+        !self.retries.is_empty()
+    }
+
+    /// Arms the waker and the receives that ended, gives the buffers back, then one
+    /// `io_uring_enter` submits what is queued and waits; what completed is reaped and
+    /// processed.
+    fn serve(&mut self, wait: Duration) -> io::Result<()> {
+        self.arm_wake();
+        self.rearm_receives();
+        self.bufs.ring.publish();
+        debug_assert!(
+            self.plane.trains.is_empty(),
+            "Z-HOP trains wait while sleeping"
+        );
+        self.enter(wait, 1);
+        let mut reaped = self.reap();
+        // An enter that waits for one completion runs at most LOCAL_WORK_CAP of the
+        // kernel's deferred completions; when it ran that many, ask for the rest
+        // without waiting, so that a busy socket's batch is taken in one go.
+        for _ in 0..MORE_ROUNDS {
+            if reaped < LOCAL_WORK_CAP {
+                break;
+            }
+            self.enter(Duration::ZERO, MORE_WANT);
+            reaped = self.reap();
+        }
+        self.process(Instant::now());
+        Ok(())
+    }
+}
+
+impl Loop {
     /// Submits everything queued and waits up to `wait` for `want` completions.
     fn enter(&mut self, wait: Duration, want: usize) {
         let ts = Timespec::from(wait);
@@ -537,14 +555,6 @@ impl Loop {
                 tracing::warn!(worker = self.plane.id, error = %e, "io_uring_enter failed");
                 std::thread::sleep(Duration::from_millis(1));
             }
-        }
-    }
-
-    fn housekeeping(&mut self, now: Instant) {
-        let publish = self.worker.housekeeping(&mut self.plane, now);
-        self.flush_trains();
-        if publish {
-            self.publish(now);
         }
     }
 
