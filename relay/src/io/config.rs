@@ -1,6 +1,11 @@
 //! The data plane's configuration: backend, workers, listen addresses, buffers.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+
+use socket2::Socket;
+
+use super::sys;
 
 use crate::router::RouterConfig;
 
@@ -83,4 +88,18 @@ impl Default for DataPlaneConfig {
 /// One worker per core this process may run on.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl DataPlaneConfig {
+    /// A socket connected to `exit` as configured (source address, buffer size), bound to
+    /// `local_port` when given: a session's or a Z-HOP flow's.
+    pub(crate) fn exit_socket(
+        &self,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+    ) -> io::Result<Socket> {
+        let (socket, _gro) =
+            sys::exit_socket(exit, self.exit_source, local_port, self.exit_socket_buffer)?;
+        Ok(socket)
+    }
 }

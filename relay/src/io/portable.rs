@@ -18,7 +18,7 @@ use mio::{Events, Interest, Token};
 use socket2::Socket;
 
 use super::runs::{self, Run, Target};
-use super::sys::{self, RecvBatch, SendBatch, Transmit};
+use super::sys::{RecvBatch, SendBatch, Transmit};
 use super::train::{self, SyncSend, TrainSockets, Trains};
 use super::worker::{self, Datapath, Source, Worker};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
@@ -434,12 +434,7 @@ impl TrainSockets for TrainSocketsView<'_> {
 impl PortableIo<'_> {
     /// Opens a socket connected to `exit` and registers it under `token`.
     fn open(&self, exit: SocketAddr, local_port: Option<u16>, token: Token) -> io::Result<Socket> {
-        let (socket, _gro) = sys::exit_socket(
-            exit,
-            self.cfg.exit_source,
-            local_port,
-            self.cfg.exit_socket_buffer,
-        )?;
+        let socket = self.cfg.exit_socket(exit, local_port)?;
         self.poll.registry().register(
             &mut SourceFd(&socket.as_raw_fd()),
             token,

@@ -36,15 +36,19 @@ fn setup() -> (Zhop, Tunn, SocketAddr) {
     (z, client, "198.51.100.1:4000".parse().unwrap())
 }
 
-#[test]
-fn a_claim_carries_what_it_found_and_is_handled_without_looking_again() {
-    let (mut z, mut client, from) = setup();
+fn initiation(client: &mut Tunn) -> Vec<u8> {
     let mut buf = [0u8; 256];
     let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
     else {
         panic!("no initiation")
     };
-    let init = init.to_vec();
+    init.to_vec()
+}
+
+#[test]
+fn a_claim_carries_what_it_found_and_is_handled_without_looking_again() {
+    let (mut z, mut client, from) = setup();
+    let init = initiation(&mut client);
     let claim = z
         .claim(from, &init, || true)
         .expect("an initiation for the node");
@@ -83,12 +87,7 @@ fn a_claim_carries_what_it_found_and_is_handled_without_looking_again() {
 #[test]
 fn answers_a_provisioned_peer_and_claims_only_what_is_its_own() {
     let (mut z, mut client, from) = setup();
-    let mut buf = [0u8; 256];
-    let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
-    else {
-        panic!("no initiation")
-    };
-    let init = init.to_vec();
+    let init = initiation(&mut client);
     assert!(
         z.claims(from, &init, || true),
         "an initiation for the node is always Z-HOP's"
@@ -124,12 +123,7 @@ fn answers_a_provisioned_peer_and_claims_only_what_is_its_own() {
         1,
         None,
     );
-    let TunnResult::WriteToNetwork(other_init) =
-        stranger.format_handshake_initiation(&mut buf, false)
-    else {
-        panic!()
-    };
-    assert!(!z.claims(other, other_init, || false));
+    assert!(!z.claims(other, &initiation(&mut stranger), || false));
     assert_eq!(z.stats().outer_handshakes, 1);
 }
 

@@ -154,12 +154,7 @@ impl Plane {
     /// Opens a socket connected to `exit` for `role`, registers it under `table[index]`
     /// and arms its receive.
     fn open(&mut self, role: Role, exit: SocketAddr, local_port: Option<u16>) -> io::Result<()> {
-        let (socket, _gro) = sys::exit_socket(
-            exit,
-            self.cfg.exit_source,
-            local_port,
-            self.cfg.exit_socket_buffer,
-        )?;
+        let socket = self.cfg.exit_socket(exit, local_port)?;
         let sid = self.sockets.insert(IoSocket {
             socket,
             role,
