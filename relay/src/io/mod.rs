@@ -6,13 +6,15 @@
 //! nothing but the read-only [`ExitTable`] snapshot, and talk to the rest of the process
 //! only through a request channel drained once per loop iteration.
 //!
-//! Here: [`DataPlane`] (start-up, publishing tables, the control side's queries). Beside
-//! it: `config.rs`, `stats.rs` (counters and reports), `backend.rs` (which backend runs),
-//! `listeners.rs` (listen sockets and newly pinned ports), `worker.rs` (the worker both
-//! backends run), `runs.rs`, `train.rs`, and the backends `portable.rs` and `uring/`.
+//! Here: [`DataPlane`] (start-up, publishing tables, shutdown). Beside it: `config.rs`,
+//! `stats.rs` (counters and reports), `backend.rs` (which backend runs), `listeners.rs`
+//! (listen sockets and newly pinned ports), `control.rs` (the control side's questions to
+//! the workers), `worker.rs` (the worker and its loop, whatever the backend), `runs.rs`,
+//! `train.rs`, and the backends `portable.rs` and `uring/`.
 
 mod backend;
 mod config;
+mod control;
 mod listeners;
 pub mod portable;
 mod runs;
@@ -36,9 +38,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use crate::router::{RouterStats, SessionInfo, SessionSlot, SessionSnapshot};
+use crate::router::{SessionInfo, SessionSlot, SessionSnapshot};
 use crate::table::{ExitTable, SharedTable};
 
 /// Errors starting the data plane.
@@ -399,74 +400,6 @@ impl DataPlane {
         self.workers.len()
     }
 
-    /// Each worker's last report (published every few tens of milliseconds).
-    pub fn reports(&self) -> Vec<WorkerReport> {
-        self.workers
-            .iter()
-            .map(|w| w.report.lock().map(|r| r.clone()).unwrap_or_default())
-            .collect()
-    }
-
-    /// Reports published after `since` (every worker publishes within 100 ms while it
-    /// runs); waits up to `timeout`, then returns what there is.
-    pub fn reports_after(&self, since: std::time::Instant, timeout: Duration) -> Vec<WorkerReport> {
-        let end = std::time::Instant::now() + timeout;
-        loop {
-            let r = self.reports();
-            if r.iter().all(|w| w.published.is_some_and(|p| p >= since))
-                || std::time::Instant::now() >= end
-            {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Router counters summed over workers.
-    pub fn stats(&self) -> RouterStats {
-        let mut total = RouterStats::default();
-        for r in self.reports() {
-            total.merge(&r.router);
-        }
-        total
-    }
-
-    /// Asks every worker for its sessions; workers that do not answer within `timeout`
-    /// are left out.
-    pub fn sessions(&self, timeout: Duration) -> Vec<(usize, SessionInfo)> {
-        let mut out = Vec::new();
-        let mut pending = Vec::new();
-        for (i, w) in self.workers.iter().enumerate() {
-            let (tx, rx) = mpsc::channel();
-            if w.requests.send(WorkerRequest::Sessions(tx)).is_ok() {
-                let _ = w.waker.wake();
-                pending.push((i, rx));
-            }
-        }
-        for (i, rx) in pending {
-            if let Ok(list) = rx.recv_timeout(timeout) {
-                out.extend(list.into_iter().map(|s| (i, s)));
-            }
-        }
-        out
-    }
-
-    /// Closes one session of one worker. Returns whether it existed.
-    pub fn close_session(&self, worker: usize, slot: SessionSlot, timeout: Duration) -> bool {
-        let Some(w) = self.workers.get(worker) else {
-            return false;
-        };
-        let (tx, rx) = mpsc::channel();
-        if w.requests
-            .send(WorkerRequest::CloseSession { slot, reply: tx })
-            .is_err()
-        {
-            return false;
-        }
-        let _ = w.waker.wake();
-        rx.recv_timeout(timeout).unwrap_or(false)
-    }
-
     /// Makes `table` the one workers route by, as [`DataPlane::publish_bound`] with the
     /// ports it newly pins bound by [`DataPlane::bind_pinned`], except that a port that
     /// cannot be bound is logged and skipped: the table is published regardless (mac1
@@ -486,34 +419,6 @@ impl DataPlane {
     /// The table workers route by.
     pub fn table(&self) -> Arc<ExitTable> {
         self.table.load()
-    }
-
-    /// Every session with what a restart needs to keep it (see
-    /// [`DataPlane::start_restoring`]).
-    pub fn snapshot(&self, timeout: Duration) -> Vec<SessionSnapshot> {
-        let mut out = Vec::new();
-        let mut pending = Vec::new();
-        for w in &self.workers {
-            let (tx, rx) = mpsc::channel();
-            if w.requests.send(WorkerRequest::Snapshot(tx)).is_ok() {
-                let _ = w.waker.wake();
-                pending.push(rx);
-            }
-        }
-        for rx in pending {
-            if let Ok(list) = rx.recv_timeout(timeout) {
-                out.extend(list);
-            }
-        }
-        out
-    }
-
-    /// Wakes workers so that they notice a new table at once rather than at their next
-    /// packet or tick.
-    pub fn nudge(&self) {
-        for w in &self.workers {
-            let _ = w.waker.wake();
-        }
     }
 
     /// Stops every worker and waits for them.
