@@ -11,11 +11,17 @@ pub mod io;
 pub mod keys;
 pub mod ratelimit;
 pub mod role;
-pub mod router;
 pub mod slab;
 pub mod table;
 pub mod wire;
 pub mod zhop;
+
+/// DoubleHop (DESIGN §3): per-client NAT for WireGuard, the sans-IO [`router`].
+pub mod doublehop {
+    pub mod router;
+}
+/// The DoubleHop router, by its long-standing path.
+pub use doublehop::router;
 
 /// Z-HOP's inner IP/UDP packets, also the tests' and the demo's.
 pub use zhop::inner;
