@@ -1,8 +1,10 @@
 //! WraithGate's data plane.
 //!
-//! - [`wire`], [`keys`], [`table`], [`ratelimit`] and [`router`] make up the sans-IO core:
-//!   no sockets, no clock, no threads.
-//! - [`io`] drives that core from real sockets, one worker thread per core.
+//! - [`wire`], [`keys`], [`table`], [`ratelimit`], [`cookie`] and [`admission`] make up
+//!   the sans-IO core with the roles built on it, the DoubleHop [`router`] and [`zhop`]
+//!   (which speak in [`role`]'s and [`slab`]'s names, never in each other's): no sockets,
+//!   no threads; `now` is an argument (boringtun keeps Z-HOP's tunnels' own clocks).
+//! - [`io`] drives the roles from real sockets, one worker thread per core.
 
 pub mod admission;
 pub mod cookie;

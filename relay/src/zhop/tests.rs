@@ -1,14 +1,14 @@
 use super::*;
 use crate::admission::LOAD_HOLD;
-use crate::router::RouterConfig;
 use crate::table::{ExitSpec, PeerSpec};
 
 const L: Listener = Listener { id: 0, port: 51820 };
 
-fn test_router() -> RouterConfig {
-    RouterConfig {
-        cookie_seed: [3; 32],
-        ..RouterConfig::default()
+fn test_cookies() -> CookieSettings {
+    CookieSettings {
+        seed: [3; 32],
+        // The operator's default, `[limits] cookie_replies_per_second`.
+        replies_per_second: 20_000,
     }
 }
 
@@ -29,7 +29,7 @@ fn setup() -> (Zhop, Tunn, SocketAddr) {
     let z = Zhop::new(
         Some(node.clone()),
         Arc::new(table),
-        test_router().cookie_settings(),
+        test_cookies(),
         Instant::now(),
     );
     let client = Tunn::new(client_secret, node.public, None, None, 77, None);
@@ -277,12 +277,7 @@ fn timers_are_walked_a_share_at_a_time_and_reach_every_peer_within_a_tick() {
         .with_peers(peers)
         .unwrap();
     let t0 = Instant::now();
-    let mut z = Zhop::new(
-        Some(node.clone()),
-        Arc::new(table),
-        test_router().cookie_settings(),
-        t0,
-    );
+    let mut z = Zhop::new(Some(node.clone()), Arc::new(table), test_cookies(), t0);
     let mut buf = [0u8; 256];
     for (i, secret) in secrets.into_iter().enumerate() {
         let mut client = Tunn::new(secret, node.public, None, None, 1, None);
