@@ -133,3 +133,62 @@ impl HandshakeAdmission {
         self.cookies.reply(now, from, key, init)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Message, INITIATION_LEN};
+
+    fn admission(replies_per_second: u32, now: Instant) -> HandshakeAdmission {
+        let cookies = CookieSettings {
+            seed: [5; 32],
+            replies_per_second,
+        };
+        let proven = SourceBudget {
+            per_second: 1,
+            burst: 1,
+            buckets: 64,
+        };
+        HandshakeAdmission::new(cookies, 0, proven, now)
+    }
+
+    #[test]
+    fn admits_without_proof_when_open_else_only_the_proven_and_challenges_the_rest() {
+        let now = Instant::now();
+        let mut a = admission(1, now);
+        let mut bytes = [0u8; INITIATION_LEN];
+        bytes[0] = 1;
+        let Ok(Message::Initiation(init)) = Message::parse(&bytes) else {
+            panic!("an initiation")
+        };
+        let from: SocketAddr = "198.51.100.7:4000".parse().unwrap();
+        assert_eq!(
+            a.admit(now, from, &init, true, false),
+            Ok(Admission::Admitted)
+        );
+        // Proven by traffic: within that proof's own budget (a burst of one here).
+        assert_eq!(
+            a.admit(now, from, &init, false, true),
+            Ok(Admission::Admitted)
+        );
+        // No mac2: challenged while the reply budget lasts (a burst of one), then refused.
+        assert_eq!(
+            a.admit(now, from, &init, false, true),
+            Ok(Admission::Challenge)
+        );
+        assert_eq!(
+            a.admit(now, from, &init, false, false),
+            Err(DropReason::RateLimited)
+        );
+    }
+
+    #[test]
+    fn the_load_mark_holds_for_a_second_after_the_role_was_loaded() {
+        let now = Instant::now();
+        let mut a = admission(1, now);
+        assert!(!a.under_load(now, false));
+        assert!(a.under_load(now, true));
+        assert!(a.under_load(now + LOAD_HOLD / 2, false));
+        assert!(!a.under_load(now + LOAD_HOLD, false));
+    }
+}

@@ -85,6 +85,17 @@ fn a_claim_carries_what_it_found_and_is_handled_without_looking_again() {
 }
 
 #[test]
+fn asks_to_be_woken_for_its_timers_only_while_it_has_peers() {
+    let (mut z, mut client, from) = setup();
+    assert_eq!(z.poll_timeout(), None, "no peers, no timers");
+    let t0 = Instant::now();
+    z.handle_client(t0, L, from, &initiation(&mut client), &mut |_| {})
+        .unwrap();
+    z.tick(t0, &mut |_| {});
+    assert_eq!(z.poll_timeout(), Some(t0 + TIMER_TICK));
+}
+
+#[test]
 fn answers_a_provisioned_peer_and_claims_only_what_is_its_own() {
     let (mut z, mut client, from) = setup();
     let init = initiation(&mut client);
