@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use wraithgate_relay::io::sys;
 
 /// Largest UDP payload one GSO send or GRO receive carries.
 pub const MAX_TRAIN_BYTES: usize = 65_000;
@@ -167,11 +168,7 @@ impl SendBatch {
                     c = libc::CMSG_NXTHDR(&hdr, c);
                 }
                 if t.segment < t.len {
-                    (*c).cmsg_level = libc::SOL_UDP;
-                    (*c).cmsg_type = libc::UDP_SEGMENT;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), t.segment as u16);
-                    used += libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
+                    used += sys::write_udp_segment_cmsg(c, t.segment as u16);
                 }
             }
             hdr.msg_controllen = used as _;

@@ -2,7 +2,27 @@
 //! reaches the value that later takes its place. Sessions and Z-HOP flows live in one;
 //! their handles ([`SessionSlot`]) travel through epoll tokens and io_uring user data.
 
-use crate::router::SessionSlot;
+/// A handle to a slab entry: a DoubleHop session's slot (naming its exit-facing socket) or
+/// a Z-HOP peer's or flow's. The generation tells a recycled slot from the value that used
+/// it before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionSlot {
+    pub index: u32,
+    pub generation: u32,
+}
+
+impl SessionSlot {
+    /// Packs the slot into one integer, for epoll tokens and io_uring user data.
+    pub fn to_u64(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+    pub fn from_u64(v: u64) -> Self {
+        SessionSlot {
+            index: v as u32,
+            generation: (v >> 32) as u32,
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Entry<T> {

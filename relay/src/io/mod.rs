@@ -5,13 +5,31 @@
 //! worker), its router, its sessions' exit-facing sockets and its buffers. Workers share
 //! nothing but the read-only [`ExitTable`] snapshot, and talk to the rest of the process
 //! only through a request channel drained once per loop iteration.
+//!
+//! Here: [`DataPlane`] (start-up, publishing tables, shutdown). Beside it: `config.rs`,
+//! `stats.rs` (counters and reports), `backend.rs` (which backend runs), `listeners.rs`
+//! (listen sockets and newly pinned ports), `control.rs` (the control side's questions to
+//! the workers), `worker.rs` (the worker and its loop, whatever the backend), `runs.rs`,
+//! `train.rs`, and the backends `portable.rs` and `uring/`.
 
-mod plan;
+mod backend;
+mod config;
+mod control;
+mod listeners;
 pub mod portable;
+mod runs;
+mod stats;
 pub mod sys;
 mod train;
 pub mod uring;
+mod worker;
 
+use self::backend::{choose_backend, Chosen};
+pub use self::config::{default_workers, BackendChoice, DataPlaneConfig};
+use self::listeners::{bind_group, pinned_exit_name};
+pub use self::listeners::{BoundListener, PinError, PinnedListeners};
+pub(crate) use self::stats::{CachePadded, SharedReport};
+pub use self::stats::{IoStats, LatencyHistogram, WorkerReport};
 pub use uring::UringUnavailable;
 
 use std::io;
@@ -20,93 +38,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use socket2::Socket;
-
-use crate::router::{RouterConfig, RouterStats, SessionInfo, SessionSlot, SessionSnapshot};
+use crate::router::{SessionInfo, SessionSlot, SessionSnapshot};
 use crate::table::{ExitTable, SharedTable};
-
-/// Which data-path implementation workers use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    /// io_uring where it can be set up, the portable backend otherwise.
-    #[default]
-    Auto,
-    /// io_uring only; starting fails when it cannot be set up.
-    Uring,
-    /// recvmmsg/sendmmsg over epoll; works everywhere.
-    Portable,
-}
-
-impl BackendChoice {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendChoice::Auto => "auto",
-            BackendChoice::Uring => "uring",
-            BackendChoice::Portable => "portable",
-        }
-    }
-}
-
-/// Everything the data plane needs to start.
-#[derive(Debug, Clone)]
-pub struct DataPlaneConfig {
-    /// Client-facing addresses; port 0 picks a free port (shared by all workers).
-    pub listen: Vec<SocketAddr>,
-    pub workers: usize,
-    /// Pin worker `i` to core `i` (modulo the cores this process may use).
-    pub pin_workers: bool,
-    pub backend: BackendChoice,
-    pub router: RouterConfig,
-    /// Source address of exit-facing sockets; the kernel picks by route when `None`.
-    pub exit_source: Option<IpAddr>,
-    /// Messages per recvmmsg/sendmmsg call.
-    pub batch: usize,
-    /// Receive buffer per message: 64 KiB holds a whole GRO train.
-    pub recv_buffer: usize,
-    /// SO_RCVBUF/SO_SNDBUF of listeners. It absorbs bursts while a worker is busy, and under
-    /// sustained overload it is the standing queue every packet waits in (BENCHMARKS.md,
-    /// "Socket buffers": 16 MiB holds 100–300 ms there, 1–4 MiB a few tens of ms).
-    pub listener_socket_buffer: usize,
-    /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket.
-    pub exit_socket_buffer: usize,
-    /// Use UDP GSO on send (each socket still falls back on its own when the kernel refuses).
-    pub gso: bool,
-    /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
-    /// is off without one.
-    pub node_key: Option<[u8; 32]>,
-    /// io_uring backend: receive buffers per worker (rounded up to a power of two, at most
-    /// 16,384: the kernel bounds the completion queue they need), each big enough for a
-    /// whole GRO train; they bound the worker's buffer memory.
-    pub ring_buffers: usize,
-}
-
-impl Default for DataPlaneConfig {
-    fn default() -> Self {
-        DataPlaneConfig {
-            listen: vec!["0.0.0.0:51820".parse().expect("literal address")],
-            workers: default_workers(),
-            pin_workers: true,
-            backend: BackendChoice::Auto,
-            router: RouterConfig::default(),
-            exit_source: None,
-            batch: 32,
-            recv_buffer: 65_536,
-            listener_socket_buffer: 16 << 20,
-            exit_socket_buffer: 1 << 20,
-            gso: true,
-            node_key: None,
-            ring_buffers: 256,
-        }
-    }
-}
-
-/// One worker per core this process may run on.
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
 
 /// Errors starting the data plane.
 #[derive(Debug, thiserror::Error)]
@@ -121,136 +55,6 @@ pub enum StartError {
     Poll(io::Error),
     #[error("the io_uring backend was asked for but cannot run here")]
     Uring(#[from] UringUnavailable),
-}
-
-/// A fixed-bucket latency histogram: plain integers, bounds 1 µs · 2^i.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LatencyHistogram {
-    /// `buckets[i]` counts samples ≤ [`LatencyHistogram::bound_ns`]`(i)` and above the
-    /// previous bound; the last bucket also holds everything larger.
-    pub buckets: [u64; LatencyHistogram::BUCKETS],
-    pub sum_ns: u64,
-    pub count: u64,
-}
-
-impl LatencyHistogram {
-    pub const BUCKETS: usize = 16;
-
-    /// Upper bound of bucket `i` in nanoseconds (1 µs, 2 µs, … 32.8 ms).
-    pub fn bound_ns(i: usize) -> u64 {
-        1_000 << i
-    }
-
-    pub fn record(&mut self, ns: u64) {
-        let i = (ns.max(1).div_ceil(1_000))
-            .next_power_of_two()
-            .trailing_zeros() as usize;
-        self.buckets[i.min(Self::BUCKETS - 1)] += 1;
-        self.sum_ns += ns;
-        self.count += 1;
-    }
-
-    pub fn merge(&mut self, o: &LatencyHistogram) {
-        for (a, b) in self.buckets.iter_mut().zip(o.buckets.iter()) {
-            *a += b;
-        }
-        self.sum_ns += o.sum_ns;
-        self.count += o.count;
-    }
-}
-
-/// I/O counters of one worker, beside its router's.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct IoStats {
-    /// Time from a batch's arrival to the return of its last send.
-    pub batch_latency: LatencyHistogram,
-    pub recv_calls: u64,
-    pub send_calls: u64,
-    /// Datagrams that arrived coalesced by GRO (counted per train).
-    pub gro_trains: u64,
-    /// Sends that used GSO.
-    pub gso_sends: u64,
-    /// Times the kernel refused GSO and the worker switched to plain sends.
-    pub gso_fallbacks: u64,
-    pub recv_errors: u64,
-    /// The relay's own cookie replies the kernel refused to send.
-    pub cookie_send_errors: u64,
-    pub exit_sockets_open: u64,
-    /// Longest single housekeeping step (table pick-up, expiry, control requests), in ns:
-    /// what a table swap costs a worker's loop.
-    pub housekeeping_max_ns: u64,
-    /// Longest CPU time (the worker thread's own clock, so preemption does not count) of a
-    /// housekeeping step that took a new table or swept sessions of removed exits, in ns:
-    /// what a table swap itself costs a worker.
-    pub swap_step_max_cpu_ns: u64,
-    /// CPU time the worker thread has used, in nanoseconds (read when it publishes).
-    pub cpu_ns: u64,
-    /// io_uring: `io_uring_enter` calls (submit and wait).
-    pub ring_enters: u64,
-    /// io_uring: multishot receives that ended because every buffer was in use.
-    pub ring_starved: u64,
-    /// Z-HOP: GSO sends of its trains (several datagrams to one destination in one send).
-    pub zhop_trains_sent: u64,
-    /// Z-HOP: datagrams those GSO sends carried.
-    pub zhop_segments_in_trains: u64,
-    /// Z-HOP: datagrams sent on their own because every train buffer was in flight.
-    pub zhop_unbatched: u64,
-}
-
-impl IoStats {
-    pub fn merge(&mut self, o: &IoStats) {
-        self.batch_latency.merge(&o.batch_latency);
-        self.recv_calls += o.recv_calls;
-        self.send_calls += o.send_calls;
-        self.gro_trains += o.gro_trains;
-        self.gso_sends += o.gso_sends;
-        self.gso_fallbacks += o.gso_fallbacks;
-        self.recv_errors += o.recv_errors;
-        self.cookie_send_errors += o.cookie_send_errors;
-        self.exit_sockets_open += o.exit_sockets_open;
-        self.housekeeping_max_ns = self.housekeeping_max_ns.max(o.housekeeping_max_ns);
-        self.swap_step_max_cpu_ns = self.swap_step_max_cpu_ns.max(o.swap_step_max_cpu_ns);
-        self.cpu_ns += o.cpu_ns;
-        self.ring_enters += o.ring_enters;
-        self.ring_starved += o.ring_starved;
-        self.zhop_trains_sent += o.zhop_trains_sent;
-        self.zhop_segments_in_trains += o.zhop_segments_in_trains;
-        self.zhop_unbatched += o.zhop_unbatched;
-    }
-}
-
-/// `T` aligned, and so padded, to 128 bytes: per-worker state that another thread reads
-/// never shares a cache line with another worker's. Graviton 2-4 (Neoverse N1/V1/V2) have
-/// 64-byte lines, but some ARM server cores have 128-byte lines, and x86_64's spatial
-/// prefetcher pulls lines in 128-byte pairs; 64 would be enough only on the first.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(crate) struct CachePadded<T>(pub T);
-
-impl<T> std::ops::Deref for CachePadded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-/// A worker's published report as the worker and the control side share it: in an
-/// allocation of its own, padded so that no other worker's report shares its lines.
-pub(crate) type SharedReport = Arc<CachePadded<Mutex<WorkerReport>>>;
-
-/// What a worker last published about itself.
-#[derive(Debug, Clone, Default)]
-pub struct WorkerReport {
-    pub worker: usize,
-    pub backend: &'static str,
-    pub router: RouterStats,
-    pub io: IoStats,
-    pub sessions: usize,
-    pub pending: usize,
-    pub table_generation: u64,
-    pub zhop: crate::zhop::ZhopStats,
-    /// When the worker published this report.
-    pub published: Option<std::time::Instant>,
 }
 
 /// Questions the control side may ask a worker; answered between batches.
@@ -345,136 +149,6 @@ pub(crate) struct WorkerContext {
     pub requests: mpsc::Receiver<WorkerRequest>,
     pub report: SharedReport,
     pub shutdown: Arc<AtomicBool>,
-}
-
-/// The backend workers actually run.
-#[derive(Debug, Clone, Copy)]
-enum Chosen {
-    Uring,
-    Portable,
-}
-
-impl Chosen {
-    fn as_str(self) -> &'static str {
-        match self {
-            Chosen::Uring => "uring",
-            Chosen::Portable => "portable",
-        }
-    }
-}
-
-/// Resolves `auto`: io_uring when this process can set it up, otherwise the portable
-/// backend with one log line saying why; that reason is returned with the choice.
-fn choose_backend(choice: BackendChoice) -> Result<(Chosen, Option<UringUnavailable>), StartError> {
-    match choice {
-        BackendChoice::Portable => Ok((Chosen::Portable, None)),
-        BackendChoice::Uring => {
-            uring::probe()?;
-            Ok((Chosen::Uring, None))
-        }
-        BackendChoice::Auto => match uring::probe() {
-            Ok(()) => Ok((Chosen::Uring, None)),
-            Err(e) => {
-                tracing::warn!("{e}; falling back to the portable backend (epoll + recvmmsg)");
-                Ok((Chosen::Portable, Some(e)))
-            }
-        },
-    }
-}
-
-/// A listener socket for one worker. All workers' sockets for an address are bound by the
-/// control side, in worker order, so that port 0 resolves to one port shared by all and
-/// the steering program's socket index is the worker's number.
-#[derive(Debug)]
-pub struct BoundListener {
-    pub(crate) socket: Socket,
-    pub(crate) local: SocketAddr,
-    pub(crate) gro: bool,
-}
-
-/// Says once per address when the kernel gave a listener less receive buffer than
-/// configured (`net.core.rmem_max` caps it for a process without `CAP_NET_ADMIN`).
-fn warn_if_capped(socket: &socket2::Socket, asked: usize, addr: SocketAddr) {
-    // The kernel reports twice the usable size it granted (it counts its bookkeeping).
-    if let Ok(got) = socket.recv_buffer_size() {
-        if got / 2 < asked {
-            tracing::warn!(%addr, asked, granted = got / 2,
-                "client-facing socket buffer is smaller than configured: raise \
-                 net.core.rmem_max or run with CAP_NET_ADMIN");
-        }
-    }
-}
-
-/// Sockets bound for the listen ports a table newly pins, not yet handed to workers;
-/// dropped, they close.
-#[derive(Debug, Default)]
-pub struct PinnedListeners {
-    groups: Vec<(SocketAddr, Vec<BoundListener>)>,
-}
-
-impl PinnedListeners {
-    /// The addresses bound.
-    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.groups.iter().map(|(a, _)| *a)
-    }
-}
-
-/// A listen port a table pins to an exit that cannot be bound.
-#[derive(Debug, thiserror::Error)]
-#[error("exit {exit:?}: listen port {port} cannot be bound on {addr}: {source}")]
-pub struct PinError {
-    pub exit: String,
-    pub port: u16,
-    pub addr: SocketAddr,
-    pub source: io::Error,
-}
-
-/// The name of the exit `table` pins to `port`, for messages.
-fn pinned_exit_name(table: &ExitTable, port: u16) -> String {
-    table
-        .pinned(port)
-        .and_then(|id| table.get(id))
-        .map_or_else(String::new, |e| e.spec.name.clone())
-}
-
-/// Binds one socket per worker on `addr` (in worker order) and steers clients over them.
-/// Returns the sockets and the address actually bound.
-fn bind_group(
-    addr: SocketAddr,
-    workers: usize,
-    buffer: usize,
-    steering: &mut bool,
-) -> Result<(Vec<BoundListener>, SocketAddr), StartError> {
-    let mut resolved = addr;
-    let mut group = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let (socket, gro) = sys::listener_socket(resolved, buffer)
-            .map_err(|source| StartError::Bind { addr, source })?;
-        resolved = socket
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .unwrap_or(resolved);
-        if group.is_empty() {
-            warn_if_capped(&socket, buffer, resolved);
-        }
-        group.push(BoundListener {
-            socket,
-            local: resolved,
-            gro,
-        });
-    }
-    if workers > 1 {
-        if let Err(e) = sys::attach_steering(&group[0].socket, addr.is_ipv6(), workers) {
-            if *steering {
-                tracing::warn!(%addr, error = %e,
-                    "cannot steer clients to workers by address; the kernel's hash decides, \
-                     and restored sessions may land on the wrong worker");
-            }
-            *steering = false;
-        }
-    }
-    Ok((group, resolved))
 }
 
 impl DataPlane {
@@ -726,74 +400,6 @@ impl DataPlane {
         self.workers.len()
     }
 
-    /// Each worker's last report (published every few tens of milliseconds).
-    pub fn reports(&self) -> Vec<WorkerReport> {
-        self.workers
-            .iter()
-            .map(|w| w.report.lock().map(|r| r.clone()).unwrap_or_default())
-            .collect()
-    }
-
-    /// Reports published after `since` (every worker publishes within 100 ms while it
-    /// runs); waits up to `timeout`, then returns what there is.
-    pub fn reports_after(&self, since: std::time::Instant, timeout: Duration) -> Vec<WorkerReport> {
-        let end = std::time::Instant::now() + timeout;
-        loop {
-            let r = self.reports();
-            if r.iter().all(|w| w.published.is_some_and(|p| p >= since))
-                || std::time::Instant::now() >= end
-            {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Router counters summed over workers.
-    pub fn stats(&self) -> RouterStats {
-        let mut total = RouterStats::default();
-        for r in self.reports() {
-            total.merge(&r.router);
-        }
-        total
-    }
-
-    /// Asks every worker for its sessions; workers that do not answer within `timeout`
-    /// are left out.
-    pub fn sessions(&self, timeout: Duration) -> Vec<(usize, SessionInfo)> {
-        let mut out = Vec::new();
-        let mut pending = Vec::new();
-        for (i, w) in self.workers.iter().enumerate() {
-            let (tx, rx) = mpsc::channel();
-            if w.requests.send(WorkerRequest::Sessions(tx)).is_ok() {
-                let _ = w.waker.wake();
-                pending.push((i, rx));
-            }
-        }
-        for (i, rx) in pending {
-            if let Ok(list) = rx.recv_timeout(timeout) {
-                out.extend(list.into_iter().map(|s| (i, s)));
-            }
-        }
-        out
-    }
-
-    /// Closes one session of one worker. Returns whether it existed.
-    pub fn close_session(&self, worker: usize, slot: SessionSlot, timeout: Duration) -> bool {
-        let Some(w) = self.workers.get(worker) else {
-            return false;
-        };
-        let (tx, rx) = mpsc::channel();
-        if w.requests
-            .send(WorkerRequest::CloseSession { slot, reply: tx })
-            .is_err()
-        {
-            return false;
-        }
-        let _ = w.waker.wake();
-        rx.recv_timeout(timeout).unwrap_or(false)
-    }
-
     /// Makes `table` the one workers route by, as [`DataPlane::publish_bound`] with the
     /// ports it newly pins bound by [`DataPlane::bind_pinned`], except that a port that
     /// cannot be bound is logged and skipped: the table is published regardless (mac1
@@ -801,97 +407,6 @@ impl DataPlane {
     pub fn publish(&self, table: ExitTable) {
         let listeners = self.bind_new_ports(&table, false).unwrap_or_default();
         self.publish_bound(table, listeners);
-    }
-
-    /// Binds, on every listen address and once per worker, each listen port `table` pins
-    /// that is not bound yet, without handing the sockets to workers: a change can find
-    /// out that its port is taken before it is persisted. A port the running table pins
-    /// already (and could not bind before) is retried but never refuses the change; a port
-    /// newly pinned that cannot be bound does, and closes whatever this call bound.
-    ///
-    /// Callers serialise `bind_pinned` and the [`DataPlane::publish_bound`] that follows.
-    pub fn bind_pinned(&self, table: &ExitTable) -> Result<PinnedListeners, PinError> {
-        self.bind_new_ports(table, true)
-    }
-
-    fn bind_new_ports(&self, table: &ExitTable, strict: bool) -> Result<PinnedListeners, PinError> {
-        let running = self.table.load();
-        let bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
-        let mut steering = self.steering;
-        let mut out = PinnedListeners::default();
-        for ip in &self.listen_ips {
-            for port in table.pinned_ports() {
-                let addr = SocketAddr::new(*ip, port);
-                if bound.contains(&addr) || out.groups.iter().any(|(a, _)| *a == addr) {
-                    continue;
-                }
-                match bind_group(
-                    addr,
-                    self.workers.len(),
-                    self.listener_socket_buffer,
-                    &mut steering,
-                ) {
-                    Ok((group, _)) => out.groups.push((addr, group)),
-                    Err(e) => {
-                        let source = match e {
-                            StartError::Bind { source, .. } => source,
-                            other => io::Error::other(other.to_string()),
-                        };
-                        let err = PinError {
-                            exit: pinned_exit_name(table, port),
-                            port,
-                            addr,
-                            source,
-                        };
-                        if strict && running.pinned(port).is_none() {
-                            return Err(err);
-                        }
-                        tracing::warn!(error = %err, "pinned port not bound");
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Makes `table` the one workers route by: hands them the sockets `listeners` holds
-    /// for the ports it newly pins (see [`DataPlane::bind_pinned`]), publishes it, wakes
-    /// the workers, and releases the ports it no longer pins (sessions that came through
-    /// one are closed: their clients must move to another port anyway). Sessions whose
-    /// exit stays carry on.
-    pub fn publish_bound(&self, table: ExitTable, listeners: PinnedListeners) {
-        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
-        for (addr, group) in listeners.groups {
-            for (w, l) in self.workers.iter().zip(group) {
-                let _ = w.requests.send(WorkerRequest::AddListener(l));
-            }
-            bound.push(addr);
-            tracing::info!(%addr, "listening on pinned port");
-        }
-        let ports: Vec<u16> = table.pinned_ports().collect();
-        let released: Vec<SocketAddr> = bound
-            .iter()
-            .copied()
-            .filter(|a| !self.configured.contains(a) && !ports.contains(&a.port()))
-            .collect();
-        bound.retain(|a| !released.contains(a));
-        drop(bound);
-        let old = self.table.load();
-        self.table.publish(table);
-        // After the table: by the time a worker closes the socket, no initiation on it is
-        // routed by the old pin any more.
-        for &addr in &released {
-            for w in &self.workers {
-                let _ = w.requests.send(WorkerRequest::RemoveListener(addr));
-            }
-            tracing::info!(%addr, "pinned port released");
-        }
-        self.nudge();
-        self.reap_retired();
-        self.retired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(old);
     }
 
     /// Frees retired tables no worker holds any more. Called on every publish; callers
@@ -904,34 +419,6 @@ impl DataPlane {
     /// The table workers route by.
     pub fn table(&self) -> Arc<ExitTable> {
         self.table.load()
-    }
-
-    /// Every session with what a restart needs to keep it (see
-    /// [`DataPlane::start_restoring`]).
-    pub fn snapshot(&self, timeout: Duration) -> Vec<SessionSnapshot> {
-        let mut out = Vec::new();
-        let mut pending = Vec::new();
-        for w in &self.workers {
-            let (tx, rx) = mpsc::channel();
-            if w.requests.send(WorkerRequest::Snapshot(tx)).is_ok() {
-                let _ = w.waker.wake();
-                pending.push(rx);
-            }
-        }
-        for rx in pending {
-            if let Ok(list) = rx.recv_timeout(timeout) {
-                out.extend(list);
-            }
-        }
-        out
-    }
-
-    /// Wakes workers so that they notice a new table at once rather than at their next
-    /// packet or tick.
-    pub fn nudge(&self) {
-        for w in &self.workers {
-            let _ = w.waker.wake();
-        }
     }
 
     /// Stops every worker and waits for them.
@@ -955,41 +442,5 @@ impl DataPlane {
 impl Drop for DataPlane {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn worker_reports_fill_whole_128_byte_blocks() {
-        assert_eq!(
-            std::mem::align_of::<CachePadded<Mutex<WorkerReport>>>(),
-            128
-        );
-        assert_eq!(
-            std::mem::size_of::<CachePadded<Mutex<WorkerReport>>>() % 128,
-            0
-        );
-        let reports: Vec<SharedReport> = (0..4)
-            .map(|_| Arc::new(CachePadded(Mutex::new(WorkerReport::default()))))
-            .collect();
-        for r in &reports {
-            assert_eq!(Arc::as_ptr(r) as usize % 128, 0, "{:p}", Arc::as_ptr(r));
-        }
-    }
-
-    #[test]
-    fn histogram_buckets_by_powers_of_two_microseconds() {
-        let mut h = LatencyHistogram::default();
-        for ns in [1, 999, 1_000, 1_001, 3_000, 40_000_000] {
-            h.record(ns);
-        }
-        assert_eq!(h.buckets[0], 3, "up to 1 µs");
-        assert_eq!(h.buckets[1], 1, "up to 2 µs");
-        assert_eq!(h.buckets[2], 1, "up to 4 µs");
-        assert_eq!(h.buckets[LatencyHistogram::BUCKETS - 1], 1, "overflow");
-        assert_eq!(h.count, 6);
     }
 }

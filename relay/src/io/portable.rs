@@ -11,22 +11,20 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use socket2::Socket;
 
-use super::plan::{self, Run, Source, Target, WorkerIo};
-use super::sys::{self, RecvBatch, SendBatch, Transmit};
+use super::runs::{self, Run, Target};
+use super::sys::{RecvBatch, SendBatch, Transmit};
 use super::train::{self, SyncSend, TrainSockets, Trains};
-use super::{BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerRequest};
+use super::worker::{self, Datapath, Source, Worker};
+use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
-use crate::router::{Command, Listener, Router, SessionSlot};
-use crate::table::SharedTable;
-use crate::zhop::{NodeKey, Zhop};
+use crate::role::Listener;
+use crate::slab::SessionSlot;
 
 /// Token of the waker that interrupts a worker's wait.
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
@@ -34,10 +32,6 @@ pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
 const EXIT_TOKEN_BASE: usize = 1 << 16;
 /// From here on, Z-HOP flow sockets by flow index.
 const FLOW_TOKEN_BASE: usize = 1 << 40;
-/// Longest wait for readiness, so that shutdown and table swaps are noticed when idle.
-const MAX_WAIT: Duration = Duration::from_millis(100);
-/// How often a worker publishes its counters.
-const REPORT_EVERY: Duration = Duration::from_millis(50);
 /// Batches taken from one socket before the others get their turn.
 const BATCHES_PER_TURN: usize = 4;
 
@@ -46,7 +40,7 @@ const BATCHES_PER_TURN: usize = 4;
 macro_rules! portable_io {
     ($w:ident) => {
         PortableIo {
-            worker: $w.id,
+            worker: $w.worker.id,
             cfg: &$w.cfg,
             poll: &$w.poll,
             listeners: &mut $w.listeners,
@@ -80,14 +74,12 @@ struct ExitSocket {
     gso: bool,
 }
 
-struct Worker {
-    id: usize,
+/// A portable worker: the [`Worker`] and the sockets and batches that serve it.
+struct Loop {
+    worker: Worker,
     cfg: DataPlaneConfig,
-    router: Router,
-    zhop: Zhop,
     /// Z-HOP flow sockets by flow index.
     flows: Vec<Option<ExitSocket>>,
-    table: SharedTable,
     poll: mio::Poll,
     listeners: Vec<Option<ListenerSocket>>,
     exits: Vec<Option<ExitSocket>>,
@@ -100,128 +92,88 @@ struct Worker {
     /// offset, length, GSO segment size.
     client_tx: Vec<(u16, SocketAddr, usize, usize, usize, Option<u16>)>,
     ready: VecDeque<Token>,
-    requests: mpsc::Receiver<WorkerRequest>,
-    report: SharedReport,
-    shutdown: Arc<AtomicBool>,
+    events: Events,
     io: IoStats,
-    last_report: Instant,
 }
 
 pub(crate) fn run(ctx: WorkerContext) {
     let now = Instant::now();
-    let table = ctx.table.load();
-    let mut w = Worker {
-        id: ctx.id,
-        zhop: Zhop::new(
-            ctx.cfg.node_key.map(NodeKey::from_secret),
-            table.clone(),
-            &ctx.cfg.router,
-            now,
-        ),
+    let (worker, ctx) = Worker::new(ctx, now);
+    let mut w = Loop {
+        worker,
         flows: Vec::new(),
-        router: Router::new(ctx.cfg.router.clone(), table, now),
         recv: RecvBatch::new(ctx.cfg.batch, ctx.cfg.recv_buffer),
         send: SendBatch::new(ctx.cfg.batch),
         trains: Trains::new(train::PORTABLE_BUFFERS),
         runs: Vec::with_capacity(ctx.cfg.batch * 4),
         client_tx: Vec::with_capacity(ctx.cfg.batch * 4),
         ready: VecDeque::with_capacity(1024),
+        events: Events::with_capacity(1024),
         cfg: ctx.cfg,
-        table: ctx.table,
         poll: ctx.poll,
         listeners: Vec::new(),
         exits: Vec::new(),
-        requests: ctx.requests,
-        report: ctx.report,
-        shutdown: ctx.shutdown,
         io: IoStats::default(),
-        last_report: now,
     };
-    for l in ctx.listeners {
-        portable_io!(w).add_listener(l);
+    w.worker
+        .start(&mut portable_io!(w), ctx.listeners, &ctx.restore, now);
+    if let Err(e) = worker::run(&mut w) {
+        tracing::error!(worker = w.worker.id, error = %e, "worker stopped");
     }
-    plan::restore(w.id, &mut w.router, &mut portable_io!(w), &ctx.restore, now);
-    if let Err(e) = w.event_loop() {
-        tracing::error!(worker = w.id, error = %e, "worker stopped");
-    }
-    w.publish(Instant::now());
+    w.worker.publish(&w.io, Instant::now());
 }
 
-impl Worker {
-    fn event_loop(&mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
-        loop {
-            if self.shutdown.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            let now = Instant::now();
-            self.housekeeping(now);
-            let spent = now.elapsed().as_nanos() as u64;
-            self.io.housekeeping_max_ns = self.io.housekeeping_max_ns.max(spent);
-            let wait = if !self.ready.is_empty() || self.router.sweeping() {
-                Duration::ZERO
-            } else {
-                self.router
-                    .poll_timeout()
-                    .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
-            };
-            debug_assert!(self.trains.is_empty(), "Z-HOP trains wait while sleeping");
-            match self.poll.poll(&mut events, Some(wait)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            for ev in events.iter() {
-                if ev.token() != WAKER_TOKEN {
-                    self.ready.push_back(ev.token());
-                }
-            }
-            // Each socket that was ready gets a turn; one that still has data after its
-            // turn goes to the back of the queue (readiness is edge-triggered).
-            for _ in 0..self.ready.len() {
-                let Some(token) = self.ready.pop_front() else {
-                    break;
-                };
-                if self.serve(token) {
-                    self.ready.push_back(token);
-                }
-            }
-        }
+impl worker::Backend for Loop {
+    fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    fn stats(&mut self) -> &mut IoStats {
+        &mut self.io
     }
 
     fn housekeeping(&mut self, now: Instant) {
-        let new_table = self.table.load_if_changed(self.router.table());
-        let took_table = new_table.is_some();
-        if let Some(t) = &new_table {
-            tracing::debug!(worker = self.id, generation = t.generation(), "new table");
-        }
-        if let Some(cpu) = plan::housekeeping(
-            &mut self.router,
-            &mut self.zhop,
-            &mut portable_io!(self),
-            new_table,
-            &self.requests,
-            now,
-        ) {
-            let ns = cpu.as_nanos() as u64;
-            self.io.swap_step_max_cpu_ns = self.io.swap_step_max_cpu_ns.max(ns);
-        }
+        let publish = self.worker.housekeeping(&mut portable_io!(self), now);
         self.flush_trains();
-        // A new table is reported at once: the control side waits for every worker to
-        // route by it before it calls a swap done.
-        if took_table || now.duration_since(self.last_report) >= REPORT_EVERY {
-            self.publish(now);
+        if publish {
+            self.worker.publish(&self.io, now);
         }
     }
 
-    fn publish(&mut self, now: Instant) {
-        if plan::publish(&self.report, &self.router, &self.zhop, &self.io) {
-            self.last_report = now;
-        }
+    fn busy(&self) -> bool {
+        !self.ready.is_empty()
     }
 
+    /// Waits for readiness, then gives each socket that was ready a turn; one that still
+    /// has data after its turn goes to the back of the queue (readiness is
+    /// edge-triggered).
+    fn serve(&mut self, wait: Duration) -> io::Result<()> {
+        debug_assert!(self.trains.is_empty(), "Z-HOP trains wait while sleeping");
+        match self.poll.poll(&mut self.events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        for ev in self.events.iter() {
+            if ev.token() != WAKER_TOKEN {
+                self.ready.push_back(ev.token());
+            }
+        }
+        for _ in 0..self.ready.len() {
+            let Some(token) = self.ready.pop_front() else {
+                break;
+            };
+            if self.serve_socket(token) {
+                self.ready.push_back(token);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Loop {
     /// Serves one ready socket for a turn. Returns whether it may have more to read.
-    fn serve(&mut self, token: Token) -> bool {
+    fn serve_socket(&mut self, token: Token) -> bool {
         for _ in 0..BATCHES_PER_TURN {
             let (fd, source) = if token.0 < EXIT_TOKEN_BASE {
                 match open_listener(&self.listeners, token.0) {
@@ -262,7 +214,7 @@ impl Worker {
                     // ECONNREFUSED on a connected exit socket (ICMP port unreachable) and
                     // the like: counted, and the socket is tried again later.
                     self.io.recv_errors += 1;
-                    tracing::trace!(worker = self.id, error = %e, "receive error");
+                    tracing::trace!(worker = self.worker.id, error = %e, "receive error");
                     return false;
                 }
             };
@@ -287,24 +239,22 @@ impl Worker {
             let Some(meta) = self.recv.meta(msg) else {
                 continue;
             };
-            if plan::is_train(meta.len, meta.stride) {
+            if worker::is_train(meta.len, meta.stride) {
                 self.io.gro_trains += 1;
             }
             // Runs are planned as if every socket did GSO; a socket the kernel refused it
-            // on sends its runs' segments one by one (`plan::send_all`).
-            let (runs, gso) = (&mut self.runs, self.cfg.gso);
-            plan::route_message(
-                &mut self.router,
-                &mut self.zhop,
+            // on sends its runs' segments one by one (`runs::send_all`).
+            let (planned, gso) = (&mut self.runs, self.cfg.gso);
+            self.worker.route(
                 &mut portable_io!(self),
                 now,
-                plan::Message {
+                worker::Message {
                     source,
                     from: meta.from,
                     payload: self.recv.payload(msg),
                     stride: meta.stride,
                 },
-                |target, offset, len| plan::plan(runs, gso, target, msg, offset, len),
+                |target, offset, len| runs::push_segment(planned, gso, target, msg, offset, len),
             );
         }
     }
@@ -341,7 +291,7 @@ impl Worker {
             // The session went away while its packets were being routed.
             _ => {
                 for _ in 0..run.segments {
-                    self.router.record_drop(DropReason::NoSession);
+                    self.worker.router.record_drop(DropReason::NoSession);
                 }
                 return;
             }
@@ -351,22 +301,22 @@ impl Worker {
             contents: &self.recv.payload(run.msg)[run.start..run.start + run.len],
             segment_size: run.segment_size(),
         };
-        let mut failed = plan::send_all(
+        let mut failed = runs::send_all(
             &mut self.send,
             s.socket.as_raw_fd(),
             &[tx],
             &mut s.gso,
             &mut self.io,
-            self.id,
+            self.worker.id,
         );
-        plan::record_send_failures(&mut self.router, &mut failed);
+        self.worker.record_send_failures(&mut failed);
     }
 
     /// Sends what Z-HOP emitted since the last flush, each train in one `sendmmsg`.
     fn flush_trains(&mut self) {
         let mut io = portable_io!(self);
         io.flush_trains(|_| true);
-        plan::record_send_failures(&mut self.router, &mut self.trains.failed);
+        self.worker.record_send_failures(&mut self.trains.failed);
     }
 
     fn send_to_clients(&mut self) {
@@ -404,15 +354,15 @@ impl Worker {
                     segment_size: seg,
                 };
             }
-            let mut failed = plan::send_all(
+            let mut failed = runs::send_all(
                 &mut self.send,
                 l.socket.as_raw_fd(),
                 &txs[..end - i],
                 &mut l.gso,
                 &mut self.io,
-                self.id,
+                self.worker.id,
             );
-            plan::record_send_failures(&mut self.router, &mut failed);
+            self.worker.record_send_failures(&mut failed);
             i = end;
         }
     }
@@ -484,12 +434,7 @@ impl TrainSockets for TrainSocketsView<'_> {
 impl PortableIo<'_> {
     /// Opens a socket connected to `exit` and registers it under `token`.
     fn open(&self, exit: SocketAddr, local_port: Option<u16>, token: Token) -> io::Result<Socket> {
-        let (socket, _gro) = sys::exit_socket(
-            exit,
-            self.cfg.exit_source,
-            local_port,
-            self.cfg.exit_socket_buffer,
-        )?;
+        let socket = self.cfg.exit_socket(exit, local_port)?;
         self.poll.registry().register(
             &mut SourceFd(&socket.as_raw_fd()),
             token,
@@ -552,52 +497,32 @@ impl PortableIo<'_> {
         let (trains, mut sockets, mut out) = self.train_parts();
         trains.flush_now(wanted, &mut sockets, &mut out);
     }
+}
 
-    /// A plain synchronous send from a listener: for the relay's cookie replies, never the
-    /// forwarded packets.
+impl Datapath for PortableIo<'_> {
+    fn open_exit(
+        &mut self,
+        slot: SessionSlot,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+    ) -> io::Result<()> {
+        let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
+        let socket = self.open(exit, local_port, token)?;
+        put(self.exits, slot, socket, self.cfg.gso);
+        Ok(())
+    }
+
+    fn close_exit(&mut self, slot: SessionSlot) -> bool {
+        Self::close(self.poll, self.exits, slot)
+    }
+
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
         open_listener(self.listeners, usize::from(listener.id))
             .is_some_and(|l| l.socket.send_to(bytes, &to.into()).is_ok())
     }
-}
 
-impl WorkerIo for PortableIo<'_> {
-    fn router_commands(&mut self, router: &mut Router) {
-        while let Some(cmd) = router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket {
-                    slot,
-                    exit,
-                    local_port,
-                } => {
-                    let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
-                    match self.open(exit, local_port, token) {
-                        Ok(socket) => {
-                            put(self.exits, slot, socket, self.cfg.gso);
-                            self.io.exit_sockets_open += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open exit socket");
-                            router.socket_failed(slot);
-                        }
-                    }
-                }
-                Command::CloseExitSocket { slot } => {
-                    if Self::close(self.poll, self.exits, slot) {
-                        self.io.exit_sockets_open -= 1;
-                    }
-                }
-                Command::SendCookieReply {
-                    listener,
-                    client,
-                    reply,
-                } => {
-                    if !self.send_from_listener(listener, client, &reply) {
-                        self.io.cookie_send_errors += 1;
-                    }
-                }
-            }
-        }
+    fn stats(&mut self) -> &mut IoStats {
+        self.io
     }
 
     fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool {
@@ -609,14 +534,11 @@ impl WorkerIo for PortableIo<'_> {
         true
     }
 
-    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) {
+    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()> {
         let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
-        match self.open(exit, None, token) {
-            Ok(socket) => put(self.flows, flow, socket, self.cfg.gso),
-            Err(e) => {
-                tracing::warn!(worker = self.worker, %exit, error = %e, "cannot open flow socket")
-            }
-        }
+        let socket = self.open(exit, None, token)?;
+        put(self.flows, flow, socket, self.cfg.gso);
+        Ok(())
     }
 
     fn close_flow(&mut self, flow: SessionSlot) {

@@ -33,7 +33,7 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
-use super::plan::{self, Run, Target};
+use super::runs::{self, Run, Target};
 use super::sys::{SendBatch, Transmit, MAX_GSO_SEGMENTS};
 use super::IoStats;
 
@@ -57,7 +57,7 @@ const BUFFER_BYTES: usize = crate::zhop::MAX_OUTPUT;
 /// One buffer of the pool and the train in it.
 struct Slot {
     data: Box<[u8]>,
-    /// The train's runs of equal-sized segments, each one send (planned by [`plan::plan`]).
+    /// The train's runs of equal-sized segments, each one send (planned by [`runs::push_segment`]).
     runs: Vec<Run>,
     target: Target,
     len: usize,
@@ -254,7 +254,7 @@ impl Trains {
                     };
                     let mut gso_now = gso;
                     self.failed +=
-                        plan::send_all(out.send, fd, &[tx], &mut gso_now, out.io, out.worker);
+                        runs::send_all(out.send, fd, &[tx], &mut gso_now, out.io, out.worker);
                     return;
                 }
             }
@@ -320,7 +320,7 @@ impl Trains {
             }
         }
         let mut gso_now = gso;
-        let failed = plan::send_all(out.send, fd, &txs[..n], &mut gso_now, out.io, out.worker);
+        let failed = runs::send_all(out.send, fd, &txs[..n], &mut gso_now, out.io, out.worker);
         if gso && !gso_now {
             sockets.refuse_gso(target);
         }
@@ -349,7 +349,7 @@ impl Slot {
         self.data[start..start + bytes.len()].copy_from_slice(bytes);
         self.len += bytes.len();
         self.segments += 1;
-        plan::plan(&mut self.runs, true, self.target, 0, start, bytes.len());
+        runs::push_segment(&mut self.runs, true, self.target, 0, start, bytes.len());
     }
 }
 

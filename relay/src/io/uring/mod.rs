@@ -6,9 +6,11 @@
 //! `io_uring_enter` submits everything queued since the last one (sends, receives,
 //! cancellations) and waits for at least one completion (or the next router timer). It then
 //! reaps the completion queue (which only records what happened) and processes every
-//! received message: each segment goes through the router exactly as in the portable
-//! backend (`plan.rs`), and each run of segments to one target becomes one `SendMsg`
-//! (with `UDP_SEGMENT` when it holds several) pointing into the very buffer it arrived in.
+//! received message: each segment goes through the roles exactly as in the portable
+//! backend (`Worker::route`), and each run of segments to one target becomes one
+//! `SendMsg` (with `UDP_SEGMENT` when it holds several) pointing into the very buffer it
+//! arrived in. `probe.rs` says whether this backend can run, `ring.rs` holds the ring,
+//! `sockets.rs` the socket registry; this file the loop.
 //!
 //! Invariants (each `unsafe` block below names the one it relies on):
 //! - **Buffers**: a receive buffer belongs to the kernel while it is in the buffer ring,
@@ -27,35 +29,35 @@
 //!   the kernel may still use them.
 
 mod bufring;
+mod probe;
+mod ring;
 mod sendq;
+mod sockets;
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, SubmitArgs, Timespec};
-use io_uring::{cqueue, opcode, squeue, IoUring};
-use socket2::Socket;
+use io_uring::{cqueue, opcode, IoUring};
 
 use self::bufring::BufRing;
+use self::probe::build_ring;
+pub use self::probe::{probe, UringUnavailable};
+use self::ring::Ring;
 use self::sendq::{BufRef, SendInfo, SendSlots};
-use super::plan::{self, Run, Source, Target, WorkerIo};
+use self::sockets::{IoSocket, Role, Sockets, NONE};
+use super::runs::{self, Run, Target};
 use super::sys::{self, is_gso_errno, SendBatch, MAX_GSO_SEGMENTS};
-use super::train::{self, SyncSend, TrainSockets, Trains};
-use super::{BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerRequest};
+use super::train::{self, SyncSend, Trains};
+use super::worker::{self, Datapath, Source, Worker, MAX_WAIT};
+use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
-use crate::router::{Command, Listener, Router, SessionSlot};
-use crate::table::SharedTable;
-use crate::zhop::{NodeKey, Zhop};
-
-/// Longest wait for a completion, so that shutdown and table swaps are noticed when idle.
-const MAX_WAIT: Duration = Duration::from_millis(100);
-/// How often a worker publishes its counters.
-const REPORT_EVERY: Duration = Duration::from_millis(50);
+use crate::role::Listener;
+use crate::slab::SessionSlot;
 /// Deferred completions the kernel runs in an enter that waits for one
 /// (`IO_LOCAL_TW_DEFAULT_MAX`).
 const LOCAL_WORK_CAP: usize = 20;
@@ -94,132 +96,6 @@ fn user_data(kind: u64, id: u32) -> u64 {
     (kind << KIND_SHIFT) | u64::from(id)
 }
 
-/// Why io_uring cannot drive the data path on this machine.
-#[derive(Debug, thiserror::Error)]
-#[error("io_uring unavailable: {step} failed: {error}; likely cause: {hint}")]
-pub struct UringUnavailable {
-    /// What was being set up.
-    pub step: &'static str,
-    pub error: io::Error,
-    /// The likely cause, in words.
-    pub hint: String,
-}
-
-impl UringUnavailable {
-    fn new(step: &'static str, error: io::Error) -> Self {
-        let hint = match error.raw_os_error() {
-            Some(libc::ENOSYS) => {
-                "the kernel has no io_uring, or this runs under an emulator such as qemu-user"
-                    .to_owned()
-            }
-            Some(libc::EPERM) | Some(libc::EACCES) => {
-                match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
-                    .ok()
-                    .as_deref()
-                    .map(str::trim)
-                {
-                    Some("2") => "kernel.io_uring_disabled = 2".to_owned(),
-                    Some("1") => {
-                        "kernel.io_uring_disabled = 1 and this process is not in io_uring_group"
-                            .to_owned()
-                    }
-                    _ => "denied by a seccomp filter (Docker's default profile blocks io_uring)"
-                        .to_owned(),
-                }
-            }
-            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                "the kernel is too old: this backend needs Linux 6.1 (single issuer, deferred \
-                 task running, buffer rings, multishot recvmsg)"
-                    .to_owned()
-            }
-            Some(libc::ENOMEM) => "not enough memory (or address space, or locked memory \
-                 under RLIMIT_MEMLOCK) for the ring and its receive buffers: each worker maps \
-                 ring_buffers of them, 64 KiB each"
-                .to_owned(),
-            _ => "unexpected error".to_owned(),
-        };
-        UringUnavailable { step, error, hint }
-    }
-}
-
-/// A ring with the flags every worker uses: one thread submits, and the kernel runs
-/// completion work only when that thread enters the ring (so completions never interrupt
-/// the worker), and a bad request does not stop the rest of its batch.
-fn build_ring(cq_entries: u32) -> Result<IoUring, UringUnavailable> {
-    IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_submit_all()
-        .setup_cqsize(cq_entries)
-        .build(SQ_ENTRIES)
-        .map_err(|e| UringUnavailable::new("io_uring_setup", e))
-}
-
-/// Checks that this process can run the io_uring backend: a ring with the workers' flags,
-/// a provided buffer ring, and a multishot recvmsg the kernel accepts. Cheap; leaves
-/// nothing behind.
-pub fn probe() -> Result<(), UringUnavailable> {
-    let mut ring = build_ring(2 * SQ_ENTRIES)?;
-    let bufs = BufRing::new(1, 4096, BUFFER_GROUP).map_err(|e| UringUnavailable::new("mmap", e))?;
-    bufs.register(&ring.submitter())
-        .map_err(|e| UringUnavailable::new("registering a buffer ring", e))?;
-    let sock = sys::udp_socket(&SocketAddr::from(([127, 0, 0, 1], 0)))
-        .map_err(|e| UringUnavailable::new("opening a probe socket", e))?;
-    let hdr = recv_msghdr();
-    let recv = opcode::RecvMsgMulti::new(Fd(sock.as_raw_fd()), &*hdr, BUFFER_GROUP)
-        .build()
-        .user_data(user_data(RECV, 0));
-    let cancel = opcode::AsyncCancel::new(user_data(RECV, 0))
-        .build()
-        .user_data(user_data(CANCEL, 0));
-    // SAFETY: the receive's msghdr and the buffer ring outlive the ring's requests: both
-    // are dropped after `ring`, and the loop below waits for the receive's final
-    // completion before anything is dropped.
-    unsafe {
-        let mut sq = ring.submission();
-        let _ = sq.push(&recv);
-        let _ = sq.push(&cancel);
-    }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut result = Ok(());
-    let mut recv_done = false;
-    while !recv_done && Instant::now() < deadline {
-        let ts = Timespec::from(Duration::from_millis(100));
-        match ring
-            .submitter()
-            .submit_with_args(1, &SubmitArgs::new().timespec(&ts))
-        {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-            Err(e) => return Err(UringUnavailable::new("io_uring_enter", e)),
-        }
-        for cqe in ring.completion() {
-            if cqe.user_data() == user_data(RECV, 0) && !cqueue::more(cqe.flags()) {
-                recv_done = true;
-                let res = cqe.result();
-                if res < 0 && res != -libc::ECANCELED {
-                    result = Err(UringUnavailable::new(
-                        "multishot recvmsg",
-                        io::Error::from_raw_os_error(-res),
-                    ));
-                }
-            }
-        }
-    }
-    if !recv_done {
-        // The kernel still holds the header and the buffer ring: leak them rather than
-        // free memory it may write to.
-        std::mem::forget(hdr);
-        std::mem::forget(bufs);
-        return Err(UringUnavailable::new(
-            "cancelling the probe receive",
-            io::Error::from(io::ErrorKind::TimedOut),
-        ));
-    }
-    drop(ring);
-    result
-}
-
 /// The header every multishot receive of a worker uses: only the name and control lengths
 /// matter (they lay out each buffer).
 fn recv_msghdr() -> Box<libc::msghdr> {
@@ -228,182 +104,6 @@ fn recv_msghdr() -> Box<libc::msghdr> {
     h.msg_namelen = RECV_NAME_LEN;
     h.msg_controllen = RECV_CONTROL_LEN as _;
     h
-}
-
-/// What a socket is to the router.
-#[derive(Debug, Clone, Copy)]
-enum Role {
-    Listener(Listener),
-    Exit(SessionSlot),
-    /// A Z-HOP flow's socket towards an exit.
-    Flow(SessionSlot),
-}
-
-struct IoSocket {
-    socket: Socket,
-    role: Role,
-    local: Option<SocketAddr>,
-    /// Whether sends on this socket may use GSO; cleared for good when the kernel refuses.
-    gso: bool,
-    recv_armed: bool,
-    closing: bool,
-    /// Requests in flight and received messages waiting that name this socket.
-    refs: u32,
-}
-
-/// The worker's sockets by id, and the router's names for them.
-#[derive(Default)]
-struct Sockets {
-    slots: Vec<Option<IoSocket>>,
-    free: Vec<u32>,
-    /// Socket id by router listener id.
-    listeners: Vec<u32>,
-    /// Socket id by session slot index (`NONE` when the slot has no socket).
-    exits: Vec<u32>,
-    /// Socket id by Z-HOP flow index.
-    flows: Vec<u32>,
-}
-
-const NONE: u32 = u32::MAX;
-
-impl Sockets {
-    fn insert(&mut self, s: IoSocket) -> u32 {
-        match self.free.pop() {
-            Some(id) => {
-                self.slots[id as usize] = Some(s);
-                id
-            }
-            None => {
-                self.slots.push(Some(s));
-                (self.slots.len() - 1) as u32
-            }
-        }
-    }
-
-    fn get(&self, id: u32) -> Option<&IoSocket> {
-        self.slots.get(id as usize).and_then(Option::as_ref)
-    }
-
-    fn get_mut(&mut self, id: u32) -> Option<&mut IoSocket> {
-        self.slots.get_mut(id as usize).and_then(Option::as_mut)
-    }
-
-    /// The open socket of session `slot`, if it has one.
-    fn exit(&self, slot: SessionSlot) -> Option<u32> {
-        let id = *self.exits.get(slot.index as usize)?;
-        match self.get(id)? {
-            IoSocket {
-                role: Role::Exit(s),
-                closing: false,
-                ..
-            } if *s == slot => Some(id),
-            _ => None,
-        }
-    }
-
-    /// The open socket of Z-HOP flow `flow`, if it has one.
-    fn flow(&self, flow: SessionSlot) -> Option<u32> {
-        let id = *self.flows.get(flow.index as usize)?;
-        match self.get(id)? {
-            IoSocket {
-                role: Role::Flow(f),
-                closing: false,
-                ..
-            } if *f == flow => Some(id),
-            _ => None,
-        }
-    }
-
-    fn listener(&self, listener: u16) -> Option<u32> {
-        // A closed listener's id maps to NONE (set before it starts closing), which no
-        // caller's `get` finds.
-        self.listeners
-            .get(usize::from(listener))
-            .copied()
-            .filter(|&sid| sid != NONE)
-    }
-
-    /// Drops one reference; a closing socket with none left is closed and its id freed.
-    fn release(&mut self, id: u32) {
-        let done = match self.get_mut(id) {
-            Some(s) => {
-                s.refs = s.refs.saturating_sub(1);
-                s.closing && s.refs == 0
-            }
-            None => false,
-        };
-        if done {
-            self.finish(id);
-        }
-    }
-
-    fn finish_if_unused(&mut self, id: u32) {
-        if matches!(self.get(id), Some(s) if s.closing && s.refs == 0) {
-            self.finish(id);
-        }
-    }
-
-    fn finish(&mut self, id: u32) {
-        // Dropping the socket closes its descriptor: nothing queued or in flight names it.
-        self.slots[id as usize] = None;
-        self.free.push(id);
-    }
-}
-
-impl Sockets {
-    /// The open socket a send to `target` leaves from.
-    fn for_target(&self, target: Target) -> Option<u32> {
-        match target {
-            Target::Exit(slot) => self.exit(slot),
-            Target::Flow(flow) => self.flow(flow),
-            Target::Client { listener, .. } => self.listener(listener),
-        }
-    }
-}
-
-impl TrainSockets for Sockets {
-    fn socket(&self, target: Target) -> Option<(i32, bool)> {
-        let s = self.get(self.for_target(target)?)?;
-        Some((s.socket.as_raw_fd(), s.gso))
-    }
-
-    fn refuse_gso(&mut self, target: Target) {
-        if let Some(s) = self.for_target(target).and_then(|id| self.get_mut(id)) {
-            s.gso = false;
-        }
-    }
-}
-
-/// The ring and the count of requests whose final completion has not arrived.
-struct Ring {
-    ring: IoUring,
-    inflight: usize,
-    enters: u64,
-}
-
-impl Ring {
-    /// Queues `entry`, submitting what is queued first when the queue is full.
-    ///
-    /// # Safety
-    /// Everything `entry` points at (headers, buffers, descriptors) stays valid until its
-    /// final completion has been reaped.
-    unsafe fn push(&mut self, entry: &squeue::Entry) {
-        loop {
-            // SAFETY: passed on from this function's contract.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                self.inflight += 1;
-                return;
-            }
-            self.enters += 1;
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.kind() != io::ErrorKind::Interrupted {
-                    tracing::warn!(error = %e, "io_uring submit failed");
-                }
-                // EBUSY: the completion queue overflowed; the caller reaps before long.
-                std::thread::yield_now();
-            }
-        }
-    }
 }
 
 /// A received message waiting to be routed.
@@ -454,12 +154,7 @@ impl Plane {
     /// Opens a socket connected to `exit` for `role`, registers it under `table[index]`
     /// and arms its receive.
     fn open(&mut self, role: Role, exit: SocketAddr, local_port: Option<u16>) -> io::Result<()> {
-        let (socket, _gro) = sys::exit_socket(
-            exit,
-            self.cfg.exit_source,
-            local_port,
-            self.cfg.exit_socket_buffer,
-        )?;
+        let socket = self.cfg.exit_socket(exit, local_port)?;
         let sid = self.sockets.insert(IoSocket {
             socket,
             role,
@@ -492,11 +187,8 @@ impl Plane {
         s.closing = true;
         if s.recv_armed {
             s.refs += 1;
-            let entry = opcode::AsyncCancel::new(user_data(RECV, sid))
-                .build()
-                .user_data(user_data(CANCEL, sid));
-            // SAFETY: a cancellation points at nothing but a user data value.
-            unsafe { self.ring.push(&entry) };
+            self.ring
+                .cancel(user_data(RECV, sid), user_data(CANCEL, sid));
         }
         self.sockets.finish_if_unused(sid);
     }
@@ -525,51 +217,37 @@ impl Plane {
             tracing::trace!(worker = self.id, error = %e, "io_uring submit failed");
         }
     }
+}
 
-    /// A plain synchronous send from a listener, outside the ring: for the relay's cookie
-    /// replies, never the forwarded packets.
+impl Datapath for Plane {
+    fn open_exit(
+        &mut self,
+        slot: SessionSlot,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+    ) -> io::Result<()> {
+        self.open(Role::Exit(slot), exit, local_port)
+    }
+
+    fn close_exit(&mut self, slot: SessionSlot) -> bool {
+        let Some(sid) = self.sockets.exit(slot) else {
+            return false;
+        };
+        self.sockets.exits[slot.index as usize] = NONE;
+        self.close(sid);
+        true
+    }
+
+    /// Outside the ring: cookie replies are rare (only under load) and 64 bytes.
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
         self.sockets
             .listener(listener.id)
             .and_then(|sid| self.sockets.get(sid))
             .is_some_and(|s| s.socket.send_to(bytes, &to.into()).is_ok())
     }
-}
 
-impl WorkerIo for Plane {
-    fn router_commands(&mut self, router: &mut Router) {
-        while let Some(cmd) = router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket {
-                    slot,
-                    exit,
-                    local_port,
-                } => match self.open(Role::Exit(slot), exit, local_port) {
-                    Ok(()) => self.io.exit_sockets_open += 1,
-                    Err(e) => {
-                        tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
-                        router.socket_failed(slot);
-                    }
-                },
-                Command::CloseExitSocket { slot } => {
-                    if let Some(sid) = self.sockets.exit(slot) {
-                        self.sockets.exits[slot.index as usize] = NONE;
-                        self.io.exit_sockets_open -= 1;
-                        self.close(sid);
-                    }
-                }
-                Command::SendCookieReply {
-                    listener,
-                    client,
-                    reply,
-                } => {
-                    // Rare (only under load) and 64 bytes: a plain send, not the ring.
-                    if !self.send_from_listener(listener, client, &reply) {
-                        self.io.cookie_send_errors += 1;
-                    }
-                }
-            }
-        }
+    fn stats(&mut self) -> &mut IoStats {
+        &mut self.io
     }
 
     /// Z-HOP decrypts into its own buffer, valid only during this call, so its datagrams
@@ -588,10 +266,8 @@ impl WorkerIo for Plane {
         true
     }
 
-    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) {
-        if let Err(e) = self.open(Role::Flow(flow), exit, None) {
-            tracing::warn!(worker = self.id, %exit, error = %e, "cannot open flow socket");
-        }
+    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()> {
+        self.open(Role::Flow(flow), exit, None)
     }
 
     fn close_flow(&mut self, flow: SessionSlot) {
@@ -696,19 +372,15 @@ impl Buffers {
     }
 }
 
-struct Worker {
+/// An io_uring worker: the [`Worker`], and the ring, buffers and sockets that serve it.
+struct Loop {
     plane: Plane,
-    router: Router,
-    zhop: Zhop,
+    worker: Worker,
     bufs: Buffers,
     sends: SendSlots,
-    table: SharedTable,
     poll: mio::Poll,
     events: mio::Events,
     wake_armed: bool,
-    requests: mpsc::Receiver<WorkerRequest>,
-    report: SharedReport,
-    shutdown: Arc<AtomicBool>,
     /// Sockets whose multishot receive ended and must be armed again.
     rearm: Vec<u32>,
     arrived: VecDeque<Arrived>,
@@ -717,7 +389,6 @@ struct Worker {
     retries: VecDeque<SendInfo>,
     completions: Vec<(u64, i32, u32)>,
     runs: Vec<Run>,
-    last_report: Instant,
     stopping: bool,
 }
 
@@ -764,17 +435,12 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
     let _ = ready.send(Ok(()));
     let now = Instant::now();
     let nbufs = bufring.entries();
-    let table = ctx.table.load();
-    let mut w = Worker {
-        zhop: Zhop::new(
-            ctx.cfg.node_key.map(NodeKey::from_secret),
-            table.clone(),
-            &ctx.cfg.router,
-            now,
-        ),
-        router: Router::new(ctx.cfg.router.clone(), table, now),
+    let id = ctx.id;
+    let (worker, ctx) = Worker::new(ctx, now);
+    let mut w = Loop {
+        worker,
         plane: Plane {
-            id: ctx.id,
+            id,
             cfg: ctx.cfg,
             ring: Ring {
                 ring,
@@ -792,70 +458,75 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
             refs: vec![0; nbufs].into_boxed_slice(),
         },
         sends: SendSlots::new(sends),
-        table: ctx.table,
         poll: ctx.poll,
         events: mio::Events::with_capacity(16),
         wake_armed: false,
-        requests: ctx.requests,
-        report: ctx.report,
-        shutdown: ctx.shutdown,
         rearm: Vec::with_capacity(1024),
         arrived: VecDeque::with_capacity(nbufs),
         retries: VecDeque::with_capacity(sends),
         completions: Vec::with_capacity(cq as usize),
         runs: Vec::with_capacity(256),
-        last_report: now,
         stopping: false,
     };
-    for l in ctx.listeners {
-        w.plane.add_listener(l);
+    w.worker
+        .start(&mut w.plane, ctx.listeners, &ctx.restore, now);
+    if let Err(e) = worker::run(&mut w) {
+        tracing::error!(worker = w.worker.id, error = %e, "worker stopped");
     }
-    plan::restore(w.plane.id, &mut w.router, &mut w.plane, &ctx.restore, now);
-    w.event_loop();
     w.publish(Instant::now());
     w.teardown();
 }
 
-impl Worker {
-    fn event_loop(&mut self) {
-        loop {
-            if self.shutdown.load(Ordering::Acquire) {
-                return;
-            }
-            let now = Instant::now();
-            self.housekeeping(now);
-            let spent = now.elapsed().as_nanos() as u64;
-            self.plane.io.housekeeping_max_ns = self.plane.io.housekeeping_max_ns.max(spent);
-            self.arm_wake();
-            self.rearm_receives();
-            self.bufs.ring.publish();
-            let wait = if self.router.sweeping() || !self.retries.is_empty() {
-                Duration::ZERO
-            } else {
-                self.router
-                    .poll_timeout()
-                    .map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
-            };
-            debug_assert!(
-                self.plane.trains.is_empty(),
-                "Z-HOP trains wait while sleeping"
-            );
-            self.enter(wait, 1);
-            let mut reaped = self.reap();
-            // An enter that waits for one completion runs at most LOCAL_WORK_CAP of the
-            // kernel's deferred completions; when it ran that many, ask for the rest
-            // without waiting, so that a busy socket's batch is taken in one go.
-            for _ in 0..MORE_ROUNDS {
-                if reaped < LOCAL_WORK_CAP {
-                    break;
-                }
-                self.enter(Duration::ZERO, MORE_WANT);
-                reaped = self.reap();
-            }
-            self.process(Instant::now());
+impl worker::Backend for Loop {
+    fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    fn stats(&mut self) -> &mut IoStats {
+        &mut self.plane.io
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let publish = self.worker.housekeeping(&mut self.plane, now);
+        self.flush_trains();
+        if publish {
+            self.publish(now);
         }
     }
 
+    fn busy(&self) -> bool {
+        !self.retries.is_empty()
+    }
+
+    /// Arms the waker and the receives that ended, gives the buffers back, then one
+    /// `io_uring_enter` submits what is queued and waits; what completed is reaped and
+    /// processed.
+    fn serve(&mut self, wait: Duration) -> io::Result<()> {
+        self.arm_wake();
+        self.rearm_receives();
+        self.bufs.ring.publish();
+        debug_assert!(
+            self.plane.trains.is_empty(),
+            "Z-HOP trains wait while sleeping"
+        );
+        self.enter(wait, 1);
+        let mut reaped = self.reap();
+        // An enter that waits for one completion runs at most LOCAL_WORK_CAP of the
+        // kernel's deferred completions; when it ran that many, ask for the rest
+        // without waiting, so that a busy socket's batch is taken in one go.
+        for _ in 0..MORE_ROUNDS {
+            if reaped < LOCAL_WORK_CAP {
+                break;
+            }
+            self.enter(Duration::ZERO, MORE_WANT);
+            reaped = self.reap();
+        }
+        self.process(Instant::now());
+        Ok(())
+    }
+}
+
+impl Loop {
     /// Submits everything queued and waits up to `wait` for `want` completions.
     fn enter(&mut self, wait: Duration, want: usize) {
         let ts = Timespec::from(wait);
@@ -882,40 +553,9 @@ impl Worker {
         }
     }
 
-    fn housekeeping(&mut self, now: Instant) {
-        let new_table = self.table.load_if_changed(self.router.table());
-        let took_table = new_table.is_some();
-        if let Some(t) = &new_table {
-            tracing::debug!(
-                worker = self.plane.id,
-                generation = t.generation(),
-                "new table"
-            );
-        }
-        if let Some(cpu) = plan::housekeeping(
-            &mut self.router,
-            &mut self.zhop,
-            &mut self.plane,
-            new_table,
-            &self.requests,
-            now,
-        ) {
-            let ns = cpu.as_nanos() as u64;
-            self.plane.io.swap_step_max_cpu_ns = self.plane.io.swap_step_max_cpu_ns.max(ns);
-        }
-        self.flush_trains();
-        // A new table is reported at once: the control side waits for every worker to
-        // route by it before it calls a swap done.
-        if took_table || now.duration_since(self.last_report) >= REPORT_EVERY {
-            self.publish(now);
-        }
-    }
-
     fn publish(&mut self, now: Instant) {
         self.plane.io.ring_enters = self.plane.ring.enters;
-        if plan::publish(&self.report, &self.router, &self.zhop, &self.plane.io) {
-            self.last_report = now;
-        }
+        self.worker.publish(&self.plane.io, now);
     }
 
     /// Watches the waker's epoll descriptor, which becomes readable when the control side
@@ -1053,7 +693,7 @@ impl Worker {
             }
             tracing::trace!(worker = self.plane.id, errno = err, "send failed");
             for _ in 0..segments(&info) {
-                self.router.record_drop(DropReason::SendFailed);
+                self.worker.router.record_drop(DropReason::SendFailed);
             }
         }
         self.release_buf(info.buf);
@@ -1089,7 +729,8 @@ impl Worker {
             // The flush's own hold, from `next`.
             self.plane.trains.release(b);
         }
-        plan::record_send_failures(&mut self.router, &mut self.plane.trains.failed);
+        self.worker
+            .record_send_failures(&mut self.plane.trains.failed);
     }
 
     /// Routes every received message and queues its sends, then resends refused GSO
@@ -1145,18 +786,16 @@ impl Worker {
             self.plane.io.recv_errors += 1;
             return;
         };
-        if plan::is_train(msg.len, msg.stride) {
+        if worker::is_train(msg.len, msg.stride) {
             self.plane.io.gro_trains += 1;
         }
         let payload = &buffer[msg.offset..msg.offset + msg.len];
-        let runs = &mut self.runs;
-        runs.clear();
-        plan::route_message(
-            &mut self.router,
-            &mut self.zhop,
+        let planned = &mut self.runs;
+        planned.clear();
+        self.worker.route(
             &mut self.plane,
             now,
-            plan::Message {
+            worker::Message {
                 source,
                 from: msg.from,
                 payload,
@@ -1165,8 +804,8 @@ impl Worker {
             // Runs are planned as if every socket did GSO; `send_run` splits them for
             // sockets that fell back.
             |target, offset, len| {
-                plan::plan(
-                    runs,
+                runs::push_segment(
+                    planned,
                     true,
                     target,
                     usize::from(a.buf),
@@ -1191,7 +830,7 @@ impl Worker {
                 Target::Exit(_) | Target::Flow(_) => DropReason::NoSession,
             };
             for _ in 0..run.segments {
-                self.router.record_drop(reason);
+                self.worker.router.record_drop(reason);
             }
             return;
         };
@@ -1232,7 +871,7 @@ impl Worker {
             }
             _ => {
                 for _ in 0..segments(&info) {
-                    self.router.record_drop(DropReason::NoSession);
+                    self.worker.router.record_drop(DropReason::NoSession);
                 }
                 return;
             }
@@ -1309,11 +948,9 @@ impl Worker {
             cancels.push(user_data(WAKE, 0));
         }
         for target in cancels {
-            let entry = opcode::AsyncCancel::new(target)
-                .build()
-                .user_data(user_data(TEARDOWN_CANCEL, 0));
-            // SAFETY: a cancellation points at nothing but a user data value.
-            unsafe { self.plane.ring.push(&entry) };
+            self.plane
+                .ring
+                .cancel(target, user_data(TEARDOWN_CANCEL, 0));
         }
         let deadline = Instant::now() + TEARDOWN_WAIT;
         while self.plane.ring.inflight > 0 && Instant::now() < deadline {
@@ -1337,7 +974,7 @@ impl Worker {
                 inflight = self.plane.ring.inflight,
                 "io_uring requests still in flight at shutdown; leaking the receive buffers"
             );
-            let Worker {
+            let Loop {
                 plane, bufs, sends, ..
             } = self;
             let Plane {

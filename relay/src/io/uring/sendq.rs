@@ -6,13 +6,12 @@
 //! that never moves or grows, so nothing is allocated per packet and a header's address is
 //! valid for as long as its slot is taken.
 
-use std::mem::{size_of, zeroed};
+use std::mem::zeroed;
 use std::net::SocketAddr;
 
 use socket2::SockAddr;
 
-/// `SOL_UDP` option carrying the segment size of a GSO send.
-const UDP_SEGMENT: libc::c_int = 103;
+use crate::io::sys;
 
 /// A control-message buffer aligned for `cmsghdr`, room for one u16 cmsg.
 #[derive(Clone, Copy)]
@@ -142,28 +141,10 @@ impl SendSlots {
                 h.hdr.msg_namelen = 0;
             }
         }
-        match info.segment {
-            Some(seg) if (seg as usize) < info.len as usize => {
-                h.hdr.msg_control = h.cmsg.0.as_mut_ptr().cast();
-                // SAFETY: CMSG_SPACE only computes a size.
-                h.hdr.msg_controllen =
-                    unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize as _;
-                // SAFETY: the control buffer is 8-aligned and large enough for one cmsg
-                // holding a u16 (the kernel reads UDP_SEGMENT as a u16); msg_controllen was
-                // set above, so CMSG_FIRSTHDR is non-null.
-                unsafe {
-                    let c = libc::CMSG_FIRSTHDR(&h.hdr);
-                    (*c).cmsg_level = libc::SOL_UDP;
-                    (*c).cmsg_type = UDP_SEGMENT;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
-                }
-            }
-            _ => {
-                h.hdr.msg_control = std::ptr::null_mut();
-                h.hdr.msg_controllen = 0;
-            }
-        }
+        let segment = info.segment.filter(|&s| u32::from(s) < info.len);
+        // SAFETY: the slot's control buffer is 8-aligned (CmsgBuf), 32 bytes (room for one
+        // u16 cmsg), and lives in the pool with its header until the slot is finished.
+        unsafe { sys::set_gso_segment(&mut h.hdr, h.cmsg.0.as_mut_ptr(), segment) };
         self.info[slot as usize] = Some(info);
         Some(Prepared {
             slot,

@@ -34,11 +34,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cookie::{CookieJar, CookieReplyBytes};
+use crate::admission::{Admission, CookieSettings, HandshakeAdmission, SourceBudget};
+use crate::cookie::CookieReplyBytes;
 use crate::drop_reason::DropReason;
 use crate::keys::PublicKey;
-use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
+use crate::ratelimit::HandshakeRateLimiter;
 use crate::slab::Slab;
+// Re-exported: the names the router's API speaks in, defined where every role finds them.
+pub use crate::role::{Listener, Traffic};
+pub use crate::slab::SessionSlot;
 use crate::table::ExitTable;
 use crate::wire::{Initiation, Message};
 
@@ -79,6 +83,16 @@ pub struct RouterConfig {
     pub cookie_seed: [u8; 32],
 }
 
+impl RouterConfig {
+    /// The cookie settings Z-HOP shares with the router.
+    pub fn cookie_settings(&self) -> CookieSettings {
+        CookieSettings {
+            seed: self.cookie_seed,
+            replies_per_second: self.cookie_replies_per_second,
+        }
+    }
+}
+
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
@@ -100,9 +114,6 @@ impl Default for RouterConfig {
 /// The hard upper bound of [`RouterConfig::max_sessions_per_client`].
 pub const MAX_SESSIONS_PER_CLIENT: usize = 4;
 
-/// How long the router stays under load after its pending table was at the load mark.
-const LOAD_HOLD: Duration = Duration::from_secs(1);
-
 /// How many exit-assigned receiver indices a session remembers (WireGuard keeps a
 /// previous, current and next keypair, plus handshakes in flight).
 const EXIT_INDICES: usize = 8;
@@ -118,36 +129,6 @@ const OFFERED_INDICES: usize = 4;
 /// What closing a session costs a sweep step, in sessions examined (see
 /// [`RouterConfig::swap_sweep_budget`]).
 pub const SWEEP_CLOSE_COST: usize = 5;
-
-/// A session's slot, naming its exit-facing socket. The generation tells a recycled slot
-/// from the session that used it before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionSlot {
-    pub index: u32,
-    pub generation: u32,
-}
-
-impl SessionSlot {
-    /// Packs the slot into one integer, for epoll tokens and io_uring user data.
-    pub fn to_u64(self) -> u64 {
-        (u64::from(self.generation) << 32) | u64::from(self.index)
-    }
-    pub fn from_u64(v: u64) -> Self {
-        SessionSlot {
-            index: v as u32,
-            generation: (v >> 32) as u32,
-        }
-    }
-}
-
-/// The relay socket a client packet arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Listener {
-    /// The I/O layer's own number for the socket; replies go out the same socket.
-    pub id: u16,
-    /// Its local port, for port-pinned exits.
-    pub port: u16,
-}
 
 /// What to do with the packet just handled. The payload is sent from the buffer it was
 /// received into.
@@ -185,25 +166,6 @@ pub enum Command {
         client: SocketAddr,
         reply: CookieReplyBytes,
     },
-}
-
-/// Packets and bytes in one direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Traffic {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-impl Traffic {
-    /// Counts one packet of `bytes`.
-    pub fn add_bytes(&mut self, bytes: usize) {
-        self.add(bytes);
-    }
-
-    fn add(&mut self, bytes: usize) {
-        self.packets += 1;
-        self.bytes += bytes as u64;
-    }
 }
 
 /// Counters of one router; plain integers, summed across workers at scrape time.
@@ -509,15 +471,9 @@ pub struct Router {
     commands: VecDeque<Command>,
     /// Handshake budget of sources that have not proven their address.
     rate_limiter: HandshakeRateLimiter,
-    /// Handshake budget of sources whose mac2 carries our cookie: spoofers cannot spend it.
-    proven_limiter: HandshakeRateLimiter,
-    /// Handshake budget of addresses with a verified session (under load or over their
-    /// unproven budget).
-    verified_limiter: HandshakeRateLimiter,
-    cookies: CookieJar,
-    cookie_budget: TokenBucket,
-    /// Under load until then (see [`Router::under_load`]).
-    load_until: Option<Instant>,
+    /// The budgets of proven sources, the cookie challenge and the load mark
+    /// (see [`Router::under_load`]).
+    admission: HandshakeAdmission,
     pending: usize,
     /// Next slot index to examine after a table swap, if a sweep is under way.
     sweep: Option<u32>,
@@ -542,26 +498,14 @@ impl Router {
             cfg.rate_limit_buckets,
             now,
         );
-        let proven_limiter = HandshakeRateLimiter::new(
-            cfg.handshakes_per_second,
-            cfg.handshake_burst,
-            cfg.rate_limit_buckets,
-            now,
-        );
-        let verified_limiter = HandshakeRateLimiter::new(
-            cfg.handshakes_per_second,
-            cfg.handshake_burst,
-            cfg.rate_limit_buckets,
-            now,
-        );
         static ROUTERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let salt = ROUTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let cookies = CookieJar::new(cfg.cookie_seed, salt, now);
-        let cookie_budget = TokenBucket::new(
-            cfg.cookie_replies_per_second,
-            (cfg.cookie_replies_per_second / 10).max(1),
-            now,
-        );
+        let proven = SourceBudget {
+            per_second: cfg.handshakes_per_second,
+            burst: cfg.handshake_burst,
+            buckets: cfg.rate_limit_buckets,
+        };
+        let admission = HandshakeAdmission::new(cfg.cookie_settings(), salt, proven, now);
         Router {
             cfg,
             table,
@@ -570,11 +514,7 @@ impl Router {
             timers: BinaryHeap::new(),
             commands: VecDeque::new(),
             rate_limiter,
-            proven_limiter,
-            verified_limiter,
-            cookies,
-            cookie_budget,
-            load_until: None,
+            admission,
             pending: 0,
             sweep: None,
             closed_listeners: Vec::new(),
@@ -610,11 +550,7 @@ impl Router {
     /// sources can fill half the table at most and real clients always find room.
     pub fn under_load(&mut self, now: Instant) -> bool {
         let mark = (self.cfg.max_pending / 2).max(1);
-        if self.pending >= mark {
-            self.load_until = Some(now + LOAD_HOLD);
-            return true;
-        }
-        self.load_until.is_some_and(|t| now < t)
+        self.admission.under_load(now, self.pending >= mark)
     }
 
     /// Whether `client` has a session (pending or established).
@@ -766,21 +702,11 @@ impl Router {
         // exact address spends only the budget of that address's verified sessions; the
         // client is then challenged like anyone else, and its mac2 reaches a budget the
         // spoofer cannot touch.
-        let ip = from.ip();
-        let admitted = if (!self.under_load(now) && self.rate_limiter.allow(ip, now))
-            || (self.address_verified(from) && self.verified_limiter.allow(ip, now))
-        {
-            true
-        } else if self.cookies.verify_mac2(now, from, &init) {
-            if !self.proven_limiter.allow(ip, now) {
-                return self.drop_packet(DropReason::RateLimited);
-            }
-            true
-        } else {
-            if !self.cookie_budget.take(now) {
-                return self.drop_packet(DropReason::RateLimited);
-            }
-            false
+        let open = !self.under_load(now) && self.rate_limiter.allow(from.ip(), now);
+        let verified = !open && self.address_verified(from);
+        let admitted = match self.admission.admit(now, from, &init, open, verified) {
+            Ok(a) => a != Admission::Challenge,
+            Err(reason) => return self.drop_packet(reason),
         };
         let exit = match self.table.pinned(listener.port) {
             Some(id) => {
@@ -803,7 +729,7 @@ impl Router {
         let (exit_key, exit_endpoint) = (spec.public_key, spec.endpoint);
         let len = init.bytes().len();
         if !admitted {
-            let reply = self.cookies.reply(now, from, &exit_key, &init);
+            let reply = self.admission.cookie_reply(now, from, &exit_key, &init);
             self.commands.push_back(Command::SendCookieReply {
                 listener,
                 client: from,

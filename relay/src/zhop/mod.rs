@@ -10,6 +10,8 @@
 //! Unlike the DoubleHop router this holds keys and calls boringtun, which keeps its own
 //! timers; the I/O layer owns every socket, and learns what to do from [`ZhopOut`] events.
 
+pub mod inner;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,14 +22,13 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 
-use crate::cookie::CookieJar;
+use self::inner::InnerError;
+use crate::admission::{Admission, CookieSettings, HandshakeAdmission, SourceBudget};
 use crate::drop_reason::DropReason;
-use crate::inner::{self, InnerError};
 use crate::keys::{Mac1Key, PublicKey};
-use crate::ratelimit::{HandshakeRateLimiter, TokenBucket};
-use crate::router::RouterConfig;
-use crate::router::{Listener, SessionSlot, Traffic};
-use crate::slab::Slab;
+use crate::ratelimit::TokenBucket;
+use crate::role::{Listener, Traffic};
+use crate::slab::{SessionSlot, Slab};
 use crate::table::ExitTable;
 use crate::wire::{Initiation, Message, INITIATION_LEN};
 
@@ -39,8 +40,6 @@ const PEER_IDLE: Duration = Duration::from_secs(540);
 /// address (boringtun's default limit, counted across all peers of a worker). Past it the
 /// worker is under load and asks for cookies.
 const HANDSHAKE_LIMIT: u32 = 100;
-/// How long a worker stays under load after it last found its handshake budget spent.
-const LOAD_HOLD: Duration = Duration::from_secs(1);
 /// Initiations per second, per source, decrypted under load from a source that proved its
 /// address (by our cookie, or by an authenticated packet from it), and their burst.
 const PROVEN_PER_SOURCE: u32 = 20;
@@ -78,6 +77,18 @@ impl std::fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "NodeKey({})", self.public_key())
     }
+}
+
+/// What [`Zhop::claim`] found in a client datagram it claims.
+#[derive(Debug, Clone, Copy)]
+pub enum Claim<'a> {
+    /// It comes from the endpoint of one of this worker's tunnels (not parsed yet).
+    Endpoint,
+    /// An initiation whose mac1 is made for the node's key.
+    Initiation(Initiation<'a>),
+    /// A transport message naming tunnel `peer` by its index, from an address the
+    /// DoubleHop router does not know (a peer that roamed).
+    Transport { peer: u32 },
 }
 
 /// Something the I/O layer must do, in order.
@@ -139,12 +150,8 @@ pub struct Zhop {
     /// Admission of outer initiations, before the DH that decrypting one costs
     /// ([`Zhop::admit`]).
     handshake_budget: TokenBucket,
-    /// Under load until then.
-    load_until: Option<Instant>,
-    proven_limiter: HandshakeRateLimiter,
-    verified_limiter: HandshakeRateLimiter,
-    cookies: CookieJar,
-    cookie_budget: TokenBucket,
+    /// The budgets of proven sources, the cookie challenge and the load mark.
+    admission: HandshakeAdmission,
     table: Arc<ExitTable>,
     /// Counts the tables taken. A peer checked at an older epoch is checked again (still
     /// provisioned? flows still allowed?) before anything of its is handled, and by the
@@ -178,14 +185,15 @@ impl std::fmt::Debug for Zhop {
 
 impl Zhop {
     /// Z-HOP with the node's key, or disabled (`None`): then nothing is ever claimed.
-    /// Cookies derive from the router's `cookie_seed` (workers sharing it accept each
-    /// other's cookies), and their replies share the operator's budget per second
-    /// (`cookie_replies_per_second`), which bounds the work and the bytes sent to unproven
-    /// addresses a flood can cost once the worker is under load.
+    /// Cookies derive from the node's cookie seed (workers sharing it accept each other's
+    /// cookies, the DoubleHop router's too), and their replies have the operator's budget
+    /// per second (`[limits] cookie_replies_per_second`, as DoubleHop's), which bounds the
+    /// work and the bytes sent to unproven addresses a flood can cost once the worker is
+    /// under load.
     pub fn new(
         key: Option<NodeKey>,
         table: Arc<ExitTable>,
-        router: &RouterConfig,
+        cookies: CookieSettings,
         now: Instant,
     ) -> Self {
         let public = key
@@ -194,20 +202,15 @@ impl Zhop {
         static WORKERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         // Apart from the routers' salts (which count from 0), so no two jars share a nonce.
         let salt = (1 << 63) | WORKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let proven =
-            || HandshakeRateLimiter::new(PROVEN_PER_SOURCE, PROVEN_BURST, LIMITER_BUCKETS, now);
+        let proven = SourceBudget {
+            per_second: PROVEN_PER_SOURCE,
+            burst: PROVEN_BURST,
+            buckets: LIMITER_BUCKETS,
+        };
         Zhop {
             limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             handshake_budget: TokenBucket::new(HANDSHAKE_LIMIT, HANDSHAKE_LIMIT, now),
-            load_until: None,
-            proven_limiter: proven(),
-            verified_limiter: proven(),
-            cookies: CookieJar::new(router.cookie_seed, salt, now),
-            cookie_budget: TokenBucket::new(
-                router.cookie_replies_per_second,
-                (router.cookie_replies_per_second / 10).max(1),
-                now,
-            ),
+            admission: HandshakeAdmission::new(cookies, salt, proven, now),
             key: key.map(|k| {
                 let mac1 = k.public_key().mac1_key();
                 (k, mac1)
@@ -250,18 +253,30 @@ impl Zhop {
         packet: &[u8],
         doublehop_client: impl FnOnce() -> bool,
     ) -> bool {
-        let Some((_, mac1)) = &self.key else {
-            return false;
-        };
+        self.claim(from, packet, doublehop_client).is_some()
+    }
+
+    /// [`Zhop::claims`], returning what it found for [`Zhop::handle_claimed`], so that a
+    /// datagram is parsed, and an initiation's mac1 checked, once.
+    pub fn claim<'a>(
+        &self,
+        from: SocketAddr,
+        packet: &'a [u8],
+        doublehop_client: impl FnOnce() -> bool,
+    ) -> Option<Claim<'a>> {
+        let (_, mac1) = self.key.as_ref()?;
         if !self.by_addr.is_empty() && self.by_addr.contains_key(&from) {
-            return true;
+            return Some(Claim::Endpoint);
         }
         match Message::parse(packet) {
-            Ok(Message::Initiation(init)) => mac1.verify(init.mac1_input(), init.mac1()),
-            Ok(Message::Transport(t)) => {
-                self.peer_by_index(t.receiver_index()).is_some() && !doublehop_client()
+            Ok(Message::Initiation(init)) if mac1.verify(init.mac1_input(), init.mac1()) => {
+                Some(Claim::Initiation(init))
             }
-            _ => false,
+            Ok(Message::Transport(t)) => {
+                let peer = self.peer_by_index(t.receiver_index())?;
+                (!doublehop_client()).then_some(Claim::Transport { peer })
+            }
+            _ => None,
         }
     }
 
@@ -282,9 +297,47 @@ impl Zhop {
         packet: &[u8],
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<(), DropReason> {
-        let peer = match Message::parse(packet)? {
+        let msg = Message::parse(packet)?;
+        self.handle_message(now, listener, from, packet, msg, false, out)
+    }
+
+    /// Handles a datagram as [`Zhop::handle_client`] does, with what [`Zhop::claim`] found
+    /// (`claim`) rather than looking again.
+    pub fn handle_claimed(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        packet: &[u8],
+        claim: Claim<'_>,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        match claim {
+            Claim::Endpoint => self.handle_client(now, listener, from, packet, out),
+            Claim::Initiation(init) => {
+                let msg = Message::Initiation(init);
+                self.handle_message(now, listener, from, packet, msg, true, out)
+            }
+            Claim::Transport { peer } => self.decapsulate(now, listener, from, packet, peer, out),
+        }
+    }
+
+    /// Handles `msg`, parsed from `packet`; `mac1_checked`: an initiation's mac1 was
+    /// found to be for the node's key already.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_message(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        packet: &[u8],
+        msg: Message<'_>,
+        mac1_checked: bool,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let peer = match msg {
             Message::Initiation(init) => {
-                if !self.admit(now, listener, from, &init, out)? {
+                if !self.admit(now, listener, from, &init, mac1_checked, out)? {
                     return Err(DropReason::CookieChallenge);
                 }
                 self.peer_for_initiation(packet, now)?
@@ -297,6 +350,19 @@ impl Zhop {
             },
             _ => *self.by_addr.get(&from).ok_or(DropReason::UnknownClient)?,
         };
+        self.decapsulate(now, listener, from, packet, peer, out)
+    }
+
+    /// Decrypts `packet` from `peer`'s tunnel and carries out what comes of it.
+    fn decapsulate(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        packet: &[u8],
+        peer: u32,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
         if !self.check_peer(peer, out) {
             return Err(DropReason::UnknownPeer);
         }
@@ -351,32 +417,27 @@ impl Zhop {
         listener: Listener,
         from: SocketAddr,
         init: &Initiation<'_>,
+        mac1_checked: bool,
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<bool, DropReason> {
         let Some((key, mac1)) = &self.key else {
             return Err(DropReason::UnknownPeer);
         };
-        if !mac1.verify(init.mac1_input(), init.mac1()) {
+        if !mac1_checked && !mac1.verify(init.mac1_input(), init.mac1()) {
             return Err(DropReason::OuterRejected);
         }
         let node_public = key.public_key();
-        let ip = from.ip();
-        if !self.under_load(now)
-            || (self.by_addr.contains_key(&from) && self.verified_limiter.allow(ip, now))
-        {
-            return Ok(true);
-        }
-        if self.cookies.verify_mac2(now, from, init) {
-            if !self.proven_limiter.allow(ip, now) {
-                return Err(DropReason::RateLimited);
+        let open = !self.under_load(now);
+        let verified = !open && self.by_addr.contains_key(&from);
+        match self.admission.admit(now, from, init, open, verified)? {
+            Admission::Admitted => return Ok(true),
+            Admission::CookieProven => {
+                self.stats.cookie_proven += 1;
+                return Ok(true);
             }
-            self.stats.cookie_proven += 1;
-            return Ok(true);
+            Admission::Challenge => {}
         }
-        if !self.cookie_budget.take(now) {
-            return Err(DropReason::RateLimited);
-        }
-        let reply = self.cookies.reply(now, from, &node_public, init);
+        let reply = self.admission.cookie_reply(now, from, &node_public, init);
         self.stats.cookie_replies += 1;
         // To the unauthenticated sender, no bigger than what it sent; nothing moves.
         out(ZhopOut::ToPeer {
@@ -388,14 +449,12 @@ impl Zhop {
     }
 
     /// Whether the worker is under handshake load: initiations arrive faster than its
-    /// budget refills, or did within the last [`LOAD_HOLD`]. Every initiation takes from
+    /// budget refills, or did within the last [`LOAD_HOLD`](crate::admission::LOAD_HOLD). Every initiation takes from
     /// the budget, challenged or not, so a sustained flood keeps the worker under load
     /// throughout rather than letting one initiation through each time a token refills.
     fn under_load(&mut self, now: Instant) -> bool {
-        if !self.handshake_budget.take(now) {
-            self.load_until = Some(now + LOAD_HOLD);
-        }
-        self.load_until.is_some_and(|t| now < t)
+        let spent = !self.handshake_budget.take(now);
+        self.admission.under_load(now, spent)
     }
 
     /// The peer an initiation comes from (decrypting its static key), created on first use.
@@ -614,6 +673,13 @@ impl Zhop {
         }
     }
 
+    /// When [`Zhop::tick`] next has timers to run: [`TIMER_TICK`] after the last call while
+    /// there are peers (a worker that sleeps that long has every peer visited on waking),
+    /// never without them.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (!self.by_key.is_empty()).then(|| self.last_tick + TIMER_TICK)
+    }
+
     /// Takes a new table. Nothing else happens here: each peer is checked against it
     /// ([`Zhop::check_peer`]) before its next packet either way is handled, and by the
     /// timer walk within about 100 ms if it is idle. A peer no longer provisioned loses
@@ -684,381 +750,4 @@ fn forget_flow(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::table::{ExitSpec, PeerSpec};
-
-    const L: Listener = Listener { id: 0, port: 51820 };
-
-    fn test_router() -> RouterConfig {
-        RouterConfig {
-            cookie_seed: [3; 32],
-            ..RouterConfig::default()
-        }
-    }
-
-    fn setup() -> (Zhop, Tunn, SocketAddr) {
-        let node = NodeKey::from_secret([7; 32]);
-        let client_secret = x25519::StaticSecret::from([9; 32]);
-        let exit = ExitSpec {
-            name: "x".into(),
-            public_key: PublicKey([1; 32]),
-            endpoint: "192.0.2.1:51820".parse().unwrap(),
-            listen_port: None,
-        };
-        let peer = setup_peer(vec![PublicKey([1; 32])]);
-        let table = ExitTable::new(1, vec![exit])
-            .unwrap()
-            .with_peers(vec![peer])
-            .unwrap();
-        let z = Zhop::new(
-            Some(node.clone()),
-            Arc::new(table),
-            &test_router(),
-            Instant::now(),
-        );
-        let client = Tunn::new(client_secret, node.public, None, None, 77, None);
-        (z, client, "198.51.100.1:4000".parse().unwrap())
-    }
-
-    #[test]
-    fn answers_a_provisioned_peer_and_claims_only_what_is_its_own() {
-        let (mut z, mut client, from) = setup();
-        let mut buf = [0u8; 256];
-        let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
-        else {
-            panic!("no initiation")
-        };
-        let init = init.to_vec();
-        assert!(
-            z.claims(from, &init, || true),
-            "an initiation for the node is always Z-HOP's"
-        );
-        let mut sent = Vec::new();
-        z.handle_client(Instant::now(), L, from, &init, &mut |o| {
-            if let ZhopOut::ToPeer { to, bytes, .. } = o {
-                sent.push((to, bytes.to_vec()));
-            }
-        })
-        .unwrap();
-        assert_eq!(sent.len(), 1, "one handshake response");
-        assert_eq!(sent[0].0, from);
-        assert_eq!(sent[0].1[0], 2);
-        // Our tunnel is peer 0: indices 0x000000nn. A transport from an unknown address
-        // naming it is a roaming peer -- unless that address is a DoubleHop client.
-        let mut t = vec![0u8; 64];
-        t[0] = 4;
-        t[4..8].copy_from_slice(&1u32.to_le_bytes());
-        let other: SocketAddr = "203.0.113.9:5000".parse().unwrap();
-        assert!(z.claims(other, &t, || false));
-        assert!(!z.claims(other, &t, || true));
-        assert!(
-            z.claims(from, &t, || true),
-            "the peer's own address is always Z-HOP's"
-        );
-        // An initiation for someone else's key is not claimed.
-        let mut stranger = Tunn::new(
-            x25519::StaticSecret::from([3; 32]),
-            x25519::PublicKey::from([5; 32]),
-            None,
-            None,
-            1,
-            None,
-        );
-        let TunnResult::WriteToNetwork(other_init) =
-            stranger.format_handshake_initiation(&mut buf, false)
-        else {
-            panic!()
-        };
-        assert!(!z.claims(other, other_init, || false));
-        assert_eq!(z.stats().outer_handshakes, 1);
-    }
-
-    #[test]
-    fn an_unprovisioned_key_is_refused() {
-        let (mut z, _, from) = setup();
-        let node_public = z.key.as_ref().unwrap().0.public;
-        let mut stranger = Tunn::new(
-            x25519::StaticSecret::from([4; 32]),
-            node_public,
-            None,
-            None,
-            1,
-            None,
-        );
-        let mut buf = [0u8; 256];
-        let TunnResult::WriteToNetwork(init) =
-            stranger.format_handshake_initiation(&mut buf, false)
-        else {
-            panic!()
-        };
-        let init = init.to_vec();
-        assert!(z.claims(from, &init, || false));
-        let r = z.handle_client(Instant::now(), L, from, &init, &mut |_| {
-            panic!("nothing is sent")
-        });
-        assert_eq!(r, Err(DropReason::UnknownPeer));
-    }
-
-    /// An initiation with a valid mac1 for `node` and noise where its encrypted fields go:
-    /// what anyone who knows the node's public key can send from any source.
-    fn junk_initiation(node: &NodeKey, sender: u32) -> Vec<u8> {
-        use crate::wire::{INITIATION_MAC1_OFFSET, INITIATION_MAC2_OFFSET};
-        let mut m = vec![0x5a; INITIATION_LEN];
-        m[..4].copy_from_slice(&[1, 0, 0, 0]);
-        m[4..8].copy_from_slice(&sender.to_le_bytes());
-        let mac1 = node
-            .public_key()
-            .mac1_key()
-            .compute(&m[..INITIATION_MAC1_OFFSET]);
-        m[INITIATION_MAC1_OFFSET..INITIATION_MAC2_OFFSET].copy_from_slice(&mac1);
-        m[INITIATION_MAC2_OFFSET..].fill(0);
-        m
-    }
-
-    /// Past the worker's handshake budget an initiation costs a MAC and a cookie reply,
-    /// never a DH, until its source proves its address; a real client does with the cookie
-    /// and is answered.
-    #[test]
-    fn under_load_initiations_are_challenged_before_any_dh() {
-        let (mut z, mut client, from) = setup();
-        let node = z.key.as_ref().unwrap().0.clone();
-        let t0 = Instant::now();
-        let mut sent = Vec::new();
-        let mut record = |o: ZhopOut<'_>| {
-            if let ZhopOut::ToPeer { to, bytes, .. } = o {
-                sent.push((to, bytes.to_vec()));
-            }
-        };
-        // The budget: decrypted (and refused: noise does not decrypt).
-        for i in 0..HANDSHAKE_LIMIT {
-            let src = SocketAddr::from(([127, 1, (i >> 8) as u8, i as u8], 1000));
-            let r = z.handle_client(t0, L, src, &junk_initiation(&node, i), &mut record);
-            assert_eq!(r, Err(DropReason::OuterRejected));
-        }
-        // Past it, from anywhere: a cookie reply each, addressed to its sender.
-        for i in 0..1000u32 {
-            let src = SocketAddr::from(([127, 2, (i >> 8) as u8, i as u8], 1000));
-            let r = z.handle_client(t0, L, src, &junk_initiation(&node, i), &mut record);
-            assert_eq!(r, Err(DropReason::CookieChallenge));
-        }
-        assert_eq!(sent.len(), 1000);
-        assert!(sent.iter().all(|(_, b)| b.len() == 64 && b[0] == 3));
-        assert_eq!(z.stats().cookie_replies, 1000);
-        // The real client is challenged too, takes the cookie, and its retry carries mac2.
-        let mut buf = vec![0u8; 2048];
-        let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
-        else {
-            panic!("no initiation")
-        };
-        let init = init.to_vec();
-        sent.clear();
-        let r = z.handle_client(t0, L, from, &init, &mut |o| {
-            if let ZhopOut::ToPeer { to, bytes, .. } = o {
-                sent.push((to, bytes.to_vec()));
-            }
-        });
-        assert_eq!(r, Err(DropReason::CookieChallenge));
-        assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].0, from);
-        assert!(matches!(
-            client.decapsulate(None, &sent[0].1, &mut buf),
-            TunnResult::Done
-        ));
-        // REKEY_TIMEOUT later boringtun sends a new initiation; force it now.
-        let TunnResult::WriteToNetwork(retry) = client.format_handshake_initiation(&mut buf, true)
-        else {
-            panic!("no retry")
-        };
-        assert_ne!(retry[132..148], [0; 16], "the retry carries mac2");
-        let retry = retry.to_vec();
-        // Still under load a second later (the flood goes on), but the cookie proves it.
-        let t1 = t0 + Duration::from_millis(900);
-        let _ = z.handle_client(t1, L, from, &junk_initiation(&node, 7), &mut |_| {});
-        sent.clear();
-        z.handle_client(t1, L, from, &retry, &mut |o| {
-            if let ZhopOut::ToPeer { bytes, .. } = o {
-                sent.push((from, bytes.to_vec()));
-            }
-        })
-        .unwrap();
-        assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].1[0], 2, "a handshake response");
-        assert_eq!(z.stats().cookie_proven, 1);
-        assert_eq!(z.stats().outer_handshakes, 1);
-        // The same cookie from another address proves nothing.
-        let elsewhere: SocketAddr = "198.51.100.2:4000".parse().unwrap();
-        assert_eq!(
-            z.handle_client(t1, L, elsewhere, &retry, &mut |_| {}),
-            Err(DropReason::CookieChallenge)
-        );
-        // Once the budget refills and the load has passed, no challenge.
-        let later = t1 + LOAD_HOLD + Duration::from_secs(1);
-        assert_eq!(
-            z.handle_client(later, L, elsewhere, &junk_initiation(&node, 8), &mut |_| {}),
-            Err(DropReason::OuterRejected)
-        );
-    }
-
-    /// A worker with many peers runs their timers a share at a time: called every
-    /// millisecond, each call visits about a hundredth of them, and every peer is still
-    /// visited within one [`TIMER_TICK`] (seen here through idle peers being forgotten).
-    #[test]
-    fn timers_are_walked_a_share_at_a_time_and_reach_every_peer_within_a_tick() {
-        const N: usize = 40;
-        let node = NodeKey::from_secret([7; 32]);
-        let secrets: Vec<x25519::StaticSecret> = (0..N)
-            .map(|i| x25519::StaticSecret::from([i as u8 + 10; 32]))
-            .collect();
-        let peers = secrets
-            .iter()
-            .map(|s| PeerSpec {
-                public_key: PublicKey(x25519::PublicKey::from(s).to_bytes()),
-                name: String::new(),
-                allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
-                preshared_key: None,
-                allowed_exits: vec![],
-            })
-            .collect();
-        let table = ExitTable::new(1, vec![])
-            .unwrap()
-            .with_peers(peers)
-            .unwrap();
-        let t0 = Instant::now();
-        let mut z = Zhop::new(Some(node.clone()), Arc::new(table), &test_router(), t0);
-        let mut buf = [0u8; 256];
-        for (i, secret) in secrets.into_iter().enumerate() {
-            let mut client = Tunn::new(secret, node.public, None, None, 1, None);
-            let TunnResult::WriteToNetwork(init) =
-                client.format_handshake_initiation(&mut buf, false)
-            else {
-                panic!("no initiation")
-            };
-            let from: SocketAddr = format!("198.51.100.{}:4000", i + 1).parse().unwrap();
-            z.handle_client(t0, L, from, init, &mut |_| {}).unwrap();
-        }
-        assert_eq!(z.stats().peers, N as u64);
-        // Up to the idle limit: every call visits everyone (a long sleep), nobody is idle.
-        let limit = t0 + PEER_IDLE;
-        z.tick(limit, &mut |_| {});
-        assert_eq!(z.stats().peers, N as u64);
-        // From here every peer is idle; 1 ms steps each forget at most ceil(N / 100).
-        let mut step = limit;
-        let mut steps = 0;
-        while z.stats().peers > 0 {
-            let before = z.stats().peers;
-            step += Duration::from_millis(1);
-            steps += 1;
-            z.tick(step, &mut |_| {});
-            let forgotten = before - z.stats().peers;
-            assert!(forgotten <= 1, "{forgotten} peers visited in one 1 ms step");
-            assert!(steps <= 100, "a peer was not visited within {TIMER_TICK:?}");
-        }
-        assert!(
-            steps >= 90,
-            "all {N} peers visited in {steps} ms: not spread"
-        );
-    }
-
-    /// Completes the outer handshake of `client` and sends one inner packet to the exit of
-    /// [`setup`]; returns the flow Z-HOP opened for it.
-    fn open_flow(z: &mut Zhop, client: &mut Tunn, from: SocketAddr, now: Instant) -> SessionSlot {
-        let mut buf = vec![0u8; 2048];
-        let TunnResult::WriteToNetwork(init) = client.format_handshake_initiation(&mut buf, false)
-        else {
-            panic!("no initiation")
-        };
-        let init = init.to_vec();
-        let mut response = None;
-        z.handle_client(now, L, from, &init, &mut |o| {
-            if let ZhopOut::ToPeer { bytes, .. } = o {
-                response = Some(bytes.to_vec());
-            }
-        })
-        .unwrap();
-        let mut out = vec![0u8; 2048];
-        let _ = client.decapsulate(None, &response.expect("a response"), &mut out);
-        let mut ip = Vec::new();
-        let exit: SocketAddr = "192.0.2.1:51820".parse().unwrap();
-        inner::build_udp(&mut ip, "10.0.0.2:5000".parse().unwrap(), exit, b"inner wg");
-        let TunnResult::WriteToNetwork(data) = client.encapsulate(&ip, &mut buf) else {
-            panic!("no session")
-        };
-        let data = data.to_vec();
-        let mut opened = None;
-        z.handle_client(now, L, from, &data, &mut |o| {
-            if let ZhopOut::OpenFlow { flow, exit: to } = o {
-                assert_eq!(to, exit);
-                opened = Some(flow);
-            }
-        })
-        .unwrap();
-        opened.expect("a flow to the exit")
-    }
-
-    /// The provisioning of [`setup`]'s client, with other exits.
-    fn setup_peer(allowed_exits: Vec<PublicKey>) -> PeerSpec {
-        let client = x25519::PublicKey::from(&x25519::StaticSecret::from([9; 32]));
-        PeerSpec {
-            public_key: PublicKey(client.to_bytes()),
-            name: String::new(),
-            allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
-            preshared_key: None,
-            allowed_exits,
-        }
-    }
-
-    /// A table swap costs Z-HOP one pointer store, whatever the peers; a peer removed from
-    /// the table loses its tunnel and flows before anything of its is handled again.
-    #[test]
-    fn a_removed_peer_is_dropped_on_its_next_packet_either_way() {
-        let (mut z, mut client, from) = setup();
-        let t0 = Instant::now();
-        let flow = open_flow(&mut z, &mut client, from, t0);
-        let exits: Vec<ExitSpec> = z.table.specs().cloned().collect();
-        z.set_table(Arc::new(ExitTable::new(2, exits).unwrap()));
-        assert_eq!(z.stats().peers, 1, "nothing happens at the swap itself");
-        let mut closed = Vec::new();
-        let r = z.handle_exit(t0, flow, b"reply", &mut |o| {
-            if let ZhopOut::CloseFlow { flow } = o {
-                closed.push(flow);
-            }
-        });
-        assert_eq!(
-            r,
-            Err(DropReason::NoSession),
-            "no reply reaches a removed peer"
-        );
-        assert_eq!(closed, vec![flow]);
-        assert_eq!((z.stats().peers, z.stats().flows), (0, 0));
-    }
-
-    /// An idle peer whose exit was taken away has that flow closed by the timer walk
-    /// within one tick of the swap, and keeps its tunnel.
-    #[test]
-    fn the_walk_closes_flows_to_exits_no_longer_allowed_within_a_tick() {
-        let (mut z, mut client, from) = setup();
-        let t0 = Instant::now();
-        let flow = open_flow(&mut z, &mut client, from, t0);
-        let exits: Vec<ExitSpec> = z.table.specs().cloned().collect();
-        let table = ExitTable::new(2, exits)
-            .unwrap()
-            .with_peers(vec![setup_peer(vec![])])
-            .unwrap();
-        z.tick(t0 + TIMER_TICK, &mut |_| {});
-        z.set_table(Arc::new(table));
-        let mut closed = Vec::new();
-        let mut now = t0 + TIMER_TICK;
-        while closed.is_empty() && now < t0 + 3 * TIMER_TICK {
-            now += Duration::from_millis(1);
-            z.tick(now, &mut |o| {
-                if let ZhopOut::CloseFlow { flow } = o {
-                    closed.push(flow);
-                }
-            });
-        }
-        assert_eq!(closed, vec![flow]);
-        assert!(now <= t0 + 2 * TIMER_TICK, "closed after {:?}", now - t0);
-        assert_eq!((z.stats().peers, z.stats().flows), (1, 0));
-    }
-}
+mod tests;

@@ -1,0 +1,105 @@
+//! The data plane's configuration: backend, workers, listen addresses, buffers.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use socket2::Socket;
+
+use super::sys;
+
+use crate::router::RouterConfig;
+
+/// Which data-path implementation workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// io_uring where it can be set up, the portable backend otherwise.
+    #[default]
+    Auto,
+    /// io_uring only; starting fails when it cannot be set up.
+    Uring,
+    /// recvmmsg/sendmmsg over epoll; works everywhere.
+    Portable,
+}
+
+impl BackendChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Uring => "uring",
+            BackendChoice::Portable => "portable",
+        }
+    }
+}
+
+/// Everything the data plane needs to start.
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// Client-facing addresses; port 0 picks a free port (shared by all workers).
+    pub listen: Vec<SocketAddr>,
+    pub workers: usize,
+    /// Pin worker `i` to core `i` (modulo the cores this process may use).
+    pub pin_workers: bool,
+    pub backend: BackendChoice,
+    pub router: RouterConfig,
+    /// Source address of exit-facing sockets; the kernel picks by route when `None`.
+    pub exit_source: Option<IpAddr>,
+    /// Messages per recvmmsg/sendmmsg call.
+    pub batch: usize,
+    /// Receive buffer per message: 64 KiB holds a whole GRO train.
+    pub recv_buffer: usize,
+    /// SO_RCVBUF/SO_SNDBUF of listeners. It absorbs bursts while a worker is busy, and under
+    /// sustained overload it is the standing queue every packet waits in (BENCHMARKS.md,
+    /// "Socket buffers": 16 MiB holds 100–300 ms there, 1–4 MiB a few tens of ms).
+    pub listener_socket_buffer: usize,
+    /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket.
+    pub exit_socket_buffer: usize,
+    /// Use UDP GSO on send (each socket still falls back on its own when the kernel refuses).
+    pub gso: bool,
+    /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
+    /// is off without one.
+    pub node_key: Option<[u8; 32]>,
+    /// io_uring backend: receive buffers per worker (rounded up to a power of two, at most
+    /// 16,384: the kernel bounds the completion queue they need), each big enough for a
+    /// whole GRO train; they bound the worker's buffer memory.
+    pub ring_buffers: usize,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            listen: vec!["0.0.0.0:51820".parse().expect("literal address")],
+            workers: default_workers(),
+            pin_workers: true,
+            backend: BackendChoice::Auto,
+            router: RouterConfig::default(),
+            exit_source: None,
+            batch: 32,
+            recv_buffer: 65_536,
+            listener_socket_buffer: 16 << 20,
+            exit_socket_buffer: 1 << 20,
+            gso: true,
+            node_key: None,
+            ring_buffers: 256,
+        }
+    }
+}
+
+/// One worker per core this process may run on.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl DataPlaneConfig {
+    /// A socket connected to `exit` as configured (source address, buffer size), bound to
+    /// `local_port` when given: a session's or a Z-HOP flow's.
+    pub(crate) fn exit_socket(
+        &self,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+    ) -> io::Result<Socket> {
+        let (socket, _gro) =
+            sys::exit_socket(exit, self.exit_source, local_port, self.exit_socket_buffer)?;
+        Ok(socket)
+    }
+}

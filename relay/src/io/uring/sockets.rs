@@ -1,0 +1,157 @@
+//! A worker's socket registry: every socket by id, what it is to the roles (listener,
+//! session's exit socket, Z-HOP flow), and how many requests and buffers still name it, so
+//! that an id is freed and its descriptor closed only when nothing does.
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use socket2::Socket;
+
+use crate::io::runs::Target;
+use crate::io::train::TrainSockets;
+use crate::role::Listener;
+use crate::slab::SessionSlot;
+
+/// What a socket is to the router.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Role {
+    Listener(Listener),
+    Exit(SessionSlot),
+    /// A Z-HOP flow's socket towards an exit.
+    Flow(SessionSlot),
+}
+
+pub(super) struct IoSocket {
+    pub(super) socket: Socket,
+    pub(super) role: Role,
+    pub(super) local: Option<SocketAddr>,
+    /// Whether sends on this socket may use GSO; cleared for good when the kernel refuses.
+    pub(super) gso: bool,
+    pub(super) recv_armed: bool,
+    pub(super) closing: bool,
+    /// Requests in flight and received messages waiting that name this socket.
+    pub(super) refs: u32,
+}
+
+/// The worker's sockets by id, and the router's names for them.
+#[derive(Default)]
+pub(super) struct Sockets {
+    pub(super) slots: Vec<Option<IoSocket>>,
+    pub(super) free: Vec<u32>,
+    /// Socket id by router listener id.
+    pub(super) listeners: Vec<u32>,
+    /// Socket id by session slot index (`NONE` when the slot has no socket).
+    pub(super) exits: Vec<u32>,
+    /// Socket id by Z-HOP flow index.
+    pub(super) flows: Vec<u32>,
+}
+
+pub(super) const NONE: u32 = u32::MAX;
+
+impl Sockets {
+    pub(super) fn insert(&mut self, s: IoSocket) -> u32 {
+        match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(s);
+                id
+            }
+            None => {
+                self.slots.push(Some(s));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    pub(super) fn get(&self, id: u32) -> Option<&IoSocket> {
+        self.slots.get(id as usize).and_then(Option::as_ref)
+    }
+
+    pub(super) fn get_mut(&mut self, id: u32) -> Option<&mut IoSocket> {
+        self.slots.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    /// The open socket of session `slot`, if it has one.
+    pub(super) fn exit(&self, slot: SessionSlot) -> Option<u32> {
+        let id = *self.exits.get(slot.index as usize)?;
+        match self.get(id)? {
+            IoSocket {
+                role: Role::Exit(s),
+                closing: false,
+                ..
+            } if *s == slot => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The open socket of Z-HOP flow `flow`, if it has one.
+    pub(super) fn flow(&self, flow: SessionSlot) -> Option<u32> {
+        let id = *self.flows.get(flow.index as usize)?;
+        match self.get(id)? {
+            IoSocket {
+                role: Role::Flow(f),
+                closing: false,
+                ..
+            } if *f == flow => Some(id),
+            _ => None,
+        }
+    }
+
+    pub(super) fn listener(&self, listener: u16) -> Option<u32> {
+        // A closed listener's id maps to NONE (set before it starts closing), which no
+        // caller's `get` finds.
+        self.listeners
+            .get(usize::from(listener))
+            .copied()
+            .filter(|&sid| sid != NONE)
+    }
+
+    /// Drops one reference; a closing socket with none left is closed and its id freed.
+    pub(super) fn release(&mut self, id: u32) {
+        let done = match self.get_mut(id) {
+            Some(s) => {
+                s.refs = s.refs.saturating_sub(1);
+                s.closing && s.refs == 0
+            }
+            None => false,
+        };
+        if done {
+            self.finish(id);
+        }
+    }
+
+    pub(super) fn finish_if_unused(&mut self, id: u32) {
+        if matches!(self.get(id), Some(s) if s.closing && s.refs == 0) {
+            self.finish(id);
+        }
+    }
+
+    pub(super) fn finish(&mut self, id: u32) {
+        // Dropping the socket closes its descriptor: nothing queued or in flight names it.
+        self.slots[id as usize] = None;
+        self.free.push(id);
+    }
+}
+
+impl Sockets {
+    /// The open socket a send to `target` leaves from.
+    pub(super) fn for_target(&self, target: Target) -> Option<u32> {
+        match target {
+            Target::Exit(slot) => self.exit(slot),
+            Target::Flow(flow) => self.flow(flow),
+            Target::Client { listener, .. } => self.listener(listener),
+        }
+    }
+}
+
+impl TrainSockets for Sockets {
+    fn socket(&self, target: Target) -> Option<(i32, bool)> {
+        let s = self.get(self.for_target(target)?)?;
+        Some((s.socket.as_raw_fd(), s.gso))
+    }
+
+    fn refuse_gso(&mut self, target: Target) {
+        if let Some(s) = self.for_target(target).and_then(|id| self.get_mut(id)) {
+            s.gso = false;
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! The worker, written once: it owns the roles (the DoubleHop router and Z-HOP), picks up
+//! tables, runs every segment of a received message (a datagram or a GRO train) through
+//! the role that claims it, carries out what the roles ask of the sockets, answers control
+//! requests, restores sessions and publishes its counters.
+//!
+//! A backend supplies its sockets ([`Datapath`]: how it opens, closes and sends on them)
+//! and how it waits and receives ([`Backend`]); the loop around them is [`run`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, TryLockError};
+use std::time::{Duration, Instant};
+
+use super::runs::Target;
+use super::sys;
+use super::{
+    BoundListener, DataPlaneConfig, IoStats, SharedReport, WorkerContext, WorkerReport,
+    WorkerRequest,
+};
+use crate::drop_reason::DropReason;
+use crate::role::Listener;
+use crate::router::{Command, Router, SessionSnapshot};
+use crate::slab::SessionSlot;
+use crate::table::{ExitTable, SharedTable};
+use crate::zhop::{NodeKey, Zhop, ZhopOut};
+
+/// Longest a worker waits for traffic, so that shutdown and table swaps are noticed when
+/// idle.
+pub(crate) const MAX_WAIT: Duration = Duration::from_millis(100);
+/// How often a worker publishes its counters.
+const REPORT_EVERY: Duration = Duration::from_millis(50);
+
+/// A backend's sockets, as the worker needs them.
+pub(crate) trait Datapath {
+    /// Opens session `slot`'s exit-facing socket, connected to `exit` (bound to
+    /// `local_port` when given: a restored session keeps the port its exit knows).
+    fn open_exit(
+        &mut self,
+        slot: SessionSlot,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+    ) -> io::Result<()>;
+    /// Closes session `slot`'s socket. Returns whether it had one.
+    fn close_exit(&mut self, slot: SessionSlot) -> bool;
+    /// A plain synchronous send from a listener: for the relay's cookie replies (rare, and
+    /// 64 bytes), never the forwarded packets.
+    fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool;
+    /// Queues one of Z-HOP's datagrams towards `target` (a flow's exit, or a peer's
+    /// endpoint from a listener). Returns `false` when the socket is gone.
+    fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool;
+    /// Opens Z-HOP flow `flow`'s socket, connected to `exit`.
+    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()>;
+    /// Closes Z-HOP flow `flow`'s socket, after sending what waits for it.
+    fn close_flow(&mut self, flow: SessionSlot);
+    /// Takes a listener bound by the control side for a newly pinned port.
+    fn add_listener(&mut self, l: BoundListener);
+    /// Closes the listener bound to `local` (a port no longer pinned), if any.
+    fn remove_listener(&mut self, local: SocketAddr) -> Option<Listener>;
+    /// The local port of session `slot`'s exit-facing socket.
+    fn exit_port(&self, slot: SessionSlot) -> Option<u16>;
+    /// The listener on `port` for clients of `client`'s address family.
+    fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener>;
+    /// The backend's counters.
+    fn stats(&mut self) -> &mut IoStats;
+}
+
+/// A backend's own part of the worker loop: its housekeeping around
+/// [`Worker::housekeeping`] (flushing what Z-HOP queued, publishing), and how it waits for
+/// traffic and serves what arrived. The loop itself is [`run`].
+pub(crate) trait Backend {
+    fn worker(&self) -> &Worker;
+    fn stats(&mut self) -> &mut IoStats;
+    /// One housekeeping step at `now`.
+    fn housekeeping(&mut self, now: Instant);
+    /// Whether work is waiting that must not wait for traffic.
+    fn busy(&self) -> bool;
+    /// Waits at most `wait` for traffic, then receives and serves what arrived.
+    fn serve(&mut self, wait: Duration) -> io::Result<()>;
+}
+
+/// A worker's loop, whatever its backend: housekeeping, then wait for traffic no longer
+/// than the roles' timers allow and serve it, until the data plane shuts down.
+pub(crate) fn run(b: &mut impl Backend) -> io::Result<()> {
+    loop {
+        if b.worker().stopping() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        b.housekeeping(now);
+        let spent = now.elapsed().as_nanos() as u64;
+        let io = b.stats();
+        io.housekeeping_max_ns = io.housekeeping_max_ns.max(spent);
+        let wait = b.worker().wait(now, b.busy());
+        b.serve(wait)?;
+    }
+}
+
+/// What a backend keeps of its [`WorkerContext`]; the rest is the [`Worker`]'s.
+pub(crate) struct BackendContext {
+    pub cfg: DataPlaneConfig,
+    /// Its waker's registry: the worker learns of requests and shutdown through it.
+    pub poll: mio::Poll,
+    pub listeners: Vec<BoundListener>,
+    /// Sessions saved before a restart that this worker's clients are steered to.
+    pub restore: Vec<SessionSnapshot>,
+}
+
+/// What a worker is, whatever its backend: its roles, its view of the table, and its line
+/// to the control side.
+pub(crate) struct Worker {
+    pub id: usize,
+    pub router: Router,
+    pub zhop: Zhop,
+    table: SharedTable,
+    requests: mpsc::Receiver<WorkerRequest>,
+    report: SharedReport,
+    shutdown: Arc<AtomicBool>,
+    last_report: Instant,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.id).finish()
+    }
+}
+
+impl Worker {
+    /// A worker with the roles the configuration asks for, routing by the current table,
+    /// and what of `ctx` its backend keeps.
+    pub(crate) fn new(ctx: WorkerContext, now: Instant) -> (Worker, BackendContext) {
+        let current = ctx.table.load();
+        let worker = Worker {
+            id: ctx.id,
+            zhop: Zhop::new(
+                ctx.cfg.node_key.map(NodeKey::from_secret),
+                current.clone(),
+                ctx.cfg.router.cookie_settings(),
+                now,
+            ),
+            router: Router::new(ctx.cfg.router.clone(), current, now),
+            table: ctx.table,
+            requests: ctx.requests,
+            report: ctx.report,
+            shutdown: ctx.shutdown,
+            last_report: now,
+        };
+        let rest = BackendContext {
+            cfg: ctx.cfg,
+            poll: ctx.poll,
+            listeners: ctx.listeners,
+            restore: ctx.restore,
+        };
+        (worker, rest)
+    }
+
+    /// Takes the listeners bound at start-up and re-creates the sessions saved before a
+    /// restart, each on the listener its client used.
+    pub(crate) fn start(
+        &mut self,
+        d: &mut impl Datapath,
+        listeners: Vec<BoundListener>,
+        sessions: &[SessionSnapshot],
+        now: Instant,
+    ) {
+        for l in listeners {
+            d.add_listener(l);
+        }
+        let mut restored = 0;
+        for snap in sessions {
+            let Some(listener) = d.listener_for(snap.listen_port, snap.client) else {
+                continue;
+            };
+            if self.router.restore(now, listener, snap).is_ok() {
+                restored += 1;
+            }
+            self.router_commands(d);
+        }
+        if !sessions.is_empty() {
+            tracing::info!(
+                worker = self.id,
+                restored,
+                offered = sessions.len(),
+                "sessions restored"
+            );
+        }
+    }
+
+    /// Whether the data plane is shutting down.
+    pub(crate) fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// How long the backend may wait for traffic: not at all when it has work waiting
+    /// (`busy`) or a table sweep is under way, else until the roles' next timer, at most
+    /// [`MAX_WAIT`].
+    pub(crate) fn wait(&self, now: Instant, busy: bool) -> Duration {
+        if busy || self.router.sweeping() {
+            return Duration::ZERO;
+        }
+        let next = match (self.router.poll_timeout(), self.zhop.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map_or(MAX_WAIT, |t| t.saturating_duration_since(now).min(MAX_WAIT))
+    }
+
+    /// The periodic part of a worker's loop that does not touch packets: a new table,
+    /// router and Z-HOP timers, control requests. Returns whether the counters are due to
+    /// be published: a new table is reported at once (the control side waits for every
+    /// worker to route by it before it calls a swap done), otherwise every
+    /// [`REPORT_EVERY`]. A step that took a new table or swept sessions of removed exits
+    /// records the thread CPU time it used (the clock is read only then, never on an
+    /// ordinary step).
+    pub(crate) fn housekeeping(&mut self, d: &mut impl Datapath, now: Instant) -> bool {
+        let new_table = self.table.load_if_changed(self.router.table());
+        let took_table = new_table.is_some();
+        let swap_work = took_table || self.router.sweeping();
+        let cpu_at_start = swap_work.then(sys::thread_cpu_time);
+        if let Some(t) = new_table {
+            tracing::debug!(worker = self.id, generation = t.generation(), "new table");
+            self.set_table(t);
+        }
+        self.router.handle_timeout(now);
+        self.router_commands(d);
+        self.zhop_events(d, |zhop, out| zhop.tick(now, out));
+        while let Ok(req) = self.requests.try_recv() {
+            self.answer(d, req, now);
+        }
+        if let Some(c) = cpu_at_start {
+            let ns = sys::thread_cpu_time().saturating_sub(c).as_nanos() as u64;
+            let io = d.stats();
+            io.swap_step_max_cpu_ns = io.swap_step_max_cpu_ns.max(ns);
+        }
+        took_table || now.duration_since(self.last_report) >= REPORT_EVERY
+    }
+
+    fn set_table(&mut self, t: Arc<ExitTable>) {
+        self.router.set_table(t.clone());
+        self.zhop.set_table(t);
+    }
+
+    fn answer(&mut self, d: &mut impl Datapath, req: WorkerRequest, now: Instant) {
+        let router = &mut self.router;
+        match req {
+            WorkerRequest::Sessions(reply) => {
+                let _ = reply.send(router.sessions(now).collect());
+            }
+            WorkerRequest::CloseSession { slot, reply } => {
+                let _ = reply.send(router.close_session(slot));
+                self.router_commands(d);
+            }
+            WorkerRequest::Snapshot(reply) => {
+                let snaps = router
+                    .sessions(now)
+                    .filter_map(|info| {
+                        let port = d.exit_port(info.slot)?;
+                        Some(SessionSnapshot::new(info, port))
+                    })
+                    .collect();
+                let _ = reply.send(snaps);
+            }
+            WorkerRequest::AddListener(l) => d.add_listener(l),
+            WorkerRequest::RemoveListener(local) => {
+                // Z-HOP peers that used it find their replies unsendable (counted) until
+                // they come back through a listener that is open.
+                if let Some(l) = d.remove_listener(local) {
+                    router.listener_closed(l);
+                }
+            }
+        }
+    }
+
+    /// Publishes the counters (`io`, the backend's) unless the control side is reading
+    /// them at this moment; then the next housekeeping step tries again.
+    pub(crate) fn publish(&mut self, io: &IoStats, now: Instant) {
+        if publish(&self.report, &self.router, &self.zhop, io) {
+            self.last_report = now;
+        }
+    }
+
+    /// Carries out the router's pending commands: open or close exit sockets, send the
+    /// relay's cookie replies.
+    fn router_commands(&mut self, d: &mut impl Datapath) {
+        while let Some(cmd) = self.router.poll_command() {
+            match cmd {
+                Command::OpenExitSocket {
+                    slot,
+                    exit,
+                    local_port,
+                } => match d.open_exit(slot, exit, local_port) {
+                    Ok(()) => d.stats().exit_sockets_open += 1,
+                    Err(e) => {
+                        tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
+                        self.router.socket_failed(slot);
+                    }
+                },
+                Command::CloseExitSocket { slot } => {
+                    if d.close_exit(slot) {
+                        d.stats().exit_sockets_open -= 1;
+                    }
+                }
+                Command::SendCookieReply {
+                    listener,
+                    client,
+                    reply,
+                } => {
+                    if !d.send_from_listener(listener, client, &reply) {
+                        d.stats().cookie_send_errors += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs each segment of `msg` through Z-HOP (what it claims, and whatever arrives on a
+    /// flow socket) or the router. Z-HOP's events and the router's commands are carried
+    /// out by `d` as they come (an exit socket must exist before anything is sent through
+    /// it); `forward` gets the target, offset and length of each segment the router
+    /// forwards.
+    pub(crate) fn route(
+        &mut self,
+        d: &mut impl Datapath,
+        now: Instant,
+        msg: Message<'_>,
+        mut forward: impl FnMut(Target, usize, usize),
+    ) {
+        let Message {
+            source,
+            from,
+            payload,
+            stride,
+        } = msg;
+        let len = payload.len();
+        let stride = if stride == 0 { len } else { stride };
+        let mut offset = 0;
+        // At least one pass, so that an empty datagram reaches the router too and is
+        // counted (as truncated) like any other malformed one.
+        let mut first = true;
+        while offset < len || first {
+            first = false;
+            let seg_len = stride.min(len - offset);
+            let seg = &payload[offset..offset + seg_len];
+            offset += seg_len;
+            let (router, zhop) = (&mut self.router, &mut self.zhop);
+            let mut failed = 0;
+            let mut out = |o: ZhopOut<'_>| {
+                if !zhop_event(self.id, d, o) {
+                    failed += 1;
+                }
+            };
+            let zhop_result = match source {
+                Source::Client(l) => zhop
+                    .claim(from, seg, || router.knows_client(from))
+                    .map(|claim| zhop.handle_claimed(now, l, from, seg, claim, &mut out)),
+                Source::Flow(flow) => Some(zhop.handle_exit(now, flow, seg, &mut out)),
+                _ => None,
+            };
+            if let Some(r) = zhop_result {
+                record_zhop(router, r, failed);
+                continue;
+            }
+            let action = match source {
+                Source::Client(l) => router.handle_client(now, l, from, seg),
+                Source::Exit(slot) => router.handle_exit(now, slot, seg),
+                Source::Flow(_) => continue,
+            };
+            self.router_commands(d);
+            if let Some(target) = Target::of(action) {
+                forward(target, offset - seg_len, seg_len);
+            }
+        }
+    }
+
+    /// Runs `f` on Z-HOP with a sink for its events that `d` carries out, counting failed
+    /// sends.
+    fn zhop_events(
+        &mut self,
+        d: &mut impl Datapath,
+        f: impl FnOnce(&mut Zhop, &mut dyn FnMut(ZhopOut<'_>)),
+    ) {
+        let mut failed = 0;
+        let id = self.id;
+        f(&mut self.zhop, &mut |o: ZhopOut<'_>| {
+            if !zhop_event(id, d, o) {
+                failed += 1;
+            }
+        });
+        record_zhop(&mut self.router, Ok(()), failed);
+    }
+
+    /// Counts the datagrams whose sends failed (`failed`, which is reset).
+    pub(crate) fn record_send_failures(&mut self, failed: &mut usize) {
+        for _ in 0..std::mem::take(failed) {
+            self.router.record_drop(DropReason::SendFailed);
+        }
+    }
+}
+
+/// Carries out one Z-HOP event through `d`. Returns `false` when its send failed.
+fn zhop_event(worker: usize, d: &mut impl Datapath, o: ZhopOut<'_>) -> bool {
+    match o {
+        ZhopOut::ToPeer {
+            listener,
+            to,
+            bytes,
+        } => d.zhop_send(
+            Target::Client {
+                listener: listener.id,
+                addr: to,
+            },
+            bytes,
+        ),
+        ZhopOut::ToExit { flow, bytes } => d.zhop_send(Target::Flow(flow), bytes),
+        ZhopOut::OpenFlow { flow, exit } => {
+            if let Err(e) = d.open_flow(flow, exit) {
+                tracing::warn!(worker, %exit, error = %e, "cannot open flow socket");
+            }
+            true
+        }
+        ZhopOut::CloseFlow { flow } => {
+            d.close_flow(flow);
+            true
+        }
+    }
+}
+
+/// Counts what Z-HOP refused and the sends of its events that failed.
+fn record_zhop(router: &mut Router, r: Result<(), DropReason>, failed_sends: usize) {
+    if let Err(reason) = r {
+        router.record_drop(reason);
+    }
+    for _ in 0..failed_sends {
+        router.record_drop(DropReason::SendFailed);
+    }
+}
+
+/// The socket a message arrived on, as the router and Z-HOP know it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source {
+    Client(Listener),
+    Exit(SessionSlot),
+    /// A Z-HOP flow's socket towards an exit.
+    Flow(SessionSlot),
+}
+
+/// One received message: a datagram, or a GRO train of `stride`-sized datagrams.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Message<'a> {
+    pub source: Source,
+    pub from: SocketAddr,
+    pub payload: &'a [u8],
+    pub stride: usize,
+}
+
+/// Whether a message of `len` bytes received with GRO segment size `stride` is a train of
+/// several datagrams.
+pub(crate) fn is_train(len: usize, stride: usize) -> bool {
+    stride != 0 && stride < len
+}
+
+/// Publishes a worker's counters for the control side, unless a reader holds the report at
+/// this moment: a worker never waits for the control side. Returns whether it published;
+/// when not, the caller tries again on its next loop iteration.
+pub(crate) fn publish(
+    report: &Mutex<WorkerReport>,
+    router: &Router,
+    zhop: &Zhop,
+    io: &IoStats,
+) -> bool {
+    let mut r = match report.try_lock() {
+        Ok(r) => r,
+        Err(TryLockError::WouldBlock) => return false,
+        // A reader panicked while cloning; the report itself is whole, and readers that
+        // see the poison fall back to an empty one, so keep it current.
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+    };
+    r.router.clone_from(router.stats());
+    r.io.clone_from(io);
+    r.io.cpu_ns = sys::thread_cpu_time().as_nanos() as u64;
+    r.sessions = router.session_count();
+    r.pending = router.pending_count();
+    r.table_generation = router.table().generation();
+    r.zhop = zhop.stats();
+    r.published = Some(std::time::Instant::now());
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_skips_while_a_reader_holds_the_report_and_never_waits() {
+        let now = Instant::now();
+        let table = std::sync::Arc::new(ExitTable::new(1, Vec::new()).expect("empty table"));
+        let cfg = crate::router::RouterConfig::default();
+        let router = Router::new(cfg.clone(), table.clone(), now);
+        let zhop = Zhop::new(None, table, cfg.cookie_settings(), now);
+        let io = IoStats {
+            recv_calls: 7,
+            ..IoStats::default()
+        };
+        let report = Mutex::new(WorkerReport::default());
+
+        let held = report.lock().expect("not poisoned");
+        assert!(
+            !publish(&report, &router, &zhop, &io),
+            "skipped, not blocked"
+        );
+        drop(held);
+        assert_eq!(report.lock().expect("not poisoned").io.recv_calls, 0);
+
+        assert!(publish(&report, &router, &zhop, &io));
+        let r = report.lock().expect("not poisoned");
+        assert_eq!(r.io.recv_calls, 7);
+        assert_eq!(r.table_generation, 1);
+        assert!(r.published.is_some());
+    }
+}
