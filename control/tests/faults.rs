@@ -114,10 +114,14 @@ fn transport(receiver: u32, counter: u64) -> Vec<u8> {
 
 fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let mut buf = [0u8; 2048];
-    let (n, from) = s
-        .recv_from(&mut buf)
-        .expect("a datagram within the timeout");
-    (buf[..n].to_vec(), from)
+    loop {
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) => return (buf[..n].to_vec(), from),
+            // The node in this process handles signals; a wait may be interrupted.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("no datagram within the timeout: {e}"),
+        }
+    }
 }
 
 /// A client and an exit on loopback with a session through the node between them.
@@ -212,6 +216,7 @@ fn start(dir: &Path, exits: Vec<ExitSpec>) -> (Node, Api) {
             state_dir: dir.to_owned(),
             ..ControlSection::default()
         },
+        log: Default::default(),
     };
     let node = Node::start(config).unwrap();
     let api = Api {
@@ -382,6 +387,7 @@ fn garbage_state_file_at_start_is_refused_by_name() {
                 state_dir: dir.clone(),
                 ..ControlSection::default()
             },
+            log: Default::default(),
         };
         let err = match Node::start(config) {
             Ok(_) => panic!("started on a garbage {file}"),
@@ -419,6 +425,259 @@ fn garbage_sessions_file_at_start_is_set_aside() {
         std::fs::read(dir.join("sessions.json.unreadable")).unwrap(),
         garbage
     );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A free loopback port (UDP, or TCP for the API), released for the node to take.
+fn free_port(tcp: bool) -> u16 {
+    if tcp {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+/// The node binary as a child, with its open-files limit lowered (soft and hard) to
+/// `nofile` by `prlimit`, killed on drop.
+struct Child {
+    process: std::process::Child,
+    relay: SocketAddr,
+    api: Api,
+}
+
+impl Child {
+    fn start(dir: &Path, exit: SocketAddr, exit_key: &PublicKey, nofile: u32) -> Child {
+        let relay: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+        let api_addr = format!("127.0.0.1:{}", free_port(true));
+        let key = base64_key(exit_key);
+        let config = format!(
+            "[relay]\nlisten = [\"{relay}\"]\nworkers = 1\nbackend = \"portable\"\n\
+             [limits]\nhandshakes_per_second = 100000\nhandshake_burst = 100000\n\
+             [control]\napi_listen = \"{api_addr}\"\nstate_dir = \"{}\"\n\
+             [[exit]]\nname = \"exit-1\"\npublic_key = \"{key}\"\nendpoint = \"{exit}\"\n",
+            dir.display()
+        );
+        let conf = dir.join("node.toml");
+        std::fs::write(&conf, config).unwrap();
+        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let process = Command::new("prlimit")
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_wraithgate"))
+            .args(["run", "--config"])
+            .arg(&conf)
+            .stderr(log)
+            .spawn()
+            .expect("prlimit (util-linux) runs the node");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let token_path = dir.join("api.token");
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(token) = std::fs::read_to_string(&token_path) {
+                let api = Api {
+                    url: format!("http://{api_addr}"),
+                    token,
+                    agent: agent.clone(),
+                };
+                if api
+                    .agent
+                    .get(format!("{}/healthz", api.url))
+                    .call()
+                    .is_ok_and(|r| r.status() == 200)
+                {
+                    return Child {
+                        process,
+                        relay,
+                        api,
+                    };
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the node did not come up: {}",
+                std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn drops(&self, reason: &str) -> u64 {
+        let (status, body) = self.api.call("GET", "/metrics", None);
+        assert_eq!(status, 200);
+        let text = body.as_str().unwrap_or_default().to_string();
+        let needle = format!("reason=\"{reason}\"}} ");
+        text.lines()
+            .filter(|l| l.starts_with("wraithgate_drops_total{") && l.contains(&needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn base64_key(k: &PublicKey) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(k.0)
+}
+
+/// One client of the exhaustion test: its own socket (so its own session), established.
+fn handshake(relay: SocketAddr, exit: &UdpSocket, key: &PublicKey, n: u32) -> Option<Flow> {
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    client.send_to(&initiation(key, 0xC000 + n), relay).unwrap();
+    exit.set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let relay_side = loop {
+        match exit.recv_from(&mut buf) {
+            Ok((len, from)) if len == INITIATION_LEN && buf[4..8] == (0xC000 + n).to_le_bytes() => {
+                break from
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    };
+    let exit = exit.try_clone().unwrap();
+    exit.send_to(&response(0xE000 + n, 0xC000 + n), relay_side)
+        .unwrap();
+    let (got, _) = recv(&client);
+    assert_eq!(got[0], 2);
+    let mut flow = Flow {
+        client,
+        exit,
+        relay,
+        relay_side,
+        counter: 0,
+    };
+    flow.both_ways_with(0xE000 + n, 0xC000 + n);
+    Some(flow)
+}
+
+impl Flow {
+    /// [`Flow::both_ways`] for a flow with its own indices.
+    fn both_ways_with(&mut self, exit_index: u32, client_index: u32) {
+        self.exit
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        self.counter += 1;
+        let up = transport(exit_index, self.counter);
+        self.client.send_to(&up, self.relay).unwrap();
+        loop {
+            let (got, from) = recv(&self.exit);
+            // Other flows share the exit socket: skip their datagrams.
+            if from == self.relay_side {
+                assert_eq!(got, up, "client → exit");
+                break;
+            }
+        }
+        let down = transport(client_index, self.counter);
+        self.exit.send_to(&down, self.relay_side).unwrap();
+        let (got, from) = recv(&self.client);
+        assert_eq!((got, from), (down, self.relay), "exit → client");
+    }
+}
+
+/// Descriptor exhaustion at the process's real limit (issue 20): a node whose open-files
+/// limit is 160 takes sessions (one socket each) until it has no descriptor left; then new
+/// sessions are refused and counted (`socket_unavailable`), the established ones carry on
+/// both ways, the API still answers, and once the operator kills sessions and so frees
+/// their descriptors, new sessions get in again.
+#[test]
+fn descriptor_exhaustion_refuses_new_sessions_and_keeps_established_ones() {
+    let dir = std::env::temp_dir().join(format!(
+        "wg-faults-nofile-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exit_key = PublicKey([0x11; 32]);
+    let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let node = Child::start(&dir, exit.local_addr().unwrap(), &exit_key, 160);
+
+    let mut flows = Vec::new();
+    let mut refused = 0;
+    for n in 0..200u32 {
+        match handshake(node.relay, &exit, &exit_key, n) {
+            Some(f) => flows.push((n, f)),
+            None => {
+                refused += 1;
+                if refused == 5 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        flows.len() >= 8 && refused == 5,
+        "{} sessions, {refused} refused: the limit was not reached (log: {})",
+        flows.len(),
+        std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+    );
+    let counted = node.drops("socket_unavailable");
+    assert!(
+        counted >= 5,
+        "5 refused sessions, {counted} counted as socket_unavailable"
+    );
+    // Established sessions are unaffected, both ways.
+    for (n, f) in flows.iter_mut() {
+        f.both_ways_with(0xE000 + *n, 0xC000 + *n);
+    }
+    let (status, sessions) = node.api.call("GET", "/v1/sessions", None);
+    assert_eq!(status, 200, "the API answers at the limit: {sessions}");
+    let sessions = sessions.as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        sessions.len(),
+        flows.len(),
+        "every established session is listed"
+    );
+    // The operator kills five sessions: their descriptors free up.
+    let (gone, mut kept): (Vec<_>, Vec<_>) = flows.into_iter().partition(|(n, _)| n % 7 == 0);
+    assert!(gone.len() >= 5, "{} flows to kill", gone.len());
+    for (_, f) in gone.iter().take(5) {
+        let client = f.client.local_addr().unwrap().to_string();
+        let id = sessions
+            .iter()
+            .find(|s| s["client"] == client.as_str())
+            .and_then(|s| s["id"].as_str())
+            .expect("the flow's session is listed")
+            .to_string();
+        let (status, answer) = node.api.call("DELETE", &format!("/v1/sessions/{id}"), None);
+        assert!((200..300).contains(&status), "kill {id}: {status} {answer}");
+    }
+    let mut again = 0;
+    for n in 1000..1005u32 {
+        if handshake(node.relay, &exit, &exit_key, n).is_some() {
+            again += 1;
+        }
+    }
+    assert_eq!(
+        again, 5,
+        "new sessions once killed ones freed their descriptors"
+    );
+    for (n, f) in kept.iter_mut() {
+        f.both_ways_with(0xE000 + *n, 0xC000 + *n);
+    }
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -32,6 +32,11 @@ impl BackendChoice {
     }
 }
 
+/// Descriptors the data plane leaves to the rest of the node: the operator API's
+/// connections, state-file writes, logs. A node at its open-files limit still answers its
+/// operator, who can kill sessions to make room, instead of refusing every connection.
+pub const CONTROL_DESCRIPTORS: u64 = 64;
+
 /// Everything the data plane needs to start.
 #[derive(Debug, Clone)]
 pub struct DataPlaneConfig {
@@ -63,6 +68,10 @@ pub struct DataPlaneConfig {
     /// 16,384: the kernel bounds the completion queue they need), each big enough for a
     /// whole GRO train; they bound the worker's buffer memory.
     pub ring_buffers: usize,
+    /// Exit-facing sockets whose descriptor would be at or above this are refused as if the
+    /// open-files limit were reached (`socket_unavailable`); set at start-up to the limit
+    /// less [`CONTROL_DESCRIPTORS`].
+    pub descriptor_ceiling: u64,
 }
 
 impl Default for DataPlaneConfig {
@@ -81,6 +90,7 @@ impl Default for DataPlaneConfig {
             gso: true,
             node_key: None,
             ring_buffers: 256,
+            descriptor_ceiling: u64::MAX,
         }
     }
 }
@@ -100,6 +110,11 @@ impl DataPlaneConfig {
     ) -> io::Result<Socket> {
         let (socket, _gro) =
             sys::exit_socket(exit, self.exit_source, local_port, self.exit_socket_buffer)?;
+        // Descriptors are handed out lowest first, so a socket's number is about how many
+        // are open: at the ceiling this one is closed again and the session refused.
+        if std::os::fd::AsRawFd::as_raw_fd(&socket) as u64 >= self.descriptor_ceiling {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         Ok(socket)
     }
 }

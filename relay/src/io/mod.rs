@@ -25,7 +25,7 @@ pub mod uring;
 mod worker;
 
 use self::backend::{choose_backend, Chosen};
-pub use self::config::{default_workers, BackendChoice, DataPlaneConfig};
+pub use self::config::{default_workers, BackendChoice, DataPlaneConfig, CONTROL_DESCRIPTORS};
 use self::listeners::{bind_group, pinned_exit_name};
 pub use self::listeners::{BoundListener, PinError, PinnedListeners};
 pub(crate) use self::stats::{CachePadded, SharedReport};
@@ -205,7 +205,10 @@ impl DataPlane {
         restore_sessions: Vec<SessionSnapshot>,
     ) -> Result<DataPlane, StartError> {
         let workers = cfg.workers.max(1);
-        let _ = sys::raise_nofile_limit();
+        let mut cfg = cfg;
+        if let Ok(limit) = sys::raise_nofile_limit() {
+            cfg.descriptor_ceiling = limit.saturating_sub(config::CONTROL_DESCRIPTORS);
+        }
         // Every session holds one exit-facing socket, each worker a few more descriptors.
         let descriptors = workers as u64 * (cfg.router.max_sessions as u64 + 64) + 1024;
         match sys::reserve_descriptors(descriptors) {
