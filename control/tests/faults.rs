@@ -478,31 +478,33 @@ impl Child {
             .stderr(log)
             .spawn()
             .expect("prlimit (util-linux) runs the node");
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
+        let mut child = Child {
+            process,
+            relay,
+            api: Api {
+                url: format!("http://{api_addr}"),
+                token: String::new(),
+                agent: ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(5)))
+                    .build()
+                    .into(),
+            },
+        };
         let token_path = dir.join("api.token");
         let started = std::time::Instant::now();
         loop {
             if let Ok(token) = std::fs::read_to_string(&token_path) {
-                let api = Api {
-                    url: format!("http://{api_addr}"),
-                    token,
-                    agent: agent.clone(),
-                };
-                if api
+                child.api.token = token;
+                let url = format!("{}/healthz", child.api.url);
+                if child
+                    .api
                     .agent
-                    .get(format!("{}/healthz", api.url))
+                    .get(url)
                     .call()
                     .is_ok_and(|r| r.status() == 200)
                 {
-                    return Child {
-                        process,
-                        relay,
-                        api,
-                    };
+                    return child;
                 }
             }
             assert!(
