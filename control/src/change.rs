@@ -95,7 +95,57 @@ pub enum ChangeError {
     },
 }
 
+/// How long a worker may go without publishing its report before it counts as stalled. A
+/// running worker publishes every 50 ms and wakes at least every 100 ms, idle or not.
+pub const WORKER_STALL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What `/healthz`, `/readyz` and the systemd watchdog go by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Workers that have not published within [`WORKER_STALL`] (or ever, once the node is
+    /// older than that).
+    pub stalled: Vec<usize>,
+    /// Every worker has published at least once: the data plane is serving.
+    pub ready: bool,
+}
+
+impl Health {
+    /// The health of workers whose last reports were published at `published`, for a node
+    /// started at `started`, seen at `now`.
+    pub fn of(
+        published: impl IntoIterator<Item = Option<std::time::Instant>>,
+        started: std::time::Instant,
+        now: std::time::Instant,
+    ) -> Health {
+        let young = now.saturating_duration_since(started) < WORKER_STALL;
+        let mut stalled = Vec::new();
+        let mut ready = true;
+        for (i, p) in published.into_iter().enumerate() {
+            let stale = match p {
+                Some(p) => now.saturating_duration_since(p) > WORKER_STALL,
+                None => {
+                    ready = false;
+                    !young
+                }
+            };
+            if stale {
+                stalled.push(i);
+            }
+        }
+        Health { stalled, ready }
+    }
+}
+
 impl Control {
+    /// The data plane's health now (see [`Health`]).
+    pub fn health(&self) -> Health {
+        Health::of(
+            self.dp.reports().iter().map(|r| r.published),
+            self.started,
+            std::time::Instant::now(),
+        )
+    }
+
     /// The control side of a node whose data plane `dp` runs the table of `state`, which
     /// `file` holds.
     pub fn new(

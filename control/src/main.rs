@@ -307,12 +307,18 @@ fn run(args: RunArgs<'_>) -> Result<()> {
     tracing::info!(listen = ?node.control.dp.local_addrs(), backend = node.control.dp.backend(),
         api = ?node.api_addr(), "relay running; SIGTERM or Ctrl-C stops it, SIGHUP reloads the configuration");
     let mut applied_text = started_text.clone();
+    let mut service = Service::new();
+    service.ready();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         if hup.swap(false, Ordering::Relaxed) {
+            service.reloading();
             reload(&path, &started_text, &mut applied_text, log);
+            service.ready();
         }
+        service.watchdog(&node);
     }
+    service.stopping();
     let s = node.control.dp.stats();
     let mut io = wraithgate_relay::io::IoStats::default();
     for r in node.control.dp.reports() {
@@ -344,6 +350,85 @@ fn run(args: RunArgs<'_>) -> Result<()> {
     );
     node.stop();
     Ok(())
+}
+
+/// What the node tells systemd (`Type=notify`; nothing without `NOTIFY_SOCKET`): ready once
+/// it forwards, reloading around a SIGHUP, stopping; and, when the unit sets `WatchdogSec=`,
+/// a watchdog ping every half period while every worker keeps publishing and the operator
+/// API's thread runs. A stalled worker or a dead sidecar withholds the ping, so systemd
+/// restarts the node.
+struct Service {
+    watchdog: Option<Duration>,
+    last_ping: std::time::Instant,
+    /// What was last said about withholding the ping, not to repeat it every 100 ms.
+    withheld: Option<String>,
+}
+
+impl Service {
+    fn new() -> Service {
+        Service {
+            watchdog: sd_notify::watchdog_enabled(),
+            last_ping: std::time::Instant::now(),
+            withheld: None,
+        }
+    }
+
+    fn notify(&self, state: &[sd_notify::NotifyState<'_>]) {
+        if let Err(e) = sd_notify::notify(state) {
+            tracing::warn!(error = %e, "cannot notify the service manager");
+        }
+    }
+
+    fn ready(&self) {
+        self.notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("forwarding"),
+        ]);
+    }
+
+    fn reloading(&self) {
+        let mut state = vec![sd_notify::NotifyState::Reloading];
+        // systemd 253+ wants the time of the reload with it.
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            state.push(now);
+        }
+        self.notify(&state);
+    }
+
+    fn stopping(&self) {
+        self.notify(&[sd_notify::NotifyState::Stopping]);
+    }
+
+    fn watchdog(&mut self, node: &Node) {
+        let Some(period) = self.watchdog else { return };
+        if self.last_ping.elapsed() < period / 2 {
+            return;
+        }
+        let health = node.control.health();
+        let problem = if !health.stalled.is_empty() {
+            Some(format!("worker {:?} stalled", health.stalled))
+        } else if node.sidecar_running() == Some(false) {
+            Some("the operator API's thread died".to_string())
+        } else {
+            None
+        };
+        match problem {
+            None => {
+                if self.withheld.take().is_some() {
+                    tracing::info!("healthy again; systemd watchdog pings resumed");
+                }
+                self.notify(&[sd_notify::NotifyState::Watchdog]);
+                self.last_ping = std::time::Instant::now();
+            }
+            Some(p) => {
+                if self.withheld.as_deref() != Some(p.as_str()) {
+                    tracing::error!(problem = %p, watchdog_secs = period.as_secs_f64(),
+                        "withholding the systemd watchdog ping: systemd restarts the node if this lasts");
+                    self.withheld = Some(p);
+                }
+            }
+        }
+    }
 }
 
 /// SIGHUP: reads the configuration again. A file with an error is refused whole, with its

@@ -126,6 +126,11 @@ impl Node {
         })
     }
 
+    /// Whether the operator API was started and its thread still runs.
+    pub fn sidecar_running(&self) -> Option<bool> {
+        self.sidecar.as_ref().map(Sidecar::running)
+    }
+
     /// The sidecar's TCP address, if it runs.
     pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
         self.sidecar.as_ref().and_then(|s| s.local_addr)

@@ -40,7 +40,7 @@ pub fn document() -> Value {
     json!({
         "openapi": "3.0.3",
         "info": {"title": "WraithGate node API", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Operator API of a WraithGate relay node. Every route but /healthz needs `Authorization: Bearer <token>`; requests carrying Origin or Referer are refused."},
+                 "description": "Operator API of a WraithGate relay node. Every route but /healthz and /readyz needs `Authorization: Bearer <token>`; requests carrying Origin or Referer are refused."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
@@ -96,8 +96,12 @@ pub fn document() -> Value {
         },
         "security": [{"bearer": []}],
         "paths": {
-            "/healthz": {"get": {"summary": "Liveness", "security": [],
-                "responses": merge(json!({"200": {"description": "Alive", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&["403"]))}},
+            "/healthz": {"get": {"summary": "Liveness: every data-plane worker keeps publishing", "security": [],
+                "responses": merge(json!({"200": {"description": "Alive", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "503": {"description": "A worker stalled (named)", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&["403"]))}},
+            "/readyz": {"get": {"summary": "Readiness: every data-plane worker serves", "security": [],
+                "responses": merge(json!({"200": {"description": "Ready", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "503": {"description": "Starting, or a worker stalled", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&["403"]))}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
                 "responses": merge(json!({"200": {"description": "Prometheus text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&common))}},
             "/v1/openapi.json": {"get": {"summary": "This document",

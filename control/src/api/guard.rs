@@ -50,7 +50,7 @@ pub(super) async fn guard(State(app): State<App>, req: Request, next: Next) -> R
         )
         .into_response();
     }
-    if req.uri().path() == "/healthz" {
+    if matches!(req.uri().path(), "/healthz" | "/readyz") {
         return next.run(req).await;
     }
     let presented = h

@@ -17,8 +17,37 @@ use crate::change::ChangeError;
 use crate::metrics;
 use crate::state::{DesiredState, PeerSpec};
 
-pub(super) async fn healthz() -> &'static str {
-    "ok\n"
+/// Liveness: 200 while every worker keeps publishing; 503 naming the stalled ones (a
+/// worker stuck for [`WORKER_STALL`](crate::change::WORKER_STALL)). A dead sidecar answers
+/// nothing, which fails a probe too.
+pub(super) async fn healthz(State(app): State<App>) -> Response {
+    let h = app.control.health();
+    if h.stalled.is_empty() {
+        return "ok\n".into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "stalled: worker {:?} published nothing for more than {} s\n",
+            h.stalled,
+            crate::change::WORKER_STALL.as_secs()
+        ),
+    )
+        .into_response()
+}
+
+/// Readiness: 200 once every worker serves (has published) and none is stalled.
+pub(super) async fn readyz(State(app): State<App>) -> Response {
+    let h = app.control.health();
+    if h.ready && h.stalled.is_empty() {
+        return "ready\n".into_response();
+    }
+    let why = if h.stalled.is_empty() {
+        "starting: not every worker serves yet\n".to_string()
+    } else {
+        format!("stalled: worker {:?}\n", h.stalled)
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
 }
 
 pub(super) async fn get_metrics(State(app): State<App>) -> Response {

@@ -55,6 +55,7 @@ struct App {
 /// path missing here is not served) and the OpenAPI document is checked against it.
 pub const ROUTES: &[(&str, &[&str])] = &[
     ("/healthz", &["GET"]),
+    ("/readyz", &["GET"]),
     ("/metrics", &["GET"]),
     ("/v1/openapi.json", &["GET"]),
     ("/v1/node", &["GET"]),
@@ -71,6 +72,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
 fn handlers(path: &str) -> axum::routing::MethodRouter<App> {
     match path {
         "/healthz" => get(healthz),
+        "/readyz" => get(readyz),
         "/metrics" => get(get_metrics),
         "/v1/openapi.json" => get(openapi),
         "/v1/node" => get(node_info),

@@ -21,6 +21,11 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// Whether the sidecar's thread still runs.
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops serving and waits for the thread.
     pub fn stop(mut self) {
         if let Some(s) = self.stop.take() {
