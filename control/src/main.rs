@@ -89,6 +89,17 @@ enum Cmd {
     },
     /// Print a commented example configuration.
     ExampleConfig,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `wraithgate completions bash > /etc/bash_completion.d/wraithgate`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or with --out-dir write one page per command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -230,6 +241,23 @@ fn real_main(cli: Cli, log: &LogFilter) -> Result<()> {
         Cmd::ExampleConfig => {
             print!("{EXAMPLE}");
             Ok(())
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "wraithgate", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { out_dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir)
+                        .with_context(|| format!("writing manual pages to {}", dir.display()))
+                }
+                None => Ok(clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?),
+            }
         }
     }
 }

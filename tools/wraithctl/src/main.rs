@@ -93,6 +93,17 @@ enum Cmd {
     /// The node's whole desired state (exits and peers) with its generation.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g.
+    /// `wraithctl completions bash > /etc/bash_completion.d/wraithctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or with --out-dir write one page per command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,6 +268,26 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "wraithctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Cmd::Man { out_dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            return match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, dir)
+                        .with_context(|| format!("writing manual pages to {}", dir.display()))
+                }
+                None => Ok(clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?),
+            };
+        }
+        _ => {}
+    }
     if !(cli.timeout > 0.0 && cli.timeout <= 86_400.0) {
         bail!("--timeout must be between 0 and 86400 seconds");
     }
@@ -276,6 +307,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Peer(cmd) => peer_cmd(&client, out, cmd),
         Cmd::Sessions { cmd } => sessions_cmd(&client, out, cmd.unwrap_or(SessionsCmd::Ls)),
         Cmd::Config(cmd) => config_cmd(&client, out, cmd),
+        Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above, offline"),
     }
 }
 
