@@ -40,7 +40,7 @@ pub fn document() -> Value {
     json!({
         "openapi": "3.0.3",
         "info": {"title": "WraithGate node API", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Operator API of a WraithGate relay node. Every route but /healthz and /readyz needs `Authorization: Bearer <token>`; requests carrying Origin or Referer are refused."},
+                 "description": "Operator API of a WraithGate relay node. Every route but /healthz and /readyz needs `Authorization: Bearer <token>` (the read-only metrics.token opens GET /metrics only); requests carrying Origin or Referer are refused."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {

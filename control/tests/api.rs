@@ -2009,3 +2009,53 @@ fn a_saved_state_pinning_a_configured_listen_port_is_refused_at_start() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 19: a read-only credential for scrapers. `metrics.token` (created 0600 beside the
+/// API token) reads `GET /metrics` and nothing else: a Prometheus that holds it cannot list
+/// or change anything.
+#[test]
+fn the_metrics_token_reads_metrics_and_nothing_else() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let n = TestNode::start("metrics-token", Vec::new());
+    let path = n.dir.join("metrics.token");
+    let token = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_ne!(token.trim(), n.token.trim(), "two different tokens");
+    let call = |method: &str, path: &str| -> u16 {
+        let url = format!("{}{path}", n.url);
+        let auth = format!("Bearer {}", token.trim());
+        let r = match method {
+            "GET" => n.agent.get(url).header("Authorization", auth).call(),
+            "POST" => n
+                .agent
+                .post(url)
+                .header("Authorization", auth)
+                .content_type("application/json")
+                .send("{}"),
+            "DELETE" => n.agent.delete(url).header("Authorization", auth).call(),
+            _ => unreachable!(),
+        };
+        r.unwrap().status().as_u16()
+    };
+    assert_eq!(call("GET", "/metrics"), 200);
+    for (method, path) in [
+        ("GET", "/v1/exits"),
+        ("GET", "/v1/config"),
+        ("GET", "/v1/sessions"),
+        ("GET", "/v1/node"),
+        ("POST", "/v1/exits"),
+        ("DELETE", "/v1/sessions/0.0.1"),
+    ] {
+        assert_eq!(
+            call(method, path),
+            403,
+            "{method} {path} with the metrics token"
+        );
+    }
+    // The API token still opens everything.
+    assert_eq!(n.get("/v1/exits").0, 200);
+    assert_eq!(n.get("/metrics").0, 200);
+}

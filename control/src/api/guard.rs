@@ -57,10 +57,20 @@ pub(super) async fn guard(State(app): State<App>, req: Request, next: Next) -> R
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
+    // In time independent of where the first difference is (the length may show).
+    let is = |t: &str, token: &str| bool::from(t.trim().as_bytes().ct_eq(token.as_bytes()));
     match presented {
-        // In time independent of where the first difference is (the length may show).
-        Some(t) if bool::from(t.trim().as_bytes().ct_eq(app.token.as_bytes())) => {
-            next.run(req).await
+        Some(t) if is(t, &app.token) => next.run(req).await,
+        Some(t) if is(t, &app.metrics_token) => {
+            if req.method() == axum::http::Method::GET && req.uri().path() == "/metrics" {
+                next.run(req).await
+            } else {
+                ApiError(
+                    StatusCode::FORBIDDEN,
+                    "the metrics token reads GET /metrics only; use the API token".into(),
+                )
+                .into_response()
+            }
         }
         Some(_) => unauthorized("wrong token"),
         None => unauthorized(

@@ -1,7 +1,9 @@
 //! The operator API: a thin axum sidecar on a thread and runtime of its own.
 //!
-//! `GET /healthz` is open; everything else needs `Authorization: Bearer <token>`, the token
-//! read from a file the node creates (mode 0600) on first start. Requests carrying
+//! `GET /healthz` and `GET /readyz` are open; everything else needs `Authorization: Bearer
+//! <token>`, the token read from a file the node creates (mode 0600) on first start. A
+//! second, read-only token (`metrics.token` beside it) opens `GET /metrics` and nothing
+//! else, so a scraper never holds the token that changes the table. Requests carrying
 //! `Origin` or `Referer` are refused, so a browser page cannot drive the API. Reads are
 //! GET; changes are POST, PUT and DELETE, each validated, persisted, then published.
 //!
@@ -49,6 +51,8 @@ const WORKER_TIMEOUT: Duration = Duration::from_secs(1);
 struct App {
     control: Arc<Control>,
     token: Arc<str>,
+    /// Opens `GET /metrics` only.
+    metrics_token: Arc<str>,
 }
 
 /// Every path the API serves with its methods: the router is built from this list (a
@@ -122,6 +126,11 @@ fn router(app: App) -> Router {
         .layer(middleware::from_fn(json_rejections))
         .layer(middleware::from_fn_with_state(app.clone(), guard::guard))
         .with_state(app)
+}
+
+/// The scrapers' read-only token file: `metrics.token` beside the API token file.
+pub fn metrics_token_path(token_path: &Path) -> PathBuf {
+    token_path.with_file_name("metrics.token")
 }
 
 /// Where the token file is when the configuration does not say.

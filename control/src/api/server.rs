@@ -40,6 +40,8 @@ impl Sidecar {
 /// Binds the API and serves it on its own thread.
 pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> Result<Sidecar> {
     let token = load_or_create_token(token_path)?;
+    let metrics_path = super::metrics_token_path(token_path);
+    let metrics_token = load_or_create_token(&metrics_path)?;
     let tcp = match cfg.api_listen {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)
@@ -58,6 +60,7 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
     let app = router(App {
         control,
         token: token.into(),
+        metrics_token: metrics_token.into(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -76,7 +79,8 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
             rt.block_on(serve(app, tcp, unix, stop_rx));
         })
         .context("starting the sidecar thread")?;
-    tracing::info!(api = ?local_addr, token_file = %token_path.display(), "operator API listening");
+    tracing::info!(api = ?local_addr, token_file = %token_path.display(),
+        metrics_token_file = %metrics_path.display(), "operator API listening");
     Ok(Sidecar {
         thread: Some(thread),
         stop: Some(stop_tx),
