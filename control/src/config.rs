@@ -204,7 +204,8 @@ pub struct ExitEntry {
     pub name: String,
     /// The exit's WireGuard public key, base64 as `wg` prints it.
     pub public_key: PublicKey,
-    /// The exit's `ip:port`.
+    /// The exit's `ip:port`, or `host:port` resolved when the file is read.
+    #[serde(deserialize_with = "crate::endpoint::deserialize")]
     pub endpoint: SocketAddr,
     /// A relay listen port whose initiations all go to this exit.
     pub listen_port: Option<u16>,
@@ -642,6 +643,26 @@ mod tests {
         let (l, msg) = line(parse(text).unwrap_err());
         assert_eq!(l, 3);
         assert!(msg.contains("wokers"), "{msg}");
+    }
+
+    #[test]
+    fn host_name_endpoints_resolve_or_are_refused_on_their_line() {
+        let k = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let text = format!(
+            "[[exit]]\nname = \"a\"\npublic_key = \"{k}\"\nendpoint = \"localhost:51820\"\n"
+        );
+        let cfg = parse(&text).unwrap();
+        let e = cfg.table.specs().next().unwrap().endpoint;
+        assert!(e.ip().is_loopback() && e.port() == 51820, "{e}");
+        let text = format!(
+            "[[exit]]\nname = \"a\"\npublic_key = \"{k}\"\nendpoint = \"no-such-host.invalid:51820\"\n"
+        );
+        let (l, msg) = line(parse(&text).unwrap_err());
+        assert_eq!(l, 4);
+        assert!(
+            msg.contains("no-such-host.invalid:51820") && msg.contains("cannot resolve"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod api;
 pub mod change;
 pub mod config;
 pub mod demo;
+pub mod endpoint;
 pub mod endpoints;
 pub mod metrics;
 pub mod node;

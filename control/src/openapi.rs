@@ -58,7 +58,7 @@ pub fn document() -> Value {
                 "Exit": {"type": "object", "required": ["public_key", "endpoint", "name"], "additionalProperties": false,
                     "properties": {
                         "public_key": {"$ref": "#/components/schemas/Key"},
-                        "endpoint": {"type": "string", "description": "ip:port ([v6]:port)", "example": "192.0.2.10:51820"},
+                        "endpoint": {"type": "string", "description": "ip:port ([v6]:port), or host:port resolved when the change is applied (POST, PATCH; PUT /v1/config takes addresses)", "example": "192.0.2.10:51820"},
                         "name": {"type": "string", "minLength": 1, "maxLength": 64},
                         "listen_port": {"type": "integer", "minimum": 1, "maximum": 65535, "nullable": true}
                     }},

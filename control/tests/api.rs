@@ -113,6 +113,12 @@ impl TestNode {
                 }
                 req.content_type("application/json").send(body)
             }
+            "PATCH" => self
+                .agent
+                .patch(url)
+                .header("Authorization", self.auth())
+                .content_type("application/json")
+                .send(body),
             "DELETE" => self
                 .agent
                 .delete(url)
@@ -2058,4 +2064,53 @@ fn the_metrics_token_reads_metrics_and_nothing_else() {
     // The API token still opens everything.
     assert_eq!(n.get("/v1/exits").0, 200);
     assert_eq!(n.get("/metrics").0, 200);
+}
+
+/// Issue 19: an exit's endpoint may be given as `host:port`; it is resolved when the change
+/// is applied (as `wg` does) and the address is what the node keeps. A name that does not
+/// resolve is refused with a message naming it, and nothing changes.
+#[test]
+fn host_name_endpoints_are_resolved_or_refused_by_name() {
+    let n = TestNode::start("hostname", Vec::new());
+    let key = "ERERERERERERERERERERERERERERERERERERERERERE=";
+    let (status, body) = n.send(
+        "POST",
+        "/v1/exits",
+        &format!(r#"{{"name":"by-name","public_key":"{key}","endpoint":"localhost:51999"}}"#),
+        &[],
+    );
+    assert!((200..300).contains(&status), "{status} {body}");
+    let (_, list) = n.get("/v1/exits");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let endpoint: SocketAddr = list[0]["endpoint"].as_str().unwrap().parse().unwrap();
+    assert!(
+        endpoint.ip().is_loopback() && endpoint.port() == 51999,
+        "{list}"
+    );
+    let before = n.get("/v1/config").1;
+    for bad in ["no-such-host.invalid:51820", "just-a-name", "host:99999"] {
+        let (status, body) = n.send(
+            "POST",
+            "/v1/exits",
+            &format!(r#"{{"name":"bad","public_key":"IiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiI=","endpoint":"{bad}"}}"#),
+            &[],
+        );
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body.contains(bad),
+            "{bad}: the answer does not name it: {body}"
+        );
+        let (status, body) = n.send(
+            "PATCH",
+            &format!("/v1/exits/{}", key.replace('/', "_").replace('+', "-")),
+            &format!(r#"{{"endpoint":"{bad}"}}"#),
+            &[],
+        );
+        assert_eq!(status, 400, "PATCH {bad}: {body}");
+    }
+    assert_eq!(
+        n.get("/v1/config").1,
+        before,
+        "a refused endpoint changed the state"
+    );
 }

@@ -149,7 +149,7 @@ pub(super) fn key_from_path(s: &str) -> Result<PublicKey, ApiError> {
 pub struct ExitPatch {
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::endpoint::deserialize_option")]
     pub endpoint: Option<SocketAddr>,
     #[serde(default, deserialize_with = "present")]
     pub listen_port: Option<Option<u16>>,
@@ -160,6 +160,8 @@ pub struct ExitPatch {
 #[serde(deny_unknown_fields)]
 struct ExitBody {
     public_key: PublicKey,
+    /// `ip:port`, or `host:port` resolved now.
+    #[serde(deserialize_with = "crate::endpoint::deserialize")]
     endpoint: SocketAddr,
     name: String,
     #[serde(default)]
