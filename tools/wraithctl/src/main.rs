@@ -13,7 +13,6 @@ mod unix;
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -118,9 +117,10 @@ enum ExitCmd {
         /// The exit's WireGuard public key, as `wg pubkey` prints it.
         #[arg(long, value_name = "KEY")]
         public_key: Key,
-        /// The exit's address, ip:port ([v6]:port).
-        #[arg(long, value_name = "IP:PORT")]
-        endpoint: SocketAddr,
+        /// The exit's address, ip:port ([v6]:port), or host:port (the node resolves it when
+        /// it applies the change, and keeps the address).
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: String,
         /// Pin a relay listen port to this exit: every initiation on it goes there.
         #[arg(long, value_name = "PORT")]
         listen_port: Option<u16>,
@@ -133,9 +133,9 @@ enum ExitCmd {
         /// A new name.
         #[arg(long)]
         name: Option<String>,
-        /// A new address, ip:port ([v6]:port).
-        #[arg(long, value_name = "IP:PORT")]
-        endpoint: Option<SocketAddr>,
+        /// A new address, ip:port ([v6]:port) or host:port (resolved by the node).
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: Option<String>,
         /// Pin this relay listen port to the exit.
         #[arg(long, value_name = "PORT", conflicts_with = "unpin")]
         listen_port: Option<u16>,
