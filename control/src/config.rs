@@ -96,6 +96,14 @@ pub struct ControlSection {
     /// The API bearer token; created with mode 0600 on first start. Default
     /// `<state_dir>/api.token`.
     pub token_file: Option<PathBuf>,
+    /// Serve the API over TLS (HTTPS). With neither `api_tls_cert` nor `api_tls_key`, the
+    /// node makes a self-signed certificate on first start (`<state_dir>/api.crt`) and logs
+    /// its SHA-256 fingerprint for clients to pin.
+    pub api_tls: bool,
+    /// PEM certificate chain the API serves (with `api_tls`).
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key of `api_tls_cert`.
+    pub api_tls_key: Option<PathBuf>,
 }
 
 impl Default for ControlSection {
@@ -106,6 +114,9 @@ impl Default for ControlSection {
             api_enabled: true,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             token_file: None,
+            api_tls: false,
+            api_tls_cert: None,
+            api_tls_key: None,
         }
     }
 }
@@ -535,6 +546,12 @@ filter = "info"
 # The operator API (wraithctl talks to it). Bearer token in <state_dir>/api.token.
 api_listen = "127.0.0.1:7070"
 # api_socket = "/run/wraithgate/api.sock"
+# HTTPS for a control plane that reaches the node over the network: a self-signed
+# certificate made on first start (<state_dir>/api.crt; its fingerprint is logged), or
+# your own. Clients pin it (wraithctl --ca-file api.crt, or --pin-sha256 FINGERPRINT).
+# api_tls = true
+# api_tls_cert = "/etc/wraithgate/api.crt"
+# api_tls_key = "/etc/wraithgate/api.key"
 state_dir = "/var/lib/wraithgate"
 
 # One block per exit; they seed the node's state on its first start. After that the state

@@ -30,6 +30,7 @@ mod error;
 mod guard;
 mod handlers;
 mod server;
+pub mod tls;
 
 pub use body::WholeState;
 pub use error::ApiError;

@@ -56,6 +56,34 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
         None => None,
     };
     let local_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let tls = match (&tcp, cfg.api_tls) {
+        (Some(_), true) => {
+            let mut names = vec!["localhost".to_string()];
+            if let Some(a) = local_addr {
+                names.push(a.ip().to_string());
+            }
+            if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                names.push(h.trim().to_string());
+            }
+            let id = super::tls::identity(
+                cfg.api_tls_cert.as_deref(),
+                cfg.api_tls_key.as_deref(),
+                &cfg.state_dir,
+                &names,
+            )?;
+            tracing::info!(cert = %id.cert_path.display(), sha256 = %id.fingerprint,
+                "operator API serves TLS; clients pin this certificate or fingerprint");
+            Some(tokio_rustls::TlsAcceptor::from(id.config))
+        }
+        _ => None,
+    };
+    if let (Some(a), None) = (local_addr, &tls) {
+        if !a.ip().is_loopback() {
+            tracing::warn!(api = %a, "the operator API is served without TLS on a non-loopback \
+                address: its token and every change cross the network in clear; set \
+                [control] api_tls = true");
+        }
+    }
     let dp = control.dp.clone();
     let app = router(App {
         control,
@@ -76,7 +104,7 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
                     return;
                 }
             };
-            rt.block_on(serve(app, tcp, unix, stop_rx));
+            rt.block_on(serve(app, tcp, tls, unix, stop_rx));
         })
         .context("starting the sidecar thread")?;
     tracing::info!(api = ?local_addr, token_file = %token_path.display(),
@@ -101,6 +129,7 @@ fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener> {
 async fn serve(
     app: Router,
     tcp: Option<std::net::TcpListener>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     unix: Option<std::os::unix::net::UnixListener>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -112,11 +141,16 @@ async fn serve(
                 let mut rx = stop_all.subscribe();
                 let app = app.clone();
                 tasks.push(tokio::spawn(async move {
-                    let r = axum::serve(l, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = rx.recv().await;
-                        })
-                        .await;
+                    let shutdown = async move {
+                        let _ = rx.recv().await;
+                    };
+                    let r = match tls {
+                        Some(acceptor) => {
+                            let l = super::tls::Listener { tcp: l, acceptor };
+                            axum::serve(l, app).with_graceful_shutdown(shutdown).await
+                        }
+                        None => axum::serve(l, app).with_graceful_shutdown(shutdown).await,
+                    };
                     if let Err(e) = r {
                         tracing::error!(error = %e, "operator API (tcp) stopped");
                     }

@@ -84,27 +84,22 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// Takes `--url` as given; a bare `host:port` means `http://host:port`.
+    /// Takes `--url` as given; a bare `host:port` means `http://host:port`. `https://` is
+    /// for a node that serves its API over TLS (`[control] api_tls`).
     pub fn from_url(url: &str) -> Result<Endpoint, Failure> {
         let url = url.trim().trim_end_matches('/');
-        if url.starts_with("https://") {
-            return Err(Failure::new(
-                FailureKind::Refused,
-                format!("--url {url}: the node's API is plain HTTP on loopback or a management network; use http:// (or --socket)"),
-            ));
-        }
         let full = if url.contains("://") {
             url.to_owned()
         } else {
             format!("http://{url}")
         };
         match full.parse::<ureq::http::Uri>() {
-            Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
                 Ok(Endpoint::Tcp(full))
             }
             _ => Err(Failure::new(
                 FailureKind::Refused,
-                format!("--url {url:?} is not an http://host:port address"),
+                format!("--url {url:?} is not an http://host:port or https://host:port address"),
             )),
         }
     }
@@ -159,9 +154,32 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(endpoint: Endpoint, token_file: &Path, timeout: Duration) -> Result<Self, Failure> {
+    /// `ca_file`: the certificate (PEM) an `https://` node must present, or the CA that
+    /// signed it; the node's own self-signed `api.crt` pins that very certificate.
+    pub fn new(
+        endpoint: Endpoint,
+        token_file: &Path,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, Failure> {
         let token = read_token(token_file)?;
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = ca_file {
+            let refused = |why: String| {
+                Failure::new(
+                    FailureKind::Refused,
+                    format!("--ca-file {}: {why}", path.display()),
+                )
+            };
+            let pem = std::fs::read(path).map_err(|e| refused(e.to_string()))?;
+            let cert = ureq::tls::Certificate::from_pem(&pem)
+                .map_err(|e| refused(format!("no PEM certificate ({e})")))?;
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+                cert,
+            ])));
+        }
         let config = Agent::config_builder()
+            .tls_config(tls.build())
             // 4xx/5xx carry the node's explanation: read them rather than fail early.
             .http_status_as_error(false)
             // The API is local: never send it (or its token) through a proxy.

@@ -51,6 +51,10 @@ struct Cli {
         value_name = "URL"
     )]
     url: String,
+    /// With an https:// --url: the certificate the node must present (PEM), e.g. a copy of
+    /// its own <state_dir>/api.crt (which pins that certificate), or the CA that signed it.
+    #[arg(long, env = "WRAITHCTL_CA_FILE", global = true, value_name = "PATH")]
+    ca_file: Option<PathBuf>,
     /// Talk to the node over this Unix socket ([control] api_socket) instead of --url.
     #[arg(long, env = "WRAITHCTL_SOCKET", global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -299,6 +303,7 @@ fn run(cli: Cli) -> Result<()> {
         endpoint,
         &cli.token_file,
         Duration::from_secs_f64(cli.timeout),
+        cli.ca_file.as_deref(),
     )?;
     let out = Output { json: cli.json };
     match cli.command {

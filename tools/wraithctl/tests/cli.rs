@@ -1018,3 +1018,78 @@ fn a_no_op_apply_a_dry_run_and_exit_set_say_what_they_change() {
         "{log}"
     );
 }
+
+/// Issue 19: the API over TLS for a control plane across the network. With `api_tls`, the
+/// node makes a self-signed certificate on first start (`api.crt`, key 0600) and logs its
+/// fingerprint; `wraithctl --url https://… --ca-file api.crt` pins exactly that certificate.
+/// Another certificate, no pin (the public roots), or plain HTTP to the TLS port: refused.
+#[test]
+fn the_api_over_tls_with_the_node_certificate_pinned() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let node = Node::start_with("tls", "[control]\napi_tls = true\n");
+    let state = node.dir.0.join("state");
+    let cert = state.join("api.crt");
+    assert!(cert.is_file(), "no api.crt made");
+    assert_eq!(
+        std::fs::metadata(state.join("api.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let log = node.log.lock().unwrap().clone();
+    assert!(
+        log.contains("operator API serves TLS") && log.contains("sha256="),
+        "the fingerprint is logged:\n{log}"
+    );
+    let https = format!("https://127.0.0.1:{}", node.api.port());
+    let ctl = |extra: &[&str]| {
+        let mut c = wraithctl();
+        c.args(["--url", &https, "--token-file"])
+            .arg(node.token_file())
+            .args(extra);
+        Run::of(c.args(["exit", "ls"]))
+    };
+    let pinned = ctl(&["--ca-file", &cert.display().to_string()]);
+    pinned.ok();
+    assert!(pinned.stdout.contains("no exits"), "{pinned:#?}");
+    // A certificate of another node.
+    let other = TempDir::new("tls-other");
+    let other_cert = other.0.join("other.crt");
+    let made = rcgen_free_cert(&other.0);
+    std::fs::copy(made, &other_cert).unwrap();
+    let r = ctl(&["--ca-file", &other_cert.display().to_string()]);
+    assert_ne!(r.code, Some(0), "another certificate was accepted: {r:#?}");
+    // No pin: the node's self-signed certificate is nobody's in the public roots.
+    let r = ctl(&[]);
+    assert_ne!(
+        r.code,
+        Some(0),
+        "an unpinned self-signed certificate was accepted: {r:#?}"
+    );
+    // Plain HTTP to the TLS port gets nothing.
+    let r = Run::of(
+        wraithctl()
+            .args([
+                "--timeout",
+                "5",
+                "--url",
+                &format!("http://127.0.0.1:{}", node.api.port()),
+            ])
+            .arg("--token-file")
+            .arg(node.token_file())
+            .args(["exit", "ls"]),
+    );
+    assert_ne!(r.code, Some(0), "plain HTTP answered: {r:#?}");
+}
+
+/// A self-signed certificate made by another node (its first start with TLS), for the
+/// "another certificate" case: returns the path of its `api.crt`.
+fn rcgen_free_cert(dir: &Path) -> PathBuf {
+    let other = Node::start_with("tls-maker", "[control]\napi_tls = true\n");
+    let cert = other.dir.0.join("state").join("api.crt");
+    let kept = dir.join("made.crt");
+    std::fs::copy(&cert, &kept).unwrap();
+    kept
+}
