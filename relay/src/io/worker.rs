@@ -19,11 +19,11 @@ use super::{
     WorkerRequest,
 };
 use crate::drop_reason::DropReason;
-use crate::role::Listener;
-use crate::router::{Command, Router, SessionSnapshot};
+use crate::role::{Datagram, Listener, Output, Role};
+use crate::router::{Router, SessionSnapshot};
 use crate::slab::SessionSlot;
 use crate::table::{ExitTable, SharedTable};
-use crate::zhop::{NodeKey, Zhop, ZhopOut};
+use crate::zhop::{NodeKey, Zhop};
 
 /// Longest a worker waits for traffic, so that shutdown and table swaps are noticed when
 /// idle.
@@ -198,7 +198,10 @@ impl Worker {
         if busy || self.router.sweeping() {
             return Duration::ZERO;
         }
-        let next = match (self.router.poll_timeout(), self.zhop.poll_timeout()) {
+        let next = match (
+            Role::poll_timeout(&self.router),
+            Role::poll_timeout(&self.zhop),
+        ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -221,9 +224,10 @@ impl Worker {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
             self.set_table(t);
         }
-        self.router.handle_timeout(now);
-        self.router_commands(d);
-        self.zhop_events(d, |zhop, out| zhop.tick(now, out));
+        let id = self.id;
+        let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |_| {});
+        Role::handle_timeout(&mut self.router, now, &mut out);
+        Role::handle_timeout(&mut self.zhop, now, &mut out);
         while let Ok(req) = self.requests.try_recv() {
             self.answer(d, req, now);
         }
@@ -236,8 +240,8 @@ impl Worker {
     }
 
     fn set_table(&mut self, t: Arc<ExitTable>) {
-        self.router.set_table(t.clone());
-        self.zhop.set_table(t);
+        Role::set_table(&mut self.router, t.clone());
+        Role::set_table(&mut self.zhop, t);
     }
 
     fn answer(&mut self, d: &mut impl Datapath, req: WorkerRequest, now: Instant) {
@@ -282,42 +286,17 @@ impl Worker {
     /// Carries out the router's pending commands: open or close exit sockets, send the
     /// relay's cookie replies.
     fn router_commands(&mut self, d: &mut impl Datapath) {
-        while let Some(cmd) = self.router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket {
-                    slot,
-                    exit,
-                    local_port,
-                } => match d.open_exit(slot, exit, local_port) {
-                    Ok(()) => d.stats().exit_sockets_open += 1,
-                    Err(e) => {
-                        tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
-                        self.router.socket_failed(slot);
-                    }
-                },
-                Command::CloseExitSocket { slot } => {
-                    if d.close_exit(slot) {
-                        d.stats().exit_sockets_open -= 1;
-                    }
-                }
-                Command::SendCookieReply {
-                    listener,
-                    client,
-                    reply,
-                } => {
-                    if !d.send_from_listener(listener, client, &reply) {
-                        d.stats().cookie_send_errors += 1;
-                    }
-                }
-            }
-        }
+        let id = self.id;
+        self.router
+            .drain_commands(&mut |o: Output<'_>| carry_out(id, d, o, &mut |_| {}));
     }
 
-    /// Runs each segment of `msg` through Z-HOP (what it claims, and whatever arrives on a
-    /// flow socket) or the router. Z-HOP's events and the router's commands are carried
-    /// out by `d` as they come (an exit socket must exist before anything is sent through
-    /// it); `forward` gets the target, offset and length of each segment the router
-    /// forwards.
+    /// Runs each segment of `msg` through the role it is for: a client datagram, parsed
+    /// once, through the roles in order (the first that claims it handles it), a datagram
+    /// on a role's own socket through that role. What the roles ask of the sockets is
+    /// carried out by `d` as it comes (an exit socket exists before anything is sent
+    /// through it); `forward` gets the target, offset and length of each segment a role
+    /// forwards as it arrived.
     pub(crate) fn route(
         &mut self,
         d: &mut impl Datapath,
@@ -340,53 +319,27 @@ impl Worker {
         while offset < len || first {
             first = false;
             let seg_len = stride.min(len - offset);
-            let seg = &payload[offset..offset + seg_len];
+            let start = offset;
+            let seg = &payload[start..start + seg_len];
             offset += seg_len;
-            let (router, zhop) = (&mut self.router, &mut self.zhop);
-            let mut failed = 0;
-            let mut out = |o: ZhopOut<'_>| {
-                if !zhop_event(self.id, d, o) {
-                    failed += 1;
-                }
-            };
-            let zhop_result = match source {
-                Source::Client(l) => zhop
-                    .claim(from, seg, || router.knows_client(from))
-                    .map(|claim| zhop.handle_claimed(now, l, from, seg, claim, &mut out)),
-                Source::Flow(flow) => Some(zhop.handle_exit(now, flow, seg, &mut out)),
-                _ => None,
-            };
-            if let Some(r) = zhop_result {
-                record_zhop(router, r, failed);
-                continue;
-            }
-            let action = match source {
-                Source::Client(l) => router.handle_client(now, l, from, seg),
-                Source::Exit(slot) => router.handle_exit(now, slot, seg),
-                Source::Flow(_) => continue,
-            };
-            self.router_commands(d);
-            if let Some(target) = Target::of(action) {
-                forward(target, offset - seg_len, seg_len);
+            let id = self.id;
+            let mut out =
+                |o: Output<'_>| carry_out(id, d, o, &mut |t| forward(t, start, seg_len));
+            match source {
+                // Z-HOP first: it claims only its own (and asks the router only whether it
+                // knows an address); the router takes every client datagram left.
+                Source::Client(l) => offer(
+                    &mut self.zhop,
+                    &mut self.router,
+                    now,
+                    l,
+                    &Datagram::parse(from, seg),
+                    &mut out,
+                ),
+                Source::Exit(slot) => self.router.handle_socket(now, slot, seg, &mut out),
+                Source::Flow(flow) => self.zhop.handle_socket(now, flow, seg, &mut out),
             }
         }
-    }
-
-    /// Runs `f` on Z-HOP with a sink for its events that `d` carries out, counting failed
-    /// sends.
-    fn zhop_events(
-        &mut self,
-        d: &mut impl Datapath,
-        f: impl FnOnce(&mut Zhop, &mut dyn FnMut(ZhopOut<'_>)),
-    ) {
-        let mut failed = 0;
-        let id = self.id;
-        f(&mut self.zhop, &mut |o: ZhopOut<'_>| {
-            if !zhop_event(id, d, o) {
-                failed += 1;
-            }
-        });
-        record_zhop(&mut self.router, Ok(()), failed);
     }
 
     /// Counts the datagrams whose sends failed (`failed`, which is reset).
@@ -397,41 +350,95 @@ impl Worker {
     }
 }
 
-/// Carries out one Z-HOP event through `d`. Returns `false` when its send failed.
-fn zhop_event(worker: usize, d: &mut impl Datapath, o: ZhopOut<'_>) -> bool {
-    match o {
-        ZhopOut::ToPeer {
-            listener,
-            to,
-            bytes,
-        } => d.zhop_send(
-            Target::Client {
-                listener: listener.id,
-                addr: to,
-            },
-            bytes,
-        ),
-        ZhopOut::ToExit { flow, bytes } => d.zhop_send(Target::Flow(flow), bytes),
-        ZhopOut::OpenFlow { flow, exit } => {
-            if let Err(e) = d.open_flow(flow, exit) {
-                tracing::warn!(worker, %exit, error = %e, "cannot open flow socket");
-            }
-            true
-        }
-        ZhopOut::CloseFlow { flow } => {
-            d.close_flow(flow);
-            true
-        }
+/// Offers a client datagram to role `first`, then to `then`: the first that claims it
+/// handles it. A role that claims every datagram (the router) goes last.
+fn offer<A: Role, B: Role>(
+    first: &mut A,
+    then: &mut B,
+    now: Instant,
+    listener: Listener,
+    dg: &Datagram<'_>,
+    out: &mut impl FnMut(Output<'_>) -> bool,
+) {
+    if let Some(claim) = first.claim(dg, || then.knows_client(dg.from)) {
+        first.handle_client(now, listener, dg, claim, out);
+    } else if let Some(claim) = then.claim(dg, || false) {
+        then.handle_client(now, listener, dg, claim, out);
     }
 }
 
-/// Counts what Z-HOP refused and the sends of its events that failed.
-fn record_zhop(router: &mut Router, r: Result<(), DropReason>, failed_sends: usize) {
-    if let Err(reason) = r {
-        router.record_drop(reason);
-    }
-    for _ in 0..failed_sends {
-        router.record_drop(DropReason::SendFailed);
+/// Carries out one role output through `d`; `forward` sends the segment being handled.
+/// Returns whether it was carried out.
+fn carry_out(
+    worker: usize,
+    d: &mut impl Datapath,
+    o: Output<'_>,
+    forward: &mut impl FnMut(Target),
+) -> bool {
+    match o {
+        Output::Forward(target) => {
+            forward(target);
+            true
+        }
+        Output::Send { to, bytes } => d.zhop_send(to, bytes),
+        Output::Reply {
+            listener,
+            to,
+            bytes,
+        } => {
+            let sent = d.send_from_listener(listener, to, bytes);
+            if !sent {
+                d.stats().cookie_send_errors += 1;
+            }
+            sent
+        }
+        Output::Open {
+            socket: Target::Exit(slot),
+            exit,
+            local_port,
+        } => match d.open_exit(slot, exit, local_port) {
+            Ok(()) => {
+                d.stats().exit_sockets_open += 1;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(worker, %exit, error = %e, "cannot open exit socket");
+                false
+            }
+        },
+        Output::Open {
+            socket: Target::Flow(flow),
+            exit,
+            ..
+        } => match d.open_flow(flow, exit) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(worker, %exit, error = %e, "cannot open flow socket");
+                false
+            }
+        },
+        Output::Close {
+            socket: Target::Exit(slot),
+        } => {
+            if d.close_exit(slot) {
+                d.stats().exit_sockets_open -= 1;
+            }
+            true
+        }
+        Output::Close {
+            socket: Target::Flow(flow),
+        } => {
+            d.close_flow(flow);
+            true
+        }
+        // Listeners are the control side's to open and close.
+        Output::Open {
+            socket: Target::Client { .. },
+            ..
+        }
+        | Output::Close {
+            socket: Target::Client { .. },
+        } => false,
     }
 }
 
@@ -476,6 +483,10 @@ pub(crate) fn publish(
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
     };
     r.router.clone_from(router.stats());
+    // `/metrics` counts drops by reason over every role.
+    for (total, zhop) in r.router.drops.iter_mut().zip(Role::drops(zhop)) {
+        *total += zhop;
+    }
     r.io.clone_from(io);
     r.io.cpu_ns = sys::thread_cpu_time().as_nanos() as u64;
     r.sessions = router.session_count();
