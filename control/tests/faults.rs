@@ -212,6 +212,7 @@ fn start(dir: &Path, exits: Vec<ExitSpec>) -> (Node, Api) {
             state_dir: dir.to_owned(),
             ..ControlSection::default()
         },
+        log: Default::default(),
     };
     let node = Node::start(config).unwrap();
     let api = Api {
@@ -382,6 +383,7 @@ fn garbage_state_file_at_start_is_refused_by_name() {
                 state_dir: dir.clone(),
                 ..ControlSection::default()
             },
+            log: Default::default(),
         };
         let err = match Node::start(config) {
             Ok(_) => panic!("started on a garbage {file}"),

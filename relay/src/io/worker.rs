@@ -323,8 +323,7 @@ impl Worker {
             let seg = &payload[start..start + seg_len];
             offset += seg_len;
             let id = self.id;
-            let mut out =
-                |o: Output<'_>| carry_out(id, d, o, &mut |t| forward(t, start, seg_len));
+            let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |t| forward(t, start, seg_len));
             match source {
                 // Z-HOP first: it claims only its own (and asks the router only whether it
                 // knows an address); the router takes every client datagram left.

@@ -90,7 +90,9 @@ impl Role for Zhop {
         claim: Claim<'_>,
         out: &mut impl FnMut(Output<'_>) -> bool,
     ) {
-        self.emit(out, |z, sink| z.handle_claim(now, listener, dg, claim, sink));
+        self.emit(out, |z, sink| {
+            z.handle_claim(now, listener, dg, claim, sink)
+        });
     }
 
     fn handle_socket(
