@@ -40,15 +40,27 @@ impl Traffic {
     }
 }
 
+/// A role's place among a worker's roles, which the worker assigns (`io/worker.rs`); the
+/// I/O layer uses it only to hand what a socket receives back to the role that owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RoleId(pub u8);
+
+/// A socket a role owns (a DoubleHop session's exit-facing socket, a Z-HOP flow's): the
+/// role and its own handle for it. Opaque to the I/O layer, which keeps its sockets by
+/// owner and never asks what kind they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SocketOwner {
+    pub role: RoleId,
+    pub slot: SessionSlot,
+}
+
 /// Where a role sends something: a socket of the I/O layer's, named in the roles' terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    /// A DoubleHop session's exit-facing socket (connected to its exit).
-    Exit(SessionSlot),
     /// From a listener to an address: a DoubleHop client, or a Z-HOP peer's endpoint.
     Client { listener: u16, addr: SocketAddr },
-    /// A Z-HOP flow's socket (connected to its exit).
-    Flow(SessionSlot),
+    /// Through a socket a role owns (connected to its peer, an exit).
+    Socket(SocketOwner),
 }
 
 impl Target {
@@ -56,7 +68,7 @@ impl Target {
     pub fn address(self) -> Option<SocketAddr> {
         match self {
             Target::Client { addr, .. } => Some(addr),
-            Target::Exit(_) | Target::Flow(_) => None,
+            Target::Socket(_) => None,
         }
     }
 }
@@ -96,15 +108,15 @@ pub enum Output<'a> {
         to: SocketAddr,
         bytes: &'a [u8],
     },
-    /// Open the socket `socket` names, connected to `exit` (bound to `local_port` when
+    /// Open a socket owned by `socket`, connected to `exit` (bound to `local_port` when
     /// given).
     Open {
-        socket: Target,
+        socket: SocketOwner,
         exit: SocketAddr,
         local_port: Option<u16>,
     },
-    /// Close the socket `socket` names, after sending what waits for it.
-    Close { socket: Target },
+    /// Close the socket owned by `socket`, after sending what waits for it.
+    Close { socket: SocketOwner },
 }
 
 /// A role: a sans-IO state machine that claims the client datagrams that are its own,
@@ -115,6 +127,17 @@ pub enum Output<'a> {
 /// Statically dispatched (the worker holds each role by its type), so nothing per packet
 /// goes through a `dyn` call.
 pub trait Role {
+    /// Its place among the worker's roles, and in its sockets' owners.
+    const ID: RoleId;
+
+    /// The owner of this role's socket `slot`.
+    fn socket(slot: SessionSlot) -> SocketOwner {
+        SocketOwner {
+            role: Self::ID,
+            slot,
+        }
+    }
+
     /// What a claim found, handed to [`Role::handle_client`] so nothing is looked up twice.
     type Claim<'a>;
 

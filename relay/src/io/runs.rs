@@ -191,12 +191,16 @@ fn send_refused(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::role::{RoleId, SocketOwner};
     use crate::slab::SessionSlot;
 
     fn exit(i: u32) -> Target {
-        Target::Exit(SessionSlot {
-            index: i,
-            generation: 0,
+        Target::Socket(SocketOwner {
+            role: RoleId(0),
+            slot: SessionSlot {
+                index: i,
+                generation: 0,
+            },
         })
     }
 

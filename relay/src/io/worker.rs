@@ -19,9 +19,8 @@ use super::{
     WorkerRequest,
 };
 use crate::drop_reason::DropReason;
-use crate::role::{Datagram, Listener, Output, Role};
+use crate::role::{Datagram, Listener, Output, Role, SocketOwner};
 use crate::router::{Router, SessionSnapshot};
-use crate::slab::SessionSlot;
 use crate::table::{ExitTable, SharedTable};
 use crate::zhop::{NodeKey, Zhop};
 
@@ -31,34 +30,33 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often a worker publishes its counters.
 const REPORT_EVERY: Duration = Duration::from_millis(50);
 
-/// A backend's sockets, as the worker needs them.
+/// A backend's sockets, as the worker needs them. Besides listeners, every socket is owned
+/// by a role ([`SocketOwner`], opaque here): a backend keeps them by owner and hands what
+/// they receive back as [`Source::Socket`], so a new role never edits a backend.
 pub(crate) trait Datapath {
-    /// Opens session `slot`'s exit-facing socket, connected to `exit` (bound to
-    /// `local_port` when given: a restored session keeps the port its exit knows).
-    fn open_exit(
+    /// Opens a socket for `owner`, connected to `peer` (bound to `local_port` when given:
+    /// a restored session keeps the port its exit knows).
+    fn open(
         &mut self,
-        slot: SessionSlot,
-        exit: SocketAddr,
+        owner: SocketOwner,
+        peer: SocketAddr,
         local_port: Option<u16>,
     ) -> io::Result<()>;
-    /// Closes session `slot`'s socket. Returns whether it had one.
-    fn close_exit(&mut self, slot: SessionSlot) -> bool;
+    /// Closes `owner`'s socket, after sending what waits for it. Returns whether it had
+    /// one.
+    fn close(&mut self, owner: SocketOwner) -> bool;
     /// A plain synchronous send from a listener: for the relay's cookie replies (rare, and
     /// 64 bytes), never the forwarded packets.
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool;
-    /// Queues one of Z-HOP's datagrams towards `target` (a flow's exit, or a peer's
-    /// endpoint from a listener). Returns `false` when the socket is gone.
-    fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool;
-    /// Opens Z-HOP flow `flow`'s socket, connected to `exit`.
-    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()>;
-    /// Closes Z-HOP flow `flow`'s socket, after sending what waits for it.
-    fn close_flow(&mut self, flow: SessionSlot);
+    /// Queues a copy of a role's `bytes` towards `target` (batched with the others of the
+    /// batch). Returns `false` when the socket is gone.
+    fn send(&mut self, target: Target, bytes: &[u8]) -> bool;
     /// Takes a listener bound by the control side for a newly pinned port.
     fn add_listener(&mut self, l: BoundListener);
     /// Closes the listener bound to `local` (a port no longer pinned), if any.
     fn remove_listener(&mut self, local: SocketAddr) -> Option<Listener>;
-    /// The local port of session `slot`'s exit-facing socket.
-    fn exit_port(&self, slot: SessionSlot) -> Option<u16>;
+    /// The local port of `owner`'s socket.
+    fn local_port(&self, owner: SocketOwner) -> Option<u16>;
     /// The listener on `port` for clients of `client`'s address family.
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener>;
     /// The backend's counters.
@@ -258,7 +256,7 @@ impl Worker {
                 let snaps = router
                     .sessions(now)
                     .filter_map(|info| {
-                        let port = d.exit_port(info.slot)?;
+                        let port = d.local_port(Router::socket(info.slot))?;
                         Some(SessionSnapshot::new(info, port))
                     })
                     .collect();
@@ -335,8 +333,12 @@ impl Worker {
                     &Datagram::parse(from, seg),
                     &mut out,
                 ),
-                Source::Exit(slot) => self.router.handle_socket(now, slot, seg, &mut out),
-                Source::Flow(flow) => self.zhop.handle_socket(now, flow, seg, &mut out),
+                // Each role's own sockets, by the id the role is registered under.
+                Source::Socket(SocketOwner { role, slot }) => match role {
+                    Router::ID => self.router.handle_socket(now, slot, seg, &mut out),
+                    Zhop::ID => self.zhop.handle_socket(now, slot, seg, &mut out),
+                    _ => {}
+                },
             }
         }
     }
@@ -379,7 +381,7 @@ fn carry_out(
             forward(target);
             true
         }
-        Output::Send { to, bytes } => d.zhop_send(to, bytes),
+        Output::Send { to, bytes } => d.send(to, bytes),
         Output::Reply {
             listener,
             to,
@@ -392,64 +394,39 @@ fn carry_out(
             sent
         }
         Output::Open {
-            socket: Target::Exit(slot),
+            socket,
             exit,
             local_port,
-        } => match d.open_exit(slot, exit, local_port) {
+        } => match d.open(socket, exit, local_port) {
             Ok(()) => {
-                d.stats().exit_sockets_open += 1;
+                // The DoubleHop sessions' sockets are the ones `/metrics` counts as open.
+                if socket.role == Router::ID {
+                    d.stats().exit_sockets_open += 1;
+                }
                 true
             }
             Err(e) => {
-                tracing::warn!(worker, %exit, error = %e, "cannot open exit socket");
+                let role = socket.role.0;
+                tracing::warn!(worker, role, %exit, error = %e, "cannot open a socket towards an exit");
                 false
             }
         },
-        Output::Open {
-            socket: Target::Flow(flow),
-            exit,
-            ..
-        } => match d.open_flow(flow, exit) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(worker, %exit, error = %e, "cannot open flow socket");
-                false
-            }
-        },
-        Output::Close {
-            socket: Target::Exit(slot),
-        } => {
-            if d.close_exit(slot) {
+        Output::Close { socket } => {
+            if d.close(socket) && socket.role == Router::ID {
                 d.stats().exit_sockets_open -= 1;
             }
             true
         }
-        Output::Close {
-            socket: Target::Flow(flow),
-        } => {
-            d.close_flow(flow);
-            true
-        }
-        // Listeners are the control side's to open and close.
-        Output::Open {
-            socket: Target::Client { .. },
-            ..
-        }
-        | Output::Close {
-            socket: Target::Client { .. },
-        } => false,
     }
 }
 
-/// The socket a message arrived on, as the router and Z-HOP know it.
+/// The socket a message arrived on, as the roles know it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Source {
     Client(Listener),
-    Exit(SessionSlot),
-    /// A Z-HOP flow's socket towards an exit.
-    Flow(SessionSlot),
+    /// A socket a role owns.
+    Socket(SocketOwner),
 }
-
 /// One received message: a datagram, or a GRO train of `stride`-sized datagrams.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Message<'a> {

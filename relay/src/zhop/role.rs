@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{Claim, Zhop, ZhopOut};
 use crate::drop_reason::DropReason;
-use crate::role::{Datagram, Listener, Output, Role, Target};
+use crate::role::{Datagram, Listener, Output, Role, RoleId, Target};
 use crate::slab::SessionSlot;
 use crate::table::ExitTable;
 
@@ -26,16 +26,16 @@ impl<'a> From<ZhopOut<'a>> for Output<'a> {
                 bytes,
             },
             ZhopOut::ToExit { flow, bytes } => Output::Send {
-                to: Target::Flow(flow),
+                to: Target::Socket(Zhop::socket(flow)),
                 bytes,
             },
             ZhopOut::OpenFlow { flow, exit } => Output::Open {
-                socket: Target::Flow(flow),
+                socket: Zhop::socket(flow),
                 exit,
                 local_port: None,
             },
             ZhopOut::CloseFlow { flow } => Output::Close {
-                socket: Target::Flow(flow),
+                socket: Zhop::socket(flow),
             },
         }
     }
@@ -65,6 +65,9 @@ impl Zhop {
 }
 
 impl Role for Zhop {
+    /// Registered in `io/worker.rs`, as every role's is.
+    const ID: RoleId = RoleId(1);
+
     type Claim<'a> = Claim<'a>;
 
     /// An initiation addressed (by mac1) to the node, anything from an address with an

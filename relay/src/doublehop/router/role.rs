@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{Action, Command, Router};
 use crate::drop_reason::DropReason;
-use crate::role::{Datagram, Listener, Output, Role, Target};
+use crate::role::{Datagram, Listener, Output, Role, RoleId, Target};
 use crate::slab::SessionSlot;
 use crate::table::ExitTable;
 
@@ -22,7 +22,7 @@ impl Router {
                     exit,
                     local_port,
                 } => {
-                    let socket = Target::Exit(slot);
+                    let socket = <Router as Role>::socket(slot);
                     if !out(Output::Open {
                         socket,
                         exit,
@@ -33,7 +33,7 @@ impl Router {
                 }
                 Command::CloseExitSocket { slot } => {
                     out(Output::Close {
-                        socket: Target::Exit(slot),
+                        socket: <Router as Role>::socket(slot),
                     });
                 }
                 Command::SendCookieReply {
@@ -56,7 +56,7 @@ impl Router {
     fn act(&mut self, action: Action, out: &mut impl FnMut(Output<'_>) -> bool) {
         self.drain_commands(out);
         let target = match action {
-            Action::ToExit(slot) => Target::Exit(slot),
+            Action::ToExit(slot) => Target::Socket(<Router as Role>::socket(slot)),
             Action::ToClient { listener, client } => Target::Client {
                 listener: listener.id,
                 addr: client,
@@ -68,6 +68,9 @@ impl Router {
 }
 
 impl Role for Router {
+    /// Registered in `io/worker.rs`, as every role's is.
+    const ID: RoleId = RoleId(0);
+
     type Claim<'a> = ();
 
     /// Every client datagram is the router's: it counts what it cannot route.
