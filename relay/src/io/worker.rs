@@ -504,4 +504,26 @@ mod tests {
         assert_eq!(r.table_generation, 1);
         assert!(r.published.is_some());
     }
+
+    #[test]
+    fn published_drops_are_every_roles_by_reason() {
+        let now = Instant::now();
+        let table = std::sync::Arc::new(ExitTable::new(1, Vec::new()).expect("empty table"));
+        let cfg = crate::router::RouterConfig::default();
+        let mut router = Router::new(cfg.clone(), table.clone(), now);
+        let mut zhop = Zhop::new(None, table, cfg.cookie_settings(), now);
+        Role::record_drop(&mut router, DropReason::SendFailed);
+        Role::record_drop(&mut zhop, DropReason::SendFailed);
+        Role::record_drop(&mut zhop, DropReason::OuterRejected);
+        let report = Mutex::new(WorkerReport::default());
+        assert!(publish(&report, &router, &zhop, &IoStats::default()));
+        let r = report.lock().expect("not poisoned");
+        assert_eq!(r.router.dropped(DropReason::SendFailed), 2);
+        assert_eq!(r.router.dropped(DropReason::OuterRejected), 1);
+        assert_eq!(
+            router.stats().dropped(DropReason::SendFailed),
+            1,
+            "each role's own"
+        );
+    }
 }
