@@ -255,7 +255,7 @@ impl Loop {
         }
     }
 
-    /// Sends every planned run: runs to exits through their sessions' sockets, runs to
+    /// Sends every planned run: runs to a role's socket through it, runs to
     /// clients gathered per listener into sendmmsg batches.
     fn transmit(&mut self) {
         let runs = std::mem::take(&mut self.runs);
