@@ -587,11 +587,22 @@ impl Router {
         from: SocketAddr,
         packet: &[u8],
     ) -> Action {
-        let msg = match Message::parse(packet) {
+        self.handle_client_message(now, listener, from, packet.len(), Message::parse(packet))
+    }
+
+    /// [`Router::handle_client`] with the datagram already parsed: `msg`, of `len` bytes.
+    pub fn handle_client_message(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        from: SocketAddr,
+        len: usize,
+        msg: Result<Message<'_>, DropReason>,
+    ) -> Action {
+        let msg = match msg {
             Ok(m) => m,
             Err(reason) => return self.drop_packet(reason),
         };
-        let len = packet.len();
         let index = match msg {
             Message::Initiation(init) => return self.client_initiation(now, listener, from, init),
             Message::Response(r) => return self.client_response(now, from, r, len),
@@ -836,6 +847,7 @@ impl Router {
     /// nothing that arrives teaches the router an index the client may use, except a
     /// response to an initiation this session's client sent, and only the first one.
     pub fn handle_exit(&mut self, now: Instant, slot: SessionSlot, packet: &[u8]) -> Action {
+        // Only the router reads its exit sockets, so this is the datagram's one parse.
         let msg = match Message::parse(packet) {
             Ok(m) => m,
             Err(reason) => return self.drop_packet(reason),
@@ -1080,6 +1092,8 @@ impl Router {
         })
     }
 }
+
+mod role;
 
 #[cfg(test)]
 mod tests;

@@ -24,14 +24,15 @@ use super::worker::{self, Datapath, Source, Worker};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
 use crate::role::Listener;
+use crate::role::{RoleId, SocketOwner};
 use crate::slab::SessionSlot;
 
 /// Token of the waker that interrupts a worker's wait.
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
-/// Tokens below this name listeners; from here on, exit-facing sockets by slot index.
-const EXIT_TOKEN_BASE: usize = 1 << 16;
-/// From here on, Z-HOP flow sockets by flow index.
-const FLOW_TOKEN_BASE: usize = 1 << 40;
+/// Tokens below this name listeners; from here on, sockets roles own: the owning role's id
+/// above [`ROLE_SHIFT`], the owner's slot index below.
+const OWNED_TOKEN_BASE: usize = 1 << 16;
+const ROLE_SHIFT: u32 = 40;
 /// Batches taken from one socket before the others get their turn.
 const BATCHES_PER_TURN: usize = 4;
 
@@ -44,8 +45,7 @@ macro_rules! portable_io {
             cfg: &$w.cfg,
             poll: &$w.poll,
             listeners: &mut $w.listeners,
-            exits: &mut $w.exits,
-            flows: &mut $w.flows,
+            owned: &mut $w.owned,
             io: &mut $w.io,
             send: &mut $w.send,
             trains: &mut $w.trains,
@@ -67,7 +67,8 @@ fn open_listener(listeners: &[Option<ListenerSocket>], id: usize) -> Option<&Lis
     listeners.get(id).and_then(Option::as_ref)
 }
 
-struct ExitSocket {
+/// A socket a role owns, by its owner ([`owned`], [`owned_mut`]).
+struct OwnedSocket {
     generation: u32,
     socket: Socket,
     /// Whether sends on this socket may use GSO; cleared for good when the kernel refuses.
@@ -78,11 +79,10 @@ struct ExitSocket {
 struct Loop {
     worker: Worker,
     cfg: DataPlaneConfig,
-    /// Z-HOP flow sockets by flow index.
-    flows: Vec<Option<ExitSocket>>,
     poll: mio::Poll,
     listeners: Vec<Option<ListenerSocket>>,
-    exits: Vec<Option<ExitSocket>>,
+    /// Sockets roles own, by role id, then by the owner's slot index.
+    owned: Vec<Vec<Option<OwnedSocket>>>,
     recv: RecvBatch,
     send: SendBatch,
     /// Z-HOP's datagrams of the current batch, per destination (`train.rs`).
@@ -101,7 +101,6 @@ pub(crate) fn run(ctx: WorkerContext) {
     let (worker, ctx) = Worker::new(ctx, now);
     let mut w = Loop {
         worker,
-        flows: Vec::new(),
         recv: RecvBatch::new(ctx.cfg.batch, ctx.cfg.recv_buffer),
         send: SendBatch::new(ctx.cfg.batch),
         trains: Trains::new(train::PORTABLE_BUFFERS),
@@ -112,7 +111,7 @@ pub(crate) fn run(ctx: WorkerContext) {
         cfg: ctx.cfg,
         poll: ctx.poll,
         listeners: Vec::new(),
-        exits: Vec::new(),
+        owned: Vec::new(),
         io: IoStats::default(),
     };
     w.worker
@@ -175,31 +174,28 @@ impl Loop {
     /// Serves one ready socket for a turn. Returns whether it may have more to read.
     fn serve_socket(&mut self, token: Token) -> bool {
         for _ in 0..BATCHES_PER_TURN {
-            let (fd, source) = if token.0 < EXIT_TOKEN_BASE {
+            let (fd, source) = if token.0 < OWNED_TOKEN_BASE {
                 match open_listener(&self.listeners, token.0) {
                     Some(l) => (l.socket.as_raw_fd(), Source::Client(l.listener)),
                     None => return false,
                 }
-            } else if token.0 >= FLOW_TOKEN_BASE {
-                let index = token.0 - FLOW_TOKEN_BASE;
-                match self.flows.get(index) {
-                    Some(Some(s)) => (
-                        s.socket.as_raw_fd(),
-                        Source::Flow(SessionSlot {
-                            index: index as u32,
-                            generation: s.generation,
-                        }),
-                    ),
-                    _ => return false,
-                }
             } else {
-                let index = token.0 - EXIT_TOKEN_BASE;
-                match self.exits.get(index) {
+                let t = token.0 - OWNED_TOKEN_BASE;
+                let role = RoleId((t >> ROLE_SHIFT) as u8);
+                let index = t & ((1 << ROLE_SHIFT) - 1);
+                match self
+                    .owned
+                    .get(usize::from(role.0))
+                    .and_then(|v| v.get(index))
+                {
                     Some(Some(s)) => (
                         s.socket.as_raw_fd(),
-                        Source::Exit(SessionSlot {
-                            index: index as u32,
-                            generation: s.generation,
+                        Source::Socket(SocketOwner {
+                            role,
+                            slot: SessionSlot {
+                                index: index as u32,
+                                generation: s.generation,
+                            },
                         }),
                     ),
                     _ => return false,
@@ -259,14 +255,14 @@ impl Loop {
         }
     }
 
-    /// Sends every planned run: runs to exits through their sessions' sockets, runs to
+    /// Sends every planned run: runs to a role's socket through it, runs to
     /// clients gathered per listener into sendmmsg batches.
     fn transmit(&mut self) {
         let runs = std::mem::take(&mut self.runs);
         self.client_tx.clear();
         for run in &runs {
             match run.target {
-                Target::Exit(slot) => self.send_to_exit(slot, run),
+                Target::Socket(owner) => self.send_to_socket(owner, run),
                 Target::Client { listener, addr } => {
                     self.client_tx.push((
                         listener,
@@ -277,19 +273,17 @@ impl Loop {
                         run.segment_size(),
                     ));
                 }
-                // The router never sends through a Z-HOP flow's socket.
-                Target::Flow(_) => {}
             }
         }
         self.runs = runs;
         self.send_to_clients();
     }
 
-    fn send_to_exit(&mut self, slot: SessionSlot, run: &Run) {
-        let s = match self.exits.get_mut(slot.index as usize) {
-            Some(Some(s)) if s.generation == slot.generation => s,
+    fn send_to_socket(&mut self, owner: SocketOwner, run: &Run) {
+        let s = match owned_mut(&mut self.owned, owner) {
+            Some(s) => s,
             // The session went away while its packets were being routed.
-            _ => {
+            None => {
                 for _ in 0..run.segments {
                     self.worker.router.record_drop(DropReason::NoSession);
                 }
@@ -377,8 +371,7 @@ struct PortableIo<'a> {
     cfg: &'a DataPlaneConfig,
     poll: &'a mio::Poll,
     listeners: &'a mut Vec<Option<ListenerSocket>>,
-    exits: &'a mut Vec<Option<ExitSocket>>,
-    flows: &'a mut Vec<Option<ExitSocket>>,
+    owned: &'a mut Vec<Vec<Option<OwnedSocket>>>,
     io: &'a mut IoStats,
     send: &'a mut SendBatch,
     trains: &'a mut Trains,
@@ -387,7 +380,7 @@ struct PortableIo<'a> {
 /// The sockets Z-HOP's trains leave from, borrowed apart from the trains.
 struct TrainSocketsView<'a> {
     listeners: &'a mut [Option<ListenerSocket>],
-    flows: &'a mut [Option<ExitSocket>],
+    owned: &'a mut [Vec<Option<OwnedSocket>>],
 }
 
 impl TrainSocketsView<'_> {
@@ -398,11 +391,7 @@ impl TrainSocketsView<'_> {
                 .get_mut(usize::from(listener))?
                 .as_mut()
                 .map(|l| &mut l.gso),
-            Target::Flow(flow) => match self.flows.get_mut(flow.index as usize) {
-                Some(Some(s)) if s.generation == flow.generation => Some(&mut s.gso),
-                _ => None,
-            },
-            Target::Exit(_) => None,
+            Target::Socket(owner) => owned_mut(self.owned, owner).map(|s| &mut s.gso),
         }
     }
 }
@@ -414,13 +403,9 @@ impl TrainSockets for TrainSocketsView<'_> {
                 let l = open_listener(self.listeners, usize::from(listener))?;
                 Some((l.socket.as_raw_fd(), l.gso))
             }
-            Target::Flow(flow) => match self.flows.get(flow.index as usize) {
-                Some(Some(s)) if s.generation == flow.generation => {
-                    Some((s.socket.as_raw_fd(), s.gso))
-                }
-                _ => None,
-            },
-            Target::Exit(_) => None,
+            Target::Socket(owner) => {
+                owned(self.owned, owner).map(|s| (s.socket.as_raw_fd(), s.gso))
+            }
         }
     }
 
@@ -433,7 +418,12 @@ impl TrainSockets for TrainSocketsView<'_> {
 
 impl PortableIo<'_> {
     /// Opens a socket connected to `exit` and registers it under `token`.
-    fn open(&self, exit: SocketAddr, local_port: Option<u16>, token: Token) -> io::Result<Socket> {
+    fn open_socket(
+        &self,
+        exit: SocketAddr,
+        local_port: Option<u16>,
+        token: Token,
+    ) -> io::Result<Socket> {
         let socket = self.cfg.exit_socket(exit, local_port)?;
         self.poll.registry().register(
             &mut SourceFd(&socket.as_raw_fd()),
@@ -442,37 +432,24 @@ impl PortableIo<'_> {
         )?;
         Ok(socket)
     }
-
-    /// Deregisters and drops the socket of `slot` in `table`, if it is still that one.
-    fn close(poll: &mio::Poll, table: &mut [Option<ExitSocket>], slot: SessionSlot) -> bool {
-        match table.get_mut(slot.index as usize) {
-            Some(entry @ Some(_))
-                if entry
-                    .as_ref()
-                    .is_some_and(|s| s.generation == slot.generation) =>
-            {
-                if let Some(s) = entry.take() {
-                    let _ = poll
-                        .registry()
-                        .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
-                }
-                true
-            }
-            _ => false,
-        }
-    }
 }
 
-fn put(table: &mut Vec<Option<ExitSocket>>, slot: SessionSlot, socket: Socket, gso: bool) {
-    let i = slot.index as usize;
-    if table.len() <= i {
-        table.resize_with(i + 1, || None);
-    }
-    table[i] = Some(ExitSocket {
-        generation: slot.generation,
-        socket,
-        gso,
-    });
+/// `owner`'s socket, if it is still that one.
+fn owned(table: &[Vec<Option<OwnedSocket>>], owner: SocketOwner) -> Option<&OwnedSocket> {
+    let s = table
+        .get(usize::from(owner.role.0))?
+        .get(owner.slot.index as usize)?;
+    s.as_ref().filter(|s| s.generation == owner.slot.generation)
+}
+
+fn owned_mut(
+    table: &mut [Vec<Option<OwnedSocket>>],
+    owner: SocketOwner,
+) -> Option<&mut OwnedSocket> {
+    let s = table
+        .get_mut(usize::from(owner.role.0))?
+        .get_mut(owner.slot.index as usize)?;
+    s.as_mut().filter(|s| s.generation == owner.slot.generation)
 }
 
 impl PortableIo<'_> {
@@ -482,7 +459,7 @@ impl PortableIo<'_> {
             self.trains,
             TrainSocketsView {
                 listeners: self.listeners,
-                flows: self.flows,
+                owned: self.owned,
             },
             SyncSend {
                 send: self.send,
@@ -500,20 +477,52 @@ impl PortableIo<'_> {
 }
 
 impl Datapath for PortableIo<'_> {
-    fn open_exit(
+    fn open(
         &mut self,
-        slot: SessionSlot,
-        exit: SocketAddr,
+        owner: SocketOwner,
+        peer: SocketAddr,
         local_port: Option<u16>,
     ) -> io::Result<()> {
-        let token = Token(EXIT_TOKEN_BASE + slot.index as usize);
-        let socket = self.open(exit, local_port, token)?;
-        put(self.exits, slot, socket, self.cfg.gso);
+        let i = owner.slot.index as usize;
+        let token = OWNED_TOKEN_BASE + (usize::from(owner.role.0) << ROLE_SHIFT) + i;
+        let socket = self.open_socket(peer, local_port, Token(token))?;
+        let role = usize::from(owner.role.0);
+        if self.owned.len() <= role {
+            self.owned.resize_with(role + 1, Vec::new);
+        }
+        let table = &mut self.owned[role];
+        if table.len() <= i {
+            table.resize_with(i + 1, || None);
+        }
+        table[i] = Some(OwnedSocket {
+            generation: owner.slot.generation,
+            socket,
+            gso: self.cfg.gso,
+        });
         Ok(())
     }
 
-    fn close_exit(&mut self, slot: SessionSlot) -> bool {
-        Self::close(self.poll, self.exits, slot)
+    fn close(&mut self, owner: SocketOwner) -> bool {
+        let target = Target::Socket(owner);
+        self.flush_trains(|t| t == target);
+        let Some(entry) = self
+            .owned
+            .get_mut(usize::from(owner.role.0))
+            .and_then(|v| v.get_mut(owner.slot.index as usize))
+            .filter(|e| {
+                e.as_ref()
+                    .is_some_and(|s| s.generation == owner.slot.generation)
+            })
+        else {
+            return false;
+        };
+        if let Some(s) = entry.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
+        }
+        true
     }
 
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool {
@@ -525,25 +534,13 @@ impl Datapath for PortableIo<'_> {
         self.io
     }
 
-    fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool {
+    fn send(&mut self, target: Target, bytes: &[u8]) -> bool {
         let (trains, mut sockets, mut out) = self.train_parts();
         if sockets.socket(target).is_none() {
             return false;
         }
         trains.queue(target, bytes, &mut sockets, &mut out);
         true
-    }
-
-    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()> {
-        let token = Token(FLOW_TOKEN_BASE + flow.index as usize);
-        let socket = self.open(exit, None, token)?;
-        put(self.flows, flow, socket, self.cfg.gso);
-        Ok(())
-    }
-
-    fn close_flow(&mut self, flow: SessionSlot) {
-        self.flush_trains(|t| t == Target::Flow(flow));
-        Self::close(self.poll, self.flows, flow);
     }
 
     fn add_listener(&mut self, l: BoundListener) {
@@ -583,9 +580,8 @@ impl Datapath for PortableIo<'_> {
         Some(l.listener)
     }
 
-    fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
-        let s = self.exits.get(slot.index as usize)?.as_ref()?;
-        (s.generation == slot.generation).then_some(())?;
+    fn local_port(&self, owner: SocketOwner) -> Option<u16> {
+        let s = owned(self.owned, owner)?;
         Some(s.socket.local_addr().ok()?.as_socket()?.port())
     }
 

@@ -2,48 +2,13 @@
 //! target, each of which leaves as one send (a GSO send when it holds several segments),
 //! and the synchronous `sendmmsg` path with its per-socket GSO fallback.
 
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use super::sys::{self, SendBatch, Transmit, MAX_GSO_SEGMENTS};
 use super::IoStats;
-use crate::router::Action;
-use crate::slab::SessionSlot;
 
-/// Where a run of segments goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Target {
-    Exit(SessionSlot),
-    /// From a listener to an address: a DoubleHop client, or a Z-HOP peer's endpoint.
-    Client {
-        listener: u16,
-        addr: SocketAddr,
-    },
-    /// Through a Z-HOP flow's socket to its exit.
-    Flow(SessionSlot),
-}
-
-impl Target {
-    /// Where the router said a segment goes, or `None` when it dropped it.
-    pub(crate) fn of(action: Action) -> Option<Target> {
-        match action {
-            Action::ToExit(slot) => Some(Target::Exit(slot)),
-            Action::ToClient { listener, client } => Some(Target::Client {
-                listener: listener.id,
-                addr: client,
-            }),
-            Action::Drop(_) => None,
-        }
-    }
-
-    /// The address to send to, or `None` for a connected socket.
-    pub(crate) fn address(self) -> Option<SocketAddr> {
-        match self {
-            Target::Client { addr, .. } => Some(addr),
-            Target::Exit(_) | Target::Flow(_) => None,
-        }
-    }
-}
+/// Where a run of segments goes: the roles' name for a socket.
+pub(crate) use crate::role::Target;
 
 /// Consecutive segments of one received message going to one target. `msg` names the
 /// message in the backend's own terms (a batch index, a ring buffer id).
@@ -226,11 +191,16 @@ fn send_refused(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::role::{RoleId, SocketOwner};
+    use crate::slab::SessionSlot;
 
     fn exit(i: u32) -> Target {
-        Target::Exit(SessionSlot {
-            index: i,
-            generation: 0,
+        Target::Socket(SocketOwner {
+            role: RoleId(0),
+            slot: SessionSlot {
+                index: i,
+                generation: 0,
+            },
         })
     }
 

@@ -31,6 +31,7 @@
 //! call returns.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use super::runs::{self, Run, Target};
@@ -105,10 +106,10 @@ impl Trains {
             .map(|_| Slot {
                 data: vec![0u8; BUFFER_BYTES].into_boxed_slice(),
                 runs: Vec::with_capacity(MAX_GSO_SEGMENTS),
-                target: Target::Exit(crate::router::SessionSlot {
-                    index: 0,
-                    generation: 0,
-                }),
+                target: Target::Client {
+                    listener: 0,
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                },
                 len: 0,
                 segments: 0,
                 refs: 0,
@@ -173,6 +174,12 @@ impl Trains {
     /// [`Trains::release`].
     pub(crate) fn next(&mut self) -> Option<u16> {
         self.next_to(|_| true)
+    }
+
+    /// Whether a train towards `target` waits to be sent.
+    pub(crate) fn holds(&self, target: Target) -> bool {
+        let to = |&b: &u16| self.slot(b).target == target;
+        self.open.iter().any(to) || self.closed.iter().any(to)
     }
 
     /// Takes the oldest waiting train whose target `wanted` accepts.
@@ -356,13 +363,16 @@ impl Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::role::{RoleId, SocketOwner};
     use crate::router::SessionSlot;
-    use std::net::SocketAddr;
 
     fn flow(i: u32) -> Target {
-        Target::Flow(SessionSlot {
-            index: i,
-            generation: 0,
+        Target::Socket(SocketOwner {
+            role: RoleId(1),
+            slot: SessionSlot {
+                index: i,
+                generation: 0,
+            },
         })
     }
 

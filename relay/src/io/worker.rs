@@ -19,11 +19,10 @@ use super::{
     WorkerRequest,
 };
 use crate::drop_reason::DropReason;
-use crate::role::Listener;
-use crate::router::{Command, Router, SessionSnapshot};
-use crate::slab::SessionSlot;
+use crate::role::{Datagram, Listener, Output, Role, SocketOwner};
+use crate::router::{Router, SessionSnapshot};
 use crate::table::{ExitTable, SharedTable};
-use crate::zhop::{NodeKey, Zhop, ZhopOut};
+use crate::zhop::{NodeKey, Zhop};
 
 /// Longest a worker waits for traffic, so that shutdown and table swaps are noticed when
 /// idle.
@@ -31,34 +30,33 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often a worker publishes its counters.
 const REPORT_EVERY: Duration = Duration::from_millis(50);
 
-/// A backend's sockets, as the worker needs them.
+/// A backend's sockets, as the worker needs them. Besides listeners, every socket is owned
+/// by a role ([`SocketOwner`], opaque here): a backend keeps them by owner and hands what
+/// they receive back as [`Source::Socket`], so a new role never edits a backend.
 pub(crate) trait Datapath {
-    /// Opens session `slot`'s exit-facing socket, connected to `exit` (bound to
-    /// `local_port` when given: a restored session keeps the port its exit knows).
-    fn open_exit(
+    /// Opens a socket for `owner`, connected to `peer` (bound to `local_port` when given:
+    /// a restored session keeps the port its exit knows).
+    fn open(
         &mut self,
-        slot: SessionSlot,
-        exit: SocketAddr,
+        owner: SocketOwner,
+        peer: SocketAddr,
         local_port: Option<u16>,
     ) -> io::Result<()>;
-    /// Closes session `slot`'s socket. Returns whether it had one.
-    fn close_exit(&mut self, slot: SessionSlot) -> bool;
+    /// Closes `owner`'s socket, after sending what waits for it. Returns whether it had
+    /// one.
+    fn close(&mut self, owner: SocketOwner) -> bool;
     /// A plain synchronous send from a listener: for the relay's cookie replies (rare, and
     /// 64 bytes), never the forwarded packets.
     fn send_from_listener(&self, listener: Listener, to: SocketAddr, bytes: &[u8]) -> bool;
-    /// Queues one of Z-HOP's datagrams towards `target` (a flow's exit, or a peer's
-    /// endpoint from a listener). Returns `false` when the socket is gone.
-    fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool;
-    /// Opens Z-HOP flow `flow`'s socket, connected to `exit`.
-    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()>;
-    /// Closes Z-HOP flow `flow`'s socket, after sending what waits for it.
-    fn close_flow(&mut self, flow: SessionSlot);
+    /// Queues a copy of a role's `bytes` towards `target` (batched with the others of the
+    /// batch). Returns `false` when the socket is gone.
+    fn send(&mut self, target: Target, bytes: &[u8]) -> bool;
     /// Takes a listener bound by the control side for a newly pinned port.
     fn add_listener(&mut self, l: BoundListener);
     /// Closes the listener bound to `local` (a port no longer pinned), if any.
     fn remove_listener(&mut self, local: SocketAddr) -> Option<Listener>;
-    /// The local port of session `slot`'s exit-facing socket.
-    fn exit_port(&self, slot: SessionSlot) -> Option<u16>;
+    /// The local port of `owner`'s socket.
+    fn local_port(&self, owner: SocketOwner) -> Option<u16>;
     /// The listener on `port` for clients of `client`'s address family.
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener>;
     /// The backend's counters.
@@ -198,7 +196,10 @@ impl Worker {
         if busy || self.router.sweeping() {
             return Duration::ZERO;
         }
-        let next = match (self.router.poll_timeout(), self.zhop.poll_timeout()) {
+        let next = match (
+            Role::poll_timeout(&self.router),
+            Role::poll_timeout(&self.zhop),
+        ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -221,9 +222,10 @@ impl Worker {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
             self.set_table(t);
         }
-        self.router.handle_timeout(now);
-        self.router_commands(d);
-        self.zhop_events(d, |zhop, out| zhop.tick(now, out));
+        let id = self.id;
+        let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |_| {});
+        Role::handle_timeout(&mut self.router, now, &mut out);
+        Role::handle_timeout(&mut self.zhop, now, &mut out);
         while let Ok(req) = self.requests.try_recv() {
             self.answer(d, req, now);
         }
@@ -236,8 +238,8 @@ impl Worker {
     }
 
     fn set_table(&mut self, t: Arc<ExitTable>) {
-        self.router.set_table(t.clone());
-        self.zhop.set_table(t);
+        Role::set_table(&mut self.router, t.clone());
+        Role::set_table(&mut self.zhop, t);
     }
 
     fn answer(&mut self, d: &mut impl Datapath, req: WorkerRequest, now: Instant) {
@@ -254,7 +256,7 @@ impl Worker {
                 let snaps = router
                     .sessions(now)
                     .filter_map(|info| {
-                        let port = d.exit_port(info.slot)?;
+                        let port = d.local_port(Router::socket(info.slot))?;
                         Some(SessionSnapshot::new(info, port))
                     })
                     .collect();
@@ -282,42 +284,17 @@ impl Worker {
     /// Carries out the router's pending commands: open or close exit sockets, send the
     /// relay's cookie replies.
     fn router_commands(&mut self, d: &mut impl Datapath) {
-        while let Some(cmd) = self.router.poll_command() {
-            match cmd {
-                Command::OpenExitSocket {
-                    slot,
-                    exit,
-                    local_port,
-                } => match d.open_exit(slot, exit, local_port) {
-                    Ok(()) => d.stats().exit_sockets_open += 1,
-                    Err(e) => {
-                        tracing::warn!(worker = self.id, %exit, error = %e, "cannot open exit socket");
-                        self.router.socket_failed(slot);
-                    }
-                },
-                Command::CloseExitSocket { slot } => {
-                    if d.close_exit(slot) {
-                        d.stats().exit_sockets_open -= 1;
-                    }
-                }
-                Command::SendCookieReply {
-                    listener,
-                    client,
-                    reply,
-                } => {
-                    if !d.send_from_listener(listener, client, &reply) {
-                        d.stats().cookie_send_errors += 1;
-                    }
-                }
-            }
-        }
+        let id = self.id;
+        self.router
+            .drain_commands(&mut |o: Output<'_>| carry_out(id, d, o, &mut |_| {}));
     }
 
-    /// Runs each segment of `msg` through Z-HOP (what it claims, and whatever arrives on a
-    /// flow socket) or the router. Z-HOP's events and the router's commands are carried
-    /// out by `d` as they come (an exit socket must exist before anything is sent through
-    /// it); `forward` gets the target, offset and length of each segment the router
-    /// forwards.
+    /// Runs each segment of `msg` through the role it is for: a client datagram, parsed
+    /// once, through the roles in order (the first that claims it handles it), a datagram
+    /// on a role's own socket through that role. What the roles ask of the sockets is
+    /// carried out by `d` as it comes (an exit socket exists before anything is sent
+    /// through it); `forward` gets the target, offset and length of each segment a role
+    /// forwards as it arrived.
     pub(crate) fn route(
         &mut self,
         d: &mut impl Datapath,
@@ -340,53 +317,30 @@ impl Worker {
         while offset < len || first {
             first = false;
             let seg_len = stride.min(len - offset);
-            let seg = &payload[offset..offset + seg_len];
+            let start = offset;
+            let seg = &payload[start..start + seg_len];
             offset += seg_len;
-            let (router, zhop) = (&mut self.router, &mut self.zhop);
-            let mut failed = 0;
-            let mut out = |o: ZhopOut<'_>| {
-                if !zhop_event(self.id, d, o) {
-                    failed += 1;
-                }
-            };
-            let zhop_result = match source {
-                Source::Client(l) => zhop
-                    .claim(from, seg, || router.knows_client(from))
-                    .map(|claim| zhop.handle_claimed(now, l, from, seg, claim, &mut out)),
-                Source::Flow(flow) => Some(zhop.handle_exit(now, flow, seg, &mut out)),
-                _ => None,
-            };
-            if let Some(r) = zhop_result {
-                record_zhop(router, r, failed);
-                continue;
-            }
-            let action = match source {
-                Source::Client(l) => router.handle_client(now, l, from, seg),
-                Source::Exit(slot) => router.handle_exit(now, slot, seg),
-                Source::Flow(_) => continue,
-            };
-            self.router_commands(d);
-            if let Some(target) = Target::of(action) {
-                forward(target, offset - seg_len, seg_len);
+            let id = self.id;
+            let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |t| forward(t, start, seg_len));
+            match source {
+                // Z-HOP first: it claims only its own (and asks the router only whether it
+                // knows an address); the router takes every client datagram left.
+                Source::Client(l) => offer(
+                    &mut self.zhop,
+                    &mut self.router,
+                    now,
+                    l,
+                    &Datagram::parse(from, seg),
+                    &mut out,
+                ),
+                // Each role's own sockets, by the id the role is registered under.
+                Source::Socket(SocketOwner { role, slot }) => match role {
+                    Router::ID => self.router.handle_socket(now, slot, seg, &mut out),
+                    Zhop::ID => self.zhop.handle_socket(now, slot, seg, &mut out),
+                    _ => {}
+                },
             }
         }
-    }
-
-    /// Runs `f` on Z-HOP with a sink for its events that `d` carries out, counting failed
-    /// sends.
-    fn zhop_events(
-        &mut self,
-        d: &mut impl Datapath,
-        f: impl FnOnce(&mut Zhop, &mut dyn FnMut(ZhopOut<'_>)),
-    ) {
-        let mut failed = 0;
-        let id = self.id;
-        f(&mut self.zhop, &mut |o: ZhopOut<'_>| {
-            if !zhop_event(id, d, o) {
-                failed += 1;
-            }
-        });
-        record_zhop(&mut self.router, Ok(()), failed);
     }
 
     /// Counts the datagrams whose sends failed (`failed`, which is reset).
@@ -397,53 +351,82 @@ impl Worker {
     }
 }
 
-/// Carries out one Z-HOP event through `d`. Returns `false` when its send failed.
-fn zhop_event(worker: usize, d: &mut impl Datapath, o: ZhopOut<'_>) -> bool {
+/// Offers a client datagram to role `first`, then to `then`: the first that claims it
+/// handles it. A role that claims every datagram (the router) goes last.
+fn offer<A: Role, B: Role>(
+    first: &mut A,
+    then: &mut B,
+    now: Instant,
+    listener: Listener,
+    dg: &Datagram<'_>,
+    out: &mut impl FnMut(Output<'_>) -> bool,
+) {
+    if let Some(claim) = first.claim(dg, || then.knows_client(dg.from)) {
+        first.handle_client(now, listener, dg, claim, out);
+    } else if let Some(claim) = then.claim(dg, || false) {
+        then.handle_client(now, listener, dg, claim, out);
+    }
+}
+
+/// Carries out one role output through `d`; `forward` sends the segment being handled.
+/// Returns whether it was carried out.
+fn carry_out(
+    worker: usize,
+    d: &mut impl Datapath,
+    o: Output<'_>,
+    forward: &mut impl FnMut(Target),
+) -> bool {
     match o {
-        ZhopOut::ToPeer {
+        Output::Forward(target) => {
+            forward(target);
+            true
+        }
+        Output::Send { to, bytes } => d.send(to, bytes),
+        Output::Reply {
             listener,
             to,
             bytes,
-        } => d.zhop_send(
-            Target::Client {
-                listener: listener.id,
-                addr: to,
-            },
-            bytes,
-        ),
-        ZhopOut::ToExit { flow, bytes } => d.zhop_send(Target::Flow(flow), bytes),
-        ZhopOut::OpenFlow { flow, exit } => {
-            if let Err(e) = d.open_flow(flow, exit) {
-                tracing::warn!(worker, %exit, error = %e, "cannot open flow socket");
+        } => {
+            let sent = d.send_from_listener(listener, to, bytes);
+            if !sent {
+                d.stats().cookie_send_errors += 1;
+            }
+            sent
+        }
+        Output::Open {
+            socket,
+            exit,
+            local_port,
+        } => match d.open(socket, exit, local_port) {
+            Ok(()) => {
+                // The DoubleHop sessions' sockets are the ones `/metrics` counts as open.
+                if socket.role == Router::ID {
+                    d.stats().exit_sockets_open += 1;
+                }
+                true
+            }
+            Err(e) => {
+                let role = socket.role.0;
+                tracing::warn!(worker, role, %exit, error = %e, "cannot open a socket towards an exit");
+                false
+            }
+        },
+        Output::Close { socket } => {
+            if d.close(socket) && socket.role == Router::ID {
+                d.stats().exit_sockets_open -= 1;
             }
             true
         }
-        ZhopOut::CloseFlow { flow } => {
-            d.close_flow(flow);
-            true
-        }
     }
 }
 
-/// Counts what Z-HOP refused and the sends of its events that failed.
-fn record_zhop(router: &mut Router, r: Result<(), DropReason>, failed_sends: usize) {
-    if let Err(reason) = r {
-        router.record_drop(reason);
-    }
-    for _ in 0..failed_sends {
-        router.record_drop(DropReason::SendFailed);
-    }
-}
-
-/// The socket a message arrived on, as the router and Z-HOP know it.
+/// The socket a message arrived on, as the roles know it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Source {
     Client(Listener),
-    Exit(SessionSlot),
-    /// A Z-HOP flow's socket towards an exit.
-    Flow(SessionSlot),
+    /// A socket a role owns.
+    Socket(SocketOwner),
 }
-
 /// One received message: a datagram, or a GRO train of `stride`-sized datagrams.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Message<'a> {
@@ -476,6 +459,10 @@ pub(crate) fn publish(
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
     };
     r.router.clone_from(router.stats());
+    // `/metrics` counts drops by reason over every role.
+    for (total, zhop) in r.router.drops.iter_mut().zip(Role::drops(zhop)) {
+        *total += zhop;
+    }
     r.io.clone_from(io);
     r.io.cpu_ns = sys::thread_cpu_time().as_nanos() as u64;
     r.sessions = router.session_count();
@@ -516,5 +503,27 @@ mod tests {
         assert_eq!(r.io.recv_calls, 7);
         assert_eq!(r.table_generation, 1);
         assert!(r.published.is_some());
+    }
+
+    #[test]
+    fn published_drops_are_every_roles_by_reason() {
+        let now = Instant::now();
+        let table = std::sync::Arc::new(ExitTable::new(1, Vec::new()).expect("empty table"));
+        let cfg = crate::router::RouterConfig::default();
+        let mut router = Router::new(cfg.clone(), table.clone(), now);
+        let mut zhop = Zhop::new(None, table, cfg.cookie_settings(), now);
+        Role::record_drop(&mut router, DropReason::SendFailed);
+        Role::record_drop(&mut zhop, DropReason::SendFailed);
+        Role::record_drop(&mut zhop, DropReason::OuterRejected);
+        let report = Mutex::new(WorkerReport::default());
+        assert!(publish(&report, &router, &zhop, &IoStats::default()));
+        let r = report.lock().expect("not poisoned");
+        assert_eq!(r.router.dropped(DropReason::SendFailed), 2);
+        assert_eq!(r.router.dropped(DropReason::OuterRejected), 1);
+        assert_eq!(
+            router.stats().dropped(DropReason::SendFailed),
+            1,
+            "each role's own"
+        );
     }
 }

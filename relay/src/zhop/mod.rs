@@ -11,6 +11,7 @@
 //! timers; the I/O layer owns every socket, and learns what to do from [`ZhopOut`] events.
 
 pub mod inner;
+mod role;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use crate::admission::{Admission, CookieSettings, HandshakeAdmission, SourceBudg
 use crate::drop_reason::DropReason;
 use crate::keys::{Mac1Key, PublicKey};
 use crate::ratelimit::TokenBucket;
-use crate::role::{Listener, Traffic};
+use crate::role::{Datagram, Listener, Traffic};
 use crate::slab::{SessionSlot, Slab};
 use crate::table::ExitTable;
 use crate::wire::{Initiation, Message, INITIATION_LEN};
@@ -171,6 +172,8 @@ pub struct Zhop {
     /// Timer visits owed, in peer-nanoseconds (a visit costs [`TIMER_TICK`]'s nanoseconds).
     timer_credit: u128,
     stats: ZhopStats,
+    /// What Z-HOP refused, by reason ([`DropReason::index`]).
+    drops: [u64; DropReason::COUNT],
 }
 
 impl std::fmt::Debug for Zhop {
@@ -228,6 +231,7 @@ impl Zhop {
             timer_cursor: 0,
             timer_credit: 0,
             stats: ZhopStats::default(),
+            drops: [0; DropReason::COUNT],
         }
     }
 
@@ -264,11 +268,20 @@ impl Zhop {
         packet: &'a [u8],
         doublehop_client: impl FnOnce() -> bool,
     ) -> Option<Claim<'a>> {
+        self.claim_datagram(&Datagram::parse(from, packet), doublehop_client)
+    }
+
+    /// [`Zhop::claim`] for a datagram the worker parsed.
+    fn claim_datagram<'a>(
+        &self,
+        dg: &Datagram<'a>,
+        doublehop_client: impl FnOnce() -> bool,
+    ) -> Option<Claim<'a>> {
         let (_, mac1) = self.key.as_ref()?;
-        if !self.by_addr.is_empty() && self.by_addr.contains_key(&from) {
+        if self.knows_endpoint(dg.from) {
             return Some(Claim::Endpoint);
         }
-        match Message::parse(packet) {
+        match dg.msg {
             Ok(Message::Initiation(init)) if mac1.verify(init.mac1_input(), init.mac1()) => {
                 Some(Claim::Initiation(init))
             }
@@ -278,6 +291,12 @@ impl Zhop {
             }
             _ => None,
         }
+    }
+
+    /// Whether `from` is the endpoint of one of this worker's tunnels; no lookup while it
+    /// has none.
+    fn knows_endpoint(&self, from: SocketAddr) -> bool {
+        !self.by_addr.is_empty() && self.by_addr.contains_key(&from)
     }
 
     fn peer_by_index(&self, receiver_index: u32) -> Option<u32> {
@@ -312,8 +331,24 @@ impl Zhop {
         claim: Claim<'_>,
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<(), DropReason> {
+        self.handle_claim(now, listener, &Datagram::parse(from, packet), claim, out)
+    }
+
+    /// Handles a datagram the worker parsed (`dg`) with what [`Zhop::claim`] found.
+    fn handle_claim(
+        &mut self,
+        now: Instant,
+        listener: Listener,
+        dg: &Datagram<'_>,
+        claim: Claim<'_>,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let (from, packet) = (dg.from, dg.bytes);
         match claim {
-            Claim::Endpoint => self.handle_client(now, listener, from, packet, out),
+            Claim::Endpoint => {
+                let msg = dg.msg?;
+                self.handle_message(now, listener, from, packet, msg, false, out)
+            }
             Claim::Initiation(init) => {
                 let msg = Message::Initiation(init);
                 self.handle_message(now, listener, from, packet, msg, true, out)

@@ -56,8 +56,7 @@ use super::train::{self, SyncSend, Trains};
 use super::worker::{self, Datapath, Source, Worker, MAX_WAIT};
 use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
-use crate::role::Listener;
-use crate::slab::SessionSlot;
+use crate::role::{Listener, SocketOwner};
 /// Deferred completions the kernel runs in an enter that waits for one
 /// (`IO_LOCAL_TW_DEFAULT_MAX`).
 const LOCAL_WORK_CAP: usize = 20;
@@ -151,36 +150,9 @@ impl Plane {
         unsafe { self.ring.push(&entry) };
     }
 
-    /// Opens a socket connected to `exit` for `role`, registers it under `table[index]`
-    /// and arms its receive.
-    fn open(&mut self, role: Role, exit: SocketAddr, local_port: Option<u16>) -> io::Result<()> {
-        let socket = self.cfg.exit_socket(exit, local_port)?;
-        let sid = self.sockets.insert(IoSocket {
-            socket,
-            role,
-            local: None,
-            gso: self.cfg.gso,
-            recv_armed: false,
-            closing: false,
-            refs: 0,
-        });
-        let (table, slot) = match role {
-            Role::Exit(slot) => (&mut self.sockets.exits, slot),
-            Role::Flow(slot) => (&mut self.sockets.flows, slot),
-            Role::Listener(_) => return Ok(()),
-        };
-        let i = slot.index as usize;
-        if table.len() <= i {
-            table.resize(i + 1, NONE);
-        }
-        table[i] = sid;
-        self.arm_recv(sid);
-        Ok(())
-    }
-
     /// Starts closing socket `sid`: nothing new goes out on it, its receive is cancelled,
     /// and it is dropped once nothing names it any more.
-    fn close(&mut self, sid: u32) {
+    fn close_socket(&mut self, sid: u32) {
         let Some(s) = self.sockets.get_mut(sid) else {
             return;
         };
@@ -220,21 +192,45 @@ impl Plane {
 }
 
 impl Datapath for Plane {
-    fn open_exit(
+    /// Registers the socket under its owner and arms its receive.
+    fn open(
         &mut self,
-        slot: SessionSlot,
-        exit: SocketAddr,
+        owner: SocketOwner,
+        peer: SocketAddr,
         local_port: Option<u16>,
     ) -> io::Result<()> {
-        self.open(Role::Exit(slot), exit, local_port)
+        let socket = self.cfg.exit_socket(peer, local_port)?;
+        let sid = self.sockets.insert(IoSocket {
+            socket,
+            role: Role::Owned(owner),
+            local: None,
+            gso: self.cfg.gso,
+            recv_armed: false,
+            closing: false,
+            refs: 0,
+        });
+        *self.sockets.owned_entry(owner) = sid;
+        self.arm_recv(sid);
+        Ok(())
     }
 
-    fn close_exit(&mut self, slot: SessionSlot) -> bool {
-        let Some(sid) = self.sockets.exit(slot) else {
+    fn close(&mut self, owner: SocketOwner) -> bool {
+        // What waits for this socket leaves before it closes. (Trains are flushed at the
+        // end of every batch and housekeeping step; Z-HOP closes a flow mid-batch only when
+        // a packet of a peer it checks against a new table finds the flow's exit, or the
+        // peer, gone.) Receives already completed on the socket keep their buffers: the
+        // socket lingers, closing, until its last reference is dropped.
+        let target = Target::Socket(owner);
+        if self.trains.holds(target) {
+            self.submit_queued();
+            let (trains, sockets, mut out) = self.train_parts();
+            trains.flush_now(|t| t == target, sockets, &mut out);
+        }
+        let Some(sid) = self.sockets.owned(owner) else {
             return false;
         };
-        self.sockets.exits[slot.index as usize] = NONE;
-        self.close(sid);
+        *self.sockets.owned_entry(owner) = NONE;
+        self.close_socket(sid);
         true
     }
 
@@ -250,10 +246,10 @@ impl Datapath for Plane {
         &mut self.io
     }
 
-    /// Z-HOP decrypts into its own buffer, valid only during this call, so its datagrams
-    /// are copied into trains, which the worker queues on the ring at the end of the batch
-    /// (`flush_trains`); Z-HOP's flow sockets receive through the ring like exits.
-    fn zhop_send(&mut self, target: Target, bytes: &[u8]) -> bool {
+    /// A role's bytes (Z-HOP decrypts into its own buffer, valid only during this call) are
+    /// copied into trains, which the worker queues on the ring at the end of the batch
+    /// (`flush_trains`).
+    fn send(&mut self, target: Target, bytes: &[u8]) -> bool {
         if self.sockets.for_target(target).is_none() {
             return false;
         }
@@ -264,27 +260,6 @@ impl Datapath for Plane {
         let (trains, sockets, mut out) = self.train_parts();
         trains.queue(target, bytes, sockets, &mut out);
         true
-    }
-
-    fn open_flow(&mut self, flow: SessionSlot, exit: SocketAddr) -> io::Result<()> {
-        self.open(Role::Flow(flow), exit, None)
-    }
-
-    fn close_flow(&mut self, flow: SessionSlot) {
-        // What waits for this flow leaves before its socket closes. (Trains are flushed at
-        // the end of every batch and housekeeping step; Z-HOP closes a flow mid-batch only
-        // when a packet of a peer it checks against a new table finds the flow's exit, or
-        // the peer, gone.) Receives already completed on the socket keep their buffers:
-        // the socket lingers, closing, until its last reference is dropped.
-        if !self.trains.is_empty() {
-            self.submit_queued();
-        }
-        let (trains, sockets, mut out) = self.train_parts();
-        trains.flush_now(|t| t == Target::Flow(flow), sockets, &mut out);
-        if let Some(sid) = self.sockets.flow(flow) {
-            self.sockets.flows[flow.index as usize] = NONE;
-            self.close(sid);
-        }
     }
 
     fn add_listener(&mut self, l: BoundListener) {
@@ -325,12 +300,12 @@ impl Datapath for Plane {
         tracing::debug!(worker = self.id, %local, "listener closed");
         // Cancels its receive; the descriptor closes (and the port frees) once nothing in
         // flight names it.
-        self.close(sid);
+        self.close_socket(sid);
         Some(listener)
     }
 
-    fn exit_port(&self, slot: SessionSlot) -> Option<u16> {
-        let s = self.sockets.get(self.sockets.exit(slot)?)?;
+    fn local_port(&self, owner: SocketOwner) -> Option<u16> {
+        let s = self.sockets.get(self.sockets.owned(owner)?)?;
         Some(s.socket.local_addr().ok()?.as_socket()?.port())
     }
 
@@ -773,8 +748,7 @@ impl Loop {
         let source = match self.plane.sockets.get(a.socket) {
             Some(s) if !s.closing => match s.role {
                 Role::Listener(l) => Source::Client(l),
-                Role::Exit(slot) => Source::Exit(slot),
-                Role::Flow(flow) => Source::Flow(flow),
+                Role::Owned(owner) => Source::Socket(owner),
             },
             // Its session ended after the message arrived: as if it arrived a moment later.
             _ => return,
@@ -827,7 +801,7 @@ impl Loop {
             // A session or flow went away while its packets were being routed.
             let reason = match run.target {
                 Target::Client { .. } => DropReason::SendFailed,
-                Target::Exit(_) | Target::Flow(_) => DropReason::NoSession,
+                Target::Socket(_) => DropReason::NoSession,
             };
             for _ in 0..run.segments {
                 self.worker.router.record_drop(reason);

@@ -1,6 +1,6 @@
-//! A worker's socket registry: every socket by id, what it is to the roles (listener,
-//! session's exit socket, Z-HOP flow), and how many requests and buffers still name it, so
-//! that an id is freed and its descriptor closed only when nothing does.
+//! A worker's socket registry: every socket by id, what it is to the roles (a listener, or
+//! a socket some role owns, kept by its opaque owner), and how many requests and buffers
+//! still name it, so that an id is freed and its descriptor closed only when nothing does.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -9,16 +9,14 @@ use socket2::Socket;
 
 use crate::io::runs::Target;
 use crate::io::train::TrainSockets;
-use crate::role::Listener;
-use crate::slab::SessionSlot;
+use crate::role::{Listener, SocketOwner};
 
-/// What a socket is to the router.
+/// What a socket is to the roles.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Role {
     Listener(Listener),
-    Exit(SessionSlot),
-    /// A Z-HOP flow's socket towards an exit.
-    Flow(SessionSlot),
+    /// A socket a role owns (towards an exit).
+    Owned(SocketOwner),
 }
 
 pub(super) struct IoSocket {
@@ -40,10 +38,9 @@ pub(super) struct Sockets {
     pub(super) free: Vec<u32>,
     /// Socket id by router listener id.
     pub(super) listeners: Vec<u32>,
-    /// Socket id by session slot index (`NONE` when the slot has no socket).
-    pub(super) exits: Vec<u32>,
-    /// Socket id by Z-HOP flow index.
-    pub(super) flows: Vec<u32>,
+    /// Socket id by owning role, then by the owner's slot index (`NONE` when the slot has
+    /// no socket).
+    pub(super) owned: Vec<Vec<u32>>,
 }
 
 pub(super) const NONE: u32 = u32::MAX;
@@ -70,30 +67,32 @@ impl Sockets {
         self.slots.get_mut(id as usize).and_then(Option::as_mut)
     }
 
-    /// The open socket of session `slot`, if it has one.
-    pub(super) fn exit(&self, slot: SessionSlot) -> Option<u32> {
-        let id = *self.exits.get(slot.index as usize)?;
+    /// The open socket of `owner`, if it has one.
+    pub(super) fn owned(&self, owner: SocketOwner) -> Option<u32> {
+        let table = self.owned.get(usize::from(owner.role.0))?;
+        let id = *table.get(owner.slot.index as usize)?;
         match self.get(id)? {
             IoSocket {
-                role: Role::Exit(s),
+                role: Role::Owned(o),
                 closing: false,
                 ..
-            } if *s == slot => Some(id),
+            } if *o == owner => Some(id),
             _ => None,
         }
     }
 
-    /// The open socket of Z-HOP flow `flow`, if it has one.
-    pub(super) fn flow(&self, flow: SessionSlot) -> Option<u32> {
-        let id = *self.flows.get(flow.index as usize)?;
-        match self.get(id)? {
-            IoSocket {
-                role: Role::Flow(f),
-                closing: false,
-                ..
-            } if *f == flow => Some(id),
-            _ => None,
+    /// The entry of `owner`'s slot in the by-owner table, made when missing.
+    pub(super) fn owned_entry(&mut self, owner: SocketOwner) -> &mut u32 {
+        let role = usize::from(owner.role.0);
+        if self.owned.len() <= role {
+            self.owned.resize_with(role + 1, Vec::new);
         }
+        let table = &mut self.owned[role];
+        let i = owner.slot.index as usize;
+        if table.len() <= i {
+            table.resize(i + 1, NONE);
+        }
+        &mut table[i]
     }
 
     pub(super) fn listener(&self, listener: u16) -> Option<u32> {
@@ -136,8 +135,7 @@ impl Sockets {
     /// The open socket a send to `target` leaves from.
     pub(super) fn for_target(&self, target: Target) -> Option<u32> {
         match target {
-            Target::Exit(slot) => self.exit(slot),
-            Target::Flow(flow) => self.flow(flow),
+            Target::Socket(owner) => self.owned(owner),
             Target::Client { listener, .. } => self.listener(listener),
         }
     }
