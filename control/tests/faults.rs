@@ -469,10 +469,21 @@ impl Child {
         let conf = dir.join("node.toml");
         std::fs::write(&conf, config).unwrap();
         let log = std::fs::File::create(dir.join("node.log")).unwrap();
-        let process = Command::new("prlimit")
-            .arg(format!("--nofile={nofile}:{nofile}"))
+        // The node as the test runner would start it (under qemu-user, through its runner),
+        // behind prlimit.
+        let node = wraithgate_testkit::workspace_command(env!("CARGO_BIN_EXE_wraithgate"));
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
             .arg("--")
-            .arg(env!("CARGO_BIN_EXE_wraithgate"))
+            .arg(node.get_program())
+            .args(node.get_args());
+        for (k, v) in node.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let process = cmd
             .args(["run", "--config"])
             .arg(&conf)
             .stderr(log)
