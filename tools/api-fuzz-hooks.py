@@ -172,7 +172,7 @@ def _problem(text):
 
 @schemathesis.hook("before_call")
 def snapshot_state(ctx, case, **kwargs):
-    if case.operation.method.upper() in ("POST", "PUT", "DELETE"):
+    if case.operation.method.upper() in ("POST", "PUT", "PATCH", "DELETE"):
         _before[case.id] = (_read_state(), _get("/v1/config")[1])
 
 
@@ -194,7 +194,18 @@ def after_call(ctx, case, response):
     if served != _shown(saved):
         _problem(f"{label}: GET /v1/config disagrees with the state file afterwards")
     changes_state = not case.operation.path.startswith("/v1/sessions")
-    if 200 <= status < 300 and changes_state:
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    # A dry run, or a change that changes nothing (re-applying the state in use), must leave
+    # the file and the generation exactly as they were.
+    unchanged = isinstance(answer, dict) and (
+        answer.get("dry_run") is True or answer.get("changed") is False)
+    if 200 <= status < 300 and changes_state and unchanged:
+        if raw != file_before or served != served_before:
+            _problem(f"{label}: answered that nothing changed, but the state changed")
+    elif 200 <= status < 300 and changes_state:
         if saved.get("generation") != json.loads(file_before).get("generation") + 1:
             _problem(f"{label}: accepted, but the generation went from "
                      f"{json.loads(file_before).get('generation')} to {saved.get('generation')}")
