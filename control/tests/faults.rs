@@ -159,15 +159,7 @@ impl Flow {
 
     /// A transport message each way, through the node.
     fn both_ways(&mut self) {
-        self.counter += 1;
-        let up = transport(0xE1, self.counter);
-        self.client.send_to(&up, self.relay).unwrap();
-        let (got, from) = recv(&self.exit);
-        assert_eq!((got, from), (up, self.relay_side), "client → exit");
-        let down = transport(0xC1, self.counter);
-        self.exit.send_to(&down, self.relay_side).unwrap();
-        let (got, from) = recv(&self.client);
-        assert_eq!((got, from), (down, self.relay), "exit → client");
+        self.both_ways_with(0xE1, 0xC1);
     }
 }
 
