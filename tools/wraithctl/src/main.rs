@@ -275,7 +275,9 @@ fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut cmd, "wraithctl", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "wraithctl", &mut script);
+            write_stdout(&script);
             return Ok(());
         }
         Cmd::Man { out_dir } => {
@@ -287,7 +289,12 @@ fn run(cli: Cli) -> Result<()> {
                     clap_mangen::generate_to(cmd, dir)
                         .with_context(|| format!("writing manual pages to {}", dir.display()))
                 }
-                None => Ok(clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?),
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(cmd).render(&mut page)?;
+                    write_stdout(&page);
+                    Ok(())
+                }
             };
         }
         _ => {}
@@ -316,6 +323,22 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Writes `bytes` to standard output. A reader that has gone away (`wraithctl … | head`,
+/// `| grep -q`) has all it wanted: that ends the process quietly with status 0 instead of
+/// the panic `print!` gives on a closed pipe; any other write error is reported.
+fn write_stdout(bytes: &[u8]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("wraithctl: writing to standard output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// How results are printed.
 #[derive(Debug, Clone, Copy)]
 struct Output {
@@ -326,9 +349,9 @@ impl Output {
     /// Prints `value` as JSON, or `text` for people.
     fn emit(self, value: &Value, text: impl FnOnce() -> String) {
         if self.json {
-            println!("{value}");
+            write_stdout(format!("{value}\n").as_bytes());
         } else {
-            print!("{}", text());
+            write_stdout(text().as_bytes());
         }
     }
 }

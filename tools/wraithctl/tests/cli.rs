@@ -1093,3 +1093,34 @@ fn rcgen_free_cert(dir: &Path) -> PathBuf {
     std::fs::copy(&cert, &kept).unwrap();
     kept
 }
+
+/// A reader that stops early (`wraithctl completions bash | grep -q …`, `… | head`) has all
+/// it wanted: wraithctl ends with status 0 and no panic, for the offline commands and for
+/// output that comes from the node alike. The reader is gone before wraithctl starts, so
+/// its first write fails with EPIPE every time.
+#[test]
+fn a_reader_that_closes_the_pipe_early_ends_wraithctl_quietly() {
+    let node = Node::start("closed_pipe");
+    let cases: [(&str, Vec<&str>, Option<&Node>); 3] = [
+        ("completions", vec!["completions", "bash"], None),
+        ("man", vec!["man"], None),
+        ("show", vec!["show"], Some(&node)),
+    ];
+    for (name, args, against) in cases {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(theirs);
+        let mut cmd = match against {
+            Some(node) => node.ctl(),
+            None => wraithctl(),
+        };
+        let out = cmd
+            .args(&args)
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(ours)))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    }
+}
