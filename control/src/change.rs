@@ -62,6 +62,10 @@ pub struct Control {
     pub changes: AtomicU64,
     /// Changes refused (validation, persistence).
     pub refused: AtomicU64,
+    /// API handlers that panicked (each answered 500; the sidecar served on).
+    pub api_panics: AtomicU64,
+    /// Times the sidecar's thread died and the node started it again.
+    pub api_restarts: AtomicU64,
 }
 
 /// Why a change was not applied.
@@ -162,6 +166,8 @@ impl Control {
             started: std::time::Instant::now(),
             changes: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            api_panics: AtomicU64::new(0),
+            api_restarts: AtomicU64::new(0),
         }
     }
 

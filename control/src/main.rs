@@ -322,7 +322,7 @@ fn run(args: RunArgs<'_>) -> Result<()> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         signal_hook_register(sig, stop.clone())?;
     }
-    let node = Node::start(cfg)?;
+    let mut node = Node::start(cfg)?;
     {
         let table = node.control.dp.table();
         for e in table.specs() {
@@ -344,6 +344,7 @@ fn run(args: RunArgs<'_>) -> Result<()> {
             reload(&path, &started_text, &mut applied_text, log);
             service.ready();
         }
+        node.supervise_sidecar(std::time::Instant::now());
         service.watchdog(&node);
     }
     service.stopping();

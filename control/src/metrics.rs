@@ -256,6 +256,26 @@ pub fn render(c: &Control) -> String {
         c.refused.load(Ordering::Relaxed),
     );
     w.header(
+        "wraithgate_api_handler_panics_total",
+        "counter",
+        "Operator API requests whose handler panicked (each answered 500).",
+    );
+    w.sample(
+        "wraithgate_api_handler_panics_total",
+        &[],
+        c.api_panics.load(Ordering::Relaxed),
+    );
+    w.header(
+        "wraithgate_api_restarts_total",
+        "counter",
+        "Times the operator API's thread died and the node started it again.",
+    );
+    w.sample(
+        "wraithgate_api_restarts_total",
+        &[],
+        c.api_restarts.load(Ordering::Relaxed),
+    );
+    w.header(
         "wraithgate_uptime_seconds",
         "gauge",
         "Seconds since the node started.",

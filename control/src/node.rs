@@ -38,7 +38,16 @@ pub struct Node {
     sidecar: Option<Sidecar>,
     sessions_path: PathBuf,
     pub token_path: Option<PathBuf>,
+    /// What the sidecar was started with, to start it again if its thread dies.
+    api_cfg: crate::config::ControlSection,
+    /// When a dead sidecar may be started again, and the wait after the next death.
+    api_restart: Option<(std::time::Instant, Duration)>,
 }
+
+/// The first wait before a dead sidecar is started again; it doubles while the sidecar
+/// keeps dying within [`API_RESTART_MAX`] of a restart, up to that.
+const API_RESTART_FIRST: Duration = Duration::from_secs(1);
+const API_RESTART_MAX: Duration = Duration::from_secs(60);
 
 impl Node {
     /// Loads the state (the file's exits seed it on first start), restores sessions saved
@@ -123,12 +132,62 @@ impl Node {
             sidecar,
             sessions_path,
             token_path,
+            api_cfg: cfg.control.clone(),
+            api_restart: None,
         })
     }
 
     /// Whether the operator API was started and its thread still runs.
     pub fn sidecar_running(&self) -> Option<bool> {
         self.sidecar.as_ref().map(Sidecar::running)
+    }
+
+    /// Starts the sidecar again if its thread died (a panic outside any handler: a
+    /// handler's own panic is answered 500 and never gets here). Forwarding never noticed;
+    /// the API was away from the death until now. Called from the node's main loop; waits
+    /// [`API_RESTART_FIRST`] before the first restart and twice as long each time the
+    /// sidecar dies again within [`API_RESTART_MAX`] of a restart.
+    pub fn supervise_sidecar(&mut self, now: std::time::Instant) {
+        let Some(sidecar) = &mut self.sidecar else {
+            return;
+        };
+        if let Some(why) = sidecar.death() {
+            let wait = match self.api_restart {
+                Some((at, last)) if now.saturating_duration_since(at) < API_RESTART_MAX => {
+                    (last * 2).min(API_RESTART_MAX)
+                }
+                _ => API_RESTART_FIRST,
+            };
+            tracing::error!(reason = %why, restart_in_secs = wait.as_secs_f64(),
+                "operator API died; forwarding continues and the node starts the API again");
+            self.api_restart = Some((now + wait, wait));
+        }
+        let Some((at, wait)) = self.api_restart else {
+            return;
+        };
+        if sidecar.running() || now < at {
+            return;
+        }
+        let Some(path) = self.token_path.clone() else {
+            return;
+        };
+        match api::start(self.control.clone(), &self.api_cfg, &path) {
+            Ok(s) => {
+                self.control
+                    .api_restarts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(api = ?s.local_addr, "operator API started again");
+                self.sidecar = Some(s);
+                // The wait stays as it was, so a sidecar that dies again soon waits longer.
+                self.api_restart = Some((now, wait));
+            }
+            Err(e) => {
+                let next = (wait * 2).min(API_RESTART_MAX);
+                tracing::error!(error = %format!("{e:#}"), retry_in_secs = next.as_secs_f64(),
+                    "operator API could not be started again; forwarding continues");
+                self.api_restart = Some((now + next, next));
+            }
+        }
     }
 
     /// The sidecar's TCP address, if it runs.

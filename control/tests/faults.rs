@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use wraithgate_control::config::{Config, ControlSection};
 use wraithgate_control::node::Node;
 use wraithgate_relay::io::DataPlaneConfig;
@@ -448,6 +448,17 @@ struct Child {
 
 impl Child {
     fn start(dir: &Path, exit: SocketAddr, exit_key: &PublicKey, nofile: u32) -> Child {
+        Child::start_with_env(dir, exit, exit_key, nofile, &[])
+    }
+
+    /// [`Child::start`] with `env` added to the node's environment.
+    fn start_with_env(
+        dir: &Path,
+        exit: SocketAddr,
+        exit_key: &PublicKey,
+        nofile: u32,
+        env: &[(&str, &str)],
+    ) -> Child {
         let relay: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
         let api_addr = format!("127.0.0.1:{}", free_port(true));
         let key = base64_key(exit_key);
@@ -475,6 +486,7 @@ impl Child {
                 None => cmd.env_remove(k),
             };
         }
+        cmd.envs(env.iter().copied());
         let process = cmd
             .args(["run", "--config"])
             .arg(&conf)
@@ -517,6 +529,20 @@ impl Child {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The value of the unlabelled counter `name` in `/metrics`.
+    fn counter(&self, name: &str) -> u64 {
+        let (status, body) = self.api.call("GET", "/metrics", None);
+        assert_eq!(status, 200);
+        let text = body.as_str().unwrap_or_default().to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    }
+
+    fn log(&self, dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
     }
 
     fn drops(&self, reason: &str) -> u64 {
@@ -683,6 +709,100 @@ fn descriptor_exhaustion_refuses_new_sessions_and_keeps_established_ones() {
     for (n, f) in kept.iter_mut() {
         f.both_ways_with(0xE000 + *n, 0xC000 + *n);
     }
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The sidecar dying (issue 20), both ways it can. A handler that panics is answered 500
+/// with a message and counted; the sidecar serves on. A panic that kills the sidecar's
+/// thread itself: forwarding never notices, the API is away (a probe of `/healthz` fails,
+/// which is how a supervisor learns of it) until the node starts it again about a second
+/// later, on the same address, with the same table and tokens, and says so in its log.
+/// The faults are injected through routes that only a debug build serves, and only with
+/// `WRAITHGATE_FAULT_ROUTES=1`.
+#[test]
+fn a_panicking_sidecar_never_stops_forwarding_and_comes_back() {
+    let dir = std::env::temp_dir().join(format!(
+        "wg-faults-sidecar-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exit_key = PublicKey([0x12; 32]);
+    let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let node = Child::start_with_env(
+        &dir,
+        exit.local_addr().unwrap(),
+        &exit_key,
+        1024,
+        &[("WRAITHGATE_FAULT_ROUTES", "1")],
+    );
+    let mut flow = handshake(node.relay, &exit, &exit_key, 1).expect("a session");
+
+    // A handler panics: 500 with a message, counted, and the API serves on.
+    let (status, answer) = node
+        .api
+        .call("POST", "/v1/_fault/handler-panic", Some(&json!({})));
+    assert_eq!(status, 500, "{answer}");
+    let message = answer["error"].as_str().unwrap_or_default();
+    assert!(message.contains("handler failed"), "{answer}");
+    assert_eq!(node.counter("wraithgate_api_handler_panics_total"), 1);
+    let (status, exits) = node.api.call("GET", "/v1/exits", None);
+    assert_eq!(status, 200, "{exits}");
+    flow.both_ways_with(0xE001, 0xC001);
+
+    // The sidecar's thread panics: forwarding goes on while the API is away.
+    let (status, answer) = node
+        .api
+        .call("POST", "/v1/_fault/thread-panic", Some(&json!({})));
+    assert_eq!(status, 202, "{answer}");
+    let healthz = format!("{}/healthz", node.api.url);
+    let probe = |agent: &ureq::Agent| agent.get(&healthz).call().map(|r| r.status().as_u16());
+    let died = std::time::Instant::now();
+    while probe(&node.api.agent).is_ok() {
+        assert!(
+            died.elapsed() < Duration::from_secs(5),
+            "the API still answers after its thread panicked: {}",
+            node.log(&dir)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    flow.both_ways_with(0xE001, 0xC001);
+    let away = std::time::Instant::now();
+    let mut carried_while_away = 0;
+    let status = loop {
+        match probe(&node.api.agent) {
+            Ok(status) => break status,
+            Err(_) => {
+                assert!(
+                    away.elapsed() < Duration::from_secs(10),
+                    "the node did not start its API again: {}",
+                    node.log(&dir)
+                );
+                flow.both_ways_with(0xE001, 0xC001);
+                carried_while_away += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert_eq!(status, 200);
+    assert!(
+        carried_while_away > 0,
+        "no traffic was tried while the API was away"
+    );
+    assert_eq!(node.counter("wraithgate_api_restarts_total"), 1);
+    let (status, exits) = node.api.call("GET", "/v1/exits", None);
+    assert_eq!(status, 200, "{exits}");
+    assert!(exits.to_string().contains("exit-1"), "{exits}");
+    let log = node.log(&dir);
+    for line in [
+        "operator API died",
+        "injected fault: the operator API's thread panics",
+        "operator API started again",
+    ] {
+        assert!(log.contains(line), "the log lacks {line:?}:\n{log}");
+    }
+    flow.both_ways_with(0xE001, 0xC001);
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

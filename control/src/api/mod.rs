@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
+use axum::response::IntoResponse as _;
 use axum::routing::{delete, get};
 use axum::Router;
 
@@ -54,6 +55,19 @@ struct App {
     token: Arc<str>,
     /// Opens `GET /metrics` only.
     metrics_token: Arc<str>,
+    /// Notified to make the sidecar's thread itself panic: fault injection, see
+    /// [`FAULT_ROUTES_ENV`].
+    thread_fault: Arc<tokio::sync::Notify>,
+}
+
+/// Debug builds only: with this variable set to `1`, the API also serves
+/// `POST /v1/_fault/handler-panic` (the handler panics) and `POST /v1/_fault/thread-panic`
+/// (the sidecar's thread panics outside any handler), so the reliability tests can prove
+/// what a panic costs. Release builds never serve them, whatever the environment says.
+pub const FAULT_ROUTES_ENV: &str = "WRAITHGATE_FAULT_ROUTES";
+
+fn fault_routes_enabled() -> bool {
+    cfg!(debug_assertions) && std::env::var_os(FAULT_ROUTES_ENV).is_some_and(|v| v == "1")
 }
 
 /// Every path the API serves with its methods: the router is built from this list (a
@@ -119,14 +133,65 @@ fn body_limit(path: &str) -> usize {
 }
 
 fn router(app: App) -> Router {
-    ROUTES
+    let mut routes = ROUTES
         .iter()
-        .fold(Router::new(), |r, (path, _)| r.route(path, handlers(path)))
+        .fold(Router::new(), |r, (path, _)| r.route(path, handlers(path)));
+    if fault_routes_enabled() {
+        tracing::warn!(
+            "{FAULT_ROUTES_ENV}=1: serving the fault-injection routes under /v1/_fault/"
+        );
+        routes = routes
+            .route(
+                "/v1/_fault/handler-panic",
+                axum::routing::post(|| async {
+                    if fault_routes_enabled() {
+                        panic!("injected fault: an API handler panics");
+                    }
+                    axum::http::StatusCode::NOT_FOUND
+                }),
+            )
+            .route(
+                "/v1/_fault/thread-panic",
+                axum::routing::post(
+                    |axum::extract::State(app): axum::extract::State<App>| async move {
+                        app.thread_fault.notify_one();
+                        axum::http::StatusCode::ACCEPTED
+                    },
+                ),
+            );
+    }
+    let control = app.control.clone();
+    routes
         .fallback(not_found)
+        // Innermost of the layers below: a panicking handler is answered like any other
+        // failure (and the guard and the JSON shape still apply around it).
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            move |panic: Box<dyn std::any::Any + Send>| {
+                control
+                    .api_panics
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let what = panic_message(panic.as_ref());
+                tracing::error!(panic = %what, "an operator API handler panicked; answered 500, the sidecar serves on");
+                ApiError(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("internal error: the request's handler failed ({what}); see the node's log"),
+                )
+                .into_response()
+            },
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(json_rejections))
         .layer(middleware::from_fn_with_state(app.clone(), guard::guard))
         .with_state(app)
+}
+
+/// What a panic said, if it said it in a string.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// The scrapers' read-only token file: `metrics.token` beside the API token file.

@@ -26,6 +26,22 @@ impl Sidecar {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
+    /// If the sidecar's thread has ended on its own (nobody asked it to stop), why: the
+    /// panic's message, or that it returned. `None` while it runs.
+    pub fn death(&mut self) -> Option<String> {
+        if !self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            return None;
+        }
+        let thread = self.thread.take()?;
+        Some(match thread.join() {
+            Ok(()) => "its thread ended (runtime failure, see above)".into(),
+            Err(panic) => format!(
+                "its thread panicked: {}",
+                super::panic_message(panic.as_ref())
+            ),
+        })
+    }
+
     /// Stops serving and waits for the thread.
     pub fn stop(mut self) {
         if let Some(s) = self.stop.take() {
@@ -85,10 +101,12 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
         }
     }
     let dp = control.dp.clone();
+    let thread_fault = Arc::new(tokio::sync::Notify::new());
     let app = router(App {
         control,
         token: token.into(),
         metrics_token: metrics_token.into(),
+        thread_fault: thread_fault.clone(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -104,7 +122,7 @@ pub fn start(control: Arc<Control>, cfg: &ControlSection, token_path: &Path) -> 
                     return;
                 }
             };
-            rt.block_on(serve(app, tcp, tls, unix, stop_rx));
+            rt.block_on(serve(app, tcp, tls, unix, stop_rx, thread_fault));
         })
         .context("starting the sidecar thread")?;
     tracing::info!(api = ?local_addr, token_file = %token_path.display(),
@@ -132,6 +150,7 @@ async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     unix: Option<std::os::unix::net::UnixListener>,
     stop: tokio::sync::oneshot::Receiver<()>,
+    thread_fault: Arc<tokio::sync::Notify>,
 ) {
     let (stop_all, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut tasks = Vec::new();
@@ -177,7 +196,11 @@ async fn serve(
             Err(e) => tracing::error!(error = %e, "operator API (unix) not served"),
         }
     }
-    let _ = stop.await;
+    tokio::select! {
+        _ = stop => {}
+        // Only the fault-injection route notifies this (debug builds, on request).
+        () = thread_fault.notified() => panic!("injected fault: the operator API's thread panics"),
+    }
     let _ = stop_all.send(());
     // Graceful shutdown waits for open connections; an idle keep-alive connection (a
     // metrics scraper) would hold it forever, and with it the node's stop. Give requests
