@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
 use wraithgate_control::config::{Config, ControlSection};
 use wraithgate_control::node::Node;
 use wraithgate_relay::io::DataPlaneConfig;
@@ -460,6 +461,18 @@ impl Child {
         env: &[(&str, &str)],
     ) -> Child {
         let relay: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+        Child::spawn(dir, relay, exit, exit_key, nofile, env)
+    }
+
+    /// The node listening for clients on `relay`.
+    fn spawn(
+        dir: &Path,
+        relay: SocketAddr,
+        exit: SocketAddr,
+        exit_key: &PublicKey,
+        nofile: u32,
+        env: &[(&str, &str)],
+    ) -> Child {
         let api_addr = format!("127.0.0.1:{}", free_port(true));
         let key = base64_key(exit_key);
         let config = format!(
@@ -803,6 +816,130 @@ fn a_panicking_sidecar_never_stops_forwarding_and_comes_back() {
         assert!(log.contains(line), "the log lacks {line:?}:\n{log}");
     }
     flow.both_ways_with(0xE001, 0xC001);
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `kill -9` under load (issue 20): while sessions carry traffic and a controller adds
+/// exits one after another, the node is killed outright. Nothing is half-written (the
+/// state file parses and holds every change the API acknowledged; no temporary file is
+/// left for long: the next start removes them), no session snapshot pretends to be a clean
+/// stop's, and after a start on the same state directory and address the clients get back
+/// in by handshaking again and carry traffic, with every acknowledged exit routable.
+#[test]
+fn kill_9_under_load_loses_no_acknowledged_change_and_clients_get_back_in() {
+    let dir = std::env::temp_dir().join(format!(
+        "wg-faults-kill9-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exit_key = PublicKey([0x13; 32]);
+    let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let exit_addr = exit.local_addr().unwrap();
+    let mut node = Child::start(&dir, exit_addr, &exit_key, 4096);
+    let relay = node.relay;
+    let mut flows: Vec<(u32, Flow)> = (0..16)
+        .map(|n| (n, handshake(relay, &exit, &exit_key, n).expect("a session")))
+        .collect();
+
+    // A controller adds exits as fast as the node acknowledges them.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let acked = acked.clone();
+        let url = node.api.url.clone();
+        let token = node.api.token.clone();
+        std::thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build()
+                .into();
+            for i in 0u32.. {
+                let mut key = [0x40; 32];
+                key[..4].copy_from_slice(&i.to_le_bytes());
+                let name = format!("added-{i}");
+                let body = json!({
+                    "name": name,
+                    "public_key": base64_key(&PublicKey(key)),
+                    "endpoint": format!("127.0.0.1:{}", 20000 + i % 1000),
+                });
+                let r = agent
+                    .post(format!("{url}/v1/exits"))
+                    .header("Authorization", format!("Bearer {token}"))
+                    .content_type("application/json")
+                    .send(body.to_string());
+                match r {
+                    Ok(r) if r.status() == 201 => acked.lock().unwrap().push(name),
+                    Ok(r) => panic!("adding {name}: {}", r.status()),
+                    // The node is gone.
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    // Traffic both ways on every session while the changes go in, until enough are in.
+    let started = std::time::Instant::now();
+    while acked.lock().unwrap().len() < 20 {
+        for (n, f) in flows.iter_mut() {
+            f.both_ways_with(0xE000 + *n, 0xC000 + *n);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the changes did not go in: {}",
+            node.log(&dir)
+        );
+    }
+    node.process.kill().unwrap(); // SIGKILL
+    node.process.wait().unwrap();
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+
+    let state: Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap())
+        .expect("state.json parses after kill -9");
+    let names: Vec<&str> = state["exits"]
+        .as_array()
+        .expect("exits in state.json")
+        .iter()
+        .filter_map(|x| x["name"].as_str())
+        .collect();
+    for name in &acked {
+        assert!(
+            names.contains(&name.as_str()),
+            "acknowledged {name} is not in state.json"
+        );
+    }
+    assert!(
+        !dir.join("sessions.json").exists(),
+        "a killed node cannot have saved its sessions"
+    );
+
+    // Started again on the same state directory and address.
+    let node = Child::spawn(&dir, relay, exit_addr, &exit_key, 4096, &[]);
+    let (status, exits) = node.api.call("GET", "/v1/exits", None);
+    assert_eq!(status, 200, "{exits}");
+    let listed = exits.to_string();
+    for name in &acked {
+        assert!(
+            listed.contains(&format!("\"{name}\"")),
+            "{name} lost by the restart"
+        );
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left after the start: {leftovers:?}"
+    );
+    // The old sessions died with the process: the clients handshake again and get in.
+    for n in 100..116 {
+        let mut f = handshake(relay, &exit, &exit_key, n).expect("a client gets back in");
+        f.both_ways_with(0xE000 + n, 0xC000 + n);
+    }
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
