@@ -58,6 +58,9 @@ pub struct Control {
     file: StateFile,
     pub dp: Arc<DataPlane>,
     pub started: std::time::Instant,
+    /// The wall clock at start, seconds since the Unix epoch: read once, so that
+    /// `process_start_time_seconds` stays put when the wall clock is set.
+    pub started_unix: u64,
     /// Accepted changes since start.
     pub changes: AtomicU64,
     /// Changes refused (validation, persistence).
@@ -164,6 +167,9 @@ impl Control {
             file,
             dp,
             started: std::time::Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             changes: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             api_panics: AtomicU64::new(0),

@@ -308,9 +308,7 @@ pub fn render(c: &Control) -> String {
 /// The `process_*` families Prometheus' client libraries export, from `/proc/self`. Open
 /// descriptors against their limit matter most here: every session holds a socket.
 fn process(w: &mut Writer<'_>, c: &Control) {
-    let start = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.saturating_sub(c.started.elapsed()).as_secs());
+    let start = c.started_unix;
     w.header(
         "process_start_time_seconds",
         "gauge",

@@ -943,3 +943,101 @@ fn kill_9_under_load_loses_no_acknowledged_change_and_clients_get_back_in() {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The wall clock jumping (issue 20), a day forwards and then two days back, while
+/// sessions carry traffic: the node times everything that matters (session expiry, rate
+/// limits, cookie epochs, the workers' health) on the monotonic clock, so nothing moves.
+/// Sessions carry traffic both ways across each jump and none is lost, a new client gets
+/// in, `/healthz` stays 200, and `process_start_time_seconds` stays put. The node's wall
+/// clock is moved by libfaketime (the monotonic clock left alone, as a real `date -s`
+/// leaves it); its log's timestamps prove each jump took effect.
+#[test]
+fn wall_clock_jumps_move_nothing() {
+    const TEST: &str = "wall_clock_jumps_move_nothing";
+    if std::env::var_os("WRAITHGATE_TARGET_RUNNER").is_some() {
+        // libfaketime would be preloaded into qemu-user itself, not the emulated node.
+        eprintln!("SKIPPED {TEST}: libfaketime cannot reach a program that qemu-user runs");
+        return;
+    }
+    let lib = format!(
+        "/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1",
+        std::env::consts::ARCH
+    );
+    if !Path::new(&lib).exists() && may_skip(TEST, "libfaketime is not installed") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "wg-faults-clock-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let offset_file = dir.join("faketime.rc");
+    std::fs::write(&offset_file, "+0\n").unwrap();
+    let exit_key = PublicKey([0x14; 32]);
+    let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let offset = offset_file.to_str().unwrap().to_string();
+    let node = Child::start_with_env(
+        &dir,
+        exit.local_addr().unwrap(),
+        &exit_key,
+        1024,
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME_TIMESTAMP_FILE", offset.as_str()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let mut flows: Vec<(u32, Flow)> = (0..8)
+        .map(|n| {
+            (
+                n,
+                handshake(node.relay, &exit, &exit_key, n).expect("a session"),
+            )
+        })
+        .collect();
+    let started = node.counter("process_start_time_seconds");
+    let mut newcomer = 100;
+    for (jump, days) in [("+1d", 1i32), ("-1d", -1)] {
+        std::fs::write(&offset_file, format!("{jump}\n")).unwrap();
+        // libfaketime reads the file at every call (FAKETIME_NO_CACHE).
+        for (n, f) in flows.iter_mut() {
+            f.both_ways_with(0xE000 + *n, 0xC000 + *n);
+        }
+        let (status, sessions) = node.api.call("GET", "/v1/sessions", None);
+        assert_eq!(status, 200, "{sessions}");
+        assert_eq!(
+            sessions.as_array().map(Vec::len),
+            Some(flows.len() + (newcomer - 100) as usize),
+            "sessions after the clock moved {jump}: {sessions}"
+        );
+        let mut f = handshake(node.relay, &exit, &exit_key, newcomer).expect("a new client");
+        f.both_ways_with(0xE000 + newcomer, 0xC000 + newcomer);
+        newcomer += 1;
+        let (status, health) = node.api.call("GET", "/healthz", None);
+        assert_eq!(
+            status, 200,
+            "/healthz after the clock moved {jump}: {health}"
+        );
+        assert_eq!(node.counter("process_start_time_seconds"), started);
+        // A change is logged: its timestamp is on the node's (moved) wall clock.
+        let name = format!("clock-{newcomer}");
+        let body = json!({"name": name, "public_key": base64_key(&PublicKey([newcomer as u8; 32])),
+            "endpoint": "127.0.0.1:9"});
+        let (status, answer) = node.api.call("POST", "/v1/exits", Some(&body));
+        assert_eq!(status, 201, "{answer}");
+        let day = Command::new("date")
+            .args(["-u", "-d", &format!("{days} day"), "+%F"])
+            .output()
+            .unwrap();
+        let day = String::from_utf8_lossy(&day.stdout).trim().to_string();
+        let log = node.log(&dir);
+        assert!(
+            log.lines().any(|l| l.contains(&day) && l.contains(&name)),
+            "the jump {jump} did not reach the node (no log line of {day} names {name}):\n{log}"
+        );
+    }
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
