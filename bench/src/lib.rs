@@ -9,6 +9,8 @@
 //!   [`naive`] tokio, socat and nginx.
 //! - [`wgo`], [`zhop`]: end to end with wireguard-go and iperf3, through a relay and
 //!   through Z-HOP's two layers (WraithGate or wireguard-go + kernel forwarding).
+//! - [`exitrole`]: the Exit role end to end: tunnels whose ends are WraithGate or
+//!   wireguard-go, with and without a WraithGate relay between.
 //! - [`report`]: medians, the markdown table, `--json`, the SVG chart.
 //!
 //! The `relay-bench` binary ties these together; the criterion benches in `benches/` use
@@ -16,6 +18,7 @@
 
 pub mod contender;
 pub mod cpu;
+pub mod exitrole;
 pub mod histogram;
 pub mod load;
 pub mod naive;

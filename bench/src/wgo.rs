@@ -203,13 +203,18 @@ pub fn wait_for_interfaces(ifnames: &[&str]) -> Result<()> {
 /// The iperf3 server in the exit namespace (one for the whole e2e part). It listens on
 /// every address, since the tunnel interface comes and goes with each measurement.
 pub fn start_iperf_server(topo: &Topology, cpu: usize, workdir: &Path) -> Result<Child> {
+    start_iperf_server_on(topo, &cpu.to_string(), workdir)
+}
+
+/// [`start_iperf_server`] pinned to `cpus` (a taskset list).
+pub fn start_iperf_server_on(topo: &Topology, cpus: &str, workdir: &Path) -> Result<Child> {
     let ens = topo
         .exit_ns
         .as_deref()
         .context("e2e needs the netns topology")?;
     let child = spawn_in(
         ens,
-        &cpu.to_string(),
+        cpus,
         &["iperf3", "-s"],
         &workdir.join("iperf3-server.log"),
     )?;
@@ -263,30 +268,35 @@ pub fn iperf(
             std::thread::sleep(Duration::from_millis(500));
             continue;
         }
-        let end = &v["end"];
-        return Ok(if udp_rate.is_some() {
-            let sum = &end["sum"];
-            let secs = sum["seconds"].as_f64().unwrap_or(1.0).max(1e-9);
-            let packets = sum["packets"].as_f64().unwrap_or(0.0);
-            let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-            let bps = sum["bits_per_second"].as_f64().unwrap_or(0.0);
-            let loss = sum["lost_percent"].as_f64().unwrap_or(0.0);
-            IperfResult {
-                // iperf3's UDP bits_per_second is what was sent; scale by what arrived.
-                gbps: bps * (1.0 - loss / 100.0) / 1e9,
-                mpps: (packets - lost) / secs / 1e6,
-                loss_percent: loss,
-                jitter_ms: sum["jitter_ms"].as_f64().unwrap_or(0.0),
-                bytes: sum["bytes"].as_f64().unwrap_or(0.0) * (1.0 - loss / 100.0),
-            }
-        } else {
-            let r = &end["sum_received"];
-            IperfResult {
-                gbps: r["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
-                bytes: r["bytes"].as_f64().unwrap_or(0.0),
-                ..IperfResult::default()
-            }
-        });
+        return Ok(iperf_result(&v, udp_rate.is_some()));
     }
     bail!("iperf3: {last_err}")
+}
+
+/// What iperf3's JSON report `v` says of a run (`udp`: a UDP test).
+pub fn iperf_result(v: &Value, udp: bool) -> IperfResult {
+    let end = &v["end"];
+    if udp {
+        let sum = &end["sum"];
+        let secs = sum["seconds"].as_f64().unwrap_or(1.0).max(1e-9);
+        let packets = sum["packets"].as_f64().unwrap_or(0.0);
+        let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+        let bps = sum["bits_per_second"].as_f64().unwrap_or(0.0);
+        let loss = sum["lost_percent"].as_f64().unwrap_or(0.0);
+        IperfResult {
+            // iperf3's UDP bits_per_second is what was sent; scale by what arrived.
+            gbps: bps * (1.0 - loss / 100.0) / 1e9,
+            mpps: (packets - lost) / secs / 1e6,
+            loss_percent: loss,
+            jitter_ms: sum["jitter_ms"].as_f64().unwrap_or(0.0),
+            bytes: sum["bytes"].as_f64().unwrap_or(0.0) * (1.0 - loss / 100.0),
+        }
+    } else {
+        let r = &end["sum_received"];
+        IperfResult {
+            gbps: r["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
+            bytes: r["bytes"].as_f64().unwrap_or(0.0),
+            ..IperfResult::default()
+        }
+    }
 }

@@ -437,12 +437,23 @@ fn provision(relay_netns: &Path, state_dir: &Path, keys: &Keys) -> Result<String
 
 /// One HTTP/1.1 request to the node's API (`Connection: close`): status and body.
 fn http(token: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(API).with_context(|| format!("connect {API}"))?;
+    http_at(API, token, method, path, body)
+}
+
+/// One HTTP/1.1 request to the node API at `api` (`Connection: close`): status and body.
+pub fn http_at(
+    api: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(api).with_context(|| format!("connect {api}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {API}\r\nAuthorization: Bearer {token}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;

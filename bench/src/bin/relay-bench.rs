@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use wraithgate_bench::contender::{Contender, Running};
+use wraithgate_bench::exitrole;
 use wraithgate_bench::load::{self, LoadSpec};
 use wraithgate_bench::packets;
 use wraithgate_bench::report::{self, ContenderResult, Figures, Outcome, ScenarioResult};
@@ -103,6 +104,15 @@ struct Cli {
     /// Only the Z-HOP runs.
     #[arg(long)]
     zhop_only: bool,
+    /// Also run the Exit role end to end (netns topology only): iperf3 TCP (1 and 4
+    /// streams) and UDP at --e2e-udp-rate through tunnels whose ends are wireguard-go or
+    /// WraithGate (`wgo>wgo`, `wgo>relay>wgo`, `wgo>wg-exit`, `wg>relay>wg-exit`), the
+    /// exit end's CPU per GB. Off by default: about 10 s per cell and run.
+    #[arg(long)]
+    exit: bool,
+    /// Only the Exit role runs (implies --exit).
+    #[arg(long)]
+    exit_only: bool,
     /// After the Z-HOP runs, profile WraithGate (each backend, TCP and UDP) with `perf
     /// record` during one more iperf3 run each, not counted; reports go to the workdir.
     #[arg(long)]
@@ -341,7 +351,7 @@ fn bench(cli: &Cli) -> Result<()> {
         )
         .with_context(|| format!("build the {} topology", kind.as_str()))?;
         let first = results.len();
-        let relay_runs = !cli.e2e_only && !cli.zhop_only;
+        let relay_runs = !cli.e2e_only && !cli.zhop_only && !cli.exit_only;
         for s in scenarios.iter().filter(|_| relay_runs) {
             results.push(ScenarioResult {
                 name: format!("{}/{}", kind.as_str(), s.name),
@@ -428,7 +438,7 @@ fn bench(cli: &Cli) -> Result<()> {
             }
         }
         let e2e_secs = duration.max(2.0).round() as u32;
-        if kind == Kind::Netns && !cli.no_e2e && !cli.zhop_only {
+        if kind == Kind::Netns && !cli.no_e2e && !cli.zhop_only && !cli.exit_only {
             match wgo::available() {
                 Some(why) => eprintln!("relay-bench: skipping end-to-end runs: {why}"),
                 None => results.extend(end_to_end(
@@ -441,7 +451,13 @@ fn bench(cli: &Cli) -> Result<()> {
                 )?),
             }
         }
-        if kind == Kind::Netns && !cli.no_zhop && !cli.e2e_only {
+        if kind == Kind::Netns && (cli.exit || cli.exit_only) && !cli.e2e_only && !cli.zhop_only {
+            match wgo::available() {
+                Some(why) => eprintln!("relay-bench: skipping the Exit runs: {why}"),
+                None => results.extend(exit_runs(cli, &topo, &workdir, runs, e2e_secs)?),
+            }
+        }
+        if kind == Kind::Netns && !cli.no_zhop && !cli.e2e_only && !cli.exit_only {
             match wgo::available() {
                 Some(why) => eprintln!("relay-bench: skipping Z-HOP runs: {why}"),
                 None => {
@@ -660,6 +676,88 @@ fn end_to_end(
                     format!(
                         "{:7.3} Gb/s loss {:6.2}% jitter {:.4} ms",
                         f.gbps, f.loss_percent, f.jitter_ms
+                    )
+                });
+            }
+        }
+    }
+    topology::kill_group(server.id() as i32);
+    let _ = server.wait();
+    Ok(results)
+}
+
+/// The Exit role end to end ([`exitrole`]): each iperf3 test through each tunnel path,
+/// `wgo>wgo` (wireguard-go at both ends, no relay) the reference. The CPU figure is the exit
+/// end's.
+fn exit_runs(
+    cli: &Cli,
+    topo: &Topology,
+    workdir: &std::path::Path,
+    runs: usize,
+    secs: u32,
+) -> Result<Vec<ScenarioResult>> {
+    let backend = cli.backends.first().map_or("uring", String::as_str);
+    let relay = Contender::parse(&format!("wraithgate-{backend}"), &cli.wraithgate, None)?;
+    let paths = exitrole::TunnelPath::all(&cli.wraithgate, backend, relay);
+    let client = wgo::keypair(workdir, "exit-client")?;
+    let exit = wgo::keypair(workdir, "exit-exit")?;
+    let mut server = wgo::start_iperf_server_on(topo, &cli.relay_cpus, workdir)?;
+    let tests = exitrole::tests(&cli.e2e_udp_rate);
+    let mut results: Vec<ScenarioResult> = tests
+        .iter()
+        .map(|(name, _)| ScenarioResult {
+            name: format!("{}/{name}", topo.kind.as_str()),
+            paced: matches!(name, n if n.contains("udp")),
+            reference: paths[0].name(),
+            contenders: paths
+                .iter()
+                .map(|p| ContenderResult {
+                    name: p.name(),
+                    outcome: Outcome::Measured { runs: Vec::new() },
+                })
+                .collect(),
+        })
+        .collect();
+    for run in 0..runs {
+        for (ti, (test, spec)) in tests.iter().enumerate() {
+            for (pi, path) in paths.iter().enumerate() {
+                let slot = &mut results[ti].contenders[pi];
+                if !matches!(slot.outcome, Outcome::Measured { .. }) {
+                    continue;
+                }
+                eprint!(
+                    "[exit run {}/{runs}] {test:<28} {:<20} ",
+                    run + 1,
+                    slot.name
+                );
+                let testdir = workdir
+                    .join("exit")
+                    .join(test)
+                    .join(path.name().replace('>', "_"));
+                std::fs::create_dir_all(&testdir)?;
+                let measured = (|| -> Result<Figures> {
+                    let mut running = exitrole::start(
+                        topo,
+                        &cli.prefix,
+                        path,
+                        (&client, &exit),
+                        &cli.relay_cpus,
+                        cli.load_cpu,
+                        &testdir,
+                    )?;
+                    let exit_pid = running.exit_pid();
+                    let before = wraithgate_bench::cpu::tree_cpu_ns(exit_pid);
+                    let r = exitrole::iperf(topo, cli.load_cpu, secs, spec)?;
+                    let cpu_ns =
+                        wraithgate_bench::cpu::tree_cpu_ns(exit_pid).saturating_sub(before);
+                    running.check_alive()?;
+                    drop(running);
+                    Ok(iperf_figures(&r, cpu_ns))
+                })();
+                record(slot, measured, |f| {
+                    format!(
+                        "{:7.3} Gb/s loss {:6.2}% jitter {:.4} ms exit {:.3} s/GB",
+                        f.gbps, f.loss_percent, f.jitter_ms, f.cpu_s_per_gb
                     )
                 });
             }
