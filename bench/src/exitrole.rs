@@ -430,24 +430,8 @@ fn api(ns: &str, state: &Path, method: &str, path: &str, body: Option<Value>) ->
 /// Runs one iperf3 test through the tunnel (client namespace to the exit's tunnel
 /// address), retrying while the first handshake completes.
 pub fn iperf(topo: &Topology, cpu: usize, secs: u32, test: &Test) -> Result<wgo::IperfResult> {
-    let cns = topo.client_ns.as_deref().context("no client namespace")?;
-    let mut last_err = String::new();
-    for _ in 0..8 {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", cns, "taskset", "-c", &cpu.to_string()])
-            .args(["iperf3", "-c", EXIT_TUNNEL, "-J", "-t", &secs.to_string()]);
-        match test {
-            Test::Tcp { streams } => cmd.args(["-O", "1", "-P", &streams.to_string()]),
-            Test::Udp { rate } => cmd.args(["-u", "-l", &wgo::UDP_LEN.to_string(), "-b", rate]),
-        };
-        let out = cmd.output().context("iperf3 client")?;
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if let Some(err) = v.get("error").and_then(Value::as_str) {
-            last_err = err.to_string();
-            std::thread::sleep(Duration::from_millis(500));
-            continue;
-        }
-        return Ok(wgo::iperf_result(&v, matches!(test, Test::Udp { .. })));
+    match test {
+        Test::Tcp { streams } => wgo::iperf_streams(topo, cpu, secs, None, *streams, 8),
+        Test::Udp { rate } => wgo::iperf_streams(topo, cpu, secs, Some((rate, wgo::UDP_LEN)), 1, 8),
     }
-    bail!("iperf3: {last_err}")
 }

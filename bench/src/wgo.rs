@@ -244,6 +244,18 @@ pub fn iperf(
     secs: u32,
     udp: Option<(&str, usize)>,
 ) -> Result<IperfResult> {
+    iperf_streams(topo, cpu, secs, udp, 1, 5)
+}
+
+/// [`iperf`] with `streams` parallel streams (`-P`), trying `attempts` times.
+pub fn iperf_streams(
+    topo: &Topology,
+    cpu: usize,
+    secs: u32,
+    udp: Option<(&str, usize)>,
+    streams: u32,
+    attempts: u32,
+) -> Result<IperfResult> {
     let udp_rate = udp.map(|(rate, _)| rate);
     let cns = topo
         .client_ns
@@ -251,10 +263,13 @@ pub fn iperf(
         .context("e2e needs the netns topology")?;
     // The first packets trigger the handshake; retry the connection while it completes.
     let mut last_err = String::new();
-    for _ in 0..5 {
+    for _ in 0..attempts {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", cns, "taskset", "-c", &cpu.to_string()])
             .args(["iperf3", "-c", EXIT_TUNNEL, "-J", "-t", &secs.to_string()]);
+        if streams > 1 {
+            cmd.args(["-P", &streams.to_string()]);
+        }
         match udp {
             Some((rate, len)) => cmd.args(["-u", "-l", &len.to_string(), "-b", rate]),
             // TCP: leave slow start out of the figure. (UDP's omit period would make
