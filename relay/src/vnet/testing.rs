@@ -319,6 +319,30 @@ impl Netns {
         ip(&all);
     }
 
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.0];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// A counter of the namespace's `/proc/net/snmp` (`Ip`/`InHdrErrors`, `Tcp`/`InCsumErrors`).
+    pub fn snmp(&self, group: &str, name: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "cat", "/proc/net/snmp"])
+            .output()
+            .expect("read /proc/net/snmp");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let prefix = format!("{group}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (names, values) = (lines.next().expect(group), lines.next().expect(group));
+        let i = names
+            .split_whitespace()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{group} {name}"));
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    }
+
     /// Runs `f` on a fresh thread inside the namespace (sockets and TUNs it opens live
     /// there) and returns its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
