@@ -663,3 +663,42 @@ proptest! {
         round_trip(&reads);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Whatever a read holds, split answers with packets or an error, never a panic; and
+    /// whatever packets come, the coalescer writes each exactly once (and what it merged splits
+    /// back into them).
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        base in 0usize..4,
+        edits in proptest::collection::vec((any::<u16>(), any::<u8>()), 0..8),
+        cut in any::<u16>(),
+        offset in 0usize..64,
+    ) {
+        let t = Tcp { v6: base % 2 == 1, ..Tcp::default() };
+        let mut read = match base {
+            0 | 1 => tso_read(&t, &pattern(4000, 1), 1000),
+            2 => uso_read(false, 1, &pattern(3000, 1), 700),
+            _ => partial(tcp_packet(&t, b"x"), 20, 16, GSO_NONE, 0, 6),
+        };
+        for (at, v) in edits {
+            let at = usize::from(at) % read.len();
+            read[at] = v;
+        }
+        read.truncate(usize::from(cut).max(1));
+        let mut bufs = vec![vec![0u8; 1600]; 8];
+        let mut sizes = [0usize; 8];
+        if let Ok(n) = split(&read, &mut bufs, offset, &mut sizes) {
+            let packets: Vec<&[u8]> = (0..n).map(|i| &bufs[i][offset..offset + sizes[i]]).collect();
+            let mut c = Coalescer::new(8, 0);
+            prop_assert_eq!(c.coalesce(&packets), n);
+            let again: Vec<Vec<u8>> = c.writes().flat_map(|w| split_all(w, 0).unwrap()).collect();
+            let packets: Vec<Vec<u8>> = packets.iter().map(|p| p.to_vec()).collect();
+            prop_assert_eq!(again, packets);
+        }
+        let mut c = Coalescer::new(8, 0);
+        prop_assert_eq!(c.coalesce(&[&read[..], &read[VNET_HDR_LEN.min(read.len())..]]), 2);
+    }
+}
