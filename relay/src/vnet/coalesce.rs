@@ -66,7 +66,11 @@ struct Tcp {
     /// Payload bytes of the first segment: every member's but the last's.
     seg: usize,
     next_seq: u32,
+    /// The IPv4 ID the next member must have.
     next_id: u16,
+    /// With DF set, Linux GRO also takes a fixed ID (RFC 6864: an atomic datagram's ID
+    /// means nothing), decided by the second member; the IDs then stay the head's.
+    fixed_id: bool,
 }
 
 impl Coalescer {
@@ -124,7 +128,10 @@ impl Coalescer {
                     // `can_join` only admits a candidate to a group started by one.
                     if let Some(t) = g.tcp.as_mut() {
                         t.next_seq = s.seq.wrapping_add(s.payload as u32);
-                        t.next_id = s.id.wrapping_add(1);
+                        t.fixed_id = s.id != t.next_id;
+                        if !t.fixed_id {
+                            t.next_id = s.id.wrapping_add(1);
+                        }
                         g.open = s.payload == t.seg
                             && s.flags & (TCP_PSH | TCP_FIN) == 0
                             && g.len + t.seg <= MAX_PACKET;
@@ -149,6 +156,7 @@ impl Coalescer {
                 seg: s.payload,
                 next_seq: s.seq.wrapping_add(s.payload as u32),
                 next_id: s.id.wrapping_add(1),
+                fixed_id: false,
             });
             self.groups.push(Group {
                 first: i as u32,
@@ -362,7 +370,8 @@ fn same_flow(a: &[u8], b: &[u8]) -> bool {
 /// Whether segment `s` (packet `p`) continues group `g` (first packet `first`), by Linux
 /// GRO's rules: the next sequence number, the same ACK number, window, header length,
 /// options and flags (CWR only on the first, which `p` is not), at most the group's segment
-/// size, IPv4 TOS, TTL and DF alike with the ID one more, IPv6 version/class/flow label
+/// size, IPv4 TOS, TTL and DF alike with the ID one more (or, with DF, the same throughout),
+/// IPv6 version/class/flow label
 /// and hop limit alike, and the result no longer than an IP packet.
 fn can_join(g: &Group, first: &[u8], p: &[u8], s: &Segment) -> bool {
     let Some(t) = g.tcp else { return false };
@@ -378,7 +387,15 @@ fn can_join(g: &Group, first: &[u8], p: &[u8], s: &Segment) -> bool {
     let ip_alike = if t.v6 {
         first[..4] == p[..4] && first[7] == p[7]
     } else {
-        first[1] == p[1] && first[8] == p[8] && first[6..8] == p[6..8] && s.id == t.next_id
+        let df = first[6] & 0x40 != 0;
+        let id_ok = if g.count == 1 {
+            s.id == t.next_id || (df && s.id == t.next_id.wrapping_sub(1))
+        } else if t.fixed_id {
+            s.id == t.next_id.wrapping_sub(1)
+        } else {
+            s.id == t.next_id
+        };
+        first[1] == p[1] && first[8] == p[8] && first[6..8] == p[6..8] && id_ok
     };
     let (a, b) = (&first[t.ip..t.headers], &p[t.ip..t.headers]);
     let ignore = TCP_CWR | TCP_PSH | TCP_FIN;

@@ -455,6 +455,34 @@ fn merges_only_what_linux_gro_would() {
         &segs[2][52..],
     );
     assert_eq!(shape(&s), vec![2, 1, 1]);
+    // With DF, a fixed ID is as good as an incrementing one (Linux GRO's atomic
+    // datagrams); without DF it is not.
+    for (df, want) in [(true, vec![4]), (false, vec![1, 1, 1, 1])] {
+        let fixed: Vec<Vec<u8>> = (0..4)
+            .map(|i| {
+                let tt = Tcp {
+                    seq: t.seq + (i * 1448) as u32,
+                    df,
+                    ..t.clone()
+                };
+                tcp_packet(&tt, &segs[i][52..])
+            })
+            .collect();
+        assert_eq!(shape(&fixed), want, "fixed IDs, DF {df}");
+    }
+    let mut s = segs.clone();
+    for (i, p) in s.iter_mut().enumerate().take(2) {
+        let tt = Tcp {
+            seq: t.seq + (i * 1448) as u32,
+            ..t.clone()
+        };
+        *p = tcp_packet(&tt, &segs[i][52..]);
+    }
+    assert_eq!(
+        shape(&s),
+        vec![2, 2],
+        "fixed, then incrementing, is two groups"
+    );
     // A bad TCP or IPv4 header checksum is written as it is, for the kernel to count.
     assert_eq!(shape(&edit(2, &|p| p[60] ^= 1)), vec![2, 1, 1]);
     assert_eq!(shape(&edit(2, &|p| p[10] ^= 1)), vec![2, 1, 1]);
