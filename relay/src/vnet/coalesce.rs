@@ -232,7 +232,7 @@ impl Coalescer {
     }
 
     /// Write `i` of the last batch: a [`VirtioNetHdr`] and its packet, for one `write(2)`
-    /// to the TUN.
+    /// to the TUN. It lives in the coalescer's arena until the next [`Coalescer::coalesce`].
     pub fn write(&self, i: usize) -> &[u8] {
         &self.arena[self.writes[i].clone()]
     }

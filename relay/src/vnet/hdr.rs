@@ -17,7 +17,8 @@ pub const F_DATA_VALID: u8 = 2;
 pub const GSO_NONE: u8 = 0;
 /// `VIRTIO_NET_HDR_GSO_TCPV4`.
 pub const GSO_TCPV4: u8 = 1;
-/// `VIRTIO_NET_HDR_GSO_UDP` (UFO, IP fragmentation): never handed over by TUN since 4.14.
+/// `VIRTIO_NET_HDR_GSO_UDP` (UFO: UDP by IP fragmentation), which Linux stopped producing
+/// in 4.14; refused.
 pub const GSO_UDP: u8 = 3;
 /// `VIRTIO_NET_HDR_GSO_TCPV6`.
 pub const GSO_TCPV6: u8 = 4;
