@@ -730,3 +730,40 @@ proptest! {
         prop_assert_eq!(c.coalesce(&[&read[..], &read[VNET_HDR_LEN.min(read.len())..]]), 2);
     }
 }
+
+#[test]
+fn ipv4_options_ride_along_on_every_segment() {
+    // A super-packet whose IPv4 header carries 4 bytes of options (IHL 6): split copies
+    // them into every segment (the coalescer, like Linux GRO, would not merge these back).
+    let mut read = tso_read(&Tcp::default(), &pattern(3000, 8), 1000);
+    read.splice(30..30, [0x94, 0x04, 0, 0]); // Router Alert
+    read[10] = 0x46;
+    let len = (read.len() - 10) as u16;
+    read[12..14].copy_from_slice(&len.to_be_bytes());
+    read[6] = 24; // csum_start: the TCP header moved
+    let segs = split_all(&read, 0).unwrap();
+    assert_eq!(segs.len(), 3);
+    for (i, s) in segs.iter().enumerate() {
+        assert_eq!(&s[20..24], &[0x94, 0x04, 0, 0]);
+        assert!(checksums_ok(s), "segment {i}");
+        assert_eq!(&s[24 + 32..], &pattern(3000, 8)[i * 1000..(i + 1) * 1000]);
+    }
+    assert_eq!(shape(&segs), vec![1, 1, 1]);
+}
+
+#[test]
+fn ipv6_flow_label_and_hop_limit_must_match() {
+    let t = Tcp {
+        v6: true,
+        ..Tcp::default()
+    };
+    let segs = segments(&t, &pattern(1448 * 4, 6), 1448);
+    assert_eq!(shape(&segs), vec![4]);
+    for byte in [3, 7] {
+        // Neither the flow label (byte 3) nor the hop limit (7) is under any checksum.
+        let mut s = segs.clone();
+        s[2][byte] ^= 1;
+        s[3][byte] ^= 1;
+        assert_eq!(shape(&s), vec![2, 2], "byte {byte}");
+    }
+}
