@@ -67,7 +67,7 @@ pub use hdr::{
     Gso, HdrError, VirtioNetHdr, F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4,
     GSO_TCPV6, GSO_UDP, GSO_UDP_L4, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET, VNET_HDR_LEN,
 };
-pub use split::{split, SplitError};
+pub use split::{split, split_packet, SplitError};
 
 /// The longest IP packet (IPv4 total length and IPv6 payload length are 16 bits; no
 /// jumbograms): the bound on one super-packet.

@@ -88,7 +88,18 @@ pub fn split<B: AsMut<[u8]>>(
     sizes: &mut [usize],
 ) -> Result<usize, SplitError> {
     let hdr = VirtioNetHdr::decode(read)?;
-    let packet = &read[VNET_HDR_LEN..];
+    split_packet(&hdr, &read[VNET_HDR_LEN..], bufs, offset, sizes)
+}
+
+/// [`split`] for a header and packet read apart (`readv` into two buffers, say).
+pub fn split_packet<B: AsMut<[u8]>>(
+    hdr: &VirtioNetHdr,
+    packet: &[u8],
+    bufs: &mut [B],
+    offset: usize,
+    sizes: &mut [usize],
+) -> Result<usize, SplitError> {
+    let hdr = *hdr;
     let room = bufs.len().min(sizes.len());
     let gso = hdr.gso()?;
     if gso == Gso::None {

@@ -24,6 +24,15 @@ fn split_all(read: &[u8], offset: usize) -> Result<Vec<Vec<u8>>, SplitError> {
     let mut bufs = vec![[0xeeu8; 2048]; 64];
     let mut sizes = [0usize; 64];
     let n = split(read, &mut bufs, offset, &mut sizes)?;
+    if let Ok(h) = VirtioNetHdr::decode(read) {
+        // The same read given as header and packet apart splits the same.
+        let mut again = vec![[0u8; 2048]; 64];
+        let mut sizes2 = [0usize; 64];
+        let k = split_packet(&h, &read[VNET_HDR_LEN..], &mut again, offset, &mut sizes2)?;
+        assert_eq!((k, &sizes2[..k]), (n, &sizes[..n]), "split_packet agrees");
+        assert!((0..n)
+            .all(|i| again[i][offset..offset + sizes[i]] == bufs[i][offset..offset + sizes[i]]));
+    }
     Ok((0..n)
         .map(|i| {
             assert!(bufs[i][..offset].iter().all(|b| *b == 0xee), "prefix kept");
