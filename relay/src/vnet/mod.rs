@@ -6,8 +6,9 @@
 //! flags exist from Linux 6.2; an older kernel refuses them with `EINVAL`, so set the TCP
 //! ones alone there) tells the kernel the "device" segments and checksums itself. Each
 //! `read(2)` then returns a 10-byte [`VirtioNetHdr`] followed by one IP packet that may be
-//! a TCP or UDP *super-packet* of up to 64 KiB, and each `write(2)` must start with such a
-//! header too (all zero for an ordinary packet). Sources: the virtio spec (1.x, §5.1.6
+//! a TCP or UDP *super-packet* of up to 64 KiB (so a read buffer needs
+//! `VNET_HDR_LEN + MAX_PACKET` bytes), and each `write(2)` must start with such a header
+//! too (all zero for an ordinary packet). Sources: the virtio spec (1.x, §5.1.6
 //! "Device Operation", the header and its fields), Linux `include/uapi/linux/virtio_net.h`,
 //! `include/linux/virtio_net.h` (`virtio_net_hdr_from_skb` on read, `virtio_net_hdr_to_skb`
 //! on write) and `drivers/net/tun.c`; the segmentation rules are those of Linux's TSO/USO
