@@ -5,6 +5,8 @@
 //!   (which speak in [`role`]'s and [`slab`]'s names, never in each other's): no sockets,
 //!   no threads; `now` is an argument (boringtun keeps Z-HOP's tunnels' own clocks).
 //! - [`io`] drives the roles from real sockets, one worker thread per core.
+//! - [`vnet`] splits the TCP/UDP super-packets a TUN with offloads hands over and coalesces
+//!   TCP segments into them for the other direction (the Exit role's TUN path).
 
 pub mod admission;
 pub mod cookie;
@@ -15,6 +17,7 @@ pub mod ratelimit;
 pub mod role;
 pub mod slab;
 pub mod table;
+pub mod vnet;
 pub mod wire;
 pub mod zhop;
 
