@@ -888,6 +888,30 @@ fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
     );
     assert_eq!(sum("wraithgate_sessions"), 1.0);
     assert_eq!(sum("wraithgate_client_handshakes_total"), 1.0);
+    // Per exit (the one exit, "x"): the same traffic, labelled with its name.
+    let exit_x = |name: &str| metric_sum(&scrape, name, &|s| s.labels.get("exit") == Some("x"));
+    for (per_exit, total) in [
+        ("wraithgate_per_exit_packets_to_exit_total", to_exit),
+        ("wraithgate_per_exit_bytes_to_exit_total", to_exit_bytes),
+        ("wraithgate_per_exit_packets_to_client_total", to_client),
+        ("wraithgate_per_exit_bytes_to_client_total", to_client_bytes),
+        ("wraithgate_per_exit_sessions", 1.0),
+        ("wraithgate_per_exit_sessions_opened_total", 1.0),
+    ] {
+        assert_eq!(exit_x(per_exit), total, "{per_exit}");
+        assert_eq!(sum(per_exit), total, "{per_exit}: only exit x has series");
+    }
+    assert_eq!(
+        metric_sum(&scrape, "wraithgate_per_exit_handshakes_total", &|s| {
+            s.labels.get("exit") == Some("x") && s.labels.get("initiator") == Some("client")
+        }),
+        1.0
+    );
+    assert_eq!(
+        sum("wraithgate_per_exit_drops_total"),
+        0.0,
+        "junk names no exit"
+    );
     assert!(text.contains("wraithgate_info{backend=\""), "backend label");
     assert!(
         latency_count(&scrape) > latency_count(&before),

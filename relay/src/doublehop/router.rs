@@ -222,6 +222,62 @@ impl RouterStats {
     }
 }
 
+/// Counters of one exit in one router, summed across workers at scrape time and labelled
+/// there with the exit's name. A session knows the index of its exit's entry, so counting
+/// costs an index into the router's array, no lookup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// The exit counted here; `None` for a vacant entry (its exit left the table and no
+    /// session counts here any more), which the next new exit reuses.
+    pub key: Option<PublicKey>,
+    pub client_to_exit: Traffic,
+    pub exit_to_client: Traffic,
+    /// Initiations forwarded from clients to this exit.
+    pub client_handshakes: u64,
+    /// Initiations this exit sent to clients, forwarded.
+    pub exit_handshakes: u64,
+    /// Sessions held now (pending included).
+    pub sessions: u64,
+    pub sessions_opened: u64,
+    /// Refusals that name this exit (see [`ExitStats::REASONS`]), by reason.
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl ExitStats {
+    /// The drop reasons counted per exit: those decided once the exit is known.
+    pub const REASONS: [DropReason; 8] = [
+        DropReason::Mac1Mismatch,
+        DropReason::CookieChallenge,
+        DropReason::PendingFull,
+        DropReason::SessionsFull,
+        DropReason::ClientSessionLimit,
+        DropReason::UnmatchedResponse,
+        DropReason::AmplificationLimit,
+        DropReason::SocketUnavailable,
+    ];
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Adds `other`'s counters into `self` (for summing workers; the key is kept).
+    pub fn merge(&mut self, other: &ExitStats) {
+        let t = |a: &mut Traffic, b: &Traffic| {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        };
+        t(&mut self.client_to_exit, &other.client_to_exit);
+        t(&mut self.exit_to_client, &other.exit_to_client);
+        self.client_handshakes += other.client_handshakes;
+        self.exit_handshakes += other.exit_handshakes;
+        self.sessions += other.sessions;
+        self.sessions_opened += other.sessions_opened;
+        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *a += b;
+        }
+    }
+}
+
 /// A view of one session for listings; never any payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
@@ -401,6 +457,8 @@ struct Session {
     client: SocketAddr,
     listener: Listener,
     exit_key: PublicKey,
+    /// Its exit's entry in [`Router::exit_stats`].
+    exit_stat: u32,
     exit_endpoint: SocketAddr,
     established: bool,
     /// The client has shown it receives what is sent to its address.
@@ -481,6 +539,12 @@ pub struct Router {
     /// sweep. Ids are never reused, and a node unpins a port rarely, so this stays short.
     closed_listeners: Vec<u16>,
     stats: RouterStats,
+    /// Per-exit counters. Entries are never removed, so a session's `exit_stat` always
+    /// indexes one; an exit that leaves the table keeps its entry until the sweep has
+    /// closed its sessions, and the entry is then vacant for the next new exit.
+    exit_stats: Vec<ExitStats>,
+    /// The entry of each exit of the current table, by [`crate::table::ExitId`].
+    exit_stat_of: Vec<u32>,
 }
 
 impl Router {
@@ -506,7 +570,7 @@ impl Router {
             buckets: cfg.rate_limit_buckets,
         };
         let admission = HandshakeAdmission::new(cfg.cookie_settings(), salt, proven, now);
-        Router {
+        let mut router = Router {
             cfg,
             table,
             sessions: Slab::default(),
@@ -519,7 +583,11 @@ impl Router {
             sweep: None,
             closed_listeners: Vec::new(),
             stats: RouterStats::default(),
-        }
+            exit_stats: Vec::new(),
+            exit_stat_of: Vec::new(),
+        };
+        router.map_exit_stats();
+        router
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -532,6 +600,59 @@ impl Router {
 
     pub fn stats(&self) -> &RouterStats {
         &self.stats
+    }
+
+    /// Per-exit counters (vacant entries included, with no key).
+    pub fn exit_stats(&self) -> &[ExitStats] {
+        &self.exit_stats
+    }
+
+    /// Gives every exit of the current table an entry in `exit_stats`: its own if it had
+    /// one (by key), else a vacant one, else a new one. On table swaps only.
+    fn map_exit_stats(&mut self) {
+        let mut held: HashMap<PublicKey, u32> = self
+            .exit_stats
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((e.key?, i as u32)))
+            .collect();
+        let mut vacant = (0..self.exit_stats.len() as u32)
+            .filter(|&i| self.exit_stats[i as usize].key.is_none())
+            .rev()
+            .collect::<Vec<_>>();
+        self.exit_stat_of.clear();
+        for (_, exit) in self.table.iter() {
+            let key = exit.spec.public_key;
+            let i = match held.remove(&key) {
+                Some(i) => i,
+                None => {
+                    let i = vacant.pop().unwrap_or_else(|| {
+                        self.exit_stats.push(ExitStats::default());
+                        self.exit_stats.len() as u32 - 1
+                    });
+                    self.exit_stats[i as usize].key = Some(key);
+                    i
+                }
+            };
+            self.exit_stat_of.push(i);
+        }
+    }
+
+    /// Once a sweep has closed every session of the exits that left the table, their
+    /// entries hold no session and become vacant.
+    fn vacate_exit_stats(&mut self) {
+        for e in &mut self.exit_stats {
+            if e.key.is_some_and(|k| self.table.by_key(&k).is_none()) {
+                debug_assert_eq!(e.sessions, 0, "a swept exit holds no session");
+                *e = ExitStats::default();
+            }
+        }
+    }
+
+    /// Counts a drop that names the exit of entry `stat`.
+    fn drop_for_exit(&mut self, stat: u32, reason: DropReason) -> Action {
+        self.exit_stats[stat as usize].drops[reason.index()] += 1;
+        self.drop_packet(reason)
     }
 
     /// Sessions held, pending ones included.
@@ -641,6 +762,10 @@ impl Router {
         }
         s.last_activity = now;
         s.to_exit.add(len);
+        // `exit_stats` never shrinks, so a session's entry is always there.
+        self.exit_stats[s.exit_stat as usize]
+            .client_to_exit
+            .add(len);
         self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
     }
@@ -691,6 +816,9 @@ impl Router {
             self.pending -= 1;
             self.stats.sessions_established += 1;
         }
+        self.exit_stats[s.exit_stat as usize]
+            .client_to_exit
+            .add(len);
         self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
     }
@@ -723,7 +851,8 @@ impl Router {
             Some(id) => {
                 let exit = self.table.get(id).expect("pinned id is in its table");
                 if !exit.mac1_key().verify(init.mac1_input(), init.mac1()) {
-                    return self.drop_packet(DropReason::Mac1Mismatch);
+                    let stat = self.exit_stat_of[id.0 as usize];
+                    return self.drop_for_exit(stat, DropReason::Mac1Mismatch);
                 }
                 id
             }
@@ -738,6 +867,8 @@ impl Router {
             .expect("matched id is in its table")
             .spec;
         let (exit_key, exit_endpoint) = (spec.public_key, spec.endpoint);
+        // One entry per exit of the current table, by its id.
+        let stat = self.exit_stat_of[exit.0 as usize];
         let len = init.bytes().len();
         if !admitted {
             let reply = self.admission.cookie_reply(now, from, &exit_key, &init);
@@ -746,7 +877,7 @@ impl Router {
                 client: from,
                 reply,
             });
-            return self.drop_packet(DropReason::CookieChallenge);
+            return self.drop_for_exit(stat, DropReason::CookieChallenge);
         }
 
         let existing = self.clients.get(&from).and_then(|c| {
@@ -778,13 +909,13 @@ impl Router {
             None => {
                 let per_client = self.clients.get(&from).map_or(0, |c| c.len as usize);
                 if per_client >= self.cfg.max_sessions_per_client {
-                    return self.drop_packet(DropReason::ClientSessionLimit);
+                    return self.drop_for_exit(stat, DropReason::ClientSessionLimit);
                 }
                 if self.sessions.len() >= self.cfg.max_sessions {
-                    return self.drop_packet(DropReason::SessionsFull);
+                    return self.drop_for_exit(stat, DropReason::SessionsFull);
                 }
                 if self.pending >= self.cfg.max_pending {
-                    return self.drop_packet(DropReason::PendingFull);
+                    return self.drop_for_exit(stat, DropReason::PendingFull);
                 }
                 let mut to_exit = Traffic::default();
                 to_exit.add(len);
@@ -794,6 +925,7 @@ impl Router {
                     client: from,
                     listener,
                     exit_key,
+                    exit_stat: stat,
                     exit_endpoint,
                     established: false,
                     verified: false,
@@ -816,6 +948,9 @@ impl Router {
                 slot
             }
         };
+        let e = &mut self.exit_stats[stat as usize];
+        e.client_handshakes += 1;
+        e.client_to_exit.add(len);
         self.stats.client_handshakes += 1;
         self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
@@ -833,6 +968,9 @@ impl Router {
     fn insert(&mut self, session: Session) -> SessionSlot {
         let deadline = session.deadline(&self.cfg);
         let client = session.client;
+        let e = &mut self.exit_stats[session.exit_stat as usize];
+        e.sessions += 1;
+        e.sessions_opened += 1;
         let slot = self.sessions.insert(session);
         self.clients.entry(client).or_default().push(slot.index);
         self.timers
@@ -855,23 +993,25 @@ impl Router {
         let Some(s) = self.sessions.get_mut(slot) else {
             return self.drop_packet(DropReason::NoSession);
         };
+        let stat = s.exit_stat;
         if let Message::Response(r) = msg {
             if !s.indices.awaiting.contains(r.receiver_index()) {
-                return self.drop_packet(DropReason::UnmatchedResponse);
+                return self.drop_for_exit(stat, DropReason::UnmatchedResponse);
             }
         }
         let len = packet.len() as u64;
         if !s.verified {
             if s.budget < len {
-                self.stats.drops[DropReason::AmplificationLimit.index()] += 1;
-                return Action::Drop(DropReason::AmplificationLimit);
+                return self.drop_for_exit(stat, DropReason::AmplificationLimit);
             }
             s.budget -= len;
         }
+        let e = &mut self.exit_stats[stat as usize];
         match msg {
             Message::Initiation(init) => {
                 s.indices.offered.push(init.sender_index());
                 s.handshakes += 1;
+                e.exit_handshakes += 1;
                 self.stats.exit_handshakes += 1;
             }
             Message::Response(r) => {
@@ -888,6 +1028,7 @@ impl Router {
         }
         s.last_activity = now;
         s.to_client.add(packet.len());
+        e.exit_to_client.add(packet.len());
         self.stats.exit_to_client.add(packet.len());
         Action::ToClient {
             listener: s.listener,
@@ -897,9 +1038,11 @@ impl Router {
 
     /// The I/O layer could not open the socket of `slot`: forget the session.
     pub fn socket_failed(&mut self, slot: SessionSlot) {
-        if self.close(slot, CloseCause::SocketFailed) {
-            self.record_drop(DropReason::SocketUnavailable);
-        }
+        let Some(stat) = self.sessions.get(slot).map(|s| s.exit_stat) else {
+            return;
+        };
+        self.close(slot, CloseCause::SocketFailed);
+        self.drop_for_exit(stat, DropReason::SocketUnavailable);
     }
 
     /// Closes a session on request (operator kill). Returns whether it existed.
@@ -920,6 +1063,7 @@ impl Router {
         if !s.established {
             self.pending -= 1;
         }
+        self.exit_stats[s.exit_stat as usize].sessions -= 1;
         match cause {
             CloseCause::PendingExpired => self.stats.sessions_expired_pending += 1,
             CloseCause::Idle => self.stats.sessions_expired_idle += 1,
@@ -965,6 +1109,7 @@ impl Router {
             return;
         }
         self.table = table;
+        self.map_exit_stats();
         self.stats.table_swaps += 1;
         self.sweep = Some(0);
     }
@@ -990,6 +1135,9 @@ impl Router {
             index += 1;
         }
         self.sweep = (index < bound).then_some(index);
+        if self.sweep.is_none() {
+            self.vacate_exit_stats();
+        }
     }
 
     /// The I/O layer closed `listener` (its port is no longer pinned to an exit): the
@@ -1016,15 +1164,16 @@ impl Router {
         listener: Listener,
         snap: &SessionSnapshot,
     ) -> Result<SessionSlot, DropReason> {
-        let kept = self
-            .table
-            .by_key(&snap.exit_key)
-            .and_then(|id| self.table.get(id))
-            .is_some_and(|e| e.spec.endpoint == snap.exit_endpoint);
-        if !kept {
+        let kept = self.table.by_key(&snap.exit_key).filter(|&id| {
+            self.table
+                .get(id)
+                .is_some_and(|e| e.spec.endpoint == snap.exit_endpoint)
+        });
+        let Some(exit) = kept else {
             self.record_drop(DropReason::NoExit);
             return Err(DropReason::NoExit);
-        }
+        };
+        let stat = self.exit_stat_of[exit.0 as usize];
         let per_client = self.clients.get(&snap.client).map_or(0, |c| c.len as usize);
         let refusal = if per_client >= self.cfg.max_sessions_per_client {
             Some(DropReason::ClientSessionLimit)
@@ -1036,7 +1185,7 @@ impl Router {
             None
         };
         if let Some(reason) = refusal {
-            self.record_drop(reason);
+            self.drop_for_exit(stat, reason);
             return Err(reason);
         }
         // Indices saved were usable ones; handshakes in flight are not saved (a client
@@ -1049,6 +1198,7 @@ impl Router {
             client: snap.client,
             listener,
             exit_key: snap.exit_key,
+            exit_stat: stat,
             exit_endpoint: snap.exit_endpoint,
             established: snap.established,
             verified: snap.verified,

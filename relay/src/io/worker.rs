@@ -459,6 +459,12 @@ pub(crate) fn publish(
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
     };
     r.router.clone_from(router.stats());
+    // Into the report's own allocation, which grows only when the router's entries do.
+    let exits = router.exit_stats();
+    r.exits.truncate(exits.len());
+    let kept = r.exits.len();
+    r.exits.clone_from_slice(&exits[..kept]);
+    r.exits.extend_from_slice(&exits[kept..]);
     // `/metrics` counts drops by reason over every role.
     for (total, zhop) in r.router.drops.iter_mut().zip(Role::drops(zhop)) {
         *total += zhop;
