@@ -90,7 +90,9 @@ pub fn document() -> Value {
                     "to_client": {"$ref": "#/components/schemas/Traffic"},
                     "handshakes": {"type": "integer"},
                     "age_secs": {"type": "number"},
-                    "idle_secs": {"type": "number"}
+                    "idle_secs": {"type": "number"},
+                    "latest_handshake": {"type": "integer", "nullable": true, "description": "Unix time of the latest handshake seen completed; null before the first (and after a restart until the next)"},
+                    "exit_port": {"type": "integer", "nullable": true, "description": "The relay's exit-facing port of this session: the client's source port as the exit sees it"}
                 }}
             }
         },
@@ -145,7 +147,8 @@ pub fn document() -> Value {
                     "responses": merge(json!({"200": {"description": "Applied (ETag is the generation, unchanged when the state was already so), or what a dry run would change", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Change"}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
             },
             "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
-                "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&common))}},
+                "parameters": [{"name": "exit_port", "in": "query", "required": false, "description": "Only the session whose exit-facing port this is (the port an exit's abuse report names); live state only", "schema": {"type": "integer", "minimum": 1, "maximum": 65535}}],
+                "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&["400", "401", "403"]))}},
             "/v1/sessions/{id}": {"delete": {"summary": "Close a session",
                 "parameters": [{"name": "id", "in": "path", "required": true, "description": "worker.index.generation, as listed", "schema": {"type": "string", "pattern": "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}$"}}],
                 "responses": merge(json!({"204": {"description": "Closed"}}), error_responses(&["400", "401", "403", "404"]))}}

@@ -681,7 +681,11 @@ fn the_node_key_is_created_private_on_first_start_and_kept() {
 #[test]
 fn sessions_are_listed_without_payload_and_can_be_killed() {
     let n = TestNode::start("sessions", vec![]);
-    let (mut client, _exit, cp, _) = tunnel(&n);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (mut client, exit, cp, ep) = tunnel(&n);
     let (s, d) = tunnel_addrs(1);
     for _ in 0..20 {
         client
@@ -697,6 +701,41 @@ fn sessions_are_listed_without_payload_and_can_be_killed() {
     assert!(sess["to_exit"]["packets"].as_u64().unwrap() >= 22, "{sess}");
     assert!(sess["established"].as_bool().unwrap());
     let id = sess["id"].as_str().unwrap().to_owned();
+    // The latest handshake, and the port the exit sees the client at.
+    let handshake = sess["latest_handshake"].as_u64().expect("a handshake time");
+    assert!((started..started + 60).contains(&handshake), "{sess}");
+    let exit_port = exit.endpoint(ep).expect("the exit heard the client").port();
+    assert_eq!(sess["exit_port"], exit_port, "{sess}");
+    // Abuse handling: the exit names a port, the node names the client behind it.
+    let found = n.json(&format!("/v1/sessions?exit_port={exit_port}"));
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(found[0]["id"], id.as_str());
+    assert_eq!(found[0]["client"], client.local_addr().to_string());
+    let other = if exit_port == 65535 { 1 } else { exit_port + 1 };
+    assert_eq!(
+        n.json(&format!("/v1/sessions?exit_port={other}")),
+        json!([])
+    );
+    for bad in [
+        "exit_port=abc",
+        "exit_port=0",
+        "exit_port=65536",
+        "exit_port=-1",
+        "exit_port=",
+        "exit_port",
+        "exitport=1",
+        "exit_port=1&exit_port=2",
+        "exit_port=1&x=2",
+    ] {
+        let (status, body) = n.get(&format!("/v1/sessions?{bad}"));
+        assert_eq!(status, 400, "{bad}: {body}");
+        let msg = serde_json::from_str::<Value>(&body).unwrap()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(msg.contains("exit_port"), "{bad}: {body}");
+    }
+    assert_eq!(n.json("/v1/sessions").as_array().unwrap().len(), 1);
     assert_eq!(n.send("DELETE", "/v1/sessions/garbage", "", &[]).0, 400);
     assert_eq!(
         n.send("DELETE", "/v1/sessions/6936238.3.305462016057947", "", &[])

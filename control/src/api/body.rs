@@ -199,4 +199,37 @@ pub(super) struct SessionView {
     pub(super) handshakes: u64,
     pub(super) age_secs: f64,
     pub(super) idle_secs: f64,
+    /// Unix time of the latest handshake seen completed (as `wg show dump` gives it);
+    /// `null` before the first, and after a restart until the next.
+    pub(super) latest_handshake: Option<u64>,
+    /// The relay's exit-facing port of this session: the client's source port as the exit
+    /// sees it (what an exit's abuse report names).
+    pub(super) exit_port: Option<u16>,
+}
+
+/// `GET /v1/sessions?exit_port=P`: the one filter the listing takes, or none.
+pub(super) fn sessions_query(query: Option<&str>) -> Result<Option<u16>, String> {
+    let query = match query {
+        None | Some("") => return Ok(None),
+        Some(q) => q,
+    };
+    let mut port = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "exit_port" {
+            return Err(format!(
+                "unknown query parameter {k:?}; GET /v1/sessions takes only exit_port"
+            ));
+        }
+        if port.is_some() {
+            return Err("exit_port is given twice".into());
+        }
+        port = Some(
+            v.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("exit_port {v:?} is not a port number (1-65535)"))?,
+        );
+    }
+    Ok(port)
 }

@@ -283,13 +283,19 @@ pub(super) async fn put_config(
     Ok(r)
 }
 
-pub(super) async fn list_sessions(State(app): State<App>) -> Json<Vec<SessionView>> {
+pub(super) async fn list_sessions(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<SessionView>>, ApiError> {
+    let exit_port = body::sessions_query(query.as_deref()).map_err(bad_request)?;
     let table = app.control.dp.table();
+    let now = std::time::SystemTime::now();
     let list = app
         .control
         .dp
         .sessions(WORKER_TIMEOUT)
         .into_iter()
+        .filter(|(_, s)| exit_port.is_none() || s.exit_port == exit_port)
         .map(|(worker, s)| SessionView {
             id: format!("{worker}.{}.{}", s.slot.index, s.slot.generation),
             worker,
@@ -309,9 +315,14 @@ pub(super) async fn list_sessions(State(app): State<App>) -> Json<Vec<SessionVie
             handshakes: s.handshakes,
             age_secs: s.age.as_secs_f64(),
             idle_secs: s.idle.as_secs_f64(),
+            latest_handshake: s.since_handshake.and_then(|d| {
+                let at = now.checked_sub(d)?;
+                Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs())
+            }),
+            exit_port: s.exit_port,
         })
         .collect();
-    Json(list)
+    Ok(Json(list))
 }
 
 pub(super) async fn kill_session(

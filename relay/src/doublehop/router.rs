@@ -293,6 +293,13 @@ pub struct SessionInfo {
     pub handshakes: u64,
     pub age: Duration,
     pub idle: Duration,
+    /// Time since the latest handshake the relay saw completed (a response forwarded
+    /// either way); `None` before the first, and for a session restored after a restart
+    /// until its next.
+    pub since_handshake: Option<Duration>,
+    /// Local port of the session's exit-facing socket: the client's source port as the exit
+    /// sees it. Filled in by the I/O layer, which owns the socket.
+    pub exit_port: Option<u16>,
     /// Receiver indices the exit assigned that the client may use, oldest first (not
     /// secret: they travel in clear).
     pub exit_indices: Vec<u32>,
@@ -473,6 +480,8 @@ struct Session {
     to_exit: Traffic,
     to_client: Traffic,
     handshakes: u64,
+    /// When the latest handshake completed (a response forwarded either way).
+    last_handshake: Option<Instant>,
 }
 
 impl Session {
@@ -809,6 +818,7 @@ impl Router {
         s.indices.usable.push(index);
         s.indices.usable.mark_used(index);
         s.last_activity = now;
+        s.last_handshake = Some(now);
         s.to_exit.add(len);
         s.handshakes += 1;
         if !s.established {
@@ -937,6 +947,7 @@ impl Router {
                     to_exit,
                     to_client: Traffic::default(),
                     handshakes: 1,
+                    last_handshake: None,
                 };
                 let slot = self.insert(session);
                 self.pending += 1;
@@ -1017,6 +1028,7 @@ impl Router {
             Message::Response(r) => {
                 s.indices.awaiting.take(r.receiver_index());
                 s.indices.usable.push(r.sender_index());
+                s.last_handshake = Some(now);
                 if !s.established {
                     s.established = true;
                     self.pending -= 1;
@@ -1210,6 +1222,7 @@ impl Router {
             to_exit: snap.to_exit,
             to_client: snap.to_client,
             handshakes: snap.handshakes,
+            last_handshake: None,
         };
         let slot = self.insert(session);
         if !snap.established {
@@ -1238,6 +1251,8 @@ impl Router {
             handshakes: s.handshakes,
             age: now.saturating_duration_since(s.created),
             idle: now.saturating_duration_since(s.last_activity),
+            since_handshake: s.last_handshake.map(|t| now.saturating_duration_since(t)),
+            exit_port: None,
             exit_indices: s.indices.usable.to_vec(),
         })
     }

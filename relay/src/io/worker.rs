@@ -246,7 +246,14 @@ impl Worker {
         let router = &mut self.router;
         match req {
             WorkerRequest::Sessions(reply) => {
-                let _ = reply.send(router.sessions(now).collect());
+                let list = router
+                    .sessions(now)
+                    .map(|mut info| {
+                        info.exit_port = d.local_port(Router::socket(info.slot));
+                        info
+                    })
+                    .collect();
+                let _ = reply.send(list);
             }
             WorkerRequest::CloseSession { slot, reply } => {
                 let _ = reply.send(router.close_session(slot));

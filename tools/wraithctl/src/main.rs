@@ -90,6 +90,11 @@ enum Cmd {
     Peer(PeerCmd),
     /// List the live sessions (`sessions kill ID` closes one).
     Sessions {
+        /// Only the session behind this exit-facing port: the client an exit's abuse
+        /// report means when it names the relay's address and this port (live sessions
+        /// only; nothing is kept after a session ends).
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        exit_port: Option<u16>,
         #[command(subcommand)]
         cmd: Option<SessionsCmd>,
     },
@@ -317,7 +322,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Show => show(&client, out),
         Cmd::Exit(cmd) => exit_cmd(&client, out, cmd),
         Cmd::Peer(cmd) => peer_cmd(&client, out, cmd),
-        Cmd::Sessions { cmd } => sessions_cmd(&client, out, cmd.unwrap_or(SessionsCmd::Ls)),
+        Cmd::Sessions { exit_port, cmd } => {
+            sessions_cmd(&client, out, cmd.unwrap_or(SessionsCmd::Ls), exit_port)
+        }
         Cmd::Config(cmd) => config_cmd(&client, out, cmd),
         Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above, offline"),
     }
@@ -667,12 +674,27 @@ fn peer_table(peers: &[Peer], exit_names: &BTreeMap<String, String>) -> String {
     render::table(&["PUBLIC KEY", "NAME", "ALLOWED IPS", "EXITS"], &rows)
 }
 
-fn sessions_cmd(client: &Client, out: Output, cmd: SessionsCmd) -> Result<()> {
+fn sessions_cmd(
+    client: &Client,
+    out: Output,
+    cmd: SessionsCmd,
+    exit_port: Option<u16>,
+) -> Result<()> {
     match cmd {
         SessionsCmd::Ls => {
-            let v = client.get("/v1/sessions")?.json()?;
+            let path = match exit_port {
+                Some(p) => format!("/v1/sessions?exit_port={p}"),
+                None => "/v1/sessions".into(),
+            };
+            let v = client.get(&path)?.json()?;
             let list: Vec<Session> = parse(&v, "session list")?;
-            out.emit(&v, || session_table(&list));
+            out.emit(&v, || match exit_port {
+                Some(p) if list.is_empty() => format!("no live session on exit port {p}\n"),
+                _ => session_table(&list),
+            });
+        }
+        SessionsCmd::Kill { .. } if exit_port.is_some() => {
+            bail!("--exit-port selects sessions to list; `sessions kill` takes a session id")
         }
         SessionsCmd::Kill { id } => {
             let valid = id.split('.').count() == 3
@@ -710,7 +732,9 @@ fn session_table(list: &[Session]) -> String {
                     "pending"
                 }
                 .into(),
+                s.exit_port.map_or_else(|| "-".into(), |p| p.to_string()),
                 s.handshakes.to_string(),
+                handshake_age(s.latest_handshake),
                 render::bytes(s.to_exit.bytes),
                 render::bytes(s.to_client.bytes),
                 render::short_duration(s.age_secs),
@@ -724,13 +748,27 @@ fn session_table(list: &[Session]) -> String {
             "CLIENT",
             "EXIT",
             "STATE",
+            "EXIT PORT",
             "HANDSHAKES",
+            "LATEST",
             "TO EXIT",
             "TO CLIENT",
             "AGE",
             "IDLE",
         ],
         &rows,
+    )
+}
+
+/// How long ago a Unix time was, for a table cell (`-` for none).
+fn handshake_age(at: Option<u64>) -> String {
+    let Some(at) = at else { return "-".into() };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{} ago",
+        render::short_duration(now.saturating_sub(at) as f64)
     )
 }
 

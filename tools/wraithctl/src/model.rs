@@ -131,6 +131,12 @@ pub struct Session {
     pub age_secs: f64,
     #[serde(default)]
     pub idle_secs: f64,
+    /// Unix time of the latest handshake, if any since the node started.
+    #[serde(default)]
+    pub latest_handshake: Option<u64>,
+    /// The relay's exit-facing port: the client's source port as the exit sees it.
+    #[serde(default)]
+    pub exit_port: Option<u16>,
 }
 
 #[cfg(test)]
