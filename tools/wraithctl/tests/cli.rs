@@ -815,7 +815,10 @@ fn show_and_sessions_report_real_traffic_per_exit() {
     // The exit sees the client at the relay's address and this port.
     let exit_port = exit.endpoint(0).expect("the exit heard the client").port();
     assert_eq!(sessions[0]["exit_port"], exit_port, "{sessions}");
-    assert!(sessions[0]["latest_handshake"].as_u64().is_some(), "{sessions}");
+    assert!(
+        sessions[0]["latest_handshake"].as_u64().is_some(),
+        "{sessions}"
+    );
     let port = exit_port.to_string();
     assert_eq!(
         &row[..8],
