@@ -291,12 +291,7 @@ pub fn render(c: &Control) -> String {
 /// with the exit's name (operator-chosen, so the series are as many as the exits).
 fn per_exit(w: &mut Writer<'_>, c: &Control, reports: &[WorkerReport]) {
     let table = c.dp.table();
-    let mut sums: Vec<ExitStats> = vec![ExitStats::default(); table.len()];
-    for e in reports.iter().flat_map(|r| &r.exits) {
-        if let Some(id) = e.key.and_then(|k| table.by_key(&k)) {
-            sums[id.0 as usize].merge(e);
-        }
-    }
+    let sums = exit_totals(&table, reports);
     let exits: Vec<(&str, &ExitStats)> = table
         .iter()
         .map(|(id, exit)| (exit.spec.name.as_str(), &sums[id.0 as usize]))
@@ -377,6 +372,23 @@ fn per_exit(w: &mut Writer<'_>, c: &Control, reports: &[WorkerReport]) {
             );
         }
     }
+}
+
+/// Each exit's counters of `table`, summed over the workers' reports, by [`ExitId`]
+/// (`ExitId(i)` at `i`). Counters of exits no longer in the table are left out.
+///
+/// [`ExitId`]: wraithgate_relay::table::ExitId
+pub fn exit_totals(
+    table: &wraithgate_relay::ExitTable,
+    reports: &[WorkerReport],
+) -> Vec<ExitStats> {
+    let mut sums: Vec<ExitStats> = vec![ExitStats::default(); table.len()];
+    for e in reports.iter().flat_map(|r| &r.exits) {
+        if let Some(id) = e.key.and_then(|k| table.by_key(&k)) {
+            sums[id.0 as usize].merge(e);
+        }
+    }
+    sums
 }
 
 /// The `process_*` families Prometheus' client libraries export, from `/proc/self`. Open

@@ -37,6 +37,22 @@ pub fn document() -> Value {
     let key = json!({"type": "string", "description": "WireGuard key, standard base64 (44 characters) as `wg` prints it", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"});
     let key_path = json!({"name": "key", "in": "path", "required": true, "description": "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$"}});
     let common = ["401", "403"];
+    // Apart: one json! of the whole document would pass the macro recursion limit.
+    let stats = json!({"type": "object", "required": ["sessions", "sessions_pending", "to_exit", "to_client", "drops", "zhop", "exits"], "properties": {
+        "sessions": {"type": "integer"}, "sessions_pending": {"type": "integer"}, "sessions_opened": {"type": "integer"},
+        "to_exit": {"$ref": "#/components/schemas/Traffic"}, "to_client": {"$ref": "#/components/schemas/Traffic"},
+        "client_handshakes": {"type": "integer"}, "exit_handshakes": {"type": "integer"}, "cookie_replies": {"type": "integer"},
+        "drops": {"$ref": "#/components/schemas/Counts"},
+        "zhop": {"type": "object", "properties": {
+            "peers": {"type": "integer"}, "flows": {"type": "integer"}, "outer_handshakes": {"type": "integer"},
+            "to_exit": {"$ref": "#/components/schemas/Traffic"}, "to_peer": {"$ref": "#/components/schemas/Traffic"}}},
+        "exits": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "public_key": {"$ref": "#/components/schemas/Key"},
+            "sessions": {"type": "integer"}, "sessions_opened": {"type": "integer"},
+            "to_exit": {"$ref": "#/components/schemas/Traffic"}, "to_client": {"$ref": "#/components/schemas/Traffic"},
+            "client_handshakes": {"type": "integer"}, "exit_handshakes": {"type": "integer"},
+            "drops": {"$ref": "#/components/schemas/Counts"}}}}
+    }});
     json!({
         "openapi": "3.0.3",
         "info": {"title": "WraithGate node API", "version": env!("CARGO_PKG_VERSION"),
@@ -76,6 +92,8 @@ pub fn document() -> Value {
                     "peers": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}
                 }},
                 "Traffic": {"type": "object", "properties": {"packets": {"type": "integer"}, "bytes": {"type": "integer"}}},
+                "Counts": {"type": "object", "description": "Count by reason, every reason listed", "additionalProperties": {"type": "integer"}},
+                "Stats": stats,
                 "Session": {"type": "object", "properties": {
                     "id": {"type": "string", "example": "0.12.3"},
                     "worker": {"type": "integer"},
@@ -149,6 +167,8 @@ pub fn document() -> Value {
             "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
                 "parameters": [{"name": "exit_port", "in": "query", "required": false, "description": "Only the session whose exit-facing port this is (the port an exit's abuse report names); live state only", "schema": {"type": "integer", "minimum": 1, "maximum": 65535}}],
                 "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&["400", "401", "403"]))}},
+            "/v1/stats": {"get": {"summary": "The node's counters since start, summed over its workers (what /metrics exports, as JSON), and per exit",
+                "responses": merge(json!({"200": {"description": "Counters", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Stats"}}}}}), error_responses(&common))}},
             "/v1/sessions/{id}": {"delete": {"summary": "Close a session",
                 "parameters": [{"name": "id", "in": "path", "required": true, "description": "worker.index.generation, as listed", "schema": {"type": "string", "pattern": "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}$"}}],
                 "responses": merge(json!({"204": {"description": "Closed"}}), error_responses(&["400", "401", "403", "404"]))}}

@@ -951,6 +951,38 @@ fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
         0.0,
         "junk names no exit"
     );
+    // The same counters as JSON, read a moment later (keepalives may have crossed since).
+    let stats = n.json("/v1/stats");
+    let num = |v: &Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    for (field, scraped, slack) in [
+        (&stats["to_exit"]["packets"], to_exit, 4.0),
+        (&stats["to_exit"]["bytes"], to_exit_bytes, 4.0 * 1100.0),
+        (&stats["to_client"]["packets"], to_client, 4.0),
+        (&stats["to_client"]["bytes"], to_client_bytes, 4.0 * 700.0),
+    ] {
+        assert!(
+            (scraped..=scraped + slack).contains(&num(field)),
+            "{field} against {scraped} scraped: {stats}"
+        );
+    }
+    assert_eq!(stats["sessions"], 1, "{stats}");
+    assert_eq!(stats["client_handshakes"], 1, "{stats}");
+    assert_eq!(stats["drops"]["truncated"], 7, "{stats}");
+    assert_eq!(
+        stats["drops"].as_object().unwrap().len(),
+        24,
+        "every reason: {stats}"
+    );
+    let x = &stats["exits"][0];
+    assert_eq!(stats["exits"].as_array().unwrap().len(), 1, "{stats}");
+    assert_eq!(x["name"], "x");
+    assert_eq!(x["sessions"], 1);
+    assert_eq!(
+        x["to_exit"], stats["to_exit"],
+        "one exit has all the traffic"
+    );
+    assert_eq!(x["to_client"], stats["to_client"]);
+    assert_eq!(x["drops"]["unmatched_response"], 0);
     assert!(text.contains("wraithgate_info{backend=\""), "backend label");
     assert!(
         latency_count(&scrape) > latency_count(&before),

@@ -233,3 +233,48 @@ pub(super) fn sessions_query(query: Option<&str>) -> Result<Option<u16>, String>
     }
     Ok(port)
 }
+
+/// `GET /v1/stats`: the node's counters since start, summed over the workers (what
+/// `/metrics` exports, for programs that want JSON rather than Prometheus text).
+#[derive(Debug, Serialize)]
+pub(super) struct StatsView {
+    /// Sessions held now (pending included), and those still pending.
+    pub(super) sessions: u64,
+    pub(super) sessions_pending: u64,
+    pub(super) sessions_opened: u64,
+    pub(super) to_exit: Traffic,
+    pub(super) to_client: Traffic,
+    pub(super) client_handshakes: u64,
+    pub(super) exit_handshakes: u64,
+    pub(super) cookie_replies: u64,
+    /// Every drop reason with its count, zeros included.
+    pub(super) drops: std::collections::BTreeMap<&'static str, u64>,
+    pub(super) zhop: ZhopStatsView,
+    /// Per exit of the table, in its order.
+    pub(super) exits: Vec<ExitStatsView>,
+}
+
+/// Z-HOP's part of [`StatsView`].
+#[derive(Debug, Serialize)]
+pub(super) struct ZhopStatsView {
+    pub(super) peers: u64,
+    pub(super) flows: u64,
+    pub(super) outer_handshakes: u64,
+    pub(super) to_exit: Traffic,
+    pub(super) to_peer: Traffic,
+}
+
+/// One exit's DoubleHop counters in [`StatsView`].
+#[derive(Debug, Serialize)]
+pub(super) struct ExitStatsView {
+    pub(super) name: String,
+    pub(super) public_key: PublicKey,
+    pub(super) sessions: u64,
+    pub(super) sessions_opened: u64,
+    pub(super) to_exit: Traffic,
+    pub(super) to_client: Traffic,
+    pub(super) client_handshakes: u64,
+    pub(super) exit_handshakes: u64,
+    /// The drops decided once the exit was known, by reason, zeros included.
+    pub(super) drops: std::collections::BTreeMap<&'static str, u64>,
+}

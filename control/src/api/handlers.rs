@@ -7,8 +7,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use wraithgate_relay::router::SessionSlot;
+use wraithgate_relay::router::{SessionSlot, Traffic};
 use wraithgate_relay::table::ExitSpec;
+use wraithgate_relay::{DropReason, ExitStats};
 
 use super::body::{self, key_from_path, SessionView};
 use super::error::{bad_request, ApiError};
@@ -78,6 +79,70 @@ pub(super) async fn node_info(State(app): State<App>) -> Json<serde_json::Value>
         "zhop_peers": reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
         "uptime_secs": c.started.elapsed().as_secs(),
     }))
+}
+
+pub(super) async fn get_stats(State(app): State<App>) -> Json<body::StatsView> {
+    let c = &app.control;
+    let reports = c.dp.reports();
+    let table = c.dp.table();
+    let mut router = wraithgate_relay::RouterStats::default();
+    let mut zhop = body::ZhopStatsView {
+        peers: 0,
+        flows: 0,
+        outer_handshakes: 0,
+        to_exit: Traffic::default(),
+        to_peer: Traffic::default(),
+    };
+    let (mut sessions, mut pending) = (0, 0);
+    for r in &reports {
+        router.merge(&r.router);
+        sessions += r.sessions as u64;
+        pending += r.pending as u64;
+        zhop.peers += r.zhop.peers;
+        zhop.flows += r.zhop.flows;
+        zhop.outer_handshakes += r.zhop.outer_handshakes;
+        zhop.to_exit.packets += r.zhop.inner_to_exit.packets;
+        zhop.to_exit.bytes += r.zhop.inner_to_exit.bytes;
+        zhop.to_peer.packets += r.zhop.exit_to_inner.packets;
+        zhop.to_peer.bytes += r.zhop.exit_to_inner.bytes;
+    }
+    let sums = metrics::exit_totals(&table, &reports);
+    let exits = table
+        .iter()
+        .map(|(id, exit)| {
+            let e = &sums[id.0 as usize];
+            body::ExitStatsView {
+                name: exit.spec.name.clone(),
+                public_key: exit.spec.public_key,
+                sessions: e.sessions,
+                sessions_opened: e.sessions_opened,
+                to_exit: e.client_to_exit,
+                to_client: e.exit_to_client,
+                client_handshakes: e.client_handshakes,
+                exit_handshakes: e.exit_handshakes,
+                drops: ExitStats::REASONS
+                    .iter()
+                    .map(|r| (r.as_str(), e.dropped(*r)))
+                    .collect(),
+            }
+        })
+        .collect();
+    Json(body::StatsView {
+        sessions,
+        sessions_pending: pending,
+        sessions_opened: router.sessions_opened,
+        to_exit: router.client_to_exit,
+        to_client: router.exit_to_client,
+        client_handshakes: router.client_handshakes,
+        exit_handshakes: router.exit_handshakes,
+        cookie_replies: router.cookie_replies,
+        drops: DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), router.dropped(*r)))
+            .collect(),
+        zhop,
+        exits,
+    })
 }
 
 pub(super) async fn openapi() -> Json<serde_json::Value> {

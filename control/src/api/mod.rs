@@ -71,6 +71,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/config", &["GET", "PUT"]),
     ("/v1/sessions", &["GET"]),
     ("/v1/sessions/{id}", &["DELETE"]),
+    ("/v1/stats", &["GET"]),
 ];
 
 /// The handlers of one of [`ROUTES`]' paths.
@@ -90,6 +91,7 @@ fn handlers(path: &str) -> axum::routing::MethodRouter<App> {
             .layer(DefaultBodyLimit::max(CONFIG_BODY_LIMIT)),
         "/v1/sessions" => get(list_sessions),
         "/v1/sessions/{id}" => delete(kill_session),
+        "/v1/stats" => get(get_stats),
         // Serves no method: the API test that probes every route finds it.
         _ => axum::routing::MethodRouter::new(),
     }
