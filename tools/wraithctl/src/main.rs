@@ -1,13 +1,12 @@
 //! `wraithctl`: the operator's command line for a WraithGate node, in the spirit of `wg`.
 //!
-//! Every command is one or a few calls to the node's operator API (`/v1/…`, `/metrics`),
+//! Every command is one or a few calls to the node's operator API (`/v1/…`),
 //! with the bearer token read from the node's token file. Text output is for people;
 //! `--json` prints the API's JSON for programs.
 
 mod client;
 mod client_config;
 mod model;
-mod prom;
 mod render;
 mod unix;
 
@@ -21,7 +20,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use client::{Client, Endpoint, Failure, FailureKind};
-use model::{Config, Exit, Key, NodeInfo, Peer, Session, Traffic};
+use model::{Config, Exit, Key, NodeInfo, Peer, Session, Stats, Traffic};
 use render::Block;
 
 const AFTER_HELP: &str = "\
@@ -924,7 +923,7 @@ struct Summary {
     config: Config,
     config_json: Value,
     sessions: Vec<Session>,
-    metrics: prom::Metrics,
+    stats: Stats,
 }
 
 fn show(client: &Client, out: Output) -> Result<()> {
@@ -932,13 +931,13 @@ fn show(client: &Client, out: Output) -> Result<()> {
     let config_json = client.get("/v1/config")?.json()?;
     let config: Config = parse(&config_json, "state")?;
     let sessions: Vec<Session> = parse(&client.get("/v1/sessions")?.json()?, "session list")?;
-    let metrics = prom::Metrics::parse(&client.get("/metrics")?.body);
+    let stats: Stats = parse(&client.get("/v1/stats")?.json()?, "node counters")?;
     let s = Summary {
         node,
         config,
         config_json,
         sessions,
-        metrics,
+        stats,
     };
     out.emit(&summary_json(client, &s), || summary_text(client, &s));
     Ok(())
@@ -967,7 +966,7 @@ fn load_by_exit(sessions: &[Session]) -> BTreeMap<&str, ExitLoad> {
     m
 }
 
-/// Node totals since start, from `/metrics`.
+/// Node totals since start, from `/v1/stats`; drops only the reasons that happened.
 #[derive(Debug)]
 struct Totals {
     sessions: u64,
@@ -979,30 +978,25 @@ struct Totals {
     drops: BTreeMap<String, u64>,
 }
 
-fn totals(m: &prom::Metrics) -> Totals {
+fn totals(m: &Stats) -> Totals {
     Totals {
-        sessions: m.total("wraithgate_sessions"),
-        pending: m.total("wraithgate_sessions_pending"),
-        to_exit: Traffic {
-            packets: m.total("wraithgate_packets_to_exit_total"),
-            bytes: m.total("wraithgate_bytes_to_exit_total"),
-        },
-        to_client: Traffic {
-            packets: m.total("wraithgate_packets_to_client_total"),
-            bytes: m.total("wraithgate_bytes_to_client_total"),
-        },
-        client_handshakes: m.total("wraithgate_client_handshakes_total"),
-        exit_handshakes: m.total("wraithgate_exit_handshakes_total"),
+        sessions: m.sessions,
+        pending: m.sessions_pending,
+        to_exit: m.to_exit,
+        to_client: m.to_client,
+        client_handshakes: m.client_handshakes,
+        exit_handshakes: m.exit_handshakes,
         drops: m
-            .by_label("wraithgate_drops_total", "reason")
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
+            .drops
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| (r.clone(), *n))
             .collect(),
     }
 }
 
 fn summary_json(client: &Client, s: &Summary) -> Value {
-    let t = totals(&s.metrics);
+    let t = totals(&s.stats);
     let load = load_by_exit(&s.sessions);
     let exits: Vec<Value> = s
         .config_json
@@ -1047,7 +1041,7 @@ fn summary_json(client: &Client, s: &Summary) -> Value {
 }
 
 fn summary_text(client: &Client, s: &Summary) -> String {
-    let t = totals(&s.metrics);
+    let t = totals(&s.stats);
     let load = load_by_exit(&s.sessions);
     let mut text = String::new();
     let n = &s.node;

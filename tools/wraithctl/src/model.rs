@@ -139,6 +139,26 @@ pub struct Session {
     pub exit_port: Option<u16>,
 }
 
+/// `GET /v1/stats`: the node's counters since start (only what `show` reads).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Stats {
+    #[serde(default)]
+    pub sessions: u64,
+    #[serde(default)]
+    pub sessions_pending: u64,
+    #[serde(default)]
+    pub to_exit: Traffic,
+    #[serde(default)]
+    pub to_client: Traffic,
+    #[serde(default)]
+    pub client_handshakes: u64,
+    #[serde(default)]
+    pub exit_handshakes: u64,
+    /// Drops by reason.
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
