@@ -16,11 +16,16 @@ use super::error::{bad_request, ApiError};
 use super::{App, WORKER_TIMEOUT};
 use crate::change::ChangeError;
 use crate::metrics;
+use crate::openapi::{ChangeRefusals, ChangeSchema, ErrorBody, NodeView, ReadRefusals};
 use crate::state::{DesiredState, PeerSpec};
 
 /// Liveness: 200 while every worker keeps publishing; 503 naming the stalled ones (a
 /// worker stuck for [`WORKER_STALL`](crate::change::WORKER_STALL)). A dead sidecar answers
 /// nothing, which fails a probe too.
+#[utoipa::path(get, path = "/healthz", security(()), summary = "Liveness: every data-plane worker keeps publishing",
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain"),
+        (status = 503, description = "A worker stalled (named)", body = String, content_type = "text/plain"),
+        (status = 403, description = "Request carried Origin or Referer.", body = ErrorBody)))]
 pub(super) async fn healthz(State(app): State<App>) -> Response {
     let h = app.control.health();
     if h.stalled.is_empty() {
@@ -38,6 +43,10 @@ pub(super) async fn healthz(State(app): State<App>) -> Response {
 }
 
 /// Readiness: 200 once every worker serves (has published) and none is stalled.
+#[utoipa::path(get, path = "/readyz", security(()), summary = "Readiness: every data-plane worker serves",
+    responses((status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "Starting, or a worker stalled", body = String, content_type = "text/plain"),
+        (status = 403, description = "Request carried Origin or Referer.", body = ErrorBody)))]
 pub(super) async fn readyz(State(app): State<App>) -> Response {
     let h = app.control.health();
     if h.ready && h.stalled.is_empty() {
@@ -51,6 +60,8 @@ pub(super) async fn readyz(State(app): State<App>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"), ReadRefusals))]
 pub(super) async fn get_metrics(State(app): State<App>) -> Response {
     let body = metrics::render(&app.control);
     (
@@ -63,24 +74,28 @@ pub(super) async fn get_metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
-pub(super) async fn node_info(State(app): State<App>) -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/v1/node", summary = "The node: its public key (Z-HOP peers' outer peer), backend, workers, listen addresses, counts",
+    responses((status = 200, description = "Node", body = NodeView), ReadRefusals))]
+pub(super) async fn node_info(State(app): State<App>) -> Json<NodeView> {
     let c = &app.control;
     let reports = c.dp.reports();
-    Json(json!({
-        "public_key": c.node_public,
-        "version": env!("CARGO_PKG_VERSION"),
-        "backend": c.dp.backend(),
-        "workers": c.dp.worker_count(),
-        "listen": c.dp.local_addrs(),
-        "generation": c.state().generation,
-        "exits": c.dp.table().len(),
-        "peers": c.dp.table().peer_count(),
-        "sessions": reports.iter().map(|r| r.sessions).sum::<usize>(),
-        "zhop_peers": reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
-        "uptime_secs": c.started.elapsed().as_secs(),
-    }))
+    Json(NodeView {
+        public_key: c.node_public,
+        version: env!("CARGO_PKG_VERSION"),
+        backend: c.dp.backend(),
+        workers: c.dp.worker_count(),
+        listen: c.dp.local_addrs().to_vec(),
+        generation: c.state().generation,
+        exits: c.dp.table().len(),
+        peers: c.dp.table().peer_count(),
+        sessions: reports.iter().map(|r| r.sessions).sum::<usize>(),
+        zhop_peers: reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
+        uptime_secs: c.started.elapsed().as_secs(),
+    })
 }
 
+#[utoipa::path(get, path = "/v1/stats", summary = "The node's counters since start, summed over its workers (what /metrics exports, as JSON), and per exit",
+    responses((status = 200, description = "Counters", body = body::StatsView), ReadRefusals))]
 pub(super) async fn get_stats(State(app): State<App>) -> Json<body::StatsView> {
     let c = &app.control;
     let reports = c.dp.reports();
@@ -145,14 +160,20 @@ pub(super) async fn get_stats(State(app): State<App>) -> Json<body::StatsView> {
     })
 }
 
+#[utoipa::path(get, path = "/v1/openapi.json", summary = "This document",
+    responses((status = 200, description = "OpenAPI 3.1", body = Object), ReadRefusals))]
 pub(super) async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
+#[utoipa::path(get, path = "/v1/exits", summary = "List exits",
+    responses((status = 200, description = "Exits", body = Vec<body::ExitBody>), ReadRefusals))]
 pub(super) async fn list_exits(State(app): State<App>) -> Json<Vec<ExitSpec>> {
     Json(app.control.state().exits.clone())
 }
 
+#[utoipa::path(post, path = "/v1/exits", summary = "Add an exit", request_body = body::ExitBody,
+    responses((status = 201, description = "Added", body = body::ExitBody), ChangeRefusals))]
 pub(super) async fn add_exit(
     State(app): State<App>,
     body: Bytes,
@@ -172,6 +193,8 @@ pub(super) async fn add_exit(
     Ok((StatusCode::CREATED, Json(added)))
 }
 
+#[utoipa::path(delete, path = "/v1/exits/{key}", summary = "Remove an exit; its sessions end", params(("key" = String, Path, description = "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", pattern = "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$")),
+    responses((status = 204, description = "Removed"), ChangeRefusals))]
 pub(super) async fn remove_exit(
     State(app): State<App>,
     UrlPath(key): UrlPath<String>,
@@ -194,6 +217,9 @@ pub(super) async fn remove_exit(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(patch, path = "/v1/exits/{key}", summary = "Change one exit: name, endpoint, listen_port (null unpins); a new endpoint ends the exit's sessions",
+    params(("key" = String, Path, description = "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", pattern = "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$")), request_body = body::ExitPatch,
+    responses((status = 200, description = "Changed (or already so: changed is false)", body = ChangeSchema), ChangeRefusals))]
 pub(super) async fn patch_exit(
     State(app): State<App>,
     UrlPath(key): UrlPath<String>,
@@ -226,6 +252,8 @@ pub(super) async fn patch_exit(
     })))
 }
 
+#[utoipa::path(get, path = "/v1/peers", summary = "List provisioned peers (preshared keys are never shown)",
+    responses((status = 200, description = "Peers", body = Vec<body::PeerEntry>), ReadRefusals))]
 pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
     // Preshared keys are write-only.
     let mut peers = app.control.state().peers.clone();
@@ -235,6 +263,8 @@ pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
     Json(peers)
 }
 
+#[utoipa::path(post, path = "/v1/peers", summary = "Provision a peer", request_body = body::PeerEntry,
+    responses((status = 201, description = "Added", body = body::PeerEntry), ChangeRefusals))]
 pub(super) async fn add_peer(
     State(app): State<App>,
     body: Bytes,
@@ -255,6 +285,8 @@ pub(super) async fn add_peer(
     Ok((StatusCode::CREATED, Json(shown)))
 }
 
+#[utoipa::path(delete, path = "/v1/peers/{key}", summary = "Remove a peer", params(("key" = String, Path, description = "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", pattern = "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$")),
+    responses((status = 204, description = "Removed"), ChangeRefusals))]
 pub(super) async fn remove_peer(
     State(app): State<App>,
     UrlPath(key): UrlPath<String>,
@@ -284,10 +316,18 @@ fn with_etag(state: &DesiredState) -> Response {
     r
 }
 
+#[utoipa::path(get, path = "/v1/config", summary = "The whole desired state; ETag is its generation",
+    responses((status = 200, description = "State", body = body::ConfigBody), ReadRefusals))]
 pub(super) async fn get_config(State(app): State<App>) -> Response {
     with_etag(&app.control.state())
 }
 
+#[utoipa::path(put, path = "/v1/config", summary = "Replace the whole desired state atomically",
+    description = "Peers that leave preshared_key out keep the one stored for their public key; an explicit null removes it.",
+    request_body = body::ConfigBody,
+    params(("If-Match" = String, Header, description = "The generation this change is based on", pattern = "^\"?[0-9]{1,19}\"?$"),
+        ("dry_run" = Option<bool>, Query, description = "true: check the state and answer what would change, changing nothing")),
+    responses((status = 200, description = "Applied (ETag is the generation, unchanged when the state was already so), or what a dry run would change", body = ChangeSchema), ChangeRefusals))]
 pub(super) async fn put_config(
     State(app): State<App>,
     RawQuery(query): RawQuery,
@@ -348,6 +388,10 @@ pub(super) async fn put_config(
     Ok(r)
 }
 
+#[utoipa::path(get, path = "/v1/sessions", summary = "Live sessions (no payload, ever)",
+    params(("exit_port" = Option<u16>, Query, minimum = 1, maximum = 65535, description = "Only the session whose exit-facing port this is (the port an exit's abuse report names); live state only")),
+    responses((status = 200, description = "Sessions", body = Vec<SessionView>),
+        (status = 400, description = "Invalid query; nothing changed.", body = ErrorBody), ReadRefusals))]
 pub(super) async fn list_sessions(
     State(app): State<App>,
     RawQuery(query): RawQuery,
@@ -390,6 +434,9 @@ pub(super) async fn list_sessions(
     Ok(Json(list))
 }
 
+#[utoipa::path(delete, path = "/v1/sessions/{id}", summary = "Close a session",
+    params(("id" = String, Path, description = "worker.index.generation, as listed", pattern = "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}$")),
+    responses((status = 204, description = "Closed"), ChangeRefusals))]
 pub(super) async fn kill_session(
     State(app): State<App>,
     UrlPath(id): UrlPath<String>,
