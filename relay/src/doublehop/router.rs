@@ -43,7 +43,7 @@ use crate::slab::Slab;
 // Re-exported: the names the router's API speaks in, defined where every role finds them.
 pub use crate::role::{Listener, Traffic};
 pub use crate::slab::SessionSlot;
-use crate::table::ExitTable;
+use crate::table::{ExitId, ExitTable};
 use crate::wire::{Initiation, Message};
 
 /// Limits and timeouts of one worker's router.
@@ -548,12 +548,20 @@ pub struct Router {
     /// sweep. Ids are never reused, and a node unpins a port rarely, so this stays short.
     closed_listeners: Vec<u16>,
     stats: RouterStats,
-    /// Per-exit counters. Entries are never removed, so a session's `exit_stat` always
-    /// indexes one; an exit that leaves the table keeps its entry until the sweep has
-    /// closed its sessions, and the entry is then vacant for the next new exit.
+    /// Per-exit counters, an entry for each exit this router has counted something for
+    /// (not every exit of a table: a 100,000-exit table costs nothing until its exits see
+    /// traffic). Entries are never removed, so a session's `exit_stat` always indexes one;
+    /// an exit that leaves the table keeps its entry until the sweep has closed its
+    /// sessions, and the entry is then vacant for the next exit counted.
     exit_stats: Vec<ExitStats>,
-    /// The entry of each exit of the current table, by [`crate::table::ExitId`].
+    /// The entry of each exit of the current table, plus one, by
+    /// [`crate::table::ExitId`]; 0 until the exit is first counted. Zeroed per table
+    /// (a zeroed allocation, so a large table costs no walk).
     exit_stat_of: Vec<u32>,
+    /// The entry of each exit counted, by key: what survives a table swap.
+    exit_stat_by_key: HashMap<PublicKey, u32>,
+    /// Entries whose exit left the table and whose sessions are all closed.
+    vacant_exit_stats: Vec<u32>,
 }
 
 impl Router {
@@ -594,8 +602,10 @@ impl Router {
             stats: RouterStats::default(),
             exit_stats: Vec::new(),
             exit_stat_of: Vec::new(),
+            exit_stat_by_key: HashMap::new(),
+            vacant_exit_stats: Vec::new(),
         };
-        router.map_exit_stats();
+        router.exit_stat_of = vec![0; router.table.len()];
         router
     }
 
@@ -616,44 +626,46 @@ impl Router {
         &self.exit_stats
     }
 
-    /// Gives every exit of the current table an entry in `exit_stats`: its own if it had
-    /// one (by key), else a vacant one, else a new one. On table swaps only.
-    fn map_exit_stats(&mut self) {
-        let mut held: HashMap<PublicKey, u32> = self
-            .exit_stats
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| Some((e.key?, i as u32)))
-            .collect();
-        let mut vacant = (0..self.exit_stats.len() as u32)
-            .filter(|&i| self.exit_stats[i as usize].key.is_none())
-            .rev()
-            .collect::<Vec<_>>();
-        self.exit_stat_of.clear();
-        for (_, exit) in self.table.iter() {
-            let key = exit.spec.public_key;
-            let i = match held.remove(&key) {
-                Some(i) => i,
-                None => {
-                    let i = vacant.pop().unwrap_or_else(|| {
-                        self.exit_stats.push(ExitStats::default());
-                        self.exit_stats.len() as u32 - 1
-                    });
-                    self.exit_stats[i as usize].key = Some(key);
-                    i
-                }
-            };
-            self.exit_stat_of.push(i);
+    /// The entry in `exit_stats` of exit `id` of the current table: its own if it has one
+    /// (by key), else a vacant one, else a new one. A lookup only the first time an exit
+    /// of this table is counted; an index after that.
+    fn exit_stat(&mut self, id: ExitId) -> u32 {
+        let mapped = self.exit_stat_of[id.0 as usize];
+        if mapped != 0 {
+            return mapped - 1;
         }
+        let key = self
+            .table
+            .get(id)
+            .expect("an id of the current table")
+            .spec
+            .public_key;
+        let i = match self.exit_stat_by_key.get(&key) {
+            Some(&i) => i,
+            None => {
+                let i = self.vacant_exit_stats.pop().unwrap_or_else(|| {
+                    self.exit_stats.push(ExitStats::default());
+                    self.exit_stats.len() as u32 - 1
+                });
+                self.exit_stats[i as usize].key = Some(key);
+                self.exit_stat_by_key.insert(key, i);
+                i
+            }
+        };
+        self.exit_stat_of[id.0 as usize] = i + 1;
+        i
     }
 
     /// Once a sweep has closed every session of the exits that left the table, their
     /// entries hold no session and become vacant.
     fn vacate_exit_stats(&mut self) {
-        for e in &mut self.exit_stats {
-            if e.key.is_some_and(|k| self.table.by_key(&k).is_none()) {
+        for (i, e) in self.exit_stats.iter_mut().enumerate() {
+            let Some(key) = e.key else { continue };
+            if self.table.by_key(&key).is_none() {
                 debug_assert_eq!(e.sessions, 0, "a swept exit holds no session");
                 *e = ExitStats::default();
+                self.exit_stat_by_key.remove(&key);
+                self.vacant_exit_stats.push(i as u32);
             }
         }
     }
@@ -861,7 +873,7 @@ impl Router {
             Some(id) => {
                 let exit = self.table.get(id).expect("pinned id is in its table");
                 if !exit.mac1_key().verify(init.mac1_input(), init.mac1()) {
-                    let stat = self.exit_stat_of[id.0 as usize];
+                    let stat = self.exit_stat(id);
                     return self.drop_for_exit(stat, DropReason::Mac1Mismatch);
                 }
                 id
@@ -878,7 +890,7 @@ impl Router {
             .spec;
         let (exit_key, exit_endpoint) = (spec.public_key, spec.endpoint);
         // One entry per exit of the current table, by its id.
-        let stat = self.exit_stat_of[exit.0 as usize];
+        let stat = self.exit_stat(exit);
         let len = init.bytes().len();
         if !admitted {
             let reply = self.admission.cookie_reply(now, from, &exit_key, &init);
@@ -1121,7 +1133,7 @@ impl Router {
             return;
         }
         self.table = table;
-        self.map_exit_stats();
+        self.exit_stat_of = vec![0; self.table.len()];
         self.stats.table_swaps += 1;
         self.sweep = Some(0);
     }
@@ -1185,7 +1197,7 @@ impl Router {
             self.record_drop(DropReason::NoExit);
             return Err(DropReason::NoExit);
         };
-        let stat = self.exit_stat_of[exit.0 as usize];
+        let stat = self.exit_stat(exit);
         let per_client = self.clients.get(&snap.client).map_or(0, |c| c.len as usize);
         let refusal = if per_client >= self.cfg.max_sessions_per_client {
             Some(DropReason::ClientSessionLimit)
