@@ -116,6 +116,7 @@ pub(crate) struct PeerEntry {
     #[schema(max_length = 64)]
     name: String,
     /// Inner source addresses the peer may use.
+    #[serde(with = "wraithgate_relay::table::ip_networks")]
     #[schema(value_type = Vec<String>, min_items = 1, example = json!(["10.0.0.2/32"]))]
     allowed_ips: Vec<IpNet>,
     /// Write-only: never shown. In PUT /v1/config a peer that leaves it out keeps the
