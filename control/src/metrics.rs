@@ -6,8 +6,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
-use wraithgate_relay::io::LatencyHistogram;
-use wraithgate_relay::DropReason;
+use wraithgate_relay::io::{LatencyHistogram, WorkerReport};
+use wraithgate_relay::{DropReason, ExitStats};
 
 use crate::change::Control;
 
@@ -217,6 +217,8 @@ pub fn render(c: &Control) -> String {
         }
     }
 
+    per_exit(&mut w, c, &reports);
+
     let name = "wraithgate_batch_latency_seconds";
     w.header(
         name,
@@ -305,6 +307,110 @@ pub fn render(c: &Control) -> String {
     out
 }
 
+/// The DoubleHop counters of each exit in the table, summed over the workers and labelled
+/// with the exit's name (operator-chosen, so the series are as many as the exits).
+fn per_exit(w: &mut Writer<'_>, c: &Control, reports: &[WorkerReport]) {
+    let table = c.dp.table();
+    let sums = exit_totals(&table, reports);
+    let exits: Vec<(&str, &ExitStats)> = table
+        .iter()
+        .map(|(id, exit)| (exit.spec.name.as_str(), &sums[id.0 as usize]))
+        .collect();
+    let families: [(&str, &str, ExitField); 6] = [
+        (
+            "wraithgate_per_exit_packets_to_exit_total",
+            "DoubleHop: packets forwarded from clients to this exit.",
+            |e| e.client_to_exit.packets,
+        ),
+        (
+            "wraithgate_per_exit_bytes_to_exit_total",
+            "DoubleHop: bytes forwarded from clients to this exit.",
+            |e| e.client_to_exit.bytes,
+        ),
+        (
+            "wraithgate_per_exit_packets_to_client_total",
+            "DoubleHop: packets forwarded from this exit to clients.",
+            |e| e.exit_to_client.packets,
+        ),
+        (
+            "wraithgate_per_exit_bytes_to_client_total",
+            "DoubleHop: bytes forwarded from this exit to clients.",
+            |e| e.exit_to_client.bytes,
+        ),
+        (
+            "wraithgate_per_exit_sessions",
+            "DoubleHop: sessions with this exit (pending included).",
+            |e| e.sessions,
+        ),
+        (
+            "wraithgate_per_exit_sessions_opened_total",
+            "DoubleHop: sessions opened with this exit.",
+            |e| e.sessions_opened,
+        ),
+    ];
+    for (name, help, get) in families {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        w.header(name, kind, help);
+        for (exit, e) in &exits {
+            w.sample(name, &[("exit", exit)], get(e));
+        }
+    }
+    let name = "wraithgate_per_exit_handshakes_total";
+    w.header(
+        name,
+        "counter",
+        "DoubleHop: handshake initiations forwarded for this exit, by who initiated.",
+    );
+    for (exit, e) in &exits {
+        w.sample(
+            name,
+            &[("exit", exit), ("initiator", "client")],
+            e.client_handshakes,
+        );
+        w.sample(
+            name,
+            &[("exit", exit), ("initiator", "exit")],
+            e.exit_handshakes,
+        );
+    }
+    let name = "wraithgate_per_exit_drops_total";
+    w.header(
+        name,
+        "counter",
+        "DoubleHop: packets refused once their exit was known, by reason (the rest count only in wraithgate_drops_total).",
+    );
+    for (exit, e) in &exits {
+        for reason in ExitStats::REASONS {
+            w.sample(
+                name,
+                &[("exit", exit), ("reason", reason.as_str())],
+                e.dropped(reason),
+            );
+        }
+    }
+}
+
+/// Each exit's counters of `table`, summed over the workers' reports, by [`ExitId`]
+/// (`ExitId(i)` at `i`). Counters of exits no longer in the table are left out.
+///
+/// [`ExitId`]: wraithgate_relay::table::ExitId
+pub fn exit_totals(
+    table: &wraithgate_relay::ExitTable,
+    reports: &[WorkerReport],
+) -> Vec<ExitStats> {
+    let mut sums: Vec<ExitStats> = vec![ExitStats::default(); table.len()];
+    for e in reports.iter().flat_map(|r| &r.exits) {
+        if let Some(id) = e.key.and_then(|k| table.by_key(&k)) {
+            sums[id.0 as usize].merge(e);
+        }
+    }
+    sums
+}
+
 /// The `process_*` families Prometheus' client libraries export, from `/proc/self`. Open
 /// descriptors against their limit matter most here: every session holds a socket.
 fn process(w: &mut Writer<'_>, c: &Control) {
@@ -351,7 +457,10 @@ fn process(w: &mut Writer<'_>, c: &Control) {
 }
 
 /// Reads one figure out of a worker's report.
-type ReportField = fn(&wraithgate_relay::io::WorkerReport) -> u64;
+type ReportField = fn(&WorkerReport) -> u64;
+
+/// Reads one figure out of an exit's counters.
+type ExitField = fn(&ExitStats) -> u64;
 
 struct Writer<'a> {
     out: &'a mut String,

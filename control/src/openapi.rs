@@ -1,154 +1,195 @@
-//! The OpenAPI 3.0 document served at `/v1/openapi.json`, describing every route.
+//! The OpenAPI 3.1 document served at `/v1/openapi.json`, derived (utoipa) from the
+//! request and answer types in `api::body` and the `#[utoipa::path]` of each handler; the
+//! router is built from the same handlers (utoipa-axum), so a route cannot be served
+//! undocumented. What lives here: the document's frame ([`ApiDoc`]: title, the bearer
+//! scheme), the shared refusals, and the schemas of types the API does not own (a key, a
+//! traffic count) or answers it builds from several parts (a change, the node).
 
-use serde_json::{json, Value};
+use std::borrow::Cow;
 
-fn error_responses(codes: &[&str]) -> Value {
-    let mut m = serde_json::Map::new();
-    for code in codes {
-        let desc = match *code {
-            "400" => "Invalid request (body, key or path); nothing changed.",
-            "401" => "Missing or wrong bearer token.",
-            "403" => "Request carried Origin or Referer.",
-            "404" => "No such object.",
-            "409" => "Conflicts with the current state (duplicate, still referenced, or a newly pinned listen_port the node cannot bind).",
-            "412" => "If-Match names a generation that is no longer current.",
-            "413" => "Request body too large.",
-            "428" => "If-Match is required.",
-            "500" => "The new state could not be persisted (nothing changed), or it was applied but its directory could not be synced (the message says which).",
-            _ => "Error.",
-        };
-        m.insert(
-            (*code).into(),
-            json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+use serde::Serialize;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
+
+/// A WireGuard key as `wg` prints it (standard base64 of 32 bytes).
+pub const KEY_PATTERN: &str = "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$";
+
+/// The document's frame; the paths and most schemas come from the handlers.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "WraithGate node API",
+        description = "Operator API of a WraithGate relay node. Every route but /healthz and /readyz needs `Authorization: Bearer <token>` (the read-only metrics.token opens GET /metrics only); requests carrying Origin or Referer are refused."
+    ),
+    modifiers(&Bearer),
+    security(("bearer" = [])),
+    components(schemas(ErrorBody, Key, TrafficSchema))
+)]
+pub struct ApiDoc;
+
+/// The document, as served.
+pub fn document() -> serde_json::Value {
+    serde_json::to_value(crate::api::openapi_document()).unwrap_or_default()
+}
+
+#[derive(Debug)]
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
-    Value::Object(m)
 }
 
-fn merge(mut a: Value, b: Value) -> Value {
-    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
-        a.extend(b);
+/// Every refusal's body.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The schema of a WireGuard public key (the type is `wraithgate_relay::PublicKey`).
+#[derive(Debug)]
+pub struct Key;
+
+impl PartialSchema for Key {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(KEY_PATTERN))
+            .description(Some(
+                "WireGuard key, standard base64 (44 characters) as `wg` prints it",
+            ))
+            .into()
     }
-    a
 }
 
-/// The document.
-pub fn document() -> Value {
-    let key = json!({"type": "string", "description": "WireGuard key, standard base64 (44 characters) as `wg` prints it", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"});
-    let key_path = json!({"name": "key", "in": "path", "required": true, "description": "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$"}});
-    let common = ["401", "403"];
-    json!({
-        "openapi": "3.0.3",
-        "info": {"title": "WraithGate node API", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Operator API of a WraithGate relay node. Every route but /healthz and /readyz needs `Authorization: Bearer <token>` (the read-only metrics.token opens GET /metrics only); requests carrying Origin or Referer are refused."},
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-                "Change": {"type": "object", "description": "What a change did (or, dry_run, would do)", "properties": {
-                    "generation": {"type": "integer"}, "changed": {"type": "boolean"}, "dry_run": {"type": "boolean"},
-                    "changes": {"type": "object", "properties": {
-                        "exits_added": {"type": "array", "items": {"type": "string"}}, "exits_removed": {"type": "array", "items": {"type": "string"}},
-                        "exits_changed": {"type": "array", "items": {"type": "string"}}, "peers_added": {"type": "array", "items": {"type": "string"}},
-                        "peers_removed": {"type": "array", "items": {"type": "string"}}, "peers_changed": {"type": "array", "items": {"type": "string"}}}},
-                    "sessions_closed": {"type": "array", "items": {"type": "object", "properties": {
-                        "exit": {"type": "string"}, "exit_key": {"type": "string"}, "sessions": {"type": "integer"}}}},
-                    "exit": {"type": "object"}, "exits": {"type": "integer"}, "peers": {"type": "integer"}}},
-                "Key": key,
-                "Exit": {"type": "object", "required": ["public_key", "endpoint", "name"], "additionalProperties": false,
-                    "properties": {
-                        "public_key": {"$ref": "#/components/schemas/Key"},
-                        "endpoint": {"type": "string", "description": "ip:port ([v6]:port), or host:port resolved when the change is applied (POST, PATCH; PUT /v1/config takes addresses)", "example": "192.0.2.10:51820"},
-                        "name": {"type": "string", "minLength": 1, "maxLength": 64},
-                        "listen_port": {"type": "integer", "minimum": 1, "maximum": 65535, "nullable": true}
-                    }},
-                "Peer": {"type": "object", "required": ["public_key", "allowed_ips"], "additionalProperties": false,
-                    "properties": {
-                        "public_key": {"$ref": "#/components/schemas/Key"},
-                        "name": {"type": "string", "maxLength": 64},
-                        "allowed_ips": {"type": "array", "minItems": 1, "items": {"type": "string", "example": "10.0.0.2/32"}},
-                        "preshared_key": {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$", "nullable": true, "description": "Write-only: never shown. In PUT /v1/config a peer that leaves it out keeps the preshared key the node holds for its public key (so a state from GET /v1/config can be applied as it is); null removes it; a key sets it."},
-                        "allowed_exits": {"type": "array", "items": {"$ref": "#/components/schemas/Key"}}
-                    }},
-                "Config": {"type": "object", "additionalProperties": false, "properties": {
-                    "generation": {"type": "integer", "minimum": 0, "maximum": u64::MAX, "nullable": true, "description": "Ignored on PUT; use If-Match."},
-                    "exits": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}},
-                    "peers": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}
-                }},
-                "Traffic": {"type": "object", "properties": {"packets": {"type": "integer"}, "bytes": {"type": "integer"}}},
-                "Session": {"type": "object", "properties": {
-                    "id": {"type": "string", "example": "0.12.3"},
-                    "worker": {"type": "integer"},
-                    "client": {"type": "string"},
-                    "exit": {"type": "string"},
-                    "exit_key": {"$ref": "#/components/schemas/Key"},
-                    "exit_endpoint": {"type": "string"},
-                    "listen_port": {"type": "integer"},
-                    "established": {"type": "boolean"},
-                    "verified": {"type": "boolean"},
-                    "to_exit": {"$ref": "#/components/schemas/Traffic"},
-                    "to_client": {"$ref": "#/components/schemas/Traffic"},
-                    "handshakes": {"type": "integer"},
-                    "age_secs": {"type": "number"},
-                    "idle_secs": {"type": "number"}
-                }}
-            }
-        },
-        "security": [{"bearer": []}],
-        "paths": {
-            "/healthz": {"get": {"summary": "Liveness: every data-plane worker keeps publishing", "security": [],
-                "responses": merge(json!({"200": {"description": "Alive", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                    "503": {"description": "A worker stalled (named)", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&["403"]))}},
-            "/readyz": {"get": {"summary": "Readiness: every data-plane worker serves", "security": [],
-                "responses": merge(json!({"200": {"description": "Ready", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                    "503": {"description": "Starting, or a worker stalled", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&["403"]))}},
-            "/metrics": {"get": {"summary": "Prometheus metrics",
-                "responses": merge(json!({"200": {"description": "Prometheus text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}}), error_responses(&common))}},
-            "/v1/openapi.json": {"get": {"summary": "This document",
-                "responses": merge(json!({"200": {"description": "OpenAPI 3.0", "content": {"application/json": {"schema": {"type": "object"}}}}}), error_responses(&common))}},
-            "/v1/node": {"get": {"summary": "The node: its public key (Z-HOP peers' outer peer), backend, workers, listen addresses, counts",
-                "responses": merge(json!({"200": {"description": "Node", "content": {"application/json": {"schema": {"type": "object", "properties": {
-                    "public_key": {"$ref": "#/components/schemas/Key"}, "version": {"type": "string"}, "backend": {"type": "string"},
-                    "workers": {"type": "integer"}, "listen": {"type": "array", "items": {"type": "string"}}, "generation": {"type": "integer"},
-                    "exits": {"type": "integer"}, "peers": {"type": "integer"}, "sessions": {"type": "integer"}, "zhop_peers": {"type": "integer"},
-                    "uptime_secs": {"type": "integer"}}}}}}}), error_responses(&common))}},
-            "/v1/exits": {
-                "get": {"summary": "List exits",
-                    "responses": merge(json!({"200": {"description": "Exits", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}}}}}}), error_responses(&common))},
-                "post": {"summary": "Add an exit",
-                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Exit"}}}},
-                    "responses": merge(json!({"201": {"description": "Added", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Exit"}}}}}), error_responses(&["400", "401", "403", "409", "413", "500"]))}
-            },
-            "/v1/exits/{key}": {"delete": {"summary": "Remove an exit; its sessions end", "parameters": [key_path],
-                "responses": merge(json!({"204": {"description": "Removed"}}), error_responses(&["400", "401", "403", "404", "409", "500"]))},
-                "patch": {"summary": "Change one exit: name, endpoint, listen_port (null unpins); a new endpoint ends the exit's sessions", "parameters": [key_path],
-                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {
-                        "name": {"type": "string"}, "endpoint": {"type": "string"}, "listen_port": {"type": ["integer", "null"]}}}}}},
-                    "responses": merge(json!({"200": {"description": "Changed (or already so: changed is false)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Change"}}}}}), error_responses(&["400", "401", "403", "404", "409", "413", "500"]))}},
-            "/v1/peers": {
-                "get": {"summary": "List provisioned peers (preshared keys are never shown)",
-                    "responses": merge(json!({"200": {"description": "Peers", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}}}}}), error_responses(&common))},
-                "post": {"summary": "Provision a peer",
-                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Peer"}}}},
-                    "responses": merge(json!({"201": {"description": "Added", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Peer"}}}}}), error_responses(&["400", "401", "403", "409", "413", "500"]))}
-            },
-            "/v1/peers/{key}": {"delete": {"summary": "Remove a peer", "parameters": [key_path],
-                "responses": merge(json!({"204": {"description": "Removed"}}), error_responses(&["400", "401", "403", "404", "500"]))}},
-            "/v1/config": {
-                "get": {"summary": "The whole desired state; ETag is its generation",
-                    "responses": merge(json!({"200": {"description": "State", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}}}), error_responses(&common))},
-                "put": {"summary": "Replace the whole desired state atomically",
-                    "description": "Peers that leave preshared_key out keep the one stored for their public key; an explicit null removes it.",
-                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Config"}}}},
-                    "parameters": [{"name": "If-Match", "in": "header", "required": true, "description": "The generation this change is based on", "schema": {"type": "string", "pattern": "^\"?[0-9]{1,19}\"?$"}},
-                        {"name": "dry_run", "in": "query", "required": false, "description": "true: check the state and answer what would change, changing nothing", "schema": {"type": "boolean"}}],
-                    "responses": merge(json!({"200": {"description": "Applied (ETag is the generation, unchanged when the state was already so), or what a dry run would change", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Change"}}}}}), error_responses(&["400", "401", "403", "409", "412", "413", "428", "500"]))}
-            },
-            "/v1/sessions": {"get": {"summary": "Live sessions (no payload, ever)",
-                "responses": merge(json!({"200": {"description": "Sessions", "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}}}}), error_responses(&common))}},
-            "/v1/sessions/{id}": {"delete": {"summary": "Close a session",
-                "parameters": [{"name": "id", "in": "path", "required": true, "description": "worker.index.generation, as listed", "schema": {"type": "string", "pattern": "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}$"}}],
-                "responses": merge(json!({"204": {"description": "Closed"}}), error_responses(&["400", "401", "403", "404"]))}}
-        }
-    })
+impl ToSchema for Key {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Key")
+    }
+}
+
+/// The schema of `wraithgate_relay::router::Traffic`.
+#[derive(Debug, ToSchema)]
+#[schema(as = Traffic)]
+#[allow(dead_code)]
+pub struct TrafficSchema {
+    packets: u64,
+    bytes: u64,
+}
+
+/// What a change did (or, with dry_run, would do).
+#[derive(Debug, ToSchema)]
+#[schema(as = Change)]
+#[allow(dead_code)]
+pub struct ChangeSchema {
+    generation: Option<u64>,
+    /// False when the state asked for was the state in use (the generation is kept).
+    changed: Option<bool>,
+    dry_run: Option<bool>,
+    changes: Option<ChangesSchema>,
+    sessions_closed: Option<Vec<ClosedSessionsSchema>>,
+    /// PATCH: the exit as it is now.
+    #[schema(value_type = Option<Object>)]
+    exit: Option<()>,
+    /// PUT: how many exits and peers the state holds.
+    exits: Option<u64>,
+    peers: Option<u64>,
+}
+
+/// What a change adds, removes and changes, by name or key.
+#[derive(Debug, ToSchema)]
+#[schema(as = Changes)]
+#[allow(dead_code)]
+pub struct ChangesSchema {
+    exits_added: Option<Vec<String>>,
+    exits_removed: Option<Vec<String>>,
+    exits_changed: Option<Vec<String>>,
+    peers_added: Option<Vec<String>>,
+    peers_removed: Option<Vec<String>>,
+    peers_changed: Option<Vec<String>>,
+}
+
+/// The sessions a change closed, per exit.
+#[derive(Debug, ToSchema)]
+#[schema(as = ClosedSessions)]
+#[allow(dead_code)]
+pub struct ClosedSessionsSchema {
+    exit: Option<String>,
+    exit_key: Option<String>,
+    sessions: Option<u64>,
+}
+
+/// `GET /v1/node`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Node)]
+pub struct NodeView {
+    /// The node's own key: Z-HOP peers' outer peer.
+    #[schema(value_type = Key)]
+    pub public_key: wraithgate_relay::PublicKey,
+    pub version: &'static str,
+    pub backend: &'static str,
+    pub workers: usize,
+    #[schema(value_type = Vec<String>)]
+    pub listen: Vec<std::net::SocketAddr>,
+    pub generation: u64,
+    pub exits: usize,
+    pub peers: usize,
+    pub sessions: usize,
+    pub zhop_peers: u64,
+    pub uptime_secs: u64,
+}
+
+/// Refusals a reading route may answer.
+#[derive(Debug, utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ReadRefusals {
+    /// Missing or wrong bearer token.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// Request carried Origin or Referer.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+}
+
+/// Refusals a change may answer (each route lists only the statuses it can give).
+#[derive(Debug, utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ChangeRefusals {
+    /// Invalid request (body, key or path); nothing changed.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// Missing or wrong bearer token.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// Request carried Origin or Referer.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such object.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// Conflicts with the current state (duplicate, still referenced, or a newly pinned
+    /// listen_port the node cannot bind).
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// If-Match names a generation that is no longer current.
+    #[response(status = 412)]
+    Stale(ErrorBody),
+    /// Request body too large.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// If-Match is required.
+    #[response(status = 428)]
+    IfMatchRequired(ErrorBody),
+    /// The new state could not be persisted (nothing changed), or it was applied but its
+    /// directory could not be synced (the message says which).
+    #[response(status = 500)]
+    NotPersisted(ErrorBody),
 }

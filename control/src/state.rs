@@ -83,22 +83,7 @@ impl DesiredState {
 
 /// `net` with its host bits cleared.
 pub fn network(net: IpNet) -> IpNet {
-    use std::net::IpAddr;
-    let addr = match net.addr {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(net.prefix))
-                .unwrap_or(0);
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(net.prefix))
-                .unwrap_or(0);
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    };
-    IpNet { addr, ..net }
+    net.trunc()
 }
 
 /// How many names of each kind a [`StateDiff`] lists; the rest are counted.

@@ -681,7 +681,11 @@ fn the_node_key_is_created_private_on_first_start_and_kept() {
 #[test]
 fn sessions_are_listed_without_payload_and_can_be_killed() {
     let n = TestNode::start("sessions", vec![]);
-    let (mut client, _exit, cp, _) = tunnel(&n);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (mut client, exit, cp, ep) = tunnel(&n);
     let (s, d) = tunnel_addrs(1);
     for _ in 0..20 {
         client
@@ -697,6 +701,41 @@ fn sessions_are_listed_without_payload_and_can_be_killed() {
     assert!(sess["to_exit"]["packets"].as_u64().unwrap() >= 22, "{sess}");
     assert!(sess["established"].as_bool().unwrap());
     let id = sess["id"].as_str().unwrap().to_owned();
+    // The latest handshake, and the port the exit sees the client at.
+    let handshake = sess["latest_handshake"].as_u64().expect("a handshake time");
+    assert!((started..started + 60).contains(&handshake), "{sess}");
+    let exit_port = exit.endpoint(ep).expect("the exit heard the client").port();
+    assert_eq!(sess["exit_port"], exit_port, "{sess}");
+    // Abuse handling: the exit names a port, the node names the client behind it.
+    let found = n.json(&format!("/v1/sessions?exit_port={exit_port}"));
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(found[0]["id"], id.as_str());
+    assert_eq!(found[0]["client"], client.local_addr().to_string());
+    let other = if exit_port == 65535 { 1 } else { exit_port + 1 };
+    assert_eq!(
+        n.json(&format!("/v1/sessions?exit_port={other}")),
+        json!([])
+    );
+    for bad in [
+        "exit_port=abc",
+        "exit_port=0",
+        "exit_port=65536",
+        "exit_port=-1",
+        "exit_port=",
+        "exit_port",
+        "exitport=1",
+        "exit_port=1&exit_port=2",
+        "exit_port=1&x=2",
+    ] {
+        let (status, body) = n.get(&format!("/v1/sessions?{bad}"));
+        assert_eq!(status, 400, "{bad}: {body}");
+        let msg = serde_json::from_str::<Value>(&body).unwrap()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(msg.contains("exit_port"), "{bad}: {body}");
+    }
+    assert_eq!(n.json("/v1/sessions").as_array().unwrap().len(), 1);
     assert_eq!(n.send("DELETE", "/v1/sessions/garbage", "", &[]).0, 400);
     assert_eq!(
         n.send("DELETE", "/v1/sessions/6936238.3.305462016057947", "", &[])
@@ -888,6 +927,62 @@ fn metrics_parse_as_prometheus_and_agree_with_the_traffic() {
     );
     assert_eq!(sum("wraithgate_sessions"), 1.0);
     assert_eq!(sum("wraithgate_client_handshakes_total"), 1.0);
+    // Per exit (the one exit, "x"): the same traffic, labelled with its name.
+    let exit_x = |name: &str| metric_sum(&scrape, name, &|s| s.labels.get("exit") == Some("x"));
+    for (per_exit, total) in [
+        ("wraithgate_per_exit_packets_to_exit_total", to_exit),
+        ("wraithgate_per_exit_bytes_to_exit_total", to_exit_bytes),
+        ("wraithgate_per_exit_packets_to_client_total", to_client),
+        ("wraithgate_per_exit_bytes_to_client_total", to_client_bytes),
+        ("wraithgate_per_exit_sessions", 1.0),
+        ("wraithgate_per_exit_sessions_opened_total", 1.0),
+    ] {
+        assert_eq!(exit_x(per_exit), total, "{per_exit}");
+        assert_eq!(sum(per_exit), total, "{per_exit}: only exit x has series");
+    }
+    assert_eq!(
+        metric_sum(&scrape, "wraithgate_per_exit_handshakes_total", &|s| {
+            s.labels.get("exit") == Some("x") && s.labels.get("initiator") == Some("client")
+        }),
+        1.0
+    );
+    assert_eq!(
+        sum("wraithgate_per_exit_drops_total"),
+        0.0,
+        "junk names no exit"
+    );
+    // The same counters as JSON, read a moment later (keepalives may have crossed since).
+    let stats = n.json("/v1/stats");
+    let num = |v: &Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    for (field, scraped, slack) in [
+        (&stats["to_exit"]["packets"], to_exit, 4.0),
+        (&stats["to_exit"]["bytes"], to_exit_bytes, 4.0 * 1100.0),
+        (&stats["to_client"]["packets"], to_client, 4.0),
+        (&stats["to_client"]["bytes"], to_client_bytes, 4.0 * 700.0),
+    ] {
+        assert!(
+            (scraped..=scraped + slack).contains(&num(field)),
+            "{field} against {scraped} scraped: {stats}"
+        );
+    }
+    assert_eq!(stats["sessions"], 1, "{stats}");
+    assert_eq!(stats["client_handshakes"], 1, "{stats}");
+    assert_eq!(stats["drops"]["truncated"], 7, "{stats}");
+    assert_eq!(
+        stats["drops"].as_object().unwrap().len(),
+        24,
+        "every reason: {stats}"
+    );
+    let x = &stats["exits"][0];
+    assert_eq!(stats["exits"].as_array().unwrap().len(), 1, "{stats}");
+    assert_eq!(x["name"], "x");
+    assert_eq!(x["sessions"], 1);
+    assert_eq!(
+        x["to_exit"], stats["to_exit"],
+        "one exit has all the traffic"
+    );
+    assert_eq!(x["to_client"], stats["to_client"]);
+    assert_eq!(x["drops"]["unmatched_response"], 0);
     assert!(text.contains("wraithgate_info{backend=\""), "backend label");
     assert!(
         latency_count(&scrape) > latency_count(&before),

@@ -440,3 +440,47 @@ fn log_format_json_writes_one_object_a_line() {
     }
     assert!(t.contains("\"message\":\"relay running"), "{t}");
 }
+
+#[test]
+fn an_api_on_a_non_loopback_address_without_tls_is_warned_about() {
+    let path = temp_file(
+        "plain",
+        "[relay]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n",
+    );
+    let state_dir = path.parent().unwrap().join("state");
+    // Each run until the API has logged its address, then the log so far.
+    let run = |api: &str| {
+        let mut child = bin()
+            .args(["run", "--api-listen", api, "--config"])
+            .arg(&path)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Log::follow(child.stderr.take().unwrap());
+        let child = KillOnDrop(child);
+        let t = log.wait_for("token_file=", 1);
+        drop(child);
+        t
+    };
+    let open = run("0.0.0.0:0");
+    let warning = open
+        .lines()
+        .find(|l| l.contains("without TLS"))
+        .unwrap_or_else(|| panic!("no warning for an API on 0.0.0.0 in clear:\n{open}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("api=0.0.0.0:"),
+        "names the address: {warning}"
+    );
+    assert!(
+        warning.contains("api_tls = true"),
+        "says what to do: {warning}"
+    );
+    let local = run("127.0.0.1:0");
+    assert!(
+        !local.contains("without TLS"),
+        "loopback is not warned about:\n{local}"
+    );
+}

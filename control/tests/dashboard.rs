@@ -40,7 +40,17 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
             pin_workers: false,
             ..DataPlaneConfig::default()
         },
-        table: ExitTable::new(1, Vec::new()).unwrap(),
+        // One exit, so that the per-exit families have series.
+        table: ExitTable::new(
+            1,
+            vec![wraithgate_relay::ExitSpec {
+                name: "exit-1".into(),
+                public_key: wraithgate_relay::PublicKey([7; 32]),
+                endpoint: "127.0.0.1:51999".parse().unwrap(),
+                listen_port: None,
+            }],
+        )
+        .unwrap(),
         control: ControlSection {
             api_listen: Some("127.0.0.1:0".parse().unwrap()),
             state_dir: dir.clone(),

@@ -88,7 +88,7 @@ fn check_state(state: DesiredState) {
     for p in &state.peers {
         for net in &p.allowed_ips {
             assert!(
-                net.contains(net.addr),
+                net.contains(&net.addr()),
                 "{net} does not contain its own address"
             );
         }

@@ -33,5 +33,7 @@ pub use zhop::inner;
 
 pub use drop_reason::DropReason;
 pub use keys::PublicKey;
-pub use router::{Action, Command, Listener, Router, RouterConfig, RouterStats, SessionSlot};
+pub use router::{
+    Action, Command, ExitStats, Listener, Router, RouterConfig, RouterStats, SessionSlot,
+};
 pub use table::{ExitSpec, ExitTable, SharedTable};

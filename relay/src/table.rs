@@ -69,78 +69,53 @@ impl Peer {
     /// Whether an inner packet from `src` may go to `dst`.
     pub fn allows(&self, src: IpAddr, dst: SocketAddr) -> (bool, bool) {
         (
-            self.spec.allowed_ips.iter().any(|n| n.contains(src)),
+            self.spec.allowed_ips.iter().any(|n| n.contains(&src)),
             self.exit_endpoints.contains(&dst),
         )
     }
 }
 
-/// An IP network in CIDR notation (`10.0.0.0/24`, `fd00::/64`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IpNet {
-    pub addr: IpAddr,
-    pub prefix: u8,
+/// An IP network in CIDR notation (`10.0.0.0/24`, `fd00::/64`): the `ipnet` crate's.
+pub use ipnet::IpNet;
+
+/// Parses an IP network as the configuration and the API take it: CIDR notation, or a
+/// bare address for that one host (`10.0.0.2` is `10.0.0.2/32`), as `wg` takes
+/// `AllowedIPs`.
+pub fn parse_network(s: &str) -> Result<IpNet, String> {
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, p)) => (ip, Some(p)),
+        None => (s, None),
+    };
+    let addr: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP network (like 10.0.0.0/24)"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+        None => max,
+    };
+    IpNet::new(addr, prefix).map_err(|e| format!("{s:?}: {e}"))
 }
 
-impl IpNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
+/// Serde for a list of [`IpNet`]s as strings, parsed by [`parse_network`]
+/// (`#[serde(with = "ip_networks")]`).
+pub mod ip_networks {
+    use super::IpNet;
+
+    pub fn serialize<S: serde::Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(nets.iter().map(|n| n.to_string()))
     }
-}
 
-impl std::str::FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ip, prefix) = match s.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP network (like 10.0.0.0/24)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
-            None => max,
-        };
-        Ok(IpNet { addr, prefix })
-    }
-}
-
-impl std::fmt::Display for IpNet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl serde::Serialize for IpNet {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for IpNet {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <String as serde::Deserialize>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        let strings = <Vec<String> as serde::Deserialize>::deserialize(d)?;
+        strings
+            .iter()
+            .map(|s| super::parse_network(s).map_err(serde::de::Error::custom))
+            .collect()
     }
 }
 
@@ -177,6 +152,7 @@ pub struct PeerSpec {
     #[serde(default)]
     pub name: String,
     /// Inner source addresses the peer may use.
+    #[serde(with = "ip_networks")]
     pub allowed_ips: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preshared_key: Option<PresharedKey>,
@@ -504,16 +480,21 @@ mod tests {
 
     #[test]
     fn ip_networks_parse_and_match() {
-        let n: IpNet = "10.1.0.0/16".parse().unwrap();
-        assert!(n.contains("10.1.200.3".parse().unwrap()));
-        assert!(!n.contains("10.2.0.1".parse().unwrap()));
-        assert!(!n.contains("::1".parse().unwrap()));
-        let all: IpNet = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("203.0.113.9".parse().unwrap()));
-        let host: IpNet = "fd00::1".parse().unwrap();
-        assert_eq!(host.prefix, 128);
-        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
-        assert!("nonsense/8".parse::<IpNet>().is_err());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let n = parse_network("10.1.0.0/16").unwrap();
+        assert!(n.contains(&ip("10.1.200.3")));
+        assert!(!n.contains(&ip("10.2.0.1")));
+        assert!(!n.contains(&ip("::1")));
+        let all = parse_network("0.0.0.0/0").unwrap();
+        assert!(all.contains(&ip("203.0.113.9")));
+        let host = parse_network("fd00::1").unwrap();
+        assert_eq!(host.prefix_len(), 128);
+        assert!(parse_network("10.0.0.0/33")
+            .unwrap_err()
+            .contains("prefix length must be 0..=32"));
+        assert!(parse_network("nonsense/8")
+            .unwrap_err()
+            .contains("not an IP network"));
     }
 
     #[test]

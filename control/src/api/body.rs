@@ -14,6 +14,7 @@ use wraithgate_relay::table::ExitSpec;
 use wraithgate_relay::PublicKey;
 
 use super::error::{bad_request, ApiError};
+use crate::openapi::{Key, TrafficSchema};
 use crate::state::{DesiredState, IpNet, PeerSpec, PresharedKey};
 
 /// `POST /v1/exits`.
@@ -105,16 +106,28 @@ impl WholeState {
 
 /// A peer in a whole state: [`PeerSpec`], but telling a left-out `preshared_key` (keep
 /// the stored one) from `null` (remove it).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PeerEntry {
+#[schema(as = Peer, description = "A provisioned peer (Z-HOP): its outer tunnel ends at this node.")]
+pub(crate) struct PeerEntry {
+    #[schema(value_type = Key)]
     public_key: PublicKey,
     #[serde(default)]
+    #[schema(max_length = 64)]
     name: String,
+    /// Inner source addresses the peer may use.
+    #[serde(with = "wraithgate_relay::table::ip_networks")]
+    #[schema(value_type = Vec<String>, min_items = 1, example = json!(["10.0.0.2/32"]))]
     allowed_ips: Vec<IpNet>,
+    /// Write-only: never shown. In PUT /v1/config a peer that leaves it out keeps the
+    /// preshared key the node holds for its public key (so a state from GET /v1/config can
+    /// be applied as it is); null removes it; a key sets it.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, pattern = "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")]
     preshared_key: Option<Option<PresharedKey>>,
+    /// Public keys of the exits the peer may reach.
     #[serde(default)]
+    #[schema(value_type = Vec<Key>)]
     allowed_exits: Vec<PublicKey>,
 }
 
@@ -144,59 +157,167 @@ pub(super) fn key_from_path(s: &str) -> Result<PublicKey, ApiError> {
 
 /// The fields of an exit that `PATCH /v1/exits/{key}` changes; one left out keeps its
 /// value, `"listen_port": null` unpins the exit.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExitPatch {
     #[serde(default)]
+    #[schema(value_type = String)]
     pub name: Option<String>,
+    /// `ip:port`, or `host:port` resolved when the change is applied.
     #[serde(default, deserialize_with = "crate::endpoint::deserialize_option")]
+    #[schema(value_type = String)]
     pub endpoint: Option<SocketAddr>,
+    /// `null` unpins the exit.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u16>, minimum = 1, maximum = 65535)]
     pub listen_port: Option<Option<u16>>,
 }
 
 /// An exit as the API takes it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExitBody {
+#[schema(as = Exit)]
+pub(crate) struct ExitBody {
+    #[schema(value_type = Key)]
     public_key: PublicKey,
-    /// `ip:port`, or `host:port` resolved now.
+    /// ip:port ([v6]:port), or host:port resolved when the change is applied (POST,
+    /// PATCH; PUT /v1/config takes addresses).
     #[serde(deserialize_with = "crate::endpoint::deserialize")]
+    #[schema(value_type = String, example = "192.0.2.10:51820")]
     endpoint: SocketAddr,
+    #[schema(min_length = 1, max_length = 64)]
     name: String,
+    /// A relay listen port whose initiations all go to this exit.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 65535)]
     listen_port: Option<u16>,
 }
 
 /// The whole desired state as `PUT /v1/config` takes it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ConfigBody {
-    /// Ignored if present (the node assigns generations); `If-Match` carries the caller's.
+#[schema(as = Config)]
+pub(crate) struct ConfigBody {
+    /// Ignored on PUT; use If-Match.
     #[serde(default)]
     #[allow(dead_code)]
+    #[schema(minimum = 0)]
     generation: Option<u64>,
     #[serde(default)]
+    #[schema(value_type = Vec<ExitBody>)]
     exits: Vec<ExitSpec>,
     #[serde(default)]
     peers: Vec<PeerEntry>,
 }
 
 /// One session as the API lists it; never any payload.
-#[derive(Debug, Serialize)]
-pub(super) struct SessionView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Session)]
+pub(crate) struct SessionView {
+    #[schema(example = "0.12.3")]
     pub(super) id: String,
     pub(super) worker: usize,
+    #[schema(value_type = String)]
     pub(super) client: SocketAddr,
     pub(super) exit: String,
+    #[schema(value_type = Key)]
     pub(super) exit_key: PublicKey,
+    #[schema(value_type = String)]
     pub(super) exit_endpoint: SocketAddr,
     pub(super) listen_port: u16,
     pub(super) established: bool,
     pub(super) verified: bool,
+    #[schema(value_type = TrafficSchema)]
     pub(super) to_exit: Traffic,
+    #[schema(value_type = TrafficSchema)]
     pub(super) to_client: Traffic,
     pub(super) handshakes: u64,
     pub(super) age_secs: f64,
     pub(super) idle_secs: f64,
+    /// Unix time of the latest handshake seen completed (as `wg show dump` gives it);
+    /// `null` before the first, and after a restart until the next.
+    pub(super) latest_handshake: Option<u64>,
+    /// The relay's exit-facing port of this session: the client's source port as the exit
+    /// sees it (what an exit's abuse report names).
+    pub(super) exit_port: Option<u16>,
+}
+
+/// `GET /v1/sessions?exit_port=P`: the one filter the listing takes, or none.
+pub(super) fn sessions_query(query: Option<&str>) -> Result<Option<u16>, String> {
+    let query = match query {
+        None | Some("") => return Ok(None),
+        Some(q) => q,
+    };
+    let mut port = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "exit_port" {
+            return Err(format!(
+                "unknown query parameter {k:?}; GET /v1/sessions takes only exit_port"
+            ));
+        }
+        if port.is_some() {
+            return Err("exit_port is given twice".into());
+        }
+        port = Some(
+            v.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("exit_port {v:?} is not a port number (1-65535)"))?,
+        );
+    }
+    Ok(port)
+}
+
+/// `GET /v1/stats`: the node's counters since start, summed over the workers (what
+/// `/metrics` exports, for programs that want JSON rather than Prometheus text).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Stats)]
+pub(crate) struct StatsView {
+    /// Sessions held now (pending included), and those still pending.
+    pub(super) sessions: u64,
+    pub(super) sessions_pending: u64,
+    pub(super) sessions_opened: u64,
+    #[schema(value_type = TrafficSchema)]
+    pub(super) to_exit: Traffic,
+    #[schema(value_type = TrafficSchema)]
+    pub(super) to_client: Traffic,
+    pub(super) client_handshakes: u64,
+    pub(super) exit_handshakes: u64,
+    pub(super) cookie_replies: u64,
+    /// Every drop reason with its count, zeros included.
+    pub(super) drops: std::collections::BTreeMap<&'static str, u64>,
+    pub(super) zhop: ZhopStatsView,
+    /// Per exit of the table, in its order.
+    pub(super) exits: Vec<ExitStatsView>,
+}
+
+/// Z-HOP's part of [`StatsView`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ZhopStatsView {
+    pub(super) peers: u64,
+    pub(super) flows: u64,
+    pub(super) outer_handshakes: u64,
+    #[schema(value_type = TrafficSchema)]
+    pub(super) to_exit: Traffic,
+    #[schema(value_type = TrafficSchema)]
+    pub(super) to_peer: Traffic,
+}
+
+/// One exit's DoubleHop counters in [`StatsView`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ExitStatsView {
+    pub(super) name: String,
+    #[schema(value_type = Key)]
+    pub(super) public_key: PublicKey,
+    pub(super) sessions: u64,
+    pub(super) sessions_opened: u64,
+    #[schema(value_type = TrafficSchema)]
+    pub(super) to_exit: Traffic,
+    #[schema(value_type = TrafficSchema)]
+    pub(super) to_client: Traffic,
+    pub(super) client_handshakes: u64,
+    pub(super) exit_handshakes: u64,
+    /// The drops decided once the exit was known, by reason, zeros included.
+    pub(super) drops: std::collections::BTreeMap<&'static str, u64>,
 }

@@ -7,19 +7,25 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use wraithgate_relay::router::SessionSlot;
+use wraithgate_relay::router::{SessionSlot, Traffic};
 use wraithgate_relay::table::ExitSpec;
+use wraithgate_relay::{DropReason, ExitStats};
 
 use super::body::{self, key_from_path, SessionView};
 use super::error::{bad_request, ApiError};
 use super::{App, WORKER_TIMEOUT};
 use crate::change::ChangeError;
 use crate::metrics;
+use crate::openapi::{ChangeRefusals, ChangeSchema, ErrorBody, NodeView, ReadRefusals};
 use crate::state::{DesiredState, PeerSpec};
 
 /// Liveness: 200 while every worker keeps publishing; 503 naming the stalled ones (a
 /// worker stuck for [`WORKER_STALL`](crate::change::WORKER_STALL)). A dead sidecar answers
 /// nothing, which fails a probe too.
+#[utoipa::path(get, path = "/healthz", security(()), summary = "Liveness: every data-plane worker keeps publishing",
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain"),
+        (status = 503, description = "A worker stalled (named)", body = String, content_type = "text/plain"),
+        (status = 403, description = "Request carried Origin or Referer.", body = ErrorBody)))]
 pub(super) async fn healthz(State(app): State<App>) -> Response {
     let h = app.control.health();
     if h.stalled.is_empty() {
@@ -37,6 +43,10 @@ pub(super) async fn healthz(State(app): State<App>) -> Response {
 }
 
 /// Readiness: 200 once every worker serves (has published) and none is stalled.
+#[utoipa::path(get, path = "/readyz", security(()), summary = "Readiness: every data-plane worker serves",
+    responses((status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "Starting, or a worker stalled", body = String, content_type = "text/plain"),
+        (status = 403, description = "Request carried Origin or Referer.", body = ErrorBody)))]
 pub(super) async fn readyz(State(app): State<App>) -> Response {
     let h = app.control.health();
     if h.ready && h.stalled.is_empty() {
@@ -50,6 +60,8 @@ pub(super) async fn readyz(State(app): State<App>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"), ReadRefusals))]
 pub(super) async fn get_metrics(State(app): State<App>) -> Response {
     let body = metrics::render(&app.control);
     (
@@ -62,32 +74,106 @@ pub(super) async fn get_metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
-pub(super) async fn node_info(State(app): State<App>) -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/v1/node", summary = "The node: its public key (Z-HOP peers' outer peer), backend, workers, listen addresses, counts",
+    responses((status = 200, description = "Node", body = NodeView), ReadRefusals))]
+pub(super) async fn node_info(State(app): State<App>) -> Json<NodeView> {
     let c = &app.control;
     let reports = c.dp.reports();
-    Json(json!({
-        "public_key": c.node_public,
-        "version": env!("CARGO_PKG_VERSION"),
-        "backend": c.dp.backend(),
-        "workers": c.dp.worker_count(),
-        "listen": c.dp.local_addrs(),
-        "generation": c.state().generation,
-        "exits": c.dp.table().len(),
-        "peers": c.dp.table().peer_count(),
-        "sessions": reports.iter().map(|r| r.sessions).sum::<usize>(),
-        "zhop_peers": reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
-        "uptime_secs": c.started.elapsed().as_secs(),
-    }))
+    Json(NodeView {
+        public_key: c.node_public,
+        version: env!("CARGO_PKG_VERSION"),
+        backend: c.dp.backend(),
+        workers: c.dp.worker_count(),
+        listen: c.dp.local_addrs().to_vec(),
+        generation: c.state().generation,
+        exits: c.dp.table().len(),
+        peers: c.dp.table().peer_count(),
+        sessions: reports.iter().map(|r| r.sessions).sum::<usize>(),
+        zhop_peers: reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
+        uptime_secs: c.started.elapsed().as_secs(),
+    })
 }
 
+#[utoipa::path(get, path = "/v1/stats", summary = "The node's counters since start, summed over its workers (what /metrics exports, as JSON), and per exit",
+    responses((status = 200, description = "Counters", body = body::StatsView), ReadRefusals))]
+pub(super) async fn get_stats(State(app): State<App>) -> Json<body::StatsView> {
+    let c = &app.control;
+    let reports = c.dp.reports();
+    let table = c.dp.table();
+    let mut router = wraithgate_relay::RouterStats::default();
+    let mut zhop = body::ZhopStatsView {
+        peers: 0,
+        flows: 0,
+        outer_handshakes: 0,
+        to_exit: Traffic::default(),
+        to_peer: Traffic::default(),
+    };
+    let (mut sessions, mut pending) = (0, 0);
+    for r in &reports {
+        router.merge(&r.router);
+        sessions += r.sessions as u64;
+        pending += r.pending as u64;
+        zhop.peers += r.zhop.peers;
+        zhop.flows += r.zhop.flows;
+        zhop.outer_handshakes += r.zhop.outer_handshakes;
+        zhop.to_exit.packets += r.zhop.inner_to_exit.packets;
+        zhop.to_exit.bytes += r.zhop.inner_to_exit.bytes;
+        zhop.to_peer.packets += r.zhop.exit_to_inner.packets;
+        zhop.to_peer.bytes += r.zhop.exit_to_inner.bytes;
+    }
+    let sums = metrics::exit_totals(&table, &reports);
+    let exits = table
+        .iter()
+        .map(|(id, exit)| {
+            let e = &sums[id.0 as usize];
+            body::ExitStatsView {
+                name: exit.spec.name.clone(),
+                public_key: exit.spec.public_key,
+                sessions: e.sessions,
+                sessions_opened: e.sessions_opened,
+                to_exit: e.client_to_exit,
+                to_client: e.exit_to_client,
+                client_handshakes: e.client_handshakes,
+                exit_handshakes: e.exit_handshakes,
+                drops: ExitStats::REASONS
+                    .iter()
+                    .map(|r| (r.as_str(), e.dropped(*r)))
+                    .collect(),
+            }
+        })
+        .collect();
+    Json(body::StatsView {
+        sessions,
+        sessions_pending: pending,
+        sessions_opened: router.sessions_opened,
+        to_exit: router.client_to_exit,
+        to_client: router.exit_to_client,
+        client_handshakes: router.client_handshakes,
+        exit_handshakes: router.exit_handshakes,
+        cookie_replies: router.cookie_replies,
+        drops: DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), router.dropped(*r)))
+            .collect(),
+        zhop,
+        exits,
+    })
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", summary = "This document",
+    responses((status = 200, description = "OpenAPI 3.1", body = Object), ReadRefusals))]
 pub(super) async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
 }
 
+#[utoipa::path(get, path = "/v1/exits", summary = "List exits",
+    responses((status = 200, description = "Exits", body = Vec<body::ExitBody>), ReadRefusals))]
 pub(super) async fn list_exits(State(app): State<App>) -> Json<Vec<ExitSpec>> {
     Json(app.control.state().exits.clone())
 }
 
+#[utoipa::path(post, path = "/v1/exits", summary = "Add an exit", request_body = body::ExitBody,
+    responses((status = 201, description = "Added", body = body::ExitBody), ChangeRefusals))]
 pub(super) async fn add_exit(
     State(app): State<App>,
     body: Bytes,
@@ -107,6 +193,8 @@ pub(super) async fn add_exit(
     Ok((StatusCode::CREATED, Json(added)))
 }
 
+#[utoipa::path(delete, path = "/v1/exits/{key}", summary = "Remove an exit; its sessions end", params(("key" = String, Path, description = "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", pattern = "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$")),
+    responses((status = 204, description = "Removed"), ChangeRefusals))]
 pub(super) async fn remove_exit(
     State(app): State<App>,
     UrlPath(key): UrlPath<String>,
@@ -129,6 +217,9 @@ pub(super) async fn remove_exit(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(patch, path = "/v1/exits/{key}", summary = "Change one exit: name, endpoint, listen_port (null unpins); a new endpoint ends the exit's sessions",
+    params(("key" = String, Path, description = "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", pattern = "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$")), request_body = body::ExitPatch,
+    responses((status = 200, description = "Changed (or already so: changed is false)", body = ChangeSchema), ChangeRefusals))]
 pub(super) async fn patch_exit(
     State(app): State<App>,
     UrlPath(key): UrlPath<String>,
@@ -161,6 +252,8 @@ pub(super) async fn patch_exit(
     })))
 }
 
+#[utoipa::path(get, path = "/v1/peers", summary = "List provisioned peers (preshared keys are never shown)",
+    responses((status = 200, description = "Peers", body = Vec<body::PeerEntry>), ReadRefusals))]
 pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
     // Preshared keys are write-only.
     let mut peers = app.control.state().peers.clone();
@@ -170,6 +263,8 @@ pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
     Json(peers)
 }
 
+#[utoipa::path(post, path = "/v1/peers", summary = "Provision a peer", request_body = body::PeerEntry,
+    responses((status = 201, description = "Added", body = body::PeerEntry), ChangeRefusals))]
 pub(super) async fn add_peer(
     State(app): State<App>,
     body: Bytes,
@@ -190,6 +285,8 @@ pub(super) async fn add_peer(
     Ok((StatusCode::CREATED, Json(shown)))
 }
 
+#[utoipa::path(delete, path = "/v1/peers/{key}", summary = "Remove a peer", params(("key" = String, Path, description = "The key in base64url (`-` for `+`, `_` for `/`, padding optional)", pattern = "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?$")),
+    responses((status = 204, description = "Removed"), ChangeRefusals))]
 pub(super) async fn remove_peer(
     State(app): State<App>,
     UrlPath(key): UrlPath<String>,
@@ -219,10 +316,18 @@ fn with_etag(state: &DesiredState) -> Response {
     r
 }
 
+#[utoipa::path(get, path = "/v1/config", summary = "The whole desired state; ETag is its generation",
+    responses((status = 200, description = "State", body = body::ConfigBody), ReadRefusals))]
 pub(super) async fn get_config(State(app): State<App>) -> Response {
     with_etag(&app.control.state())
 }
 
+#[utoipa::path(put, path = "/v1/config", summary = "Replace the whole desired state atomically",
+    description = "Peers that leave preshared_key out keep the one stored for their public key; an explicit null removes it.",
+    request_body = body::ConfigBody,
+    params(("If-Match" = String, Header, description = "The generation this change is based on", pattern = "^\"?[0-9]{1,19}\"?$"),
+        ("dry_run" = Option<bool>, Query, description = "true: check the state and answer what would change, changing nothing")),
+    responses((status = 200, description = "Applied (ETag is the generation, unchanged when the state was already so), or what a dry run would change", body = ChangeSchema), ChangeRefusals))]
 pub(super) async fn put_config(
     State(app): State<App>,
     RawQuery(query): RawQuery,
@@ -283,13 +388,23 @@ pub(super) async fn put_config(
     Ok(r)
 }
 
-pub(super) async fn list_sessions(State(app): State<App>) -> Json<Vec<SessionView>> {
+#[utoipa::path(get, path = "/v1/sessions", summary = "Live sessions (no payload, ever)",
+    params(("exit_port" = Option<u16>, Query, minimum = 1, maximum = 65535, description = "Only the session whose exit-facing port this is (the port an exit's abuse report names); live state only")),
+    responses((status = 200, description = "Sessions", body = Vec<SessionView>),
+        (status = 400, description = "Invalid query; nothing changed.", body = ErrorBody), ReadRefusals))]
+pub(super) async fn list_sessions(
+    State(app): State<App>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<SessionView>>, ApiError> {
+    let exit_port = body::sessions_query(query.as_deref()).map_err(bad_request)?;
     let table = app.control.dp.table();
+    let now = std::time::SystemTime::now();
     let list = app
         .control
         .dp
         .sessions(WORKER_TIMEOUT)
         .into_iter()
+        .filter(|(_, s)| exit_port.is_none() || s.exit_port == exit_port)
         .map(|(worker, s)| SessionView {
             id: format!("{worker}.{}.{}", s.slot.index, s.slot.generation),
             worker,
@@ -309,11 +424,19 @@ pub(super) async fn list_sessions(State(app): State<App>) -> Json<Vec<SessionVie
             handshakes: s.handshakes,
             age_secs: s.age.as_secs_f64(),
             idle_secs: s.idle.as_secs_f64(),
+            latest_handshake: s.since_handshake.and_then(|d| {
+                let at = now.checked_sub(d)?;
+                Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs())
+            }),
+            exit_port: s.exit_port,
         })
         .collect();
-    Json(list)
+    Ok(Json(list))
 }
 
+#[utoipa::path(delete, path = "/v1/sessions/{id}", summary = "Close a session",
+    params(("id" = String, Path, description = "worker.index.generation, as listed", pattern = "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}$")),
+    responses((status = 204, description = "Closed"), ChangeRefusals))]
 pub(super) async fn kill_session(
     State(app): State<App>,
     UrlPath(id): UrlPath<String>,

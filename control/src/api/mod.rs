@@ -21,8 +21,10 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::response::IntoResponse as _;
-use axum::routing::{delete, get};
 use axum::Router;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
 
 use crate::change::Control;
 
@@ -70,8 +72,9 @@ fn fault_routes_enabled() -> bool {
     cfg!(debug_assertions) && std::env::var_os(FAULT_ROUTES_ENV).is_some_and(|v| v == "1")
 }
 
-/// Every path the API serves with its methods: the router is built from this list (a
-/// path missing here is not served) and the OpenAPI document is checked against it.
+/// Every path the API serves with its methods. The router and the OpenAPI document are
+/// both built from the handlers ([`api_routes`]); the API test checks this list against
+/// what is served and documented, and the error answers name a path's methods from it.
 pub const ROUTES: &[(&str, &[&str])] = &[
     ("/healthz", &["GET"]),
     ("/readyz", &["GET"]),
@@ -85,28 +88,37 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/config", &["GET", "PUT"]),
     ("/v1/sessions", &["GET"]),
     ("/v1/sessions/{id}", &["DELETE"]),
+    ("/v1/stats", &["GET"]),
 ];
 
-/// The handlers of one of [`ROUTES`]' paths.
-fn handlers(path: &str) -> axum::routing::MethodRouter<App> {
-    match path {
-        "/healthz" => get(healthz),
-        "/readyz" => get(readyz),
-        "/metrics" => get(get_metrics),
-        "/v1/openapi.json" => get(openapi),
-        "/v1/node" => get(node_info),
-        "/v1/exits" => get(list_exits).post(add_exit),
-        "/v1/exits/{key}" => delete(remove_exit).patch(patch_exit),
-        "/v1/peers" => get(list_peers).post(add_peer),
-        "/v1/peers/{key}" => delete(remove_peer),
-        "/v1/config" => get(get_config)
-            .put(put_config)
-            .layer(DefaultBodyLimit::max(CONFIG_BODY_LIMIT)),
-        "/v1/sessions" => get(list_sessions),
-        "/v1/sessions/{id}" => delete(kill_session),
-        // Serves no method: the API test that probes every route finds it.
-        _ => axum::routing::MethodRouter::new(),
-    }
+/// Every route with its handlers and their OpenAPI description (`#[utoipa::path]` in
+/// `handlers`), from which the router and the document are both made.
+fn api_routes() -> OpenApiRouter<App> {
+    let (schemas, paths, config) = routes!(get_config, put_config);
+    let config: UtoipaMethodRouter<App> = (
+        schemas,
+        paths,
+        config.layer(DefaultBodyLimit::max(CONFIG_BODY_LIMIT)),
+    );
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(get_metrics))
+        .routes(routes!(openapi))
+        .routes(routes!(node_info))
+        .routes(routes!(list_exits, add_exit))
+        .routes(routes!(remove_exit, patch_exit))
+        .routes(routes!(list_peers, add_peer))
+        .routes(routes!(remove_peer))
+        .routes(config)
+        .routes(routes!(list_sessions))
+        .routes(routes!(kill_session))
+        .routes(routes!(get_stats))
+}
+
+/// The OpenAPI document of [`api_routes`].
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_routes().into_openapi()
 }
 
 /// The methods [`ROUTES`] serves on `path` (a concrete path: `{key}` matches any segment).
@@ -133,9 +145,7 @@ fn body_limit(path: &str) -> usize {
 }
 
 fn router(app: App) -> Router {
-    let mut routes = ROUTES
-        .iter()
-        .fold(Router::new(), |r, (path, _)| r.route(path, handlers(path)));
+    let (mut routes, _) = api_routes().split_for_parts();
     if fault_routes_enabled() {
         tracing::warn!(
             "{FAULT_ROUTES_ENV}=1: serving the fault-injection routes under /v1/_fault/"

@@ -43,7 +43,7 @@ use crate::slab::Slab;
 // Re-exported: the names the router's API speaks in, defined where every role finds them.
 pub use crate::role::{Listener, Traffic};
 pub use crate::slab::SessionSlot;
-use crate::table::ExitTable;
+use crate::table::{ExitId, ExitTable};
 use crate::wire::{Initiation, Message};
 
 /// Limits and timeouts of one worker's router.
@@ -222,6 +222,62 @@ impl RouterStats {
     }
 }
 
+/// Counters of one exit in one router, summed across workers at scrape time and labelled
+/// there with the exit's name. A session knows the index of its exit's entry, so counting
+/// costs an index into the router's array, no lookup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// The exit counted here; `None` for a vacant entry (its exit left the table and no
+    /// session counts here any more), which the next new exit reuses.
+    pub key: Option<PublicKey>,
+    pub client_to_exit: Traffic,
+    pub exit_to_client: Traffic,
+    /// Initiations forwarded from clients to this exit.
+    pub client_handshakes: u64,
+    /// Initiations this exit sent to clients, forwarded.
+    pub exit_handshakes: u64,
+    /// Sessions held now (pending included).
+    pub sessions: u64,
+    pub sessions_opened: u64,
+    /// Refusals that name this exit (see [`ExitStats::REASONS`]), by reason.
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl ExitStats {
+    /// The drop reasons counted per exit: those decided once the exit is known.
+    pub const REASONS: [DropReason; 8] = [
+        DropReason::Mac1Mismatch,
+        DropReason::CookieChallenge,
+        DropReason::PendingFull,
+        DropReason::SessionsFull,
+        DropReason::ClientSessionLimit,
+        DropReason::UnmatchedResponse,
+        DropReason::AmplificationLimit,
+        DropReason::SocketUnavailable,
+    ];
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Adds `other`'s counters into `self` (for summing workers; the key is kept).
+    pub fn merge(&mut self, other: &ExitStats) {
+        let t = |a: &mut Traffic, b: &Traffic| {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        };
+        t(&mut self.client_to_exit, &other.client_to_exit);
+        t(&mut self.exit_to_client, &other.exit_to_client);
+        self.client_handshakes += other.client_handshakes;
+        self.exit_handshakes += other.exit_handshakes;
+        self.sessions += other.sessions;
+        self.sessions_opened += other.sessions_opened;
+        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *a += b;
+        }
+    }
+}
+
 /// A view of one session for listings; never any payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
@@ -237,6 +293,13 @@ pub struct SessionInfo {
     pub handshakes: u64,
     pub age: Duration,
     pub idle: Duration,
+    /// Time since the latest handshake the relay saw completed (a response forwarded
+    /// either way); `None` before the first, and for a session restored after a restart
+    /// until its next.
+    pub since_handshake: Option<Duration>,
+    /// Local port of the session's exit-facing socket: the client's source port as the exit
+    /// sees it. Filled in by the I/O layer, which owns the socket.
+    pub exit_port: Option<u16>,
     /// Receiver indices the exit assigned that the client may use, oldest first (not
     /// secret: they travel in clear).
     pub exit_indices: Vec<u32>,
@@ -401,6 +464,8 @@ struct Session {
     client: SocketAddr,
     listener: Listener,
     exit_key: PublicKey,
+    /// Its exit's entry in [`Router::exit_stats`].
+    exit_stat: u32,
     exit_endpoint: SocketAddr,
     established: bool,
     /// The client has shown it receives what is sent to its address.
@@ -415,6 +480,8 @@ struct Session {
     to_exit: Traffic,
     to_client: Traffic,
     handshakes: u64,
+    /// When the latest handshake completed (a response forwarded either way).
+    last_handshake: Option<Instant>,
 }
 
 impl Session {
@@ -481,6 +548,20 @@ pub struct Router {
     /// sweep. Ids are never reused, and a node unpins a port rarely, so this stays short.
     closed_listeners: Vec<u16>,
     stats: RouterStats,
+    /// Per-exit counters, an entry for each exit this router has counted something for
+    /// (not every exit of a table: a 100,000-exit table costs nothing until its exits see
+    /// traffic). Entries are never removed, so a session's `exit_stat` always indexes one;
+    /// an exit that leaves the table keeps its entry until the sweep has closed its
+    /// sessions, and the entry is then vacant for the next exit counted.
+    exit_stats: Vec<ExitStats>,
+    /// The entry of each exit of the current table, plus one, by
+    /// [`crate::table::ExitId`]; 0 until the exit is first counted. Zeroed per table
+    /// (a zeroed allocation, so a large table costs no walk).
+    exit_stat_of: Vec<u32>,
+    /// The entry of each exit counted, by key: what survives a table swap.
+    exit_stat_by_key: HashMap<PublicKey, u32>,
+    /// Entries whose exit left the table and whose sessions are all closed.
+    vacant_exit_stats: Vec<u32>,
 }
 
 impl Router {
@@ -506,7 +587,7 @@ impl Router {
             buckets: cfg.rate_limit_buckets,
         };
         let admission = HandshakeAdmission::new(cfg.cookie_settings(), salt, proven, now);
-        Router {
+        let mut router = Router {
             cfg,
             table,
             sessions: Slab::default(),
@@ -519,7 +600,13 @@ impl Router {
             sweep: None,
             closed_listeners: Vec::new(),
             stats: RouterStats::default(),
-        }
+            exit_stats: Vec::new(),
+            exit_stat_of: Vec::new(),
+            exit_stat_by_key: HashMap::new(),
+            vacant_exit_stats: Vec::new(),
+        };
+        router.exit_stat_of = vec![0; router.table.len()];
+        router
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -532,6 +619,61 @@ impl Router {
 
     pub fn stats(&self) -> &RouterStats {
         &self.stats
+    }
+
+    /// Per-exit counters (vacant entries included, with no key).
+    pub fn exit_stats(&self) -> &[ExitStats] {
+        &self.exit_stats
+    }
+
+    /// The entry in `exit_stats` of exit `id` of the current table: its own if it has one
+    /// (by key), else a vacant one, else a new one. A lookup only the first time an exit
+    /// of this table is counted; an index after that.
+    fn exit_stat(&mut self, id: ExitId) -> u32 {
+        let mapped = self.exit_stat_of[id.0 as usize];
+        if mapped != 0 {
+            return mapped - 1;
+        }
+        let key = self
+            .table
+            .get(id)
+            .expect("an id of the current table")
+            .spec
+            .public_key;
+        let i = match self.exit_stat_by_key.get(&key) {
+            Some(&i) => i,
+            None => {
+                let i = self.vacant_exit_stats.pop().unwrap_or_else(|| {
+                    self.exit_stats.push(ExitStats::default());
+                    self.exit_stats.len() as u32 - 1
+                });
+                self.exit_stats[i as usize].key = Some(key);
+                self.exit_stat_by_key.insert(key, i);
+                i
+            }
+        };
+        self.exit_stat_of[id.0 as usize] = i + 1;
+        i
+    }
+
+    /// Once a sweep has closed every session of the exits that left the table, their
+    /// entries hold no session and become vacant.
+    fn vacate_exit_stats(&mut self) {
+        for (i, e) in self.exit_stats.iter_mut().enumerate() {
+            let Some(key) = e.key else { continue };
+            if self.table.by_key(&key).is_none() {
+                debug_assert_eq!(e.sessions, 0, "a swept exit holds no session");
+                *e = ExitStats::default();
+                self.exit_stat_by_key.remove(&key);
+                self.vacant_exit_stats.push(i as u32);
+            }
+        }
+    }
+
+    /// Counts a drop that names the exit of entry `stat`.
+    fn drop_for_exit(&mut self, stat: u32, reason: DropReason) -> Action {
+        self.exit_stats[stat as usize].drops[reason.index()] += 1;
+        self.drop_packet(reason)
     }
 
     /// Sessions held, pending ones included.
@@ -641,6 +783,10 @@ impl Router {
         }
         s.last_activity = now;
         s.to_exit.add(len);
+        // `exit_stats` never shrinks, so a session's entry is always there.
+        self.exit_stats[s.exit_stat as usize]
+            .client_to_exit
+            .add(len);
         self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
     }
@@ -684,6 +830,7 @@ impl Router {
         s.indices.usable.push(index);
         s.indices.usable.mark_used(index);
         s.last_activity = now;
+        s.last_handshake = Some(now);
         s.to_exit.add(len);
         s.handshakes += 1;
         if !s.established {
@@ -691,6 +838,9 @@ impl Router {
             self.pending -= 1;
             self.stats.sessions_established += 1;
         }
+        self.exit_stats[s.exit_stat as usize]
+            .client_to_exit
+            .add(len);
         self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
     }
@@ -723,7 +873,8 @@ impl Router {
             Some(id) => {
                 let exit = self.table.get(id).expect("pinned id is in its table");
                 if !exit.mac1_key().verify(init.mac1_input(), init.mac1()) {
-                    return self.drop_packet(DropReason::Mac1Mismatch);
+                    let stat = self.exit_stat(id);
+                    return self.drop_for_exit(stat, DropReason::Mac1Mismatch);
                 }
                 id
             }
@@ -738,6 +889,8 @@ impl Router {
             .expect("matched id is in its table")
             .spec;
         let (exit_key, exit_endpoint) = (spec.public_key, spec.endpoint);
+        // One entry per exit of the current table, by its id.
+        let stat = self.exit_stat(exit);
         let len = init.bytes().len();
         if !admitted {
             let reply = self.admission.cookie_reply(now, from, &exit_key, &init);
@@ -746,7 +899,7 @@ impl Router {
                 client: from,
                 reply,
             });
-            return self.drop_packet(DropReason::CookieChallenge);
+            return self.drop_for_exit(stat, DropReason::CookieChallenge);
         }
 
         let existing = self.clients.get(&from).and_then(|c| {
@@ -778,13 +931,13 @@ impl Router {
             None => {
                 let per_client = self.clients.get(&from).map_or(0, |c| c.len as usize);
                 if per_client >= self.cfg.max_sessions_per_client {
-                    return self.drop_packet(DropReason::ClientSessionLimit);
+                    return self.drop_for_exit(stat, DropReason::ClientSessionLimit);
                 }
                 if self.sessions.len() >= self.cfg.max_sessions {
-                    return self.drop_packet(DropReason::SessionsFull);
+                    return self.drop_for_exit(stat, DropReason::SessionsFull);
                 }
                 if self.pending >= self.cfg.max_pending {
-                    return self.drop_packet(DropReason::PendingFull);
+                    return self.drop_for_exit(stat, DropReason::PendingFull);
                 }
                 let mut to_exit = Traffic::default();
                 to_exit.add(len);
@@ -794,6 +947,7 @@ impl Router {
                     client: from,
                     listener,
                     exit_key,
+                    exit_stat: stat,
                     exit_endpoint,
                     established: false,
                     verified: false,
@@ -805,6 +959,7 @@ impl Router {
                     to_exit,
                     to_client: Traffic::default(),
                     handshakes: 1,
+                    last_handshake: None,
                 };
                 let slot = self.insert(session);
                 self.pending += 1;
@@ -816,6 +971,9 @@ impl Router {
                 slot
             }
         };
+        let e = &mut self.exit_stats[stat as usize];
+        e.client_handshakes += 1;
+        e.client_to_exit.add(len);
         self.stats.client_handshakes += 1;
         self.stats.client_to_exit.add(len);
         Action::ToExit(slot)
@@ -833,6 +991,9 @@ impl Router {
     fn insert(&mut self, session: Session) -> SessionSlot {
         let deadline = session.deadline(&self.cfg);
         let client = session.client;
+        let e = &mut self.exit_stats[session.exit_stat as usize];
+        e.sessions += 1;
+        e.sessions_opened += 1;
         let slot = self.sessions.insert(session);
         self.clients.entry(client).or_default().push(slot.index);
         self.timers
@@ -855,28 +1016,31 @@ impl Router {
         let Some(s) = self.sessions.get_mut(slot) else {
             return self.drop_packet(DropReason::NoSession);
         };
+        let stat = s.exit_stat;
         if let Message::Response(r) = msg {
             if !s.indices.awaiting.contains(r.receiver_index()) {
-                return self.drop_packet(DropReason::UnmatchedResponse);
+                return self.drop_for_exit(stat, DropReason::UnmatchedResponse);
             }
         }
         let len = packet.len() as u64;
         if !s.verified {
             if s.budget < len {
-                self.stats.drops[DropReason::AmplificationLimit.index()] += 1;
-                return Action::Drop(DropReason::AmplificationLimit);
+                return self.drop_for_exit(stat, DropReason::AmplificationLimit);
             }
             s.budget -= len;
         }
+        let e = &mut self.exit_stats[stat as usize];
         match msg {
             Message::Initiation(init) => {
                 s.indices.offered.push(init.sender_index());
                 s.handshakes += 1;
+                e.exit_handshakes += 1;
                 self.stats.exit_handshakes += 1;
             }
             Message::Response(r) => {
                 s.indices.awaiting.take(r.receiver_index());
                 s.indices.usable.push(r.sender_index());
+                s.last_handshake = Some(now);
                 if !s.established {
                     s.established = true;
                     self.pending -= 1;
@@ -888,6 +1052,7 @@ impl Router {
         }
         s.last_activity = now;
         s.to_client.add(packet.len());
+        e.exit_to_client.add(packet.len());
         self.stats.exit_to_client.add(packet.len());
         Action::ToClient {
             listener: s.listener,
@@ -897,9 +1062,11 @@ impl Router {
 
     /// The I/O layer could not open the socket of `slot`: forget the session.
     pub fn socket_failed(&mut self, slot: SessionSlot) {
-        if self.close(slot, CloseCause::SocketFailed) {
-            self.record_drop(DropReason::SocketUnavailable);
-        }
+        let Some(stat) = self.sessions.get(slot).map(|s| s.exit_stat) else {
+            return;
+        };
+        self.close(slot, CloseCause::SocketFailed);
+        self.drop_for_exit(stat, DropReason::SocketUnavailable);
     }
 
     /// Closes a session on request (operator kill). Returns whether it existed.
@@ -920,6 +1087,7 @@ impl Router {
         if !s.established {
             self.pending -= 1;
         }
+        self.exit_stats[s.exit_stat as usize].sessions -= 1;
         match cause {
             CloseCause::PendingExpired => self.stats.sessions_expired_pending += 1,
             CloseCause::Idle => self.stats.sessions_expired_idle += 1,
@@ -965,6 +1133,7 @@ impl Router {
             return;
         }
         self.table = table;
+        self.exit_stat_of = vec![0; self.table.len()];
         self.stats.table_swaps += 1;
         self.sweep = Some(0);
     }
@@ -990,6 +1159,9 @@ impl Router {
             index += 1;
         }
         self.sweep = (index < bound).then_some(index);
+        if self.sweep.is_none() {
+            self.vacate_exit_stats();
+        }
     }
 
     /// The I/O layer closed `listener` (its port is no longer pinned to an exit): the
@@ -1016,15 +1188,16 @@ impl Router {
         listener: Listener,
         snap: &SessionSnapshot,
     ) -> Result<SessionSlot, DropReason> {
-        let kept = self
-            .table
-            .by_key(&snap.exit_key)
-            .and_then(|id| self.table.get(id))
-            .is_some_and(|e| e.spec.endpoint == snap.exit_endpoint);
-        if !kept {
+        let kept = self.table.by_key(&snap.exit_key).filter(|&id| {
+            self.table
+                .get(id)
+                .is_some_and(|e| e.spec.endpoint == snap.exit_endpoint)
+        });
+        let Some(exit) = kept else {
             self.record_drop(DropReason::NoExit);
             return Err(DropReason::NoExit);
-        }
+        };
+        let stat = self.exit_stat(exit);
         let per_client = self.clients.get(&snap.client).map_or(0, |c| c.len as usize);
         let refusal = if per_client >= self.cfg.max_sessions_per_client {
             Some(DropReason::ClientSessionLimit)
@@ -1036,7 +1209,7 @@ impl Router {
             None
         };
         if let Some(reason) = refusal {
-            self.record_drop(reason);
+            self.drop_for_exit(stat, reason);
             return Err(reason);
         }
         // Indices saved were usable ones; handshakes in flight are not saved (a client
@@ -1049,6 +1222,7 @@ impl Router {
             client: snap.client,
             listener,
             exit_key: snap.exit_key,
+            exit_stat: stat,
             exit_endpoint: snap.exit_endpoint,
             established: snap.established,
             verified: snap.verified,
@@ -1060,6 +1234,7 @@ impl Router {
             to_exit: snap.to_exit,
             to_client: snap.to_client,
             handshakes: snap.handshakes,
+            last_handshake: None,
         };
         let slot = self.insert(session);
         if !snap.established {
@@ -1088,6 +1263,8 @@ impl Router {
             handshakes: s.handshakes,
             age: now.saturating_duration_since(s.created),
             idle: now.saturating_duration_since(s.last_activity),
+            since_handshake: s.last_handshake.map(|t| now.saturating_duration_since(t)),
+            exit_port: None,
             exit_indices: s.indices.usable.to_vec(),
         })
     }

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::router::RouterStats;
+use crate::router::{ExitStats, RouterStats};
 
 /// A fixed-bucket latency histogram: plain integers, bounds 1 µs · 2^i.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -126,6 +126,8 @@ pub struct WorkerReport {
     pub worker: usize,
     pub backend: &'static str,
     pub router: RouterStats,
+    /// The router's per-exit counters, vacant entries included (no key).
+    pub exits: Vec<ExitStats>,
     pub io: IoStats,
     pub sessions: usize,
     pub pending: usize,

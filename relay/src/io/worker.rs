@@ -246,7 +246,14 @@ impl Worker {
         let router = &mut self.router;
         match req {
             WorkerRequest::Sessions(reply) => {
-                let _ = reply.send(router.sessions(now).collect());
+                let list = router
+                    .sessions(now)
+                    .map(|mut info| {
+                        info.exit_port = d.local_port(Router::socket(info.slot));
+                        info
+                    })
+                    .collect();
+                let _ = reply.send(list);
             }
             WorkerRequest::CloseSession { slot, reply } => {
                 let _ = reply.send(router.close_session(slot));
@@ -459,6 +466,12 @@ pub(crate) fn publish(
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
     };
     r.router.clone_from(router.stats());
+    // Into the report's own allocation, which grows only when the router's entries do.
+    let exits = router.exit_stats();
+    r.exits.truncate(exits.len());
+    let kept = r.exits.len();
+    r.exits.clone_from_slice(&exits[..kept]);
+    r.exits.extend_from_slice(&exits[kept..]);
     // `/metrics` counts drops by reason over every role.
     for (total, zhop) in r.router.drops.iter_mut().zip(Role::drops(zhop)) {
         *total += zhop;

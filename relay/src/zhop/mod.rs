@@ -31,7 +31,7 @@ use crate::ratelimit::TokenBucket;
 use crate::role::{Datagram, Listener, Traffic};
 use crate::slab::{SessionSlot, Slab};
 use crate::table::ExitTable;
-use crate::wire::{Initiation, Message, INITIATION_LEN};
+use crate::wire::{Initiation, Message, INITIATION_LEN, TRANSPORT_TYPE};
 
 /// boringtun's timers want a call about every 100 ms.
 const TIMER_TICK: Duration = Duration::from_millis(100);
@@ -133,6 +133,10 @@ struct ZPeer {
     flows: Vec<SessionSlot>,
     /// The [`Zhop::table_epoch`] this peer was last checked against the table at.
     epoch: u64,
+    /// Entered around boringtun's calls that may log (its timers, handshakes), so that its
+    /// warnings name the peer (by public key; nothing secret). Made once per tunnel: a
+    /// span entered costs no allocation, a span made per call would.
+    span: tracing::Span,
 }
 
 struct Flow {
@@ -406,7 +410,10 @@ impl Zhop {
             .peers
             .at_mut(peer)
             .expect("peer numbers in maps name live peers");
+        // Transport packets skip the span: boringtun logs nothing for them above trace.
+        let _peer = (kind != TRANSPORT_TYPE).then(|| p.span.enter());
         let r = p.tunn.decapsulate(Some(from.ip()), packet, &mut self.buf);
+        drop(_peer);
         match r {
             TunnResult::WriteToNetwork(reply) => {
                 let len = reply.len();
@@ -534,6 +541,7 @@ impl Zhop {
             last_activity: now,
             flows: Vec::new(),
             epoch: self.table_epoch,
+            span: tracing::error_span!("zhop_peer", peer = %peer_key),
         });
         debug_assert_eq!(slot.index, index);
         self.by_key.insert(peer_key, index);
@@ -567,6 +575,7 @@ impl Zhop {
         let Some((listener, to)) = p.endpoint else {
             return;
         };
+        let _peer = p.span.enter();
         while let TunnResult::WriteToNetwork(b) = p.tunn.decapsulate(None, &[], &mut self.buf) {
             let len = b.len();
             out(ZhopOut::ToPeer {
@@ -695,7 +704,8 @@ impl Zhop {
                 self.remove_peer(i, out);
                 continue;
             }
-            if let TunnResult::WriteToNetwork(b) = p.tunn.update_timers(&mut self.buf) {
+            let timers = p.span.in_scope(|| p.tunn.update_timers(&mut self.buf));
+            if let TunnResult::WriteToNetwork(b) = timers {
                 let len = b.len();
                 if let Some((listener, to)) = p.endpoint {
                     out(ZhopOut::ToPeer {

@@ -423,3 +423,50 @@ fn the_walk_closes_flows_to_exits_no_longer_allowed_within_a_tick() {
     assert!(now <= t0 + 2 * TIMER_TICK, "closed after {:?}", now - t0);
     assert_eq!((z.stats().peers, z.stats().flows), (1, 0));
 }
+
+/// A log sink for one test: what a fmt subscriber wrote, as text.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn boringtuns_logs_name_the_peer_by_public_key_and_nothing_secret() {
+    let (mut z, mut client, from) = setup();
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let now = Instant::now();
+        z.handle_client(now, L, from, &initiation(&mut client), &mut |_| {})
+            .unwrap();
+        z.tick(now + TIMER_TICK, &mut |_| {});
+    });
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let client_public =
+        PublicKey(x25519::PublicKey::from(&x25519::StaticSecret::from([9; 32])).to_bytes());
+    let named = format!("zhop_peer{{peer={client_public}}}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("boringtun") && l.contains("handshake_response"))
+        .unwrap_or_else(|| panic!("boringtun logged no handshake response:\n{text}"));
+    assert!(line.contains(&named), "{line}");
+    // Private keys never appear, in either encoding a log might use.
+    for secret in [[7u8; 32], [9u8; 32]] {
+        let b64 = PublicKey(secret).to_base64();
+        assert!(!text.contains(&b64), "a private key in the log:\n{text}");
+        assert!(!text.contains(&format!("{:?}", secret)), "{text}");
+    }
+}

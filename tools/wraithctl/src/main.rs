@@ -1,13 +1,12 @@
 //! `wraithctl`: the operator's command line for a WraithGate node, in the spirit of `wg`.
 //!
-//! Every command is one or a few calls to the node's operator API (`/v1/…`, `/metrics`),
+//! Every command is one or a few calls to the node's operator API (`/v1/…`),
 //! with the bearer token read from the node's token file. Text output is for people;
 //! `--json` prints the API's JSON for programs.
 
 mod client;
 mod client_config;
 mod model;
-mod prom;
 mod render;
 mod unix;
 
@@ -21,7 +20,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use client::{Client, Endpoint, Failure, FailureKind};
-use model::{Config, Exit, Key, NodeInfo, Peer, Session, Traffic};
+use model::{Config, Exit, Key, NodeInfo, Peer, Session, Stats, Traffic};
 use render::Block;
 
 const AFTER_HELP: &str = "\
@@ -90,6 +89,11 @@ enum Cmd {
     Peer(PeerCmd),
     /// List the live sessions (`sessions kill ID` closes one).
     Sessions {
+        /// Only the session behind this exit-facing port: the client an exit's abuse
+        /// report means when it names the relay's address and this port (live sessions
+        /// only; nothing is kept after a session ends).
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        exit_port: Option<u16>,
         #[command(subcommand)]
         cmd: Option<SessionsCmd>,
     },
@@ -317,7 +321,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Show => show(&client, out),
         Cmd::Exit(cmd) => exit_cmd(&client, out, cmd),
         Cmd::Peer(cmd) => peer_cmd(&client, out, cmd),
-        Cmd::Sessions { cmd } => sessions_cmd(&client, out, cmd.unwrap_or(SessionsCmd::Ls)),
+        Cmd::Sessions { exit_port, cmd } => {
+            sessions_cmd(&client, out, cmd.unwrap_or(SessionsCmd::Ls), exit_port)
+        }
         Cmd::Config(cmd) => config_cmd(&client, out, cmd),
         Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("answered above, offline"),
     }
@@ -667,12 +673,27 @@ fn peer_table(peers: &[Peer], exit_names: &BTreeMap<String, String>) -> String {
     render::table(&["PUBLIC KEY", "NAME", "ALLOWED IPS", "EXITS"], &rows)
 }
 
-fn sessions_cmd(client: &Client, out: Output, cmd: SessionsCmd) -> Result<()> {
+fn sessions_cmd(
+    client: &Client,
+    out: Output,
+    cmd: SessionsCmd,
+    exit_port: Option<u16>,
+) -> Result<()> {
     match cmd {
         SessionsCmd::Ls => {
-            let v = client.get("/v1/sessions")?.json()?;
+            let path = match exit_port {
+                Some(p) => format!("/v1/sessions?exit_port={p}"),
+                None => "/v1/sessions".into(),
+            };
+            let v = client.get(&path)?.json()?;
             let list: Vec<Session> = parse(&v, "session list")?;
-            out.emit(&v, || session_table(&list));
+            out.emit(&v, || match exit_port {
+                Some(p) if list.is_empty() => format!("no live session on exit port {p}\n"),
+                _ => session_table(&list),
+            });
+        }
+        SessionsCmd::Kill { .. } if exit_port.is_some() => {
+            bail!("--exit-port selects sessions to list; `sessions kill` takes a session id")
         }
         SessionsCmd::Kill { id } => {
             let valid = id.split('.').count() == 3
@@ -710,7 +731,9 @@ fn session_table(list: &[Session]) -> String {
                     "pending"
                 }
                 .into(),
+                s.exit_port.map_or_else(|| "-".into(), |p| p.to_string()),
                 s.handshakes.to_string(),
+                handshake_age(s.latest_handshake),
                 render::bytes(s.to_exit.bytes),
                 render::bytes(s.to_client.bytes),
                 render::short_duration(s.age_secs),
@@ -724,13 +747,27 @@ fn session_table(list: &[Session]) -> String {
             "CLIENT",
             "EXIT",
             "STATE",
+            "EXIT PORT",
             "HANDSHAKES",
+            "LATEST",
             "TO EXIT",
             "TO CLIENT",
             "AGE",
             "IDLE",
         ],
         &rows,
+    )
+}
+
+/// How long ago a Unix time was, for a table cell (`-` for none).
+fn handshake_age(at: Option<u64>) -> String {
+    let Some(at) = at else { return "-".into() };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{} ago",
+        render::short_duration(now.saturating_sub(at) as f64)
     )
 }
 
@@ -886,7 +923,7 @@ struct Summary {
     config: Config,
     config_json: Value,
     sessions: Vec<Session>,
-    metrics: prom::Metrics,
+    stats: Stats,
 }
 
 fn show(client: &Client, out: Output) -> Result<()> {
@@ -894,13 +931,13 @@ fn show(client: &Client, out: Output) -> Result<()> {
     let config_json = client.get("/v1/config")?.json()?;
     let config: Config = parse(&config_json, "state")?;
     let sessions: Vec<Session> = parse(&client.get("/v1/sessions")?.json()?, "session list")?;
-    let metrics = prom::Metrics::parse(&client.get("/metrics")?.body);
+    let stats: Stats = parse(&client.get("/v1/stats")?.json()?, "node counters")?;
     let s = Summary {
         node,
         config,
         config_json,
         sessions,
-        metrics,
+        stats,
     };
     out.emit(&summary_json(client, &s), || summary_text(client, &s));
     Ok(())
@@ -929,7 +966,7 @@ fn load_by_exit(sessions: &[Session]) -> BTreeMap<&str, ExitLoad> {
     m
 }
 
-/// Node totals since start, from `/metrics`.
+/// Node totals since start, from `/v1/stats`; drops only the reasons that happened.
 #[derive(Debug)]
 struct Totals {
     sessions: u64,
@@ -941,30 +978,25 @@ struct Totals {
     drops: BTreeMap<String, u64>,
 }
 
-fn totals(m: &prom::Metrics) -> Totals {
+fn totals(m: &Stats) -> Totals {
     Totals {
-        sessions: m.total("wraithgate_sessions"),
-        pending: m.total("wraithgate_sessions_pending"),
-        to_exit: Traffic {
-            packets: m.total("wraithgate_packets_to_exit_total"),
-            bytes: m.total("wraithgate_bytes_to_exit_total"),
-        },
-        to_client: Traffic {
-            packets: m.total("wraithgate_packets_to_client_total"),
-            bytes: m.total("wraithgate_bytes_to_client_total"),
-        },
-        client_handshakes: m.total("wraithgate_client_handshakes_total"),
-        exit_handshakes: m.total("wraithgate_exit_handshakes_total"),
+        sessions: m.sessions,
+        pending: m.sessions_pending,
+        to_exit: m.to_exit,
+        to_client: m.to_client,
+        client_handshakes: m.client_handshakes,
+        exit_handshakes: m.exit_handshakes,
         drops: m
-            .by_label("wraithgate_drops_total", "reason")
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
+            .drops
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| (r.clone(), *n))
             .collect(),
     }
 }
 
 fn summary_json(client: &Client, s: &Summary) -> Value {
-    let t = totals(&s.metrics);
+    let t = totals(&s.stats);
     let load = load_by_exit(&s.sessions);
     let exits: Vec<Value> = s
         .config_json
@@ -1009,7 +1041,7 @@ fn summary_json(client: &Client, s: &Summary) -> Value {
 }
 
 fn summary_text(client: &Client, s: &Summary) -> String {
-    let t = totals(&s.metrics);
+    let t = totals(&s.stats);
     let load = load_by_exit(&s.sessions);
     let mut text = String::new();
     let n = &s.node;

@@ -131,6 +131,32 @@ pub struct Session {
     pub age_secs: f64,
     #[serde(default)]
     pub idle_secs: f64,
+    /// Unix time of the latest handshake, if any since the node started.
+    #[serde(default)]
+    pub latest_handshake: Option<u64>,
+    /// The relay's exit-facing port: the client's source port as the exit sees it.
+    #[serde(default)]
+    pub exit_port: Option<u16>,
+}
+
+/// `GET /v1/stats`: the node's counters since start (only what `show` reads).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Stats {
+    #[serde(default)]
+    pub sessions: u64,
+    #[serde(default)]
+    pub sessions_pending: u64,
+    #[serde(default)]
+    pub to_exit: Traffic,
+    #[serde(default)]
+    pub to_client: Traffic,
+    #[serde(default)]
+    pub client_handshakes: u64,
+    #[serde(default)]
+    pub exit_handshakes: u64,
+    /// Drops by reason.
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 #[cfg(test)]

@@ -812,16 +812,46 @@ fn show_and_sessions_report_real_traffic_per_exit() {
         .unwrap()
         .split_whitespace()
         .collect();
+    // The exit sees the client at the relay's address and this port.
+    let exit_port = exit.endpoint(0).expect("the exit heard the client").port();
+    assert_eq!(sessions[0]["exit_port"], exit_port, "{sessions}");
+    assert!(
+        sessions[0]["latest_handshake"].as_u64().is_some(),
+        "{sessions}"
+    );
+    let port = exit_port.to_string();
     assert_eq!(
-        &row[..4],
+        &row[..8],
         [
             id.as_str(),
             &client.local_addr().to_string(),
             "busy",
-            "established"
+            "established",
+            &port,
+            "1",
+            row[6],
+            "ago"
         ],
         "{table:?}"
     );
+    // Abuse handling: the port an exit reports finds the client behind it.
+    let found = node.json(&["sessions", "--exit-port", &port]);
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(found[0]["client"], client.local_addr().to_string());
+    let other = if exit_port == 65535 { 1 } else { exit_port + 1 };
+    assert_eq!(
+        node.run(&["sessions", "--exit-port", &other.to_string()])
+            .ok()
+            .stdout,
+        format!("no live session on exit port {other}\n")
+    );
+    for bad in ["0", "65536", "x"] {
+        node.run(&["sessions", "--exit-port", bad])
+            .fails(2, &["--exit-port"]);
+    }
+    node.run(&["sessions", "--exit-port", &port, "kill", &id])
+        .fails(1, &["takes a session id"]);
+    assert_eq!(node.json(&["sessions"]).as_array().unwrap().len(), 1);
     assert_eq!(
         node.run(&["sessions", "kill", &id]).ok().stdout,
         format!("closed session {id}\n")

@@ -611,6 +611,90 @@ fn table_swap_keeps_sessions_whose_exit_stays() {
 }
 
 #[test]
+fn exits_are_counted_apart_and_a_removed_exits_entry_goes_to_the_next_new_one() {
+    let mut h = Harness::new();
+    let one = h.establish(client(1), key(1), 1);
+    h.establish(client(2), key(2), 2);
+    h.establish(client(3), key(2), 3);
+    h.commands();
+    assert_eq!(
+        h.exit(one, &transport(9, 100)),
+        Action::ToClient {
+            listener: MAIN,
+            client: client(1)
+        }
+    );
+    // A forged response on exit 1's socket counts against exit 1.
+    assert_eq!(
+        h.exit(one, &response(5, 12345)),
+        Action::Drop(DropReason::UnmatchedResponse)
+    );
+    let by_key = |h: &Harness, k: PublicKey| {
+        h.r.exit_stats()
+            .iter()
+            .find(|e| e.key == Some(k))
+            .cloned()
+            .expect("an entry per exit")
+    };
+    let e1 = by_key(&h, key(1));
+    let e2 = by_key(&h, key(2));
+    assert_eq!(
+        (e1.sessions, e1.sessions_opened, e1.client_handshakes),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        (e2.sessions, e2.sessions_opened, e2.client_handshakes),
+        (2, 2, 2)
+    );
+    // Initiation, keepalive; response, the 100-byte transport.
+    assert_eq!(e1.client_to_exit.packets, 2);
+    assert_eq!(
+        e1.exit_to_client,
+        Traffic {
+            packets: 2,
+            bytes: RESPONSE_LEN as u64 + 100
+        }
+    );
+    assert_eq!(e1.dropped(DropReason::UnmatchedResponse), 1);
+    assert_eq!(e2.dropped(DropReason::UnmatchedResponse), 0);
+    // Exit 2 leaves and exit 3 comes: once the sweep has closed exit 2's sessions, its
+    // entry is vacant, and the next exit counted starts from zero in it.
+    let spec = |n: u8| ExitSpec {
+        name: format!("e{n}"),
+        public_key: key(n),
+        endpoint: exit_addr(n),
+        listen_port: None,
+    };
+    h.r.set_table(Arc::new(ExitTable::new(2, vec![spec(1), spec(3)]).unwrap()));
+    assert!(
+        h.r.exit_stats().iter().any(|e| e.key == Some(key(2))),
+        "kept while swept"
+    );
+    h.advance(Duration::ZERO);
+    assert!(!h.r.sweeping());
+    assert!(h.r.exit_stats().iter().all(|e| e.key != Some(key(2))));
+    assert_eq!(by_key(&h, key(1)), e1, "exit 1 counts on");
+    h.r.set_table(Arc::new(
+        ExitTable::new(3, vec![spec(1), spec(3), spec(4)]).unwrap(),
+    ));
+    h.establish(client(4), key(4), 4);
+    assert_eq!(
+        h.r.exit_stats().len(),
+        2,
+        "exit 4 took exit 2's vacant entry"
+    );
+    let e4 = by_key(&h, key(4));
+    assert_eq!(
+        (e4.sessions, e4.sessions_opened, e4.client_handshakes),
+        (1, 1, 1)
+    );
+    assert!(
+        h.r.exit_stats().iter().all(|e| e.key != Some(key(3))),
+        "an exit without traffic has no entry"
+    );
+}
+
+#[test]
 fn table_swap_sweep_is_spread_over_calls() {
     let mut h = Harness::with(RouterConfig {
         swap_sweep_budget: 2 * SWEEP_CLOSE_COST,
@@ -971,6 +1055,28 @@ proptest! {
             prop_assert!(h.r.pending_count() <= 4);
             prop_assert_eq!(h.r.session_count(), open.len());
             prop_assert_eq!(h.r.sessions(h.now).count(), open.len());
+            // The per-exit counters add up to the router's own, less those of an exit
+            // that left the table (its entry is emptied once its sessions are gone).
+            let mut total = ExitStats::default();
+            for e in h.r.exit_stats() {
+                total.merge(e);
+            }
+            let st = h.r.stats();
+            prop_assert_eq!(total.sessions as usize, h.r.session_count());
+            let exact = st.table_swaps == 0;
+            let t = |a: Traffic, b: Traffic| if exact { a == b } else { a.packets <= b.packets && a.bytes <= b.bytes };
+            let n = |a: u64, b: u64| if exact { a == b } else { a <= b };
+            prop_assert!(t(total.client_to_exit, st.client_to_exit));
+            prop_assert!(t(total.exit_to_client, st.exit_to_client));
+            prop_assert!(n(total.client_handshakes, st.client_handshakes));
+            prop_assert!(n(total.exit_handshakes, st.exit_handshakes));
+            prop_assert!(n(total.sessions_opened, st.sessions_opened));
+            for reason in DropReason::ALL {
+                prop_assert!(total.dropped(reason) <= st.dropped(reason));
+                if !ExitStats::REASONS.contains(&reason) {
+                    prop_assert_eq!(total.dropped(reason), 0);
+                }
+            }
         }
     }
 }
