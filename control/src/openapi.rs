@@ -75,6 +75,8 @@ pub fn document() -> Value {
                     "exits": {"type": "array", "items": {"$ref": "#/components/schemas/Exit"}},
                     "peers": {"type": "array", "items": {"$ref": "#/components/schemas/Peer"}}
                 }},
+                "NodeFastPath": {"type": "object", "nullable": true, "description": "The kernel fast path when attached (null: off, or it could not attach; the log says why).", "properties": {
+                    "interfaces": {"type": "array", "items": {"type": "string"}}, "offloaded": {"type": "integer"}}},
                 "Traffic": {"type": "object", "properties": {"packets": {"type": "integer"}, "bytes": {"type": "integer"}}},
                 "Session": {"type": "object", "properties": {
                     "id": {"type": "string", "example": "0.12.3"},
@@ -88,6 +90,10 @@ pub fn document() -> Value {
                     "verified": {"type": "boolean"},
                     "to_exit": {"$ref": "#/components/schemas/Traffic"},
                     "to_client": {"$ref": "#/components/schemas/Traffic"},
+                    "fast_path": {"type": "object", "description": "The kernel fast path's share of to_exit and to_client (included in them), and whether it forwards this session now.", "properties": {
+                        "offloaded": {"type": "boolean"},
+                        "to_exit": {"$ref": "#/components/schemas/Traffic"},
+                        "to_client": {"$ref": "#/components/schemas/Traffic"}}},
                     "handshakes": {"type": "integer"},
                     "age_secs": {"type": "number"},
                     "idle_secs": {"type": "number"}
@@ -111,6 +117,7 @@ pub fn document() -> Value {
                     "public_key": {"$ref": "#/components/schemas/Key"}, "version": {"type": "string"}, "backend": {"type": "string"},
                     "workers": {"type": "integer"}, "listen": {"type": "array", "items": {"type": "string"}}, "generation": {"type": "integer"},
                     "exits": {"type": "integer"}, "peers": {"type": "integer"}, "sessions": {"type": "integer"}, "zhop_peers": {"type": "integer"},
+                    "fast_path": {"$ref": "#/components/schemas/NodeFastPath"},
                     "uptime_secs": {"type": "integer"}}}}}}}), error_responses(&common))}},
             "/v1/exits": {
                 "get": {"summary": "List exits",

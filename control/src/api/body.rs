@@ -194,9 +194,21 @@ pub(super) struct SessionView {
     pub(super) listen_port: u16,
     pub(super) established: bool,
     pub(super) verified: bool,
+    /// Both paths: what the kernel fast path forwarded is part of it.
     pub(super) to_exit: Traffic,
     pub(super) to_client: Traffic,
+    pub(super) fast_path: FastPathView,
     pub(super) handshakes: u64,
     pub(super) age_secs: f64,
     pub(super) idle_secs: f64,
+}
+
+/// A session's share of the kernel fast path.
+#[derive(Debug, Serialize)]
+pub(super) struct FastPathView {
+    /// Whether the kernel forwards its transport messages now.
+    pub(super) offloaded: bool,
+    /// What the kernel forwarded, included in the session's totals.
+    pub(super) to_exit: Traffic,
+    pub(super) to_client: Traffic,
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 use wraithgate_relay::router::SessionSlot;
 use wraithgate_relay::table::ExitSpec;
 
-use super::body::{self, key_from_path, SessionView};
+use super::body::{self, key_from_path, FastPathView, SessionView};
 use super::error::{bad_request, ApiError};
 use super::{App, WORKER_TIMEOUT};
 use crate::change::ChangeError;
@@ -76,6 +76,10 @@ pub(super) async fn node_info(State(app): State<App>) -> Json<serde_json::Value>
         "peers": c.dp.table().peer_count(),
         "sessions": reports.iter().map(|r| r.sessions).sum::<usize>(),
         "zhop_peers": reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
+        "fast_path": c.dp.fast_path_interfaces().map(|interfaces| json!({
+            "interfaces": interfaces,
+            "offloaded": reports.iter().filter_map(|r| r.fast_path).map(|f| f.offloaded).sum::<usize>(),
+        })),
         "uptime_secs": c.started.elapsed().as_secs(),
     }))
 }
@@ -306,6 +310,11 @@ pub(super) async fn list_sessions(State(app): State<App>) -> Json<Vec<SessionVie
             verified: s.verified,
             to_exit: s.to_exit,
             to_client: s.to_client,
+            fast_path: FastPathView {
+                offloaded: s.offloaded,
+                to_exit: s.fast_to_exit,
+                to_client: s.fast_to_client,
+            },
             handshakes: s.handshakes,
             age_secs: s.age.as_secs_f64(),
             idle_secs: s.idle.as_secs_f64(),

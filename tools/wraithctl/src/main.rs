@@ -934,15 +934,27 @@ fn load_by_exit(sessions: &[Session]) -> BTreeMap<&str, ExitLoad> {
 struct Totals {
     sessions: u64,
     pending: u64,
+    /// Both paths.
     to_exit: Traffic,
     to_client: Traffic,
+    /// What of them the kernel fast path forwarded.
+    fast_to_exit: Traffic,
+    fast_to_client: Traffic,
     client_handshakes: u64,
     exit_handshakes: u64,
     drops: BTreeMap<String, u64>,
 }
 
 fn totals(m: &prom::Metrics) -> Totals {
-    Totals {
+    let fast_to_exit = Traffic {
+        packets: m.total("wraithgate_fastpath_packets_to_exit_total"),
+        bytes: m.total("wraithgate_fastpath_bytes_to_exit_total"),
+    };
+    let fast_to_client = Traffic {
+        packets: m.total("wraithgate_fastpath_packets_to_client_total"),
+        bytes: m.total("wraithgate_fastpath_bytes_to_client_total"),
+    };
+    let mut t = Totals {
         sessions: m.total("wraithgate_sessions"),
         pending: m.total("wraithgate_sessions_pending"),
         to_exit: Traffic {
@@ -960,7 +972,12 @@ fn totals(m: &prom::Metrics) -> Totals {
             .into_iter()
             .filter(|(_, n)| *n > 0)
             .collect(),
-    }
+        fast_to_exit,
+        fast_to_client,
+    };
+    t.to_exit += fast_to_exit;
+    t.to_client += fast_to_client;
+    t
 }
 
 fn summary_json(client: &Client, s: &Summary) -> Value {
@@ -1000,6 +1017,12 @@ fn summary_json(client: &Client, s: &Summary) -> Value {
         "sessions_pending": t.pending,
         "to_exit": t.to_exit,
         "to_client": t.to_client,
+        "fast_path": n.fast_path.as_ref().map(|f| json!({
+            "interfaces": f.interfaces,
+            "offloaded": f.offloaded,
+            "to_exit": t.fast_to_exit,
+            "to_client": t.fast_to_client,
+        })),
         "client_handshakes": t.client_handshakes,
         "exit_handshakes": t.exit_handshakes,
         "drops": t.drops,
@@ -1042,6 +1065,20 @@ fn summary_text(client: &Client, s: &Summary) -> String {
                 t.to_client.packets
             ),
         );
+    match &n.fast_path {
+        Some(f) => node.field(
+            "fast path",
+            format!(
+                "{} sessions in the kernel (on {}); of the transfer, {} to exits and {} to \
+                 clients went through it",
+                f.offloaded,
+                f.interfaces.join(", "),
+                render::bytes(t.fast_to_exit.bytes),
+                render::bytes(t.fast_to_client.bytes)
+            ),
+        ),
+        None => node.field("fast path", "off"),
+    };
     if !s.config.peers.is_empty() {
         node.field(
             "z-hop peers",

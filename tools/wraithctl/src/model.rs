@@ -91,8 +91,20 @@ pub struct NodeInfo {
     pub listen: Vec<String>,
     #[serde(default)]
     pub zhop_peers: u64,
+    /// The kernel fast path when attached.
+    #[serde(default)]
+    pub fast_path: Option<NodeFastPath>,
     #[serde(default)]
     pub uptime_secs: u64,
+}
+
+/// `fast_path` of `GET /v1/node`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct NodeFastPath {
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub offloaded: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
