@@ -152,6 +152,15 @@ fn run(lab: &mut Lab) -> Result<()> {
          {kernel_bytes} bytes to clients in the kernel",
         iperf.mbps
     ));
+    if wraithgate_tests::netns::find_in_path("bpftool").is_some() {
+        let v = lab
+            .relay
+            .ns()
+            .exec("bpftool", &["map", "dump", "name", "verdicts"])
+            .unwrap_or_default();
+        let e = lab.relay.ns().exec("ethtool", &["-k", "c1"]).unwrap_or_default();
+        eprintln!("verdicts:\n{v}\n{e}");
+    }
     ensure!(kernel >= 10, "the kernel forwarded {kernel} packets");
     // A GSO train whose segments differ in size goes to userspace whole, so a few may.
     ensure!(
