@@ -152,15 +152,6 @@ fn run(lab: &mut Lab) -> Result<()> {
          {kernel_bytes} bytes to clients in the kernel",
         iperf.mbps
     ));
-    if wraithgate_tests::netns::find_in_path("bpftool").is_some() {
-        let v = lab
-            .relay
-            .ns()
-            .exec("bpftool", &["map", "dump", "name", "verdicts"])
-            .unwrap_or_default();
-        let e = lab.relay.ns().exec("ethtool", &["-k", "c1"]).unwrap_or_default();
-        eprintln!("verdicts:\n{v}\n{e}");
-    }
     ensure!(kernel >= 10, "the kernel forwarded {kernel} packets");
     // A GSO train whose segments differ in size goes to userspace whole, so a few may.
     ensure!(
@@ -229,9 +220,11 @@ fn run(lab: &mut Lab) -> Result<()> {
     );
 
     // 4a. Idle expiry: client2 has sent nothing since the lab came up.
-    wait_until(Duration::from_secs(30), "client2's session idles out", || {
-        Ok(session_of(lab, 1)?.is_none())
-    })?;
+    wait_until(
+        Duration::from_secs(30),
+        "client2's session idles out",
+        || Ok(session_of(lab, 1)?.is_none()),
+    )?;
     ping_dead(lab, 1, "after idle expiry")?;
 
     // 4b. Operator kill.
@@ -263,7 +256,10 @@ fn run(lab: &mut Lab) -> Result<()> {
     ping_dead(lab, 0, "after kill -9 of the node")?;
     if wraithgate_tests::netns::find_in_path("bpftool").is_some() {
         for dev in ["c1", "x1"] {
-            let shown = lab.relay.ns().exec("bpftool", &["net", "show", "dev", dev])?;
+            let shown = lab
+                .relay
+                .ns()
+                .exec("bpftool", &["net", "show", "dev", dev])?;
             ensure!(
                 !shown.contains("doublehop"),
                 "still attached to {dev} after kill -9:\n{shown}"
@@ -281,9 +277,15 @@ fn run(lab: &mut Lab) -> Result<()> {
     lab.relay.launch(true)?;
     rekey(lab, 0)?;
     let (sent, received) = lab.ping(0, 3)?;
-    ensure!(received == sent, "without capabilities: ping {received}/{sent}");
+    ensure!(
+        received == sent,
+        "without capabilities: ping {received}/{sent}"
+    );
     let log = std::fs::read_to_string(lab.relay.log_path())?;
-    let why: Vec<&str> = log.lines().filter(|l| l.contains("fast path off")).collect();
+    let why: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("fast path off"))
+        .collect();
     ensure!(
         why.len() == 1 && why[0].contains("CAP_BPF"),
         "expected one line saying why the fast path is off:\n{}",

@@ -29,7 +29,7 @@ pub fn wraithgate_bin() -> Result<PathBuf> {
             "WRAITHGATE_BIN",
             "wraithgate-control",
             "wraithgate",
-            &["relay", "control"],
+            &["relay", "control", "fastpath"],
         )
         .map_err(|e| format!("{e:#}"))
     })
