@@ -19,6 +19,10 @@
 //! 6. started without CAP_BPF and CAP_NET_ADMIN (`setpriv`), `auto` says why in one line
 //!    and forwards in userspace.
 //!
+//! The relay namespace forwards IPv4 (the program's FIB lookup needs it) but drops
+//! everything in netfilter's forward hook, as README.md advises: the fast path does not
+//! pass that hook.
+//!
 //! `sudo cargo test -p wraithgate-tests --test fastpath_netns -- --nocapture`
 
 use std::net::SocketAddr;
@@ -124,6 +128,12 @@ fn netns_fastpath_offloads_established_sessions_and_withdraws_them() {
 }
 
 fn run(lab: &mut Lab) -> Result<()> {
+    // Forwarding is on for the program's FIB lookup; the namespace itself routes nothing
+    // (what README.md advises): the program's redirect does not pass the forward hook.
+    lab.relay.ns().nft(
+        "table inet wgi_relay {\n\tchain forward {\n\t\ttype filter hook forward priority 0; \
+         policy drop;\n\t}\n}\n",
+    )?;
     let log = std::fs::read_to_string(lab.relay.log_path())?;
     ensure!(
         log.contains("fast path attached"),
