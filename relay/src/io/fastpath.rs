@@ -111,6 +111,11 @@ impl FastSessions {
         self.held.len()
     }
 
+    /// Whether the kernel maps hold session `slot`.
+    pub(crate) fn holds(&self, slot: SessionSlot) -> bool {
+        self.held.contains_key(&slot)
+    }
+
     /// Offloads the session of `socket` with exactly `indices` (see `Output::Offload`). On
     /// any failure the session is withdrawn whole and stays on the userspace path.
     pub(crate) fn offload(

@@ -263,7 +263,18 @@ impl Worker {
         let router = &mut self.router;
         match req {
             WorkerRequest::Sessions(reply) => {
-                let _ = reply.send(router.sessions(now).collect());
+                // Offloaded as the kernel maps hold it (an offload the maps refused left
+                // the session in userspace, whatever the router asked).
+                let fast = self.fast.as_ref();
+                let _ = reply.send(
+                    router
+                        .sessions(now)
+                        .map(|mut s| {
+                            s.offloaded = fast.is_some_and(|f| f.holds(s.slot));
+                            s
+                        })
+                        .collect(),
+                );
             }
             WorkerRequest::CloseSession { slot, reply } => {
                 let _ = reply.send(router.close_session(slot));
