@@ -306,3 +306,51 @@ fn route_source(client: SocketAddrV4) -> Option<std::net::Ipv4Addr> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_unique_across_workers_and_refused_out_of_range() {
+        let slot = |index| SessionSlot {
+            index,
+            generation: 3,
+        };
+        assert_eq!(session_id(0, slot(5)), Some(SessionId(5)));
+        assert_eq!(session_id(2, slot(5)), Some(SessionId(2 << 24 | 5)));
+        assert_ne!(session_id(1, slot(0)), session_id(0, slot(1 << 23)));
+        assert_eq!(session_id(256, slot(0)), None, "worker out of range");
+        assert_eq!(session_id(0, slot(1 << 24)), None, "slot out of range");
+    }
+
+    #[test]
+    fn deltas_count_what_is_new_and_whether_the_kernel_forwarded_since() {
+        let at = |p: u64, b: u64, seen: u64| Counters {
+            client_to_exit: wraithgate_fastpath::DirectionCounters {
+                packets: p,
+                bytes: b,
+            },
+            exit_to_client: wraithgate_fastpath::DirectionCounters {
+                packets: 2 * p,
+                bytes: 2 * b,
+            },
+            last_seen: (seen > 0).then(|| Duration::from_nanos(seen)),
+        };
+        let (e, c, fresh) = delta(&at(10, 1_000, 5), &at(15, 1_600, 9));
+        assert_eq!(
+            (e.packets, e.bytes, c.packets, c.bytes),
+            (5, 600, 10, 1_200)
+        );
+        assert!(fresh);
+        let (e, _, fresh) = delta(&at(15, 1_600, 9), &at(15, 1_600, 9));
+        assert_eq!(e.packets, 0);
+        assert!(
+            !fresh,
+            "nothing new: last activity stays as the router has it"
+        );
+        let (e, _, fresh) = delta(&Counters::default(), &at(1, 32, 7));
+        assert_eq!((e.packets, e.bytes), (1, 32));
+        assert!(fresh, "the first packet ever");
+    }
+}
