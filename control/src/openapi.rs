@@ -118,6 +118,7 @@ pub fn document() -> Value {
                     "workers": {"type": "integer"}, "listen": {"type": "array", "items": {"type": "string"}}, "generation": {"type": "integer"},
                     "exits": {"type": "integer"}, "peers": {"type": "integer"}, "sessions": {"type": "integer"}, "zhop_peers": {"type": "integer"},
                     "fast_path": {"$ref": "#/components/schemas/NodeFastPath"},
+                    "fast_path_refused": {"type": "string", "nullable": true, "description": "Why fast_path = \"auto\" runs without it (null: attached, or off)."},
                     "uptime_secs": {"type": "integer"}}}}}}}), error_responses(&common))}},
             "/v1/exits": {
                 "get": {"summary": "List exits",

@@ -134,6 +134,11 @@ fn run(lab: &mut Lab) -> Result<()> {
         "table inet wgi_relay {\n\tchain forward {\n\t\ttype filter hook forward priority 0; \
          policy drop;\n\t}\n}\n",
     )?;
+    let show = lab.relay.wraithctl(&["show"])?;
+    ensure!(
+        show.contains("sessions in the kernel (on "),
+        "wraithctl show does not say the fast path is on:\n{show}"
+    );
     let log = std::fs::read_to_string(lab.relay.log_path())?;
     ensure!(
         log.contains("fast path attached"),
@@ -302,6 +307,11 @@ fn run(lab: &mut Lab) -> Result<()> {
         lab.relay.log_tail(30)
     );
     lab.report(&format!("without capabilities: {}", why[0].trim()));
+    let show = lab.relay.wraithctl(&["show"])?;
+    ensure!(
+        show.contains("fast path") && show.contains("off: needs CAP_BPF"),
+        "wraithctl show does not say why:\n{show}"
+    );
     let m = lab.relay.metrics()?;
     ensure!(m.sum("wraithgate_fastpath_attached", &[]) == 0);
     ensure!(m.sum("wraithgate_packets_to_exit_total", &[]) >= 3);

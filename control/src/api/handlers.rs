@@ -80,6 +80,7 @@ pub(super) async fn node_info(State(app): State<App>) -> Json<serde_json::Value>
             "interfaces": interfaces,
             "offloaded": reports.iter().filter_map(|r| r.fast_path).map(|f| f.offloaded).sum::<usize>(),
         })),
+        "fast_path_refused": c.dp.fast_path_refused(),
         "uptime_secs": c.started.elapsed().as_secs(),
     }))
 }

@@ -30,11 +30,11 @@ const READS_PER_STEP: usize = 512;
 /// A new round of counter reads starts at most this often.
 const READ_ROUND: Duration = Duration::from_secs(1);
 
-/// Attaches the fast path as `cfg` asks: `None` when it is off or cannot run here (then
-/// one WARN line says why, and userspace forwards everything).
-pub(crate) fn attach(cfg: &DataPlaneConfig) -> Option<FastPath> {
+/// Attaches the fast path as `cfg` asks: `Ok(None)` when it is off, `Err(why)` when
+/// `auto` cannot run here (one WARN line says so, and userspace forwards everything).
+pub(crate) fn attach(cfg: &DataPlaneConfig) -> Result<Option<FastPath>, String> {
     if cfg.fast_path == FastPathChoice::Off {
-        return None;
+        return Ok(None);
     }
     let interfaces = if cfg.fast_path_interfaces.is_empty() {
         wraithgate_fastpath::ethernet_interfaces()
@@ -42,21 +42,20 @@ pub(crate) fn attach(cfg: &DataPlaneConfig) -> Option<FastPath> {
         cfg.fast_path_interfaces.clone()
     };
     if interfaces.is_empty() {
-        tracing::warn!(
-            "fast path off: no Ethernet interface to attach to (name them in [relay] \
-             fast_path_interfaces); forwarding in userspace"
-        );
-        return None;
+        let why = "no Ethernet interface to attach to (name them in [relay] \
+                   fast_path_interfaces)";
+        tracing::warn!("fast path off: {why}; forwarding in userspace");
+        return Err(why.to_owned());
     }
     let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
     match FastPath::attach(&names) {
         Ok(fast) => {
             tracing::info!(interfaces = ?interfaces, "fast path attached (tc ingress, tcx links)");
-            Some(fast)
+            Ok(Some(fast))
         }
         Err(e) => {
             tracing::warn!("fast path off: {e}; forwarding in userspace");
-            None
+            Err(e.to_string())
         }
     }
 }

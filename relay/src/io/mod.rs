@@ -107,6 +107,8 @@ pub struct DataPlane {
     steering: bool,
     /// Cores this process may use that no pinned worker runs on.
     spare_cores: Vec<usize>,
+    /// Why `fast_path = "auto"` did not attach, if it did not.
+    fast_path_refused: Option<String>,
     /// The kernel fast path, when attached. Declared last: dropped (detached) after the
     /// workers stopped and withdrew their sessions.
     fast: Option<wraithgate_fastpath::FastPath>,
@@ -274,7 +276,10 @@ impl DataPlane {
         } else {
             Vec::new()
         };
-        let mut fast = fastpath::attach(&cfg);
+        let (mut fast, mut fast_path_refused) = match fastpath::attach(&cfg) {
+            Ok(fast) => (fast, None),
+            Err(why) => (None, Some(why)),
+        };
         let shutdown = Arc::new(AtomicBool::new(false));
         let backend = cfg.backend;
         let mut handles = Vec::with_capacity(workers);
@@ -295,8 +300,10 @@ impl DataPlane {
             let maps = match fast.as_ref().map(|f| f.session_maps()) {
                 Some(Ok(m)) => Some(m),
                 Some(Err(e)) => {
-                    tracing::warn!("fast path off: a worker cannot open its maps ({e}); forwarding in userspace");
+                    let why = format!("a worker cannot open its maps ({e})");
+                    tracing::warn!("fast path off: {why}; forwarding in userspace");
                     fast = None;
+                    fast_path_refused = Some(why);
                     None
                 }
                 None => None,
@@ -354,6 +361,7 @@ impl DataPlane {
             listener_socket_buffer: cfg.listener_socket_buffer,
             steering,
             spare_cores,
+            fast_path_refused,
             fast,
         };
         // Each worker sets up its own ring (a ring is tied to the thread that made it).
@@ -422,6 +430,12 @@ impl DataPlane {
     /// The interfaces the kernel fast path is attached to; `None` when it is off.
     pub fn fast_path_interfaces(&self) -> Option<&[String]> {
         self.fast.as_ref().map(|f| f.interfaces())
+    }
+
+    /// Why `fast_path = "auto"` runs without the fast path (the line the log gave); `None`
+    /// when it is attached or off.
+    pub fn fast_path_refused(&self) -> Option<&str> {
+        self.fast_path_refused.as_deref()
     }
 
     pub fn worker_count(&self) -> usize {

@@ -1023,6 +1023,7 @@ fn summary_json(client: &Client, s: &Summary) -> Value {
             "to_exit": t.fast_to_exit,
             "to_client": t.fast_to_client,
         })),
+        "fast_path_refused": n.fast_path_refused,
         "client_handshakes": t.client_handshakes,
         "exit_handshakes": t.exit_handshakes,
         "drops": t.drops,
@@ -1077,7 +1078,10 @@ fn summary_text(client: &Client, s: &Summary) -> String {
                 render::bytes(t.fast_to_client.bytes)
             ),
         ),
-        None => node.field("fast path", "off"),
+        None => match &n.fast_path_refused {
+            Some(why) => node.field("fast path", format!("off: {why}")),
+            None => node.field("fast path", "off"),
+        },
     };
     if !s.config.peers.is_empty() {
         node.field(

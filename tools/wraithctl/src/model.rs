@@ -94,6 +94,9 @@ pub struct NodeInfo {
     /// The kernel fast path when attached.
     #[serde(default)]
     pub fast_path: Option<NodeFastPath>,
+    /// Why `fast_path = "auto"` runs without it.
+    #[serde(default)]
+    pub fast_path_refused: Option<String>,
     #[serde(default)]
     pub uptime_secs: u64,
 }
