@@ -328,6 +328,10 @@ impl Contender {
     }
 }
 
+/// The pseudo-backend of the `wraithgate-fastpath` contender: `backend = "auto"` with
+/// `fast_path = "auto"`.
+pub const FAST_PATH: &str = "fastpath";
+
 /// The node configuration WraithGate is started with: one exit, the harness's sink, no
 /// operator API, and its own state directory (the node otherwise runs the exits persisted
 /// in `/var/lib/wraithgate` by an earlier start, and restores that start's sessions).
@@ -342,10 +346,17 @@ pub fn wraithgate_config(
     // `portable@socket_buffer=1048576@batch=64`: a backend with `[relay]` settings of its
     // own, so that variants of one backend run side by side as separate contenders.
     let mut parts = backend.split('@');
-    let backend = parts.next().unwrap_or_default();
-    let extra: String = parts
+    let mut backend = parts.next().unwrap_or_default();
+    let mut extra: String = parts
         .map(|kv| format!("{}\n", kv.replacen('=', " = ", 1)))
         .collect();
+    // `fastpath`: the kernel fast path on the backend `auto` picks. It attaches to the
+    // relay namespace's veths (netns, which forwards IPv4); on `lo` (loopback, host) it
+    // cannot, says so in its log, and the cell measures the userspace path.
+    if backend == FAST_PATH {
+        backend = "auto";
+        extra.push_str("fast_path = \"auto\"\n");
+    }
     format!(
         "[relay]\nlisten = [\"{listen}\"]\nworkers = {workers}\nbackend = \"{backend}\"\n{extra}\n\
          [limits]\nmax_sessions = 65536\n\n\
@@ -542,5 +553,17 @@ mod tests {
             Path::new("/tmp/rb-state"),
         );
         assert!(text.contains("backend = \"uring\"\nsocket_buffer = 1048576\nbatch = 64\n"));
+        let text = wraithgate_config(
+            "127.0.0.1:51820",
+            1,
+            FAST_PATH,
+            &PublicKey([1; 32]),
+            "127.0.0.2:52000",
+            Path::new("/tmp/s"),
+        );
+        assert!(
+            text.contains("backend = \"auto\"\nfast_path = \"auto\"\n"),
+            "{text}"
+        );
     }
 }

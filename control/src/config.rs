@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
-use wraithgate_relay::io::{BackendChoice, DataPlaneConfig};
+use wraithgate_relay::io::{BackendChoice, DataPlaneConfig, FastPathChoice};
 use wraithgate_relay::router::RouterConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable, TableError};
 use wraithgate_relay::PublicKey;
@@ -159,6 +159,13 @@ pub struct RelaySection {
     /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket, bytes.
     #[serde(default = "default_exit_socket_buffer")]
     pub exit_socket_buffer: usize,
+    /// The kernel fast path for established DoubleHop sessions: "off" (the default) or
+    /// "auto".
+    #[serde(default)]
+    pub fast_path: FastPathChoice,
+    /// Interfaces the fast path attaches to; every Ethernet interface when absent.
+    #[serde(default)]
+    pub fast_path_interfaces: Vec<String>,
 }
 
 impl Default for RelaySection {
@@ -174,6 +181,8 @@ impl Default for RelaySection {
             ring_buffers: default_ring_buffers(),
             socket_buffer: default_socket_buffer(),
             exit_socket_buffer: default_exit_socket_buffer(),
+            fast_path: FastPathChoice::Off,
+            fast_path_interfaces: Vec::new(),
         }
     }
 }
@@ -364,6 +373,19 @@ impl Config {
             let key = msg.split(' ').nth(1).unwrap_or("").trim_end_matches(':');
             return Err(at(find_key(text, key), (*msg).to_owned()));
         }
+        if let Some(name) = r
+            .fast_path_interfaces
+            .iter()
+            .find(|n| !interface_name_ok(n))
+        {
+            return Err(at(
+                find_key(text, "fast_path_interfaces"),
+                format!(
+                    "[relay] fast_path_interfaces: {name:?} is not an interface name (1 to 15 \
+                     bytes, no '/', whitespace or ':')"
+                ),
+            ));
+        }
         if l.cookie_replies_per_second == 0 {
             return Err(at(
                 find_key(text, "cookie_replies_per_second"),
@@ -463,6 +485,8 @@ impl Config {
             ring_buffers: r.ring_buffers,
             listener_socket_buffer: r.socket_buffer,
             exit_socket_buffer: r.exit_socket_buffer,
+            fast_path: r.fast_path,
+            fast_path_interfaces: r.fast_path_interfaces.clone(),
             ..defaults
         };
         Ok(Config {
@@ -481,6 +505,16 @@ pub fn listen_port_conflict(exit: &str, port: u16) -> String {
          would send every initiation arriving there to this exit and cut off the clients of \
          every other exit (found by mac1 on that port); pin a port of its own"
     )
+}
+
+/// Whether `name` can be a Linux interface name (`dev_valid_name`).
+fn interface_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', ':'])
+        && !name.chars().any(char::is_whitespace)
 }
 
 /// 1-based line of byte offset `at`.
@@ -523,6 +557,14 @@ backend = "auto"
 # exit_socket_buffer = 1048576
 # Source address of the sockets that talk to exits (by default the kernel picks).
 # exit_source = "203.0.113.5"
+# Kernel fast path: "auto" forwards the transport messages of established DoubleHop
+# sessions (clients that proved their address) in a tc program, without the socket stack;
+# handshakes and everything else stay in userspace. It needs CAP_BPF and CAP_NET_ADMIN,
+# Linux 6.6+ (tcx) and IPv4 forwarding on the interfaces (sysctl net.ipv4.ip_forward=1);
+# where any is missing the node logs why once and forwards in userspace. Off by default.
+# fast_path = "auto"
+# Interfaces it attaches to (ingress); by default every Ethernet interface.
+# fast_path_interfaces = ["eth0"]
 
 [limits]
 # Per worker. At a bound new handshakes are refused and counted; nothing is evicted.
@@ -585,6 +627,25 @@ mod tests {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.table.len(), 1);
         assert_eq!(c.data_plane.router.max_pending, 8192);
+    }
+
+    #[test]
+    fn fast_path_is_off_by_default_and_a_bad_value_or_interface_names_its_line() {
+        let c = parse("[relay]\nlisten = [\"0.0.0.0:51820\"]\n").unwrap();
+        assert_eq!(c.data_plane.fast_path, FastPathChoice::Off);
+        let c =
+            parse("[relay]\nfast_path = \"auto\"\nfast_path_interfaces = [\"eth0\", \"veth1\"]\n")
+                .unwrap();
+        assert_eq!(c.data_plane.fast_path, FastPathChoice::Auto);
+        assert_eq!(c.data_plane.fast_path_interfaces, ["eth0", "veth1"]);
+        let (l, m) = line(parse("[relay]\n\nfast_path = \"on\"\n").unwrap_err());
+        assert_eq!(l, 3, "{m}");
+        assert!(m.contains("auto") && m.contains("off"), "{m}");
+        let (l, m) = line(
+            parse("[relay]\nfast_path = \"auto\"\nfast_path_interfaces = [\"a/b\"]\n").unwrap_err(),
+        );
+        assert_eq!(l, 3, "{m}");
+        assert!(m.contains("\"a/b\" is not an interface name"), "{m}");
     }
 
     #[test]

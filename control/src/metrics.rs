@@ -28,10 +28,20 @@ pub fn render(c: &Control) -> String {
         &[("backend", backend), ("version", env!("CARGO_PKG_VERSION"))],
         1,
     );
+    w.header(
+        "wraithgate_fastpath_attached",
+        "gauge",
+        "1 when the kernel fast path is attached ([relay] fast_path = \"auto\" and the kernel allowed it).",
+    );
+    w.sample(
+        "wraithgate_fastpath_attached",
+        &[],
+        u64::from(c.dp.fast_path_interfaces().is_some()),
+    );
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 27] = [
+    let per_worker: [(&str, &str, ReportField); 33] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -156,6 +166,36 @@ pub fn render(c: &Control) -> String {
             "wraithgate_zhop_flows",
             "Z-HOP: inner flows (exit-facing sockets) on the worker.",
             |r| r.zhop.flows,
+        ),
+        (
+            "wraithgate_fastpath_packets_to_exit_total",
+            "Packets the kernel fast path forwarded from clients to exits for the worker's sessions (not in wraithgate_packets_to_exit_total, which is the worker's own).",
+            |r| r.router.fast_client_to_exit.packets,
+        ),
+        (
+            "wraithgate_fastpath_bytes_to_exit_total",
+            "Bytes the kernel fast path forwarded from clients to exits (not in wraithgate_bytes_to_exit_total).",
+            |r| r.router.fast_client_to_exit.bytes,
+        ),
+        (
+            "wraithgate_fastpath_packets_to_client_total",
+            "Packets the kernel fast path forwarded from exits to clients (not in wraithgate_packets_to_client_total).",
+            |r| r.router.fast_exit_to_client.packets,
+        ),
+        (
+            "wraithgate_fastpath_bytes_to_client_total",
+            "Bytes the kernel fast path forwarded from exits to clients (not in wraithgate_bytes_to_client_total).",
+            |r| r.router.fast_exit_to_client.bytes,
+        ),
+        (
+            "wraithgate_fastpath_sessions",
+            "Sessions the kernel fast path forwards now.",
+            |r| r.fast_path.map_or(0, |f| f.offloaded as u64),
+        ),
+        (
+            "wraithgate_fastpath_offload_errors_total",
+            "Offloads the kernel maps refused (those sessions stayed in userspace).",
+            |r| r.fast_path.map_or(0, |f| f.errors),
         ),
         (
             "wraithgate_sessions",

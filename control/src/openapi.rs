@@ -144,7 +144,20 @@ pub struct NodeView {
     pub peers: usize,
     pub sessions: usize,
     pub zhop_peers: u64,
+    /// The kernel fast path, where it is attached.
+    pub fast_path: Option<FastPathNode>,
+    /// Why `fast_path = "auto"` forwards in userspace, when it could not attach.
+    pub fast_path_refused: Option<String>,
     pub uptime_secs: u64,
+}
+
+/// The kernel fast path of a node ([`NodeView`]).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct FastPathNode {
+    /// The interfaces its program is attached to.
+    pub interfaces: Vec<String>,
+    /// Sessions it forwards now.
+    pub offloaded: usize,
 }
 
 /// Refusals a reading route may answer.

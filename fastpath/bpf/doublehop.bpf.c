@@ -33,11 +33,10 @@
 #define MAX_SEGMENTS 128
 
 // WireGuard (whitepaper §5.4): the first byte is the type, the next three are zero;
-// transport data (type 4) is >= 32 bytes and padded to a multiple of 16, with the
-// receiver index at 4..8. The first word, read little-endian, is therefore exactly 4.
+// transport data (type 4) is >= 32 bytes (padding to 16 is not to be relied on; see below),
+// with the receiver index at 4..8. The first word, read little-endian, is therefore exactly 4.
 #define WG_TRANSPORT_WORD 4
 #define WG_TRANSPORT_MIN 32
-#define WG_TRANSPORT_ALIGN 16
 
 #define ETH_HLEN_ 14
 #define IP_HLEN 20
@@ -200,8 +199,10 @@ int doublehop(struct __sk_buff *skb)
 		if (segs > MAX_SEGMENTS || (skb->gso_segs && segs != skb->gso_segs))
 			return count(V_TRAIN_MIXED);
 	}
-	if (h.wg.type != WG_TRANSPORT_WORD || seg_len < WG_TRANSPORT_MIN ||
-	    seg_len % WG_TRANSPORT_ALIGN)
+	// No multiple-of-16 rule: wireguard-go caps its padding at the tunnel MTU (a full
+	// 1420-byte packet travels as a 1452-byte message) and boringtun does not pad at all;
+	// userspace requires only the minimum too.
+	if (h.wg.type != WG_TRANSPORT_WORD || seg_len < WG_TRANSPORT_MIN)
 		return count(V_NOT_TRANSPORT);
 
 	struct rewrite *found;

@@ -541,6 +541,20 @@ pub fn monotonic_now() -> Duration {
     )
 }
 
+/// Every Ethernet interface in the calling thread's network namespace (from
+/// `/proc/thread-self/net/dev`), in the kernel's order: where client and exit traffic can
+/// arrive when the operator names none.
+pub fn ethernet_interfaces() -> Vec<String> {
+    let Ok(dev) = std::fs::read_to_string("/proc/thread-self/net/dev") else {
+        return Vec::new();
+    };
+    dev.lines()
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+        .filter(|name| !name.contains('|') && hardware_type(name) == Some(ARPHRD_ETHER))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Inserts a key that must not exist yet; a key that exists belongs to another session.
 fn insert_new<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,

@@ -39,7 +39,11 @@
 //! - initiations that got past the rate limiter from one source (IPv4 address or IPv6
 //!   /64) never exceed its token bucket over any window;
 //! - refusals are justified (no `SessionsFull` below the bound, and so on), and every
-//!   drop is counted exactly once under the reason returned; byte counters add up.
+//!   drop is counted exactly once under the reason returned; byte counters add up;
+//! - the kernel fast path (the router runs with `offload` on): a session is offloaded only
+//!   once its client's address is verified, only for IPv4, with its own client, listener
+//!   and exit, and only with indices the exit sent through that session; every offloaded
+//!   session is withdrawn before its socket closes, and withdrawn only if offloaded.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -206,6 +210,8 @@ struct SessionModel {
     /// Sender indices of the client's initiations forwarded through this session and not
     /// yet answered, newest last; the router keeps the newest four.
     awaiting: Vec<u32>,
+    /// The indices the router last offloaded to the kernel fast path, until withdrawn.
+    offloaded: Option<Vec<u32>>,
 }
 
 impl SessionModel {
@@ -309,6 +315,7 @@ impl Harness {
             // From the other limits, so that older corpus inputs keep their meaning.
             cookie_replies_per_second: 0,
             cookie_seed: [0x5c; 32],
+            offload: true,
         };
         cfg.cookie_replies_per_second = cfg.handshakes_per_second * 3;
         let table = Arc::new(table(input.u16(), 1));
@@ -541,6 +548,7 @@ impl Harness {
                             exit_indices: HashSet::new(),
                             offered: HashSet::new(),
                             awaiting: Vec::new(),
+                            offloaded: None,
                         },
                     );
                     self.slots.push(slot);
@@ -570,11 +578,41 @@ impl Harness {
                     let sent = self.in_flight.0.clone();
                     self.held_cookies.insert((from, key), (reply, sent));
                 }
+                Command::Offload(o) => {
+                    let s = self
+                        .open
+                        .get_mut(&o.slot)
+                        .unwrap_or_else(|| panic!("offloaded {:?}, which is not open", o.slot));
+                    assert_eq!(
+                        (o.client, o.listener, o.exit),
+                        (s.client, s.listener, s.exit_endpoint),
+                        "offloaded with another session's endpoints"
+                    );
+                    assert!(o.client.is_ipv4() && o.exit.is_ipv4(), "offloaded IPv6");
+                    assert!(!o.indices().is_empty(), "offloaded without an index");
+                    // Checked against the model once the event is over (`check_state`):
+                    // verification and the indices learnt are recorded after the drain.
+                    s.offloaded = Some(o.indices().to_vec());
+                }
+                Command::Withdraw { slot } => {
+                    let s = self
+                        .open
+                        .get_mut(&slot)
+                        .unwrap_or_else(|| panic!("withdrew {slot:?}, which is not open"));
+                    assert!(
+                        s.offloaded.take().is_some(),
+                        "withdrew {slot:?}, never offloaded"
+                    );
+                }
                 Command::CloseExitSocket { slot } => {
                     let s = self
                         .open
                         .remove(&slot)
                         .unwrap_or_else(|| panic!("closed {slot:?}, which is not open"));
+                    assert!(
+                        s.offloaded.is_none(),
+                        "{slot:?} closed while the fast path still forwards it"
+                    );
                     let allowed = match closing {
                         Closing::Never => false,
                         Closing::Only(which) => which == slot,
@@ -1044,8 +1082,11 @@ impl Harness {
             // Handshakes in flight are not saved.
             s.awaiting.clear();
             s.offered.clear();
+            s.offloaded = None;
             self.open.insert(slot, s);
             self.slots.push(slot);
+            // A verified session goes back to the fast path.
+            self.commands(Closing::Never, None);
         }
     }
 
@@ -1089,6 +1130,19 @@ impl Harness {
             assert!(info.exit_indices.iter().all(|i| s.exit_indices.contains(i)));
             if info.verified {
                 assert!(self.ledgers.get(&info.client).is_some_and(|l| l.verified));
+            }
+            assert_eq!(info.offloaded, s.offloaded.is_some());
+            if let Some(indices) = &s.offloaded {
+                assert!(
+                    self.ledgers.get(&info.client).is_some_and(|l| l.verified),
+                    "{} offloaded before it proved its address",
+                    info.client
+                );
+                assert!(
+                    indices.iter().all(|i| s.exit_indices.contains(i)),
+                    "offloaded an index the exit never sent through {:?}",
+                    info.slot
+                );
             }
         }
         assert_eq!(listed, self.open.len());

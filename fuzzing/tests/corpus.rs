@@ -83,6 +83,11 @@ fn fuzz_corpus_router_reaches_the_states_that_matter() {
     assert!(total.exit_handshakes > 0 && total.cookie_replies > 0);
     assert!(total.sessions_expired_pending > 0 && total.sessions_expired_idle > 0);
     assert!(total.sessions_closed_by_table > 0 && total.sessions_closed_by_request > 0);
+    // The fast path: sessions offloaded (and re-offloaded by rekeys) and withdrawn.
+    assert!(
+        total.offloads > total.withdrawals && total.withdrawals > 0,
+        "{total:?}"
+    );
     for reason in [
         DropReason::AmplificationLimit,
         DropReason::RateLimited,

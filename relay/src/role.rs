@@ -117,6 +117,20 @@ pub enum Output<'a> {
     },
     /// Close the socket owned by `socket`, after sending what waits for it.
     Close { socket: SocketOwner },
+    /// Let the kernel fast path forward the transport messages of the session whose
+    /// exit-facing socket is `socket`: from `client` to `listener` with one of `indices`
+    /// (exactly these: any other offloaded before is withdrawn) to `exit`, and from `exit`
+    /// back to `client`. Only when the I/O layer has a fast path; the session stays on the
+    /// userspace path whatever the answer.
+    Offload {
+        socket: SocketOwner,
+        client: SocketAddr,
+        listener: Listener,
+        exit: SocketAddr,
+        indices: &'a [u32],
+    },
+    /// Stop the fast path forwarding `socket`'s session (before its socket closes).
+    Withdraw { socket: SocketOwner },
 }
 
 /// A role: a sans-IO state machine that claims the client datagrams that are its own,

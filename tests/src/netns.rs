@@ -442,6 +442,14 @@ impl Daemon {
         child.wait().ok().map(|s| (s, start.elapsed()))
     }
 
+    /// Kills the process with SIGKILL (no clean-up of its own can run) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)

@@ -282,7 +282,19 @@ fn bench(cli: &Cli) -> Result<()> {
                 let label = alt.map(|(_, l)| format!("wraithgate-{b}-{l}"));
                 std::iter::once(format!("wraithgate-{b}")).chain(label)
             })
-            .chain(["nftables", "naive-tokio", "socat", "nginx", "direct"].map(String::from))
+            // The kernel fast path beside the userspace backends (not in --backends: the
+            // end-to-end and Z-HOP runs do not offload, so it would only add their time).
+            .chain(
+                [
+                    "wraithgate-fastpath",
+                    "nftables",
+                    "naive-tokio",
+                    "socat",
+                    "nginx",
+                    "direct",
+                ]
+                .map(String::from),
+            )
             .collect(),
     };
     let contenders: Vec<Contender> = names

@@ -227,10 +227,12 @@ pub(crate) struct SessionView {
     pub(super) listen_port: u16,
     pub(super) established: bool,
     pub(super) verified: bool,
+    /// Both paths: what the kernel fast path forwarded is part of it.
     #[schema(value_type = TrafficSchema)]
     pub(super) to_exit: Traffic,
     #[schema(value_type = TrafficSchema)]
     pub(super) to_client: Traffic,
+    pub(super) fast_path: FastPathView,
     pub(super) handshakes: u64,
     pub(super) age_secs: f64,
     pub(super) idle_secs: f64,
@@ -288,6 +290,12 @@ pub(crate) struct StatsView {
     /// Every drop reason with its count, zeros included.
     pub(super) drops: std::collections::BTreeMap<&'static str, u64>,
     pub(super) zhop: ZhopStatsView,
+    /// What the kernel fast path forwarded (not in `to_exit`/`to_client`, which are the
+    /// workers' own).
+    #[schema(value_type = TrafficSchema)]
+    pub(super) fast_path_to_exit: Traffic,
+    #[schema(value_type = TrafficSchema)]
+    pub(super) fast_path_to_client: Traffic,
     /// Per exit of the table, in its order.
     pub(super) exits: Vec<ExitStatsView>,
 }
@@ -320,4 +328,16 @@ pub(crate) struct ExitStatsView {
     pub(super) exit_handshakes: u64,
     /// The drops decided once the exit was known, by reason, zeros included.
     pub(super) drops: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// A session's share of the kernel fast path.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct FastPathView {
+    /// Whether the kernel forwards its transport messages now.
+    pub(super) offloaded: bool,
+    /// What the kernel forwarded, included in the session's totals.
+    #[schema(value_type = TrafficSchema)]
+    pub(super) to_exit: Traffic,
+    #[schema(value_type = TrafficSchema)]
+    pub(super) to_client: Traffic,
 }

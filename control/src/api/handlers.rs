@@ -11,12 +11,14 @@ use wraithgate_relay::router::{SessionSlot, Traffic};
 use wraithgate_relay::table::ExitSpec;
 use wraithgate_relay::{DropReason, ExitStats};
 
-use super::body::{self, key_from_path, SessionView};
+use super::body::{self, key_from_path, FastPathView, SessionView};
 use super::error::{bad_request, ApiError};
 use super::{App, WORKER_TIMEOUT};
 use crate::change::ChangeError;
 use crate::metrics;
-use crate::openapi::{ChangeRefusals, ChangeSchema, ErrorBody, NodeView, ReadRefusals};
+use crate::openapi::{
+    ChangeRefusals, ChangeSchema, ErrorBody, FastPathNode, NodeView, ReadRefusals,
+};
 use crate::state::{DesiredState, PeerSpec};
 
 /// Liveness: 200 while every worker keeps publishing; 503 naming the stalled ones (a
@@ -90,6 +92,15 @@ pub(super) async fn node_info(State(app): State<App>) -> Json<NodeView> {
         peers: c.dp.table().peer_count(),
         sessions: reports.iter().map(|r| r.sessions).sum::<usize>(),
         zhop_peers: reports.iter().map(|r| r.zhop.peers).sum::<u64>(),
+        fast_path: c.dp.fast_path_interfaces().map(|interfaces| FastPathNode {
+            interfaces: interfaces.to_vec(),
+            offloaded: reports
+                .iter()
+                .filter_map(|r| r.fast_path)
+                .map(|f| f.offloaded)
+                .sum(),
+        }),
+        fast_path_refused: c.dp.fast_path_refused().map(str::to_owned),
         uptime_secs: c.started.elapsed().as_secs(),
     })
 }
@@ -156,6 +167,8 @@ pub(super) async fn get_stats(State(app): State<App>) -> Json<body::StatsView> {
             .map(|r| (r.as_str(), router.dropped(*r)))
             .collect(),
         zhop,
+        fast_path_to_exit: router.fast_client_to_exit,
+        fast_path_to_client: router.fast_exit_to_client,
         exits,
     })
 }
@@ -421,6 +434,11 @@ pub(super) async fn list_sessions(
             verified: s.verified,
             to_exit: s.to_exit,
             to_client: s.to_client,
+            fast_path: FastPathView {
+                offloaded: s.offloaded,
+                to_exit: s.fast_to_exit,
+                to_client: s.fast_to_client,
+            },
             handshakes: s.handshakes,
             age_secs: s.age.as_secs_f64(),
             idle_secs: s.idle.as_secs_f64(),

@@ -81,6 +81,10 @@ pub struct RouterConfig {
     /// Secret the relay's cookies derive from. Routers of one node share it, so a cookie
     /// from one worker is good at all of them. Random by default.
     pub cookie_seed: [u8; 32],
+    /// Whether a kernel fast path carries out [`Command::Offload`]: the router then offloads
+    /// each IPv4 session whose client has proven its address, and withdraws it when it
+    /// closes. Off by default (the I/O layer turns it on when the program is attached).
+    pub offload: bool,
 }
 
 impl RouterConfig {
@@ -107,6 +111,7 @@ impl Default for RouterConfig {
             swap_sweep_budget: 512,
             cookie_replies_per_second: 20_000,
             cookie_seed: rand::random(),
+            offload: false,
         }
     }
 }
@@ -166,6 +171,36 @@ pub enum Command {
         client: SocketAddr,
         reply: CookieReplyBytes,
     },
+    /// Let the kernel fast path forward this session's transport messages: client → exit
+    /// with exactly these receiver indices (withdrawing any offloaded before that are no
+    /// longer among them), exit → client from its exit. Emitted only for a session whose
+    /// client has proven its address (the amplification rule), again whenever its usable
+    /// indices change (a rekey), and only with [`RouterConfig::offload`].
+    Offload(Offload),
+    /// Stop the fast path forwarding this session (it closes: expiry, kill, table swap);
+    /// always before its socket's [`Command::CloseExitSocket`].
+    Withdraw { slot: SessionSlot },
+}
+
+/// What the fast path needs to forward one session, as the router knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offload {
+    pub slot: SessionSlot,
+    /// The client's proven address.
+    pub client: SocketAddr,
+    /// The listener it sends to (and the fast path's replies leave from).
+    pub listener: Listener,
+    pub exit: SocketAddr,
+    /// Receiver indices the exit assigned to this session that its client may use.
+    pub indices: [u32; EXIT_INDICES],
+    pub len: u8,
+}
+
+impl Offload {
+    /// The receiver indices, oldest first.
+    pub fn indices(&self) -> &[u32] {
+        &self.indices[..self.len as usize]
+    }
 }
 
 /// Counters of one router; plain integers, summed across workers at scrape time.
@@ -188,6 +223,15 @@ pub struct RouterStats {
     /// Closed on request (operator kill).
     pub sessions_closed_by_request: u64,
     pub table_swaps: u64,
+    /// Forwarded by the kernel fast path (not in `client_to_exit`, which is this worker's
+    /// own forwarding), as read back from its per-session counters.
+    pub fast_client_to_exit: Traffic,
+    /// Forwarded by the kernel fast path, exit → client.
+    pub fast_exit_to_client: Traffic,
+    /// Offload requests made (a session's first, and one per rekey's new indices).
+    pub offloads: u64,
+    /// Sessions withdrawn from the fast path.
+    pub withdrawals: u64,
     pub drops: [u64; DropReason::COUNT],
 }
 
@@ -206,6 +250,10 @@ impl RouterStats {
         };
         t(&mut self.client_to_exit, &other.client_to_exit);
         t(&mut self.exit_to_client, &other.exit_to_client);
+        t(&mut self.fast_client_to_exit, &other.fast_client_to_exit);
+        t(&mut self.fast_exit_to_client, &other.fast_exit_to_client);
+        self.offloads += other.offloads;
+        self.withdrawals += other.withdrawals;
         self.client_handshakes += other.client_handshakes;
         self.exit_handshakes += other.exit_handshakes;
         self.cookie_replies += other.cookie_replies;
@@ -288,8 +336,15 @@ pub struct SessionInfo {
     pub exit_endpoint: SocketAddr,
     pub established: bool,
     pub verified: bool,
+    /// Totals, both paths (`fast_to_exit` is part of them).
     pub to_exit: Traffic,
     pub to_client: Traffic,
+    /// Whether the kernel fast path forwards its transport messages.
+    pub offloaded: bool,
+    /// What the kernel fast path forwarded of `to_exit`.
+    pub fast_to_exit: Traffic,
+    /// What the kernel fast path forwarded of `to_client`.
+    pub fast_to_client: Traffic,
     pub handshakes: u64,
     pub age: Duration,
     pub idle: Duration,
@@ -482,6 +537,10 @@ struct Session {
     handshakes: u64,
     /// When the latest handshake completed (a response forwarded either way).
     last_handshake: Option<Instant>,
+    /// An [`Command::Offload`] was emitted and no [`Command::Withdraw`] since.
+    offloaded: bool,
+    fast_to_exit: Traffic,
+    fast_to_client: Traffic,
 }
 
 impl Session {
@@ -771,9 +830,11 @@ impl Router {
             .sessions
             .at_mut(slot_index)
             .expect("slot listed for a client holds a session");
+        let mut newly_verified = false;
         if is_transport {
             // The exit sent this index only to this address (an exit-side forger cannot
             // put one in `usable`), so using it proves the client receives here.
+            newly_verified = !s.verified;
             s.verified = true;
             s.indices.usable.mark_used(index);
         } else {
@@ -788,7 +849,67 @@ impl Router {
             .client_to_exit
             .add(len);
         self.stats.client_to_exit.add(len);
+        if newly_verified {
+            self.offload(slot);
+        }
         Action::ToExit(slot)
+    }
+
+    /// Queues a [`Command::Offload`] of `slot` with its usable indices, if the fast path is
+    /// on and the session may go there: its client has proven its address (so the program
+    /// never sends an unverified address more than userspace would), and it is IPv4 (the
+    /// program's only family for now).
+    fn offload(&mut self, slot: SessionSlot) {
+        if !self.cfg.offload {
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(slot) else {
+            return;
+        };
+        let v4 = s.client.is_ipv4() && s.exit_endpoint.is_ipv4();
+        if !s.verified || !v4 || s.indices.usable.len == 0 {
+            return;
+        }
+        s.offloaded = true;
+        self.stats.offloads += 1;
+        self.commands.push_back(Command::Offload(Offload {
+            slot,
+            client: s.client,
+            listener: s.listener,
+            exit: s.exit_endpoint,
+            indices: s.indices.usable.indices,
+            len: s.indices.usable.len,
+        }));
+    }
+
+    /// Folds what the kernel fast path forwarded for `slot` since the last call into the
+    /// session (its totals, and its last activity, so idle expiry sees traffic the worker
+    /// never did) and into the counters. `last_seen` is when the kernel last forwarded one
+    /// of its packets. A session already closed (its final counters, read at withdrawal)
+    /// counts in the counters only.
+    pub fn fast_path_traffic(
+        &mut self,
+        slot: SessionSlot,
+        to_exit: Traffic,
+        to_client: Traffic,
+        last_seen: Option<Instant>,
+    ) {
+        let sum = |a: &mut Traffic, b: Traffic| {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        };
+        sum(&mut self.stats.fast_client_to_exit, to_exit);
+        sum(&mut self.stats.fast_exit_to_client, to_client);
+        let Some(s) = self.sessions.get_mut(slot) else {
+            return;
+        };
+        sum(&mut s.to_exit, to_exit);
+        sum(&mut s.to_client, to_client);
+        sum(&mut s.fast_to_exit, to_exit);
+        sum(&mut s.fast_to_client, to_client);
+        if let Some(seen) = last_seen {
+            s.last_activity = s.last_activity.max(seen);
+        }
     }
 
     /// A client's response to an exit's initiation. Its mac1 is keyed by the public key of
@@ -827,6 +948,7 @@ impl Router {
         // Answering an initiation the relay delivered only to this address proves receipt,
         // as a transport message does.
         s.verified |= s.indices.offered.contains(index);
+        let new_index = !s.indices.usable.contains(index);
         s.indices.usable.push(index);
         s.indices.usable.mark_used(index);
         s.last_activity = now;
@@ -842,6 +964,11 @@ impl Router {
             .client_to_exit
             .add(len);
         self.stats.client_to_exit.add(len);
+        // A verified session's rekey (the exit initiated it) gives the fast path its new
+        // index; the first proof of receipt offloads the session.
+        if s.verified && (new_index || !s.offloaded) {
+            self.offload(slot);
+        }
         Action::ToExit(slot)
     }
 
@@ -960,6 +1087,9 @@ impl Router {
                     to_client: Traffic::default(),
                     handshakes: 1,
                     last_handshake: None,
+                    offloaded: false,
+                    fast_to_exit: Traffic::default(),
+                    fast_to_client: Traffic::default(),
                 };
                 let slot = self.insert(session);
                 self.pending += 1;
@@ -1054,10 +1184,17 @@ impl Router {
         s.to_client.add(packet.len());
         e.exit_to_client.add(packet.len());
         self.stats.exit_to_client.add(packet.len());
-        Action::ToClient {
+        let action = Action::ToClient {
             listener: s.listener,
             client: s.client,
+        };
+        // The answer to a verified client's rekey: its new index goes to the fast path
+        // before the response reaches the client, so its first transport is forwarded there.
+        let rekeyed = s.verified && matches!(msg, Message::Response(_));
+        if rekeyed {
+            self.offload(slot);
         }
+        action
     }
 
     /// The I/O layer could not open the socket of `slot`: forget the session.
@@ -1088,6 +1225,10 @@ impl Router {
             self.pending -= 1;
         }
         self.exit_stats[s.exit_stat as usize].sessions -= 1;
+        if s.offloaded {
+            self.stats.withdrawals += 1;
+            self.commands.push_back(Command::Withdraw { slot });
+        }
         match cause {
             CloseCause::PendingExpired => self.stats.sessions_expired_pending += 1,
             CloseCause::Idle => self.stats.sessions_expired_idle += 1,
@@ -1235,6 +1376,9 @@ impl Router {
             to_client: snap.to_client,
             handshakes: snap.handshakes,
             last_handshake: None,
+            offloaded: false,
+            fast_to_exit: Traffic::default(),
+            fast_to_client: Traffic::default(),
         };
         let slot = self.insert(session);
         if !snap.established {
@@ -1245,6 +1389,8 @@ impl Router {
             exit: snap.exit_endpoint,
             local_port: Some(snap.local_port),
         });
+        // Its client proved its address before the restart, from the same address.
+        self.offload(slot);
         Ok(slot)
     }
 
@@ -1260,6 +1406,9 @@ impl Router {
             verified: s.verified,
             to_exit: s.to_exit,
             to_client: s.to_client,
+            offloaded: s.offloaded,
+            fast_to_exit: s.fast_to_exit,
+            fast_to_client: s.fast_to_client,
             handshakes: s.handshakes,
             age: now.saturating_duration_since(s.created),
             idle: now.saturating_duration_since(s.last_activity),

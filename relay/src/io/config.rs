@@ -32,6 +32,28 @@ impl BackendChoice {
     }
 }
 
+/// Whether the node forwards established DoubleHop sessions in the kernel (the tc program
+/// of `wraithgate-fastpath`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathChoice {
+    /// Userspace forwards everything.
+    #[default]
+    Off,
+    /// Attach where the kernel and this process's privileges allow it; otherwise one log
+    /// line says why and userspace forwards everything, as with `off`.
+    Auto,
+}
+
+impl FastPathChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FastPathChoice::Off => "off",
+            FastPathChoice::Auto => "auto",
+        }
+    }
+}
+
 /// Descriptors the data plane leaves to the rest of the node: the operator API's
 /// connections, state-file writes, logs. A node at its open-files limit still answers its
 /// operator, who can kill sessions to make room, instead of refusing every connection.
@@ -72,6 +94,11 @@ pub struct DataPlaneConfig {
     /// open-files limit were reached (`socket_unavailable`); set at start-up to the limit
     /// less [`CONTROL_DESCRIPTORS`].
     pub descriptor_ceiling: u64,
+    /// The kernel fast path: off, or where it can be attached.
+    pub fast_path: FastPathChoice,
+    /// Interfaces the fast path's program is attached to (ingress); empty: every Ethernet
+    /// interface of the node's network namespace.
+    pub fast_path_interfaces: Vec<String>,
 }
 
 impl Default for DataPlaneConfig {
@@ -91,6 +118,8 @@ impl Default for DataPlaneConfig {
             node_key: None,
             ring_buffers: 256,
             descriptor_ceiling: u64::MAX,
+            fast_path: FastPathChoice::Off,
+            fast_path_interfaces: Vec::new(),
         }
     }
 }

@@ -15,6 +15,7 @@
 mod backend;
 mod config;
 mod control;
+mod fastpath;
 mod listeners;
 pub mod portable;
 mod runs;
@@ -25,11 +26,13 @@ pub mod uring;
 mod worker;
 
 use self::backend::{choose_backend, Chosen};
-pub use self::config::{default_workers, BackendChoice, DataPlaneConfig, CONTROL_DESCRIPTORS};
+pub use self::config::{
+    default_workers, BackendChoice, DataPlaneConfig, FastPathChoice, CONTROL_DESCRIPTORS,
+};
 use self::listeners::{bind_group, pinned_exit_name};
 pub use self::listeners::{BoundListener, PinError, PinnedListeners};
 pub(crate) use self::stats::{CachePadded, SharedReport};
-pub use self::stats::{IoStats, LatencyHistogram, WorkerReport};
+pub use self::stats::{FastPathReport, IoStats, LatencyHistogram, WorkerReport};
 pub use uring::UringUnavailable;
 
 use std::io;
@@ -104,6 +107,11 @@ pub struct DataPlane {
     steering: bool,
     /// Cores this process may use that no pinned worker runs on.
     spare_cores: Vec<usize>,
+    /// Why `fast_path = "auto"` did not attach, if it did not.
+    fast_path_refused: Option<String>,
+    /// The kernel fast path, when attached. Declared last: dropped (detached) after the
+    /// workers stopped and withdrew their sessions.
+    fast: Option<wraithgate_fastpath::FastPath>,
 }
 
 /// The nice value of control threads when every core has a worker: the scheduler then
@@ -149,6 +157,8 @@ pub(crate) struct WorkerContext {
     pub requests: mpsc::Receiver<WorkerRequest>,
     pub report: SharedReport,
     pub shutdown: Arc<AtomicBool>,
+    /// Its own writer of the fast path's maps, when the fast path is attached.
+    pub fast: Option<wraithgate_fastpath::SessionMaps>,
 }
 
 impl DataPlane {
@@ -266,6 +276,10 @@ impl DataPlane {
         } else {
             Vec::new()
         };
+        let (mut fast, mut fast_path_refused) = match fastpath::attach(&cfg) {
+            Ok(fast) => (fast, None),
+            Err(why) => (None, Some(why)),
+        };
         let shutdown = Arc::new(AtomicBool::new(false));
         let backend = cfg.backend;
         let mut handles = Vec::with_capacity(workers);
@@ -283,7 +297,19 @@ impl DataPlane {
                 ..Default::default()
             })));
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let maps = match fast.as_ref().map(|f| f.session_maps()) {
+                Some(Ok(m)) => Some(m),
+                Some(Err(e)) => {
+                    let why = format!("a worker cannot open its maps ({e})");
+                    tracing::warn!("fast path off: {why}; forwarding in userspace");
+                    fast = None;
+                    fast_path_refused = Some(why);
+                    None
+                }
+                None => None,
+            };
             let ctx = WorkerContext {
+                fast: maps,
                 id,
                 cfg: cfg.clone(),
                 table: table.clone(),
@@ -335,6 +361,8 @@ impl DataPlane {
             listener_socket_buffer: cfg.listener_socket_buffer,
             steering,
             spare_cores,
+            fast_path_refused,
+            fast,
         };
         // Each worker sets up its own ring (a ring is tied to the thread that made it).
         for _ in 0..workers {
@@ -397,6 +425,17 @@ impl DataPlane {
     /// gave); `None` when it runs io_uring or another backend was asked for by name.
     pub fn fallback_reason(&self) -> Option<&UringUnavailable> {
         self.fallback.as_ref()
+    }
+
+    /// The interfaces the kernel fast path is attached to; `None` when it is off.
+    pub fn fast_path_interfaces(&self) -> Option<&[String]> {
+        self.fast.as_ref().map(|f| f.interfaces())
+    }
+
+    /// Why `fast_path = "auto"` runs without the fast path (the line the log gave); `None`
+    /// when it is attached or off.
+    pub fn fast_path_refused(&self) -> Option<&str> {
+        self.fast_path_refused.as_deref()
     }
 
     pub fn worker_count(&self) -> usize {

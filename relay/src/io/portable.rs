@@ -119,6 +119,7 @@ pub(crate) fn run(ctx: WorkerContext) {
     if let Err(e) = worker::run(&mut w) {
         tracing::error!(worker = w.worker.id, error = %e, "worker stopped");
     }
+    w.worker.stop_fast_path(Instant::now());
     w.worker.publish(&w.io, Instant::now());
 }
 
@@ -580,9 +581,13 @@ impl Datapath for PortableIo<'_> {
         Some(l.listener)
     }
 
-    fn local_port(&self, owner: SocketOwner) -> Option<u16> {
+    fn local_addr(&self, owner: SocketOwner) -> Option<SocketAddr> {
         let s = owned(self.owned, owner)?;
-        Some(s.socket.local_addr().ok()?.as_socket()?.port())
+        s.socket.local_addr().ok()?.as_socket()
+    }
+
+    fn listener_local(&self, id: u16) -> Option<SocketAddr> {
+        open_listener(self.listeners, id as usize).map(|l| l.local)
     }
 
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {

@@ -120,6 +120,15 @@ impl<T> std::ops::Deref for CachePadded<T> {
 /// allocation of its own, padded so that no other worker's report shares its lines.
 pub(crate) type SharedReport = Arc<CachePadded<Mutex<WorkerReport>>>;
 
+/// A worker's share of the kernel fast path (its traffic is in the router's counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FastPathReport {
+    /// Sessions this worker has offloaded now.
+    pub offloaded: usize,
+    /// Offloads the kernel maps refused (those sessions stayed in userspace).
+    pub errors: u64,
+}
+
 /// What a worker last published about itself.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerReport {
@@ -133,6 +142,8 @@ pub struct WorkerReport {
     pub pending: usize,
     pub table_generation: u64,
     pub zhop: crate::zhop::ZhopStats,
+    /// The kernel fast path as this worker drives it; `None` when it is not attached.
+    pub fast_path: Option<FastPathReport>,
     /// When the worker published this report.
     pub published: Option<std::time::Instant>,
 }

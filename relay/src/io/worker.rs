@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
+use super::fastpath::FastSessions;
 use super::runs::Target;
 use super::sys;
 use super::{
@@ -55,8 +56,14 @@ pub(crate) trait Datapath {
     fn add_listener(&mut self, l: BoundListener);
     /// Closes the listener bound to `local` (a port no longer pinned), if any.
     fn remove_listener(&mut self, local: SocketAddr) -> Option<Listener>;
+    /// The local address of `owner`'s socket (its source address once connected).
+    fn local_addr(&self, owner: SocketOwner) -> Option<SocketAddr>;
     /// The local port of `owner`'s socket.
-    fn local_port(&self, owner: SocketOwner) -> Option<u16>;
+    fn local_port(&self, owner: SocketOwner) -> Option<u16> {
+        self.local_addr(owner).map(|a| a.port())
+    }
+    /// The address listener `id` is bound to.
+    fn listener_local(&self, id: u16) -> Option<SocketAddr>;
     /// The listener on `port` for clients of `client`'s address family.
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener>;
     /// The backend's counters.
@@ -110,6 +117,8 @@ pub(crate) struct Worker {
     pub id: usize,
     pub router: Router,
     pub zhop: Zhop,
+    /// This worker's writer of the kernel fast path's maps, when it is attached.
+    fast: Option<FastSessions>,
     table: SharedTable,
     requests: mpsc::Receiver<WorkerRequest>,
     report: SharedReport,
@@ -128,15 +137,18 @@ impl Worker {
     /// and what of `ctx` its backend keeps.
     pub(crate) fn new(ctx: WorkerContext, now: Instant) -> (Worker, BackendContext) {
         let current = ctx.table.load();
+        let mut router_cfg = ctx.cfg.router.clone();
+        router_cfg.offload = ctx.fast.is_some();
         let worker = Worker {
             id: ctx.id,
+            fast: ctx.fast.map(|maps| FastSessions::new(ctx.id, maps, now)),
             zhop: Zhop::new(
                 ctx.cfg.node_key.map(NodeKey::from_secret),
                 current.clone(),
                 ctx.cfg.router.cookie_settings(),
                 now,
             ),
-            router: Router::new(ctx.cfg.router.clone(), current, now),
+            router: Router::new(router_cfg, current, now),
             table: ctx.table,
             requests: ctx.requests,
             report: ctx.report,
@@ -223,7 +235,12 @@ impl Worker {
             self.set_table(t);
         }
         let id = self.id;
-        let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |_| {});
+        // Kernel traffic first, so that idle expiry sees it.
+        if let Some(f) = &mut self.fast {
+            f.fold(&mut self.router, now, false);
+        }
+        let fast = &mut self.fast;
+        let mut out = |o: Output<'_>| carry_out(id, d, fast, o, &mut |_| {});
         Role::handle_timeout(&mut self.router, now, &mut out);
         Role::handle_timeout(&mut self.zhop, now, &mut out);
         while let Ok(req) = self.requests.try_recv() {
@@ -246,10 +263,14 @@ impl Worker {
         let router = &mut self.router;
         match req {
             WorkerRequest::Sessions(reply) => {
+                // Offloaded as the kernel maps hold it (an offload the maps refused left
+                // the session in userspace, whatever the router asked).
+                let fast = self.fast.as_ref();
                 let list = router
                     .sessions(now)
                     .map(|mut info| {
                         info.exit_port = d.local_port(Router::socket(info.slot));
+                        info.offloaded = fast.is_some_and(|f| f.holds(info.slot));
                         info
                     })
                     .collect();
@@ -283,8 +304,22 @@ impl Worker {
     /// Publishes the counters (`io`, the backend's) unless the control side is reading
     /// them at this moment; then the next housekeeping step tries again.
     pub(crate) fn publish(&mut self, io: &IoStats, now: Instant) {
-        if publish(&self.report, &self.router, &self.zhop, io) {
+        if publish(
+            &self.report,
+            &self.router,
+            &self.zhop,
+            self.fast.as_ref(),
+            io,
+        ) {
             self.last_report = now;
+        }
+    }
+
+    /// Withdraws every session from the fast path and folds their last kernel counters in
+    /// (the worker stops; publish afterwards).
+    pub(crate) fn stop_fast_path(&mut self, now: Instant) {
+        if let Some(f) = &mut self.fast {
+            f.withdraw_all(&mut self.router, now);
         }
     }
 
@@ -292,8 +327,9 @@ impl Worker {
     /// relay's cookie replies.
     fn router_commands(&mut self, d: &mut impl Datapath) {
         let id = self.id;
+        let fast = &mut self.fast;
         self.router
-            .drain_commands(&mut |o: Output<'_>| carry_out(id, d, o, &mut |_| {}));
+            .drain_commands(&mut |o: Output<'_>| carry_out(id, d, fast, o, &mut |_| {}));
     }
 
     /// Runs each segment of `msg` through the role it is for: a client datagram, parsed
@@ -328,7 +364,9 @@ impl Worker {
             let seg = &payload[start..start + seg_len];
             offset += seg_len;
             let id = self.id;
-            let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |t| forward(t, start, seg_len));
+            let fast = &mut self.fast;
+            let mut out =
+                |o: Output<'_>| carry_out(id, d, fast, o, &mut |t| forward(t, start, seg_len));
             match source {
                 // Z-HOP first: it claims only its own (and asks the router only whether it
                 // knows an address); the router takes every client datagram left.
@@ -380,10 +418,30 @@ fn offer<A: Role, B: Role>(
 fn carry_out(
     worker: usize,
     d: &mut impl Datapath,
+    fast: &mut Option<FastSessions>,
     o: Output<'_>,
     forward: &mut impl FnMut(Target),
 ) -> bool {
     match o {
+        Output::Offload {
+            socket,
+            client,
+            listener,
+            exit,
+            indices,
+        } => match fast {
+            Some(f) => {
+                f.offload(&*d, socket, client, listener, exit, indices);
+                true
+            }
+            None => false,
+        },
+        Output::Withdraw { socket } => {
+            if let Some(f) = fast {
+                f.withdraw(socket);
+            }
+            true
+        }
         Output::Forward(target) => {
             forward(target);
             true
@@ -456,6 +514,7 @@ pub(crate) fn publish(
     report: &Mutex<WorkerReport>,
     router: &Router,
     zhop: &Zhop,
+    fast: Option<&FastSessions>,
     io: &IoStats,
 ) -> bool {
     let mut r = match report.try_lock() {
@@ -482,6 +541,10 @@ pub(crate) fn publish(
     r.pending = router.pending_count();
     r.table_generation = router.table().generation();
     r.zhop = zhop.stats();
+    r.fast_path = fast.map(|f| super::stats::FastPathReport {
+        offloaded: f.offloaded(),
+        errors: f.errors,
+    });
     r.published = Some(std::time::Instant::now());
     true
 }
@@ -505,13 +568,13 @@ mod tests {
 
         let held = report.lock().expect("not poisoned");
         assert!(
-            !publish(&report, &router, &zhop, &io),
+            !publish(&report, &router, &zhop, None, &io),
             "skipped, not blocked"
         );
         drop(held);
         assert_eq!(report.lock().expect("not poisoned").io.recv_calls, 0);
 
-        assert!(publish(&report, &router, &zhop, &io));
+        assert!(publish(&report, &router, &zhop, None, &io));
         let r = report.lock().expect("not poisoned");
         assert_eq!(r.io.recv_calls, 7);
         assert_eq!(r.table_generation, 1);
@@ -529,7 +592,7 @@ mod tests {
         Role::record_drop(&mut zhop, DropReason::SendFailed);
         Role::record_drop(&mut zhop, DropReason::OuterRejected);
         let report = Mutex::new(WorkerReport::default());
-        assert!(publish(&report, &router, &zhop, &IoStats::default()));
+        assert!(publish(&report, &router, &zhop, None, &IoStats::default()));
         let r = report.lock().expect("not poisoned");
         assert_eq!(r.router.dropped(DropReason::SendFailed), 2);
         assert_eq!(r.router.dropped(DropReason::OuterRejected), 1);

@@ -116,7 +116,8 @@ struct Source {
     fresh: Option<Option<Mac1Key>>,
 }
 
-fn spoofing_socket(from: SocketAddr) -> Result<UdpSocket> {
+/// A UDP socket that sends from `from`, an address this namespace need not own.
+pub fn spoofing_socket(from: SocketAddr) -> Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_ip_transparent_v4(true)
         .context("IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;

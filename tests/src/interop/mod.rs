@@ -82,6 +82,17 @@ pub struct Lab {
     _lock: SuiteLock,
 }
 
+/// How the lab's relay runs.
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions {
+    /// Data-path backend: "auto", "uring", "portable".
+    pub backend: String,
+    /// `[relay] fast_path = "auto"`, with IPv4 forwarding on in the relay namespace.
+    pub fast_path: bool,
+    /// TOML lines of the relay's `[limits]` section.
+    pub limits: String,
+}
+
 /// What an iperf3 run measures.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Traffic {
@@ -154,6 +165,9 @@ impl Lab {
     /// `$WRAITHGATE_INTEROP_BACKEND` to run the suite on another), or explains why this
     /// machine cannot and returns `None` when skips are allowed (panics when
     /// `WRAITHGATE_REQUIRE_ALL_TESTS` forbids them).
+    ///
+    /// `WRAITHGATE_INTEROP_FAST_PATH=1` runs the suite with the kernel fast path on
+    /// ([`LabOptions::fast_path`]).
     pub fn start_or_skip(test: &str) -> Option<Lab> {
         let backend = std::env::var("WRAITHGATE_INTEROP_BACKEND").unwrap_or_else(|_| "auto".into());
         Self::start_or_skip_with(test, &backend)
@@ -162,16 +176,30 @@ impl Lab {
     /// [`Lab::start_or_skip`] with the relay on data-path `backend` ("auto", "uring",
     /// "portable").
     pub fn start_or_skip_with(test: &str, backend: &str) -> Option<Lab> {
+        let fast_path = std::env::var("WRAITHGATE_INTEROP_FAST_PATH").is_ok_and(|v| v == "1");
+        Self::start_or_skip_with_options(
+            test,
+            LabOptions {
+                backend: backend.to_owned(),
+                fast_path,
+                limits: String::new(),
+            },
+        )
+    }
+
+    /// [`Lab::start_or_skip`] with the relay set up as `options` say.
+    pub fn start_or_skip_with_options(test: &str, options: LabOptions) -> Option<Lab> {
         if !prerequisites_or_skip(test) {
             return None;
         }
-        match Lab::start(test, backend) {
+        match Lab::start(test, &options) {
             Ok(lab) => Some(lab),
             Err(e) => panic!("{test}: building the lab failed: {e:#}"),
         }
     }
 
-    fn start(test: &str, backend: &str) -> Result<Lab> {
+    fn start(test: &str, options: &LabOptions) -> Result<Lab> {
+        let backend = options.backend.as_str();
         let (lock, started, dir) = begin(test)?;
 
         let ns = |s: &str| Netns::create(s).map(Arc::new);
@@ -192,7 +220,11 @@ impl Lab {
         ] {
             relay_ns.sysctl(key, "0")?;
         }
-        relay_ns.sysctl("net.ipv4.ip_forward", "0")?;
+        // The kernel fast path needs forwarding on (its FIB lookup refuses otherwise).
+        relay_ns.sysctl(
+            "net.ipv4.ip_forward",
+            if options.fast_path { "1" } else { "0" },
+        )?;
         for (i, c) in [&c1, &c2].into_iter().enumerate() {
             let n = i + 1;
             veth(
@@ -298,7 +330,17 @@ impl Lab {
             x.up(24)?;
         }
 
-        let relay = RelayNode::start(relay_ns.clone(), &dir, backend)?;
+        let relay = RelayNode::start_with(
+            relay_ns.clone(),
+            &dir,
+            backend,
+            if options.fast_path {
+                "fast_path = \"auto\""
+            } else {
+                ""
+            },
+            &options.limits,
+        )?;
         relay.add_exit(
             "exit1",
             &exits[0].keys.public,

@@ -29,7 +29,7 @@ pub fn wraithgate_bin() -> Result<PathBuf> {
             "WRAITHGATE_BIN",
             "wraithgate-control",
             "wraithgate",
-            &["relay", "control"],
+            &["relay", "control", "fastpath"],
         )
         .map_err(|e| format!("{e:#}"))
     })
@@ -150,6 +150,8 @@ pub struct RelayNode {
     starts: u32,
     agent: ureq::Agent,
     token: Option<String>,
+    /// A command the node is started through (`setpriv …`), empty for none.
+    wrapper: Vec<String>,
 }
 
 /// How a start went.
@@ -163,6 +165,18 @@ impl RelayNode {
     /// Writes the configuration (no exits: they come through the API) and starts the node
     /// with data-path `backend` ("auto", "uring" or "portable").
     pub fn start(ns: Arc<Netns>, dir: &Path, backend: &str) -> Result<RelayNode> {
+        Self::start_with(ns, dir, backend, "", "")
+    }
+
+    /// [`RelayNode::start`] with more `[relay]` settings (`relay_extra`, TOML lines) and
+    /// a `[limits]` section (`limits`, TOML lines).
+    pub fn start_with(
+        ns: Arc<Netns>,
+        dir: &Path,
+        backend: &str,
+        relay_extra: &str,
+        limits: &str,
+    ) -> Result<RelayNode> {
         let config = dir.join("wraithgate.toml");
         let state_dir = dir.join("relay-state");
         // The lab shares its cores with wireguard-go, iperf3 and whatever else the machine
@@ -172,6 +186,10 @@ impl RelayNode {
 listen = ["0.0.0.0:{RELAY_PORT}"]
 backend = "{backend}"
 pin_workers = false
+{relay_extra}
+
+[limits]
+{limits}
 
 [control]
 api_listen = "{API_LISTEN}"
@@ -194,6 +212,7 @@ state_dir = "{}"
             starts: 0,
             agent,
             token: None,
+            wrapper: Vec::new(),
         };
         node.launch(true)?;
         Ok(node)
@@ -233,18 +252,21 @@ state_dir = "{}"
         let bin = bin.to_string_lossy().into_owned();
         let config = self.config.to_string_lossy().into_owned();
         let state = self.state_dir.to_string_lossy().into_owned();
+        let mut args: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
+        args.extend([
+            bin.as_str(),
+            "run",
+            "--config",
+            &config,
+            "--state-dir",
+            &state,
+            "--workers",
+            WORKERS,
+        ]);
         let mut daemon = self.ns.spawn(
             "wraithgate",
-            &bin,
-            &[
-                "run",
-                "--config",
-                &config,
-                "--state-dir",
-                &state,
-                "--workers",
-                WORKERS,
-            ],
+            args[0],
+            &args[1..],
             &[("WRAITHGATE_LOG", "info"), ("NO_COLOR", "1")],
             &log,
         )?;
@@ -299,6 +321,19 @@ state_dir = "{}"
             );
         }
         Ok(took)
+    }
+
+    /// Kills the node with SIGKILL: nothing of its own clean-up runs.
+    pub fn kill9(&mut self) -> Result<()> {
+        let mut p = self.process.take().context("the relay does not run")?;
+        p.kill9();
+        Ok(())
+    }
+
+    /// Starts the node through `wrapper` (say `setpriv --bounding-set=… --`) from the next
+    /// [`RelayNode::launch`] on.
+    pub fn set_wrapper(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|s| (*s).to_owned()).collect();
     }
 
     /// CPU time the node has used so far, in seconds; 0 if it does not run.
@@ -449,6 +484,16 @@ pub struct SessionView {
     pub established: bool,
     pub verified: bool,
     pub handshakes: u64,
+    pub to_exit: TrafficView,
+    pub to_client: TrafficView,
+    #[serde(default)]
+    pub fast_path: Option<FastPathView>,
+}
+
+/// A session's share of the kernel fast path, as `GET /v1/sessions` lists it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+pub struct FastPathView {
+    pub offloaded: bool,
     pub to_exit: TrafficView,
     pub to_client: TrafficView,
 }

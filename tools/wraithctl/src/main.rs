@@ -971,15 +971,21 @@ fn load_by_exit(sessions: &[Session]) -> BTreeMap<&str, ExitLoad> {
 struct Totals {
     sessions: u64,
     pending: u64,
+    /// Both paths.
     to_exit: Traffic,
     to_client: Traffic,
+    /// What of them the kernel fast path forwarded.
+    fast_to_exit: Traffic,
+    fast_to_client: Traffic,
     client_handshakes: u64,
     exit_handshakes: u64,
     drops: BTreeMap<String, u64>,
 }
 
 fn totals(m: &Stats) -> Totals {
-    Totals {
+    let fast_to_exit = m.fast_path_to_exit;
+    let fast_to_client = m.fast_path_to_client;
+    let mut t = Totals {
         sessions: m.sessions,
         pending: m.sessions_pending,
         to_exit: m.to_exit,
@@ -992,7 +998,12 @@ fn totals(m: &Stats) -> Totals {
             .filter(|(_, n)| **n > 0)
             .map(|(r, n)| (r.clone(), *n))
             .collect(),
-    }
+        fast_to_exit,
+        fast_to_client,
+    };
+    t.to_exit += fast_to_exit;
+    t.to_client += fast_to_client;
+    t
 }
 
 fn summary_json(client: &Client, s: &Summary) -> Value {
@@ -1032,6 +1043,13 @@ fn summary_json(client: &Client, s: &Summary) -> Value {
         "sessions_pending": t.pending,
         "to_exit": t.to_exit,
         "to_client": t.to_client,
+        "fast_path": n.fast_path.as_ref().map(|f| json!({
+            "interfaces": f.interfaces,
+            "offloaded": f.offloaded,
+            "to_exit": t.fast_to_exit,
+            "to_client": t.fast_to_client,
+        })),
+        "fast_path_refused": n.fast_path_refused,
         "client_handshakes": t.client_handshakes,
         "exit_handshakes": t.exit_handshakes,
         "drops": t.drops,
@@ -1074,6 +1092,23 @@ fn summary_text(client: &Client, s: &Summary) -> String {
                 t.to_client.packets
             ),
         );
+    match &n.fast_path {
+        Some(f) => node.field(
+            "fast path",
+            format!(
+                "{} sessions in the kernel (on {}); of the transfer, {} to exits and {} to \
+                 clients went through it",
+                f.offloaded,
+                f.interfaces.join(", "),
+                render::bytes(t.fast_to_exit.bytes),
+                render::bytes(t.fast_to_client.bytes)
+            ),
+        ),
+        None => match &n.fast_path_refused {
+            Some(why) => node.field("fast path", format!("off: {why}")),
+            None => node.field("fast path", "off"),
+        },
+    };
     if !s.config.peers.is_empty() {
         node.field(
             "z-hop peers",

@@ -91,8 +91,23 @@ pub struct NodeInfo {
     pub listen: Vec<String>,
     #[serde(default)]
     pub zhop_peers: u64,
+    /// The kernel fast path when attached.
+    #[serde(default)]
+    pub fast_path: Option<NodeFastPath>,
+    /// Why `fast_path = "auto"` runs without it.
+    #[serde(default)]
+    pub fast_path_refused: Option<String>,
     #[serde(default)]
     pub uptime_secs: u64,
+}
+
+/// `fast_path` of `GET /v1/node`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct NodeFastPath {
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub offloaded: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -157,6 +172,11 @@ pub struct Stats {
     /// Drops by reason.
     #[serde(default)]
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// What the kernel fast path forwarded (apart from `to_exit`/`to_client`).
+    #[serde(default)]
+    pub fast_path_to_exit: Traffic,
+    #[serde(default)]
+    pub fast_path_to_client: Traffic,
 }
 
 #[cfg(test)]

@@ -36,6 +36,20 @@ impl Router {
                         socket: <Router as Role>::socket(slot),
                     });
                 }
+                Command::Offload(o) => {
+                    out(Output::Offload {
+                        socket: <Router as Role>::socket(o.slot),
+                        client: o.client,
+                        listener: o.listener,
+                        exit: o.exit,
+                        indices: o.indices(),
+                    });
+                }
+                Command::Withdraw { slot } => {
+                    out(Output::Withdraw {
+                        socket: <Router as Role>::socket(slot),
+                    });
+                }
                 Command::SendCookieReply {
                     listener,
                     client,

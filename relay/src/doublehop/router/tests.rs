@@ -186,6 +186,19 @@ impl Harness {
         );
         slot
     }
+    /// As [`Harness::establish`], without the client's transport: established, unverified.
+    fn establish_unverified(
+        &mut self,
+        c: SocketAddr,
+        k: PublicKey,
+        exit_index: u32,
+    ) -> SessionSlot {
+        let Action::ToExit(slot) = self.client(MAIN, c, &initiation(k, 100)) else {
+            panic!("initiation not forwarded")
+        };
+        self.exit(slot, &response(exit_index, 100));
+        slot
+    }
 }
 
 #[test]
@@ -1023,6 +1036,9 @@ proptest! {
                         slots.push(slot);
                     }
                     Command::CloseExitSocket { slot } => prop_assert!(open.remove(&slot)),
+                    Command::Offload(_) | Command::Withdraw { .. } => {
+                        prop_assert!(false, "offload is off in this model");
+                    }
                     Command::SendCookieReply { client: to, .. } => {
                         // Only ever an answer to the initiation just received, and smaller.
                         prop_assert_eq!(Some(to), from);
@@ -1465,4 +1481,178 @@ fn the_residual_lift_reflects_the_attackers_own_bytes_one_for_one() {
         to_victim <= attacker_sent,
         "{to_victim} bytes to the victim for {attacker_sent} sent"
     );
+}
+
+/// The offload requests among `cmds`: (slot, indices).
+fn offloads(cmds: &[Command]) -> Vec<(SessionSlot, Vec<u32>)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Offload(o) => Some((o.slot, o.indices().to_vec())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn with_offload() -> Harness {
+    Harness::with(RouterConfig {
+        offload: true,
+        ..RouterConfig::default()
+    })
+}
+
+#[test]
+fn a_session_is_offloaded_only_once_its_client_has_proven_its_address() {
+    let mut h = with_offload();
+    let c = client(1);
+    let Action::ToExit(slot) = h.client(MAIN, c, &initiation(key(1), 100)) else {
+        panic!("initiation not forwarded")
+    };
+    assert!(offloads(&h.commands()).is_empty());
+    // The exit's response establishes the session, but proves nothing about the client.
+    assert!(matches!(
+        h.exit(slot, &response(7, 100)),
+        Action::ToClient { .. }
+    ));
+    assert!(
+        offloads(&h.commands()).is_empty(),
+        "not before return routability"
+    );
+    // Forged exit-side packets offer indices; none of them offloads anything.
+    h.exit(slot, &initiation(key(9), 555));
+    h.exit(slot, &response(8, 100));
+    assert!(offloads(&h.commands()).is_empty());
+    // The client uses the index the exit sent only to it: offloaded, with that index.
+    assert_eq!(h.client(MAIN, c, &transport(7, 32)), Action::ToExit(slot));
+    let cmds = h.commands();
+    assert_eq!(offloads(&cmds), vec![(slot, vec![7])]);
+    let Command::Offload(o) = cmds[0] else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!((o.client, o.listener, o.exit), (c, MAIN, exit_addr(1)));
+    // Later transport asks nothing more.
+    h.client(MAIN, c, &transport(7, 32));
+    assert!(h.commands().is_empty());
+    assert_eq!(h.r.stats().offloads, 1);
+    assert!(h.r.sessions(h.now).all(|s| s.offloaded));
+}
+
+#[test]
+fn without_a_fast_path_nothing_is_offloaded() {
+    let mut h = Harness::new();
+    let slot = h.establish(client(1), key(1), 7);
+    assert!(offloads(&h.commands()).is_empty());
+    h.r.close_session(slot);
+    assert_eq!(h.commands(), vec![Command::CloseExitSocket { slot }]);
+}
+
+#[test]
+fn a_rekey_either_way_offloads_its_new_index() {
+    let mut h = with_offload();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 7);
+    h.commands();
+    // The client rekeys; the exit's answer passes through userspace with the new index.
+    assert_eq!(
+        h.client(MAIN, c, &initiation(key(1), 200)),
+        Action::ToExit(slot)
+    );
+    h.exit(slot, &response(8, 200));
+    assert_eq!(offloads(&h.commands()), vec![(slot, vec![7, 8])]);
+    // The exit rekeys: its initiation offers an index, the client's response makes it one.
+    h.exit(slot, &initiation(key(9), 9));
+    assert!(offloads(&h.commands()).is_empty(), "an offer is no index");
+    assert_eq!(
+        h.client(MAIN, c, &response_to(key(1), 300, 9)),
+        Action::ToExit(slot)
+    );
+    assert_eq!(offloads(&h.commands()), vec![(slot, vec![7, 8, 9])]);
+}
+
+#[test]
+fn kill_expiry_and_table_swap_withdraw_before_the_socket_closes() {
+    let mut h = with_offload();
+    let killed = h.establish(client(1), key(1), 1);
+    let idle = h.establish(client(2), key(1), 2);
+    let moved = h.establish(client(3), key(2), 3);
+    let unverified = h.establish_unverified(client(4), key(1), 4);
+    h.commands();
+    assert!(h.r.close_session(killed));
+    assert_eq!(
+        h.commands(),
+        vec![
+            Command::Withdraw { slot: killed },
+            Command::CloseExitSocket { slot: killed }
+        ]
+    );
+    // Exit two moves: its session is withdrawn by the sweep.
+    let t = ExitTable::new(
+        2,
+        vec![
+            ExitSpec {
+                name: "one".into(),
+                public_key: key(1),
+                endpoint: exit_addr(1),
+                listen_port: None,
+            },
+            ExitSpec {
+                name: "two".into(),
+                public_key: key(2),
+                endpoint: exit_addr(9),
+                listen_port: None,
+            },
+        ],
+    )
+    .unwrap();
+    h.r.set_table(Arc::new(t));
+    h.advance(Duration::ZERO);
+    assert_eq!(
+        h.commands(),
+        vec![
+            Command::Withdraw { slot: moved },
+            Command::CloseExitSocket { slot: moved }
+        ]
+    );
+    h.advance(Duration::from_secs(541));
+    let cmds = h.commands();
+    assert_eq!(
+        cmds,
+        vec![
+            Command::Withdraw { slot: idle },
+            Command::CloseExitSocket { slot: idle },
+            Command::CloseExitSocket { slot: unverified },
+        ],
+        "a session never offloaded is not withdrawn"
+    );
+    assert_eq!(h.r.stats().withdrawals, 3);
+}
+
+#[test]
+fn kernel_traffic_keeps_a_session_alive_and_is_counted_apart() {
+    let mut h = with_offload();
+    let c = client(1);
+    let slot = h.establish(c, key(1), 1);
+    h.commands();
+    let before = h.r.stats().client_to_exit;
+    let t = |packets, bytes| Traffic { packets, bytes };
+    for _ in 0..6 {
+        h.advance(Duration::from_secs(100));
+        let now = h.now;
+        h.r.fast_path_traffic(slot, t(10, 1_000), t(20, 4_000), Some(now));
+    }
+    assert_eq!(h.r.session_count(), 1, "the kernel's traffic kept it");
+    let s = h.r.sessions(h.now).next().expect("listed");
+    assert_eq!(s.fast_to_exit, t(60, 6_000));
+    assert_eq!(s.fast_to_client, t(120, 24_000));
+    assert_eq!(s.to_exit.packets, 60 + 2, "totals include both paths");
+    assert_eq!(
+        h.r.stats().client_to_exit,
+        before,
+        "userspace's own counters"
+    );
+    assert_eq!(h.r.stats().fast_client_to_exit, t(60, 6_000));
+    // Without kernel traffic it idles out; its final counters still count.
+    h.advance(Duration::from_secs(541));
+    assert_eq!(h.r.session_count(), 0);
+    h.r.fast_path_traffic(slot, t(1, 100), t(0, 0), None);
+    assert_eq!(h.r.stats().fast_client_to_exit, t(61, 6_100));
 }

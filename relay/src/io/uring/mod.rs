@@ -304,9 +304,21 @@ impl Datapath for Plane {
         Some(listener)
     }
 
-    fn local_port(&self, owner: SocketOwner) -> Option<u16> {
+    fn local_addr(&self, owner: SocketOwner) -> Option<SocketAddr> {
         let s = self.sockets.get(self.sockets.owned(owner)?)?;
-        Some(s.socket.local_addr().ok()?.as_socket()?.port())
+        s.socket.local_addr().ok()?.as_socket()
+    }
+
+    fn listener_local(&self, id: u16) -> Option<SocketAddr> {
+        self.sockets
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| !s.closing)
+            .find_map(|s| match (s.role, s.local) {
+                (Role::Listener(l), Some(local)) if l.id == id => Some(local),
+                _ => None,
+            })
     }
 
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {
@@ -448,6 +460,7 @@ pub(crate) fn run(ctx: WorkerContext, ready: mpsc::Sender<Result<(), UringUnavai
     if let Err(e) = worker::run(&mut w) {
         tracing::error!(worker = w.worker.id, error = %e, "worker stopped");
     }
+    w.worker.stop_fast_path(Instant::now());
     w.publish(Instant::now());
     w.teardown();
 }
