@@ -382,7 +382,8 @@ fn peers_reference_exits_and_keep_their_preshared_keys_to_themselves() {
     assert_eq!(n.send("POST", "/v1/peers", &good.to_string(), &[]).0, 409);
     let listed = n.json("/v1/peers");
     assert_eq!(listed[0]["name"], "alice");
-    assert!(listed[0].get("preshared_key").is_none(), "{listed}");
+    assert_eq!(listed[0]["preshared_key"], "set", "{listed}");
+    assert!(!listed.to_string().contains(&psk), "{listed}");
     assert!(!n.get("/v1/config").1.contains(&psk));
     // The exit cannot go while the peer may use it.
     let (status, body) = n.send(

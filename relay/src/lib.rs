@@ -15,6 +15,7 @@ pub mod ratelimit;
 pub mod role;
 pub mod slab;
 pub mod table;
+pub mod tun;
 pub mod wire;
 pub mod zhop;
 

@@ -117,6 +117,8 @@ pub enum Output<'a> {
     },
     /// Close the socket owned by `socket`, after sending what waits for it.
     Close { socket: SocketOwner },
+    /// Write a decrypted IP packet to the node's TUN device (the Exit role).
+    ToTun { bytes: &'a [u8] },
 }
 
 /// A role: a sans-IO state machine that claims the client datagrams that are its own,

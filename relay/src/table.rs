@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -55,6 +56,11 @@ pub enum TableError {
     UnknownExit { key: PublicKey, exit: PublicKey },
     #[error("peer {key}: name must be at most 64 characters")]
     PeerName { key: PublicKey },
+    #[error("peer {key}: endpoint {endpoint} has port 0 or an unspecified address")]
+    PeerEndpoint {
+        key: PublicKey,
+        endpoint: SocketAddr,
+    },
 }
 
 /// A provisioned peer with what workers need at hand: the endpoints it may reach.
@@ -63,9 +69,33 @@ pub struct Peer {
     pub spec: PeerSpec,
     /// Endpoints of its allowed exits, resolved when the table is built.
     pub exit_endpoints: Vec<SocketAddr>,
+    /// The worker holding the peer's tunnel ([`NO_OWNER`] while none does): where the
+    /// Exit role hands a packet for it that the TUN gave another worker. Shared by every
+    /// table the peer is in ([`ExitTable::keep_owners`]); written only when the tunnel
+    /// moves (a handshake, roaming), read per TUN packet.
+    pub owner: Arc<AtomicU32>,
 }
 
+/// [`Peer::owner`] while no worker holds a tunnel with the peer.
+pub const NO_OWNER: u32 = u32::MAX;
+
 impl Peer {
+    /// The worker holding this peer's tunnel, if any.
+    pub fn owner(&self) -> Option<usize> {
+        match self.owner.load(Ordering::Relaxed) {
+            NO_OWNER => None,
+            w => Some(w as usize),
+        }
+    }
+
+    /// Records that worker `w` holds the peer's tunnel (a store only when it changes, so
+    /// the line stays shared between the workers that read it).
+    pub fn set_owner(&self, w: usize) {
+        if self.owner.load(Ordering::Relaxed) != w as u32 {
+            self.owner.store(w as u32, Ordering::Relaxed);
+        }
+    }
+
     /// Whether an inner packet from `src` may go to `dst`.
     pub fn allows(&self, src: IpAddr, dst: SocketAddr) -> (bool, bool) {
         (
@@ -183,6 +213,13 @@ pub struct PeerSpec {
     /// Public keys of the exits the peer may reach.
     #[serde(default)]
     pub allowed_exits: Vec<PublicKey>,
+    /// Where the peer is reached before it has sent anything (Exit role: the node then
+    /// initiates, as a WireGuard client does); resolved when the change is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds between keepalives the node sends when otherwise silent (0 or none: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_keepalive: Option<u16>,
 }
 
 /// Index of an exit within one table. Only meaningful together with that table.
@@ -210,6 +247,25 @@ pub struct ExitTable {
     by_key: HashMap<PublicKey, ExitId>,
     by_port: HashMap<u16, ExitId>,
     peers: HashMap<PublicKey, Peer>,
+    /// Peers by their allowed IPs, for the Exit role's routing of TUN packets.
+    routes: Routes,
+}
+
+/// Longest-prefix match over the peers' allowed IPs (the `ip_network_table` crate, the
+/// structure boringtun's device uses).
+struct Routes(ip_network_table::IpNetworkTable<PublicKey>);
+
+impl Default for Routes {
+    fn default() -> Self {
+        Routes(ip_network_table::IpNetworkTable::new())
+    }
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (v4, v6) = self.0.len();
+        write!(f, "Routes({v4} IPv4, {v6} IPv6)")
+    }
 }
 
 impl ExitTable {
@@ -291,6 +347,7 @@ impl ExitTable {
             by_key,
             by_port,
             peers: HashMap::new(),
+            routes: Routes::default(),
         })
     }
 
@@ -311,12 +368,28 @@ impl ExitTable {
             if p.name.chars().count() > 64 {
                 return Err(TableError::PeerName { key });
             }
+            if let Some(endpoint) = p.endpoint {
+                if endpoint.port() == 0 || endpoint.ip().is_unspecified() {
+                    return Err(TableError::PeerEndpoint { key, endpoint });
+                }
+            }
             if let Some(exit) = p
                 .allowed_exits
                 .iter()
                 .find(|x| !self.by_key.contains_key(x))
             {
                 return Err(TableError::UnknownExit { key, exit: *exit });
+            }
+        }
+        let mut routes = ip_network_table::IpNetworkTable::new();
+        for p in &peers {
+            for net in &p.allowed_ips {
+                let Ok(n) = ip_network::IpNetwork::new_truncate(net.addr, net.prefix) else {
+                    continue;
+                };
+                // Two peers claiming one prefix: the later in the list takes it, as the
+                // peer configured last does in `wg`.
+                routes.insert(n, p.public_key);
             }
         }
         self.peers = peers
@@ -333,11 +406,35 @@ impl ExitTable {
                     Peer {
                         spec,
                         exit_endpoints,
+                        owner: Arc::new(AtomicU32::new(NO_OWNER)),
                     },
                 )
             })
             .collect();
+        self.routes = Routes(routes);
         Ok(self)
+    }
+
+    /// The peer whose allowed IPs hold `dst` by longest prefix: where the Exit role sends
+    /// a packet read from the TUN device.
+    pub fn route(&self, dst: IpAddr) -> Option<&Peer> {
+        let (_, key) = self.routes.0.longest_match(dst)?;
+        self.peers.get(key)
+    }
+
+    /// Gives every peer that `previous` has too the owner cell it has there, so which
+    /// worker holds a peer's tunnel survives a table swap.
+    pub fn keep_owners(&mut self, previous: &ExitTable) {
+        for (key, p) in &mut self.peers {
+            if let Some(old) = previous.peers.get(key) {
+                p.owner = old.owner.clone();
+            }
+        }
+    }
+
+    /// Every provisioned peer.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
     }
 
     /// A provisioned peer by its public key.

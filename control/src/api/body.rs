@@ -36,9 +36,83 @@ pub fn exit_patch(body: &[u8]) -> Result<ExitPatch, String> {
     Ok(p)
 }
 
-/// `POST /v1/peers`.
+/// `POST /v1/peers`: a peer, its `endpoint` (`ip:port`, or `host:port` resolved now)
+/// included.
 pub fn peer(body: &[u8]) -> Result<PeerSpec, String> {
-    parse_json(body)
+    let p: PeerBody = parse_json(body)?;
+    Ok(PeerSpec {
+        public_key: p.public_key,
+        name: p.name,
+        allowed_ips: p.allowed_ips,
+        preshared_key: p.preshared_key,
+        allowed_exits: p.allowed_exits,
+        endpoint: p.endpoint,
+        persistent_keepalive: p.persistent_keepalive,
+    })
+}
+
+/// A peer as `POST /v1/peers` takes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerBody {
+    public_key: PublicKey,
+    #[serde(default)]
+    name: String,
+    allowed_ips: Vec<IpNet>,
+    #[serde(default)]
+    preshared_key: Option<PresharedKey>,
+    #[serde(default)]
+    allowed_exits: Vec<PublicKey>,
+    #[serde(default, deserialize_with = "crate::endpoint::deserialize_option")]
+    endpoint: Option<SocketAddr>,
+    #[serde(default)]
+    persistent_keepalive: Option<u16>,
+}
+
+/// A peer as `GET /v1/peers` shows it: its settings (a preshared key only as `"set"`) and,
+/// as `wg show` does, what the workers' tunnels with it report.
+#[derive(Debug, Serialize)]
+pub(super) struct PeerView {
+    pub(super) public_key: PublicKey,
+    pub(super) name: String,
+    pub(super) allowed_ips: Vec<IpNet>,
+    pub(super) allowed_exits: Vec<PublicKey>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) preshared_key: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) endpoint: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) persistent_keepalive: Option<u16>,
+    /// Where the peer was last seen, authenticated (its tunnel with the latest handshake).
+    pub(super) current_endpoint: Option<SocketAddr>,
+    pub(super) latest_handshake_secs_ago: Option<u64>,
+    /// Bytes received from and sent to the peer, over every worker's tunnel with it.
+    pub(super) rx_bytes: u64,
+    pub(super) tx_bytes: u64,
+}
+
+impl PeerView {
+    /// `spec` with what `statuses` (every worker's tunnels) say of it.
+    pub(super) fn new(spec: &PeerSpec, statuses: &[wraithgate_relay::zhop::PeerStatus]) -> Self {
+        let mine = statuses.iter().filter(|s| s.public_key == spec.public_key);
+        let latest = mine
+            .clone()
+            .filter(|s| s.latest_handshake_secs_ago.is_some())
+            .min_by_key(|s| s.latest_handshake_secs_ago);
+        PeerView {
+            public_key: spec.public_key,
+            name: spec.name.clone(),
+            allowed_ips: spec.allowed_ips.clone(),
+            allowed_exits: spec.allowed_exits.clone(),
+            preshared_key: spec.preshared_key.as_ref().map(|_| "set"),
+            endpoint: spec.endpoint,
+            persistent_keepalive: spec.persistent_keepalive,
+            current_endpoint: latest.and_then(|s| s.endpoint),
+            latest_handshake_secs_ago: latest.and_then(|s| s.latest_handshake_secs_ago),
+            rx_bytes: mine.clone().map(|s| s.rx_bytes).sum(),
+            tx_bytes: mine.map(|s| s.tx_bytes).sum(),
+        }
+    }
 }
 
 /// `PUT /v1/config`: the new exits and peers. A peer that leaves `preshared_key` out
@@ -93,6 +167,8 @@ impl WholeState {
                 name: p.name,
                 allowed_ips: p.allowed_ips,
                 allowed_exits: p.allowed_exits,
+                endpoint: p.endpoint,
+                persistent_keepalive: p.persistent_keepalive,
             })
             .collect();
         DesiredState {
@@ -116,6 +192,10 @@ struct PeerEntry {
     preshared_key: Option<Option<PresharedKey>>,
     #[serde(default)]
     allowed_exits: Vec<PublicKey>,
+    #[serde(default, deserialize_with = "crate::endpoint::deserialize_option")]
+    endpoint: Option<SocketAddr>,
+    #[serde(default)]
+    persistent_keepalive: Option<u16>,
 }
 
 /// A field that is present, whatever its value (`null` included); absent is the default.

@@ -10,12 +10,12 @@ use serde_json::json;
 use wraithgate_relay::router::SessionSlot;
 use wraithgate_relay::table::ExitSpec;
 
-use super::body::{self, key_from_path, SessionView};
+use super::body::{self, key_from_path, PeerView, SessionView};
 use super::error::{bad_request, ApiError};
 use super::{App, WORKER_TIMEOUT};
 use crate::change::ChangeError;
 use crate::metrics;
-use crate::state::{DesiredState, PeerSpec};
+use crate::state::DesiredState;
 
 /// Liveness: 200 while every worker keeps publishing; 503 naming the stalled ones (a
 /// worker stuck for [`WORKER_STALL`](crate::change::WORKER_STALL)). A dead sidecar answers
@@ -161,22 +161,25 @@ pub(super) async fn patch_exit(
     })))
 }
 
-pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
-    // Preshared keys are write-only.
-    let mut peers = app.control.state().peers.clone();
-    for p in &mut peers {
-        p.preshared_key = None;
-    }
-    Json(peers)
+pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerView>> {
+    // Preshared keys are write-only: shown as "set".
+    let statuses = app.control.dp.peer_statuses(WORKER_TIMEOUT);
+    let state = app.control.state();
+    Json(
+        state
+            .peers
+            .iter()
+            .map(|p| PeerView::new(p, &statuses))
+            .collect(),
+    )
 }
 
 pub(super) async fn add_peer(
     State(app): State<App>,
     body: Bytes,
-) -> Result<(StatusCode, Json<PeerSpec>), ApiError> {
+) -> Result<(StatusCode, Json<PeerView>), ApiError> {
     let p = body::peer(&body).map_err(bad_request)?;
-    let mut shown = p.clone();
-    shown.preshared_key = None;
+    let shown = PeerView::new(&p, &[]);
     app.control.apply(move |s| {
         if s.peers.iter().any(|x| x.public_key == p.public_key) {
             return Err(ChangeError::Conflict(format!(

@@ -72,6 +72,9 @@ pub struct DataPlaneConfig {
     /// open-files limit were reached (`socket_unavailable`); set at start-up to the limit
     /// less [`CONTROL_DESCRIPTORS`].
     pub descriptor_ceiling: u64,
+    /// The Exit role's TUN device, created at start with one queue per worker; the role
+    /// is off without one.
+    pub tun: Option<crate::tun::TunConfig>,
 }
 
 impl Default for DataPlaneConfig {
@@ -91,6 +94,7 @@ impl Default for DataPlaneConfig {
             node_key: None,
             ring_buffers: 256,
             descriptor_ceiling: u64::MAX,
+            tun: None,
         }
     }
 }

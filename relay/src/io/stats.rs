@@ -131,6 +131,8 @@ pub struct WorkerReport {
     pub pending: usize,
     pub table_generation: u64,
     pub zhop: crate::zhop::ZhopStats,
+    /// The Exit role's counters (zero without a TUN device).
+    pub exit: super::ExitStats,
     /// When the worker published this report.
     pub published: Option<std::time::Instant>,
 }

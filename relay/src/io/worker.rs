@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
+use super::exit::ExitIo;
 use super::runs::Target;
 use super::sys;
 use super::{
@@ -23,6 +24,10 @@ use crate::role::{Datagram, Listener, Output, Role, SocketOwner};
 use crate::router::{Router, SessionSnapshot};
 use crate::table::{ExitTable, SharedTable};
 use crate::zhop::{NodeKey, Zhop};
+
+/// The token under which a worker's TUN queue is registered in its poll (both backends
+/// watch that poll: portable directly, io_uring through a poll on its descriptor).
+pub(crate) const TUN_TOKEN: mio::Token = mio::Token(usize::MAX - 1);
 
 /// Longest a worker waits for traffic, so that shutdown and table swaps are noticed when
 /// idle.
@@ -110,6 +115,8 @@ pub(crate) struct Worker {
     pub id: usize,
     pub router: Router,
     pub zhop: Zhop,
+    /// The Exit role's TUN queue, when the node has a TUN device.
+    pub exit: Option<ExitIo>,
     table: SharedTable,
     requests: mpsc::Receiver<WorkerRequest>,
     report: SharedReport,
@@ -128,14 +135,34 @@ impl Worker {
     /// and what of `ctx` its backend keeps.
     pub(crate) fn new(ctx: WorkerContext, now: Instant) -> (Worker, BackendContext) {
         let current = ctx.table.load();
+        let mut zhop = Zhop::new(
+            ctx.cfg.node_key.map(NodeKey::from_secret),
+            current.clone(),
+            ctx.cfg.router.cookie_settings(),
+            now,
+        );
+        let exit = ctx.exit.and_then(|e| {
+            let fd = e.queue.as_raw_fd();
+            let registered = ctx.poll.registry().register(
+                &mut mio::unix::SourceFd(&fd),
+                TUN_TOKEN,
+                mio::Interest::READABLE,
+            );
+            match registered {
+                Ok(()) => {
+                    zhop.enable_exit(ctx.id);
+                    Some(ExitIo::new(ctx.id, e))
+                }
+                Err(e) => {
+                    tracing::error!(worker = ctx.id, error = %e, "cannot watch the TUN queue");
+                    None
+                }
+            }
+        });
         let worker = Worker {
             id: ctx.id,
-            zhop: Zhop::new(
-                ctx.cfg.node_key.map(NodeKey::from_secret),
-                current.clone(),
-                ctx.cfg.router.cookie_settings(),
-                now,
-            ),
+            zhop,
+            exit,
             router: Router::new(ctx.cfg.router.clone(), current, now),
             table: ctx.table,
             requests: ctx.requests,
@@ -193,7 +220,7 @@ impl Worker {
     /// (`busy`) or a table sweep is under way, else until the roles' next timer, at most
     /// [`MAX_WAIT`].
     pub(crate) fn wait(&self, now: Instant, busy: bool) -> Duration {
-        if busy || self.router.sweeping() {
+        if busy || self.router.sweeping() || self.exit.as_ref().is_some_and(ExitIo::busy) {
             return Duration::ZERO;
         }
         let next = match (
@@ -223,7 +250,8 @@ impl Worker {
             self.set_table(t);
         }
         let id = self.id;
-        let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |_| {});
+        let exit = &mut self.exit;
+        let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |_| {}, exit);
         Role::handle_timeout(&mut self.router, now, &mut out);
         Role::handle_timeout(&mut self.zhop, now, &mut out);
         while let Ok(req) = self.requests.try_recv() {
@@ -262,6 +290,9 @@ impl Worker {
                     .collect();
                 let _ = reply.send(snaps);
             }
+            WorkerRequest::Peers(reply) => {
+                let _ = reply.send(self.zhop.peer_statuses(self.id));
+            }
             WorkerRequest::AddListener(l) => d.add_listener(l),
             WorkerRequest::RemoveListener(local) => {
                 // Z-HOP peers that used it find their replies unsendable (counted) until
@@ -276,7 +307,8 @@ impl Worker {
     /// Publishes the counters (`io`, the backend's) unless the control side is reading
     /// them at this moment; then the next housekeeping step tries again.
     pub(crate) fn publish(&mut self, io: &IoStats, now: Instant) {
-        if publish(&self.report, &self.router, &self.zhop, io) {
+        let exit = self.exit.as_ref().map(|e| &e.stats);
+        if publish(&self.report, &self.router, &self.zhop, exit, io) {
             self.last_report = now;
         }
     }
@@ -285,8 +317,37 @@ impl Worker {
     /// relay's cookie replies.
     fn router_commands(&mut self, d: &mut impl Datapath) {
         let id = self.id;
+        let exit = &mut self.exit;
         self.router
-            .drain_commands(&mut |o: Output<'_>| carry_out(id, d, o, &mut |_| {}));
+            .drain_commands(&mut |o: Output<'_>| carry_out(id, d, o, &mut |_| {}, exit));
+    }
+
+    /// The backend saw the TUN queue become readable.
+    pub(crate) fn tun_readable(&mut self) {
+        if let Some(e) = &mut self.exit {
+            e.set_readable();
+        }
+    }
+
+    /// The Exit role's turn: packets handed over by other workers, then a batch from the
+    /// TUN queue. The backend flushes its sends after it, as after a receive batch.
+    pub(crate) fn serve_exit(&mut self, d: &mut impl Datapath, now: Instant) {
+        let Some(exit) = self.exit.as_mut() else {
+            return;
+        };
+        let id = self.id;
+        let mut none = None;
+        let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |_| {}, &mut none);
+        exit.serve(&mut self.zhop, self.router.table(), now, &mut out);
+    }
+
+    /// Writes the decrypted packets waiting for the TUN device (end of a batch).
+    pub(crate) fn flush_tun(&mut self) {
+        if let Some(e) = &mut self.exit {
+            for _ in 0..e.flush() {
+                self.zhop.record_drop(DropReason::ExitTunWriteFailed);
+            }
+        }
     }
 
     /// Runs each segment of `msg` through the role it is for: a client datagram, parsed
@@ -321,7 +382,9 @@ impl Worker {
             let seg = &payload[start..start + seg_len];
             offset += seg_len;
             let id = self.id;
-            let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |t| forward(t, start, seg_len));
+            let exit = &mut self.exit;
+            let mut out =
+                |o: Output<'_>| carry_out(id, d, o, &mut |t| forward(t, start, seg_len), exit);
             match source {
                 // Z-HOP first: it claims only its own (and asks the router only whether it
                 // knows an address); the router takes every client datagram left.
@@ -375,8 +438,10 @@ fn carry_out(
     d: &mut impl Datapath,
     o: Output<'_>,
     forward: &mut impl FnMut(Target),
+    exit: &mut Option<ExitIo>,
 ) -> bool {
     match o {
+        Output::ToTun { bytes } => exit.as_mut().is_some_and(|e| e.write(bytes)),
         Output::Forward(target) => {
             forward(target);
             true
@@ -449,6 +514,7 @@ pub(crate) fn publish(
     report: &Mutex<WorkerReport>,
     router: &Router,
     zhop: &Zhop,
+    exit: Option<&super::exit::ExitStats>,
     io: &IoStats,
 ) -> bool {
     let mut r = match report.try_lock() {
@@ -469,6 +535,9 @@ pub(crate) fn publish(
     r.pending = router.pending_count();
     r.table_generation = router.table().generation();
     r.zhop = zhop.stats();
+    if let Some(e) = exit {
+        r.exit.clone_from(e);
+    }
     r.published = Some(std::time::Instant::now());
     true
 }
@@ -492,13 +561,13 @@ mod tests {
 
         let held = report.lock().expect("not poisoned");
         assert!(
-            !publish(&report, &router, &zhop, &io),
+            !publish(&report, &router, &zhop, None, &io),
             "skipped, not blocked"
         );
         drop(held);
         assert_eq!(report.lock().expect("not poisoned").io.recv_calls, 0);
 
-        assert!(publish(&report, &router, &zhop, &io));
+        assert!(publish(&report, &router, &zhop, None, &io));
         let r = report.lock().expect("not poisoned");
         assert_eq!(r.io.recv_calls, 7);
         assert_eq!(r.table_generation, 1);
@@ -516,7 +585,7 @@ mod tests {
         Role::record_drop(&mut zhop, DropReason::SendFailed);
         Role::record_drop(&mut zhop, DropReason::OuterRejected);
         let report = Mutex::new(WorkerReport::default());
-        assert!(publish(&report, &router, &zhop, &IoStats::default()));
+        assert!(publish(&report, &router, &zhop, None, &IoStats::default()));
         let r = report.lock().expect("not poisoned");
         assert_eq!(r.router.dropped(DropReason::SendFailed), 2);
         assert_eq!(r.router.dropped(DropReason::OuterRejected), 1);

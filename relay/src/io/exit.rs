@@ -1,0 +1,176 @@
+//! A worker's side of the Exit role: its TUN queue, the packets it writes there, and the
+//! packets it reads there, each sent through the tunnel of the peer whose allowed IPs hold
+//! its destination (longest prefix, [`ExitTable::route`]) — on this worker when it holds
+//! that tunnel, else handed to the worker that does ([`Handoff`]).
+//!
+//! The role logic (decrypting, the inbound allowed-IPs check, encrypting) is Z-HOP's
+//! ([`Zhop::handle_tun`]): an Exit peer is a provisioned peer terminated on the node's key
+//! like a Z-HOP peer, so both share admission, cookies, roaming and timers.
+//!
+//! Reads and writes are batches ([`TunQueue::read_batch`], [`TunTx`]): where a
+//! `virtio_net_hdr` split (reading) and coalesce (writing) plugs in later.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::handoff::Handoff;
+use crate::drop_reason::DropReason;
+use crate::role::{Output, Role, Traffic};
+use crate::table::ExitTable;
+use crate::tun::{TunQueue, TunRxBatch, TunTx};
+use crate::zhop::{inner, Zhop};
+
+/// Packets read from the TUN queue per turn, before the sockets get theirs.
+const TUN_BATCH: usize = 64;
+/// Handed-over packets taken per turn.
+const HANDOFF_BATCH: usize = 256;
+
+/// The Exit role's counters of one worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// Packets read from the TUN device (towards peers).
+    pub tun_rx: Traffic,
+    /// Packets written to the TUN device (from peers).
+    pub tun_tx: Traffic,
+    /// TUN packets handed to the worker holding their peer's tunnel.
+    pub handed_off: u64,
+    /// Packets other workers handed to this one.
+    pub handed_in: u64,
+}
+
+impl ExitStats {
+    pub fn merge(&mut self, o: &ExitStats) {
+        self.tun_rx.packets += o.tun_rx.packets;
+        self.tun_rx.bytes += o.tun_rx.bytes;
+        self.tun_tx.packets += o.tun_tx.packets;
+        self.tun_tx.bytes += o.tun_tx.bytes;
+        self.handed_off += o.handed_off;
+        self.handed_in += o.handed_in;
+    }
+}
+
+/// What a worker starts the Exit role with: its queue and the shared hand-off queues.
+#[derive(Debug)]
+pub(crate) struct ExitContext {
+    pub queue: TunQueue,
+    pub handoff: Arc<Handoff>,
+}
+
+/// One worker's TUN side.
+#[derive(Debug)]
+pub(crate) struct ExitIo {
+    worker: usize,
+    queue: TunQueue,
+    rx: TunRxBatch,
+    tx: TunTx,
+    handoff: Arc<Handoff>,
+    /// The queue may have packets: set by the backend on readiness (edge-triggered),
+    /// cleared when a read finds it empty.
+    readable: bool,
+    pub stats: ExitStats,
+    /// Write failures not yet counted as drops.
+    failed: u64,
+}
+
+impl ExitIo {
+    pub(crate) fn new(worker: usize, ctx: ExitContext) -> Self {
+        ExitIo {
+            worker,
+            queue: ctx.queue,
+            rx: TunRxBatch::new(TUN_BATCH),
+            tx: TunTx::new(),
+            handoff: ctx.handoff,
+            readable: true,
+            stats: ExitStats::default(),
+            failed: 0,
+        }
+    }
+
+    pub(crate) fn set_readable(&mut self) {
+        self.readable = true;
+    }
+
+    /// Whether work waits that must not wait for readiness.
+    pub(crate) fn busy(&self) -> bool {
+        self.readable || self.handoff.waiting(self.worker)
+    }
+
+    /// Queues a decrypted packet for the TUN device.
+    pub(crate) fn write(&mut self, pkt: &[u8]) -> bool {
+        let f = self.tx.push(&self.queue, pkt);
+        self.count(f);
+        true
+    }
+
+    /// Writes what waits for the TUN device; returns the packets it refused.
+    pub(crate) fn flush(&mut self) -> u64 {
+        if !self.tx.is_empty() {
+            let f = self.tx.flush(&self.queue);
+            self.count(f);
+        }
+        std::mem::take(&mut self.failed)
+    }
+
+    fn count(&mut self, f: crate::tun::Flushed) {
+        self.stats.tun_tx.packets += f.packets;
+        self.stats.tun_tx.bytes += f.bytes;
+        self.failed += f.failed;
+    }
+
+    /// One turn: the packets other workers handed over, then a batch from the TUN queue,
+    /// each through its peer's tunnel (`zhop`) or handed to the worker holding it.
+    pub(crate) fn serve(
+        &mut self,
+        zhop: &mut Zhop,
+        table: &ExitTable,
+        now: Instant,
+        out: &mut impl FnMut(Output<'_>) -> bool,
+    ) {
+        for _ in 0..HANDOFF_BATCH {
+            let Some(h) = self.handoff.take(self.worker) else {
+                break;
+            };
+            self.stats.handed_in += 1;
+            if !zhop.tun_packet(now, &h.peer, &h.packet, out) {
+                // The tunnel moved on (or was removed) since: the sender's view was stale.
+                zhop.record_drop(DropReason::ExitNoRoute);
+            }
+            self.handoff.give_back(h.packet);
+        }
+        if !self.readable {
+            return;
+        }
+        let (n, drained) = match self.queue.read_batch(&mut self.rx) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::trace!(worker = self.worker, error = %e, "TUN read failed");
+                (0, true)
+            }
+        };
+        if drained {
+            self.readable = false;
+        }
+        for i in 0..n {
+            let pkt = self.rx.packet(i);
+            self.stats.tun_rx.add(pkt.len());
+            let Some(peer) = inner::ip_destination(pkt).and_then(|d| table.route(d)) else {
+                zhop.record_drop(DropReason::ExitNoRoute);
+                continue;
+            };
+            let key = peer.spec.public_key;
+            if zhop.tun_packet(now, &key, pkt, out) {
+                continue;
+            }
+            match peer.owner() {
+                Some(w) if w != self.worker => {
+                    if self.handoff.hand(w, key, pkt) {
+                        self.stats.handed_off += 1;
+                    } else {
+                        zhop.record_drop(DropReason::ExitHandoffFull);
+                    }
+                }
+                _ => zhop.record_drop(DropReason::ExitNoRoute),
+            }
+        }
+    }
+}
