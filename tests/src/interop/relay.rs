@@ -163,6 +163,12 @@ impl RelayNode {
     /// Writes the configuration (no exits: they come through the API) and starts the node
     /// with data-path `backend` ("auto", "uring" or "portable").
     pub fn start(ns: Arc<Netns>, dir: &Path, backend: &str) -> Result<RelayNode> {
+        Self::start_with(ns, dir, backend, "")
+    }
+
+    /// [`RelayNode::start`] with `extra` appended to the configuration file (a `[tun]`
+    /// section, say).
+    pub fn start_with(ns: Arc<Netns>, dir: &Path, backend: &str, extra: &str) -> Result<RelayNode> {
         let config = dir.join("wraithgate.toml");
         let state_dir = dir.join("relay-state");
         // The lab shares its cores with wireguard-go, iperf3 and whatever else the machine
@@ -179,7 +185,7 @@ state_dir = "{}"
 "#,
             state_dir.display()
         );
-        std::fs::write(&config, toml)?;
+        std::fs::write(&config, toml + extra)?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(5)))
@@ -345,7 +351,7 @@ state_dir = "{}"
         })
     }
 
-    fn get_ok(&self, path: &str) -> Result<String> {
+    pub fn get_ok(&self, path: &str) -> Result<String> {
         let (status, text) = self.get(path)?;
         if status != 200 {
             bail!("GET {path}: HTTP {status}: {text}");
