@@ -646,7 +646,7 @@ impl Zhop {
             Err(_) => (false, false),
         };
         if self.exit_worker.is_some() && !zhop.1 {
-            return self.to_tun(peer, len, out);
+            return self.deliver_to_tun(peer, len, out);
         }
         let pkt = parsed?;
         let (src_ok, dst_ok) = zhop;
@@ -692,7 +692,7 @@ impl Zhop {
 
     /// Exit role: the decrypted packet in `self.buf[..len]` goes to the TUN device if its
     /// source is inside the peer's allowed IPs (cryptokey routing, inbound).
-    fn to_tun(
+    fn deliver_to_tun(
         &mut self,
         peer: u32,
         len: usize,
