@@ -613,6 +613,67 @@ mod tests {
         assert!("nonsense/8".parse::<IpNet>().is_err());
     }
 
+    fn peer(key: u8, ips: &[&str]) -> PeerSpec {
+        PeerSpec {
+            public_key: PublicKey([key; 32]),
+            name: String::new(),
+            allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            preshared_key: None,
+            allowed_exits: vec![],
+            endpoint: None,
+            persistent_keepalive: None,
+        }
+    }
+
+    #[test]
+    fn tun_packets_route_to_the_peer_with_the_longest_prefix() {
+        let t = ExitTable::new(1, vec![])
+            .unwrap()
+            .with_peers(vec![
+                peer(1, &["0.0.0.0/0"]),
+                peer(2, &["10.1.0.0/16", "fd00::/64"]),
+                peer(3, &["10.1.2.3/32"]),
+            ])
+            .unwrap();
+        let to = |ip: &str| t.route(ip.parse().unwrap()).map(|p| p.spec.public_key.0[0]);
+        assert_eq!(to("10.1.2.3"), Some(3));
+        assert_eq!(to("10.1.2.4"), Some(2));
+        assert_eq!(to("192.0.2.1"), Some(1));
+        assert_eq!(to("fd00::9"), Some(2));
+        assert_eq!(to("fd01::9"), None, "no IPv6 default route");
+    }
+
+    #[test]
+    fn owners_survive_a_swap_for_peers_that_stay() {
+        let old = ExitTable::new(1, vec![])
+            .unwrap()
+            .with_peers(vec![peer(1, &["10.0.0.1/32"]), peer(2, &["10.0.0.2/32"])])
+            .unwrap();
+        let p1 = old.peer(&PublicKey([1; 32])).unwrap();
+        assert_eq!(p1.owner(), None);
+        p1.set_owner(1);
+        let mut new = ExitTable::new(2, vec![])
+            .unwrap()
+            .with_peers(vec![peer(1, &["10.0.0.1/32"]), peer(3, &["10.0.0.3/32"])])
+            .unwrap();
+        new.keep_owners(&old);
+        assert_eq!(new.peer(&PublicKey([1; 32])).unwrap().owner(), Some(1));
+        assert_eq!(new.peer(&PublicKey([3; 32])).unwrap().owner(), None);
+        // One cell: a tunnel moving after the swap is seen through either table.
+        old.peer(&PublicKey([1; 32])).unwrap().set_owner(0);
+        assert_eq!(new.peer(&PublicKey([1; 32])).unwrap().owner(), Some(0));
+    }
+
+    #[test]
+    fn a_peer_endpoint_needs_a_port_and_an_address() {
+        let mut p = peer(1, &["10.0.0.1/32"]);
+        p.endpoint = Some("0.0.0.0:51820".parse().unwrap());
+        assert!(matches!(
+            ExitTable::new(1, vec![]).unwrap().with_peers(vec![p]),
+            Err(TableError::PeerEndpoint { .. })
+        ));
+    }
+
     #[test]
     fn shared_table_publishes_atomically() {
         let shared = SharedTable::new(ExitTable::new(1, vec![spec("a", 1, None)]).unwrap());
