@@ -185,6 +185,44 @@ fn exit_case(backend: BackendChoice) -> Result<()> {
         server_recv(&server).is_none(),
         "a removed peer's packet arrived"
     );
+
+    // A peer with an endpoint: the node's first packet for it starts the handshake, as a
+    // WireGuard client does, and the answer comes back to the worker that sent it.
+    let mut remote = WgNode::bind(any_loopback(), KeyPair::generate())?;
+    remote.add_peer(
+        boringtun::x25519::PublicKey::from(node_public.0),
+        PeerOptions::default(),
+    );
+    let remote_ip = Ipv4Addr::new(10, 99, 0, 50);
+    let remote_peer = PeerSpec {
+        public_key: remote.keys().relay_key(),
+        name: "server".into(),
+        allowed_ips: vec![format!("{remote_ip}/32").parse().expect("literal")],
+        preshared_key: None,
+        allowed_exits: vec![],
+        endpoint: Some(remote.local_addr()),
+        persistent_keepalive: None,
+    };
+    relay.set_table(ExitTable::new(3, vec![])?.with_peers(vec![remote_peer])?);
+    let end = Instant::now() + WAIT;
+    while relay.dp.reports().iter().any(|r| r.table_generation < 3) {
+        ensure!(Instant::now() < end, "the workers did not take the table");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.send_to(b"hello remote", (remote_ip, 6000))?;
+    ensure!(pump_until(&mut remote, |r| packet_payload(
+        r,
+        b"hello remote"
+    ))?);
+    remote.send_ip(
+        0,
+        &ipv4_udp(remote_ip, NODE_IP, 6000, SERVER_PORT, b"hello node"),
+    )?;
+    let (got, from) = pump_until(&mut remote, |_| server_recv(&server))?;
+    ensure!(
+        got == b"hello node" && from == SocketAddr::from((remote_ip, 6000)),
+        "{got:?} from {from}"
+    );
     Ok(())
 }
 
@@ -214,9 +252,11 @@ fn pump_until<T>(client: &mut WgNode, mut done: impl FnMut(&Received) -> Option<
     let end = Instant::now() + WAIT;
     let mut last_tick = Instant::now();
     while Instant::now() < end {
-        let r = client
-            .recv(Duration::from_millis(10))?
-            .unwrap_or(Received::Control { peer: usize::MAX });
+        let r = match client.recv(Duration::from_millis(10)) {
+            Ok(r) => r.unwrap_or(Received::Control { peer: usize::MAX }),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
         if let Some(t) = done(&r) {
             return Ok(t);
         }

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::handoff::Handoff;
+use super::sys;
 use crate::drop_reason::DropReason;
-use crate::role::{Output, Role, Traffic};
+use crate::role::{Listener, Output, Role, Traffic};
 use crate::table::ExitTable;
 use crate::tun::{TunQueue, TunRxBatch, TunTx};
 use crate::zhop::{inner, Zhop};
@@ -70,6 +71,8 @@ pub(crate) struct ExitIo {
     pub stats: ExitStats,
     /// Write failures not yet counted as drops.
     failed: u64,
+    /// The listeners (IPv4, IPv6) the node initiates to a peer's configured endpoint from.
+    listeners: (Option<Listener>, Option<Listener>),
 }
 
 impl ExitIo {
@@ -83,7 +86,12 @@ impl ExitIo {
             readable: true,
             stats: ExitStats::default(),
             failed: 0,
+            listeners: (None, None),
         }
+    }
+
+    pub(crate) fn set_listeners(&mut self, v4: Option<Listener>, v6: Option<Listener>) {
+        self.listeners = (v4, v6);
     }
 
     pub(crate) fn set_readable(&mut self) {
@@ -132,8 +140,12 @@ impl ExitIo {
             };
             self.stats.handed_in += 1;
             if !zhop.tun_packet(now, &h.peer, &h.packet, out) {
-                // The tunnel moved on (or was removed) since: the sender's view was stale.
-                zhop.record_drop(DropReason::ExitNoRoute);
+                match table.peer(&h.peer) {
+                    Some(peer) => {
+                        self.elsewhere().send(zhop, peer, &h.packet, true, now, out);
+                    }
+                    None => zhop.record_drop(DropReason::ExitNoRoute),
+                }
             }
             self.handoff.give_back(h.packet);
         }
@@ -150,27 +162,90 @@ impl ExitIo {
         if drained {
             self.readable = false;
         }
+        let rx = &self.rx;
+        let mut elsewhere = Elsewhere {
+            worker: self.worker,
+            handoff: &self.handoff,
+            stats: &mut self.stats,
+            listeners: self.listeners,
+        };
         for i in 0..n {
-            let pkt = self.rx.packet(i);
-            self.stats.tun_rx.add(pkt.len());
+            let pkt = rx.packet(i);
+            elsewhere.stats.tun_rx.add(pkt.len());
             let Some(peer) = inner::ip_destination(pkt).and_then(|d| table.route(d)) else {
                 zhop.record_drop(DropReason::ExitNoRoute);
                 continue;
             };
-            let key = peer.spec.public_key;
-            if zhop.tun_packet(now, &key, pkt, out) {
+            if zhop.tun_packet(now, &peer.spec.public_key, pkt, out) {
                 continue;
             }
-            match peer.owner() {
-                Some(w) if w != self.worker => {
-                    if self.handoff.hand(w, key, pkt) {
-                        self.stats.handed_off += 1;
-                    } else {
-                        zhop.record_drop(DropReason::ExitHandoffFull);
-                    }
+            elsewhere.send(zhop, peer, pkt, false, now, out);
+        }
+    }
+
+    fn elsewhere(&mut self) -> Elsewhere<'_> {
+        Elsewhere {
+            worker: self.worker,
+            handoff: &self.handoff,
+            stats: &mut self.stats,
+            listeners: self.listeners,
+        }
+    }
+}
+
+/// What a worker needs to send a TUN packet whose peer's tunnel it does not hold.
+struct Elsewhere<'a> {
+    worker: usize,
+    handoff: &'a Handoff,
+    stats: &'a mut ExitStats,
+    listeners: (Option<Listener>, Option<Listener>),
+}
+
+impl Elsewhere<'_> {
+    /// A TUN packet for `peer`, whose tunnel this worker does not hold: to the worker that
+    /// does; else, for a peer with a configured endpoint, to the worker that endpoint's
+    /// answers are steered to (`sys::steer`), which initiates (WireGuard's client end);
+    /// else dropped. `handed`: it was handed to this worker already (never handed on).
+    fn send(
+        &mut self,
+        zhop: &mut Zhop,
+        peer: &crate::table::Peer,
+        pkt: &[u8],
+        handed: bool,
+        now: Instant,
+        out: &mut impl FnMut(Output<'_>) -> bool,
+    ) {
+        let key = peer.spec.public_key;
+        let target = match (peer.owner(), peer.spec.endpoint) {
+            (Some(w), _) if w != self.worker => Some(w),
+            (_, Some(ep)) => Some(sys::steer(ep, self.handoff.workers())),
+            _ => None,
+        };
+        match target {
+            Some(w) if w != self.worker && !handed => {
+                if self.handoff.hand(w, key, pkt) {
+                    self.stats.handed_off += 1;
+                } else {
+                    zhop.record_drop(DropReason::ExitHandoffFull);
                 }
-                _ => zhop.record_drop(DropReason::ExitNoRoute),
             }
+            Some(w) if w == self.worker => {
+                // Only an endpoint makes this worker the target.
+                let Some(endpoint) = peer.spec.endpoint else {
+                    zhop.record_drop(DropReason::ExitNoRoute);
+                    return;
+                };
+                let listener = if endpoint.is_ipv4() {
+                    self.listeners.0
+                } else {
+                    self.listeners.1
+                };
+                match listener {
+                    Some(l) => zhop.initiate(now, &key, l, endpoint, pkt, out),
+                    None => zhop.record_drop(DropReason::ExitNoRoute),
+                }
+            }
+            _ => zhop.record_drop(DropReason::ExitNoRoute),
         }
     }
 }

@@ -96,6 +96,11 @@ impl Handoff {
         inbox.pop()
     }
 
+    /// How many workers there are.
+    pub(crate) fn workers(&self) -> usize {
+        self.inboxes.len()
+    }
+
     /// Whether worker `me` has packets waiting.
     pub(crate) fn waiting(&self, me: usize) -> bool {
         self.inboxes.get(me).is_some_and(|q| !q.is_empty())

@@ -188,8 +188,16 @@ impl Worker {
         sessions: &[SessionSnapshot],
         now: Instant,
     ) {
+        // The Exit role initiates to a peer's configured endpoint from the first listener of
+        // its address family (the one its answer comes back to).
+        let first: Vec<u16> = listeners.iter().map(|l| l.local.port()).take(1).collect();
         for l in listeners {
             d.add_listener(l);
+        }
+        if let (Some(exit), Some(&port)) = (self.exit.as_mut(), first.first()) {
+            let v4 = d.listener_for(port, SocketAddr::from(([0, 0, 0, 0], 0)));
+            let v6 = d.listener_for(port, SocketAddr::from(([0u16; 8], 0)));
+            exit.set_listeners(v4, v6);
         }
         let mut restored = 0;
         for snap in sessions {

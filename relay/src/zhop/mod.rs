@@ -538,6 +538,31 @@ impl Zhop {
         self.admission.under_load(now, spent)
     }
 
+    /// Exit role, as a WireGuard client: creates the tunnel with `peer` (provisioned with
+    /// an `endpoint`) from `listener` to that endpoint, and sends `packet` through it, which
+    /// starts the handshake (boringtun queues the packet until it completes). The answer
+    /// comes back to this worker: the caller is the worker `endpoint` is steered to.
+    pub fn initiate_to(
+        &mut self,
+        now: Instant,
+        peer: &PublicKey,
+        listener: Listener,
+        endpoint: SocketAddr,
+        packet: &[u8],
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let i = match self.by_key.get(peer) {
+            Some(&i) => i,
+            None => self.new_peer(*peer, now)?,
+        };
+        let (_, p) = self.peers.at_mut(i).ok_or(DropReason::ExitNoRoute)?;
+        if p.endpoint.is_none() {
+            p.endpoint = Some((listener, endpoint));
+            self.by_addr.insert(endpoint, i);
+        }
+        self.handle_tun(now, peer, packet, out).map(drop)
+    }
+
     /// The peer an initiation comes from (decrypting its static key), created on first use.
     fn peer_for_initiation(&mut self, packet: &[u8], now: Instant) -> Result<u32, DropReason> {
         let Some((key, _)) = &self.key else {
@@ -555,6 +580,14 @@ impl Zhop {
         if let Some(&p) = self.by_key.get(&peer_key) {
             return Ok(p);
         }
+        self.new_peer(peer_key, now)
+    }
+
+    /// Creates this worker's tunnel with provisioned peer `peer_key`.
+    fn new_peer(&mut self, peer_key: PublicKey, now: Instant) -> Result<u32, DropReason> {
+        let Some((key, _)) = &self.key else {
+            return Err(DropReason::UnknownPeer);
+        };
         let spec = &self
             .table
             .peer(&peer_key)

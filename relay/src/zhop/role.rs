@@ -153,4 +153,19 @@ impl Zhop {
         });
         here
     }
+
+    /// [`Zhop::initiate_to`] with the outputs in the worker's terms and the drops counted.
+    pub(crate) fn initiate(
+        &mut self,
+        now: Instant,
+        peer: &crate::keys::PublicKey,
+        listener: Listener,
+        endpoint: SocketAddr,
+        packet: &[u8],
+        out: &mut impl FnMut(Output<'_>) -> bool,
+    ) {
+        self.emit(out, |z, sink| {
+            z.initiate_to(now, peer, listener, endpoint, packet, sink)
+        });
+    }
 }
