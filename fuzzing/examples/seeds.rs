@@ -420,7 +420,7 @@ fn exit_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut long_claim = allowed.clone();
     long_claim[3] = long_claim[3].wrapping_add(40);
     vec![
-        ("allowed-v4", with(&[allowed.clone()])),
+        ("allowed-v4", with(std::slice::from_ref(&allowed))),
         ("spoofed-v4", with(&[spoofed])),
         ("allowed-v6", with(&[v6])),
         ("keepalive-then-allowed", with(&[vec![], allowed.clone()])),
