@@ -1405,6 +1405,31 @@ fn peers_good_and_bad_input_leave_state_exactly_as_it_was() {
             "must not be empty",
         ),
         post(
+            peer(&|v| v["endpoint"] = json!("192.0.2.9:0")),
+            400,
+            "port 0",
+        ),
+        post(
+            peer(&|v| v["endpoint"] = json!("0.0.0.0:51820")),
+            400,
+            "unspecified",
+        ),
+        post(
+            peer(&|v| v["endpoint"] = json!("no-such-host.invalid:51820")),
+            400,
+            "no-such-host.invalid",
+        ),
+        post(
+            peer(&|v| v["persistent_keepalive"] = json!(70000)),
+            400,
+            "invalid request body",
+        ),
+        post(
+            peer(&|v| v["persistent_keepalive"] = json!(-1)),
+            400,
+            "invalid request body",
+        ),
+        post(
             peer(&|v| {
                 v.as_object_mut().unwrap().remove("allowed_ips");
             }),
