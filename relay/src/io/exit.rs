@@ -176,7 +176,10 @@ impl ExitIo {
                 zhop.record_drop(DropReason::ExitNoRoute);
                 continue;
             };
-            if zhop.tun_packet(now, &peer.spec.public_key, pkt, out) {
+            // The worker that last heard from the peer holds its live tunnel: a copy here is
+            // one the peer roamed away from (onto another worker), whose endpoint is stale.
+            let owned_elsewhere = peer.owner().is_some_and(|w| w != elsewhere.worker);
+            if !owned_elsewhere && zhop.tun_packet(now, &peer.spec.public_key, pkt, out) {
                 continue;
             }
             elsewhere.send(zhop, peer, pkt, false, now, out);
