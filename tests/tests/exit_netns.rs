@@ -56,3 +56,27 @@ fn through_the_exit(lab: &ExitLab) -> Result<()> {
     ensure!(shown.contains("latest handshake"), "{shown}");
     Ok(())
 }
+
+/// WraithGate as the client end: the peer is provisioned with the wireguard-go host's
+/// endpoint (which knows none for the node), and the node's first packet for it, a ping
+/// from the node's namespace through its TUN device, starts the handshake.
+#[test]
+fn netns_exit_node_initiates_to_a_wireguard_go_peer() {
+    let test = "netns_exit_node_initiates_to_a_wireguard_go_peer";
+    let Some(lab) = ExitLab::start_or_skip_with(test, "auto", true) else {
+        return;
+    };
+    let check = || -> Result<()> {
+        let (sent, received) = lab.node_ping(3)?;
+        ensure!(received == sent, "ping: {received} of {sent} answered");
+        let seen = lab.client.endpoint_of(&lab.node_key)?;
+        ensure!(
+            seen.map(|e| e.port()) == Some(51820),
+            "the wireguard-go host learned the node's listener as its endpoint: {seen:?}"
+        );
+        Ok(())
+    };
+    if let Err(e) = check() {
+        panic!("{test} failed: {e:#}\n{}", lab.diagnostics());
+    }
+}

@@ -81,16 +81,23 @@ impl ExitLab {
     /// machine cannot and returns `None` when skips are allowed (panics when
     /// `WRAITHGATE_REQUIRE_ALL_TESTS` forbids them).
     pub fn start_or_skip(test: &str, backend: &str) -> Option<ExitLab> {
+        Self::start_or_skip_with(test, backend, false)
+    }
+
+    /// [`ExitLab::start_or_skip`]; with `node_initiates`, the node is the client end: the
+    /// peer is provisioned with the wireguard-go host's endpoint, which knows none for the
+    /// node, and the first packet is the node's (a ping from its namespace).
+    pub fn start_or_skip_with(test: &str, backend: &str, node_initiates: bool) -> Option<ExitLab> {
         if !super::prerequisites_or_skip(test) {
             return None;
         }
-        match ExitLab::start(test, backend) {
+        match ExitLab::start(test, backend, node_initiates) {
             Ok(lab) => Some(lab),
             Err(e) => panic!("{test}: building the lab failed: {e:#}"),
         }
     }
 
-    fn start(test: &str, backend: &str) -> Result<ExitLab> {
+    fn start(test: &str, backend: &str, node_initiates: bool) -> Result<ExitLab> {
         let (lock, started, dir) = super::begin(test)?;
         let ns = |s: &str| Netns::create(s).map(Arc::new);
         let (client_ns, node_ns, inet) = (ns("ec")?, ns("exitnode")?, ns("internet")?);
@@ -142,18 +149,29 @@ impl ExitLab {
             Ipv4Addr::new(10, 94, 1, 2),
             40001,
         )?;
-        node.add_peer(
-            &client.keys.public,
-            &[&format!("{CLIENT_TUNNEL_IP}/32")],
-            &[],
-        )?;
+        let allowed = format!("{CLIENT_TUNNEL_IP}/32");
         let node_key = node.node_public_key()?;
-        client.set_peer(
-            &node_key,
-            Some(SocketAddr::from((NODE_CLIENT_SIDE, RELAY_PORT))),
-            &format!("{INTERNET}/32,10.64.0.1/32"),
-            None,
-        )?;
+        if node_initiates {
+            let endpoint = format!("{}:{}", client.underlay_ip, client.listen_port);
+            node.wraithctl(&[
+                "peer",
+                "add",
+                &client.keys.public,
+                "--allowed-ips",
+                &allowed,
+                "--peer-endpoint",
+                &endpoint,
+            ])?;
+            client.set_peer(&node_key, None, "10.64.0.1/32", None)?;
+        } else {
+            node.add_peer(&client.keys.public, &[&allowed], &[])?;
+            client.set_peer(
+                &node_key,
+                Some(SocketAddr::from((NODE_CLIENT_SIDE, RELAY_PORT))),
+                &format!("{INTERNET}/32,10.64.0.1/32"),
+                None,
+            )?;
+        }
         client.up(24)?;
         client.route(&format!("{INTERNET}/32"))?;
 
@@ -167,7 +185,11 @@ impl ExitLab {
             _namespaces: vec![client_ns, node_ns, inet],
             _lock: lock,
         };
-        let took = lab.wait_for_ping(Duration::from_secs(15))?;
+        let took = if node_initiates {
+            lab.wait_for_node_ping(Duration::from_secs(15))?
+        } else {
+            lab.wait_for_ping(Duration::from_secs(15))?
+        };
         lab.report(&format!(
             "lab ready in {:.1} s (first ping through {:.0} ms), node backend {}",
             started.elapsed().as_secs_f64(),
@@ -189,6 +211,26 @@ impl ExitLab {
             "no ping through the exit within {timeout:?}\n{}",
             self.diagnostics()
         )
+    }
+
+    /// Pings the client's tunnel address from the node's namespace (through the TUN device
+    /// and the node's own initiation) until one answer comes back.
+    pub fn wait_for_node_ping(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok((_, 1)) = ping(self.node.ns(), CLIENT_TUNNEL_IP, 1) {
+                return Ok(start.elapsed());
+            }
+        }
+        bail!(
+            "no ping from the node to its peer within {timeout:?}\n{}",
+            self.diagnostics()
+        )
+    }
+
+    /// `ping -c count` from the node's namespace to the client's tunnel address.
+    pub fn node_ping(&self, count: u32) -> Result<(u32, u32)> {
+        ping(self.node.ns(), CLIENT_TUNNEL_IP, count)
     }
 
     /// `ping -c count` to the internet host: (sent, received).
