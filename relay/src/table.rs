@@ -249,6 +249,9 @@ pub struct ExitTable {
     peers: HashMap<PublicKey, Peer>,
     /// Peers by their allowed IPs, for the Exit role's routing of TUN packets.
     routes: Routes,
+    /// Peers with an endpoint and a persistent keepalive: the node keeps a tunnel with
+    /// them up by itself, as `wg` does.
+    keepalive_peers: Vec<PublicKey>,
 }
 
 /// Longest-prefix match over the peers' allowed IPs (the `ip_network_table` crate, the
@@ -348,6 +351,7 @@ impl ExitTable {
             by_port,
             peers: HashMap::new(),
             routes: Routes::default(),
+            keepalive_peers: Vec::new(),
         })
     }
 
@@ -381,6 +385,11 @@ impl ExitTable {
                 return Err(TableError::UnknownExit { key, exit: *exit });
             }
         }
+        self.keepalive_peers = peers
+            .iter()
+            .filter(|p| p.endpoint.is_some() && p.persistent_keepalive.unwrap_or(0) > 0)
+            .map(|p| p.public_key)
+            .collect();
         let mut routes = ip_network_table::IpNetworkTable::new();
         for p in &peers {
             for net in &p.allowed_ips {
@@ -430,6 +439,13 @@ impl ExitTable {
                 p.owner = old.owner.clone();
             }
         }
+    }
+
+    /// Peers with an endpoint and a persistent keepalive.
+    pub fn keepalive_peers(&self) -> impl Iterator<Item = &Peer> {
+        self.keepalive_peers
+            .iter()
+            .filter_map(|k| self.peers.get(k))
     }
 
     /// Every provisioned peer.

@@ -58,8 +58,9 @@ fn through_the_exit(lab: &ExitLab) -> Result<()> {
 }
 
 /// WraithGate as the client end: the peer is provisioned with the wireguard-go host's
-/// endpoint (which knows none for the node), and the node's first packet for it, a ping
-/// from the node's namespace through its TUN device, starts the handshake.
+/// endpoint (which knows none for the node) and a persistent keepalive, so the node
+/// handshakes by itself (the lab waits for that before any packet); then a ping from the
+/// node's namespace through its TUN device.
 #[test]
 fn netns_exit_node_initiates_to_a_wireguard_go_peer() {
     let test = "netns_exit_node_initiates_to_a_wireguard_go_peer";

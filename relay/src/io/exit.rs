@@ -186,6 +186,35 @@ impl ExitIo {
         }
     }
 
+    /// Starts the tunnels this worker is due to keep up by itself: with every peer that has
+    /// an endpoint steered here and a persistent keepalive, and no tunnel on any worker.
+    /// The first packet is empty: a keepalive once the handshake completes.
+    pub(crate) fn bring_up(
+        &mut self,
+        zhop: &mut Zhop,
+        table: &ExitTable,
+        now: Instant,
+        out: &mut impl FnMut(Output<'_>) -> bool,
+    ) {
+        let workers = self.handoff.workers();
+        for peer in table.keepalive_peers() {
+            let Some(endpoint) = peer.spec.endpoint else {
+                continue;
+            };
+            if sys::steer(endpoint, workers) != self.worker || peer.owner().is_some() {
+                continue;
+            }
+            let listener = if endpoint.is_ipv4() {
+                self.listeners.0
+            } else {
+                self.listeners.1
+            };
+            if let Some(l) = listener {
+                zhop.initiate(now, &peer.spec.public_key, l, endpoint, &[], out);
+            }
+        }
+    }
+
     fn elsewhere(&mut self) -> Elsewhere<'_> {
         Elsewhere {
             worker: self.worker,

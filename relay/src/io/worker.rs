@@ -199,6 +199,7 @@ impl Worker {
             let v6 = d.listener_for(port, SocketAddr::from(([0u16; 8], 0)));
             exit.set_listeners(v4, v6);
         }
+        self.bring_up_keepalive_peers(d, now);
         let mut restored = 0;
         for snap in sessions {
             let Some(listener) = d.listener_for(snap.listen_port, snap.client) else {
@@ -256,6 +257,7 @@ impl Worker {
         if let Some(t) = new_table {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
             self.set_table(t);
+            self.bring_up_keepalive_peers(d, now);
         }
         let id = self.id;
         let exit = &mut self.exit;
@@ -328,6 +330,20 @@ impl Worker {
         let exit = &mut self.exit;
         self.router
             .drain_commands(&mut |o: Output<'_>| carry_out(id, d, o, &mut |_| {}, exit));
+    }
+
+    /// Exit role: starts a tunnel with each peer that has an endpoint and a persistent
+    /// keepalive, whose answers reach this worker, and that no worker holds a tunnel with
+    /// (at start and with each new table), as `wg` does when such a peer is configured.
+    fn bring_up_keepalive_peers(&mut self, d: &mut impl Datapath, now: Instant) {
+        let Some(exit) = self.exit.as_mut() else {
+            return;
+        };
+        let id = self.id;
+        let table = self.router.table().clone();
+        let mut none = None;
+        let mut out = |o: Output<'_>| carry_out(id, d, o, &mut |_| {}, &mut none);
+        exit.bring_up(&mut self.zhop, &table, now, &mut out);
     }
 
     /// The backend saw the TUN queue become readable.

@@ -161,6 +161,8 @@ impl ExitLab {
                 &allowed,
                 "--peer-endpoint",
                 &endpoint,
+                "--persistent-keepalive",
+                "25",
             ])?;
             client.set_peer(&node_key, None, "10.64.0.1/32", None)?;
         } else {
@@ -186,6 +188,18 @@ impl ExitLab {
             _lock: lock,
         };
         let took = if node_initiates {
+            // With a persistent keepalive the node handshakes by itself, before any
+            // packet for the peer.
+            let start = Instant::now();
+            while lab.client.latest_handshake(&lab.node_key)?.is_none() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    bail!(
+                        "the node did not handshake by itself within 10 s\n{}",
+                        lab.diagnostics()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             lab.wait_for_node_ping(Duration::from_secs(15))?
         } else {
             lab.wait_for_ping(Duration::from_secs(15))?
