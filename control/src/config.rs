@@ -12,7 +12,8 @@ use serde::Deserialize;
 use toml::Spanned;
 use wraithgate_relay::io::{BackendChoice, DataPlaneConfig, FastPathChoice};
 use wraithgate_relay::router::RouterConfig;
-use wraithgate_relay::table::{ExitSpec, ExitTable, TableError};
+use wraithgate_relay::table::{ExitSpec, ExitTable, IpNet, TableError};
+use wraithgate_relay::tun::TunConfig;
 use wraithgate_relay::PublicKey;
 
 use crate::state::{DesiredState, StateError};
@@ -29,8 +30,33 @@ pub struct ConfigFile {
     pub control: ControlSection,
     #[serde(default)]
     pub log: LogSection,
+    /// The Exit role's TUN device; without this section the node only relays.
+    pub tun: Option<TunSection>,
     #[serde(default, rename = "exit")]
     pub exits: Vec<Spanned<ExitEntry>>,
+}
+
+/// `[tun]`: the TUN device the Exit role writes decrypted packets to (and reads the
+/// replies from), one queue per worker. The node creates it at start, sets its addresses
+/// and MTU, brings it up, and it goes away when the node stops.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunSection {
+    #[serde(default = "default_tun_name")]
+    pub name: String,
+    /// The interface's own addresses with their prefixes (`10.64.0.1/16`, `fd64::1/64`):
+    /// the prefix is routed to the device.
+    #[serde(default)]
+    pub addresses: Vec<Spanned<String>>,
+    #[serde(default = "default_tun_mtu")]
+    pub mtu: u16,
+}
+
+fn default_tun_name() -> String {
+    "wg-exit0".into()
+}
+fn default_tun_mtu() -> u16 {
+    wraithgate_relay::tun::DEFAULT_MTU
 }
 
 /// `[log]`: what the node logs. Changes with SIGHUP.
@@ -406,6 +432,53 @@ impl Config {
                 ));
             }
         }
+        let tun = match &file.tun {
+            None => None,
+            Some(t) => {
+                // Interface addresses keep their host part (unlike peers' allowed IPs), and
+                // need their prefix: it is what routes the peers' addresses to the device.
+                let mut addresses = Vec::with_capacity(t.addresses.len());
+                for a in &t.addresses {
+                    let net = a.get_ref().parse::<IpNet>().map_err(|_| {
+                        at(
+                            Some(a.span()),
+                            format!(
+                                "[tun] addresses: {:?} is not an address with its prefix \
+                                 (e.g. \"10.64.0.1/16\", \"fd64::1/64\")",
+                                a.get_ref()
+                            ),
+                        )
+                    })?;
+                    addresses.push(Spanned::new(a.span(), net));
+                }
+                let cfg = TunConfig {
+                    name: t.name.clone(),
+                    addresses: addresses.iter().map(|a| *a.get_ref()).collect(),
+                    mtu: t.mtu,
+                };
+                if let Err(e) = cfg.validate() {
+                    let key = if e.starts_with("name") { "name" } else { "mtu" };
+                    return Err(at(find_key_in(text, "tun", key), format!("[tun] {e}")));
+                }
+                for (i, a) in addresses.iter().enumerate() {
+                    let host = a.get_ref().addr();
+                    let span = Some(a.span());
+                    if host.is_unspecified() || host.is_multicast() {
+                        return Err(at(
+                            span,
+                            format!(
+                                "[tun] addresses: {} is not an interface address",
+                                a.get_ref()
+                            ),
+                        ));
+                    }
+                    if addresses[..i].iter().any(|b| b.get_ref().addr() == host) {
+                        return Err(at(span, format!("[tun] addresses: {host} is given twice")));
+                    }
+                }
+                Some(cfg)
+            }
+        };
         let spans: Vec<_> = file.exits.iter().map(|e| e.span()).collect();
         let specs: Vec<ExitSpec> = file
             .exits
@@ -487,6 +560,7 @@ impl Config {
             exit_socket_buffer: r.exit_socket_buffer,
             fast_path: r.fast_path,
             fast_path_interfaces: r.fast_path_interfaces.clone(),
+            tun,
             ..defaults
         };
         Ok(Config {
@@ -529,6 +603,20 @@ fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
         let t = line.trim_start();
         if t.starts_with(key) && t[key.len()..].trim_start().starts_with('=') {
             return Some(offset..offset + line.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// Where `key = ` is first assigned within section `[section]`.
+fn find_key_in(text: &str, section: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let header = format!("[{section}]");
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim() == header {
+            let start = offset + line.len();
+            return find_key(&text[start..], key).map(|r| r.start + start..r.end + start);
         }
         offset += line.len();
     }
@@ -584,6 +672,15 @@ idle_timeout_secs = 540
 # tracing's filter syntax; `--log` or WRAITHGATE_LOG override it. SIGHUP applies a change.
 filter = "info"
 
+# The Exit role: peers provisioned through the API (wraithctl peer add) whose decrypted
+# traffic is not Z-HOP goes to this TUN device, one queue per worker; route and masquerade
+# it to the internet (README, "Running an exit"). Without this section the node only
+# relays.
+# [tun]
+# name = "wg-exit0"
+# addresses = ["10.64.0.1/16"]
+# mtu = 1420
+
 [control]
 # The operator API (wraithctl talks to it). Bearer token in <state_dir>/api.token.
 api_listen = "127.0.0.1:7070"
@@ -613,6 +710,46 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn tun_section_is_checked_with_its_line() {
+        let ok = "[relay]\nlisten = [\"127.0.0.1:1\"]\n[tun]\naddresses = [\"10.64.0.1/16\", \"fd64::1/64\"]\n";
+        let c = parse(ok).unwrap();
+        let t = c.data_plane.tun.expect("a [tun] section");
+        assert_eq!((t.name.as_str(), t.mtu), ("wg-exit0", 1420));
+        assert_eq!(t.addresses.len(), 2);
+        assert!(parse("[relay]\nlisten = [\"127.0.0.1:1\"]\n")
+            .unwrap()
+            .data_plane
+            .tun
+            .is_none());
+        let cases = [
+            (
+                "[tun]\nname = \"a-name-far-too-long\"\n",
+                2,
+                "1 to 15 bytes",
+            ),
+            ("[tun]\nmtu = 100\n", 2, "mtu"),
+            (
+                "[tun]\naddresses = [\n  \"10.0.0.1/8\",\n  \"0.0.0.0/0\"]\n",
+                4,
+                "not an interface address",
+            ),
+            (
+                "[tun]\naddresses = [\"10.0.0.1/8\", \"10.0.0.1/16\"]\n",
+                2,
+                "twice",
+            ),
+            ("[tun]\naddresses = [\"10.0.0.1/99\"]\n", 2, "prefix"),
+            ("[tun]\nmystery = 1\n", 2, "unknown field"),
+        ];
+        for (tun, want_line, want) in cases {
+            let text = format!("[relay]\nlisten = [\"127.0.0.1:1\"]\n\n{tun}");
+            let (l, msg) = line(parse(&text).unwrap_err());
+            assert_eq!(l, want_line + 3, "{tun}: {msg}");
+            assert!(msg.contains(want), "{tun}: {msg}");
+        }
     }
 
     fn line(err: ConfigError) -> (usize, String) {

@@ -41,7 +41,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 33] = [
+    let per_worker: [(&str, &str, ReportField); 39] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -196,6 +196,36 @@ pub fn render(c: &Control) -> String {
             "wraithgate_fastpath_offload_errors_total",
             "Offloads the kernel maps refused (those sessions stayed in userspace).",
             |r| r.fast_path.map_or(0, |f| f.errors),
+        ),
+        (
+            "wraithgate_exit_tun_packets_read_total",
+            "Exit: packets read from the TUN device (towards peers).",
+            |r| r.exit.tun_rx.packets,
+        ),
+        (
+            "wraithgate_exit_tun_bytes_read_total",
+            "Exit: bytes read from the TUN device (towards peers).",
+            |r| r.exit.tun_rx.bytes,
+        ),
+        (
+            "wraithgate_exit_tun_packets_written_total",
+            "Exit: decrypted packets written to the TUN device (from peers).",
+            |r| r.exit.tun_tx.packets,
+        ),
+        (
+            "wraithgate_exit_tun_bytes_written_total",
+            "Exit: decrypted bytes written to the TUN device (from peers).",
+            |r| r.exit.tun_tx.bytes,
+        ),
+        (
+            "wraithgate_exit_handed_off_total",
+            "Exit: TUN packets handed to the worker holding their peer's tunnel.",
+            |r| r.exit.handed_off,
+        ),
+        (
+            "wraithgate_exit_handed_in_total",
+            "Exit: TUN packets other workers handed to this one.",
+            |r| r.exit.handed_in,
         ),
         (
             "wraithgate_sessions",

@@ -471,6 +471,8 @@ mod tests {
                 name: "p".into(),
                 allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
                 preshared_key: None,
+                endpoint: None,
+                persistent_keepalive: None,
                 allowed_exits: vec![PublicKey([1; 32])],
             }],
         };

@@ -382,7 +382,8 @@ fn peers_reference_exits_and_keep_their_preshared_keys_to_themselves() {
     assert_eq!(n.send("POST", "/v1/peers", &good.to_string(), &[]).0, 409);
     let listed = n.json("/v1/peers");
     assert_eq!(listed[0]["name"], "alice");
-    assert!(listed[0].get("preshared_key").is_none(), "{listed}");
+    assert_eq!(listed[0]["preshared_key"], "set", "{listed}");
+    assert!(!listed.to_string().contains(&psk), "{listed}");
     assert!(!n.get("/v1/config").1.contains(&psk));
     // The exit cannot go while the peer may use it.
     let (status, body) = n.send(
@@ -1497,6 +1498,31 @@ fn peers_good_and_bad_input_leave_state_exactly_as_it_was() {
             peer(&|v| v["allowed_ips"] = json!([])),
             400,
             "must not be empty",
+        ),
+        post(
+            peer(&|v| v["endpoint"] = json!("192.0.2.9:0")),
+            400,
+            "port 0",
+        ),
+        post(
+            peer(&|v| v["endpoint"] = json!("0.0.0.0:51820")),
+            400,
+            "unspecified",
+        ),
+        post(
+            peer(&|v| v["endpoint"] = json!("no-such-host.invalid:51820")),
+            400,
+            "no-such-host.invalid",
+        ),
+        post(
+            peer(&|v| v["persistent_keepalive"] = json!(70000)),
+            400,
+            "invalid request body",
+        ),
+        post(
+            peer(&|v| v["persistent_keepalive"] = json!(-1)),
+            400,
+            "invalid request body",
         ),
         post(
             peer(&|v| {

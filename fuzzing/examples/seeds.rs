@@ -391,6 +391,45 @@ fn inner_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// The exit target: networks 10.64.0.0/24 and fd64::/64, then packets (`u16` length, bytes);
+/// see `wraithgate_fuzzing::exit`.
+fn exit_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use std::net::SocketAddr;
+    use wraithgate_relay::inner::build_udp;
+    let mut head = vec![10, 64, 0, 0, 24];
+    head.extend([0xfd, 0x64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64]);
+    let with = |packets: &[Vec<u8>]| {
+        let mut d = head.clone();
+        for p in packets {
+            d.extend((p.len() as u16).to_le_bytes());
+            d.extend(p);
+        }
+        d
+    };
+    let udp = |src: &str, dst: &str| {
+        let mut p = Vec::new();
+        let (s, d): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        build_udp(&mut p, s, d, b"payload");
+        p
+    };
+    let allowed = udp("10.64.0.2:5000", "198.18.0.1:53");
+    let spoofed = udp("10.65.0.2:5000", "198.18.0.1:53");
+    let v6 = udp("[fd64::2]:5000", "[2001:db8::1]:53");
+    let mut padded = allowed.clone();
+    padded.extend([0xee; 13]);
+    let mut long_claim = allowed.clone();
+    long_claim[3] = long_claim[3].wrapping_add(40);
+    vec![
+        ("allowed-v4", with(std::slice::from_ref(&allowed))),
+        ("spoofed-v4", with(&[spoofed])),
+        ("allowed-v6", with(&[v6])),
+        ("keepalive-then-allowed", with(&[vec![], allowed.clone()])),
+        ("padded-cut-to-length", with(&[padded])),
+        ("length-beyond-packet", with(&[long_claim])),
+        ("not-ip", with(&[vec![0x15; 30]])),
+    ]
+}
+
 fn write(root: &Path, target: &str, seeds: Vec<(&str, Vec<u8>)>) {
     let dir = root.join(target);
     std::fs::create_dir_all(&dir).expect("create corpus directory");
@@ -409,5 +448,6 @@ fn main() {
     write(&root, "config", config_seeds());
     write(&root, "api", api_seeds());
     write(&root, "inner", inner_seeds());
+    write(&root, "exit", exit_seeds());
     println!("seeds written to {}", root.display());
 }

@@ -13,10 +13,12 @@
 //! | [`router`] | the sans-IO DoubleHop router, by sequences of (source, bytes, time step, table swap, kill, restart) | against a reference model: no packet to an address that was never a session's client, nor through another client's session; unverified addresses never get more bytes than they sent; sessions never move; bounds; the per-source rate limit; established sessions closed only for a reason; every drop counted once |
 //! | [`config`] | `Config::parse` | accepted files satisfy every limit; errors name a line of the file |
 //! | [`api`] | the API's request bodies and the state file | accepted states validate the same after being persisted and read back |
+//! | [`exit`] | the Exit role's receive path (a real boringtun client's tunnel into Z-HOP with a TUN) | what reaches the TUN, and the route out, against an independent reading of boringtun's length rule and of cryptokey routing both ways |
 //! | [`inner`] | Z-HOP's inner IP/UDP parser and builder | agrees with an independent reading of RFC 791/8200/768; replies built from what was parsed carry checksums an independent RFC 1071 sum verifies |
 
 pub mod api;
 pub mod config;
+pub mod exit;
 pub mod inner;
 pub mod router;
 pub mod wire;
@@ -25,12 +27,13 @@ pub mod wire;
 pub type Check = fn(&[u8]);
 
 /// Every target by name, for the replay and for tools.
-pub const TARGETS: [(&str, Check); 5] = [
+pub const TARGETS: [(&str, Check); 6] = [
     ("wire", wire::check),
     ("router", router::check),
     ("config", config::check),
     ("api", api::check),
     ("inner", inner::check),
+    ("exit", exit::check),
 ];
 
 /// Reads structured values off fuzz input; past the end everything reads as zero, so any

@@ -51,6 +51,11 @@ fn fuzz_corpus_wire() {
 }
 
 #[test]
+fn fuzz_corpus_exit() {
+    replay("exit");
+}
+
+#[test]
 fn fuzz_corpus_router() {
     replay("router");
 }
@@ -123,7 +128,12 @@ fn fuzz_checks_hold_on_pseudo_random_inputs() {
         state
     };
     for (name, check) in TARGETS {
-        let runs = if name == "router" { 300 } else { 2_000 };
+        // The exit target does a handshake (X25519) per input.
+        let runs = match name {
+            "router" => 300,
+            "exit" => 200,
+            _ => 2_000,
+        };
         for _ in 0..runs {
             let len = (next() % 1024) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();

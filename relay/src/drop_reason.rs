@@ -60,11 +60,20 @@ pub enum DropReason {
     InnerSpoofedSource,
     /// Z-HOP: the inner destination is not one of the peer's allowed exits.
     InnerForbiddenDestination,
+    /// Exit: a decrypted packet whose source is outside its peer's allowed IPs.
+    ExitSourceNotAllowed,
+    /// Exit: a packet from the TUN device whose destination is in no peer's allowed IPs,
+    /// or whose peer no worker holds a tunnel with yet.
+    ExitNoRoute,
+    /// Exit: a TUN packet for a peer another worker holds, whose hand-off queue was full.
+    ExitHandoffFull,
+    /// Exit: the TUN device refused a decrypted packet (its queue full, or malformed).
+    ExitTunWriteFailed,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 28] = [
         DropReason::Truncated,
         DropReason::BadLength,
         DropReason::ReservedNonZero,
@@ -89,6 +98,10 @@ impl DropReason {
         DropReason::InnerNotUdp,
         DropReason::InnerSpoofedSource,
         DropReason::InnerForbiddenDestination,
+        DropReason::ExitSourceNotAllowed,
+        DropReason::ExitNoRoute,
+        DropReason::ExitHandoffFull,
+        DropReason::ExitTunWriteFailed,
     ];
     /// Number of distinct reasons.
     pub const COUNT: usize = Self::ALL.len();
@@ -125,6 +138,10 @@ impl DropReason {
             DropReason::InnerNotUdp => "inner_not_udp",
             DropReason::InnerSpoofedSource => "inner_spoofed_source",
             DropReason::InnerForbiddenDestination => "inner_forbidden_destination",
+            DropReason::ExitSourceNotAllowed => "exit_source_not_allowed",
+            DropReason::ExitNoRoute => "exit_no_route",
+            DropReason::ExitHandoffFull => "exit_handoff_full",
+            DropReason::ExitTunWriteFailed => "exit_tun_write_failed",
         }
     }
 }

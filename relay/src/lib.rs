@@ -17,6 +17,7 @@ pub mod ratelimit;
 pub mod role;
 pub mod slab;
 pub mod table;
+pub mod tun;
 pub mod vnet;
 pub mod wire;
 pub mod zhop;

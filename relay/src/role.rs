@@ -131,6 +131,8 @@ pub enum Output<'a> {
     },
     /// Stop the fast path forwarding `socket`'s session (before its socket closes).
     Withdraw { socket: SocketOwner },
+    /// Write a decrypted IP packet to the node's TUN device (the Exit role).
+    ToTun { bytes: &'a [u8] },
 }
 
 /// A role: a sans-IO state machine that claims the client datagrams that are its own,

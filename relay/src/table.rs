@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -55,6 +56,11 @@ pub enum TableError {
     UnknownExit { key: PublicKey, exit: PublicKey },
     #[error("peer {key}: name must be at most 64 characters")]
     PeerName { key: PublicKey },
+    #[error("peer {key}: endpoint {endpoint} has port 0 or an unspecified address")]
+    PeerEndpoint {
+        key: PublicKey,
+        endpoint: SocketAddr,
+    },
 }
 
 /// A provisioned peer with what workers need at hand: the endpoints it may reach.
@@ -63,9 +69,33 @@ pub struct Peer {
     pub spec: PeerSpec,
     /// Endpoints of its allowed exits, resolved when the table is built.
     pub exit_endpoints: Vec<SocketAddr>,
+    /// The worker holding the peer's tunnel ([`NO_OWNER`] while none does): where the
+    /// Exit role hands a packet for it that the TUN gave another worker. Shared by every
+    /// table the peer is in ([`ExitTable::keep_owners`]); written only when the tunnel
+    /// moves (a handshake, roaming), read per TUN packet.
+    pub owner: Arc<AtomicU32>,
 }
 
+/// [`Peer::owner`] while no worker holds a tunnel with the peer.
+pub const NO_OWNER: u32 = u32::MAX;
+
 impl Peer {
+    /// The worker holding this peer's tunnel, if any.
+    pub fn owner(&self) -> Option<usize> {
+        match self.owner.load(Ordering::Relaxed) {
+            NO_OWNER => None,
+            w => Some(w as usize),
+        }
+    }
+
+    /// Records that worker `w` holds the peer's tunnel (a store only when it changes, so
+    /// the line stays shared between the workers that read it).
+    pub fn set_owner(&self, w: usize) {
+        if self.owner.load(Ordering::Relaxed) != w as u32 {
+            self.owner.store(w as u32, Ordering::Relaxed);
+        }
+    }
+
     /// Whether an inner packet from `src` may go to `dst`.
     pub fn allows(&self, src: IpAddr, dst: SocketAddr) -> (bool, bool) {
         (
@@ -159,6 +189,13 @@ pub struct PeerSpec {
     /// Public keys of the exits the peer may reach.
     #[serde(default)]
     pub allowed_exits: Vec<PublicKey>,
+    /// Where the peer is reached before it has sent anything (Exit role: the node then
+    /// initiates, as a WireGuard client does); resolved when the change is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds between keepalives the node sends when otherwise silent (0 or none: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_keepalive: Option<u16>,
 }
 
 /// Index of an exit within one table. Only meaningful together with that table.
@@ -186,6 +223,28 @@ pub struct ExitTable {
     by_key: HashMap<PublicKey, ExitId>,
     by_port: HashMap<u16, ExitId>,
     peers: HashMap<PublicKey, Peer>,
+    /// Peers by their allowed IPs, for the Exit role's routing of TUN packets.
+    routes: Routes,
+    /// Peers with an endpoint and a persistent keepalive: the node keeps a tunnel with
+    /// them up by itself, as `wg` does.
+    keepalive_peers: Vec<PublicKey>,
+}
+
+/// Longest-prefix match over the peers' allowed IPs (the `ip_network_table` crate, the
+/// structure boringtun's device uses).
+struct Routes(ip_network_table::IpNetworkTable<PublicKey>);
+
+impl Default for Routes {
+    fn default() -> Self {
+        Routes(ip_network_table::IpNetworkTable::new())
+    }
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (v4, v6) = self.0.len();
+        write!(f, "Routes({v4} IPv4, {v6} IPv6)")
+    }
 }
 
 impl ExitTable {
@@ -267,6 +326,8 @@ impl ExitTable {
             by_key,
             by_port,
             peers: HashMap::new(),
+            routes: Routes::default(),
+            keepalive_peers: Vec::new(),
         })
     }
 
@@ -287,12 +348,34 @@ impl ExitTable {
             if p.name.chars().count() > 64 {
                 return Err(TableError::PeerName { key });
             }
+            if let Some(endpoint) = p.endpoint {
+                if endpoint.port() == 0 || endpoint.ip().is_unspecified() {
+                    return Err(TableError::PeerEndpoint { key, endpoint });
+                }
+            }
             if let Some(exit) = p
                 .allowed_exits
                 .iter()
                 .find(|x| !self.by_key.contains_key(x))
             {
                 return Err(TableError::UnknownExit { key, exit: *exit });
+            }
+        }
+        self.keepalive_peers = peers
+            .iter()
+            .filter(|p| p.endpoint.is_some() && p.persistent_keepalive.unwrap_or(0) > 0)
+            .map(|p| p.public_key)
+            .collect();
+        let mut routes = ip_network_table::IpNetworkTable::new();
+        for p in &peers {
+            for net in &p.allowed_ips {
+                let Ok(n) = ip_network::IpNetwork::new_truncate(net.addr(), net.prefix_len())
+                else {
+                    continue;
+                };
+                // Two peers claiming one prefix: the later in the list takes it, as the
+                // peer configured last does in `wg`.
+                routes.insert(n, p.public_key);
             }
         }
         self.peers = peers
@@ -309,11 +392,42 @@ impl ExitTable {
                     Peer {
                         spec,
                         exit_endpoints,
+                        owner: Arc::new(AtomicU32::new(NO_OWNER)),
                     },
                 )
             })
             .collect();
+        self.routes = Routes(routes);
         Ok(self)
+    }
+
+    /// The peer whose allowed IPs hold `dst` by longest prefix: where the Exit role sends
+    /// a packet read from the TUN device.
+    pub fn route(&self, dst: IpAddr) -> Option<&Peer> {
+        let (_, key) = self.routes.0.longest_match(dst)?;
+        self.peers.get(key)
+    }
+
+    /// Gives every peer that `previous` has too the owner cell it has there, so which
+    /// worker holds a peer's tunnel survives a table swap.
+    pub fn keep_owners(&mut self, previous: &ExitTable) {
+        for (key, p) in &mut self.peers {
+            if let Some(old) = previous.peers.get(key) {
+                p.owner = old.owner.clone();
+            }
+        }
+    }
+
+    /// Peers with an endpoint and a persistent keepalive.
+    pub fn keepalive_peers(&self) -> impl Iterator<Item = &Peer> {
+        self.keepalive_peers
+            .iter()
+            .filter_map(|k| self.peers.get(k))
+    }
+
+    /// Every provisioned peer.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
     }
 
     /// A provisioned peer by its public key.
@@ -495,6 +609,67 @@ mod tests {
         assert!(parse_network("nonsense/8")
             .unwrap_err()
             .contains("not an IP network"));
+    }
+
+    fn peer(key: u8, ips: &[&str]) -> PeerSpec {
+        PeerSpec {
+            public_key: PublicKey([key; 32]),
+            name: String::new(),
+            allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            preshared_key: None,
+            allowed_exits: vec![],
+            endpoint: None,
+            persistent_keepalive: None,
+        }
+    }
+
+    #[test]
+    fn tun_packets_route_to_the_peer_with_the_longest_prefix() {
+        let t = ExitTable::new(1, vec![])
+            .unwrap()
+            .with_peers(vec![
+                peer(1, &["0.0.0.0/0"]),
+                peer(2, &["10.1.0.0/16", "fd00::/64"]),
+                peer(3, &["10.1.2.3/32"]),
+            ])
+            .unwrap();
+        let to = |ip: &str| t.route(ip.parse().unwrap()).map(|p| p.spec.public_key.0[0]);
+        assert_eq!(to("10.1.2.3"), Some(3));
+        assert_eq!(to("10.1.2.4"), Some(2));
+        assert_eq!(to("192.0.2.1"), Some(1));
+        assert_eq!(to("fd00::9"), Some(2));
+        assert_eq!(to("fd01::9"), None, "no IPv6 default route");
+    }
+
+    #[test]
+    fn owners_survive_a_swap_for_peers_that_stay() {
+        let old = ExitTable::new(1, vec![])
+            .unwrap()
+            .with_peers(vec![peer(1, &["10.0.0.1/32"]), peer(2, &["10.0.0.2/32"])])
+            .unwrap();
+        let p1 = old.peer(&PublicKey([1; 32])).unwrap();
+        assert_eq!(p1.owner(), None);
+        p1.set_owner(1);
+        let mut new = ExitTable::new(2, vec![])
+            .unwrap()
+            .with_peers(vec![peer(1, &["10.0.0.1/32"]), peer(3, &["10.0.0.3/32"])])
+            .unwrap();
+        new.keep_owners(&old);
+        assert_eq!(new.peer(&PublicKey([1; 32])).unwrap().owner(), Some(1));
+        assert_eq!(new.peer(&PublicKey([3; 32])).unwrap().owner(), None);
+        // One cell: a tunnel moving after the swap is seen through either table.
+        old.peer(&PublicKey([1; 32])).unwrap().set_owner(0);
+        assert_eq!(new.peer(&PublicKey([1; 32])).unwrap().owner(), Some(0));
+    }
+
+    #[test]
+    fn a_peer_endpoint_needs_a_port_and_an_address() {
+        let mut p = peer(1, &["10.0.0.1/32"]);
+        p.endpoint = Some("0.0.0.0:51820".parse().unwrap());
+        assert!(matches!(
+            ExitTable::new(1, vec![]).unwrap().with_peers(vec![p]),
+            Err(TableError::PeerEndpoint { .. })
+        ));
     }
 
     #[test]

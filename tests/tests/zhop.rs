@@ -40,6 +40,8 @@ fn setup(backend: BackendChoice) -> Setup {
         name: "zed".into(),
         allowed_ips: vec!["10.7.0.0/24".parse().unwrap()],
         preshared_key: None,
+        endpoint: None,
+        persistent_keepalive: None,
         allowed_exits: vec![exit.keys().relay_key()],
     };
     let table = ExitTable::new(
@@ -601,6 +603,8 @@ fn ipv6_inner_replies_have_the_checksum_rfc_8200_gives() {
             name: "six".into(),
             allowed_ips: vec!["fd00:7::/64".parse().unwrap()],
             preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
             allowed_exits: vec![exit.keys().relay_key()],
         };
         let table = ExitTable::new(1, vec![exit_spec("exit6", &exit, None)])

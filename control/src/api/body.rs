@@ -37,9 +37,94 @@ pub fn exit_patch(body: &[u8]) -> Result<ExitPatch, String> {
     Ok(p)
 }
 
-/// `POST /v1/peers`.
+/// `POST /v1/peers`: a peer, its `endpoint` (`ip:port`, or `host:port` resolved now)
+/// included.
 pub fn peer(body: &[u8]) -> Result<PeerSpec, String> {
-    parse_json(body)
+    let p: PeerBody = parse_json(body)?;
+    Ok(PeerSpec {
+        public_key: p.public_key,
+        name: p.name,
+        allowed_ips: p.allowed_ips,
+        preshared_key: p.preshared_key,
+        allowed_exits: p.allowed_exits,
+        endpoint: p.endpoint,
+        persistent_keepalive: p.persistent_keepalive,
+    })
+}
+
+/// A peer as `POST /v1/peers` takes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerBody {
+    public_key: PublicKey,
+    #[serde(default)]
+    name: String,
+    #[serde(with = "wraithgate_relay::table::ip_networks")]
+    allowed_ips: Vec<IpNet>,
+    #[serde(default)]
+    preshared_key: Option<PresharedKey>,
+    #[serde(default)]
+    allowed_exits: Vec<PublicKey>,
+    #[serde(default, deserialize_with = "crate::endpoint::deserialize_option")]
+    endpoint: Option<SocketAddr>,
+    #[serde(default)]
+    persistent_keepalive: Option<u16>,
+}
+
+/// A peer as `GET /v1/peers` shows it: its settings (a preshared key only as `"set"`) and,
+/// as `wg show` does, what the workers' tunnels with it report.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = PeerStatusView)]
+pub(crate) struct PeerView {
+    #[schema(value_type = Key)]
+    pub(super) public_key: PublicKey,
+    pub(super) name: String,
+    #[serde(with = "wraithgate_relay::table::ip_networks")]
+    #[schema(value_type = Vec<String>)]
+    pub(super) allowed_ips: Vec<IpNet>,
+    #[schema(value_type = Vec<Key>)]
+    pub(super) allowed_exits: Vec<PublicKey>,
+    /// `"set"` when the peer has a preshared key (never the key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub(super) preshared_key: Option<&'static str>,
+    /// The configured endpoint (the node initiates to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub(super) endpoint: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) persistent_keepalive: Option<u16>,
+    /// Where the peer was last seen, authenticated (its tunnel with the latest handshake).
+    #[schema(value_type = Option<String>)]
+    pub(super) current_endpoint: Option<SocketAddr>,
+    pub(super) latest_handshake_secs_ago: Option<u64>,
+    /// Bytes received from and sent to the peer, over every worker's tunnel with it.
+    pub(super) rx_bytes: u64,
+    pub(super) tx_bytes: u64,
+}
+
+impl PeerView {
+    /// `spec` with what `statuses` (every worker's tunnels) say of it.
+    pub(super) fn new(spec: &PeerSpec, statuses: &[wraithgate_relay::zhop::PeerStatus]) -> Self {
+        let mine = statuses.iter().filter(|s| s.public_key == spec.public_key);
+        let latest = mine
+            .clone()
+            .filter(|s| s.latest_handshake_secs_ago.is_some())
+            .min_by_key(|s| s.latest_handshake_secs_ago);
+        PeerView {
+            public_key: spec.public_key,
+            name: spec.name.clone(),
+            allowed_ips: spec.allowed_ips.clone(),
+            allowed_exits: spec.allowed_exits.clone(),
+            preshared_key: spec.preshared_key.as_ref().map(|_| "set"),
+            endpoint: spec.endpoint,
+            persistent_keepalive: spec.persistent_keepalive,
+            current_endpoint: latest.and_then(|s| s.endpoint),
+            latest_handshake_secs_ago: latest.and_then(|s| s.latest_handshake_secs_ago),
+            rx_bytes: mine.clone().map(|s| s.rx_bytes).sum(),
+            tx_bytes: mine.map(|s| s.tx_bytes).sum(),
+        }
+    }
 }
 
 /// `PUT /v1/config`: the new exits and peers. A peer that leaves `preshared_key` out
@@ -94,6 +179,8 @@ impl WholeState {
                 name: p.name,
                 allowed_ips: p.allowed_ips,
                 allowed_exits: p.allowed_exits,
+                endpoint: p.endpoint,
+                persistent_keepalive: p.persistent_keepalive,
             })
             .collect();
         DesiredState {
@@ -129,6 +216,14 @@ pub(crate) struct PeerEntry {
     #[serde(default)]
     #[schema(value_type = Vec<Key>)]
     allowed_exits: Vec<PublicKey>,
+    /// Where the node reaches the peer before it has sent anything (`ip:port` or
+    /// `host:port`, resolved when the change is applied): the node then initiates.
+    #[serde(default, deserialize_with = "crate::endpoint::deserialize_option")]
+    #[schema(value_type = Option<String>, example = "192.0.2.7:51820")]
+    endpoint: Option<SocketAddr>,
+    /// Seconds between keepalives the node sends when otherwise silent (0 or none: off).
+    #[serde(default)]
+    persistent_keepalive: Option<u16>,
 }
 
 /// A field that is present, whatever its value (`null` included); absent is the default.

@@ -11,7 +11,7 @@ use wraithgate_relay::router::{SessionSlot, Traffic};
 use wraithgate_relay::table::ExitSpec;
 use wraithgate_relay::{DropReason, ExitStats};
 
-use super::body::{self, key_from_path, FastPathView, SessionView};
+use super::body::{self, key_from_path, FastPathView, PeerView, SessionView};
 use super::error::{bad_request, ApiError};
 use super::{App, WORKER_TIMEOUT};
 use crate::change::ChangeError;
@@ -19,7 +19,7 @@ use crate::metrics;
 use crate::openapi::{
     ChangeRefusals, ChangeSchema, ErrorBody, FastPathNode, NodeView, ReadRefusals,
 };
-use crate::state::{DesiredState, PeerSpec};
+use crate::state::DesiredState;
 
 /// Liveness: 200 while every worker keeps publishing; 503 naming the stalled ones (a
 /// worker stuck for [`WORKER_STALL`](crate::change::WORKER_STALL)). A dead sidecar answers
@@ -265,15 +265,19 @@ pub(super) async fn patch_exit(
     })))
 }
 
-#[utoipa::path(get, path = "/v1/peers", summary = "List provisioned peers (preshared keys are never shown)",
-    responses((status = 200, description = "Peers", body = Vec<body::PeerEntry>), ReadRefusals))]
-pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
-    // Preshared keys are write-only.
-    let mut peers = app.control.state().peers.clone();
-    for p in &mut peers {
-        p.preshared_key = None;
-    }
-    Json(peers)
+#[utoipa::path(get, path = "/v1/peers", summary = "List provisioned peers, with what their tunnels report (as `wg show`); preshared keys only as \"set\"",
+    responses((status = 200, description = "Peers", body = Vec<body::PeerView>), ReadRefusals))]
+pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerView>> {
+    // Preshared keys are write-only: shown as "set".
+    let statuses = app.control.dp.peer_statuses(WORKER_TIMEOUT);
+    let state = app.control.state();
+    Json(
+        state
+            .peers
+            .iter()
+            .map(|p| PeerView::new(p, &statuses))
+            .collect(),
+    )
 }
 
 #[utoipa::path(post, path = "/v1/peers", summary = "Provision a peer", request_body = body::PeerEntry,
@@ -281,10 +285,9 @@ pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerSpec>> {
 pub(super) async fn add_peer(
     State(app): State<App>,
     body: Bytes,
-) -> Result<(StatusCode, Json<PeerSpec>), ApiError> {
+) -> Result<(StatusCode, Json<PeerView>), ApiError> {
     let p = body::peer(&body).map_err(bad_request)?;
-    let mut shown = p.clone();
-    shown.preshared_key = None;
+    let shown = PeerView::new(&p, &[]);
     app.control.apply(move |s| {
         if s.peers.iter().any(|x| x.public_key == p.public_key) {
             return Err(ChangeError::Conflict(format!(

@@ -99,6 +99,9 @@ pub struct DataPlaneConfig {
     /// Interfaces the fast path's program is attached to (ingress); empty: every Ethernet
     /// interface of the node's network namespace.
     pub fast_path_interfaces: Vec<String>,
+    /// The Exit role's TUN device, created at start with one queue per worker; the role
+    /// is off without one.
+    pub tun: Option<crate::tun::TunConfig>,
 }
 
 impl Default for DataPlaneConfig {
@@ -120,6 +123,7 @@ impl Default for DataPlaneConfig {
             descriptor_ceiling: u64::MAX,
             fast_path: FastPathChoice::Off,
             fast_path_interfaces: Vec::new(),
+            tun: None,
         }
     }
 }

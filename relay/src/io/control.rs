@@ -49,6 +49,15 @@ impl DataPlane {
             .collect()
     }
 
+    /// Every tunnel the workers hold with provisioned peers (Z-HOP and Exit), as `wg show`
+    /// tells of peers; a peer with tunnels on several workers (it roamed) appears once per
+    /// worker.
+    pub fn peer_statuses(&self, timeout: Duration) -> Vec<crate::zhop::PeerStatus> {
+        self.ask_all(WorkerRequest::Peers, timeout)
+            .flat_map(|(_, list)| list)
+            .collect()
+    }
+
     /// Closes one session of one worker. Returns whether it existed.
     pub fn close_session(&self, worker: usize, slot: SessionSlot, timeout: Duration) -> bool {
         let Some(w) = self.workers.get(worker) else {

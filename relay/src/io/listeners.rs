@@ -183,6 +183,8 @@ impl DataPlane {
         bound.retain(|a| !released.contains(a));
         drop(bound);
         let old = self.table.load();
+        let mut table = table;
+        table.keep_owners(&old);
         self.table.publish(table);
         // After the table: by the time a worker closes the socket, no initiation on it is
         // routed by the old pin any more.

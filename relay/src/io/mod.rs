@@ -15,7 +15,9 @@
 mod backend;
 mod config;
 mod control;
+mod exit;
 mod fastpath;
+mod handoff;
 mod listeners;
 pub mod portable;
 mod runs;
@@ -29,6 +31,7 @@ use self::backend::{choose_backend, Chosen};
 pub use self::config::{
     default_workers, BackendChoice, DataPlaneConfig, FastPathChoice, CONTROL_DESCRIPTORS,
 };
+pub use self::exit::ExitStats;
 use self::listeners::{bind_group, pinned_exit_name};
 pub use self::listeners::{BoundListener, PinError, PinnedListeners};
 pub(crate) use self::stats::{CachePadded, SharedReport};
@@ -58,12 +61,16 @@ pub enum StartError {
     Poll(io::Error),
     #[error("the io_uring backend was asked for but cannot run here")]
     Uring(#[from] UringUnavailable),
+    #[error("cannot create TUN device {name:?}: {source}")]
+    Tun { name: String, source: io::Error },
 }
 
 /// Questions the control side may ask a worker; answered between batches.
 #[derive(Debug)]
 pub enum WorkerRequest {
     Sessions(mpsc::Sender<Vec<SessionInfo>>),
+    /// The worker's tunnels with provisioned peers.
+    Peers(mpsc::Sender<Vec<crate::zhop::PeerStatus>>),
     /// Every session with its exit-facing socket's local port, for a restart.
     Snapshot(mpsc::Sender<Vec<SessionSnapshot>>),
     /// A socket for a newly pinned listen port, bound centrally in worker order.
@@ -159,6 +166,8 @@ pub(crate) struct WorkerContext {
     pub shutdown: Arc<AtomicBool>,
     /// Its own writer of the fast path's maps, when the fast path is attached.
     pub fast: Option<wraithgate_fastpath::SessionMaps>,
+    /// The Exit role's TUN queue and hand-off queues, when the node has a TUN device.
+    pub exit: Option<exit::ExitContext>,
 }
 
 impl DataPlane {
@@ -284,12 +293,42 @@ impl DataPlane {
         let backend = cfg.backend;
         let mut handles = Vec::with_capacity(workers);
         let (ready_tx, ready_rx) = mpsc::channel();
-        for (id, (listeners, restore)) in per_worker.into_iter().zip(restore).enumerate() {
+        let mut polls = Vec::with_capacity(workers);
+        for _ in 0..workers {
             let poll = mio::Poll::new().map_err(StartError::Poll)?;
             let waker = Arc::new(
                 mio::Waker::new(poll.registry(), portable::WAKER_TOKEN)
                     .map_err(StartError::Poll)?,
             );
+            polls.push((poll, waker));
+        }
+        // The Exit role: one TUN queue per worker, and the queues through which a worker
+        // hands a peer's packets to the worker holding its tunnel. The device goes away
+        // when the last worker closes its queue.
+        let mut exits: Vec<Option<exit::ExitContext>> = (0..workers).map(|_| None).collect();
+        if let Some(tun) = &cfg.tun {
+            let mut device =
+                crate::tun::TunDevice::create(tun, workers).map_err(|source| StartError::Tun {
+                    name: tun.name.clone(),
+                    source,
+                })?;
+            let wakers = polls.iter().map(|(_, w)| w.clone()).collect();
+            let handoff = Arc::new(handoff::Handoff::new(wakers, usize::from(tun.mtu)));
+            for (slot, queue) in exits.iter_mut().zip(device.take_queues()) {
+                *slot = Some(exit::ExitContext {
+                    queue,
+                    handoff: handoff.clone(),
+                });
+            }
+            tracing::info!(device = device.name(), queues = workers, mtu = tun.mtu,
+                addresses = ?tun.addresses, "TUN device up (Exit role)");
+        }
+        for (id, ((listeners, restore), ((poll, waker), exit))) in per_worker
+            .into_iter()
+            .zip(restore)
+            .zip(polls.into_iter().zip(exits))
+            .enumerate()
+        {
             let (tx, rx) = mpsc::channel();
             let report = Arc::new(CachePadded(Mutex::new(WorkerReport {
                 worker: id,
@@ -319,6 +358,7 @@ impl DataPlane {
                 requests: rx,
                 report: report.clone(),
                 shutdown: shutdown.clone(),
+                exit,
             };
             let ready = ready_tx.clone();
             let thread = std::thread::Builder::new()

@@ -155,8 +155,10 @@ impl worker::Backend for Loop {
             Err(e) => return Err(e),
         }
         for ev in self.events.iter() {
-            if ev.token() != WAKER_TOKEN {
-                self.ready.push_back(ev.token());
+            match ev.token() {
+                WAKER_TOKEN => {}
+                worker::TUN_TOKEN => self.worker.tun_readable(),
+                t => self.ready.push_back(t),
             }
         }
         for _ in 0..self.ready.len() {
@@ -166,6 +168,12 @@ impl worker::Backend for Loop {
             if self.serve_socket(token) {
                 self.ready.push_back(token);
             }
+        }
+        // The Exit role's TUN queue and hand-offs (nothing to do without a TUN device).
+        if self.worker.exit.is_some() {
+            self.worker
+                .serve_exit(&mut portable_io!(self), Instant::now());
+            self.flush_trains();
         }
         Ok(())
     }
@@ -312,6 +320,7 @@ impl Loop {
         let mut io = portable_io!(self);
         io.flush_trains(|_| true);
         self.worker.record_send_failures(&mut self.trains.failed);
+        self.worker.flush_tun();
     }
 
     fn send_to_clients(&mut self) {

@@ -144,6 +144,8 @@ pub struct WorkerReport {
     pub zhop: crate::zhop::ZhopStats,
     /// The kernel fast path as this worker drives it; `None` when it is not attached.
     pub fast_path: Option<FastPathReport>,
+    /// The Exit role's counters (zero without a TUN device).
+    pub exit: super::ExitStats,
     /// When the worker published this report.
     pub published: Option<std::time::Instant>,
 }

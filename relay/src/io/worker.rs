@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
+use super::exit::ExitIo;
 use super::fastpath::FastSessions;
 use super::runs::Target;
 use super::sys;
@@ -24,6 +25,10 @@ use crate::role::{Datagram, Listener, Output, Role, SocketOwner};
 use crate::router::{Router, SessionSnapshot};
 use crate::table::{ExitTable, SharedTable};
 use crate::zhop::{NodeKey, Zhop};
+
+/// The token under which a worker's TUN queue is registered in its poll (both backends
+/// watch that poll: portable directly, io_uring through a poll on its descriptor).
+pub(crate) const TUN_TOKEN: mio::Token = mio::Token(usize::MAX - 1);
 
 /// Longest a worker waits for traffic, so that shutdown and table swaps are noticed when
 /// idle.
@@ -119,6 +124,8 @@ pub(crate) struct Worker {
     pub zhop: Zhop,
     /// This worker's writer of the kernel fast path's maps, when it is attached.
     fast: Option<FastSessions>,
+    /// The Exit role's TUN queue, when the node has a TUN device.
+    pub exit: Option<ExitIo>,
     table: SharedTable,
     requests: mpsc::Receiver<WorkerRequest>,
     report: SharedReport,
@@ -139,15 +146,35 @@ impl Worker {
         let current = ctx.table.load();
         let mut router_cfg = ctx.cfg.router.clone();
         router_cfg.offload = ctx.fast.is_some();
+        let mut zhop = Zhop::new(
+            ctx.cfg.node_key.map(NodeKey::from_secret),
+            current.clone(),
+            ctx.cfg.router.cookie_settings(),
+            now,
+        );
+        let exit = ctx.exit.and_then(|e| {
+            let fd = e.queue.as_raw_fd();
+            let registered = ctx.poll.registry().register(
+                &mut mio::unix::SourceFd(&fd),
+                TUN_TOKEN,
+                mio::Interest::READABLE,
+            );
+            match registered {
+                Ok(()) => {
+                    zhop.enable_exit(ctx.id);
+                    Some(ExitIo::new(ctx.id, e))
+                }
+                Err(e) => {
+                    tracing::error!(worker = ctx.id, error = %e, "cannot watch the TUN queue");
+                    None
+                }
+            }
+        });
         let worker = Worker {
             id: ctx.id,
             fast: ctx.fast.map(|maps| FastSessions::new(ctx.id, maps, now)),
-            zhop: Zhop::new(
-                ctx.cfg.node_key.map(NodeKey::from_secret),
-                current.clone(),
-                ctx.cfg.router.cookie_settings(),
-                now,
-            ),
+            zhop,
+            exit,
             router: Router::new(router_cfg, current, now),
             table: ctx.table,
             requests: ctx.requests,
@@ -173,9 +200,18 @@ impl Worker {
         sessions: &[SessionSnapshot],
         now: Instant,
     ) {
+        // The Exit role initiates to a peer's configured endpoint from the first listener of
+        // its address family (the one its answer comes back to).
+        let first: Vec<u16> = listeners.iter().map(|l| l.local.port()).take(1).collect();
         for l in listeners {
             d.add_listener(l);
         }
+        if let (Some(exit), Some(&port)) = (self.exit.as_mut(), first.first()) {
+            let v4 = d.listener_for(port, SocketAddr::from(([0, 0, 0, 0], 0)));
+            let v6 = d.listener_for(port, SocketAddr::from(([0u16; 8], 0)));
+            exit.set_listeners(v4, v6);
+        }
+        self.bring_up_keepalive_peers(d, now);
         let mut restored = 0;
         for snap in sessions {
             let Some(listener) = d.listener_for(snap.listen_port, snap.client) else {
@@ -205,7 +241,7 @@ impl Worker {
     /// (`busy`) or a table sweep is under way, else until the roles' next timer, at most
     /// [`MAX_WAIT`].
     pub(crate) fn wait(&self, now: Instant, busy: bool) -> Duration {
-        if busy || self.router.sweeping() {
+        if busy || self.router.sweeping() || self.exit.as_ref().is_some_and(ExitIo::busy) {
             return Duration::ZERO;
         }
         let next = match (
@@ -233,6 +269,7 @@ impl Worker {
         if let Some(t) = new_table {
             tracing::debug!(worker = self.id, generation = t.generation(), "new table");
             self.set_table(t);
+            self.bring_up_keepalive_peers(d, now);
         }
         let id = self.id;
         // Kernel traffic first, so that idle expiry sees it.
@@ -240,7 +277,8 @@ impl Worker {
             f.fold(&mut self.router, now, false);
         }
         let fast = &mut self.fast;
-        let mut out = |o: Output<'_>| carry_out(id, d, fast, o, &mut |_| {});
+        let exit = &mut self.exit;
+        let mut out = |o: Output<'_>| carry_out(id, d, fast, o, &mut |_| {}, exit);
         Role::handle_timeout(&mut self.router, now, &mut out);
         Role::handle_timeout(&mut self.zhop, now, &mut out);
         while let Ok(req) = self.requests.try_recv() {
@@ -290,6 +328,9 @@ impl Worker {
                     .collect();
                 let _ = reply.send(snaps);
             }
+            WorkerRequest::Peers(reply) => {
+                let _ = reply.send(self.zhop.peer_statuses(self.id));
+            }
             WorkerRequest::AddListener(l) => d.add_listener(l),
             WorkerRequest::RemoveListener(local) => {
                 // Z-HOP peers that used it find their replies unsendable (counted) until
@@ -304,11 +345,13 @@ impl Worker {
     /// Publishes the counters (`io`, the backend's) unless the control side is reading
     /// them at this moment; then the next housekeeping step tries again.
     pub(crate) fn publish(&mut self, io: &IoStats, now: Instant) {
+        let exit = self.exit.as_ref().map(|e| &e.stats);
         if publish(
             &self.report,
             &self.router,
             &self.zhop,
             self.fast.as_ref(),
+            exit,
             io,
         ) {
             self.last_report = now;
@@ -328,8 +371,51 @@ impl Worker {
     fn router_commands(&mut self, d: &mut impl Datapath) {
         let id = self.id;
         let fast = &mut self.fast;
+        let exit = &mut self.exit;
         self.router
-            .drain_commands(&mut |o: Output<'_>| carry_out(id, d, fast, o, &mut |_| {}));
+            .drain_commands(&mut |o: Output<'_>| carry_out(id, d, fast, o, &mut |_| {}, exit));
+    }
+
+    /// Exit role: starts a tunnel with each peer that has an endpoint and a persistent
+    /// keepalive, whose answers reach this worker, and that no worker holds a tunnel with
+    /// (at start and with each new table), as `wg` does when such a peer is configured.
+    fn bring_up_keepalive_peers(&mut self, d: &mut impl Datapath, now: Instant) {
+        let Some(exit) = self.exit.as_mut() else {
+            return;
+        };
+        let id = self.id;
+        let table = self.router.table().clone();
+        let mut none = None;
+        let mut out = |o: Output<'_>| carry_out(id, d, &mut None, o, &mut |_| {}, &mut none);
+        exit.bring_up(&mut self.zhop, &table, now, &mut out);
+    }
+
+    /// The backend saw the TUN queue become readable.
+    pub(crate) fn tun_readable(&mut self) {
+        if let Some(e) = &mut self.exit {
+            e.set_readable();
+        }
+    }
+
+    /// The Exit role's turn: packets handed over by other workers, then a batch from the
+    /// TUN queue. The backend flushes its sends after it, as after a receive batch.
+    pub(crate) fn serve_exit(&mut self, d: &mut impl Datapath, now: Instant) {
+        let Some(exit) = self.exit.as_mut() else {
+            return;
+        };
+        let id = self.id;
+        let mut none = None;
+        let mut out = |o: Output<'_>| carry_out(id, d, &mut None, o, &mut |_| {}, &mut none);
+        exit.serve(&mut self.zhop, self.router.table(), now, &mut out);
+    }
+
+    /// Writes the decrypted packets waiting for the TUN device (end of a batch).
+    pub(crate) fn flush_tun(&mut self) {
+        if let Some(e) = &mut self.exit {
+            for _ in 0..e.flush() {
+                self.zhop.record_drop(DropReason::ExitTunWriteFailed);
+            }
+        }
     }
 
     /// Runs each segment of `msg` through the role it is for: a client datagram, parsed
@@ -365,8 +451,10 @@ impl Worker {
             offset += seg_len;
             let id = self.id;
             let fast = &mut self.fast;
-            let mut out =
-                |o: Output<'_>| carry_out(id, d, fast, o, &mut |t| forward(t, start, seg_len));
+            let exit = &mut self.exit;
+            let mut out = |o: Output<'_>| {
+                carry_out(id, d, fast, o, &mut |t| forward(t, start, seg_len), exit)
+            };
             match source {
                 // Z-HOP first: it claims only its own (and asks the router only whether it
                 // knows an address); the router takes every client datagram left.
@@ -421,6 +509,7 @@ fn carry_out(
     fast: &mut Option<FastSessions>,
     o: Output<'_>,
     forward: &mut impl FnMut(Target),
+    exit: &mut Option<ExitIo>,
 ) -> bool {
     match o {
         Output::Offload {
@@ -442,6 +531,7 @@ fn carry_out(
             }
             true
         }
+        Output::ToTun { bytes } => exit.as_mut().is_some_and(|e| e.write(bytes)),
         Output::Forward(target) => {
             forward(target);
             true
@@ -515,6 +605,7 @@ pub(crate) fn publish(
     router: &Router,
     zhop: &Zhop,
     fast: Option<&FastSessions>,
+    exit: Option<&super::exit::ExitStats>,
     io: &IoStats,
 ) -> bool {
     let mut r = match report.try_lock() {
@@ -545,6 +636,9 @@ pub(crate) fn publish(
         offloaded: f.offloaded(),
         errors: f.errors,
     });
+    if let Some(e) = exit {
+        r.exit.clone_from(e);
+    }
     r.published = Some(std::time::Instant::now());
     true
 }
@@ -568,13 +662,13 @@ mod tests {
 
         let held = report.lock().expect("not poisoned");
         assert!(
-            !publish(&report, &router, &zhop, None, &io),
+            !publish(&report, &router, &zhop, None, None, &io),
             "skipped, not blocked"
         );
         drop(held);
         assert_eq!(report.lock().expect("not poisoned").io.recv_calls, 0);
 
-        assert!(publish(&report, &router, &zhop, None, &io));
+        assert!(publish(&report, &router, &zhop, None, None, &io));
         let r = report.lock().expect("not poisoned");
         assert_eq!(r.io.recv_calls, 7);
         assert_eq!(r.table_generation, 1);
@@ -592,7 +686,14 @@ mod tests {
         Role::record_drop(&mut zhop, DropReason::SendFailed);
         Role::record_drop(&mut zhop, DropReason::OuterRejected);
         let report = Mutex::new(WorkerReport::default());
-        assert!(publish(&report, &router, &zhop, None, &IoStats::default()));
+        assert!(publish(
+            &report,
+            &router,
+            &zhop,
+            None,
+            None,
+            &IoStats::default()
+        ));
         let r = report.lock().expect("not poisoned");
         assert_eq!(r.router.dropped(DropReason::SendFailed), 2);
         assert_eq!(r.router.dropped(DropReason::OuterRejected), 1);

@@ -26,6 +26,33 @@ pub struct UdpPacket<'a> {
     pub payload: &'a [u8],
 }
 
+/// The source and destination of an IPv4 or IPv6 packet of any protocol (the Exit role's
+/// cryptokey routing reads only these), or `None` when the header does not fit.
+pub fn ip_addresses(ip: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match ip.first()? >> 4 {
+        4 if ip.len() >= 20 => Some((
+            IpAddr::from([ip[12], ip[13], ip[14], ip[15]]),
+            IpAddr::from([ip[16], ip[17], ip[18], ip[19]]),
+        )),
+        6 if ip.len() >= 40 => {
+            let src: [u8; 16] = ip[8..24].try_into().ok()?;
+            let dst: [u8; 16] = ip[24..40].try_into().ok()?;
+            Some((IpAddr::from(src), IpAddr::from(dst)))
+        }
+        _ => None,
+    }
+}
+
+/// The source of an IP packet ([`ip_addresses`]).
+pub fn ip_source(ip: &[u8]) -> Option<IpAddr> {
+    ip_addresses(ip).map(|a| a.0)
+}
+
+/// The destination of an IP packet ([`ip_addresses`]).
+pub fn ip_destination(ip: &[u8]) -> Option<IpAddr> {
+    ip_addresses(ip).map(|a| a.1)
+}
+
 /// Parses an IPv4 or IPv6 packet carrying UDP.
 pub fn parse_udp(ip: &[u8]) -> Result<UdpPacket<'_>, InnerError> {
     let version = ip.first().ok_or(InnerError::Malformed)? >> 4;

@@ -107,6 +107,8 @@ pub enum ZhopOut<'a> {
     },
     /// Send an inner payload to the exit through `flow`'s socket.
     ToExit { flow: SessionSlot, bytes: &'a [u8] },
+    /// Exit role: write a decrypted IP packet to the TUN device.
+    ToTun { bytes: &'a [u8] },
 }
 
 /// Counters of one worker's Z-HOP state.
@@ -122,6 +124,20 @@ pub struct ZhopStats {
     pub exit_to_inner: Traffic,
     pub peers: u64,
     pub flows: u64,
+}
+
+/// A tunnel of one worker, as `wg show` tells of a peer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub public_key: PublicKey,
+    pub worker: usize,
+    /// Where the peer was last seen, authenticated.
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds since the latest completed handshake, if one completed.
+    pub latest_handshake_secs_ago: Option<u64>,
+    /// Bytes received from and sent to the peer through its tunnel (boringtun's count).
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }
 
 struct ZPeer {
@@ -178,6 +194,9 @@ pub struct Zhop {
     stats: ZhopStats,
     /// What Z-HOP refused, by reason ([`DropReason::index`]).
     drops: [u64; DropReason::COUNT],
+    /// Exit role: the worker this is (`Some` when the node has a TUN device), recorded in
+    /// [`crate::table::Peer::owner`] for the peers whose tunnels it holds.
+    exit_worker: Option<usize>,
 }
 
 impl std::fmt::Debug for Zhop {
@@ -236,7 +255,34 @@ impl Zhop {
             timer_credit: 0,
             stats: ZhopStats::default(),
             drops: [0; DropReason::COUNT],
+            exit_worker: None,
         }
+    }
+
+    /// Turns the Exit role on for worker `worker`: decrypted packets that are not Z-HOP
+    /// traffic to an allowed exit go to the TUN device ([`ZhopOut::ToTun`]) when their
+    /// source is inside the peer's allowed IPs.
+    pub fn enable_exit(&mut self, worker: usize) {
+        self.exit_worker = Some(worker);
+    }
+
+    /// Every tunnel this worker holds, as `wg show` tells of its peers.
+    pub fn peer_statuses(&self, worker: usize) -> Vec<PeerStatus> {
+        self.by_key
+            .values()
+            .filter_map(|&i| self.peers.at(i))
+            .map(|(_, p)| {
+                let (since, tx, rx, _, _) = p.tunn.stats();
+                PeerStatus {
+                    public_key: p.key,
+                    worker,
+                    endpoint: p.endpoint.map(|e| e.1),
+                    latest_handshake_secs_ago: since.map(|d| d.as_secs()),
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                }
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> ZhopStats {
@@ -499,6 +545,31 @@ impl Zhop {
         self.admission.under_load(now, spent)
     }
 
+    /// Exit role, as a WireGuard client: creates the tunnel with `peer` (provisioned with
+    /// an `endpoint`) from `listener` to that endpoint, and sends `packet` through it, which
+    /// starts the handshake (boringtun queues the packet until it completes). The answer
+    /// comes back to this worker: the caller is the worker `endpoint` is steered to.
+    pub fn initiate_to(
+        &mut self,
+        now: Instant,
+        peer: &PublicKey,
+        listener: Listener,
+        endpoint: SocketAddr,
+        packet: &[u8],
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let i = match self.by_key.get(peer) {
+            Some(&i) => i,
+            None => self.new_peer(*peer, now)?,
+        };
+        let (_, p) = self.peers.at_mut(i).ok_or(DropReason::ExitNoRoute)?;
+        if p.endpoint.is_none() {
+            p.endpoint = Some((listener, endpoint));
+            self.by_addr.insert(endpoint, i);
+        }
+        self.handle_tun(now, peer, packet, out).map(drop)
+    }
+
     /// The peer an initiation comes from (decrypting its static key), created on first use.
     fn peer_for_initiation(&mut self, packet: &[u8], now: Instant) -> Result<u32, DropReason> {
         let Some((key, _)) = &self.key else {
@@ -516,6 +587,14 @@ impl Zhop {
         if let Some(&p) = self.by_key.get(&peer_key) {
             return Ok(p);
         }
+        self.new_peer(peer_key, now)
+    }
+
+    /// Creates this worker's tunnel with provisioned peer `peer_key`.
+    fn new_peer(&mut self, peer_key: PublicKey, now: Instant) -> Result<u32, DropReason> {
+        let Some((key, _)) = &self.key else {
+            return Err(DropReason::UnknownPeer);
+        };
         let spec = &self
             .table
             .peer(&peer_key)
@@ -530,7 +609,7 @@ impl Zhop {
             key.secret.clone(),
             x25519::PublicKey::from(peer_key.0),
             spec.preshared_key.as_ref().map(|k| k.0),
-            None,
+            spec.persistent_keepalive.filter(|&k| k > 0),
             index,
             Some(self.limiter.clone()),
         );
@@ -557,6 +636,9 @@ impl Zhop {
             .expect("peer numbers name live peers")
             .1;
         p.last_activity = now;
+        if let (Some(w), Some(spec)) = (self.exit_worker, self.table.peer(&p.key)) {
+            spec.set_owner(w);
+        }
         if p.endpoint.map(|e| e.1) != Some(from) {
             if let Some((_, old)) = p.endpoint {
                 self.by_addr.remove(&old);
@@ -593,13 +675,23 @@ impl Zhop {
         len: usize,
         out: &mut dyn FnMut(ZhopOut<'_>),
     ) -> Result<(), DropReason> {
-        let pkt = inner::parse_udp(&self.buf[..len]).map_err(|e| match e {
+        let parsed = inner::parse_udp(&self.buf[..len]).map_err(|e| match e {
             InnerError::NotUdp => DropReason::InnerNotUdp,
             InnerError::Malformed | InnerError::Fragment => DropReason::InnerMalformed,
-        })?;
+        });
         let p = self.peers.at(peer).expect("peer numbers name live peers").1;
         let allowed = self.table.peer(&p.key).ok_or(DropReason::UnknownPeer)?;
-        let (src_ok, dst_ok) = allowed.allows(pkt.src.ip(), pkt.dst);
+        // Z-HOP traffic is UDP to one of the peer's allowed exits; with a TUN device,
+        // anything else is the Exit role's.
+        let zhop = match &parsed {
+            Ok(pkt) => allowed.allows(pkt.src.ip(), pkt.dst),
+            Err(_) => (false, false),
+        };
+        if self.exit_worker.is_some() && !zhop.1 {
+            return self.deliver_to_tun(peer, len, out);
+        }
+        let pkt = parsed?;
+        let (src_ok, dst_ok) = zhop;
         if !src_ok {
             return Err(DropReason::InnerSpoofedSource);
         }
@@ -638,6 +730,61 @@ impl Zhop {
             bytes: pkt.payload,
         });
         Ok(())
+    }
+
+    /// Exit role: the decrypted packet in `self.buf[..len]` goes to the TUN device if its
+    /// source is inside the peer's allowed IPs (cryptokey routing, inbound).
+    fn deliver_to_tun(
+        &mut self,
+        peer: u32,
+        len: usize,
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<(), DropReason> {
+        let pkt = &self.buf[..len];
+        let src = inner::ip_source(pkt).ok_or(DropReason::InnerMalformed)?;
+        let p = self.peers.at(peer).expect("peer numbers name live peers").1;
+        let allowed = self.table.peer(&p.key).ok_or(DropReason::UnknownPeer)?;
+        if !allowed.spec.allowed_ips.iter().any(|n| n.contains(&src)) {
+            return Err(DropReason::ExitSourceNotAllowed);
+        }
+        out(ZhopOut::ToTun { bytes: pkt });
+        Ok(())
+    }
+
+    /// Exit role: encrypts `packet`, read from the TUN device, for `peer` and sends it to
+    /// the peer's endpoint. `Ok(false)` when this worker holds no tunnel with the peer.
+    pub fn handle_tun(
+        &mut self,
+        now: Instant,
+        peer: &PublicKey,
+        packet: &[u8],
+        out: &mut dyn FnMut(ZhopOut<'_>),
+    ) -> Result<bool, DropReason> {
+        let Some(&i) = self.by_key.get(peer) else {
+            return Ok(false);
+        };
+        if !self.check_peer(i, out) {
+            return Err(DropReason::ExitNoRoute);
+        }
+        let (_, p) = self.peers.at_mut(i).ok_or(DropReason::ExitNoRoute)?;
+        let Some((listener, to)) = p.endpoint else {
+            return Err(DropReason::NoSession);
+        };
+        p.last_activity = now;
+        match p.tunn.encapsulate(packet, &mut self.buf) {
+            TunnResult::WriteToNetwork(b) => {
+                let len = b.len();
+                out(ZhopOut::ToPeer {
+                    listener,
+                    to,
+                    bytes: &self.buf[..len],
+                });
+                Ok(true)
+            }
+            // Queued behind a handshake boringtun started; it goes out when that completes.
+            TunnResult::Done => Ok(true),
+            _ => Err(DropReason::OuterRejected),
+        }
     }
 
     /// A datagram from an exit arrived on `flow`'s socket: wrap it and send it to its peer.
@@ -771,6 +918,14 @@ impl Zhop {
             return;
         };
         self.by_key.remove(&p.key);
+        if let (Some(w), Some(spec)) = (self.exit_worker, self.table.peer(&p.key)) {
+            let _ = spec.owner.compare_exchange(
+                w as u32,
+                crate::table::NO_OWNER,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         if let Some((_, addr)) = p.endpoint {
             self.by_addr.remove(&addr);
         }

@@ -37,6 +37,7 @@ impl<'a> From<ZhopOut<'a>> for Output<'a> {
             ZhopOut::CloseFlow { flow } => Output::Close {
                 socket: Zhop::socket(flow),
             },
+            ZhopOut::ToTun { bytes } => Output::ToTun { bytes },
         }
     }
 }
@@ -52,7 +53,10 @@ impl Zhop {
     ) {
         let mut failed = 0;
         let r = f(self, &mut |o: ZhopOut<'_>| {
-            let send = matches!(o, ZhopOut::ToPeer { .. } | ZhopOut::ToExit { .. });
+            let send = matches!(
+                o,
+                ZhopOut::ToPeer { .. } | ZhopOut::ToExit { .. } | ZhopOut::ToTun { .. }
+            );
             if !out(o.into()) && send {
                 failed += 1;
             }
@@ -129,5 +133,39 @@ impl Role for Zhop {
 
     fn drops(&self) -> &[u64; DropReason::COUNT] {
         &self.drops
+    }
+}
+
+impl Zhop {
+    /// [`Zhop::handle_tun`] with the outputs in the worker's terms and the drops counted.
+    /// Returns whether this worker holds the peer's tunnel (else nothing was done).
+    pub(crate) fn tun_packet(
+        &mut self,
+        now: Instant,
+        peer: &crate::keys::PublicKey,
+        packet: &[u8],
+        out: &mut impl FnMut(Output<'_>) -> bool,
+    ) -> bool {
+        let mut here = true;
+        self.emit(out, |z, sink| {
+            here = z.handle_tun(now, peer, packet, sink)?;
+            Ok(())
+        });
+        here
+    }
+
+    /// [`Zhop::initiate_to`] with the outputs in the worker's terms and the drops counted.
+    pub(crate) fn initiate(
+        &mut self,
+        now: Instant,
+        peer: &crate::keys::PublicKey,
+        listener: Listener,
+        endpoint: SocketAddr,
+        packet: &[u8],
+        out: &mut impl FnMut(Output<'_>) -> bool,
+    ) {
+        self.emit(out, |z, sink| {
+            z.initiate_to(now, peer, listener, endpoint, packet, sink)
+        });
     }
 }

@@ -280,6 +280,8 @@ fn timers_are_walked_a_share_at_a_time_and_reach_every_peer_within_a_tick() {
             name: String::new(),
             allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
             preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
             allowed_exits: vec![],
         })
         .collect();
@@ -366,6 +368,8 @@ fn setup_peer(allowed_exits: Vec<PublicKey>) -> PeerSpec {
         name: String::new(),
         allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
         preshared_key: None,
+        endpoint: None,
+        persistent_keepalive: None,
         allowed_exits,
     }
 }

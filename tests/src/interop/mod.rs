@@ -19,6 +19,7 @@
 //! it too ([`crate::netns::clean_up_when_interrupted`]).
 
 pub mod attack;
+pub mod exit;
 pub mod kernel;
 pub mod probe;
 pub mod relay;
@@ -340,6 +341,7 @@ impl Lab {
                 ""
             },
             &options.limits,
+            "",
         )?;
         relay.add_exit(
             "exit1",

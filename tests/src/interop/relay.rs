@@ -165,17 +165,19 @@ impl RelayNode {
     /// Writes the configuration (no exits: they come through the API) and starts the node
     /// with data-path `backend` ("auto", "uring" or "portable").
     pub fn start(ns: Arc<Netns>, dir: &Path, backend: &str) -> Result<RelayNode> {
-        Self::start_with(ns, dir, backend, "", "")
+        Self::start_with(ns, dir, backend, "", "", "")
     }
 
-    /// [`RelayNode::start`] with more `[relay]` settings (`relay_extra`, TOML lines) and
-    /// a `[limits]` section (`limits`, TOML lines).
+    /// [`RelayNode::start`] with more `[relay]` settings (`relay_extra`, TOML lines), a
+    /// `[limits]` section (`limits`, TOML lines) and `extra` appended to the configuration
+    /// file (a `[tun]` section, say).
     pub fn start_with(
         ns: Arc<Netns>,
         dir: &Path,
         backend: &str,
         relay_extra: &str,
         limits: &str,
+        extra: &str,
     ) -> Result<RelayNode> {
         let config = dir.join("wraithgate.toml");
         let state_dir = dir.join("relay-state");
@@ -197,7 +199,7 @@ state_dir = "{}"
 "#,
             state_dir.display()
         );
-        std::fs::write(&config, toml)?;
+        std::fs::write(&config, toml + extra)?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(5)))
@@ -380,7 +382,7 @@ state_dir = "{}"
         })
     }
 
-    fn get_ok(&self, path: &str) -> Result<String> {
+    pub fn get_ok(&self, path: &str) -> Result<String> {
         let (status, text) = self.get(path)?;
         if status != 200 {
             bail!("GET {path}: HTTP {status}: {text}");

@@ -188,6 +188,7 @@ mod tests {
             name: "laptop".into(),
             allowed_ips: vec!["10.201.0.2/32".into()],
             allowed_exits: exits.iter().map(|s| s.to_string()).collect(),
+            ..Peer::default()
         }
     }
 

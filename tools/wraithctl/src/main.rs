@@ -180,6 +180,13 @@ enum PeerCmd {
         /// An exit the peer may reach, by public key or name (repeat for several).
         #[arg(long = "exit", value_name = "EXIT")]
         exits: Vec<String>,
+        /// Exit role: the peer's own endpoint (`ip:port` or `host:port`, resolved by the
+        /// node), to which the node initiates as a WireGuard client does.
+        #[arg(long = "peer-endpoint", value_name = "HOST:PORT")]
+        peer_endpoint: Option<String>,
+        /// Seconds between keepalives the node sends when otherwise silent.
+        #[arg(long, value_name = "SECONDS")]
+        persistent_keepalive: Option<u16>,
         /// Then print the client's WireGuard configurations, as `peer config` does.
         #[arg(long)]
         client_config: bool,
@@ -499,6 +506,8 @@ fn peer_cmd(client: &Client, out: Output, cmd: PeerCmd) -> Result<()> {
             name,
             preshared_key_file,
             exits: given_exits,
+            peer_endpoint,
+            persistent_keepalive,
             client_config,
             config,
         } => {
@@ -517,6 +526,12 @@ fn peer_cmd(client: &Client, out: Output, cmd: PeerCmd) -> Result<()> {
             }
             if let Some(path) = preshared_key_file {
                 body["preshared_key"] = json!(read_preshared_key(&path)?.to_string());
+            }
+            if let Some(e) = peer_endpoint {
+                body["endpoint"] = json!(e);
+            }
+            if let Some(k) = persistent_keepalive {
+                body["persistent_keepalive"] = json!(k);
             }
             let v = client.post_json("/v1/peers", &body)?.json()?;
             if client_config {
@@ -921,6 +936,9 @@ fn count(n: usize, what: &str) -> String {
 struct Summary {
     node: NodeInfo,
     config: Config,
+    /// `GET /v1/peers`: the peers with their live state.
+    peers: Vec<Peer>,
+    peers_json: Value,
     config_json: Value,
     sessions: Vec<Session>,
     stats: Stats,
@@ -932,9 +950,13 @@ fn show(client: &Client, out: Output) -> Result<()> {
     let config: Config = parse(&config_json, "state")?;
     let sessions: Vec<Session> = parse(&client.get("/v1/sessions")?.json()?, "session list")?;
     let stats: Stats = parse(&client.get("/v1/stats")?.json()?, "node counters")?;
+    let peers_json = client.get("/v1/peers")?.json()?;
+    let peers: Vec<Peer> = parse(&peers_json, "peer list")?;
     let s = Summary {
         node,
         config,
+        peers,
+        peers_json,
         config_json,
         sessions,
         stats,
@@ -1054,7 +1076,7 @@ fn summary_json(client: &Client, s: &Summary) -> Value {
         "exit_handshakes": t.exit_handshakes,
         "drops": t.drops,
         "exits": exits,
-        "peers": s.config_json.get("peers").cloned().unwrap_or(json!([])),
+        "peers": s.peers_json,
     })
 }
 
@@ -1171,12 +1193,38 @@ fn summary_text(client: &Client, s: &Summary) -> String {
     }
 
     let names = exit_names(&s.config.exits);
-    for p in &s.config.peers {
+    for p in &s.peers {
         let mut b = Block::new("peer", &p.public_key);
         if !p.name.is_empty() {
             b.field("name", &p.name);
         }
+        if p.preshared_key.is_some() {
+            b.field("preshared key", "(hidden)");
+        }
+        match (&p.current_endpoint, &p.endpoint) {
+            (Some(e), _) | (None, Some(e)) => {
+                b.field("endpoint", e);
+            }
+            (None, None) => {}
+        }
         b.field("allowed ips", p.allowed_ips.join(", "));
+        if let Some(secs) = p.latest_handshake_secs_ago {
+            b.field(
+                "latest handshake",
+                format!("{} ago", render::duration(secs as f64)),
+            );
+            b.field(
+                "transfer",
+                format!(
+                    "{} received, {} sent",
+                    render::bytes(p.rx_bytes),
+                    render::bytes(p.tx_bytes)
+                ),
+            );
+        }
+        if let Some(k) = p.persistent_keepalive.filter(|k| *k > 0) {
+            b.field("persistent keepalive", format!("every {k} seconds"));
+        }
         if !p.allowed_exits.is_empty() {
             let exits: Vec<&str> = p
                 .allowed_exits

@@ -64,6 +64,23 @@ pub struct Peer {
     pub allowed_ips: Vec<String>,
     #[serde(default)]
     pub allowed_exits: Vec<String>,
+    /// Configured endpoint (the node initiates to it).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub persistent_keepalive: Option<u16>,
+    /// `"set"` when the peer has a preshared key (`GET /v1/peers` never shows the key).
+    #[serde(default)]
+    pub preshared_key: Option<String>,
+    /// Live state (`GET /v1/peers` only): where the peer was last seen, authenticated.
+    #[serde(default)]
+    pub current_endpoint: Option<String>,
+    #[serde(default)]
+    pub latest_handshake_secs_ago: Option<u64>,
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

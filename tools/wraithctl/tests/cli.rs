@@ -397,13 +397,30 @@ fn peers_round_trip_with_exits_by_name_and_a_preshared_key() {
         "e1",
         "--preshared-key-file",
         psk_file.to_str().unwrap(),
+        "--peer-endpoint",
+        "192.0.2.9:51820",
+        "--persistent-keepalive",
+        "25",
     ]);
     assert_eq!(added["public_key"], peer.as_str());
     assert_eq!(added["allowed_exits"][0], exit.as_str());
+    assert_eq!(added["endpoint"], "192.0.2.9:51820", "{added}");
+    assert_eq!(added["persistent_keepalive"], 25, "{added}");
+    assert_eq!(added["preshared_key"], "set", "{added}");
     assert!(
-        added.get("preshared_key").is_none(),
+        !added.to_string().contains(&psk),
         "the node echoed the psk: {added}"
     );
+    node.run(&[
+        "peer",
+        "add",
+        &key(),
+        "--allowed-ips",
+        "10.0.0.9/32",
+        "--peer-endpoint",
+        "192.0.2.9:0",
+    ])
+    .fails(1, &["port 0", "400"]);
 
     let ls = node.run(&["peer", "ls"]);
     let row: Vec<&str> = ls

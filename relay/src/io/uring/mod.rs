@@ -595,6 +595,9 @@ impl Loop {
                     // Clears the waker's readiness; requests and shutdown are looked at in
                     // the next iteration.
                     let _ = self.poll.poll(&mut self.events, Some(Duration::ZERO));
+                    if self.events.iter().any(|e| e.token() == worker::TUN_TOKEN) {
+                        self.worker.tun_readable();
+                    }
                     if !cqueue::more(flags) {
                         self.wake_armed = false;
                     }
@@ -719,6 +722,7 @@ impl Loop {
         }
         self.worker
             .record_send_failures(&mut self.plane.trains.failed);
+        self.worker.flush_tun();
     }
 
     /// Routes every received message and queues its sends, then resends refused GSO
@@ -729,6 +733,10 @@ impl Loop {
             self.route(a, now);
             self.bufs.release(a.buf);
             self.plane.sockets.release(a.socket);
+        }
+        // The Exit role's TUN queue and hand-offs (nothing to do without a TUN device).
+        if self.worker.exit.is_some() {
+            self.worker.serve_exit(&mut self.plane, now);
         }
         self.flush_trains();
         if batch {

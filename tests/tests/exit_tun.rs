@@ -1,0 +1,306 @@
+//! The Exit role over a real TUN device, in process: a data plane with a `[tun]` device in
+//! a network namespace of its own, a boringtun client on loopback there, and the
+//! namespace's own stack behind the device (a UDP socket on the device's address stands in
+//! for the internet). Needs root; skips loudly without it (a failure under
+//! `WRAITHGATE_REQUIRE_ALL_TESTS`).
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use wraithgate_control::endpoints::{
+    any_loopback, ipv4_udp, udp_payload, KeyPair, PeerOptions, Received, WgNode,
+};
+use wraithgate_relay::io::BackendChoice;
+use wraithgate_relay::table::{ExitTable, PeerSpec};
+use wraithgate_relay::tun::TunConfig;
+use wraithgate_relay::zhop::NodeKey;
+use wraithgate_relay::DropReason;
+use wraithgate_tests::netns::{missing_prerequisites, Netns, SuiteLock};
+use wraithgate_tests::{backends, skips_allowed, Relay};
+
+const WAIT: Duration = Duration::from_secs(10);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const SERVER_PORT: u16 = 7000;
+const PEER_PORT: u16 = 5000;
+
+#[test]
+fn netns_exit_tun_both_ways_allowed_ips_handoffs_rekey_and_removal() {
+    let test = "netns_exit_tun_both_ways_allowed_ips_handoffs_rekey_and_removal";
+    if let Some(why) = missing_prerequisites(&["ip"]) {
+        assert!(
+            skips_allowed(),
+            "{test} cannot run: {why}; WRAITHGATE_REQUIRE_ALL_TESTS forbids skipping"
+        );
+        eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+        return;
+    }
+    let _lock = SuiteLock::acquire().expect("suite lock");
+    for backend in backends() {
+        let short = format!("exit{}-{}", std::process::id(), backend.as_str());
+        let ns = Netns::create(&short).expect("namespace");
+        ns.run_in(move || exit_case(backend))
+            .unwrap_or_else(|e| panic!("{} backend: {e:#}", backend.as_str()));
+    }
+}
+
+/// The whole story on one backend, inside the namespace.
+fn exit_case(backend: BackendChoice) -> Result<()> {
+    let node_secret: [u8; 32] = rand::random();
+    let node_public = NodeKey::from_secret(node_secret).public_key();
+    let client_keys = KeyPair::generate();
+    let peer = PeerSpec {
+        public_key: client_keys.relay_key(),
+        name: "roadwarrior".into(),
+        allowed_ips: vec![format!("{PEER_IP}/32").parse().expect("literal")],
+        preshared_key: None,
+        allowed_exits: vec![],
+        endpoint: None,
+        persistent_keepalive: None,
+    };
+    let table = ExitTable::new(1, vec![])?.with_peers(vec![peer])?;
+    let relay = Relay::start_config(
+        table,
+        wraithgate_relay::io::DataPlaneConfig {
+            backend,
+            workers: 2,
+            node_key: Some(node_secret),
+            tun: Some(TunConfig {
+                name: "wgx0".into(),
+                addresses: vec![format!("{NODE_IP}/24").parse().expect("literal")],
+                mtu: 1420,
+            }),
+            ..Relay::config()
+        },
+    );
+    let mut client = WgNode::bind(any_loopback(), client_keys)?;
+    client.add_peer(
+        boringtun::x25519::PublicKey::from(node_public.0),
+        PeerOptions {
+            endpoint: Some(relay.addr),
+            ..PeerOptions::default()
+        },
+    );
+    let server = UdpSocket::bind((NODE_IP, SERVER_PORT)).context("binding on the TUN address")?;
+    server.set_nonblocking(true)?;
+    let peer_addr = SocketAddr::from((PEER_IP, PEER_PORT));
+
+    // Handshake, then data in through the tunnel to the node's stack, and the reply out.
+    let ping = ipv4_udp(PEER_IP, NODE_IP, PEER_PORT, SERVER_PORT, b"ping");
+    client.send_ip(0, &ping)?;
+    let (got, from) = pump_until(&mut client, |_| server_recv(&server))?;
+    ensure!(got == b"ping" && from == peer_addr, "{got:?} from {from}");
+    server.send_to(b"pong", peer_addr)?;
+    let got = pump_until(&mut client, |r| packet_payload(r, b"pong"))?;
+    ensure!(got);
+
+    // Inbound cryptokey routing: a source outside the peer's allowed IPs is dropped.
+    let spoofed = ipv4_udp(
+        Ipv4Addr::new(10, 99, 0, 3),
+        NODE_IP,
+        PEER_PORT,
+        SERVER_PORT,
+        b"spoof",
+    );
+    client.send_ip(0, &spoofed)?;
+    wait_drops(&relay, DropReason::ExitSourceNotAllowed, 1)?;
+    ensure!(
+        server_recv(&server).is_none(),
+        "a spoofed source reached the stack"
+    );
+
+    // Outbound: a destination in no peer's allowed IPs is dropped.
+    server.send_to(b"nobody", (Ipv4Addr::new(10, 99, 0, 77), PEER_PORT))?;
+    wait_drops(&relay, DropReason::ExitNoRoute, 1)?;
+
+    // Many new flows from the stack: the kernel spreads them over both workers' TUN
+    // queues by flow hash, so some surface on the worker that does not hold the tunnel and
+    // are handed over. Every one arrives.
+    let flows: Vec<UdpSocket> = (0..32)
+        .map(|_| UdpSocket::bind((NODE_IP, 0)))
+        .collect::<std::io::Result<_>>()?;
+    for (i, s) in flows.iter().enumerate() {
+        s.send_to(format!("flow {i}").as_bytes(), peer_addr)?;
+    }
+    let mut seen = vec![false; flows.len()];
+    pump_until(&mut client, |r| {
+        if let Received::Packet { data, .. } = r {
+            let text = String::from_utf8_lossy(udp_payload(data).unwrap_or_default()).to_string();
+            if let Some(i) = text
+                .strip_prefix("flow ")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                seen[i] = true;
+            }
+        }
+        seen.iter().all(|s| *s).then_some(())
+    })?;
+    let handed = wait_for_reports(&relay, |r| r.iter().map(|w| w.exit.handed_off).sum())?;
+    ensure!(handed > 0, "no flow was handed between workers");
+
+    // A new handshake (as a rekey makes) keeps the tunnel working both ways.
+    let before = client.handshakes(0);
+    client.initiate(0)?;
+    let end = Instant::now() + WAIT;
+    while client.handshakes(0) <= before {
+        ensure!(Instant::now() < end, "the new handshake did not complete");
+        client.recv(Duration::from_millis(10))?;
+    }
+    client.send_ip(
+        0,
+        &ipv4_udp(PEER_IP, NODE_IP, PEER_PORT, SERVER_PORT, b"again"),
+    )?;
+    let (got, _) = pump_until(&mut client, |_| server_recv(&server))?;
+    ensure!(got == b"again");
+    ensure!(client.handshakes(0) > before, "no new handshake completed");
+
+    // `wg show`: the node reports the tunnel, its endpoint and its bytes.
+    let statuses = relay.dp.peer_statuses(WAIT);
+    ensure!(statuses.len() == 1, "{statuses:?}");
+    ensure!(
+        statuses[0].rx_bytes > 0 && statuses[0].tx_bytes > 0,
+        "{statuses:?}"
+    );
+    ensure!(statuses[0].latest_handshake_secs_ago.is_some());
+    ensure!(statuses[0].endpoint == Some(client_addr(&client)?));
+
+    // Removing the peer ends its tunnel: its packets no longer reach the stack, and
+    // packets for it are dropped as unroutable.
+    let drops = dropped(&relay, DropReason::ExitNoRoute);
+    relay.set_table(ExitTable::new(2, vec![])?.with_peers(vec![])?);
+    let end = Instant::now() + WAIT;
+    while !relay.dp.peer_statuses(WAIT).is_empty() {
+        ensure!(Instant::now() < end, "the removed peer's tunnel stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client.send_ip(
+        0,
+        &ipv4_udp(PEER_IP, NODE_IP, PEER_PORT, SERVER_PORT, b"gone"),
+    )?;
+    server.send_to(b"for the removed peer", peer_addr)?;
+    wait_drops(&relay, DropReason::ExitNoRoute, drops + 1)?;
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(
+        server_recv(&server).is_none(),
+        "a removed peer's packet arrived"
+    );
+
+    // A peer with an endpoint: the node's first packet for it starts the handshake, as a
+    // WireGuard client does, and the answer comes back to the worker that sent it.
+    let mut remote = WgNode::bind(any_loopback(), KeyPair::generate())?;
+    remote.add_peer(
+        boringtun::x25519::PublicKey::from(node_public.0),
+        PeerOptions::default(),
+    );
+    let remote_ip = Ipv4Addr::new(10, 99, 0, 50);
+    let remote_peer = PeerSpec {
+        public_key: remote.keys().relay_key(),
+        name: "server".into(),
+        allowed_ips: vec![format!("{remote_ip}/32").parse().expect("literal")],
+        preshared_key: None,
+        allowed_exits: vec![],
+        endpoint: Some(remote.local_addr()),
+        persistent_keepalive: None,
+    };
+    relay.set_table(ExitTable::new(3, vec![])?.with_peers(vec![remote_peer])?);
+    let end = Instant::now() + WAIT;
+    while relay.dp.reports().iter().any(|r| r.table_generation < 3) {
+        ensure!(Instant::now() < end, "the workers did not take the table");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.send_to(b"hello remote", (remote_ip, 6000))?;
+    ensure!(pump_until(&mut remote, |r| packet_payload(
+        r,
+        b"hello remote"
+    ))?);
+    remote.send_ip(
+        0,
+        &ipv4_udp(remote_ip, NODE_IP, 6000, SERVER_PORT, b"hello node"),
+    )?;
+    let (got, from) = pump_until(&mut remote, |_| server_recv(&server))?;
+    ensure!(
+        got == b"hello node" && from == SocketAddr::from((remote_ip, 6000)),
+        "{got:?} from {from}"
+    );
+    Ok(())
+}
+
+fn client_addr(client: &WgNode) -> Result<SocketAddr> {
+    Ok(client.local_addr())
+}
+
+/// One datagram the stack received on the server socket, if any.
+fn server_recv(server: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = [0u8; 2048];
+    server
+        .recv_from(&mut buf)
+        .ok()
+        .map(|(n, from)| (buf[..n].to_vec(), from))
+}
+
+fn packet_payload(r: &Received, want: &[u8]) -> Option<bool> {
+    match r {
+        Received::Packet { data, .. } if udp_payload(data) == Some(want) => Some(true),
+        _ => None,
+    }
+}
+
+/// Receives on the client (running its timers) until `done`, given each thing it got
+/// (and asked again every 10 ms), says it is done.
+fn pump_until<T>(client: &mut WgNode, mut done: impl FnMut(&Received) -> Option<T>) -> Result<T> {
+    let end = Instant::now() + WAIT;
+    let mut last_tick = Instant::now();
+    while Instant::now() < end {
+        let r = match client.recv(Duration::from_millis(10)) {
+            Ok(r) => r.unwrap_or(Received::Control { peer: usize::MAX }),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(t) = done(&r) {
+            return Ok(t);
+        }
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            client.tick();
+            last_tick = Instant::now();
+        }
+    }
+    bail!("timed out")
+}
+
+fn dropped(relay: &Relay, reason: DropReason) -> u64 {
+    relay
+        .dp
+        .reports()
+        .iter()
+        .map(|r| r.router.dropped(reason))
+        .sum()
+}
+
+fn wait_drops(relay: &Relay, reason: DropReason, at_least: u64) -> Result<()> {
+    let end = Instant::now() + WAIT;
+    while dropped(relay, reason) < at_least {
+        ensure!(
+            Instant::now() < end,
+            "{reason} stayed below {at_least}: {}",
+            dropped(relay, reason)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Waits (up to [`WAIT`]) until `f` over the workers' reports is non-zero, and returns it.
+fn wait_for_reports(
+    relay: &Relay,
+    f: impl Fn(&[wraithgate_relay::io::WorkerReport]) -> u64,
+) -> Result<u64> {
+    let end = Instant::now() + WAIT;
+    loop {
+        let v = f(&relay.dp.reports());
+        if v > 0 || Instant::now() >= end {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
