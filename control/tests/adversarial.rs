@@ -310,6 +310,42 @@ impl Node {
             .expect("VmRSS")
     }
 
+    /// What each open descriptor is (`readlink` of `/proc/<pid>/fd/*`), for a failure's
+    /// message.
+    fn fd_list(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| {
+                        let target = std::fs::read_link(e.path())
+                            .map(|t| t.display().to_string())
+                            .unwrap_or_default();
+                        format!("{}={target}", e.file_name().to_string_lossy())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Open descriptors once the node has finished starting: the sidecar's runtime and
+    /// listeners, and an API connection like the one the end of a test holds (counted too
+    /// early, a node still starting looks like it leaks them later).
+    fn fds_started(&self) -> usize {
+        let _ = self.metrics();
+        let mut last = self.fds();
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.fds();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
     fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .unwrap()
@@ -875,7 +911,7 @@ fn adversarial_session_and_index_exhaustion_is_refused_at_the_bound() {
     );
     let exit_key = exit.keys().relay_key();
     let mut tunnel = Tunnel::establish(node.relay, exit, any_loopback());
-    let base_fds = node.fds();
+    let base_fds = node.fds_started();
     let before = node.settled_metrics();
 
     // 200 sources, one initiation each. Unproven sources fill the pending table up to the
@@ -1538,7 +1574,7 @@ fn adversarial_soak_with_sessions_coming_and_going_keeps_memory_and_fds_flat() {
         // the relay stays under load and every new client is challenged with a cookie first.
         "max_sessions = 1024\nmax_pending = 128\npending_timeout_secs = 2\nidle_timeout_secs = 5",
     );
-    let base_fds = node.fds();
+    let base_fds = node.fds_started();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let flooder = flood(
@@ -1639,7 +1675,8 @@ fn adversarial_soak_with_sessions_coming_and_going_keeps_memory_and_fds_flat() {
     assert_eq!(end.get("wraithgate_sessions"), 0);
     assert!(
         fds_end <= base_fds,
-        "descriptors leaked: {fds_end} at the end, {base_fds} at the start"
+        "descriptors leaked: {fds_end} at the end, {base_fds} at the start: {:?}",
+        node.fd_list()
     );
     assert!(
         last <= warm + 16 * 1024,
