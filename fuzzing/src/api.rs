@@ -63,7 +63,8 @@ fn valid(s: &DesiredState) -> bool {
     let mut keys = HashSet::new();
     let mut ports = HashSet::new();
     for e in &s.exits {
-        let name_ok = !e.name.is_empty() && e.name.len() <= 64 && names.insert(&e.name);
+        // Names are limited in characters (as JSON Schema's maxLength counts), not bytes.
+        let name_ok = !e.name.is_empty() && e.name.chars().count() <= 64 && names.insert(&e.name);
         let endpoint_ok = e.endpoint.port() != 0 && !e.endpoint.ip().is_unspecified();
         let port_ok = match e.listen_port {
             Some(0) => false,
@@ -79,7 +80,7 @@ fn valid(s: &DesiredState) -> bool {
         peers.insert(p.public_key)
             && !keys.contains(&p.public_key)
             && !p.allowed_ips.is_empty()
-            && p.name.len() <= 64
+            && p.name.chars().count() <= 64
             && p.allowed_exits.iter().all(|x| keys.contains(x))
     })
 }

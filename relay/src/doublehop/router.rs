@@ -1049,6 +1049,9 @@ impl Router {
                 if !s.verified {
                     s.budget += len as u64;
                 }
+                // The latest initiations count: one sent again (a retransmission, a
+                // replay) is the newest, not left to age out at its old place.
+                s.indices.awaiting.take(init.sender_index());
                 s.indices.awaiting.push(init.sender_index());
                 s.last_activity = now;
                 s.to_exit.add(len);
