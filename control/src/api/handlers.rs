@@ -281,7 +281,7 @@ pub(super) async fn list_peers(State(app): State<App>) -> Json<Vec<PeerView>> {
 }
 
 #[utoipa::path(post, path = "/v1/peers", summary = "Provision a peer", request_body = body::PeerEntry,
-    responses((status = 201, description = "Added", body = body::PeerEntry), ChangeRefusals))]
+    responses((status = 201, description = "Added", body = body::PeerView), ChangeRefusals))]
 pub(super) async fn add_peer(
     State(app): State<App>,
     body: Bytes,
