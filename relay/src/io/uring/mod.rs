@@ -181,6 +181,19 @@ impl Plane {
         )
     }
 
+    /// The listeners that are open, with their local addresses.
+    fn open_listeners(&self) -> impl Iterator<Item = (Listener, SocketAddr)> + '_ {
+        self.sockets
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| !s.closing)
+            .filter_map(|s| match (s.role, s.local) {
+                (Role::Listener(l), Some(local)) => Some((l, local)),
+                _ => None,
+            })
+    }
+
     /// Submits the requests queued on the ring without waiting, so that a synchronous send
     /// that follows cannot overtake them.
     fn submit_queued(&mut self) {
@@ -310,31 +323,14 @@ impl Datapath for Plane {
     }
 
     fn listener_local(&self, id: u16) -> Option<SocketAddr> {
-        self.sockets
-            .slots
-            .iter()
-            .flatten()
-            .filter(|s| !s.closing)
-            .find_map(|s| match (s.role, s.local) {
-                (Role::Listener(l), Some(local)) if l.id == id => Some(local),
-                _ => None,
-            })
+        self.open_listeners()
+            .find_map(|(l, local)| (l.id == id).then_some(local))
     }
 
     fn listener_for(&self, port: u16, client: SocketAddr) -> Option<Listener> {
-        self.sockets
-            .slots
-            .iter()
-            .flatten()
-            .filter(|s| !s.closing)
-            .find_map(|s| match (s.role, s.local) {
-                (Role::Listener(l), Some(local))
-                    if l.port == port && local.is_ipv4() == client.is_ipv4() =>
-                {
-                    Some(l)
-                }
-                _ => None,
-            })
+        self.open_listeners().find_map(|(l, local)| {
+            (l.port == port && local.is_ipv4() == client.is_ipv4()).then_some(l)
+        })
     }
 }
 
