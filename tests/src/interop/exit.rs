@@ -126,19 +126,7 @@ impl ExitLab {
             node_ns.sysctl(k, v)?;
         }
         node_ns.nft(&nft)?;
-        let iperf_server = inet.spawn(
-            "iperf3 server",
-            "iperf3",
-            &[
-                "-s",
-                "-B",
-                &INTERNET.to_string(),
-                "-p",
-                &IPERF_PORT.to_string(),
-            ],
-            &[],
-            &dir.join("iperf3-server.log"),
-        )?;
+        let iperf_server = super::iperf3_server(&inet, IPERF_PORT, &dir.join("iperf3-server.log"))?;
 
         let node = RelayNode::start_with(node_ns.clone(), &dir, backend, "", "", TUN_SECTION)?;
         let client = WgHost::start(

@@ -43,6 +43,21 @@ use wg::WgHost;
 pub const INTERNET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The UDP echo port on [`INTERNET`].
 pub const ECHO_PORT: u16 = 7;
+/// An iperf3 server on the internet host (`inet`), at [`INTERNET`]:`port`.
+pub(crate) fn iperf3_server(
+    inet: &crate::netns::Netns,
+    port: u16,
+    log: &std::path::Path,
+) -> Result<crate::netns::Daemon> {
+    inet.spawn(
+        &format!("iperf3 server {port}"),
+        "iperf3",
+        &["-s", "-B", &INTERNET.to_string(), "-p", &port.to_string()],
+        &[],
+        log,
+    )
+}
+
 /// One iperf3 server per client, so that both can run at once.
 pub const IPERF_PORTS: [u16; 2] = [5201, 5202];
 /// The relay's client-facing port.
@@ -290,12 +305,9 @@ impl Lab {
         let echo = EchoServer::start(&inet, SocketAddr::from((INTERNET, ECHO_PORT)))?;
         let mut iperf_servers = Vec::new();
         for port in IPERF_PORTS {
-            let p = port.to_string();
-            iperf_servers.push(inet.spawn(
-                &format!("iperf3 server {port}"),
-                "iperf3",
-                &["-s", "-B", &INTERNET.to_string(), "-p", &p],
-                &[],
+            iperf_servers.push(iperf3_server(
+                &inet,
+                port,
                 &dir.join(format!("iperf3-server-{port}.log")),
             )?);
         }

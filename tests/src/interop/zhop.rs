@@ -150,19 +150,7 @@ impl ZhopLab {
              }\n",
         )?;
         inet.ip(&["addr", "add", &format!("{INTERNET}/32"), "dev", "lo"])?;
-        let iperf_server = inet.spawn(
-            "iperf3 server",
-            "iperf3",
-            &[
-                "-s",
-                "-B",
-                &INTERNET.to_string(),
-                "-p",
-                &IPERF_PORT.to_string(),
-            ],
-            &[],
-            &dir.join("iperf3-server.log"),
-        )?;
+        let iperf_server = super::iperf3_server(&inet, IPERF_PORT, &dir.join("iperf3-server.log"))?;
 
         let prefix = netns::PREFIX;
         let exit = WgHost::start(
