@@ -1666,6 +1666,13 @@ fn whole_config_bad_input_leaves_state_exactly_as_it_was() {
             400,
             "unknown field",
         ),
+        // The document says int64: the one past its largest is refused, not ignored.
+        put(
+            edited(&|v| v["generation"] = json!(1u64 << 63)),
+            400,
+            "past the largest",
+        ),
+        put(edited(&|v| v["generation"] = json!(-1)), 400, "invalid"),
         refused("PUT", "/v1/config", &current.to_string(), 428, "If-Match"),
         refused(
             "PUT",

@@ -226,6 +226,18 @@ pub(crate) struct PeerEntry {
     persistent_keepalive: Option<u16>,
 }
 
+/// A generation as a request may carry it: an int64 that is not negative (what the
+/// OpenAPI document says; a u64 would take values past it).
+fn generation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<u64>::deserialize(d)? {
+        Some(g) if g > i64::MAX as u64 => Err(serde::de::Error::custom(format!(
+            "generation {g} is past the largest one, {}",
+            i64::MAX
+        ))),
+        g => Ok(g),
+    }
+}
+
 /// A field that is present, whatever its value (`null` included); absent is the default.
 fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
@@ -293,10 +305,11 @@ pub(crate) struct ExitBody {
 #[serde(deny_unknown_fields)]
 #[schema(as = Config)]
 pub(crate) struct ConfigBody {
-    /// Ignored on PUT; use If-Match.
-    #[serde(default)]
+    /// Ignored on PUT; use If-Match. Must still be a generation (0 to 2^63-1, the
+    /// int64 the document promises), so a client sending anything else hears so.
+    #[serde(default, deserialize_with = "generation")]
     #[allow(dead_code)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     generation: Option<u64>,
     #[serde(default)]
     #[schema(value_type = Vec<ExitBody>)]
