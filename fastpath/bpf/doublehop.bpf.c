@@ -153,6 +153,15 @@ static __always_inline int ipv4_header_ok(const struct iphdr *ip)
 	return sum == 0xffff;
 }
 
+// A one's complement sum of up to 48 bits folded to 16.
+static __always_inline __u16 csum_fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
 // The first 8 bytes of a WireGuard message: type word and receiver index.
 struct wg_head {
 	__u32 type;
@@ -170,15 +179,23 @@ int doublehop(struct __sk_buff *skb)
 	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->pkt_type != PACKET_HOST)
 		return count(V_NOT_IPV4);
 
+	// The headers are read straight from the packet when its linear part holds them (the
+	// common case, small packets and GRO trains alike); a helper call copies them otherwise.
 	struct iphdr ip;
-	if (bpf_skb_load_bytes(skb, IP_OFF, &ip, sizeof(ip)) < 0)
+	struct udp_and_head h;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	int linear = data + PAYLOAD_OFF + sizeof(struct wg_head) <= data_end;
+	if (linear) {
+		__builtin_memcpy(&ip, data + IP_OFF, sizeof(ip));
+		__builtin_memcpy(&h, data + UDP_OFF, sizeof(h));
+	} else if (bpf_skb_load_bytes(skb, IP_OFF, &ip, sizeof(ip)) < 0) {
 		return count(V_MALFORMED);
+	}
 	if (ip.version != 4 || ip.ihl != 5 || ip.protocol != IPPROTO_UDP ||
 	    (ip.frag_off & bpf_htons(0x3fff)))
 		return count(V_NOT_UDP);
-
-	struct udp_and_head h;
-	if (bpf_skb_load_bytes(skb, UDP_OFF, &h, sizeof(h)) < 0)
+	if (!linear && bpf_skb_load_bytes(skb, UDP_OFF, &h, sizeof(h)) < 0)
 		return count(V_NOT_TRANSPORT); // shorter than any transport message
 
 	__u32 tot_len = bpf_ntohs(ip.tot_len);
@@ -266,7 +283,12 @@ int doublehop(struct __sk_buff *skb)
 		.ipv4_src = rw.src_addr,
 		.ipv4_dst = rw.dst_addr,
 	};
-	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	// The route only: bpf_redirect_neigh resolves the neighbour itself, so looking it up
+	// here too would be paid twice per packet. A kernel older than 6.5 refuses the flag
+	// (-EINVAL, before it looks at anything): then the full lookup.
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc < 0)
+		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return count(V_NO_ROUTE);
 
@@ -285,13 +307,30 @@ int doublehop(struct __sk_buff *skb)
 	if (addr_diff < 0 || port_diff < 0)
 		return count(V_MALFORMED);
 
+	// The UDP checksum through the helper, which alone knows whether it is a full sum or
+	// a CHECKSUM_PARTIAL pseudo-header sum (ports are then not in it). It may move the
+	// packet's data: the pointers are taken again after it.
 	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, 0, addr_diff,
 				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) < 0 ||
-	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, 0, port_diff, BPF_F_MARK_MANGLED_0) < 0 ||
-	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, addr_diff, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, IP_ADDRS_OFF, new_addrs, sizeof(new_addrs), 0) < 0 ||
-	    bpf_skb_store_bytes(skb, UDP_OFF, &new_ports, sizeof(new_ports), 0) < 0)
+	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, 0, port_diff, BPF_F_MARK_MANGLED_0) < 0)
 		return TC_ACT_SHOT; // half-rewritten: never deliver it anywhere
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (data + UDP_OFF + 4 <= data_end) {
+		// Addresses and ports written in place; the IPv4 header checksum by RFC 1624:
+		// HC' = ~(~HC + the difference of the addresses), folded.
+		struct iphdr *iph = data + IP_OFF;
+		__u64 sum = (__u16)~iph->check;
+		sum += (__u32)addr_diff;
+		iph->check = ~csum_fold(sum);
+		iph->saddr = rw.src_addr;
+		iph->daddr = rw.dst_addr;
+		*(__be32 *)(data + UDP_OFF) = new_ports;
+	} else if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, addr_diff, 0) < 0 ||
+		   bpf_skb_store_bytes(skb, IP_ADDRS_OFF, new_addrs, sizeof(new_addrs), 0) < 0 ||
+		   bpf_skb_store_bytes(skb, UDP_OFF, &new_ports, sizeof(new_ports), 0) < 0) {
+		return TC_ACT_SHOT;
+	}
 
 	struct bpf_redir_neigh nh = {
 		.nh_family = fib.family,
