@@ -107,7 +107,9 @@ struct Cli {
     /// Also run the Exit role end to end (netns topology only): iperf3 TCP (1 and 4
     /// streams) and UDP at --e2e-udp-rate through tunnels whose ends are wireguard-go or
     /// WraithGate (`wgo>wgo`, `wgo>relay>wgo`, `wgo>wg-exit`, `wg>relay>wg-exit`), the
-    /// exit end's CPU per GB. Off by default: about 10 s per cell and run.
+    /// exit end's CPU per GB. Every WraithGate there runs the `uring` backend (the node's
+    /// default), or the first of --backends without it. Off by default: about 10 s per
+    /// cell and run.
     #[arg(long)]
     exit: bool,
     /// Only the Exit role runs (implies --exit).
@@ -708,7 +710,14 @@ fn exit_runs(
     runs: usize,
     secs: u32,
 ) -> Result<Vec<ScenarioResult>> {
-    let backend = cli.backends.first().map_or("uring", String::as_str);
+    // The node's own default (io_uring where the kernel has it), unless --backends leaves
+    // it out: then the first named.
+    let backend = cli
+        .backends
+        .iter()
+        .find(|b| b.as_str() == "uring")
+        .or(cli.backends.first())
+        .map_or("uring", String::as_str);
     let relay = Contender::parse(&format!("wraithgate-{backend}"), &cli.wraithgate, None)?;
     let paths = exitrole::TunnelPath::all(&cli.wraithgate, backend, relay);
     let client = wgo::keypair(workdir, "exit-client")?;
