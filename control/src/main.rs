@@ -1,5 +1,9 @@
 //! `wraithgate`: the relay node.
 
+// The doc comments here are the command's --help, where `[section] key` names a setting
+// of the configuration file, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

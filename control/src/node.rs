@@ -145,8 +145,8 @@ impl Node {
     /// Starts the sidecar again if its thread died (a panic outside any handler: a
     /// handler's own panic is answered 500 and never gets here). Forwarding never noticed;
     /// the API was away from the death until now. Called from the node's main loop; waits
-    /// [`API_RESTART_FIRST`] before the first restart and twice as long each time the
-    /// sidecar dies again within [`API_RESTART_MAX`] of a restart.
+    /// `API_RESTART_FIRST` (1 s) before the first restart and twice as long each time the
+    /// sidecar dies again within `API_RESTART_MAX` of a restart.
     pub fn supervise_sidecar(&mut self, now: std::time::Instant) {
         let Some(sidecar) = &mut self.sidecar else {
             return;

@@ -39,7 +39,7 @@ struct Cli {
     /// Topologies: netns, loopback, host (host needs no root; nftables is skipped there).
     #[arg(long, value_delimiter = ',')]
     topology: Option<Vec<String>>,
-    /// Contenders to run (default: all): wraithgate-<backend> for each of --backends,
+    /// Contenders to run (default: all): `wraithgate-<backend>` for each of --backends,
     /// nftables, naive-tokio, socat, nginx, and direct (no relay at all: the generator
     /// sends to the sink, so its latency is the path's own floor).
     #[arg(long, value_delimiter = ',')]

@@ -73,7 +73,7 @@ fn fault_routes_enabled() -> bool {
 }
 
 /// Every path the API serves with its methods. The router and the OpenAPI document are
-/// both built from the handlers ([`api_routes`]); the API test checks this list against
+/// both built from the handlers (`api_routes`); the API test checks this list against
 /// what is served and documented, and the error answers name a path's methods from it.
 pub const ROUTES: &[(&str, &[&str])] = &[
     ("/healthz", &["GET"]),
@@ -116,7 +116,7 @@ fn api_routes() -> OpenApiRouter<App> {
         .routes(routes!(get_stats))
 }
 
-/// The OpenAPI document of [`api_routes`].
+/// The OpenAPI document of `api_routes`.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     api_routes().into_openapi()
 }

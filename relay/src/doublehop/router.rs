@@ -10,7 +10,7 @@
 //!   `(C, exit)` gets a session with its own exit-facing socket, connected to the exit, so the
 //!   exit sees one endpoint per client and can start handshakes towards it.
 //! - Client → exit transport is found by `C` and the receiver index, which must be one the
-//!   exit assigned to this client (see [`ExitIndices`] for which exit-side packets may teach
+//!   exit assigned to this client (see `ExitIndices` for which exit-side packets may teach
 //!   the router an index). A client's response names its exit by its mac1 (keyed by the
 //!   exit's public key, like an initiation's); a client's cookie reply by the index of the
 //!   exit initiation it refuses.

@@ -1,4 +1,4 @@
-//! The data plane: worker threads that drive the sans-IO [`Router`] from real sockets.
+//! The data plane: worker threads that drive the sans-IO [`Router`](crate::doublehop::router::Router) from real sockets.
 //!
 //! One worker per core, pinned. Each owns a `SO_REUSEPORT` socket on every listen address
 //! (the kernel spreads clients over workers by 4-tuple, so a client always reaches the same

@@ -827,7 +827,7 @@ impl Zhop {
     /// Runs boringtun's timers (each peer's about every 100 ms) and forgets idle peers.
     ///
     /// The walk is spread over the calls: a call visits the share of the peers that the
-    /// time since the previous call is of [`TIMER_TICK`], so a worker with many peers never
+    /// time since the previous call is of `TIMER_TICK`, so a worker with many peers never
     /// stalls its traffic for a walk over all of them at once (a call after 100 ms or more
     /// of sleep still visits everyone).
     pub fn tick(&mut self, now: Instant, out: &mut dyn FnMut(ZhopOut<'_>)) {
@@ -865,7 +865,7 @@ impl Zhop {
         }
     }
 
-    /// When [`Zhop::tick`] next has timers to run: [`TIMER_TICK`] after the last call while
+    /// When [`Zhop::tick`] next has timers to run: `TIMER_TICK` after the last call while
     /// there are peers (a worker that sleeps that long has every peer visited on waking),
     /// never without them.
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -873,7 +873,7 @@ impl Zhop {
     }
 
     /// Takes a new table. Nothing else happens here: each peer is checked against it
-    /// ([`Zhop::check_peer`]) before its next packet either way is handled, and by the
+    /// (`Zhop::check_peer`) before its next packet either way is handled, and by the
     /// timer walk within about 100 ms if it is idle. A peer no longer provisioned loses
     /// its tunnel and flows then; a flow to an exit the peer may no longer reach is closed.
     pub fn set_table(&mut self, table: Arc<ExitTable>) {

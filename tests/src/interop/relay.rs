@@ -21,7 +21,7 @@ const METRICS_SETTLE: Duration = Duration::from_millis(250);
 /// Worker threads of the relay under test.
 const WORKERS: &str = "2";
 
-/// The `wraithgate` node binary (`$WRAITHGATE_BIN` overrides); see [`workspace_bin`].
+/// The `wraithgate` node binary (`$WRAITHGATE_BIN` overrides); see `workspace_bin`.
 pub fn wraithgate_bin() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -37,7 +37,7 @@ pub fn wraithgate_bin() -> Result<PathBuf> {
     .map_err(anyhow::Error::msg)
 }
 
-/// The `wraithctl` operator tool (`$WRAITHCTL_BIN` overrides); see [`workspace_bin`].
+/// The `wraithctl` operator tool (`$WRAITHCTL_BIN` overrides); see `workspace_bin`.
 pub fn wraithctl_bin() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {

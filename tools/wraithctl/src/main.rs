@@ -4,6 +4,10 @@
 //! with the bearer token read from the node's token file. Text output is for people;
 //! `--json` prints the API's JSON for programs.
 
+// The doc comments here are the command's --help, where `[section] key` names a setting
+// of the configuration file, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 mod client;
 mod client_config;
 mod model;

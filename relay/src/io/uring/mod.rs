@@ -23,7 +23,7 @@
 //!   reused only when that count reaches zero, so no queued or in-flight request can reach
 //!   another socket that got the same descriptor number, and no late completion is
 //!   attributed to another session.
-//! - **Send headers** live in a fixed pool ([`sendq::SendSlots`]) until their completion.
+//! - **Send headers** live in a fixed pool (`sendq::SendSlots`) until their completion.
 //! - **Teardown**: before the ring is dropped every request is cancelled and waited for;
 //!   if that does not finish in time the buffers and headers are leaked, never freed while
 //!   the kernel may still use them.
