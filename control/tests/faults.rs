@@ -164,6 +164,7 @@ impl Flow {
     }
 }
 
+#[derive(Clone)]
 struct Api {
     url: String,
     token: String,
@@ -473,6 +474,19 @@ impl Child {
         nofile: u32,
         env: &[(&str, &str)],
     ) -> Child {
+        Child::spawn_under(&[], dir, relay, exit, exit_key, nofile, env)
+    }
+
+    /// [`Child::spawn`], the command line started by the program and arguments `under`.
+    fn spawn_under(
+        under: &[&str],
+        dir: &Path,
+        relay: SocketAddr,
+        exit: SocketAddr,
+        exit_key: &PublicKey,
+        nofile: u32,
+        env: &[(&str, &str)],
+    ) -> Child {
         let api_addr = format!("127.0.0.1:{}", free_port(true));
         let key = base64_key(exit_key);
         let config = format!(
@@ -488,7 +502,14 @@ impl Child {
         // The node as the test runner would start it (under qemu-user, through its runner),
         // behind prlimit.
         let node = wraithgate_testkit::workspace_command(env!("CARGO_BIN_EXE_wraithgate"));
-        let mut cmd = Command::new("prlimit");
+        let mut cmd = match under {
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg("prlimit");
+                c
+            }
+            [] => Command::new("prlimit"),
+        };
         cmd.arg(format!("--nofile={nofile}:{nofile}"))
             .arg("--")
             .arg(node.get_program())
@@ -1038,6 +1059,105 @@ fn wall_clock_jumps_move_nothing() {
             "the jump {jump} did not reach the node (no log line of {day} names {name}):\n{log}"
         );
     }
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A name the node must resolve while the resolver never answers: the API goes on
+/// answering meanwhile (resolution is off the sidecar's one runtime thread), and the call
+/// naming it ends in a 400 that says so, changing nothing.
+#[test]
+fn root_a_resolver_that_never_answers_holds_up_no_other_call() {
+    let test = "root_a_resolver_that_never_answers_holds_up_no_other_call";
+    if !nix_is_root() && may_skip(test, "needs root (a mount namespace for resolv.conf)") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "wg-faults-resolver-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The node's resolver: a socket of ours that reads queries and never answers.
+    let resolver = UdpSocket::bind("127.77.0.53:53").expect("root binds port 53");
+    resolver
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let resolv_conf = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv_conf,
+        "nameserver 127.77.0.53\noptions timeout:3 attempts:1\n",
+    )
+    .unwrap();
+    let exit_key = PublicKey([0x33; 32]);
+    let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+    // The node sees our resolv.conf in a mount namespace of its own.
+    let script = r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#;
+    let conf = resolv_conf.to_str().unwrap();
+    let node = Child::spawn_under(
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            conf,
+        ],
+        &dir,
+        relay,
+        exit.local_addr().unwrap(),
+        &exit_key,
+        1024,
+        &[],
+    );
+    let (_, exits_before) = node.api.call("GET", "/v1/exits", None);
+
+    let api = node.api.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let adding = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let answer = api.call(
+                "POST",
+                "/v1/exits",
+                Some(&json!({
+                    "name": "far-away",
+                    "public_key": base64_key(&PublicKey([0x44; 32])),
+                    "endpoint": "exit.resolver-down.test:51820",
+                })),
+            );
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            answer
+        })
+    };
+    // The node is asking our resolver now.
+    let mut query = [0u8; 512];
+    let (n, _) = resolver
+        .recv_from(&mut query)
+        .expect("the node asks the resolver");
+    assert!(n > 12, "a DNS query");
+    // While it waits for the answer that never comes, other calls are answered.
+    for path in ["/healthz", "/v1/exits", "/metrics"] {
+        let (status, _) = node.api.call("GET", path, None);
+        assert_eq!(status, 200, "{path}");
+    }
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "the resolution ended before the other calls were answered: the test proved nothing"
+    );
+    let (status, answer) = adding.join().unwrap();
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"].as_str().unwrap_or_default();
+    assert!(message.contains("cannot resolve"), "{message}");
+    let (_, exits_after) = node.api.call("GET", "/v1/exits", None);
+    assert_eq!(
+        exits_before, exits_after,
+        "a refused change changes nothing"
+    );
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

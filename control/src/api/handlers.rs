@@ -185,13 +185,32 @@ pub(super) async fn list_exits(State(app): State<App>) -> Json<Vec<ExitSpec>> {
     Json(app.control.state().exits.clone())
 }
 
+/// A request body parsed on the blocking pool, not on the sidecar's one runtime thread:
+/// an endpoint written `host:port` is resolved while parsing, and getaddrinfo blocks (for
+/// seconds when the resolver does not answer) while `/healthz` and every other call must
+/// still be answered.
+async fn parse_body<T: Send + 'static>(
+    body: Bytes,
+    parse: fn(&[u8]) -> Result<T, String>,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(move || parse(&body))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the request body failed: {e}"),
+            )
+        })?
+        .map_err(bad_request)
+}
+
 #[utoipa::path(post, path = "/v1/exits", summary = "Add an exit", request_body = body::ExitBody,
     responses((status = 201, description = "Added", body = body::ExitBody), ChangeRefusals))]
 pub(super) async fn add_exit(
     State(app): State<App>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<ExitSpec>), ApiError> {
-    let spec = body::exit(&body).map_err(bad_request)?;
+    let spec = parse_body(body, body::exit).await?;
     let added = spec.clone();
     app.control.apply(move |s| {
         if s.exits.iter().any(|x| x.public_key == spec.public_key) {
@@ -239,7 +258,7 @@ pub(super) async fn patch_exit(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let key = key_from_path(&key)?;
-    let patch = body::exit_patch(&body).map_err(bad_request)?;
+    let patch = parse_body(body, body::exit_patch).await?;
     let applied = app.control.apply(|s| {
         let Some(e) = s.exits.iter_mut().find(|x| x.public_key == key) else {
             return Err(ChangeError::NotFound(format!("no exit {key}")));
@@ -286,7 +305,7 @@ pub(super) async fn add_peer(
     State(app): State<App>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<PeerView>), ApiError> {
-    let p = body::peer(&body).map_err(bad_request)?;
+    let p = parse_body(body, body::peer).await?;
     let shown = PeerView::new(&p, &[]);
     app.control.apply(move |s| {
         if s.peers.iter().any(|x| x.public_key == p.public_key) {
@@ -362,7 +381,7 @@ pub(super) async fn put_config(
         .map(|s| s.trim().trim_matches('"'))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad_request("If-Match must be a generation number"))?;
-    let new = body::whole_state(&body).map_err(bad_request)?;
+    let new = parse_body(body, body::whole_state).await?;
     let dry_run = match query.as_deref() {
         None | Some("") => false,
         Some("dry_run=true" | "dry_run=1" | "dry_run") => true,
