@@ -763,6 +763,7 @@ mod tests {
             ("exit_to_client", 12, 16, MAX_SESSIONS),
             ("session_counters", 4, 40, MAX_SESSIONS),
             ("verdicts", 4, 8, Verdict::ALL.len()),
+            ("scratch", 4, 8192, 1),
         ];
         for (name, key, value, max) in expect {
             let map = obj

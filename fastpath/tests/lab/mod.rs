@@ -224,7 +224,9 @@ pub fn drain(socket: &UdpSocket, window: Duration) -> Vec<(Vec<u8>, SocketAddr)>
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => panic!("recv: {e}"),
         }
@@ -263,7 +265,9 @@ pub fn raw_packets(raw: &socket2::Socket, from: Ipv4Addr, to: Ipv4Addr) -> Vec<V
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => panic!("raw recv: {e}"),
         }
