@@ -28,7 +28,7 @@
 //! fragmented (or dropped, with DF set by TCP's path MTU discovery).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,7 @@ pub const RELAY_EXIT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 92, 2, 1);
 const EXIT_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 92, 2, 2);
 /// The client's address inside the outer tunnel: the source of its inner WireGuard
 /// datagrams, and the peer's `allowed_ips` on the node.
-const OUTER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+pub(crate) const OUTER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
 /// The client's and the exit's addresses inside the inner tunnel.
 const INNER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
 const EXIT_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
@@ -78,6 +78,64 @@ pub struct ZhopLab {
     // Dropped last: processes above stop before their namespaces go.
     _namespaces: Vec<Arc<Netns>>,
     _lock: SuiteLock,
+}
+
+/// A Z-HOP client's two wireguard-go interfaces in `ns`, started but not configured (their
+/// keys go to the node and the exit first): `<stem>o`, the outer one, with tunnel address
+/// `outer_ip` over `underlay_ip`, port 40001; `<stem>i`, the inner one, with `inner_ip`,
+/// whose datagrams leave from `outer_ip`, port 40002.
+pub(crate) fn start_client(
+    ns: &Arc<Netns>,
+    stem: &str,
+    dir: &Path,
+    underlay_ip: Ipv4Addr,
+    outer_ip: Ipv4Addr,
+    inner_ip: Ipv4Addr,
+) -> Result<(WgHost, WgHost)> {
+    let outer = WgHost::start(
+        ns.clone(),
+        &format!("{stem}o"),
+        dir,
+        outer_ip,
+        underlay_ip,
+        40001,
+    )?;
+    let inner = WgHost::start(
+        ns.clone(),
+        &format!("{stem}i"),
+        dir,
+        inner_ip,
+        outer_ip,
+        40002,
+    )?;
+    Ok((outer, inner))
+}
+
+/// Configures and brings up a Z-HOP client's interfaces: the outer tunnel to the node
+/// (`node_key` at `node`), carrying only what is for the exit's underlay address, routed
+/// there; the inner one to the exit's real endpoint (`exit_key` at `exit`), which that
+/// route sends through the outer tunnel, carrying `inner_allowed` (routed into it).
+pub(crate) fn connect_client(
+    outer: &WgHost,
+    inner: &WgHost,
+    node_key: &str,
+    node: SocketAddr,
+    exit_key: &str,
+    exit: SocketAddr,
+    inner_allowed: &[&str],
+) -> Result<()> {
+    let exit_host = format!("{}/32", exit.ip());
+    outer.set_peer(node_key, Some(node), &exit_host, None)?;
+    outer.set_mtu(OUTER_MTU)?;
+    outer.up(32)?;
+    outer.route(&exit_host)?;
+    inner.set_peer(exit_key, Some(exit), &inner_allowed.join(","), None)?;
+    inner.set_mtu(INNER_MTU)?;
+    inner.up(32)?;
+    for prefix in inner_allowed {
+        inner.route(prefix)?;
+    }
+    Ok(())
 }
 
 /// Handshakes of both layers as the client's wireguard-go and `wg show` see them.
@@ -161,21 +219,13 @@ impl ZhopLab {
             EXIT_UNDERLAY,
             EXIT_PORT,
         )?;
-        let outer = WgHost::start(
-            client.clone(),
-            &format!("{prefix}zo"),
+        let (outer, inner) = start_client(
+            &client,
+            &format!("{prefix}z"),
             &dir,
-            OUTER_TUNNEL_IP,
             Ipv4Addr::new(10, 92, 1, 2),
-            40001,
-        )?;
-        let inner = WgHost::start(
-            client.clone(),
-            &format!("{prefix}zi"),
-            &dir,
-            INNER_TUNNEL_IP,
             OUTER_TUNNEL_IP,
-            40002,
+            INNER_TUNNEL_IP,
         )?;
         // The exit knows only the inner key; the endpoint it learns is the node's flow socket.
         exit.set_peer(
@@ -203,28 +253,15 @@ impl ZhopLab {
         )?;
         let node_key = relay.node_public_key()?;
 
-        // Outer: to the node, carrying only what is for the exit's underlay address.
-        outer.set_peer(
+        connect_client(
+            &outer,
+            &inner,
             &node_key,
-            Some(SocketAddr::from((RELAY_CLIENT_SIDE, RELAY_PORT))),
-            &format!("{EXIT_UNDERLAY}/32"),
-            None,
-        )?;
-        outer.set_mtu(OUTER_MTU)?;
-        outer.up(32)?;
-        outer.route(&format!("{EXIT_UNDERLAY}/32"))?;
-        // Inner: to the exit's real endpoint, which the route above sends through the outer
-        // tunnel; its datagrams leave with the outer interface's address as their source.
-        inner.set_peer(
+            SocketAddr::from((RELAY_CLIENT_SIDE, RELAY_PORT)),
             &exit.keys.public,
-            Some(SocketAddr::from((EXIT_UNDERLAY, EXIT_PORT))),
-            &format!("{EXIT_TUNNEL_IP}/32,{INTERNET}/32"),
-            None,
+            SocketAddr::from((EXIT_UNDERLAY, EXIT_PORT)),
+            &[&format!("{EXIT_TUNNEL_IP}/32"), &format!("{INTERNET}/32")],
         )?;
-        inner.set_mtu(INNER_MTU)?;
-        inner.up(32)?;
-        inner.route(&format!("{INTERNET}/32"))?;
-        inner.route(&format!("{EXIT_TUNNEL_IP}/32"))?;
 
         let mut lab = ZhopLab {
             test: test.to_owned(),
