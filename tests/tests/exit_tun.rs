@@ -121,7 +121,7 @@ fn setup(backend: BackendChoice) -> Result<Setup> {
 
 impl Setup {
     /// Sends `body` from the client's tunnel address to the server and waits for it there.
-    fn to_server(&mut self, body: &[u8], within: Duration) -> Result<()> {
+    fn send_to_server(&mut self, body: &[u8], within: Duration) -> Result<()> {
         let ip = ipv4_udp(PEER_IP, NODE_IP, PEER_PORT, SERVER_PORT, body);
         self.client.send_ip(0, &ip)?;
         let server = &self.server;
@@ -138,7 +138,7 @@ impl Setup {
 
     /// Sends `body` from the server (through the TUN device) to the client's tunnel
     /// address and waits for the client to decrypt it.
-    fn to_client(&mut self, body: &[u8]) -> Result<()> {
+    fn send_to_client(&mut self, body: &[u8]) -> Result<()> {
         self.server.send_to(body, self.peer_addr)?;
         pump_until(&mut self.client, |r| packet_payload(r, body)).with_context(|| {
             format!(
@@ -330,10 +330,10 @@ fn cookie_case(backend: BackendChoice) -> Result<()> {
     ensure!(challenged > 0, "the flood got no cookie reply");
     let started = Instant::now();
     // The first initiation is challenged; the retry comes REKEY_TIMEOUT (5 s) later.
-    s.to_server(b"under load", Duration::from_secs(25))?;
+    s.send_to_server(b"under load", Duration::from_secs(25))?;
     let took = started.elapsed();
     let flooded = flood.stop();
-    s.to_client(b"answer under load")?;
+    s.send_to_client(b"answer under load")?;
     let reports = s.relay.dp.reports();
     let sum = |f: fn(&wraithgate_relay::zhop::ZhopStats) -> u64| -> u64 {
         reports.iter().map(|w| f(&w.zhop)).sum()
@@ -389,7 +389,7 @@ fn netns_exit_tun_a_peer_roams_only_on_an_authenticated_packet() {
 
 fn roaming_case(backend: BackendChoice) -> Result<()> {
     let mut s = setup(backend)?;
-    s.to_server(b"from the first address", WAIT)?;
+    s.send_to_server(b"from the first address", WAIT)?;
     let real = s.client.local_addr();
     ensure!(s.endpoint_seen()? == Some(real));
     // The attacker sits on the worker holding the tunnel, where a move could happen.
@@ -417,7 +417,7 @@ fn roaming_case(backend: BackendChoice) -> Result<()> {
         "an unauthenticated packet moved the endpoint to {:?}",
         s.endpoint_seen()?
     );
-    s.to_client(b"still at the first address")?;
+    s.send_to_client(b"still at the first address")?;
     let mut buf = [0u8; 2048];
     ensure!(
         attacker.recv_from(&mut buf).is_err(),
@@ -428,14 +428,14 @@ fn roaming_case(backend: BackendChoice) -> Result<()> {
     // its next packet authenticates from there.
     let new = address_on_worker(worker, real);
     s.client.rebind(new)?;
-    s.to_server(b"from the new address", WAIT)?;
+    s.send_to_server(b"from the new address", WAIT)?;
     ensure!(
         s.endpoint_seen()? == Some(new),
         "the endpoint did not move to {new}: {:?}",
         s.endpoint_seen()?
     );
     for i in 0..5 {
-        s.to_client(format!("to the new address {i}").as_bytes())?;
+        s.send_to_client(format!("to the new address {i}").as_bytes())?;
     }
     Ok(())
 }
