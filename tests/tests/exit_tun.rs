@@ -334,7 +334,8 @@ fn cookie_case(backend: BackendChoice) -> Result<()> {
     let took = started.elapsed();
     let flooded = flood.stop();
     s.send_to_client(b"answer under load")?;
-    let reports = s.relay.dp.reports();
+    // Counters as published after this point: everything above is in them.
+    let reports = s.relay.dp.reports_after(Instant::now(), WAIT);
     let sum = |f: fn(&wraithgate_relay::zhop::ZhopStats) -> u64| -> u64 {
         reports.iter().map(|w| f(&w.zhop)).sum()
     };

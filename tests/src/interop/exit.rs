@@ -207,7 +207,13 @@ impl ExitLab {
         let first_hop = SocketAddr::from((NODE_CLIENT_SIDE, RELAY_PORT));
         let stem = format!("{}e", netns::PREFIX);
         let (client, relay, outer) = match path {
-            ExitPath::Direct | ExitPath::NodeInitiates => {
+            ExitPath::Direct | ExitPath::NodeInitiates | ExitPath::DoubleHop => {
+                let relay = match path {
+                    ExitPath::DoubleHop => {
+                        Some(start_relay(relay_ns.as_ref(), &dir, backend, &node_key)?)
+                    }
+                    _ => None,
+                };
                 let client = WgHost::start(
                     client_ns.clone(),
                     &format!("{stem}c"),
@@ -232,29 +238,13 @@ impl ExitLab {
                     client.set_peer(&node_key, None, "10.64.0.1/32", None)?;
                 } else {
                     node.add_peer(&client.keys.public, &[&allowed], &[])?;
+                    // Through a relay, the client is configured as if the relay were the
+                    // exit: only the endpoint says otherwise.
                     client.set_peer(&node_key, Some(first_hop), &client_routes.join(","), None)?;
                 }
                 client.up(24)?;
                 client.route(&format!("{INTERNET}/32"))?;
-                (client, None, None)
-            }
-            ExitPath::DoubleHop => {
-                let relay = start_relay(relay_ns.as_ref(), &dir, backend, &node_key)?;
-                let client = WgHost::start(
-                    client_ns.clone(),
-                    &format!("{stem}c"),
-                    &dir,
-                    CLIENT_TUNNEL_IP,
-                    CLIENT_UNDERLAY,
-                    40001,
-                )?;
-                node.add_peer(&client.keys.public, &[&allowed], &[])?;
-                // The client is configured as if the relay were the exit: only the
-                // endpoint says otherwise.
-                client.set_peer(&node_key, Some(first_hop), &client_routes.join(","), None)?;
-                client.up(24)?;
-                client.route(&format!("{INTERNET}/32"))?;
-                (client, Some(relay), None)
+                (client, relay, None)
             }
             ExitPath::Zhop => {
                 let relay = start_relay(relay_ns.as_ref(), &dir, backend, &node_key)?;
@@ -266,16 +256,11 @@ impl ExitLab {
                     OUTER_TUNNEL_IP,
                     CLIENT_TUNNEL_IP,
                 )?;
-                relay.add_peer(
-                    &outer.keys.public,
-                    &[&format!("{OUTER_TUNNEL_IP}/32")],
-                    &["exit"],
-                )?;
                 node.add_peer(&inner.keys.public, &[&allowed], &[])?;
                 zhop::connect_client(
+                    &relay,
                     &outer,
                     &inner,
-                    &relay.node_public_key()?,
                     first_hop,
                     &node_key,
                     SocketAddr::from((EXIT_BEHIND_RELAY, EXIT_PORT)),

@@ -111,21 +111,30 @@ pub(crate) fn start_client(
     Ok((outer, inner))
 }
 
-/// Configures and brings up a Z-HOP client's interfaces: the outer tunnel to the node
-/// (`node_key` at `node`), carrying only what is for the exit's underlay address, routed
-/// there; the inner one to the exit's real endpoint (`exit_key` at `exit`), which that
-/// route sends through the outer tunnel, carrying `inner_allowed` (routed into it).
+/// Provisions the client's outer key on the Z-HOP node `relay` as a peer whose allowed IP
+/// is the outer tunnel's address and whose allowed exit is the node's exit "exit"; then
+/// configures and brings up the client's interfaces: the outer tunnel to the node (its key,
+/// at `node`), carrying only what is for the exit's underlay address, routed there; the
+/// inner one to the exit's real endpoint (`exit_key` at `exit`), which that route sends
+/// through the outer tunnel, carrying `inner_allowed` (routed into it). Returns the node's
+/// public key.
 pub(crate) fn connect_client(
+    relay: &RelayNode,
     outer: &WgHost,
     inner: &WgHost,
-    node_key: &str,
     node: SocketAddr,
     exit_key: &str,
     exit: SocketAddr,
     inner_allowed: &[&str],
-) -> Result<()> {
+) -> Result<String> {
+    relay.add_peer(
+        &outer.keys.public,
+        &[&format!("{}/32", outer.tunnel_ip)],
+        &["exit"],
+    )?;
+    let node_key = relay.node_public_key()?;
     let exit_host = format!("{}/32", exit.ip());
-    outer.set_peer(node_key, Some(node), &exit_host, None)?;
+    outer.set_peer(&node_key, Some(node), &exit_host, None)?;
     outer.set_mtu(OUTER_MTU)?;
     outer.up(32)?;
     outer.route(&exit_host)?;
@@ -135,7 +144,7 @@ pub(crate) fn connect_client(
     for prefix in inner_allowed {
         inner.route(prefix)?;
     }
-    Ok(())
+    Ok(node_key)
 }
 
 /// Handshakes of both layers as the client's wireguard-go and `wg show` see them.
@@ -246,17 +255,10 @@ impl ZhopLab {
             SocketAddr::from((EXIT_UNDERLAY, EXIT_PORT)),
             None,
         )?;
-        relay.add_peer(
-            &outer.keys.public,
-            &[&format!("{OUTER_TUNNEL_IP}/32")],
-            &["exit"],
-        )?;
-        let node_key = relay.node_public_key()?;
-
-        connect_client(
+        let node_key = connect_client(
+            &relay,
             &outer,
             &inner,
-            &node_key,
             SocketAddr::from((RELAY_CLIENT_SIDE, RELAY_PORT)),
             &exit.keys.public,
             SocketAddr::from((EXIT_UNDERLAY, EXIT_PORT)),
