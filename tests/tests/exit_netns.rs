@@ -127,8 +127,9 @@ fn udp_through_the_exit(lab: &ExitLab) -> Result<()> {
 
 /// The same wireguard-go client reaching the WraithGate exit through a WraithGate DoubleHop
 /// relay: the client's endpoint is the relay, its peer key the exit node's, which is how
-/// the relay picks its exit (mac1). The relay holds an established, verified session to
-/// "exit", and the exit node sees the client from the relay's exit-facing socket.
+/// the relay picks its exit (mac1, among two). The relay holds an established session to
+/// "exit", not to the decoy, and the exit node sees the client from the relay's
+/// exit-facing socket.
 #[test]
 fn netns_exit_through_a_wraithgate_doublehop_relay() {
     exit_case(

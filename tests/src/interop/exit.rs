@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::relay::RelayNode;
-use super::wg::WgHost;
+use super::wg::{WgHost, WgKeys};
 use super::zhop::{self, INNER_MTU, OUTER_TUNNEL_IP};
 use super::{iperf_start, ping, IperfRun, Traffic, EXIT_PORT, INTERNET, RELAY_PORT};
 use crate::netns::{self, veth, Daemon, Netns, SuiteLock};
@@ -399,7 +399,9 @@ impl ExitLab {
 }
 
 /// The relay node in front of the exit node (in `relay_ns`, its files under `dir/relay`),
-/// with the exit node, `node_key` at its address on the relay's link, as its exit "exit".
+/// with the exit node, `node_key` at its address on the relay's link, as its exit "exit",
+/// beside a decoy exit added first (a key of its own, nobody at its address): the client's
+/// initiation reaches the exit node only if its mac1 picks the right one.
 fn start_relay(
     relay_ns: Option<&Arc<Netns>>,
     dir: &std::path::Path,
@@ -410,6 +412,13 @@ fn start_relay(
     let dir = dir.join("relay");
     std::fs::create_dir_all(&dir)?;
     let relay = RelayNode::start(relay_ns.clone(), &dir, backend)?;
+    let decoy = WgKeys::generate(&dir, "decoy")?;
+    relay.add_exit(
+        "decoy",
+        &decoy.public,
+        SocketAddr::from((Ipv4Addr::new(10, 94, 2, 3), EXIT_PORT)),
+        None,
+    )?;
     relay.add_exit(
         "exit",
         node_key,
