@@ -3,6 +3,7 @@
 //! decides exactly who sends what and when; and, for the suites that need root, network
 //! namespaces ([`netns`]) and the interop lab with stock WireGuard ([`interop`]).
 
+pub mod flood;
 pub mod interop;
 pub mod netns;
 
@@ -225,6 +226,24 @@ pub fn pump(
         }
     }
     false
+}
+
+/// The worker a relay with two workers (as [`Relay::start`] and the Exit tests run) steers
+/// `addr`'s datagrams to.
+pub fn worker_of(addr: SocketAddr) -> usize {
+    wraithgate_relay::io::sys::steer(addr, 2)
+}
+
+/// A free loopback address, other than `not`, that a two-worker relay steers to `worker`.
+pub fn address_on_worker(worker: usize, not: SocketAddr) -> SocketAddr {
+    loop {
+        // Binding port 0 on loopback only fails when the machine has run out of ports.
+        let sock = std::net::UdpSocket::bind(any_loopback()).expect("a free loopback port");
+        let addr = sock.local_addr().expect("a bound socket has an address");
+        if addr != not && worker_of(addr) == worker {
+            return addr;
+        }
+    }
 }
 
 /// Whether the tests that need root may skip (unset in CI, where a skip is a failure).

@@ -2,7 +2,8 @@
 //! a network namespace of its own, a boringtun client on loopback there, and the
 //! namespace's own stack behind the device (a UDP socket on the device's address stands in
 //! for the internet). Needs root; skips loudly without it (a failure under
-//! `WRAITHGATE_REQUIRE_ALL_TESTS`).
+//! `WRAITHGATE_REQUIRE_ALL_TESTS`). Each test runs its case once per backend, each run in a
+//! namespace of its own.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -15,9 +16,10 @@ use wraithgate_relay::io::BackendChoice;
 use wraithgate_relay::table::{ExitTable, PeerSpec};
 use wraithgate_relay::tun::TunConfig;
 use wraithgate_relay::zhop::NodeKey;
-use wraithgate_relay::DropReason;
+use wraithgate_relay::{DropReason, PublicKey};
+use wraithgate_tests::flood::HandshakeFlood;
 use wraithgate_tests::netns::{missing_prerequisites, Netns, SuiteLock};
-use wraithgate_tests::{backends, skips_allowed, Relay};
+use wraithgate_tests::{address_on_worker, backends, skips_allowed, worker_of, Relay};
 
 const WAIT: Duration = Duration::from_secs(10);
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -27,7 +29,14 @@ const PEER_PORT: u16 = 5000;
 
 #[test]
 fn netns_exit_tun_both_ways_allowed_ips_handoffs_rekey_and_removal() {
-    let test = "netns_exit_tun_both_ways_allowed_ips_handoffs_rekey_and_removal";
+    in_namespaces(
+        "netns_exit_tun_both_ways_allowed_ips_handoffs_rekey_and_removal",
+        exit_case,
+    );
+}
+
+/// Runs `case` once per backend, each in a fresh namespace, or skips loudly without root.
+fn in_namespaces(test: &str, case: fn(BackendChoice) -> Result<()>) {
     if let Some(why) = missing_prerequisites(&["ip"]) {
         assert!(
             skips_allowed(),
@@ -40,13 +49,30 @@ fn netns_exit_tun_both_ways_allowed_ips_handoffs_rekey_and_removal() {
     for backend in backends() {
         let short = format!("exit{}-{}", std::process::id(), backend.as_str());
         let ns = Netns::create(&short).expect("namespace");
-        ns.run_in(move || exit_case(backend))
-            .unwrap_or_else(|e| panic!("{} backend: {e:#}", backend.as_str()));
+        let started = Instant::now();
+        ns.run_in(move || case(backend))
+            .unwrap_or_else(|e| panic!("{test}, {} backend: {e:#}", backend.as_str()));
+        eprintln!(
+            "{test}: {} backend passed in {:.1} s",
+            backend.as_str(),
+            started.elapsed().as_secs_f64()
+        );
     }
 }
 
-/// The whole story on one backend, inside the namespace.
-fn exit_case(backend: BackendChoice) -> Result<()> {
+/// A node with a TUN device and two workers, its one peer a boringtun client on loopback
+/// (tunnel address [`PEER_IP`]), and a UDP socket on the device's address standing in for
+/// the internet. Nothing sent yet.
+struct Setup {
+    relay: Relay,
+    client: WgNode,
+    server: UdpSocket,
+    node_public: PublicKey,
+    /// Where the server reaches the client's tunnel address.
+    peer_addr: SocketAddr,
+}
+
+fn setup(backend: BackendChoice) -> Result<Setup> {
     let node_secret: [u8; 32] = rand::random();
     let node_public = NodeKey::from_secret(node_secret).public_key();
     let client_keys = KeyPair::generate();
@@ -84,7 +110,64 @@ fn exit_case(backend: BackendChoice) -> Result<()> {
     );
     let server = UdpSocket::bind((NODE_IP, SERVER_PORT)).context("binding on the TUN address")?;
     server.set_nonblocking(true)?;
-    let peer_addr = SocketAddr::from((PEER_IP, PEER_PORT));
+    Ok(Setup {
+        relay,
+        client,
+        server,
+        node_public,
+        peer_addr: SocketAddr::from((PEER_IP, PEER_PORT)),
+    })
+}
+
+impl Setup {
+    /// Sends `body` from the client's tunnel address to the server and waits for it there.
+    fn send_to_server(&mut self, body: &[u8], within: Duration) -> Result<()> {
+        let ip = ipv4_udp(PEER_IP, NODE_IP, PEER_PORT, SERVER_PORT, body);
+        self.client.send_ip(0, &ip)?;
+        let server = &self.server;
+        let (got, from) = pump_until_within(&mut self.client, within, |_| server_recv(server))
+            .with_context(|| {
+                format!(
+                    "{:?} never reached the server",
+                    String::from_utf8_lossy(body)
+                )
+            })?;
+        ensure!(got == body && from == self.peer_addr, "{got:?} from {from}");
+        Ok(())
+    }
+
+    /// Sends `body` from the server (through the TUN device) to the client's tunnel
+    /// address and waits for the client to decrypt it.
+    fn send_to_client(&mut self, body: &[u8]) -> Result<()> {
+        self.server.send_to(body, self.peer_addr)?;
+        pump_until(&mut self.client, |r| packet_payload(r, body)).with_context(|| {
+            format!(
+                "{:?} never reached the client at {}",
+                String::from_utf8_lossy(body),
+                self.client.local_addr()
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The node's view of its one peer's endpoint (`wg show`'s, `GET /v1/peers`'
+    /// `current_endpoint`).
+    fn endpoint_seen(&self) -> Result<Option<SocketAddr>> {
+        let statuses = self.relay.dp.peer_statuses(WAIT);
+        ensure!(statuses.len() == 1, "{statuses:?}");
+        Ok(statuses[0].endpoint)
+    }
+}
+
+/// The whole story on one backend, inside the namespace.
+fn exit_case(backend: BackendChoice) -> Result<()> {
+    let Setup {
+        relay,
+        mut client,
+        server,
+        node_public,
+        peer_addr,
+    } = setup(backend)?;
 
     // Handshake, then data in through the tunnel to the node's stack, and the reply out.
     let ping = ipv4_udp(PEER_IP, NODE_IP, PEER_PORT, SERVER_PORT, b"ping");
@@ -226,6 +309,138 @@ fn exit_case(backend: BackendChoice) -> Result<()> {
     Ok(())
 }
 
+/// Cookie under load (DESIGN §10, WireGuard paper §5.4.7) for an Exit peer: while
+/// initiations with a valid mac1 come faster than a worker's handshake budget, a new
+/// peer's initiation is answered with a cookie reply instead of a DH; the client retries
+/// with the cookie as mac2 (after REKEY_TIMEOUT), gets in, and traffic flows both ways
+/// through the TUN device.
+#[test]
+fn netns_exit_tun_a_new_peer_under_handshake_load_gets_in_with_a_cookie() {
+    in_namespaces(
+        "netns_exit_tun_a_new_peer_under_handshake_load_gets_in_with_a_cookie",
+        cookie_case,
+    );
+}
+
+fn cookie_case(backend: BackendChoice) -> Result<()> {
+    let mut s = setup(backend)?;
+    let mut flood = HandshakeFlood::start(s.node_public, s.relay.addr, 120)?;
+    // Under load before the peer's first initiation: the flood is being challenged.
+    let challenged = wait_for_reports(&s.relay, |r| r.iter().map(|w| w.zhop.cookie_replies).sum())?;
+    ensure!(challenged > 0, "the flood got no cookie reply");
+    let started = Instant::now();
+    // The first initiation is challenged; the retry comes REKEY_TIMEOUT (5 s) later.
+    s.send_to_server(b"under load", Duration::from_secs(25))?;
+    let took = started.elapsed();
+    let flooded = flood.stop();
+    s.send_to_client(b"answer under load")?;
+    // Counters as published after this point: everything above is in them.
+    let reports = s.relay.dp.reports_after(Instant::now(), WAIT);
+    let sum = |f: fn(&wraithgate_relay::zhop::ZhopStats) -> u64| -> u64 {
+        reports.iter().map(|w| f(&w.zhop)).sum()
+    };
+    let (replies, proven, handshakes) = (
+        sum(|z| z.cookie_replies),
+        sum(|z| z.cookie_proven),
+        sum(|z| z.outer_handshakes),
+    );
+    eprintln!(
+        "{}: through after {took:.1?}; {flooded} junk initiations, {replies} cookie replies, \
+         {proven} proven by mac2, {handshakes} handshakes",
+        backend.as_str()
+    );
+    ensure!(
+        proven >= 1,
+        "the peer got in without proving its address with our cookie (proven {proven})"
+    );
+    ensure!(handshakes >= 1, "no handshake completed");
+    // The flood's sources were answered with 64-byte cookie replies from the listener.
+    flood
+        .probe
+        .set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 128];
+    let (n, from) = flood.probe.recv_from(&mut buf).context("a cookie reply")?;
+    ensure!(
+        (n, buf[0], from) == (64, 3, s.relay.addr),
+        "{n} bytes of type {} from {from}",
+        buf[0]
+    );
+    // A worker decrypts its budget (100 a second, two seconds' worth on a busy machine)
+    // and nothing unproven while the flood lasts; decrypting first would have cost a DH
+    // for every junk initiation.
+    let decrypted = dropped(&s.relay, DropReason::OuterRejected);
+    ensure!(
+        decrypted <= 2 * (100 + 2 * 100),
+        "{decrypted} junk initiations decrypted while under load"
+    );
+    Ok(())
+}
+
+/// WireGuard roaming for an Exit peer (DESIGN §2): a replayed, a forged and a garbage
+/// transport packet from a new address move nothing (the node keeps sending the TUN's
+/// packets to the peer's old endpoint, none to the new address); an authenticated packet
+/// from a new address moves the endpoint there, and the TUN's packets follow.
+#[test]
+fn netns_exit_tun_a_peer_roams_only_on_an_authenticated_packet() {
+    in_namespaces(
+        "netns_exit_tun_a_peer_roams_only_on_an_authenticated_packet",
+        roaming_case,
+    );
+}
+
+fn roaming_case(backend: BackendChoice) -> Result<()> {
+    let mut s = setup(backend)?;
+    s.send_to_server(b"from the first address", WAIT)?;
+    let real = s.client.local_addr();
+    ensure!(s.endpoint_seen()? == Some(real));
+    // The attacker sits on the worker holding the tunnel, where a move could happen.
+    let worker = worker_of(real);
+    let attacker = UdpSocket::bind(address_on_worker(worker, real))?;
+    attacker.set_read_timeout(Some(Duration::from_millis(300)))?;
+    // A keepalive the peer really sends, then the same bytes from the attacker.
+    let keepalive = s.client.seal(0, &[]).context("a session")?;
+    s.client.socket_clone()?.send_to(&keepalive, s.relay.addr)?;
+    attacker.send_to(&keepalive, s.relay.addr)?;
+    // A fresh one the peer never sent, with one bit of its ciphertext flipped.
+    let mut forged = s.client.seal(0, &[]).context("a session")?;
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    attacker.send_to(&forged, s.relay.addr)?;
+    // Garbage naming the tunnel's index.
+    let mut garbage = vec![0u8; 64];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut garbage[..]);
+    garbage[..4].copy_from_slice(&[4, 0, 0, 0]);
+    garbage[4..8].copy_from_slice(&keepalive[4..8]);
+    attacker.send_to(&garbage, s.relay.addr)?;
+    wait_drops(&s.relay, DropReason::OuterRejected, 3)?;
+    ensure!(
+        s.endpoint_seen()? == Some(real),
+        "an unauthenticated packet moved the endpoint to {:?}",
+        s.endpoint_seen()?
+    );
+    s.send_to_client(b"still at the first address")?;
+    let mut buf = [0u8; 2048];
+    ensure!(
+        attacker.recv_from(&mut buf).is_err(),
+        "the node sent something to the attacker's address"
+    );
+
+    // The peer roams (on the same worker: roaming onto another is a documented limit) and
+    // its next packet authenticates from there.
+    let new = address_on_worker(worker, real);
+    s.client.rebind(new)?;
+    s.send_to_server(b"from the new address", WAIT)?;
+    ensure!(
+        s.endpoint_seen()? == Some(new),
+        "the endpoint did not move to {new}: {:?}",
+        s.endpoint_seen()?
+    );
+    for i in 0..5 {
+        s.send_to_client(format!("to the new address {i}").as_bytes())?;
+    }
+    Ok(())
+}
+
 fn client_addr(client: &WgNode) -> Result<SocketAddr> {
     Ok(client.local_addr())
 }
@@ -248,8 +463,17 @@ fn packet_payload(r: &Received, want: &[u8]) -> Option<bool> {
 
 /// Receives on the client (running its timers) until `done`, given each thing it got
 /// (and asked again every 10 ms), says it is done.
-fn pump_until<T>(client: &mut WgNode, mut done: impl FnMut(&Received) -> Option<T>) -> Result<T> {
-    let end = Instant::now() + WAIT;
+fn pump_until<T>(client: &mut WgNode, done: impl FnMut(&Received) -> Option<T>) -> Result<T> {
+    pump_until_within(client, WAIT, done)
+}
+
+/// [`pump_until`], giving up after `within`.
+fn pump_until_within<T>(
+    client: &mut WgNode,
+    within: Duration,
+    mut done: impl FnMut(&Received) -> Option<T>,
+) -> Result<T> {
+    let end = Instant::now() + within;
     let mut last_tick = Instant::now();
     while Instant::now() < end {
         let r = match client.recv(Duration::from_millis(10)) {

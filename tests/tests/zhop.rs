@@ -5,16 +5,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use wraithgate_control::endpoints::{
-    any_loopback, ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode,
-    ZhopClient,
+    ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode, ZhopClient,
 };
 use wraithgate_relay::io::BackendChoice;
 use wraithgate_relay::table::{ExitTable, PeerSpec};
-use wraithgate_relay::wire::{INITIATION_LEN, INITIATION_MAC1_OFFSET, INITIATION_MAC2_OFFSET};
 use wraithgate_relay::zhop::NodeKey;
 use wraithgate_relay::DropReason;
 use wraithgate_testkit::wait_for;
-use wraithgate_tests::{backends, exit_spec, node, Relay};
+use wraithgate_tests::flood::HandshakeFlood;
+use wraithgate_tests::{address_on_worker, backends, exit_spec, node, worker_of, Relay};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -286,20 +285,6 @@ fn doublehop_and_zhop_share_one_relay() {
     }
 }
 
-/// An initiation anyone who knows the node's public key can make, from any source: a valid
-/// mac1 over noise. Only a DH (decrypting the initiator's static key) tells it from a real one.
-fn junk_initiation(node: &wraithgate_relay::PublicKey, sender: u32) -> [u8; INITIATION_LEN] {
-    let mut m = [0u8; INITIATION_LEN];
-    m[0] = 1;
-    m[4..8].copy_from_slice(&sender.to_le_bytes());
-    for (i, b) in m[8..INITIATION_MAC1_OFFSET].iter_mut().enumerate() {
-        *b = (i as u32 ^ sender) as u8;
-    }
-    let mac1 = node.mac1_key().compute(&m[..INITIATION_MAC1_OFFSET]);
-    m[INITIATION_MAC1_OFFSET..INITIATION_MAC2_OFFSET].copy_from_slice(&mac1);
-    m
-}
-
 /// Sums a Z-HOP counter over the relay's workers.
 fn zhop_sum(s: &Setup, f: impl Fn(&wraithgate_relay::zhop::ZhopStats) -> u64) -> u64 {
     s.relay.dp.reports().iter().map(|r| f(&r.zhop)).sum()
@@ -311,40 +296,10 @@ fn zhop_sum(s: &Setup, f: impl Fn(&wraithgate_relay::zhop::ZhopStats) -> u64) ->
 /// carries data.
 #[test]
 fn a_flood_of_valid_mac1_initiations_is_challenged_and_a_real_client_gets_through() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
     const SOURCES: u32 = 120;
     for backend in backends() {
         let mut s = setup(backend);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flooded = Arc::new(AtomicU64::new(0));
-        let sockets: Vec<std::net::UdpSocket> = (0..SOURCES)
-            .map(|i| {
-                std::net::UdpSocket::bind(SocketAddr::from((
-                    [127, 3, (i / 200) as u8, (i % 200 + 1) as u8],
-                    0,
-                )))
-            })
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let probe = sockets[0].try_clone().unwrap();
-        let flood = {
-            let (stop, flooded, node, relay) =
-                (stop.clone(), flooded.clone(), s.node_public, s.relay.addr);
-            std::thread::spawn(move || {
-                let mut sender = 0u32;
-                // About 2,400 a second: each worker's share is far past its budget.
-                while !stop.load(Ordering::Relaxed) {
-                    for sock in &sockets {
-                        sender = sender.wrapping_add(1);
-                        if sock.send_to(&junk_initiation(&node, sender), relay).is_ok() {
-                            flooded.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            })
-        };
+        let mut flood = HandshakeFlood::start(s.node_public, s.relay.addr, SOURCES).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         let started = std::time::Instant::now();
         let (src, dst) = tunnel_addrs(2);
@@ -354,8 +309,7 @@ fn a_flood_of_valid_mac1_initiations_is_challenged_and_a_real_client_gets_throug
         // The client's retry comes REKEY_TIMEOUT (5 s) after its challenge.
         let through = pump(&mut s, Duration::from_secs(20), wants(b"under load"));
         let took = started.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        flood.join().unwrap();
+        let flooded = flood.stop();
         assert!(through, "the real client never got through the flood");
         eprintln!("{backend:?}: through after {took:?}");
         // And data both ways afterwards.
@@ -368,15 +322,15 @@ fn a_flood_of_valid_mac1_initiations_is_challenged_and_a_real_client_gets_throug
         );
 
         // The flood's sources got cookie replies (what they would answer with mac2).
-        probe
+        flood
+            .probe
             .set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let mut buf = [0u8; 128];
-        let (n, from) = probe.recv_from(&mut buf).expect("a cookie reply");
+        let (n, from) = flood.probe.recv_from(&mut buf).expect("a cookie reply");
         assert_eq!((n, buf[0], from), (64, 3, s.relay.addr));
 
         std::thread::sleep(Duration::from_millis(120));
-        let flooded = flooded.load(Ordering::Relaxed);
         let st = s.relay.stats();
         let (replies, proven) = (
             zhop_sum(&s, |z| z.cookie_replies),
@@ -401,22 +355,6 @@ fn a_flood_of_valid_mac1_initiations_is_challenged_and_a_real_client_gets_throug
             "{} junk initiations decrypted (budget {budget}): {st:?}",
             st.dropped(DropReason::OuterRejected)
         );
-    }
-}
-
-/// The worker the relay's steering sends `addr`'s datagrams to (the relay has 2).
-fn worker_of(addr: SocketAddr) -> usize {
-    wraithgate_relay::io::sys::steer(addr, 2)
-}
-
-/// A free loopback address, other than `not`, that the relay steers to `worker`.
-fn address_on_worker(worker: usize, not: SocketAddr) -> SocketAddr {
-    loop {
-        let sock = std::net::UdpSocket::bind(any_loopback()).unwrap();
-        let addr = sock.local_addr().unwrap();
-        if addr != not && worker_of(addr) == worker {
-            return addr;
-        }
     }
 }
 

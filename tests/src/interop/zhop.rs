@@ -28,7 +28,7 @@
 //! fragmented (or dropped, with DF set by TCP's path MTU discovery).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,7 @@ pub const RELAY_EXIT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 92, 2, 1);
 const EXIT_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 92, 2, 2);
 /// The client's address inside the outer tunnel: the source of its inner WireGuard
 /// datagrams, and the peer's `allowed_ips` on the node.
-const OUTER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+pub(crate) const OUTER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
 /// The client's and the exit's addresses inside the inner tunnel.
 const INNER_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 11);
 const EXIT_TUNNEL_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
@@ -78,6 +78,73 @@ pub struct ZhopLab {
     // Dropped last: processes above stop before their namespaces go.
     _namespaces: Vec<Arc<Netns>>,
     _lock: SuiteLock,
+}
+
+/// A Z-HOP client's two wireguard-go interfaces in `ns`, started but not configured (their
+/// keys go to the node and the exit first): `<stem>o`, the outer one, with tunnel address
+/// `outer_ip` over `underlay_ip`, port 40001; `<stem>i`, the inner one, with `inner_ip`,
+/// whose datagrams leave from `outer_ip`, port 40002.
+pub(crate) fn start_client(
+    ns: &Arc<Netns>,
+    stem: &str,
+    dir: &Path,
+    underlay_ip: Ipv4Addr,
+    outer_ip: Ipv4Addr,
+    inner_ip: Ipv4Addr,
+) -> Result<(WgHost, WgHost)> {
+    let outer = WgHost::start(
+        ns.clone(),
+        &format!("{stem}o"),
+        dir,
+        outer_ip,
+        underlay_ip,
+        40001,
+    )?;
+    let inner = WgHost::start(
+        ns.clone(),
+        &format!("{stem}i"),
+        dir,
+        inner_ip,
+        outer_ip,
+        40002,
+    )?;
+    Ok((outer, inner))
+}
+
+/// Provisions the client's outer key on the Z-HOP node `relay` as a peer whose allowed IP
+/// is the outer tunnel's address and whose allowed exit is the node's exit "exit"; then
+/// configures and brings up the client's interfaces: the outer tunnel to the node (its key,
+/// at `node`), carrying only what is for the exit's underlay address, routed there; the
+/// inner one to the exit's real endpoint (`exit_key` at `exit`), which that route sends
+/// through the outer tunnel, carrying `inner_allowed` (routed into it). Returns the node's
+/// public key.
+pub(crate) fn connect_client(
+    relay: &RelayNode,
+    outer: &WgHost,
+    inner: &WgHost,
+    node: SocketAddr,
+    exit_key: &str,
+    exit: SocketAddr,
+    inner_allowed: &[&str],
+) -> Result<String> {
+    relay.add_peer(
+        &outer.keys.public,
+        &[&format!("{}/32", outer.tunnel_ip)],
+        &["exit"],
+    )?;
+    let node_key = relay.node_public_key()?;
+    let exit_host = format!("{}/32", exit.ip());
+    outer.set_peer(&node_key, Some(node), &exit_host, None)?;
+    outer.set_mtu(OUTER_MTU)?;
+    outer.up(32)?;
+    outer.route(&exit_host)?;
+    inner.set_peer(exit_key, Some(exit), &inner_allowed.join(","), None)?;
+    inner.set_mtu(INNER_MTU)?;
+    inner.up(32)?;
+    for prefix in inner_allowed {
+        inner.route(prefix)?;
+    }
+    Ok(node_key)
 }
 
 /// Handshakes of both layers as the client's wireguard-go and `wg show` see them.
@@ -161,21 +228,13 @@ impl ZhopLab {
             EXIT_UNDERLAY,
             EXIT_PORT,
         )?;
-        let outer = WgHost::start(
-            client.clone(),
-            &format!("{prefix}zo"),
+        let (outer, inner) = start_client(
+            &client,
+            &format!("{prefix}z"),
             &dir,
-            OUTER_TUNNEL_IP,
             Ipv4Addr::new(10, 92, 1, 2),
-            40001,
-        )?;
-        let inner = WgHost::start(
-            client.clone(),
-            &format!("{prefix}zi"),
-            &dir,
-            INNER_TUNNEL_IP,
             OUTER_TUNNEL_IP,
-            40002,
+            INNER_TUNNEL_IP,
         )?;
         // The exit knows only the inner key; the endpoint it learns is the node's flow socket.
         exit.set_peer(
@@ -196,35 +255,15 @@ impl ZhopLab {
             SocketAddr::from((EXIT_UNDERLAY, EXIT_PORT)),
             None,
         )?;
-        relay.add_peer(
-            &outer.keys.public,
-            &[&format!("{OUTER_TUNNEL_IP}/32")],
-            &["exit"],
-        )?;
-        let node_key = relay.node_public_key()?;
-
-        // Outer: to the node, carrying only what is for the exit's underlay address.
-        outer.set_peer(
-            &node_key,
-            Some(SocketAddr::from((RELAY_CLIENT_SIDE, RELAY_PORT))),
-            &format!("{EXIT_UNDERLAY}/32"),
-            None,
-        )?;
-        outer.set_mtu(OUTER_MTU)?;
-        outer.up(32)?;
-        outer.route(&format!("{EXIT_UNDERLAY}/32"))?;
-        // Inner: to the exit's real endpoint, which the route above sends through the outer
-        // tunnel; its datagrams leave with the outer interface's address as their source.
-        inner.set_peer(
+        let node_key = connect_client(
+            &relay,
+            &outer,
+            &inner,
+            SocketAddr::from((RELAY_CLIENT_SIDE, RELAY_PORT)),
             &exit.keys.public,
-            Some(SocketAddr::from((EXIT_UNDERLAY, EXIT_PORT))),
-            &format!("{EXIT_TUNNEL_IP}/32,{INTERNET}/32"),
-            None,
+            SocketAddr::from((EXIT_UNDERLAY, EXIT_PORT)),
+            &[&format!("{EXIT_TUNNEL_IP}/32"), &format!("{INTERNET}/32")],
         )?;
-        inner.set_mtu(INNER_MTU)?;
-        inner.up(32)?;
-        inner.route(&format!("{INTERNET}/32"))?;
-        inner.route(&format!("{EXIT_TUNNEL_IP}/32"))?;
 
         let mut lab = ZhopLab {
             test: test.to_owned(),
