@@ -159,7 +159,7 @@ pub fn render(c: &Control) -> String {
         ),
         (
             "wraithgate_zhop_peers",
-            "Z-HOP: peers with an outer tunnel on the worker.",
+            "Provisioned peers with a tunnel ending on the worker: Z-HOP and Exit alike (one state machine terminates both).",
             |r| r.zhop.peers,
         ),
         (

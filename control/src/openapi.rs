@@ -143,6 +143,8 @@ pub struct NodeView {
     pub exits: usize,
     pub peers: usize,
     pub sessions: usize,
+    /// Provisioned peers with a live tunnel ending at the node: Z-HOP and Exit peers alike
+    /// (one state machine terminates both).
     pub zhop_peers: u64,
     /// The kernel fast path, where it is attached.
     pub fast_path: Option<FastPathNode>,
