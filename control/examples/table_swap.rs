@@ -1,5 +1,7 @@
 //! Measures a large table swap through the API while a tunnel carries traffic:
-//! `cargo run --release -p wraithgate-control --example table_swap -- [EXITS] [PPS]`.
+//! `cargo run --release -p wraithgate-control --example table_swap -- [EXITS] [PPS] [PEERS]`
+//! (PEERS: provisioned peers in the new table too, each with an allowed /32 of its own, as
+//! an Exit node's peers are; `1 20000 100000` swaps in 100,000 peers and one exit).
 //!
 //! Prints: time from the `PUT /v1/config` request to its answer and to every worker routing
 //! by the new generation; the longest housekeeping step of any worker before and after the
@@ -41,6 +43,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let exits: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let pps: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let peers: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(0);
     let dir = std::env::temp_dir().join(format!("wg-table-swap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -165,7 +168,19 @@ fn main() {
         );
         all.push(json!({"public_key": k, "endpoint": ip, "name": format!("e{i}")}));
     }
-    let body = json!({"exits": all}).to_string();
+    let peers: Vec<serde_json::Value> = (0..peers)
+        .map(|i| {
+            let k = wraithgate_relay::PublicKey(rand::random());
+            let ip = format!(
+                "100.{}.{}.{}/32",
+                64 + ((i >> 16) & 63),
+                (i >> 8) & 255,
+                i & 255
+            );
+            json!({"public_key": k, "allowed_ips": [ip], "name": format!("p{i}")})
+        })
+        .collect();
+    let body = json!({"exits": all, "peers": peers}).to_string();
     let hk_before = worst(&node, |r| r.io.housekeeping_max_ns);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -213,7 +228,8 @@ fn main() {
     let window_sent = sent1 - sent0;
     let window_lost = window_sent as i64 - (recv1 - recv0) as i64;
     println!(
-        "exits in the new table: {exits} ({} bytes of JSON)",
+        "exits in the new table: {exits}, peers: {} ({} bytes of JSON)",
+        peers.len(),
         body.len()
     );
     println!(
