@@ -218,10 +218,17 @@ fn run(lab: &mut Lab) -> Result<()> {
     let before = lab.relay.metrics()?;
     let (sent, received) = lab.ping(0, 5)?;
     ensure!(received == sent, "after the rekey: ping {received}/{sent}");
-    let after = lab.relay.metrics()?;
     let s = offloaded_session(lab, 0)?;
     ensure!(s.id == s1.id, "the rekey made a new session: {s:?}");
     let (u0, k0) = to_exit_packets(&before);
+    // The kernel's counters reach /metrics at the owning worker's next reading of them
+    // (a share every housekeeping step): wait for them rather than read once.
+    let mut after = lab.relay.metrics()?;
+    let read_by = std::time::Instant::now() + Duration::from_secs(5);
+    while to_exit_packets(&after).1 - k0 < 5 && std::time::Instant::now() < read_by {
+        std::thread::sleep(Duration::from_millis(100));
+        after = lab.relay.metrics()?;
+    }
     let (u1, k1) = to_exit_packets(&after);
     ensure!(
         k1 - k0 >= 5 && u1 - u0 <= 1,
