@@ -231,31 +231,34 @@ impl Node {
         }
     }
 
-    fn get(&self, path: &str) -> String {
-        let mut r = self
-            .agent
-            .get(format!("http://127.0.0.1:{}{path}", self.api))
+    /// `method path` with `body` (JSON, or nothing when empty): status and answer.
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{}{path}", self.api))
             .header("Authorization", format!("Bearer {}", self.token))
             // No connection kept open: the node's descriptors are counted.
-            .header("Connection", "close")
-            .call()
+            .header("Connection", "close");
+        if !body.is_empty() {
+            req = req.header("Content-Type", "application/json");
+        }
+        let mut r = self
+            .agent
+            .run(req.body(body.as_bytes()).unwrap())
             .expect("API answers");
-        assert_eq!(r.status().as_u16(), 200, "GET {path}");
-        r.body_mut().read_to_string().unwrap()
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        (r.status().as_u16(), text)
+    }
+
+    fn get(&self, path: &str) -> String {
+        let (status, text) = self.request("GET", path, "");
+        assert_eq!(status, 200, "GET {path}: {text}");
+        text
     }
 
     /// `POST path` with a JSON `body`, which must succeed.
     fn post(&self, path: &str, body: &Value) {
-        let mut r = self
-            .agent
-            .post(format!("http://127.0.0.1:{}{path}", self.api))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("Connection", "close")
-            .header("Content-Type", "application/json")
-            .send(body.to_string())
-            .expect("API answers");
-        let status = r.status().as_u16();
-        let text = r.body_mut().read_to_string().unwrap_or_default();
+        let (status, text) = self.request("POST", path, &body.to_string());
         assert!(
             (200..300).contains(&status),
             "POST {path} {body}: {status} {text}"
@@ -264,15 +267,11 @@ impl Node {
 
     /// `DELETE path`, which must succeed.
     fn delete(&self, path: &str) {
-        let r = self
-            .agent
-            .delete(format!("http://127.0.0.1:{}{path}", self.api))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("Connection", "close")
-            .call()
-            .expect("API answers");
-        let status = r.status().as_u16();
-        assert!((200..300).contains(&status), "DELETE {path}: {status}");
+        let (status, text) = self.request("DELETE", path, "");
+        assert!(
+            (200..300).contains(&status),
+            "DELETE {path}: {status} {text}"
+        );
     }
 
     /// A scrape, after the workers' next publication (every 50 ms).
