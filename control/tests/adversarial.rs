@@ -1610,9 +1610,9 @@ fn adversarial_soak_with_sessions_coming_and_going_keeps_memory_and_fds_flat() {
 
 /// The soak above with every role of a node at once: beside the DoubleHop clients coming
 /// and going, the handshake flood and the garbage, [`ZHOP_PEERS`] Z-HOP peers send through
-/// their outer tunnels to an exit and [`EXIT_PEERS`] Exit peers' tunnels end on the node's
-/// TUN device, where a UDP echo service answers them, all of them all the time (paced, both
-/// ways for the Exit peers). Needs root for the TUN device, and runs in a network namespace
+/// their outer tunnels to an exit, which answers, and [`EXIT_PEERS`] Exit peers' tunnels end
+/// on the node's TUN device, where a UDP echo service answers them, all of them all the
+/// time (paced, both ways). Needs root for the TUN device, and runs in a network namespace
 /// of its own (so its loopback and its TUN device are the test's alone); skips loudly
 /// without root. At the end every Z-HOP and Exit peer still carries traffic (most of what
 /// it sent arrived, over the whole soak and in a last window once the load stopped) and,
@@ -1759,13 +1759,16 @@ fn drive_peers(mut set: impl PeerSet, stop: &AtomicBool) -> Vec<PeerHealth> {
 }
 
 /// Z-HOP peers: each a client with an outer tunnel to the node and an inner one, through
-/// it, to one exit (a boringtun endpoint the node forwards to).
+/// it, to one exit (a boringtun endpoint the node forwards to), which answers every packet
+/// with one of the same size; a packet counts as delivered when its answer is back.
 struct ZhopPeers {
     clients: Vec<ZhopClient>,
     exit: WgNode,
     /// The exit's peer index of each client's inner tunnel.
     exit_peer: Vec<usize>,
     packets: Vec<Vec<u8>>,
+    /// What the exit answers each client with.
+    replies: Vec<Vec<u8>>,
 }
 
 impl PeerSet for ZhopPeers {
@@ -1776,12 +1779,16 @@ impl PeerSet for ZhopPeers {
         self.clients[i].send_ip(&self.packets[i]).is_ok()
     }
     fn receive(&mut self, delivered: &mut [u64]) {
-        for c in &mut self.clients {
-            while let Ok(Some(_)) = c.try_recv() {}
-        }
         while let Ok(Some(r)) = self.exit.try_recv() {
             if let Received::Packet { peer, .. } = r {
                 if let Some(i) = self.exit_peer.iter().position(|&p| p == peer) {
+                    let _ = self.exit.send_ip(peer, &self.replies[i]);
+                }
+            }
+        }
+        for (i, c) in self.clients.iter_mut().enumerate() {
+            while let Ok(Some(r)) = c.try_recv() {
+                if matches!(r, Received::Packet { .. }) {
                     delivered[i] += 1;
                 }
             }
@@ -1851,6 +1858,7 @@ impl RolePeers {
             exit: zexit,
             exit_peer: Vec::new(),
             packets: Vec::new(),
+            replies: Vec::new(),
         };
         let zexit_key = zhop.exit.keys().relay_key();
         for i in 0..ZHOP_PEERS {
@@ -1879,6 +1887,8 @@ impl RolePeers {
             let (s, d) = tunnel_addrs(i as u8 + 1);
             zhop.packets
                 .push(ipv4_udp(s, d, 40000, 9, &[0x5a; PEER_PACKET - 28]));
+            zhop.replies
+                .push(ipv4_udp(d, s, 9, 40000, &[0xa5; PEER_PACKET - 28]));
         }
 
         let echo_socket = UdpSocket::bind((TUN_IP, ECHO_PORT)).expect("binding on the TUN address");
@@ -2142,6 +2152,7 @@ fn soak(every_role: bool) {
         let delivered = |h: &[PeerHealth]| h.iter().map(|p| p.delivered).sum::<u64>();
         assert!(
             end.get("wraithgate_zhop_packets_to_exit_total") >= delivered(&zhop)
+                && end.get("wraithgate_zhop_packets_to_peer_total") >= delivered(&zhop)
                 && end.get("wraithgate_exit_tun_packets_written_total") >= echoed
                 && end.get("wraithgate_exit_tun_packets_read_total") >= delivered(&exit),
             "the node's Z-HOP and TUN counters do not account for the peers' traffic: {:?}",
