@@ -1758,6 +1758,18 @@ fn drive_peers(mut set: impl PeerSet, stop: &AtomicBool) -> Vec<PeerHealth> {
     health
 }
 
+/// How many decrypted packets `try_recv` hands over before nothing waits (control messages
+/// are handled on the way).
+fn packets_waiting(mut try_recv: impl FnMut() -> std::io::Result<Option<Received>>) -> u64 {
+    let mut n = 0;
+    while let Ok(Some(r)) = try_recv() {
+        if matches!(r, Received::Packet { .. }) {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Z-HOP peers: each a client with an outer tunnel to the node and an inner one, through
 /// it, to one exit (a boringtun endpoint the node forwards to), which answers every packet
 /// with one of the same size; a packet counts as delivered when its answer is back.
@@ -1787,11 +1799,7 @@ impl PeerSet for ZhopPeers {
             }
         }
         for (i, c) in self.clients.iter_mut().enumerate() {
-            while let Ok(Some(r)) = c.try_recv() {
-                if matches!(r, Received::Packet { .. }) {
-                    delivered[i] += 1;
-                }
-            }
+            delivered[i] += packets_waiting(|| c.try_recv());
         }
     }
     fn tick(&mut self) {
@@ -1818,11 +1826,7 @@ impl PeerSet for ExitPeers {
     }
     fn receive(&mut self, delivered: &mut [u64]) {
         for (i, c) in self.clients.iter_mut().enumerate() {
-            while let Ok(Some(r)) = c.try_recv() {
-                if matches!(r, Received::Packet { .. }) {
-                    delivered[i] += 1;
-                }
-            }
+            delivered[i] += packets_waiting(|| c.try_recv());
         }
     }
     fn tick(&mut self) {

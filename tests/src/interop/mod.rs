@@ -14,6 +14,10 @@
 //! changes; the exits are configured as if the clients were direct. The relay's exits are
 //! added through its operator API, exit2 with a listen port pinned to it.
 //!
+//! With [`LabOptions::ipv6`] every link also carries an IPv6 twin of its IPv4 addresses
+//! (fd91::`net`:0:0:0:`host` for 10.91.`net`.`host`), the relay listens on both families, and
+//! clients and exits talk to it over IPv6 (the tunnels inside stay IPv4).
+//!
 //! A [`Lab`] holds the suite lock, removes what an earlier run left, and tears everything
 //! down on drop, printing the logs' tails when the test failed; an interrupted run removes
 //! it too ([`crate::netns::clean_up_when_interrupted`]).
