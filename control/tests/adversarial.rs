@@ -1,16 +1,19 @@
 //! Adversarial load against a real node process (`wraithgate run`) on loopback: handshake
 //! floods from many spoofed sources, session exhaustion, garbage at line rate,
-//! amplification, and a soak with memory and file descriptors sampled.
+//! amplification, and a soak with memory and file descriptors sampled, DoubleHop alone and
+//! with every role at once (Z-HOP peers, and Exit peers on a TUN device).
 //!
 //! Spoofing on loopback needs no privilege: all of 127.0.0.0/8 is local, so a socket bound
 //! to 127.a.b.c sends from that address, and receives whatever the relay sends back to it,
 //! which is how the amplification ratio is measured. Real sessions are boringtun endpoints
 //! (`endpoints::WgNode`) that know nothing of the relay. Figures come from the node's own
-//! `/metrics`, from `/proc/<pid>` and from the kernel's per-socket drop counters.
+//! `/metrics`, from `/proc/<pid>` and from the kernel's per-socket drop counters. The
+//! every-role soak alone needs root, for its TUN device, and runs in a network namespace of
+//! its own (its loopback is then the test's alone); it skips loudly without root.
 //!
 //! Every test is short by default (each well under a minute, in CI). For the figures in
 //! RELIABILITY.md, `tools/adversarial` runs them in release with longer phases:
-//! `WRAITHGATE_ADVERSARIAL_SECS` sets a phase's length, `WRAITHGATE_SOAK_SECS` the soak's,
+//! `WRAITHGATE_ADVERSARIAL_SECS` sets a phase's length, `WRAITHGATE_SOAK_SECS` the soaks',
 //! `WRAITHGATE_ADVERSARIAL_SOURCES` and `_FLOOD_PPS` the handshake flood's size,
 //! `WRAITHGATE_ADVERSARIAL_UNPACED=1` lets the real session send as fast as it can, and
 //! `WRAITHGATE_ADVERSARIAL_REPORT=FILE` appends each test's figures to FILE as JSON.
