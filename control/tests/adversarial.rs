@@ -1,16 +1,19 @@
 //! Adversarial load against a real node process (`wraithgate run`) on loopback: handshake
 //! floods from many spoofed sources, session exhaustion, garbage at line rate,
-//! amplification, and a soak with memory and file descriptors sampled.
+//! amplification, and a soak with memory and file descriptors sampled, DoubleHop alone and
+//! with every role at once (Z-HOP peers, and Exit peers on a TUN device).
 //!
 //! Spoofing on loopback needs no privilege: all of 127.0.0.0/8 is local, so a socket bound
 //! to 127.a.b.c sends from that address, and receives whatever the relay sends back to it,
 //! which is how the amplification ratio is measured. Real sessions are boringtun endpoints
 //! (`endpoints::WgNode`) that know nothing of the relay. Figures come from the node's own
-//! `/metrics`, from `/proc/<pid>` and from the kernel's per-socket drop counters.
+//! `/metrics`, from `/proc/<pid>` and from the kernel's per-socket drop counters. The
+//! every-role soak alone needs root, for its TUN device, and runs in a network namespace of
+//! its own (its loopback is then the test's alone); it skips loudly without root.
 //!
 //! Every test is short by default (each well under a minute, in CI). For the figures in
 //! RELIABILITY.md, `tools/adversarial` runs them in release with longer phases:
-//! `WRAITHGATE_ADVERSARIAL_SECS` sets a phase's length, `WRAITHGATE_SOAK_SECS` the soak's,
+//! `WRAITHGATE_ADVERSARIAL_SECS` sets a phase's length, `WRAITHGATE_SOAK_SECS` the soaks',
 //! `WRAITHGATE_ADVERSARIAL_SOURCES` and `_FLOOD_PPS` the handshake flood's size,
 //! `WRAITHGATE_ADVERSARIAL_UNPACED=1` lets the real session send as fast as it can, and
 //! `WRAITHGATE_ADVERSARIAL_REPORT=FILE` appends each test's figures to FILE as JSON.
@@ -29,7 +32,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use serde_json::{json, Value};
 use wraithgate_control::endpoints::{
-    any_loopback, ipv4_udp, tunnel_addrs, KeyPair, PeerOptions, Received, WgNode,
+    any_loopback, ipv4_udp, tunnel_addrs, KeyPair, PeerOptions, Received, WgNode, ZhopClient,
 };
 use wraithgate_relay::wire::{self, Message};
 use wraithgate_relay::{DropReason, PublicKey};
@@ -165,6 +168,17 @@ struct Node {
 
 impl Node {
     fn start(tag: &str, exits: &[ExitConf], workers: usize, limits: &str) -> Node {
+        Self::start_with(tag, exits, workers, limits, "")
+    }
+
+    /// [`Node::start`] with `extra` (TOML: a `[tun]` section, say) ending the configuration.
+    fn start_with(
+        tag: &str,
+        exits: &[ExitConf],
+        workers: usize,
+        limits: &str,
+        extra: &str,
+    ) -> Node {
         let dir = temp_dir(tag);
         let port = free_port();
         let relay: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -178,6 +192,7 @@ impl Node {
                 e.name, e.key, e.endpoint
             );
         }
+        conf += extra;
         let path = dir.join("wraithgate.toml");
         std::fs::write(&path, conf).unwrap();
         // Auto (io_uring where it works) unless WRAITHGATE_ADVERSARIAL_BACKEND says.
@@ -219,17 +234,47 @@ impl Node {
         }
     }
 
-    fn get(&self, path: &str) -> String {
-        let mut r = self
-            .agent
-            .get(format!("http://127.0.0.1:{}{path}", self.api))
+    /// `method path` with `body` (JSON, or nothing when empty): status and answer.
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{}{path}", self.api))
             .header("Authorization", format!("Bearer {}", self.token))
             // No connection kept open: the node's descriptors are counted.
-            .header("Connection", "close")
-            .call()
+            .header("Connection", "close");
+        if !body.is_empty() {
+            req = req.header("Content-Type", "application/json");
+        }
+        let mut r = self
+            .agent
+            .run(req.body(body.as_bytes()).unwrap())
             .expect("API answers");
-        assert_eq!(r.status().as_u16(), 200, "GET {path}");
-        r.body_mut().read_to_string().unwrap()
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        (r.status().as_u16(), text)
+    }
+
+    fn get(&self, path: &str) -> String {
+        let (status, text) = self.request("GET", path, "");
+        assert_eq!(status, 200, "GET {path}: {text}");
+        text
+    }
+
+    /// `POST path` with a JSON `body`, which must succeed.
+    fn post(&self, path: &str, body: &Value) {
+        let (status, text) = self.request("POST", path, &body.to_string());
+        assert!(
+            (200..300).contains(&status),
+            "POST {path} {body}: {status} {text}"
+        );
+    }
+
+    /// `DELETE path`, which must succeed.
+    fn delete(&self, path: &str) {
+        let (status, text) = self.request("DELETE", path, "");
+        assert!(
+            (200..300).contains(&status),
+            "DELETE {path}: {status} {text}"
+        );
     }
 
     /// A scrape, after the workers' next publication (every 50 ms).
@@ -1563,20 +1608,402 @@ fn honest_key(e: &ExitConf) -> boringtun::x25519::PublicKey {
 #[test]
 fn adversarial_soak_with_sessions_coming_and_going_keeps_memory_and_fds_flat() {
     let _serial = serial();
+    soak(false);
+}
+
+/// The soak above with every role of a node at once: beside the DoubleHop clients coming
+/// and going, the handshake flood and the garbage, [`ZHOP_PEERS`] Z-HOP peers send through
+/// their outer tunnels to an exit, which answers, and [`EXIT_PEERS`] Exit peers' tunnels end
+/// on the node's TUN device, where a UDP echo service answers them, all of them all the
+/// time (paced, both ways). Needs root for the TUN device, and runs in a network namespace
+/// of its own (so its loopback and its TUN device are the test's alone); skips loudly
+/// without root. At the end every Z-HOP and Exit peer still carries traffic (most of what
+/// it sent arrived, over the whole soak and in a last window once the load stopped) and,
+/// once the peers are removed and the sessions expire, descriptors are back where they
+/// started and memory has not crept.
+#[test]
+fn netns_adversarial_soak_with_every_role_keeps_memory_fds_and_peers_healthy() {
+    let test = "netns_adversarial_soak_with_every_role_keeps_memory_fds_and_peers_healthy";
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("WRAITHGATE_REQUIRE_ALL_TESTS").is_none(),
+            "{test} cannot run: it needs root (a TUN device, a network namespace); \
+             WRAITHGATE_REQUIRE_ALL_TESTS forbids skipping"
+        );
+        eprintln!("\n*** SKIPPED {test}: it needs root (a TUN device, a network namespace) ***\n");
+        return;
+    }
+    let _serial = serial();
+    let soaked = std::thread::spawn(|| {
+        enter_a_network_namespace_of_its_own();
+        soak(true);
+    })
+    .join();
+    if let Err(panic) = soaked {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Moves the calling thread (and the threads and processes it starts from then on) into a
+/// new network namespace with its loopback up.
+fn enter_a_network_namespace_of_its_own() {
+    // SAFETY: unshare takes no pointer; CLONE_NEWNET changes only this thread's namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("running ip");
+    assert!(up.success(), "ip link set lo up: {up}");
+}
+
+/// Z-HOP peers of the every-role soak, and Exit peers.
+const ZHOP_PEERS: usize = 2;
+const EXIT_PEERS: usize = 2;
+/// Packets per second each of them sends, of [`PEER_PACKET`] bytes.
+const PEER_PPS: f64 = 100.0;
+const PEER_PACKET: usize = 600;
+/// The node's TUN device in the every-role soak, and its address: the Exit peers' far end.
+const TUN_SECTION: &str = "\n[tun]\nname = \"wgsoak0\"\naddresses = [\"10.99.0.1/24\"]\n";
+const TUN_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const ECHO_PORT: u16 = 7000;
+
+/// What a peer of the every-role soak carried: over the whole soak, and in the last window
+/// (one second once the rest of the load has stopped).
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerHealth {
+    sent: u64,
+    delivered: u64,
+    last_sent: u64,
+    last_delivered: u64,
+}
+
+impl PeerHealth {
+    /// Most of what it sent arrived, over the soak and at its end (the machine is shared,
+    /// so a packet or two late is not a failure of the node).
+    fn healthy(&self) -> bool {
+        self.sent > 0
+            && self.delivered as f64 >= 0.8 * self.sent as f64
+            && self.last_sent > 0
+            && self.last_delivered as f64 >= 0.8 * self.last_sent as f64
+    }
+
+    fn json(&self) -> Value {
+        json!({ "sent": self.sent, "delivered": self.delivered, "last_sent": self.last_sent,
+                "last_delivered": self.last_delivered })
+    }
+}
+
+/// A set of peers driven together by [`drive_peers`].
+trait PeerSet {
+    fn len(&self) -> usize;
+    /// Sends peer `i`'s next packet; whether it went.
+    fn send(&mut self, i: usize) -> bool;
+    /// Receives what waits, adding what reached its far end to `delivered[peer]`.
+    fn receive(&mut self, delivered: &mut [u64]);
+    fn tick(&mut self);
+}
+
+/// Sends [`PEER_PPS`] packets per second from each peer of `set` until `stop`, then for a
+/// last window of one second, and counts what arrives.
+fn drive_peers(mut set: impl PeerSet, stop: &AtomicBool) -> Vec<PeerHealth> {
+    let n = set.len();
+    let mut health = vec![PeerHealth::default(); n];
+    let mut delivered = vec![0u64; n];
+    let mut last_window: Option<(Instant, Vec<u64>)> = None;
+    let start = Instant::now();
+    let mut last_tick = start;
+    let mut sent_rounds = 0u64;
+    loop {
+        let due = (start.elapsed().as_secs_f64() * PEER_PPS) as u64;
+        while sent_rounds < due {
+            for (i, h) in health.iter_mut().enumerate() {
+                if set.send(i) {
+                    h.sent += 1;
+                    if last_window.is_some() {
+                        h.last_sent += 1;
+                    }
+                }
+            }
+            sent_rounds += 1;
+        }
+        set.receive(&mut delivered);
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            set.tick();
+            last_tick = Instant::now();
+        }
+        match &last_window {
+            None if stop.load(Ordering::Relaxed) => {
+                last_window = Some((Instant::now(), delivered.clone()));
+            }
+            Some((since, _)) if since.elapsed() >= Duration::from_secs(1) => break,
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Stragglers still in flight (a loaded machine delays them).
+    let end = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < end {
+        set.receive(&mut delivered);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (_, at_window) = last_window.expect("the loop ends in the last window");
+    for (i, h) in health.iter_mut().enumerate() {
+        h.delivered = delivered[i];
+        h.last_delivered = delivered[i] - at_window[i];
+    }
+    health
+}
+
+/// How many decrypted packets `try_recv` hands over before nothing waits (control messages
+/// are handled on the way).
+fn packets_waiting(mut try_recv: impl FnMut() -> std::io::Result<Option<Received>>) -> u64 {
+    let mut n = 0;
+    while let Ok(Some(r)) = try_recv() {
+        if matches!(r, Received::Packet { .. }) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Z-HOP peers: each a client with an outer tunnel to the node and an inner one, through
+/// it, to one exit (a boringtun endpoint the node forwards to), which answers every packet
+/// with one of the same size; a packet counts as delivered when its answer is back.
+struct ZhopPeers {
+    clients: Vec<ZhopClient>,
+    exit: WgNode,
+    /// The exit's peer index of each client's inner tunnel.
+    exit_peer: Vec<usize>,
+    packets: Vec<Vec<u8>>,
+    /// What the exit answers each client with.
+    replies: Vec<Vec<u8>>,
+}
+
+impl PeerSet for ZhopPeers {
+    fn len(&self) -> usize {
+        self.clients.len()
+    }
+    fn send(&mut self, i: usize) -> bool {
+        self.clients[i].send_ip(&self.packets[i]).is_ok()
+    }
+    fn receive(&mut self, delivered: &mut [u64]) {
+        while let Ok(Some(r)) = self.exit.try_recv() {
+            if let Received::Packet { peer, .. } = r {
+                if let Some(i) = self.exit_peer.iter().position(|&p| p == peer) {
+                    let _ = self.exit.send_ip(peer, &self.replies[i]);
+                }
+            }
+        }
+        for (i, c) in self.clients.iter_mut().enumerate() {
+            delivered[i] += packets_waiting(|| c.try_recv());
+        }
+    }
+    fn tick(&mut self) {
+        for c in &mut self.clients {
+            c.tick();
+        }
+        self.exit.tick();
+    }
+}
+
+/// Exit peers: boringtun clients whose tunnels end at the node, each sending to the echo
+/// service on the node's TUN address and counting the echoes.
+struct ExitPeers {
+    clients: Vec<WgNode>,
+    packets: Vec<Vec<u8>>,
+}
+
+impl PeerSet for ExitPeers {
+    fn len(&self) -> usize {
+        self.clients.len()
+    }
+    fn send(&mut self, i: usize) -> bool {
+        self.clients[i].send_ip(0, &self.packets[i]).is_ok()
+    }
+    fn receive(&mut self, delivered: &mut [u64]) {
+        for (i, c) in self.clients.iter_mut().enumerate() {
+            delivered[i] += packets_waiting(|| c.try_recv());
+        }
+    }
+    fn tick(&mut self) {
+        for c in &mut self.clients {
+            c.tick();
+        }
+    }
+}
+
+/// The Z-HOP and Exit peers of the every-role soak, provisioned on the node and carrying
+/// traffic on threads of their own.
+struct RolePeers {
+    /// Their public keys, to remove them at the end.
+    keys: Vec<PublicKey>,
+    zhop: std::thread::JoinHandle<Vec<PeerHealth>>,
+    exit: std::thread::JoinHandle<Vec<PeerHealth>>,
+    echo_stop: Arc<AtomicBool>,
+    echo: std::thread::JoinHandle<u64>,
+}
+
+impl RolePeers {
+    /// Provisions the peers through the API (Z-HOP ones allowed to `zexit`, which the node
+    /// has as an exit) and starts their traffic, which runs until `stop` and a last window.
+    fn start(node: &Node, zexit: WgNode, stop: &Arc<AtomicBool>) -> RolePeers {
+        let info: Value = serde_json::from_str(&node.get("/v1/node")).unwrap();
+        let node_key = PublicKey::from_base64(info["public_key"].as_str().expect("node key"))
+            .expect("the node's key");
+        let node_key = boringtun::x25519::PublicKey::from(node_key.0);
+        let mut keys = Vec::new();
+
+        let mut zhop = ZhopPeers {
+            clients: Vec::new(),
+            exit: zexit,
+            exit_peer: Vec::new(),
+            packets: Vec::new(),
+            replies: Vec::new(),
+        };
+        let zexit_key = zhop.exit.keys().relay_key();
+        for i in 0..ZHOP_PEERS {
+            let (outer, inner) = (KeyPair::generate(), KeyPair::generate());
+            node.post(
+                "/v1/peers",
+                &json!({ "public_key": outer.relay_key().to_string(), "name": format!("zhop{i}"),
+                         "allowed_ips": [format!("10.7.{i}.0/24")],
+                         "allowed_exits": [zexit_key.to_string()] }),
+            );
+            keys.push(outer.relay_key());
+            zhop.exit_peer
+                .push(zhop.exit.add_peer(inner.public, PeerOptions::default()));
+            zhop.clients.push(
+                ZhopClient::new(
+                    outer,
+                    inner,
+                    node.relay,
+                    node_key,
+                    zhop.exit.keys().public,
+                    zhop.exit.local_addr(),
+                    SocketAddr::from((Ipv4Addr::new(10, 7, i as u8, 2), 40000)),
+                )
+                .unwrap(),
+            );
+            let (s, d) = tunnel_addrs(i as u8 + 1);
+            zhop.packets
+                .push(ipv4_udp(s, d, 40000, 9, &[0x5a; PEER_PACKET - 28]));
+            zhop.replies
+                .push(ipv4_udp(d, s, 9, 40000, &[0xa5; PEER_PACKET - 28]));
+        }
+
+        let echo_socket = UdpSocket::bind((TUN_IP, ECHO_PORT)).expect("binding on the TUN address");
+        echo_socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut exits = ExitPeers {
+            clients: Vec::new(),
+            packets: Vec::new(),
+        };
+        for i in 0..EXIT_PEERS {
+            let keys_i = KeyPair::generate();
+            let tunnel_ip = Ipv4Addr::new(10, 99, 0, 10 + i as u8);
+            node.post(
+                "/v1/peers",
+                &json!({ "public_key": keys_i.relay_key().to_string(), "name": format!("exit{i}"),
+                         "allowed_ips": [format!("{tunnel_ip}/32")] }),
+            );
+            keys.push(keys_i.relay_key());
+            let mut c = WgNode::bind(any_loopback(), keys_i).unwrap();
+            c.add_peer(
+                node_key,
+                PeerOptions {
+                    endpoint: Some(node.relay),
+                    ..Default::default()
+                },
+            );
+            exits.clients.push(c);
+            exits.packets.push(ipv4_udp(
+                tunnel_ip,
+                TUN_IP,
+                5000,
+                ECHO_PORT,
+                &[0xa5; PEER_PACKET - 28],
+            ));
+        }
+
+        let echo_stop = Arc::new(AtomicBool::new(false));
+        let echo = {
+            let stop = echo_stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                let mut echoed = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = echo_socket.recv_from(&mut buf) {
+                        if echo_socket.send_to(&buf[..n], from).is_ok() {
+                            echoed += 1;
+                        }
+                    }
+                }
+                echoed
+            })
+        };
+        let zhop = {
+            let stop = stop.clone();
+            std::thread::spawn(move || drive_peers(zhop, &stop))
+        };
+        let exit = {
+            let stop = stop.clone();
+            std::thread::spawn(move || drive_peers(exits, &stop))
+        };
+        RolePeers {
+            keys,
+            zhop,
+            exit,
+            echo_stop,
+            echo,
+        }
+    }
+
+    /// Waits for the peers' last window, removes them from the node, and says how each
+    /// fared: (Z-HOP peers, Exit peers, datagrams echoed).
+    fn finish(self, node: &Node) -> (Vec<PeerHealth>, Vec<PeerHealth>, u64) {
+        let zhop = self.zhop.join().unwrap();
+        let exit = self.exit.join().unwrap();
+        self.echo_stop.store(true, Ordering::Relaxed);
+        let echoed = self.echo.join().unwrap();
+        for k in &self.keys {
+            // base64url, as the API takes a key in a path.
+            let key = k.to_string().replace('+', "-").replace('/', "_");
+            node.delete(&format!("/v1/peers/{key}"));
+        }
+        (zhop, exit, echoed)
+    }
+}
+
+/// The soak, with the Z-HOP and Exit roles too when `every_role` (in a network namespace
+/// of the caller's, as root).
+fn soak(every_role: bool) {
     let soak = env_secs("WRAITHGATE_SOAK_SECS", 30.0);
     let exit = WgNode::bind(any_loopback(), KeyPair::generate()).unwrap();
     let decoy = Decoy::start("decoy", 0xD2);
-    let node = Node::start(
+    let zexit = every_role.then(|| WgNode::bind(any_loopback(), KeyPair::generate()).unwrap());
+    let mut exits = vec![exit_conf("exit", &exit), decoy.conf.clone()];
+    exits.extend(zexit.as_ref().map(|z| exit_conf("zexit", z)));
+    let node = Node::start_with(
         "soak",
-        &[exit_conf("exit", &exit), decoy.conf.clone()],
+        &exits,
         2,
         // The flood's 256 sources are more than the load mark (half of 2 × 128 pending), so
         // the relay stays under load and every new client is challenged with a cookie first.
         "max_sessions = 1024\nmax_pending = 128\npending_timeout_secs = 2\nidle_timeout_secs = 5",
+        if every_role { TUN_SECTION } else { "" },
     );
     let base_fds = node.fds_started();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let roles = zexit.map(|z| RolePeers::start(&node, z, &stop));
     let flooder = flood(
         sources(60, 256),
         node.relay,
@@ -1650,6 +2077,7 @@ fn adversarial_soak_with_sessions_coming_and_going_keeps_memory_and_fds_flat() {
     let garbage_sent = garbage.join().unwrap();
     let (clients, healthy, failed) = churn.join().unwrap();
     drop(srcs);
+    let peers = roles.map(|r| r.finish(&node));
     // Everything expires: pending after 2 s, idle after 5 s.
     std::thread::sleep(Duration::from_secs(7));
     let end = node.settled_metrics();
@@ -1657,16 +2085,55 @@ fn adversarial_soak_with_sessions_coming_and_going_keeps_memory_and_fds_flat() {
     let warm = samples.0[samples.0.len() / 5].1;
     let fds_end = node.fds_settled(base_fds);
     let last = samples.0.last().unwrap().1;
+    // Flat while the load lasted: no more descriptors in its last third than in its first
+    // (after warm-up), bar a few sessions' worth (clients come and go).
+    let during = &samples.0[..samples.0.len() - 1];
+    let third = during.len() / 3;
+    let max_fds = |s: &[(f64, u64, usize)]| s.iter().map(|x| x.2).max().unwrap_or(0);
+    let (fds_early, fds_late) = (
+        max_fds(&during[during.len() / 5..(during.len() / 5).max(third)]),
+        max_fds(&during[during.len() - third..]),
+    );
+    let mut figures = json!({
+        "secs": soak.as_secs_f64(), "clients": clients, "clients_healthy": healthy,
+        "clients_failed": failed, "flood_sent": flood_sent.iter().sum::<u64>(),
+        "garbage_sent": garbage_sent, "fds_base": base_fds, "fds_end": fds_end,
+        "rss_kib_after_warmup": warm, "rss_kib_end": last, "rss_kib_max": samples.max_rss(),
+        "sessions_end": end.get("wraithgate_sessions"),
+        "fds_max_early": fds_early, "fds_max_late": fds_late,
+        "rss_kib_fds": samples.json(), "sessions_pending": sessions_curve,
+    });
+    if let Some((z, x, echoed)) = &peers {
+        figures["peers"] = json!({ "zhop": z.iter().map(PeerHealth::json).collect::<Vec<_>>(),
+            "exit": x.iter().map(PeerHealth::json).collect::<Vec<_>>(), "echoed": echoed });
+        for (key, metric) in [
+            (
+                "zhop_packets_to_exit",
+                "wraithgate_zhop_packets_to_exit_total",
+            ),
+            (
+                "zhop_packets_to_peer",
+                "wraithgate_zhop_packets_to_peer_total",
+            ),
+            (
+                "exit_tun_packets_written",
+                "wraithgate_exit_tun_packets_written_total",
+            ),
+            (
+                "exit_tun_packets_read",
+                "wraithgate_exit_tun_packets_read_total",
+            ),
+        ] {
+            figures[key] = json!(end.get(metric));
+        }
+    }
     report(
-        "soak",
-        json!({
-            "secs": soak.as_secs_f64(), "clients": clients, "clients_healthy": healthy,
-            "clients_failed": failed, "flood_sent": flood_sent.iter().sum::<u64>(),
-            "garbage_sent": garbage_sent, "fds_base": base_fds, "fds_end": fds_end,
-            "rss_kib_after_warmup": warm, "rss_kib_end": last, "rss_kib_max": samples.max_rss(),
-            "sessions_end": end.get("wraithgate_sessions"),
-            "rss_kib_fds": samples.json(), "sessions_pending": sessions_curve,
-        }),
+        if every_role {
+            "soak_every_role"
+        } else {
+            "soak"
+        },
+        figures,
     );
     assert!(
         clients >= 3 && failed * 10 <= clients,
@@ -1682,4 +2149,32 @@ fn adversarial_soak_with_sessions_coming_and_going_keeps_memory_and_fds_flat() {
         last <= warm + 16 * 1024,
         "RSS crept from {warm} KiB after warm-up to {last} KiB"
     );
+    assert!(
+        fds_late <= fds_early + 32,
+        "descriptors grew during the soak: at most {fds_early} early, {fds_late} late: {}",
+        samples.json()
+    );
+    if let Some((zhop, exit, echoed)) = peers {
+        // What the peers saw went through the node's roles, by its own counters.
+        let delivered = |h: &[PeerHealth]| h.iter().map(|p| p.delivered).sum::<u64>();
+        assert!(
+            end.get("wraithgate_zhop_packets_to_exit_total") >= delivered(&zhop)
+                && end.get("wraithgate_zhop_packets_to_peer_total") >= delivered(&zhop)
+                && end.get("wraithgate_exit_tun_packets_written_total") >= echoed
+                && end.get("wraithgate_exit_tun_packets_read_total") >= delivered(&exit),
+            "the node's Z-HOP and TUN counters do not account for the peers' traffic: {:?}",
+            end.0
+        );
+        assert_eq!(
+            end.get("wraithgate_zhop_peers"),
+            0,
+            "removed peers still held"
+        );
+        for (role, health) in [("Z-HOP", zhop), ("Exit", exit)] {
+            assert!(
+                health.iter().all(PeerHealth::healthy),
+                "{role} peers unhealthy: {health:?}"
+            );
+        }
+    }
 }

@@ -279,6 +279,17 @@ impl Netns {
         run(self.command(program).args(args))
     }
 
+    /// The namespace's `Udp6InCsumErrors` counter: IPv6 UDP datagrams its stack refused
+    /// for a wrong checksum.
+    pub fn udp6_checksum_errors(&self) -> Result<u64> {
+        let snmp6 = self.exec("cat", &["/proc/net/snmp6"])?;
+        snmp6
+            .lines()
+            .find_map(|l| l.strip_prefix("Udp6InCsumErrors"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no Udp6InCsumErrors in /proc/net/snmp6")
+    }
+
     /// `ip -n <ns> args…`.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         run(Command::new("ip").args(["-n", &self.name]).args(args))

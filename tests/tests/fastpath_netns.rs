@@ -118,6 +118,7 @@ fn netns_fastpath_offloads_established_sessions_and_withdraws_them() {
             backend: "auto".into(),
             fast_path: true,
             limits: format!("idle_timeout_secs = {IDLE_SECS}"),
+            ipv6: false,
         },
     ) else {
         return;

@@ -3,11 +3,11 @@
 //!
 //! Spoofing uses `IP_TRANSPARENT` sockets bound to the impersonated address, so the kernel
 //! sends from an address the attacker's namespace does not own, as an off-path attacker on
-//! a network without source filtering would. The handshake flood ([`launch_raw_flood`])
-//! writes whole IPv4 datagrams through a raw socket instead, each from another address.
+//! a network without source filtering would. The raw flood ([`launch_raw_flood`]) writes
+//! whole IPv4 or IPv6 datagrams through a raw socket instead, each from another address.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -17,6 +17,7 @@ use wraithgate_relay::keys::Mac1Key;
 use wraithgate_relay::wire::{
     COOKIE_REPLY_LEN, INITIATION_LEN, INITIATION_MAC1_OFFSET, RESPONSE_LEN,
 };
+use wraithgate_relay::zhop::inner::build_udp;
 use wraithgate_relay::PublicKey;
 
 use crate::netns::Netns;
@@ -282,25 +283,38 @@ fn attack(plan: &AttackPlan) -> Result<AttackReport> {
     Ok(report)
 }
 
-/// A handshake flood as an off-path attacker on a network without source filtering sends
-/// it: initiations with a valid mac1 (for one of `exit_keys`, round-robin), each from a
-/// different random address in `sources` and a random port, written whole (IPv4 and UDP
-/// headers included) through a raw socket, so that no source is ever seen twice for long
-/// and none of them can receive an answer.
+/// A flood as an off-path attacker on a network without source filtering sends it,
+/// written whole (IP and UDP headers included) through a raw socket, IPv4 or IPv6 as the
+/// relay's address is:
+/// - `raw_flood_initiation`: initiations with a valid mac1 (for one of `exit_keys`,
+///   round-robin), each from a different random address in `sources` and a random port, so
+///   that no source is ever seen twice for long and none of them can receive an answer;
+/// - `raw_flood_transport` (when [`RawFloodPlan::transport`]): transport messages with
+///   random indices, from random addresses in `sources` too;
+/// - `raw_forged_exit_transport` (for each of [`RawFloodPlan::exit_side`]): transport
+///   messages with random indices in an exit's name (its address and port) towards a
+///   session's exit-facing socket, which only the exit's address can reach.
+///
+/// The kinds share the rate round-robin. Every datagram carries its UDP checksum, over the
+/// pseudo-header of its family (mandatory in IPv6, RFC 8200 §8.1).
 #[derive(Debug, Clone)]
 pub struct RawFloodPlan {
     /// The relay's client-facing address.
-    pub relay: SocketAddrV4,
+    pub relay: SocketAddr,
     pub exit_keys: Vec<String>,
-    /// The spoofed sources: a network and its prefix length.
-    pub sources: (Ipv4Addr, u8),
-    /// Initiations per second.
+    /// The spoofed sources: a network of the relay's family and its prefix length.
+    pub sources: (IpAddr, u8),
+    /// Also forged transport from the spoofed sources.
+    pub transport: bool,
+    /// Forged exit-side transport: (the exit's endpoint, a session's exit-facing address).
+    pub exit_side: Vec<(SocketAddr, SocketAddr)>,
+    /// Datagrams per second, all kinds together.
     pub rate: u32,
     pub duration: Duration,
 }
 
 /// Runs `plan` from inside `ns` on a thread of its own; join the handle for how many
-/// initiations went out (under `"raw_flood_initiation"`).
+/// datagrams of each kind went out.
 pub fn launch_raw_flood(
     ns: &Netns,
     plan: RawFloodPlan,
@@ -308,61 +322,112 @@ pub fn launch_raw_flood(
     ns.spawn_thread(move || raw_flood(&plan))
 }
 
+/// A random address of `net`/`prefix` (never the network's own address).
+fn random_in(net: IpAddr, prefix: u8, rng: &mut impl rand::Rng) -> IpAddr {
+    match net {
+        IpAddr::V4(n) => {
+            let host_mask = u32::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
+            IpAddr::from(Ipv4Addr::from(
+                u32::from(n) | (rng.gen::<u32>() & host_mask).max(1),
+            ))
+        }
+        IpAddr::V6(n) => {
+            let host_mask = u128::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
+            IpAddr::from(Ipv6Addr::from(
+                u128::from(n) | (rng.gen::<u128>() & host_mask).max(1),
+            ))
+        }
+    }
+}
+
 fn raw_flood(plan: &RawFloodPlan) -> Result<AttackReport> {
-    const KIND: &str = "raw_flood_initiation";
-    const IP_HEADER: usize = 20;
-    const UDP_HEADER: usize = 8;
+    const INITIATION: &str = "raw_flood_initiation";
+    const TRANSPORT: &str = "raw_flood_transport";
+    const EXIT_TRANSPORT: &str = "raw_forged_exit_transport";
     let keys: Vec<PublicKey> = plan
         .exit_keys
         .iter()
         .map(|k| PublicKey::from_base64(k).map_err(|e| anyhow::anyhow!("{k}: {e:?}")))
         .collect::<Result<_>>()?;
     anyhow::ensure!(!keys.is_empty(), "a flood needs an exit key for its mac1");
-    // IP_HDRINCL: the kernel sends our IPv4 header as written, filling in only the total
-    // length, the identification and the header checksum (raw(7)).
-    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
-        .context("a raw socket (needs CAP_NET_RAW)")?;
-    socket.set_header_included_v4(true)?;
-    let to = socket2::SockAddr::from(SocketAddr::V4(plan.relay));
+    anyhow::ensure!(
+        plan.sources.0.is_ipv4() == plan.relay.is_ipv4()
+            && plan
+                .exit_side
+                .iter()
+                .all(|(x, r)| x.is_ipv4() == plan.relay.is_ipv4() && r.is_ipv4() == x.is_ipv4()),
+        "a flood's addresses are all of one family"
+    );
+    // The kernel sends our header as written: IPv4 with IP_HDRINCL (raw(7); it fills in
+    // only the identification and header checksum), IPv6 on an IPPROTO_RAW socket, which
+    // implies IPV6_HDRINCL (ipv6(7)).
+    let socket = if plan.relay.is_ipv4() {
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+            .context("a raw socket (needs CAP_NET_RAW)")?;
+        s.set_header_included_v4(true)?;
+        s
+    } else {
+        Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(255)))
+            .context("a raw IPv6 socket (needs CAP_NET_RAW)")?
+    };
 
     let mut rng = rand::thread_rng();
-    let mut payload = vec![0u8; INITIATION_LEN];
-    let pool: Vec<Vec<u8>> = (0..POOL * keys.len())
+    let mut buf = vec![0u8; 1500];
+    let initiations: Vec<Vec<u8>> = (0..POOL * keys.len())
         .map(|i| {
             let n = forge(
                 "mac1_initiation",
                 Some(&keys[i % keys.len()]),
-                &mut payload,
+                &mut buf,
                 &mut rng,
             );
-            payload[..n].to_vec()
+            buf[..n].to_vec()
         })
         .collect();
-    let (net, prefix) = plan.sources;
-    let host_bits = 32 - u32::from(prefix);
-    let mut datagram = [0u8; IP_HEADER + UDP_HEADER + INITIATION_LEN];
-    datagram[0] = 0x45; // IPv4, a 20-byte header
-    datagram[6] = 0x40; // don't fragment
-    datagram[8] = 64; // TTL
-    datagram[9] = 17; // UDP
-    datagram[16..20].copy_from_slice(&plan.relay.ip().octets());
-    datagram[22..24].copy_from_slice(&plan.relay.port().to_be_bytes());
-    datagram[24..26].copy_from_slice(&((UDP_HEADER + INITIATION_LEN) as u16).to_be_bytes());
-    // A zero UDP checksum over IPv4 means "none" (RFC 768).
+    let transports: Vec<Vec<u8>> = (0..POOL)
+        .map(|_| {
+            let n = forge("forged_transport", None, &mut buf, &mut rng);
+            buf[..n].to_vec()
+        })
+        .collect();
+    // What each turn of the round-robin sends: a kind, and for exit-side forgeries the
+    // (exit, relay) pair.
+    let mut turns: Vec<(&'static str, Option<(SocketAddr, SocketAddr)>)> = vec![(INITIATION, None)];
+    if plan.transport {
+        turns.push((TRANSPORT, None));
+    }
+    turns.extend(plan.exit_side.iter().map(|&p| (EXIT_TRANSPORT, Some(p))));
 
+    let (net, prefix) = plan.sources;
+    let mut datagram = Vec::with_capacity(1500);
     let mut report = AttackReport::default();
     let start = Instant::now();
     let mut sent: u64 = 0;
     while start.elapsed() < plan.duration {
         let due = (start.elapsed().as_secs_f64() * f64::from(plan.rate)) as u64;
         while sent < due {
-            let host = rng.gen::<u32>() & ((1u64 << host_bits) - 1) as u32;
-            let source = u32::from(net) | host.max(1);
-            datagram[12..16].copy_from_slice(&source.to_be_bytes());
-            datagram[20..22].copy_from_slice(&rng.gen_range(1024u16..=65535).to_be_bytes());
-            datagram[IP_HEADER + UDP_HEADER..].copy_from_slice(&pool[(sent as usize) % pool.len()]);
-            match socket.send_to(&datagram, &to) {
-                Ok(_) => *report.sent.entry(KIND).or_default() += 1,
+            let (kind, pair) = turns[(sent as usize) % turns.len()];
+            let pick = (sent as usize / turns.len()) % POOL;
+            let (from, to, payload) = match (kind, pair) {
+                (_, Some((exit, relay_side))) => (exit, relay_side, &transports[pick]),
+                _ => {
+                    let from = SocketAddr::new(
+                        random_in(net, prefix, &mut rng),
+                        rng.gen_range(1024u16..=65535),
+                    );
+                    let payload = if kind == INITIATION {
+                        &initiations[(sent as usize) % initiations.len()]
+                    } else {
+                        &transports[pick]
+                    };
+                    (from, plan.relay, payload)
+                }
+            };
+            build_udp(&mut datagram, from, to, payload);
+            // Port 0: for an IPv6 raw socket the port is a protocol number.
+            let dest = socket2::SockAddr::from(SocketAddr::new(to.ip(), 0));
+            match socket.send_to(&datagram, &dest) {
+                Ok(_) => *report.sent.entry(kind).or_default() += 1,
                 Err(_) => report.send_errors += 1,
             }
             sent += 1;
@@ -438,6 +503,27 @@ fn forge(
 mod tests {
     use super::*;
     use wraithgate_relay::wire::Message;
+
+    #[test]
+    fn spoofed_sources_stay_inside_their_network() {
+        let mut rng = rand::thread_rng();
+        for (net, prefix) in [("100.64.0.0", 16u8), ("2001:db8:6600::", 48)] {
+            let net: IpAddr = net.parse().unwrap();
+            let inside = |a: IpAddr| match (a, net) {
+                (IpAddr::V4(a), IpAddr::V4(n)) => {
+                    (u32::from(a) ^ u32::from(n)) >> (32 - u32::from(prefix)) == 0
+                }
+                (IpAddr::V6(a), IpAddr::V6(n)) => {
+                    (u128::from(a) ^ u128::from(n)) >> (128 - u32::from(prefix)) == 0
+                }
+                _ => false,
+            };
+            for _ in 0..1000 {
+                let a = random_in(net, prefix, &mut rng);
+                assert!(inside(a), "{a} outside {net}/{prefix}");
+            }
+        }
+    }
 
     #[test]
     fn forgeries_parse_as_what_they_pretend_to_be() {

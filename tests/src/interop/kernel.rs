@@ -128,11 +128,6 @@ impl KernelSink {
 
     /// The namespace's `Udp6InCsumErrors` counter.
     pub fn udp6_checksum_errors(&self) -> Result<u64> {
-        let snmp6 = self.ns.exec("cat", &["/proc/net/snmp6"])?;
-        snmp6
-            .lines()
-            .find_map(|l| l.strip_prefix("Udp6InCsumErrors"))
-            .and_then(|v| v.trim().parse().ok())
-            .context("no Udp6InCsumErrors in /proc/net/snmp6")
+        self.ns.udp6_checksum_errors()
     }
 }

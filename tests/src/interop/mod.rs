@@ -14,6 +14,10 @@
 //! changes; the exits are configured as if the clients were direct. The relay's exits are
 //! added through its operator API, exit2 with a listen port pinned to it.
 //!
+//! With [`LabOptions::ipv6`] every link also carries an IPv6 twin of its IPv4 addresses
+//! (fd91::`net`:0:0:0:`host` for 10.91.`net`.`host`), the relay listens on both families, and
+//! clients and exits talk to it over IPv6 (the tunnels inside stay IPv4).
+//!
 //! A [`Lab`] holds the suite lock, removes what an earlier run left, and tears everything
 //! down on drop, printing the logs' tails when the test failed; an interrupted run removes
 //! it too ([`crate::netns::clean_up_when_interrupted`]).
@@ -26,7 +30,7 @@ pub mod relay;
 pub mod wg;
 pub mod zhop;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,6 +94,8 @@ pub struct Lab {
     pub exits: Vec<WgHost>,
     pub attacker: Arc<Netns>,
     pub internet: Arc<Netns>,
+    /// Clients and exits talk to the relay over IPv6 ([`LabOptions::ipv6`]).
+    pub ipv6: bool,
     _echo: EchoServer,
     iperf_servers: Vec<Daemon>,
     started: Instant,
@@ -107,6 +113,24 @@ pub struct LabOptions {
     pub fast_path: bool,
     /// TOML lines of the relay's `[limits]` section.
     pub limits: String,
+    /// An IPv6 underlay beside the IPv4 one ([`underlay_v6`] on every link, `nodad`), the
+    /// relay listening on both families, and clients and exits talking to it over IPv6.
+    pub ipv6: bool,
+}
+
+/// The IPv6 twin of 10.91.`net`.`host`, the lab's IPv4 underlay: fd91::`net`:0:0:0:`host`
+/// (`net` 1 and 2 the clients' links, 3 the attacker's, 11 and 12 the exits').
+pub fn underlay_v6(net: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd91, 0, 0, u16::from(net), 0, 0, 0, u16::from(host))
+}
+
+/// The lab's underlay address 10.91.`net`.`host`, or its IPv6 twin ([`underlay_v6`]).
+fn underlay(ipv6: bool, net: u8, host: u8) -> IpAddr {
+    if ipv6 {
+        underlay_v6(net, host).into()
+    } else {
+        Ipv4Addr::new(10, 91, net, host).into()
+    }
 }
 
 /// What an iperf3 run measures.
@@ -199,6 +223,7 @@ impl Lab {
                 backend: backend.to_owned(),
                 fast_path,
                 limits: String::new(),
+                ipv6: false,
             },
         )
     }
@@ -252,6 +277,10 @@ impl Lab {
                 &format!("10.91.{n}.1/24"),
             )?;
             c.ip(&["route", "add", "default", "via", &format!("10.91.{n}.1")])?;
+            if options.ipv6 {
+                add_v6(c, "eth0", n as u8, 2)?;
+                add_v6(&relay_ns, &format!("c{n}"), n as u8, 1)?;
+            }
             // Roaming swaps the address; keep the route when the old one goes.
             c.sysctl("net.ipv4.conf.eth0.promote_secondaries", "1")?;
         }
@@ -264,6 +293,18 @@ impl Lab {
             "10.91.3.1/24",
         )?;
         atk.ip(&["route", "add", "default", "via", "10.91.3.1"])?;
+        if options.ipv6 {
+            add_v6(&atk, "eth0", 3, 2)?;
+            add_v6(&relay_ns, "atk", 3, 1)?;
+            atk.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &underlay_v6(3, 1).to_string(),
+            ])?;
+        }
         for (j, x) in [&x1, &x2].into_iter().enumerate() {
             let n = j + 1;
             veth(
@@ -291,6 +332,10 @@ impl Lab {
             ])?;
             x.ip(&["route", "add", "default", "via", &format!("10.91.2{n}.2")])?;
             x.sysctl("net.ipv4.ip_forward", "1")?;
+            if options.ipv6 {
+                add_v6(x, "eth0", 10 + n as u8, 2)?;
+                add_v6(&relay_ns, &format!("x{n}"), 10 + n as u8, 1)?;
+            }
             x.nft(
                 "table ip wgi_exit {\n\
                  \tchain postrouting {\n\
@@ -343,28 +388,31 @@ impl Lab {
             x.up(24)?;
         }
 
+        let mut relay_extra = String::new();
+        if options.fast_path {
+            relay_extra += "fast_path = \"auto\"\n";
+        }
+        if options.ipv6 {
+            relay_extra += &format!("listen = [\"0.0.0.0:{RELAY_PORT}\", \"[::]:{RELAY_PORT}\"]\n");
+        }
         let relay = RelayNode::start_with(
             relay_ns.clone(),
             &dir,
             backend,
-            if options.fast_path {
-                "fast_path = \"auto\""
-            } else {
-                ""
-            },
+            &relay_extra,
             &options.limits,
             "",
         )?;
         relay.add_exit(
             "exit1",
             &exits[0].keys.public,
-            SocketAddr::from((exits[0].underlay_ip, EXIT_PORT)),
+            SocketAddr::new(underlay(options.ipv6, 11, 2), EXIT_PORT),
             None,
         )?;
         relay.add_exit(
             "exit2",
             &exits[1].keys.public,
-            SocketAddr::from((exits[1].underlay_ip, EXIT_PORT)),
+            SocketAddr::new(underlay(options.ipv6, 12, 2), EXIT_PORT),
             Some(PINNED_PORT),
         )?;
 
@@ -376,6 +424,7 @@ impl Lab {
             exits,
             attacker: atk.clone(),
             internet: inet.clone(),
+            ipv6: options.ipv6,
             _echo: echo,
             iperf_servers,
             started,
@@ -413,21 +462,26 @@ impl Lab {
 
     /// The relay address client `i` uses (the relay's end of its link).
     pub fn relay_addr_for(&self, i: usize, port: u16) -> SocketAddr {
-        SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::new(10, 91, i as u8 + 1, 1),
-            port,
-        ))
+        SocketAddr::new(underlay(self.ipv6, i as u8 + 1, 1), port)
     }
 
     /// Client `i`'s current underlay address and WireGuard port.
     pub fn client_addr(&self, i: usize) -> SocketAddr {
         let c = &self.clients[i];
-        SocketAddr::from((c.underlay_ip, c.listen_port))
+        if self.ipv6 {
+            SocketAddr::new(underlay_v6(i as u8 + 1, 2).into(), c.listen_port)
+        } else {
+            SocketAddr::from((c.underlay_ip, c.listen_port))
+        }
     }
 
     /// Exit `j`'s WireGuard endpoint.
     pub fn exit_endpoint(&self, j: usize) -> SocketAddr {
-        SocketAddr::from((self.exits[j].underlay_ip, EXIT_PORT))
+        if self.ipv6 {
+            SocketAddr::new(underlay_v6(11 + j as u8, 2).into(), EXIT_PORT)
+        } else {
+            SocketAddr::from((self.exits[j].underlay_ip, EXIT_PORT))
+        }
     }
 
     /// Makes client `i` use exit `j` (its only peer) via `via`.
@@ -624,6 +678,20 @@ impl Drop for Lab {
         // Fields drop next: processes, then namespaces, then the suite lock. Logs stay in
         // `dir` until the next run of the same test.
     }
+}
+
+/// Adds [`underlay_v6`]`(net, host)`/64 to `dev` in `ns`, usable at once (`nodad`: no
+/// duplicate address detection to wait out).
+fn add_v6(ns: &Netns, dev: &str, net: u8, host: u8) -> Result<()> {
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/64", underlay_v6(net, host)),
+        "dev",
+        dev,
+        "nodad",
+    ])
+    .map(drop)
 }
 
 /// How a client reaches its exit.

@@ -168,9 +168,10 @@ impl RelayNode {
         Self::start_with(ns, dir, backend, "", "", "")
     }
 
-    /// [`RelayNode::start`] with more `[relay]` settings (`relay_extra`, TOML lines), a
-    /// `[limits]` section (`limits`, TOML lines) and `extra` appended to the configuration
-    /// file (a `[tun]` section, say).
+    /// [`RelayNode::start`] with more `[relay]` settings (`relay_extra`, TOML lines; a
+    /// `listen = […]` line there replaces the default, every IPv4 address on
+    /// [`RELAY_PORT`]), a `[limits]` section (`limits`, TOML lines) and `extra` appended to
+    /// the configuration file (a `[tun]` section, say).
     pub fn start_with(
         ns: Arc<Netns>,
         dir: &Path,
@@ -183,9 +184,17 @@ impl RelayNode {
         let state_dir = dir.join("relay-state");
         // The lab shares its cores with wireguard-go, iperf3 and whatever else the machine
         // runs: a worker pinned to a core could not move off it when that core is busy.
+        let listen = if relay_extra
+            .lines()
+            .any(|l| l.trim_start().starts_with("listen"))
+        {
+            String::new()
+        } else {
+            format!("listen = [\"0.0.0.0:{RELAY_PORT}\"]")
+        };
         let toml = format!(
             r#"[relay]
-listen = ["0.0.0.0:{RELAY_PORT}"]
+{listen}
 backend = "{backend}"
 pin_workers = false
 {relay_extra}
