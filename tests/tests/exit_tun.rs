@@ -13,7 +13,7 @@ use wraithgate_control::endpoints::{
 };
 use wraithgate_relay::io::BackendChoice;
 use wraithgate_relay::table::{ExitTable, PeerSpec};
-use wraithgate_relay::tun::TunConfig;
+use wraithgate_relay::tun::{TunConfig, TunOffload};
 use wraithgate_relay::zhop::NodeKey;
 use wraithgate_relay::DropReason;
 use wraithgate_tests::netns::{missing_prerequisites, Netns, SuiteLock};
@@ -70,6 +70,7 @@ fn exit_case(backend: BackendChoice) -> Result<()> {
                 name: "wgx0".into(),
                 addresses: vec![format!("{NODE_IP}/24").parse().expect("literal")],
                 mtu: 1420,
+                offload: TunOffload::Auto,
             }),
             ..Relay::config()
         },
