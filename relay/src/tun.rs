@@ -624,7 +624,10 @@ fn write_contents(w: &[u8]) -> (u64, u64) {
     match VirtioNetHdr::decode(w) {
         Ok(h) if h.gso_type != vnet::GSO_NONE && h.gso_size > 0 => {
             let headers = u64::from(h.hdr_len);
-            let segments = ip.saturating_sub(headers).div_ceil(u64::from(h.gso_size)).max(1);
+            let segments = ip
+                .saturating_sub(headers)
+                .div_ceil(u64::from(h.gso_size))
+                .max(1);
             (segments, ip + (segments - 1) * headers)
         }
         _ => (1, ip),

@@ -88,16 +88,27 @@ impl ExitLab {
     /// peer is provisioned with the wireguard-go host's endpoint, which knows none for the
     /// node, and the first packet is the node's (a ping from its namespace).
     pub fn start_or_skip_with(test: &str, backend: &str, node_initiates: bool) -> Option<ExitLab> {
+        Self::start_or_skip_with_tun(test, backend, node_initiates, TUN_SECTION)
+    }
+
+    /// [`ExitLab::start_or_skip_with`] with the node's own `[tun]` section (`tun`, e.g.
+    /// [`TUN_SECTION`] and an `offload` line).
+    pub fn start_or_skip_with_tun(
+        test: &str,
+        backend: &str,
+        node_initiates: bool,
+        tun: &str,
+    ) -> Option<ExitLab> {
         if !super::prerequisites_or_skip(test) {
             return None;
         }
-        match ExitLab::start(test, backend, node_initiates) {
+        match ExitLab::start(test, backend, node_initiates, tun) {
             Ok(lab) => Some(lab),
             Err(e) => panic!("{test}: building the lab failed: {e:#}"),
         }
     }
 
-    fn start(test: &str, backend: &str, node_initiates: bool) -> Result<ExitLab> {
+    fn start(test: &str, backend: &str, node_initiates: bool, tun: &str) -> Result<ExitLab> {
         let (lock, started, dir) = super::begin(test)?;
         let ns = |s: &str| Netns::create(s).map(Arc::new);
         let (client_ns, node_ns, inet) = (ns("ec")?, ns("exitnode")?, ns("internet")?);
@@ -128,7 +139,7 @@ impl ExitLab {
         node_ns.nft(&nft)?;
         let iperf_server = super::iperf3_server(&inet, IPERF_PORT, &dir.join("iperf3-server.log"))?;
 
-        let node = RelayNode::start_with(node_ns.clone(), &dir, backend, "", "", TUN_SECTION)?;
+        let node = RelayNode::start_with(node_ns.clone(), &dir, backend, "", "", tun)?;
         let client = WgHost::start(
             client_ns.clone(),
             &format!("{}ec", netns::PREFIX),
