@@ -753,6 +753,121 @@ fn set_address(ctl: &OwnedFd, name: &str, net: IpNet) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vnet::testing::{checksums_ok, tcp_packet, tso_read, udp_packet, Tcp};
+    use std::os::unix::net::UnixDatagram;
+
+    /// A queue whose "device" is the other end of a datagram socket pair: each read and
+    /// write is one datagram, as with a TUN device.
+    fn fake_queue(vnet: bool) -> (TunQueue, UnixDatagram) {
+        let (ours, device) = UnixDatagram::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("non-blocking");
+        device
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .expect("timeout");
+        let q = TunQueue {
+            fd: OwnedFd::from(ours),
+            vnet,
+            mtu: 1420,
+        };
+        (q, device)
+    }
+
+    fn segment(i: u32, len: usize) -> Vec<u8> {
+        let t = Tcp {
+            seq: 1_000 + i * len as u32,
+            ip_id: 7 + i as u16,
+            ..Tcp::default()
+        };
+        tcp_packet(&t, &vec![i as u8; len])
+    }
+
+    #[test]
+    fn an_offloading_queue_splits_what_it_reads() {
+        let (q, device) = fake_queue(true);
+        let mut batch = TunRxBatch::new(&q, 64);
+        let payload: Vec<u8> = (0..13_000u32).map(|i| i as u8).collect();
+        device
+            .send(&tso_read(&Tcp::default(), &payload, 1_300))
+            .expect("send");
+        let mut single = VirtioNetHdr::NONE.to_bytes().to_vec();
+        single.extend_from_slice(&udp_packet(false, 1, b"alone"));
+        device.send(&single).expect("send");
+        device.send(&[0; 4]).expect("send");
+        let (n, drained) = q.read_batch(&mut batch).expect("read");
+        assert_eq!((n, drained), (11, true));
+        assert_eq!(
+            batch.counts(),
+            TunReadCounts {
+                reads: 3,
+                super_reads: 1,
+                unsplittable: 1
+            }
+        );
+        let mut joined = Vec::new();
+        for i in 0..10 {
+            let p = batch.packet(i);
+            assert!(checksums_ok(p), "segment {i}");
+            joined.extend_from_slice(&p[20 + 32..]);
+        }
+        assert_eq!(joined, payload);
+        assert!(batch.packet(10).ends_with(b"alone"));
+    }
+
+    #[test]
+    fn an_offloading_queue_coalesces_what_it_writes() {
+        let (q, device) = fake_queue(true);
+        let mut tx = TunTx::new(&q);
+        for i in 0..8 {
+            tx.push(&q, &segment(i, 1_000));
+        }
+        let udp = udp_packet(false, 9, b"not merged");
+        tx.push(&q, &udp);
+        let f = tx.flush(&q);
+        assert_eq!(
+            (f.packets, f.writes, f.super_writes, f.failed),
+            (9, 2, 1, 0)
+        );
+        assert_eq!(
+            f.bytes,
+            8 * segment(0, 1_000).len() as u64 + udp.len() as u64
+        );
+        let mut buf = vec![0; VNET_HDR_LEN + MAX_PACKET];
+        let n = device.recv(&mut buf).expect("the super-packet");
+        let h = VirtioNetHdr::decode(&buf[..n]).expect("header");
+        assert_eq!((h.gso_type, h.gso_size), (vnet::GSO_TCPV4, 1_000));
+        assert_eq!(n, VNET_HDR_LEN + 20 + 32 + 8_000);
+        let n = device.recv(&mut buf).expect("the UDP packet");
+        assert_eq!(&buf[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
+        assert_eq!(&buf[VNET_HDR_LEN..n], &udp[..]);
+        assert!(tx.is_empty());
+    }
+
+    #[test]
+    fn a_plain_queue_reads_and_writes_one_packet_each() {
+        let (q, device) = fake_queue(false);
+        let mut tx = TunTx::new(&q);
+        for i in 0..3 {
+            tx.push(&q, &segment(i, 500));
+        }
+        let f = tx.flush(&q);
+        assert_eq!((f.packets, f.writes, f.super_writes), (3, 3, 0));
+        let mut buf = vec![0; MAX_PACKET];
+        for i in 0..3 {
+            let n = device.recv(&mut buf).expect("a packet");
+            assert_eq!(&buf[..n], &segment(i, 500)[..]);
+        }
+        let mut batch = TunRxBatch::new(&q, 4);
+        device.send(&segment(5, 100)).expect("send");
+        assert_eq!(q.read_batch(&mut batch).expect("read"), (1, true));
+        assert_eq!(batch.packet(0), &segment(5, 100)[..]);
+        assert_eq!(batch.counts().reads, 1);
+    }
+
+    #[test]
+    fn offload_names_for_the_log() {
+        assert_eq!(offload_names(OFFLOAD_SETS[0]), "csum tso4 tso6 uso4 uso6");
+        assert_eq!(offload_names(OFFLOAD_SETS[1]), "csum tso4 tso6");
+    }
 
     #[test]
     fn config_validation_names_the_problem() {
