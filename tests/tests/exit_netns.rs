@@ -56,6 +56,7 @@ fn through_the_exit(lab: &ExitLab) -> Result<()> {
         "the node's view of its peer: {peers}"
     );
     let m = lab.node.metrics()?;
+    lab.report(&format!("TUN: {}", TunCounts::from(&m)));
     for name in [
         "wraithgate_exit_tun_packets_read_total",
         "wraithgate_exit_tun_packets_written_total",
