@@ -133,12 +133,7 @@ impl TunDevice {
                 offloads = %offload_names(offloads),
                 "TUN offloads on: super-packets are split on read and coalesced on write"
             );
-        } else if cfg.offload == TunOffload::Auto {
-            tracing::info!(
-                device = %cfg.name,
-                "TUN offloads off (the kernel refused IFF_VNET_HDR or TUNSETOFFLOAD): one packet per read or write"
-            );
-        } else {
+        } else if cfg.offload == TunOffload::Off {
             tracing::info!(device = %cfg.name, "TUN offloads off ([tun] offload = \"off\")");
         }
         let ctl = control_socket(libc::AF_INET)?;
@@ -190,8 +185,13 @@ fn open_queues(cfg: &TunConfig, queues: usize) -> io::Result<(Vec<TunQueue>, u32
                 }
                 return Ok((qs, offloads));
             }
-            // Dropping the queue removed the device; it is made again, plain.
-            Err(e) => tracing::debug!(device = %cfg.name, error = %e, "no TUN offloads"),
+            // The refused queue is closed (a device it created goes with it) and the device
+            // is opened again, plain.
+            Err(e) => tracing::info!(
+                device = %cfg.name,
+                error = %e,
+                "TUN offloads off: the kernel refused IFF_VNET_HDR or TUNSETOFFLOAD; one packet per read or write"
+            ),
         }
     }
     let qs = (0..queues)
@@ -263,11 +263,6 @@ impl TunQueue {
             last = io::Error::last_os_error();
         }
         Err(last)
-    }
-
-    /// Whether reads and writes carry a `virtio_net_hdr` (and may be super-packets).
-    pub fn offloads(&self) -> bool {
-        self.vnet
     }
 
     pub fn as_raw_fd(&self) -> RawFd {
