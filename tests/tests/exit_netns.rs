@@ -94,41 +94,51 @@ fn netns_exit_node_initiates_to_a_wireguard_go_peer() {
 }
 
 /// TCP both ways between the client and a socket on the node's TUN address, with the
-/// device's offloads on: the node's stack hands its TSO super-packets to the node, which
-/// splits them for the tunnel, and the client's segments, decrypted a batch at a time, are
-/// coalesced into super-packets for the node's stack. Every byte arrives intact, and the
-/// node's counters say super-packets were read and written.
+/// device's offloads on, on both backends: the node's stack hands its TSO super-packets to
+/// the node, which splits them for the tunnel, and the client's segments, decrypted a batch
+/// at a time, are coalesced into super-packets for the node's stack. Every byte arrives
+/// intact, and the node's counters say super-packets were read and written.
 #[test]
 fn netns_exit_tcp_through_the_offloading_tun_is_intact() {
     let test = "netns_exit_tcp_through_the_offloading_tun_is_intact";
-    let Some(lab) = ExitLab::start_or_skip(test, "auto") else {
-        return;
-    };
-    let check = || -> Result<()> {
-        tcp_both_ways(&lab)?;
-        let m = lab.node.metrics()?;
-        let t = TunCounts::from(&m);
-        lab.report(&format!("offload on: {t}"));
-        ensure!(
-            t.super_reads > 0 && t.rx_packets > t.reads,
-            "no super-packet was read from the TUN device: {t}"
-        );
-        ensure!(
-            t.super_writes > 0 && t.tx_packets > t.writes,
-            "no super-packet was written to the TUN device: {t}"
-        );
-        let trains = m.sum("wraithgate_zhop_trains_sent_total", &[]);
-        let in_trains = m.sum("wraithgate_zhop_segments_in_trains_total", &[]);
-        lab.report(&format!("UDP GSO: {in_trains} datagrams in {trains} sends"));
-        ensure!(
-            trains > 0 && in_trains > trains,
-            "the split packets did not leave in UDP GSO trains: {in_trains} datagrams in {trains} sends"
-        );
-        Ok(())
-    };
-    if let Err(e) = check() {
-        panic!("{test} failed: {e:#}\n{}", lab.diagnostics());
+    for backend in ["uring", "portable"] {
+        let Some(lab) = ExitLab::start_or_skip(test, backend) else {
+            return;
+        };
+        if let Err(e) = offloading_tcp(&lab, backend) {
+            panic!("{test} ({backend}) failed: {e:#}\n{}", lab.diagnostics());
+        }
     }
+}
+
+fn offloading_tcp(lab: &ExitLab, backend: &str) -> Result<()> {
+    let in_use = lab.node.backend_in_use();
+    ensure!(
+        in_use.as_deref() == Some(backend),
+        "backend {in_use:?}, not {backend}"
+    );
+    tcp_both_ways(lab)?;
+    let m = lab.node.metrics()?;
+    let t = TunCounts::from(&m);
+    lab.report(&format!("{backend}, offload on: {t}"));
+    ensure!(
+        t.super_reads > 0 && t.rx_packets > t.reads,
+        "no super-packet was read from the TUN device: {t}"
+    );
+    ensure!(
+        t.super_writes > 0 && t.tx_packets > t.writes,
+        "no super-packet was written to the TUN device: {t}"
+    );
+    let trains = m.sum("wraithgate_zhop_trains_sent_total", &[]);
+    let in_trains = m.sum("wraithgate_zhop_segments_in_trains_total", &[]);
+    lab.report(&format!(
+        "{backend}, UDP GSO: {in_trains} datagrams in {trains} sends"
+    ));
+    ensure!(
+        trains > 0 && in_trains > trains,
+        "the split packets did not leave in UDP GSO trains: {in_trains} datagrams in {trains} sends"
+    );
+    Ok(())
 }
 
 /// The same with `[tun] offload = "off"`: plain packets, one per read and write.
