@@ -461,6 +461,9 @@ pub struct TunTx {
     /// The queued packets as slices, rebuilt at each flush in this allocation (kept empty
     /// between flushes, hence `'static`).
     views: Vec<&'static [u8]>,
+    /// Whether packets are merged: cleared for good when the kernel refuses a
+    /// super-packet as invalid, after which each packet goes alone (after a zero header).
+    merge: bool,
 }
 
 /// What [`TunTx::flush`] (or a push that had to flush) wrote.
@@ -506,6 +509,7 @@ impl TunTx {
             lens: Vec::with_capacity(256),
             coalescer,
             views: Vec::with_capacity(Self::COALESCE_PACKETS),
+            merge: true,
         }
     }
 
@@ -532,7 +536,13 @@ impl TunTx {
     /// Writes every queued packet, in order (a flow's packets keep theirs when coalesced).
     pub fn flush(&mut self, q: &TunQueue) -> Flushed {
         let f = match self.coalescer.as_deref_mut() {
-            Some(c) => flush_coalesced(q, c, &self.buf, &self.lens, &mut self.views),
+            Some(c) => {
+                let packets = Packets {
+                    buf: &self.buf,
+                    lens: &self.lens,
+                };
+                flush_coalesced(q, c, packets, &mut self.views, &mut self.merge)
+            }
             None => flush_plain(q, &self.buf, &self.lens),
         };
         self.lens.clear();
@@ -560,26 +570,38 @@ fn flush_plain(q: &TunQueue, buf: &[u8], lens: &[usize]) -> Flushed {
     f
 }
 
+/// The packets queued in a [`TunTx`]: lengths, back to back in `buf`.
+#[derive(Clone, Copy)]
+struct Packets<'a> {
+    buf: &'a [u8],
+    lens: &'a [usize],
+}
+
 /// The packets coalesced into writes, each a `virtio_net_hdr` and a (super-)packet, in as
-/// many passes as the coalescer needs. `views` is an empty vector whose allocation is lent
-/// for the packets' slices.
+/// many passes as the coalescer needs; one packet per pass unless `merge`. `views` is an
+/// empty vector whose allocation is lent for the packets' slices.
+///
+/// A super-packet the kernel refuses as invalid (`EINVAL`) clears `merge` for good: its
+/// segments are lost, but the flows go on one packet per write rather than losing every
+/// super-packet (the way a GSO send degrades on a socket that refuses it).
 fn flush_coalesced(
     q: &TunQueue,
     c: &mut Coalescer,
-    buf: &[u8],
-    lens: &[usize],
+    queued: Packets<'_>,
     views: &mut Vec<&'static [u8]>,
+    merge: &mut bool,
 ) -> Flushed {
     let mut packets = relend(std::mem::take(views));
     let mut off = 0;
-    for &len in lens {
-        packets.push(&buf[off..off + len]);
+    for &len in queued.lens {
+        packets.push(&queued.buf[off..off + len]);
         off += len;
     }
     let mut f = Flushed::default();
     let mut start = 0;
     while start < packets.len() {
-        let taken = c.coalesce(&packets[start..]);
+        let end = if *merge { packets.len() } else { start + 1 };
+        let taken = c.coalesce(&packets[start..end]);
         let mut in_writes = 0;
         for w in c.writes() {
             let (segments, bytes) = write_contents(w);
@@ -592,7 +614,16 @@ fn flush_coalesced(
                     super_writes: u64::from(segments > 1),
                     failed: 0,
                 }),
-                Err(_) => f.failed += segments,
+                Err(e) => {
+                    f.failed += segments;
+                    if segments > 1 && e.raw_os_error() == Some(libc::EINVAL) && *merge {
+                        *merge = false;
+                        tracing::warn!(
+                            error = %e,
+                            "the TUN device refused a coalesced super-packet: writing one packet per write from now on"
+                        );
+                    }
+                }
             }
         }
         // Packets the coalescer dropped (longer than any IP packet) are in no write.
@@ -835,6 +866,24 @@ mod tests {
         assert_eq!(&buf[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
         assert_eq!(&buf[VNET_HDR_LEN..n], &udp[..]);
         assert!(tx.is_empty());
+    }
+
+    #[test]
+    fn without_merging_each_packet_is_written_alone_after_a_zero_header() {
+        let (q, device) = fake_queue(true);
+        let mut tx = TunTx::new(&q);
+        tx.merge = false;
+        for i in 0..4 {
+            tx.push(&q, &segment(i, 1_000));
+        }
+        let f = tx.flush(&q);
+        assert_eq!((f.packets, f.writes, f.super_writes), (4, 4, 0));
+        let mut buf = vec![0; VNET_HDR_LEN + MAX_PACKET];
+        for i in 0..4 {
+            let n = device.recv(&mut buf).expect("a packet");
+            assert_eq!(&buf[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
+            assert_eq!(&buf[VNET_HDR_LEN..n], &segment(i, 1_000)[..]);
+        }
     }
 
     #[test]
