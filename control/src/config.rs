@@ -13,7 +13,7 @@ use toml::Spanned;
 use wraithgate_relay::io::{BackendChoice, DataPlaneConfig, FastPathChoice};
 use wraithgate_relay::router::RouterConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable, IpNet, TableError};
-use wraithgate_relay::tun::TunConfig;
+use wraithgate_relay::tun::{TunConfig, TunOffload};
 use wraithgate_relay::PublicKey;
 
 use crate::state::{DesiredState, StateError};
@@ -50,6 +50,28 @@ pub struct TunSection {
     pub addresses: Vec<Spanned<String>>,
     #[serde(default = "default_tun_mtu")]
     pub mtu: u16,
+    /// `"auto"` (the default): ask the kernel for TCP/UDP super-packets (`IFF_VNET_HDR`,
+    /// TSO/USO), falling back to plain packets if it refuses; `"off"`: plain packets.
+    #[serde(default)]
+    pub offload: TunOffloadSetting,
+}
+
+/// `[tun] offload`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunOffloadSetting {
+    #[default]
+    Auto,
+    Off,
+}
+
+impl From<TunOffloadSetting> for TunOffload {
+    fn from(s: TunOffloadSetting) -> TunOffload {
+        match s {
+            TunOffloadSetting::Auto => TunOffload::Auto,
+            TunOffloadSetting::Off => TunOffload::Off,
+        }
+    }
 }
 
 fn default_tun_name() -> String {
@@ -455,6 +477,7 @@ impl Config {
                     name: t.name.clone(),
                     addresses: addresses.iter().map(|a| *a.get_ref()).collect(),
                     mtu: t.mtu,
+                    offload: t.offload.into(),
                 };
                 if let Err(e) = cfg.validate() {
                     let key = if e.starts_with("name") { "name" } else { "mtu" };
@@ -680,6 +703,9 @@ filter = "info"
 # name = "wg-exit0"
 # addresses = ["10.64.0.1/16"]
 # mtu = 1420
+# "auto": the kernel hands over and takes TCP/UDP super-packets (TSO/USO, split and
+# coalesced by the node), falling back to one packet per read/write if it refuses; "off".
+# offload = "auto"
 
 [control]
 # The operator API (wraithctl talks to it). Bearer token in <state_dir>/api.token.
@@ -718,6 +744,10 @@ mod tests {
         let c = parse(ok).unwrap();
         let t = c.data_plane.tun.expect("a [tun] section");
         assert_eq!((t.name.as_str(), t.mtu), ("wg-exit0", 1420));
+        assert_eq!(t.offload, TunOffload::Auto);
+        let off = parse("[relay]\nlisten = [\"127.0.0.1:1\"]\n[tun]\noffload = \"off\"\n").unwrap();
+        assert_eq!(off.data_plane.tun.expect("[tun]").offload, TunOffload::Off);
+        assert!(parse("[relay]\nlisten = [\"127.0.0.1:1\"]\n[tun]\noffload = \"on\"\n").is_err());
         assert_eq!(t.addresses.len(), 2);
         assert!(parse("[relay]\nlisten = [\"127.0.0.1:1\"]\n")
             .unwrap()

@@ -41,7 +41,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 39] = [
+    let per_worker: [(&str, &str, ReportField); 43] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -216,6 +216,26 @@ pub fn render(c: &Control) -> String {
             "wraithgate_exit_tun_bytes_written_total",
             "Exit: decrypted bytes written to the TUN device (from peers).",
             |r| r.exit.tun_tx.bytes,
+        ),
+        (
+            "wraithgate_exit_tun_reads_total",
+            "Exit: read(2)s from the TUN device; with offloads, packets read per read is the segments per super-packet.",
+            |r| r.exit.tun_reads,
+        ),
+        (
+            "wraithgate_exit_tun_super_reads_total",
+            "Exit: TUN reads that were super-packets (TSO/USO), split into MTU-sized packets.",
+            |r| r.exit.tun_super_reads,
+        ),
+        (
+            "wraithgate_exit_tun_writes_total",
+            "Exit: write(2)s to the TUN device; with offloads, packets written per write is the segments per super-packet.",
+            |r| r.exit.tun_writes,
+        ),
+        (
+            "wraithgate_exit_tun_super_writes_total",
+            "Exit: TUN writes that were super-packets (decrypted TCP segments coalesced).",
+            |r| r.exit.tun_super_writes,
         ),
         (
             "wraithgate_exit_handed_off_total",

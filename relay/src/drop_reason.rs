@@ -69,11 +69,14 @@ pub enum DropReason {
     ExitHandoffFull,
     /// Exit: the TUN device refused a decrypted packet (its queue full, or malformed).
     ExitTunWriteFailed,
+    /// Exit: a read from an offloading TUN device (a `virtio_net_hdr` and its packet) that
+    /// could not be split into packets (a header or packet the kernel should not produce).
+    ExitTunReadUnsplittable,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [DropReason; 28] = [
+    pub const ALL: [DropReason; 29] = [
         DropReason::Truncated,
         DropReason::BadLength,
         DropReason::ReservedNonZero,
@@ -102,6 +105,7 @@ impl DropReason {
         DropReason::ExitNoRoute,
         DropReason::ExitHandoffFull,
         DropReason::ExitTunWriteFailed,
+        DropReason::ExitTunReadUnsplittable,
     ];
     /// Number of distinct reasons.
     pub const COUNT: usize = Self::ALL.len();
@@ -142,6 +146,7 @@ impl DropReason {
             DropReason::ExitNoRoute => "exit_no_route",
             DropReason::ExitHandoffFull => "exit_handoff_full",
             DropReason::ExitTunWriteFailed => "exit_tun_write_failed",
+            DropReason::ExitTunReadUnsplittable => "exit_tun_read_unsplittable",
         }
     }
 }

@@ -7,8 +7,10 @@
 //! ([`Zhop::handle_tun`]): an Exit peer is a provisioned peer terminated on the node's key
 //! like a Z-HOP peer, so both share admission, cookies, roaming and timers.
 //!
-//! Reads and writes are batches ([`TunQueue::read_batch`], [`TunTx`]): where a
-//! `virtio_net_hdr` split (reading) and coalesce (writing) plugs in later.
+//! Reads and writes are batches ([`TunQueue::read_batch`], [`TunTx`]). On an offloading
+//! device a read is a super-packet that `tun.rs` splits into MTU-sized packets before they
+//! reach this module, and the decrypted packets queued during a socket batch are coalesced
+//! into super-packets when the worker flushes: the roles only ever see IP packets.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,12 +29,23 @@ const TUN_BATCH: usize = 64;
 const HANDOFF_BATCH: usize = 256;
 
 /// The Exit role's counters of one worker.
+///
+/// With TUN offloads on, a read or write may be a super-packet: `tun_rx.packets /
+/// tun_reads` is the packets per read (1 without offloads), likewise for writes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExitStats {
-    /// Packets read from the TUN device (towards peers).
+    /// Packets read from the TUN device (towards peers), after splitting.
     pub tun_rx: Traffic,
-    /// Packets written to the TUN device (from peers).
+    /// Packets written to the TUN device (from peers), before coalescing.
     pub tun_tx: Traffic,
+    /// `read(2)`s from the TUN device.
+    pub tun_reads: u64,
+    /// Of those, super-packets (split into two packets or more).
+    pub tun_super_reads: u64,
+    /// `write(2)`s to the TUN device that it accepted.
+    pub tun_writes: u64,
+    /// Of those, super-packets (two packets or more coalesced).
+    pub tun_super_writes: u64,
     /// TUN packets handed to the worker holding their peer's tunnel.
     pub handed_off: u64,
     /// Packets other workers handed to this one.
@@ -45,6 +58,10 @@ impl ExitStats {
         self.tun_rx.bytes += o.tun_rx.bytes;
         self.tun_tx.packets += o.tun_tx.packets;
         self.tun_tx.bytes += o.tun_tx.bytes;
+        self.tun_reads += o.tun_reads;
+        self.tun_super_reads += o.tun_super_reads;
+        self.tun_writes += o.tun_writes;
+        self.tun_super_writes += o.tun_super_writes;
         self.handed_off += o.handed_off;
         self.handed_in += o.handed_in;
     }
@@ -77,11 +94,13 @@ pub(crate) struct ExitIo {
 
 impl ExitIo {
     pub(crate) fn new(worker: usize, ctx: ExitContext) -> Self {
+        let rx = TunRxBatch::new(&ctx.queue, TUN_BATCH);
+        let tx = TunTx::new(&ctx.queue);
         ExitIo {
             worker,
             queue: ctx.queue,
-            rx: TunRxBatch::new(TUN_BATCH),
-            tx: TunTx::new(),
+            rx,
+            tx,
             handoff: ctx.handoff,
             readable: true,
             stats: ExitStats::default(),
@@ -122,6 +141,8 @@ impl ExitIo {
     fn count(&mut self, f: crate::tun::Flushed) {
         self.stats.tun_tx.packets += f.packets;
         self.stats.tun_tx.bytes += f.bytes;
+        self.stats.tun_writes += f.writes;
+        self.stats.tun_super_writes += f.super_writes;
         self.failed += f.failed;
     }
 
@@ -161,6 +182,12 @@ impl ExitIo {
         };
         if drained {
             self.readable = false;
+        }
+        let counts = self.rx.counts();
+        self.stats.tun_reads += counts.reads;
+        self.stats.tun_super_reads += counts.super_reads;
+        for _ in 0..counts.unsplittable {
+            zhop.record_drop(DropReason::ExitTunReadUnsplittable);
         }
         let rx = &self.rx;
         let mut elsewhere = Elsewhere {

@@ -59,7 +59,7 @@ mod split;
 #[cfg(test)]
 mod netns_tests;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 

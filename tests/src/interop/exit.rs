@@ -124,16 +124,27 @@ impl ExitLab {
     /// data-path `backend`, or explains why this machine cannot and returns `None` when
     /// skips are allowed (panics when `WRAITHGATE_REQUIRE_ALL_TESTS` forbids them).
     pub fn start_or_skip(test: &str, backend: &str, path: ExitPath) -> Option<ExitLab> {
+        Self::start_or_skip_with_tun(test, backend, path, TUN_SECTION)
+    }
+
+    /// [`ExitLab::start_or_skip`] with the exit node's own `[tun]` section (`tun`, e.g.
+    /// [`TUN_SECTION`] and an `offload` line).
+    pub fn start_or_skip_with_tun(
+        test: &str,
+        backend: &str,
+        path: ExitPath,
+        tun: &str,
+    ) -> Option<ExitLab> {
         if !super::prerequisites_or_skip(test) {
             return None;
         }
-        match ExitLab::start(test, backend, path) {
+        match ExitLab::start(test, backend, path, tun) {
             Ok(lab) => Some(lab),
             Err(e) => panic!("{test}: building the lab failed: {e:#}"),
         }
     }
 
-    fn start(test: &str, backend: &str, path: ExitPath) -> Result<ExitLab> {
+    fn start(test: &str, backend: &str, path: ExitPath, tun: &str) -> Result<ExitLab> {
         let (lock, started, dir) = super::begin(test)?;
         let ns = |s: &str| Netns::create(s).map(Arc::new);
         let (client_ns, node_ns, inet) = (ns("ec")?, ns("exitnode")?, ns("internet")?);
@@ -196,8 +207,8 @@ impl ExitLab {
         // Inside Z-HOP's outer tunnel, the exit node's datagrams to the client must fit the
         // outer MTU too (see `zhop`): its TUN gets the inner tunnel's MTU.
         let tun = match path {
-            ExitPath::Zhop => format!("{TUN_SECTION}mtu = {INNER_MTU}\n"),
-            _ => TUN_SECTION.to_owned(),
+            ExitPath::Zhop => format!("{tun}mtu = {INNER_MTU}\n"),
+            _ => tun.to_owned(),
         };
         let node = RelayNode::start_with(node_ns.clone(), &dir, backend, "", "", &tun)?;
         let node_key = node.node_public_key()?;
