@@ -20,7 +20,8 @@
 //! - admission (paper §5.3, §5.4.7): 100 initiations a second (burst 100) are decrypted
 //!   without proof; past that the node is under load for 1 s after the last initiation it
 //!   could not afford. Under load, an initiation from an address that is no tunnel's
-//!   endpoint and without a valid mac2 (a cookie given to that very address and port, in
+//!   endpoint and without a valid mac2 (a cookie given to that very address and port,
+//!   IPv4-mapped or not, in
 //!   this 120 s cookie epoch or the one before) gets exactly one 64-byte cookie reply to
 //!   its source and nothing else; proven ones may still be refused for their per-source
 //!   budgets (not modelled: `rate_limited` or, from an endpoint without mac2, a challenge);
@@ -96,6 +97,12 @@ fn pool(n: u8) -> SocketAddr {
     POOL[usize::from(n) % POOL.len()]
         .parse()
         .expect("literal address")
+}
+
+/// One address and port however written: an IPv4-mapped IPv6 address is its IPv4 one (a
+/// cookie is a MAC of the source's address and port, paper §5.4.7).
+fn same_address(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
 fn client_secret(k: usize) -> x25519::StaticSecret {
@@ -654,7 +661,7 @@ impl Harness {
                 cookie: Some((at, t)),
                 ..
             } => {
-                *at == from && {
+                same_address(*at, from) && {
                     let epoch =
                         |t: Instant| t.duration_since(self.t0).as_secs() / COOKIE_EPOCH_SECS;
                     epoch(now) - epoch(*t) <= 1
