@@ -21,17 +21,21 @@
 //!   without proof; past that the node is under load for 1 s after the last initiation it
 //!   could not afford. Under load, an initiation from an address that is no tunnel's
 //!   endpoint and without a valid mac2 (a cookie given to that very address and port,
-//!   IPv4-mapped or not, in
-//!   this 120 s cookie epoch or the one before) gets exactly one 64-byte cookie reply to
-//!   its source and nothing else; proven ones may still be refused for their per-source
-//!   budgets (not modelled: `rate_limited` or, from an endpoint without mac2, a challenge);
+//!   IPv4-mapped or not, in this 120 s cookie epoch or the one before) gets exactly one
+//!   64-byte cookie reply to its source and nothing else; proven ones may still be refused
+//!   for their per-source budgets (not modelled: `rate_limited` or, from an endpoint
+//!   without mac2, a challenge);
 //! - handshakes: only a provisioned key gets a response (92 bytes, to the initiation's
 //!   source), and only for a timestamp newer than the last its tunnel accepted (a tunnel
 //!   made anew remembers none); an unprovisioned key gets `unknown_peer` and nothing;
-//! - transport: decrypts only under the tunnel the client's session was made with, once
-//!   per counter; anything else is `outer_rejected` and moves nothing;
+//! - transport: goes to the tunnel its receiver index names (the source address only when
+//!   it names none), decrypts only under the session the client made with that tunnel,
+//!   once per counter (and while boringtun's 8 session slots still hold it); anything else
+//!   is `outer_rejected` and moves nothing;
 //! - roaming (§2): a tunnel's endpoint moves to the source of each authenticated packet
-//!   (a consumed initiation, a decrypted transport), never otherwise;
+//!   (a consumed initiation, a decrypted transport), never otherwise; that address is then
+//!   the tunnel's (claimed for anything, proven under load) until it leaves it or is
+//!   forgotten, even if another tunnel had authenticated from it in between;
 //! - inner packets: boringtun's length rule, then an independent RFC reading: not UDP,
 //!   malformed, a source outside the peer's allowed IPs, a destination that is not one of
 //!   its allowed exits' endpoints are refused with that reason; otherwise the payload goes
