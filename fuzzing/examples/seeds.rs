@@ -430,11 +430,212 @@ fn exit_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// The zhop target: a provisioning (`u16`), then operations (see `wraithgate_fuzzing::zhop`).
+#[derive(Clone)]
+struct Ops(Vec<u8>);
+
+impl Ops {
+    /// Peers 0-2 provisioned; peer 0 may use exits 0 and 2, peer 1 exit 1, peer 2 all.
+    const ALL: u16 = 0x0EAF;
+    fn new(provisioning: u16) -> Self {
+        Ops(provisioning.to_le_bytes().to_vec())
+    }
+    fn handshake(mut self, k: u8) -> Self {
+        self.0.extend([0, k]);
+        self
+    }
+    /// Shape 0: UDP to exit `j`; 1: to its address, another port; 2: TCP; 3: the payload
+    /// as the packet; 4: a keepalive. Source 0: the peer's own network; 1: another
+    /// peer's; 2: nobody's.
+    fn data(mut self, k: u8, shape: u8, j: u8, src: u8, port: u8, payload: &[u8]) -> Self {
+        self.0
+            .extend([1, k, shape, j, src, port, payload.len() as u8]);
+        self.0.extend(payload);
+        self
+    }
+    fn roam(mut self, k: u8, at: u8) -> Self {
+        self.0.extend([2, k, at]);
+        self
+    }
+    /// The `nth` datagram clients sent, from pool address `at` (0x80: where it came from).
+    fn replay(mut self, nth: u8, at: u8) -> Self {
+        self.0.extend([3, nth, at]);
+        self
+    }
+    /// Kind 0: the bytes; 1: an initiation with the node's mac1; 2: a transport naming
+    /// tunnel `kind >> 2`; 3: an initiation with a wrong mac1.
+    fn garbage(mut self, kind: u8, at: u8, bytes: &[u8]) -> Self {
+        self.0.extend([4, kind, at, bytes.len() as u8]);
+        self.0.extend(bytes);
+        self
+    }
+    /// Steps: 100 ms, 300 ms, 1 s, 1.5 s, 5 s, 60 s, 130 s, 541 s.
+    fn time(mut self, step: u8) -> Self {
+        self.0.extend([5, step]);
+        self
+    }
+    fn flood(mut self) -> Self {
+        self.0.push(6);
+        self
+    }
+    fn swap(mut self, provisioning: u16) -> Self {
+        self.0.push(7);
+        self.0.extend(provisioning.to_le_bytes());
+        self
+    }
+    /// An exit's reply on flow `sel` (0: the first live one, 2: a closed one, 3: made up).
+    fn exit_reply(mut self, sel: u8, payload: &[u8]) -> Self {
+        self.0.extend([8, sel, payload.len() as u8]);
+        self.0.extend(payload);
+        self
+    }
+}
+
+fn zhop_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let up = Ops::new(Ops::ALL)
+        .handshake(0)
+        .data(0, 0, 0, 0, 0, b"inner wg");
+    vec![
+        (
+            "handshake-data-reply",
+            up.clone()
+                .exit_reply(0, b"from the exit")
+                .data(0, 0, 2, 0, 1, b"over IPv6")
+                .data(0, 0, 0, 0, 0, b"same flow")
+                .data(0, 4, 0, 0, 0, b"")
+                .0,
+        ),
+        (
+            "inner-refusals",
+            up.clone()
+                .data(0, 0, 1, 0, 0, b"exit 1 not allowed")
+                .data(0, 1, 0, 0, 0, b"wrong port")
+                .data(0, 0, 0, 1, 0, b"another peer's source")
+                .data(0, 0, 0, 2, 0, b"nobody's source")
+                .data(0, 2, 0, 0, 0, b"tcp")
+                .data(0, 3, 0, 0, 0, &[0x45, 0, 0, 99])
+                // IPv4 whose UDP header does not fit in its total length.
+                .data(
+                    0,
+                    3,
+                    0,
+                    0,
+                    0,
+                    &[
+                        0x45, 0, 0, 24, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 1, 2, 192, 0, 2, 1, 0x13,
+                        0x88, 0xca, 0x6c,
+                    ],
+                )
+                .data(0, 3, 0, 0, 0, &[0x15; 20])
+                .0,
+        ),
+        (
+            "unprovisioned",
+            Ops::new(Ops::ALL)
+                .handshake(3)
+                .flood()
+                .handshake(3)
+                .handshake(3)
+                .0,
+        ),
+        (
+            "cookie-under-load",
+            Ops::new(Ops::ALL)
+                .flood()
+                .handshake(0)
+                .handshake(0)
+                .data(0, 0, 0, 0, 0, b"after the cookie")
+                .roam(0, 1)
+                .handshake(0)
+                .handshake(0)
+                .time(3)
+                .handshake(1)
+                .0,
+        ),
+        (
+            "roaming",
+            up.clone()
+                .roam(0, 3)
+                .data(0, 0, 0, 0, 0, b"from IPv6")
+                .garbage(2, 5, b"")
+                .replay(3, 4)
+                .roam(0, 5)
+                .data(0, 4, 0, 0, 0, b"")
+                .exit_reply(0, b"to the new address")
+                .0,
+        ),
+        (
+            "replays",
+            up.clone()
+                .replay(2, 0x80)
+                .replay(2, 6)
+                .replay(0, 6)
+                .replay(0, 0x80)
+                .garbage(1, 7, b"x")
+                .garbage(3, 0, b"bad mac1")
+                .garbage(0, 0, &[2, 0, 0, 0, 9])
+                .0,
+        ),
+        (
+            "table-swaps",
+            up.clone()
+                .data(0, 0, 2, 0, 0, b"exit 2")
+                .swap(Ops::ALL & !(1 << 3))
+                .exit_reply(0, b"exit 0 taken away")
+                .exit_reply(2, b"closed flow")
+                .exit_reply(3, b"never opened")
+                .data(0, 0, 2, 0, 0, b"exit 2 still")
+                .swap(Ops::ALL & !1)
+                .data(0, 0, 2, 0, 0, b"peer removed")
+                .handshake(0)
+                .swap(Ops::ALL)
+                .handshake(0)
+                .time(0)
+                .0,
+        ),
+        (
+            // Peer 0's old initiation, replayed from peer 1's address once the node has
+            // forgotten peer 0, moves peer 0 there (as in WireGuard); peer 1's tunnel must
+            // still take its own packets from that address.
+            "regression-replay-after-forget-from-another-peers-address",
+            Ops::new(Ops::ALL)
+                .handshake(0)
+                .handshake(1)
+                .data(1, 0, 1, 0, 0, b"before")
+                .swap(Ops::ALL & !1)
+                .time(0)
+                .swap(Ops::ALL)
+                .replay(0, 1)
+                .data(1, 0, 1, 0, 0, b"after")
+                .handshake(1)
+                .data(1, 0, 1, 0, 0, b"after its rekey")
+                .exit_reply(0, b"reply")
+                .0,
+        ),
+        (
+            "idle-forgotten",
+            up.clone().time(5).time(7).handshake(0).time(0).0,
+        ),
+        (
+            "flows-per-peer",
+            (0..18u8)
+                .fold(up.clone(), |o, port| o.data(0, 0, 0, 0, port, b"f"))
+                .0,
+        ),
+    ]
+}
+
 fn write(root: &Path, target: &str, seeds: Vec<(&str, Vec<u8>)>) {
     let dir = root.join(target);
     std::fs::create_dir_all(&dir).expect("create corpus directory");
     for (name, bytes) in seeds {
-        std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
+        // Hand-written inputs that failed before their fix keep the name of the fuzzer's.
+        let file = if name.starts_with("regression-") {
+            name.to_string()
+        } else {
+            format!("seed-{name}")
+        };
+        std::fs::write(dir.join(file), bytes).expect("write seed");
     }
 }
 
@@ -449,5 +650,6 @@ fn main() {
     write(&root, "api", api_seeds());
     write(&root, "inner", inner_seeds());
     write(&root, "exit", exit_seeds());
+    write(&root, "zhop", zhop_seeds());
     println!("seeds written to {}", root.display());
 }

@@ -86,10 +86,7 @@ pub fn check(data: &[u8]) {
 
     // The handshake.
     let mut buf = vec![0u8; 70_000];
-    let init = match client.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!("the client makes an initiation"),
-    };
+    let init = crate::client_initiation(&mut client, &mut buf);
     let outs = run(&mut zhop, now, from, &init).expect("the initiation is admitted");
     let [Out::Peer(response)] = &outs[..] else {
         panic!("one response to the initiation, got {outs:?}");
@@ -183,7 +180,7 @@ fn run(
     Ok(outs)
 }
 
-enum Expect<'a> {
+pub(crate) enum Expect<'a> {
     /// Taken, nothing written (a keepalive).
     Nothing,
     /// Refused with a reason, nothing written.
@@ -194,7 +191,7 @@ enum Expect<'a> {
 
 /// What a WireGuard receiver hands over of a decrypted `packet`: nothing for a keepalive;
 /// the packet cut to its IP length; a refusal when its header does not say one that fits.
-fn boringtun_view(packet: &[u8]) -> Expect<'_> {
+pub(crate) fn boringtun_view(packet: &[u8]) -> Expect<'_> {
     if packet.is_empty() {
         return Expect::Nothing;
     }
@@ -236,7 +233,7 @@ fn packet_address(p: &[u8], source: bool) -> Option<IpAddr> {
 }
 
 /// Whether `ip` is in `net`, bit by bit.
-fn inside(net: &IpNet, ip: IpAddr) -> bool {
+pub(crate) fn inside(net: &IpNet, ip: IpAddr) -> bool {
     let (a, b): (Vec<u8>, Vec<u8>) = match (net.addr(), ip) {
         (IpAddr::V4(n), IpAddr::V4(i)) => (n.octets().to_vec(), i.octets().to_vec()),
         (IpAddr::V6(n), IpAddr::V6(i)) => (n.octets().to_vec(), i.octets().to_vec()),

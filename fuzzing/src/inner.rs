@@ -22,7 +22,7 @@ use crate::Input;
 /// payload lies. The order of the refusals is the parser's documented one: a header that
 /// does not fit, then fragments, then protocols other than UDP, then a UDP header that does
 /// not fit.
-fn classify(p: &[u8]) -> Result<(SocketAddr, SocketAddr, usize, usize), InnerError> {
+pub(crate) fn classify(p: &[u8]) -> Result<(SocketAddr, SocketAddr, usize, usize), InnerError> {
     let Some(&first) = p.first() else {
         return Err(InnerError::Malformed);
     };

@@ -14,6 +14,7 @@
 //! | [`config`] | `Config::parse` | accepted files satisfy every limit; errors name a line of the file |
 //! | [`api`] | the API's request bodies and the state file | accepted states validate the same after being persisted and read back |
 //! | [`exit`] | the Exit role's receive path (a real boringtun client's tunnel into Z-HOP with a TUN) | what reaches the TUN, and the route out, against an independent reading of boringtun's length rule and of cryptokey routing both ways |
+//! | [`zhop`] | Z-HOP's outer tunnels: real boringtun clients (provisioned or not) handshaking, under load, roaming, sending inner packets; garbage, replays, time, table swaps | against a reference model, after every datagram: who gets a response or a cookie reply, where endpoints move, which inner packets reach which exit, which flows close, every refusal's reason |
 //! | [`inner`] | Z-HOP's inner IP/UDP parser and builder | agrees with an independent reading of RFC 791/8200/768; replies built from what was parsed carry checksums an independent RFC 1071 sum verifies |
 
 pub mod api;
@@ -22,19 +23,30 @@ pub mod exit;
 pub mod inner;
 pub mod router;
 pub mod wire;
+pub mod zhop;
 
 /// A target's check: panics when a property does not hold for the input.
 pub type Check = fn(&[u8]);
 
 /// Every target by name, for the replay and for tools.
-pub const TARGETS: [(&str, Check); 6] = [
+pub const TARGETS: [(&str, Check); 7] = [
     ("wire", wire::check),
     ("router", router::check),
     ("config", config::check),
     ("api", api::check),
     ("inner", inner::check),
     ("exit", exit::check),
+    ("zhop", zhop::check),
 ];
+
+/// A new handshake initiation from a real WireGuard client (boringtun), even while one is
+/// in progress (as the client's REKEY_TIMEOUT retry would be).
+pub(crate) fn client_initiation(client: &mut boringtun::noise::Tunn, buf: &mut [u8]) -> Vec<u8> {
+    match client.format_handshake_initiation(buf, true) {
+        boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+        other => panic!("the client makes an initiation: {other:?}"),
+    }
+}
 
 /// Reads structured values off fuzz input; past the end everything reads as zero, so any
 /// input decodes to something.

@@ -139,7 +139,9 @@ fn mac1_key(key: &PublicKey) -> Mac1Key {
     })
 }
 
-fn initiation(to: PublicKey, sender: u32, filler: u8) -> Vec<u8> {
+/// An initiation to `to` with a valid mac1 and `filler` where its encrypted fields go:
+/// what anyone who knows the public key can send.
+pub(crate) fn initiation(to: PublicKey, sender: u32, filler: u8) -> Vec<u8> {
     let mut m = vec![filler; wire::INITIATION_LEN];
     m[..4].copy_from_slice(&[wire::INITIATION_TYPE, 0, 0, 0]);
     m[4..8].copy_from_slice(&sender.to_le_bytes());

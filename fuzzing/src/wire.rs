@@ -5,7 +5,7 @@ use wraithgate_relay::DropReason;
 
 /// What a datagram is, decided from DESIGN §2 alone: type byte, three zero bytes, exact
 /// handshake sizes, transport at least 32 bytes.
-fn classify(d: &[u8]) -> Result<u8, DropReason> {
+pub(crate) fn classify(d: &[u8]) -> Result<u8, DropReason> {
     if d.len() < 4 {
         return Err(DropReason::Truncated);
     }

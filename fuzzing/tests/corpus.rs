@@ -56,6 +56,11 @@ fn fuzz_corpus_exit() {
 }
 
 #[test]
+fn fuzz_corpus_zhop() {
+    replay("zhop");
+}
+
+#[test]
 fn fuzz_corpus_router() {
     replay("router");
 }
@@ -116,6 +121,46 @@ fn fuzz_corpus_router_reaches_the_states_that_matter() {
     }
 }
 
+/// Likewise for the zhop corpus: handshakes, cookies, roaming, flows and replies, swaps
+/// and idle tunnels, and the refusals the model has rules for.
+#[test]
+fn fuzz_corpus_zhop_reaches_the_states_that_matter() {
+    use wraithgate_relay::DropReason;
+    let mut total = wraithgate_fuzzing::zhop::Reached::default();
+    for (_, bytes) in corpus("zhop") {
+        total.merge(&wraithgate_fuzzing::zhop::run(&bytes));
+    }
+    let s = &total.stats;
+    assert!(
+        s.outer_handshakes > 0 && s.cookie_replies > 0 && s.cookie_proven > 0,
+        "{s:?}"
+    );
+    assert!(
+        s.inner_to_exit.packets > 0 && total.exit_replies_read > 0,
+        "{total:?}"
+    );
+    assert!(total.roams > 0 && total.idle_forgotten > 0, "{total:?}");
+    assert!(
+        total.removed_by_table > 0 && total.flows_closed_by_table > 0,
+        "{total:?}"
+    );
+    for reason in [
+        DropReason::CookieChallenge,
+        DropReason::UnknownPeer,
+        DropReason::OuterRejected,
+        DropReason::InnerNotUdp,
+        DropReason::InnerMalformed,
+        DropReason::InnerSpoofedSource,
+        DropReason::InnerForbiddenDestination,
+        DropReason::ClientSessionLimit,
+    ] {
+        assert!(
+            total.drops.get(&reason).is_some_and(|&n| n > 0),
+            "no input of the zhop corpus reaches {reason}"
+        );
+    }
+}
+
 /// A few thousand pseudo-random inputs per target (fixed seed), so that the checks
 /// themselves are exercised beyond the corpus even where no fuzzer runs.
 #[test]
@@ -128,10 +173,10 @@ fn fuzz_checks_hold_on_pseudo_random_inputs() {
         state
     };
     for (name, check) in TARGETS {
-        // The exit target does a handshake (X25519) per input.
+        // The exit and zhop targets do handshakes (X25519) per input.
         let runs = match name {
             "router" => 300,
-            "exit" => 200,
+            "exit" | "zhop" => 200,
             _ => 2_000,
         };
         for _ in 0..runs {

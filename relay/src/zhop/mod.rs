@@ -427,12 +427,13 @@ impl Zhop {
                 }
                 self.peer_for_initiation(packet, now)?
             }
-            Message::Transport(t) => match self.by_addr.get(&from) {
-                Some(&p) => p,
-                None => self
-                    .peer_by_index(t.receiver_index())
-                    .ok_or(DropReason::UnknownClient)?,
-            },
+            // The receiver index names the session (the source address is not
+            // authenticated): two tunnels may have been seen at one address, as when a
+            // replayed initiation moved a forgotten peer to another peer's address.
+            Message::Transport(t) => self
+                .peer_by_index(t.receiver_index())
+                .or_else(|| self.by_addr.get(&from).copied())
+                .ok_or(DropReason::UnknownClient)?,
             _ => *self.by_addr.get(&from).ok_or(DropReason::UnknownClient)?,
         };
         self.decapsulate(now, listener, from, packet, peer, out)
@@ -641,11 +642,17 @@ impl Zhop {
         }
         if p.endpoint.map(|e| e.1) != Some(from) {
             if let Some((_, old)) = p.endpoint {
-                self.by_addr.remove(&old);
+                // Only if the old address is still this tunnel's: another may have
+                // authenticated from it since.
+                if self.by_addr.get(&old) == Some(&peer) {
+                    self.by_addr.remove(&old);
+                }
             }
             p.endpoint = Some((listener, from));
-            self.by_addr.insert(from, peer);
         }
+        // The address is this tunnel's again even if another tunnel took it meanwhile: the
+        // latest authenticated packet from an address decides whose it is.
+        self.by_addr.insert(from, peer);
     }
 
     fn flush_queued(&mut self, peer: u32, out: &mut dyn FnMut(ZhopOut<'_>)) {
@@ -927,7 +934,9 @@ impl Zhop {
             );
         }
         if let Some((_, addr)) = p.endpoint {
-            self.by_addr.remove(&addr);
+            if self.by_addr.get(&addr) == Some(&peer) {
+                self.by_addr.remove(&addr);
+            }
         }
         for f in p.flows {
             forget_flow(&mut self.flows, &mut self.by_tuple, f, out);

@@ -474,3 +474,106 @@ fn boringtuns_logs_name_the_peer_by_public_key_and_nothing_secret() {
         assert!(!text.contains(&format!("{:?}", secret)), "{text}");
     }
 }
+
+/// A transport goes to the tunnel its receiver index names, whatever address it comes
+/// from. A responder that forgot a peer takes an old initiation of that peer again (the
+/// paper's limit), and so moves it to wherever the replay came from; when that is another
+/// peer's address, the other peer's packets from there still reach its own tunnel. (The
+/// zhop fuzz target's model found this; its seed
+/// `regression-replay-after-forget-from-another-peers-address` replays it.)
+#[test]
+fn a_replayed_initiation_from_another_peers_address_never_takes_its_packets() {
+    let node = NodeKey::from_secret([7; 32]);
+    let spec = |secret: [u8; 32]| PeerSpec {
+        public_key: PublicKey(
+            x25519::PublicKey::from(&x25519::StaticSecret::from(secret)).to_bytes(),
+        ),
+        name: String::new(),
+        allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
+        preshared_key: None,
+        endpoint: None,
+        persistent_keepalive: None,
+        allowed_exits: vec![],
+    };
+    let (a, b) = ([10u8; 32], [9u8; 32]);
+    let table = |peers: Vec<PeerSpec>, generation| {
+        Arc::new(
+            ExitTable::new(generation, vec![])
+                .unwrap()
+                .with_peers(peers)
+                .unwrap(),
+        )
+    };
+    let t0 = Instant::now();
+    let mut z = Zhop::new(
+        Some(node.clone()),
+        table(vec![spec(a), spec(b)], 1),
+        test_cookies(),
+        t0,
+    );
+    let (addr_a, addr_b): (SocketAddr, SocketAddr) = (
+        "198.51.100.1:4000".parse().unwrap(),
+        "198.51.100.2:4000".parse().unwrap(),
+    );
+    let mut client_b = Tunn::new(
+        x25519::StaticSecret::from(b),
+        node.public,
+        None,
+        None,
+        1,
+        None,
+    );
+    let old_init_b = initiation(&mut client_b);
+    z.handle_client(t0, L, addr_b, &old_init_b, &mut |_| {})
+        .unwrap();
+    // Peer A completes its handshake from its address.
+    let mut client_a = Tunn::new(
+        x25519::StaticSecret::from(a),
+        node.public,
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut response = None;
+    z.handle_client(t0, L, addr_a, &initiation(&mut client_a), &mut |o| {
+        if let ZhopOut::ToPeer { bytes, .. } = o {
+            response = Some(bytes.to_vec());
+        }
+    })
+    .unwrap();
+    let mut buf = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(keepalive) =
+        client_a.decapsulate(None, &response.unwrap(), &mut buf)
+    else {
+        panic!("the handshake completes")
+    };
+    let keepalive = keepalive.to_vec();
+    z.handle_client(t0, L, addr_a, &keepalive, &mut |_| {})
+        .unwrap();
+    // B is removed, forgotten, and provisioned again.
+    z.set_table(table(vec![spec(a)], 2));
+    z.tick(t0 + TIMER_TICK, &mut |_| {});
+    assert_eq!(z.stats().peers, 1);
+    z.set_table(table(vec![spec(a), spec(b)], 3));
+    // B's old initiation, replayed from A's address, makes B a tunnel there.
+    z.handle_client(t0 + TIMER_TICK, L, addr_a, &old_init_b, &mut |_| {})
+        .unwrap();
+    // A's packets from its address still reach A's tunnel, and its address is its own.
+    let TunnResult::WriteToNetwork(data) = client_a.encapsulate(&[], &mut buf) else {
+        panic!("A has a session")
+    };
+    let data = data.to_vec();
+    assert_eq!(
+        z.handle_client(t0 + TIMER_TICK, L, addr_a, &data, &mut |_| {}),
+        Ok(())
+    );
+    let a_key = spec(a).public_key;
+    let status = z.peer_statuses(0);
+    let a_status = status.iter().find(|s| s.public_key == a_key).unwrap();
+    assert_eq!(a_status.endpoint, Some(addr_a));
+    assert!(matches!(
+        z.claim(addr_a, &data, || true),
+        Some(Claim::Endpoint)
+    ));
+}
