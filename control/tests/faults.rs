@@ -29,17 +29,23 @@ fn may_skip(test: &str, why: &str) -> bool {
     true
 }
 
+/// A new, empty directory of this test run's own under the temporary directory.
+fn fresh_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "wg-faults-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).expect("a directory under the temporary directory");
+    dir
+}
+
 /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(tag: &str, size: &str) -> Result<Tmpfs, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "wg-faults-{tag}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let dir = fresh_dir(tag);
         let out = Command::new("mount")
             .args([
                 "-t",
@@ -358,12 +364,7 @@ fn garbage_state_file_at_start_is_refused_by_name() {
         ("state.json", &b"{\"generation\": 3, \"exits\": [tr"[..]),
         ("state.json", &b"\x00\xff\xfe garbage"[..]),
     ] {
-        let dir = std::env::temp_dir().join(format!(
-            "wg-faults-garbage-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("garbage");
         // A first start writes a good state; then the file is replaced.
         let (node, _api) = start(&dir, Vec::new());
         drop(node);
@@ -404,12 +405,7 @@ fn garbage_state_file_at_start_is_refused_by_name() {
 /// is set aside as `sessions.json.unreadable` (never deleted unread) and the node runs.
 #[test]
 fn garbage_sessions_file_at_start_is_set_aside() {
-    let dir = std::env::temp_dir().join(format!(
-        "wg-faults-sessions-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("sessions");
     let garbage = b"[{\"client\": 12}";
     std::fs::write(dir.join("sessions.json"), garbage).unwrap();
     let (node, api) = start(&dir, Vec::new());
@@ -670,12 +666,7 @@ impl Flow {
 /// their descriptors, new sessions get in again.
 #[test]
 fn descriptor_exhaustion_refuses_new_sessions_and_keeps_established_ones() {
-    let dir = std::env::temp_dir().join(format!(
-        "wg-faults-nofile-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("nofile");
     let exit_key = PublicKey([0x11; 32]);
     let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
     let node = Child::start(&dir, exit.local_addr().unwrap(), &exit_key, 160);
@@ -756,12 +747,7 @@ fn descriptor_exhaustion_refuses_new_sessions_and_keeps_established_ones() {
 /// `WRAITHGATE_FAULT_ROUTES=1`.
 #[test]
 fn a_panicking_sidecar_never_stops_forwarding_and_comes_back() {
-    let dir = std::env::temp_dir().join(format!(
-        "wg-faults-sidecar-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("sidecar");
     let exit_key = PublicKey([0x12; 32]);
     let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
     let node = Child::start_with_env(
@@ -849,12 +835,7 @@ fn a_panicking_sidecar_never_stops_forwarding_and_comes_back() {
 /// in by handshaking again and carry traffic, with every acknowledged exit routable.
 #[test]
 fn kill_9_under_load_loses_no_acknowledged_change_and_clients_get_back_in() {
-    let dir = std::env::temp_dir().join(format!(
-        "wg-faults-kill9-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("kill9");
     let exit_key = PublicKey([0x13; 32]);
     let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
     let exit_addr = exit.local_addr().unwrap();
@@ -987,12 +968,7 @@ fn wall_clock_jumps_move_nothing() {
     if !Path::new(&lib).exists() && may_skip(TEST, "libfaketime is not installed") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!(
-        "wg-faults-clock-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("clock");
     let offset_file = dir.join("faketime.rc");
     std::fs::write(&offset_file, "+0\n").unwrap();
     let exit_key = PublicKey([0x14; 32]);
@@ -1072,12 +1048,7 @@ fn root_a_resolver_that_never_answers_holds_up_no_other_call() {
     if !nix_is_root() && may_skip(test, "needs root (a mount namespace for resolv.conf)") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!(
-        "wg-faults-resolver-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("resolver");
     // The node's resolver: a socket of ours that reads queries and never answers.
     let resolver = UdpSocket::bind("127.77.0.53:53").expect("root binds port 53");
     resolver
