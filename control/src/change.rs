@@ -245,6 +245,20 @@ impl Control {
                 path: self.file.path().to_owned(),
                 source,
             };
+            // The file must still be the node's own before a change replaces it: one
+            // somebody else wrote is set aside, never overwritten unseen.
+            if let Some(replaced) = self.file.reclaim(&state).map_err(persist_err)? {
+                tracing::warn!(path = %self.file.path().display(), found = %replaced,
+                    generation = state.generation,
+                    "the state file had been replaced while the node ran; the running state is written back");
+                return Err(ChangeError::Conflict(format!(
+                    "{} had been replaced while the node ran: it held {replaced}. The \
+                     running state (generation {}) is written back in its place; nothing \
+                     was changed: send the change again",
+                    self.file.path().display(),
+                    state.generation
+                )));
+            }
             let timed = |f: &dyn Fn() -> std::io::Result<PreparedWrite>| {
                 let t = std::time::Instant::now();
                 (f(), t.elapsed())
@@ -284,7 +298,7 @@ impl Control {
                 .map_err(|e| ChangeError::Conflict(format!("{e}; nothing was changed")))?;
             // The rename is the commit point: once the file holds the new state, the
             // table follows it even if syncing the directory then fails.
-            let not_durable = match prepared.map_err(persist_err)?.commit() {
+            let not_durable = match self.file.commit(prepared.map_err(persist_err)?) {
                 Ok(()) => None,
                 Err(CommitError::NotRenamed(e)) => return Err(persist_err(e)),
                 Err(e @ CommitError::NotDurable(_)) => Some(e),

@@ -191,7 +191,8 @@ pub enum ChangeRefusals {
     #[response(status = 404)]
     NotFound(ErrorBody),
     /// Conflicts with the current state (duplicate, still referenced, or a newly pinned
-    /// listen_port the node cannot bind).
+    /// listen_port the node cannot bind), or the state file had been replaced while the
+    /// node ran (set aside, the running state written back: send the change again).
     #[response(status = 409)]
     Conflict(ErrorBody),
     /// If-Match names a generation that is no longer current.

@@ -222,15 +222,76 @@ impl std::fmt::Display for StateDiff {
     }
 }
 
-/// Where the state lives on disk.
+/// Where the state lives on disk, and what the node last read from it or wrote to it.
+///
+/// The node reads the file only at start; while it runs the file is its own, written whole
+/// at every change. So before writing, [`StateFile::reclaim`] checks the file still holds
+/// what the node put there: anything else (garbage, a hand edit, another program's file)
+/// would otherwise be overwritten unseen, or, left in place, stop the next start.
 #[derive(Debug, Clone)]
 pub struct StateFile {
     path: PathBuf,
+    /// What the node last read or wrote; `None` before either (no file at start).
+    known: std::sync::Arc<std::sync::Mutex<Option<Fingerprint>>>,
+}
+
+/// Enough of a file's content to tell it changed: its length and a SipHash of its bytes
+/// (std's fixed-key hasher; the file is the node's own, nobody is racing to collide it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    len: usize,
+    hash: u64,
+}
+
+impl Fingerprint {
+    fn of(bytes: &[u8]) -> Fingerprint {
+        use std::hash::Hasher as _;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        h.write(bytes);
+        Fingerprint {
+            len: bytes.len(),
+            hash: h.finish(),
+        }
+    }
+}
+
+/// What [`StateFile::reclaim`] found in place of the node's own file, now set aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    /// Where the file that was found now is.
+    pub aside: PathBuf,
+    /// What it held: a valid state (of that generation) or why it is none.
+    pub found: Result<u64, String>,
+}
+
+impl std::fmt::Display for Replaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.found {
+            Ok(generation) => write!(
+                f,
+                "a valid state of generation {generation}, not written by this node (a file \
+                 edited while the node runs is not applied: change the node through its API)"
+            )?,
+            Err(why) => write!(f, "no valid state ({why})")?,
+        }
+        write!(f, "; set aside as {}", self.aside.display())
+    }
 }
 
 impl StateFile {
     pub fn new(path: PathBuf) -> Self {
-        StateFile { path }
+        StateFile {
+            path,
+            known: Default::default(),
+        }
+    }
+
+    fn remember(&self, f: Option<Fingerprint>) {
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = f;
+    }
+
+    fn known(&self) -> Option<Fingerprint> {
+        *self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn path(&self) -> &Path {
@@ -244,6 +305,7 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("cannot read {}: {e}", self.path.display())),
         };
+        self.remember(Some(Fingerprint::of(text.as_bytes())));
         serde_json::from_str(&text).map(Some).map_err(|e| {
             format!(
                 "{}:{}: {} (the file is not valid state; fix or remove it)",
@@ -257,14 +319,74 @@ impl StateFile {
     /// Replaces the file with `state` atomically: after a crash at any point the file
     /// holds either the old state or the new one, whole.
     pub fn save(&self, state: &DesiredState) -> std::io::Result<()> {
-        Ok(self.prepare(state)?.commit()?)
+        Ok(self.commit(self.prepare(state)?)?)
     }
 
     /// Writes `state` beside the file under a temporary name and fsyncs it; the file
-    /// itself changes only on [`PreparedWrite::commit`].
+    /// itself changes only on [`StateFile::commit`].
     pub fn prepare(&self, state: &DesiredState) -> std::io::Result<PreparedWrite> {
         let json = serde_json::to_vec(state).map_err(std::io::Error::other)?;
-        PreparedWrite::new(&self.path, &json, 0o600)
+        let mut w = PreparedWrite::new(&self.path, &json, 0o600)?;
+        w.fingerprint = Some(Fingerprint::of(&json));
+        Ok(w)
+    }
+
+    /// Renames `w` into place (see [`PreparedWrite::commit`]) and remembers it as the
+    /// node's own file once the rename is done.
+    pub fn commit(&self, w: PreparedWrite) -> Result<(), CommitError> {
+        let written = w.fingerprint;
+        let result = w.commit();
+        if !matches!(result, Err(CommitError::NotRenamed(_))) {
+            self.remember(written);
+        }
+        result
+    }
+
+    /// Checks the file still holds what the node last read or wrote. If something else
+    /// has replaced it, renames what was found to `state.json.replaced-<unix seconds>`
+    /// (nothing of it is lost), writes `running` back in its place, and says what was
+    /// found. A missing file is no conflict: the next write puts the whole state back.
+    pub fn reclaim(&self, running: &DesiredState) -> std::io::Result<Option<Replaced>> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.known().is_some() {
+                    tracing::warn!(path = %self.path.display(),
+                        "the state file was removed while the node ran; the next change writes the whole state again");
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        if self.known() == Some(Fingerprint::of(&bytes)) {
+            return Ok(None);
+        }
+        let found = match serde_json::from_slice::<DesiredState>(&bytes) {
+            Ok(s) => Ok(s.generation),
+            Err(e) => Err(format!("line {}: {e}", e.line())),
+        };
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let name = self
+            .path
+            .file_name()
+            .map_or_else(|| "state.json".into(), |n| n.to_string_lossy().into_owned());
+        let aside = (0..)
+            .map(|n| {
+                let suffix = if n == 0 {
+                    String::new()
+                } else {
+                    format!(".{n}")
+                };
+                self.path
+                    .with_file_name(format!("{name}.replaced-{stamp}{suffix}"))
+            })
+            .find(|p| !p.exists())
+            .expect("an unused name");
+        fs::rename(&self.path, &aside)?;
+        self.save(running)?;
+        Ok(Some(Replaced { aside, found }))
     }
 }
 
@@ -276,6 +398,8 @@ pub struct PreparedWrite {
     path: PathBuf,
     dir: PathBuf,
     committed: bool,
+    /// The content's, for [`StateFile::commit`] to remember.
+    fingerprint: Option<Fingerprint>,
 }
 
 impl PreparedWrite {
@@ -298,6 +422,7 @@ impl PreparedWrite {
             path: path.to_owned(),
             dir: dir.to_owned(),
             committed: false,
+            fingerprint: None,
         };
         let mut f = OpenOptions::new()
             .write(true)
@@ -367,6 +492,72 @@ mod tests {
             endpoint: format!("192.0.2.{k}:51820").parse().unwrap(),
             listen_port: None,
         }
+    }
+
+    #[test]
+    fn a_file_replaced_while_running_is_set_aside_and_the_running_state_written_back() {
+        let dir = std::env::temp_dir().join(format!("wg-reclaim-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        let file = StateFile::new(path.clone());
+        let running = DesiredState {
+            generation: 3,
+            exits: vec![exit("a", 1)],
+            peers: vec![],
+        };
+        file.save(&running).unwrap();
+        assert_eq!(file.reclaim(&running).unwrap(), None, "the node's own file");
+        let asides = || {
+            let mut v: Vec<PathBuf> = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.to_string_lossy().contains(".replaced-"))
+                .collect();
+            v.sort();
+            v
+        };
+
+        // Garbage: set aside byte for byte, the running state back in place.
+        let garbage = b"\x00\xffnot json at all";
+        fs::write(&path, garbage).unwrap();
+        let r = file.reclaim(&running).unwrap().expect("a replaced file");
+        assert!(
+            matches!(&r.found, Err(why) if why.starts_with("line 1:")),
+            "{r:?}"
+        );
+        assert_eq!(fs::read(&r.aside).unwrap(), garbage);
+        assert_eq!(file.load().unwrap(), Some(running.clone()));
+        assert_eq!(
+            file.reclaim(&running).unwrap(),
+            None,
+            "written back: its own again"
+        );
+
+        // A valid state written by someone else: set aside too, under another name.
+        let edited = DesiredState {
+            generation: 9,
+            exits: vec![exit("b", 2)],
+            peers: vec![],
+        };
+        fs::write(&path, serde_json::to_vec(&edited).unwrap()).unwrap();
+        let r2 = file.reclaim(&running).unwrap().expect("a replaced file");
+        assert_eq!(r2.found, Ok(9));
+        assert_ne!(
+            r2.aside, r.aside,
+            "an earlier set-aside file is never overwritten"
+        );
+        assert_eq!(asides(), {
+            let mut v = vec![r.aside.clone(), r2.aside.clone()];
+            v.sort();
+            v
+        });
+        assert_eq!(file.load().unwrap(), Some(running.clone()));
+
+        // Removed: no conflict (the next write puts the whole state back).
+        fs::remove_file(&path).unwrap();
+        assert_eq!(file.reclaim(&running).unwrap(), None);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

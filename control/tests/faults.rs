@@ -1,10 +1,13 @@
-//! Faults injected into a running node's state directory (issue 20): the directory full
-//! (ENOSPC) or read-only. The API answers each change with a clear error, the running table
-//! and the file stay exactly as they were, forwarding goes on, and the next change after the
-//! fault clears goes through.
+//! Faults injected into a running node (issue 20). Its state directory full (ENOSPC) or
+//! read-only: the API answers each change with a clear error, the running table and the
+//! file stay exactly as they were, forwarding goes on, and the next change after the fault
+//! clears goes through. Its state file replaced while it runs, garbage files at start,
+//! descriptor exhaustion, a dying sidecar, `kill -9` under load, the wall clock jumping and
+//! a resolver that never answers: each test says what held and what was lost.
 //!
-//! The state directory is a tmpfs of its own (mounted, so these tests need root; they skip
-//! loudly without it, and fail instead under `WRAITHGATE_REQUIRE_ALL_TESTS=1`, as in CI).
+//! The full and read-only directories are a tmpfs of their own (mounted, so those tests
+//! need root; they skip loudly without it, and fail instead under
+//! `WRAITHGATE_REQUIRE_ALL_TESTS=1`, as in CI).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -17,8 +20,15 @@ use wraithgate_control::config::{Config, ControlSection};
 use wraithgate_control::node::Node;
 use wraithgate_relay::io::DataPlaneConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable};
-use wraithgate_relay::wire::{INITIATION_LEN, INITIATION_MAC1_OFFSET, RESPONSE_LEN};
+use wraithgate_relay::wire::{
+    Message, COOKIE_REPLY_LEN, INITIATION_LEN, INITIATION_MAC1_OFFSET, INITIATION_MAC2_OFFSET,
+    RESPONSE_LEN,
+};
 use wraithgate_relay::PublicKey;
+
+/// The `[limits]` of a node these tests start as a child: no per-source handshake budget
+/// in the way of a test's many handshakes from 127.0.0.1.
+const LIMITS: &str = "handshakes_per_second = 100000\nhandshake_burst = 100000\n";
 
 fn may_skip(test: &str, why: &str) -> bool {
     assert!(
@@ -419,6 +429,88 @@ fn garbage_sessions_file_at_start_is_set_aside() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `state.json` replaced while the node runs, by garbage and then by a valid state somebody
+/// else wrote: the next change is refused (409) with a message that says what was found and
+/// where it went; what was found is set aside byte for byte (never overwritten unseen); the
+/// running table and the file are the node's own again; forwarding goes on; the change sent
+/// again goes through, and the node starts again on the directory with every change.
+#[test]
+fn a_state_file_replaced_while_running_is_set_aside_and_loses_nothing() {
+    let dir = fresh_dir("replaced");
+    let exit_key = PublicKey([0x12; 32]);
+    let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let exit_addr = exit.local_addr().unwrap();
+    let (node, api) = start(&dir, vec![exit_spec("exit-1", exit_key, exit_addr)]);
+    let relay = node.control.dp.local_addrs()[0];
+    let mut flow = Flow::establish(relay, exit, &exit_key);
+    let before = snapshot(&api, &dir);
+    let add = json!({
+        "name": "exit-2",
+        "public_key": "IiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiIiI=",
+        "endpoint": "127.0.0.1:9",
+    });
+    let hand_edit = json!({"generation": 7, "exits": [], "peers": []}).to_string();
+    let cases: [(&str, &[u8], &str); 2] = [
+        (
+            "garbage",
+            b"\x00\xff{ half a file",
+            "no valid state (line 1:",
+        ),
+        (
+            "a hand edit",
+            hand_edit.as_bytes(),
+            "a valid state of generation 7",
+        ),
+    ];
+    let mut asides = Vec::new();
+    for (what, found, says) in cases {
+        std::fs::write(dir.join("state.json"), found).unwrap();
+        let (status, answer) = api.call("POST", "/v1/exits", Some(&add));
+        let msg = answer["error"].as_str().unwrap_or_default().to_string();
+        assert_eq!(status, 409, "{what}: {answer}");
+        for part in [
+            "state.json had been replaced",
+            says,
+            "set aside as",
+            "send the change again",
+        ] {
+            assert!(msg.contains(part), "{what}: {msg:?} does not say {part:?}");
+        }
+        assert_eq!(
+            snapshot(&api, &dir),
+            before,
+            "{what}: the running table and the file are not as the node had them"
+        );
+        let aside: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains("state.json.replaced-") && !asides.contains(p))
+            .collect();
+        assert_eq!(aside.len(), 1, "{what}: one file set aside: {aside:?}");
+        assert!(
+            msg.contains(&aside[0].display().to_string()),
+            "{what}: {msg:?}"
+        );
+        assert_eq!(
+            std::fs::read(&aside[0]).unwrap(),
+            found,
+            "{what}: set aside unchanged"
+        );
+        asides.extend(aside);
+        flow.both_ways();
+    }
+    let (status, answer) = api.call("POST", "/v1/exits", Some(&add));
+    assert_eq!(status, 201, "the change sent again: {answer}");
+    let (state, _) = snapshot(&api, &dir);
+    drop(node);
+    let (node, api) = start(&dir, Vec::new());
+    assert_eq!(snapshot(&api, &dir).0, state, "a restart runs every change");
+    assert_eq!(state["exits"].as_array().map(Vec::len), Some(2));
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A free loopback port (UDP, or TCP for the API), released for the node to take.
 fn free_port(tcp: bool) -> u16 {
     if tcp {
@@ -458,7 +550,7 @@ impl Child {
         env: &[(&str, &str)],
     ) -> Child {
         let relay: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
-        Child::spawn(dir, relay, exit, exit_key, nofile, env)
+        Child::spawn_under(&[], dir, relay, exit, exit_key, nofile, env, LIMITS)
     }
 
     /// The node listening for clients on `relay`.
@@ -470,10 +562,12 @@ impl Child {
         nofile: u32,
         env: &[(&str, &str)],
     ) -> Child {
-        Child::spawn_under(&[], dir, relay, exit, exit_key, nofile, env)
+        Child::spawn_under(&[], dir, relay, exit, exit_key, nofile, env, LIMITS)
     }
 
-    /// [`Child::spawn`], the command line started by the program and arguments `under`.
+    /// [`Child::spawn`], the command line started by the program and arguments `under`,
+    /// with `limits` as its configuration's `[limits]` section.
+    #[allow(clippy::too_many_arguments)]
     fn spawn_under(
         under: &[&str],
         dir: &Path,
@@ -482,12 +576,13 @@ impl Child {
         exit_key: &PublicKey,
         nofile: u32,
         env: &[(&str, &str)],
+        limits: &str,
     ) -> Child {
         let api_addr = format!("127.0.0.1:{}", free_port(true));
         let key = base64_key(exit_key);
         let config = format!(
             "[relay]\nlisten = [\"{relay}\"]\nworkers = 1\nbackend = \"portable\"\n\
-             [limits]\nhandshakes_per_second = 100000\nhandshake_burst = 100000\n\
+             [limits]\n{limits}\
              [control]\napi_listen = \"{api_addr}\"\nstate_dir = \"{}\"\n\
              [[exit]]\nname = \"exit-1\"\npublic_key = \"{key}\"\nendpoint = \"{exit}\"\n",
             dir.display()
@@ -949,8 +1044,11 @@ fn kill_9_under_load_loses_no_acknowledged_change_and_clients_get_back_in() {
 /// The wall clock jumping (issue 20), a day forwards and then two days back, while
 /// sessions carry traffic: the node times everything that matters (session expiry, rate
 /// limits, cookie epochs, the workers' health) on the monotonic clock, so nothing moves.
-/// Sessions carry traffic both ways across each jump and none is lost, a new client gets
-/// in, `/healthz` stays 200, and `process_start_time_seconds` stays put. The node's wall
+/// Sessions carry traffic both ways across each jump and none is lost; a cookie a source
+/// over its handshake budget took before each jump still proves it after (its retry goes to
+/// the exit, not challenged again: a cookie epoch on the wall clock would be 720 epochs off
+/// after a day); a new client gets in, `/healthz` stays 200, and
+/// `process_start_time_seconds` stays put. The node's wall
 /// clock is moved by libfaketime (the monotonic clock left alone, as a real `date -s`
 /// leaves it); its log's timestamps prove each jump took effect.
 #[test]
@@ -974,8 +1072,14 @@ fn wall_clock_jumps_move_nothing() {
     let exit_key = PublicKey([0x14; 32]);
     let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
     let offset = offset_file.to_str().unwrap().to_string();
-    let node = Child::start_with_env(
+    let relay: SocketAddr = format!("127.0.0.1:{}", free_port(false)).parse().unwrap();
+    // A small per-source handshake budget, so that a source can be put over it and
+    // challenged: the sessions' ten handshakes from 127.0.0.1 fit in it; the probes come
+    // from other addresses.
+    let node = Child::spawn_under(
+        &[],
         &dir,
+        relay,
         exit.local_addr().unwrap(),
         &exit_key,
         1024,
@@ -985,6 +1089,7 @@ fn wall_clock_jumps_move_nothing() {
             ("FAKETIME_NO_CACHE", "1"),
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
         ],
+        "handshakes_per_second = 1\nhandshake_burst = 12\n",
     );
     let mut flows: Vec<(u32, Flow)> = (0..8)
         .map(|n| {
@@ -996,18 +1101,75 @@ fn wall_clock_jumps_move_nothing() {
         .collect();
     let started = node.counter("process_start_time_seconds");
     let mut newcomer = 100;
-    for (jump, days) in [("+1d", 1i32), ("-1d", -1)] {
+    for (probe, (jump, days)) in [("+1d", 1i32), ("-1d", -1)].into_iter().enumerate() {
+        // Before the jump, a source over its handshake budget gets the relay's cookie.
+        let prober = UdpSocket::bind(format!("127.0.0.{}:0", 2 + probe)).unwrap();
+        prober
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let base = 0xD000 + 64 * probe as u32;
+        let (sent, reply) = (0..32)
+            .find_map(|k| {
+                let init = initiation(&exit_key, base + k);
+                prober.send_to(&init, node.relay).unwrap();
+                let mut reply = [0u8; COOKIE_REPLY_LEN];
+                match prober.recv(&mut reply) {
+                    Ok(COOKIE_REPLY_LEN) => Some((init, reply)),
+                    _ => None,
+                }
+            })
+            .expect("a source over its budget is challenged with a cookie reply");
+        let challenged = node.drops("cookie_challenge");
+
         std::fs::write(&offset_file, format!("{jump}\n")).unwrap();
         // libfaketime reads the file at every call (FAKETIME_NO_CACHE).
+        // The cookie taken before the jump still proves the source after it: cookie epochs
+        // run on the monotonic clock. Its retry goes to the exit, unchallenged.
+        let mut retry = initiation(&exit_key, base + 63);
+        let mac2 = {
+            let (Ok(Message::Initiation(a)), Ok(Message::Initiation(b))) =
+                (Message::parse(&sent), Message::parse(&retry))
+            else {
+                unreachable!()
+            };
+            wraithgate_relay::cookie::initiator_mac2(&exit_key, &reply, &a, &b)
+                .expect("the relay's cookie reply decrypts with the exit's public key")
+        };
+        retry[INITIATION_MAC2_OFFSET..].copy_from_slice(&mac2);
+        prober.send_to(&retry, node.relay).unwrap();
+        exit.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 2048];
+        loop {
+            match exit.recv_from(&mut buf) {
+                Ok((n, _)) if n == INITIATION_LEN && buf[4..8] == (base + 63).to_le_bytes() => {
+                    break
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!(
+                    "the clock moved {jump}: the retry with the cookie taken before it never \
+                     reached the exit ({e}); cookie challenges {challenged} -> {}",
+                    node.drops("cookie_challenge")
+                ),
+            }
+        }
+        assert_eq!(
+            node.drops("cookie_challenge"),
+            challenged,
+            "challenged again after {jump}"
+        );
         for (n, f) in flows.iter_mut() {
             f.both_ways_with(0xE000 + *n, 0xC000 + *n);
         }
         let (status, sessions) = node.api.call("GET", "/v1/sessions", None);
         assert_eq!(status, 200, "{sessions}");
         assert_eq!(
-            sessions.as_array().map(Vec::len),
+            sessions
+                .as_array()
+                .map(|all| all.iter().filter(|s| s["established"] == true).count()),
             Some(flows.len() + (newcomer - 100) as usize),
-            "sessions after the clock moved {jump}: {sessions}"
+            "established sessions after the clock moved {jump} (the probes' stay pending): \
+             {sessions}"
         );
         let mut f = handshake(node.relay, &exit, &exit_key, newcomer).expect("a new client");
         f.both_ways_with(0xE000 + newcomer, 0xC000 + newcomer);
@@ -1084,6 +1246,7 @@ fn root_a_resolver_that_never_answers_holds_up_no_other_call() {
         &exit_key,
         1024,
         &[],
+        LIMITS,
     );
     let (_, exits_before) = node.api.call("GET", "/v1/exits", None);
 
