@@ -348,6 +348,14 @@ impl Control {
         }
     }
 
+    /// Binds again the running table's pinned listen ports that could not be bound when it
+    /// came (see [`DataPlane::retry_pinned`]), under the state lock that serialises every
+    /// bind; returns the addresses still unbound.
+    pub fn retry_pinned_ports(&self) -> Vec<std::net::SocketAddr> {
+        let _state = self.lock();
+        self.dp.retry_pinned()
+    }
+
     /// What [`Control::replace`] would change, checked as it checks (but for binding
     /// newly pinned ports), without changing anything.
     pub fn preview(

@@ -349,6 +349,7 @@ fn run(args: RunArgs<'_>) -> Result<()> {
             service.ready();
         }
         node.supervise_sidecar(std::time::Instant::now());
+        node.supervise_pinned_ports(std::time::Instant::now());
         service.watchdog(&node);
     }
     service.stopping();

@@ -368,6 +368,17 @@ pub fn render(c: &Control) -> String {
         c.api_restarts.load(Ordering::Relaxed),
     );
     w.header(
+        "wraithgate_pinned_ports_unbound",
+        "gauge",
+        "Listen addresses an exit's pinned port needs that no socket is bound to (the port \
+         was taken); the node tries them again, 1 s to 60 s apart.",
+    );
+    w.sample(
+        "wraithgate_pinned_ports_unbound",
+        &[],
+        c.dp.unbound_pinned().len() as u64,
+    );
+    w.header(
         "wraithgate_uptime_seconds",
         "gauge",
         "Seconds since the node started.",

@@ -42,12 +42,19 @@ pub struct Node {
     api_cfg: crate::config::ControlSection,
     /// When a dead sidecar may be started again, and the wait after the next death.
     api_restart: Option<(std::time::Instant, Duration)>,
+    /// When pinned listen ports not bound are next tried, and the wait after that.
+    pinned_retry: (std::time::Instant, Duration),
 }
 
 /// The first wait before a dead sidecar is started again; it doubles while the sidecar
 /// keeps dying within [`API_RESTART_MAX`] of a restart, up to that.
 const API_RESTART_FIRST: Duration = Duration::from_secs(1);
 const API_RESTART_MAX: Duration = Duration::from_secs(60);
+
+/// How soon a pinned listen port that could not be bound (taken by another socket) is tried
+/// again; the wait doubles while it stays taken, up to [`PINNED_RETRY_MAX`].
+const PINNED_RETRY_FIRST: Duration = Duration::from_secs(1);
+const PINNED_RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl Node {
     /// Loads the state (the file's exits seed it on first start), restores sessions saved
@@ -134,6 +141,7 @@ impl Node {
             token_path,
             api_cfg: cfg.control.clone(),
             api_restart: None,
+            pinned_retry: (std::time::Instant::now(), PINNED_RETRY_FIRST),
         })
     }
 
@@ -187,6 +195,30 @@ impl Node {
                     "operator API could not be started again; forwarding continues");
                 self.api_restart = Some((now + next, next));
             }
+        }
+    }
+
+    /// Binds the pinned listen ports the running table needs but could not bind when it came
+    /// (another socket held the port), once they are free: without this an exit's pinned
+    /// port stayed dark until the next table change. Called from the node's main loop; tries
+    /// 1 s after a port is found unbound, then doubles the wait to 60 s while it stays taken.
+    pub fn supervise_pinned_ports(&mut self, now: std::time::Instant) {
+        let (at, wait) = self.pinned_retry;
+        if now < at {
+            return;
+        }
+        if self.control.dp.unbound_pinned().is_empty() {
+            self.pinned_retry = (now + PINNED_RETRY_FIRST, PINNED_RETRY_FIRST);
+            return;
+        }
+        let still = self.control.retry_pinned_ports();
+        if still.is_empty() {
+            self.pinned_retry = (now + PINNED_RETRY_FIRST, PINNED_RETRY_FIRST);
+        } else {
+            let next = (wait * 2).min(PINNED_RETRY_MAX);
+            tracing::warn!(unbound = ?still, retry_in_secs = next.as_secs_f64(),
+                "pinned listen ports still cannot be bound; their exits' clients get no answer there");
+            self.pinned_retry = (now + next, next);
         }
     }
 

@@ -511,6 +511,56 @@ fn a_state_file_replaced_while_running_is_set_aside_and_loses_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An exit's pinned listen port held by another program when the node starts: the node
+/// starts and serves on, says so (its log, `wraithgate_pinned_ports_unbound` 1), and binds
+/// the port by itself once it is free, with no table change: a client's initiation there
+/// then reaches the exit. (Before, the port stayed dark until the next table change.)
+#[test]
+fn a_pinned_port_taken_at_start_is_bound_once_it_is_free() {
+    let dir = fresh_dir("pinned");
+    let exit_key = PublicKey([0x16; 32]);
+    let exit = UdpSocket::bind("127.0.0.1:0").unwrap();
+    exit.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let exit_addr = exit.local_addr().unwrap();
+    let port = free_port(false);
+    // Without SO_REUSEPORT: the node's bind of the port fails while this socket lives.
+    let squatter = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let state = json!({"generation": 1, "exits": [{"name": "exit-1",
+        "public_key": base64_key(&exit_key), "endpoint": exit_addr.to_string(),
+        "listen_port": port}], "peers": []});
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+    let node = Child::start(&dir, exit_addr, &exit_key, 1024);
+    assert_eq!(node.counter("wraithgate_pinned_ports_unbound"), 1);
+    assert!(
+        node.log(&dir).contains("pinned listen port cannot be bound"),
+        "{}",
+        node.log(&dir)
+    );
+    drop(squatter);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while node.counter("wraithgate_pinned_ports_unbound") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed port was not bound within 20 s:\n{}",
+            node.log(&dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .send_to(&initiation(&exit_key, 0xC0DE), ("127.0.0.1", port))
+        .unwrap();
+    let (got, _) = recv(&exit);
+    assert_eq!(
+        &got[4..8],
+        &0xC0DEu32.to_le_bytes(),
+        "the exit gets the initiation"
+    );
+    assert!(node.log(&dir).contains("listening on pinned port"));
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A free loopback port (UDP, or TCP for the API), released for the node to take.
 fn free_port(tcp: bool) -> u16 {
     if tcp {

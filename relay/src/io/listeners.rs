@@ -167,13 +167,7 @@ impl DataPlane {
     /// exit stays carry on.
     pub fn publish_bound(&self, table: ExitTable, listeners: PinnedListeners) {
         let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
-        for (addr, group) in listeners.groups {
-            for (w, l) in self.workers.iter().zip(group) {
-                let _ = w.requests.send(WorkerRequest::AddListener(l));
-            }
-            bound.push(addr);
-            tracing::info!(%addr, "listening on pinned port");
-        }
+        self.hand_over(&mut bound, listeners);
         let ports: Vec<u16> = table.pinned_ports().collect();
         let released: Vec<SocketAddr> = bound
             .iter()
@@ -200,5 +194,48 @@ impl DataPlane {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(old);
+    }
+
+    /// Gives each worker its socket of every group `listeners` holds.
+    fn hand_over(&self, bound: &mut Vec<SocketAddr>, listeners: PinnedListeners) {
+        for (addr, group) in listeners.groups {
+            for (w, l) in self.workers.iter().zip(group) {
+                let _ = w.requests.send(WorkerRequest::AddListener(l));
+            }
+            bound.push(addr);
+            tracing::info!(%addr, "listening on pinned port");
+        }
+    }
+
+    /// The addresses the running table's pinned listen ports need that no socket is bound
+    /// to: their bind failed when the table came (the port was taken).
+    pub fn unbound_pinned(&self) -> Vec<SocketAddr> {
+        let table = self.table.load();
+        let bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        self.listen_ips
+            .iter()
+            .flat_map(|ip| table.pinned_ports().map(|port| SocketAddr::new(*ip, port)))
+            .filter(|a| !bound.contains(a))
+            .collect()
+    }
+
+    /// Binds again the pinned listen ports of the running table that are not bound
+    /// ([`DataPlane::unbound_pinned`]) and hands those it binds to the workers; the table
+    /// stays as it is. Returns the addresses still unbound.
+    ///
+    /// Callers serialise it with [`DataPlane::bind_pinned`] and
+    /// [`DataPlane::publish_bound`] (the control side holds its state lock): two binds of
+    /// one port would both succeed (`SO_REUSEPORT`).
+    pub fn retry_pinned(&self) -> Vec<SocketAddr> {
+        let table = self.table.load();
+        // Not strict: the running table's ports never refuse, they only warn.
+        let listeners = self.bind_new_ports(&table, false).unwrap_or_default();
+        if !listeners.groups.is_empty() {
+            let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+            self.hand_over(&mut bound, listeners);
+            self.nudge();
+        }
+        drop(table);
+        self.unbound_pinned()
     }
 }
