@@ -35,8 +35,10 @@ impl Traffic {
     }
 
     pub(crate) fn add(&mut self, bytes: usize) {
-        self.packets += 1;
-        self.bytes += bytes as u64;
+        // Wrapping, as counters do: a session restored from a damaged `sessions.json` may
+        // start anywhere, and a panic here would take the worker down.
+        self.packets = self.packets.wrapping_add(1);
+        self.bytes = self.bytes.wrapping_add(bytes as u64);
     }
 }
 

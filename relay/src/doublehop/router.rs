@@ -954,7 +954,7 @@ impl Router {
         s.last_activity = now;
         s.last_handshake = Some(now);
         s.to_exit.add(len);
-        s.handshakes += 1;
+        s.handshakes = s.handshakes.wrapping_add(1);
         if !s.established {
             s.established = true;
             self.pending -= 1;
@@ -1055,7 +1055,7 @@ impl Router {
                 s.indices.awaiting.push(init.sender_index());
                 s.last_activity = now;
                 s.to_exit.add(len);
-                s.handshakes += 1;
+                s.handshakes = s.handshakes.wrapping_add(1);
                 slot
             }
             None => {
@@ -1166,7 +1166,7 @@ impl Router {
         match msg {
             Message::Initiation(init) => {
                 s.indices.offered.push(init.sender_index());
-                s.handshakes += 1;
+                s.handshakes = s.handshakes.wrapping_add(1);
                 e.exit_handshakes += 1;
                 self.stats.exit_handshakes += 1;
             }

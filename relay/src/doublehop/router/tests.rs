@@ -1656,3 +1656,147 @@ fn kernel_traffic_keeps_a_session_alive_and_is_counted_apart() {
     h.r.fast_path_traffic(slot, t(1, 100), t(0, 0), None);
     assert_eq!(h.r.stats().fast_client_to_exit, t(61, 6_100));
 }
+
+/// A counter as a saved session may hold it: any value, and often one at its end.
+fn counter() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(u64::MAX), (u64::MAX - 3000)..=u64::MAX, any::<u64>()]
+}
+
+/// A saved session as `sessions.json` may hold it once damaged or edited by hand, yet still
+/// parseable: any client of a small pool, any exit key and endpoint (in the table or not),
+/// any exit-facing port, any indices (repeated, zero, more than a session keeps), any flags
+/// and counters (near their end too).
+fn saved_session() -> impl Strategy<Value = SessionSnapshot> {
+    (
+        (0u16..6, 0u8..4, 0u8..4, any::<u16>()),
+        (any::<bool>(), any::<bool>()),
+        proptest::collection::vec(0u32..6, 0..12),
+        (counter(), counter(), counter()),
+    )
+        .prop_map(
+            |((c, k, e, local_port), (established, verified), exit_indices, (a, b, handshakes))| {
+                SessionSnapshot {
+                    client: client(c),
+                    listen_port: MAIN_PORT,
+                    exit_key: key(k),
+                    exit_endpoint: exit_addr(e),
+                    local_port,
+                    established,
+                    verified,
+                    exit_indices,
+                    to_exit: Traffic {
+                        packets: a,
+                        bytes: b,
+                    },
+                    to_client: Traffic {
+                        packets: b,
+                        bytes: a,
+                    },
+                    handshakes,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever a parseable `sessions.json` holds, restoring it and then any traffic leaves
+    /// the router sound: nothing panics (counters near their end included), a session is
+    /// restored only for an exit still in the table at the same endpoint and within the
+    /// bounds, and from then on packets go only through open sockets and to clients that
+    /// were restored or initiated, with the bounds held.
+    #[test]
+    fn restoring_any_saved_sessions_then_any_traffic_keeps_the_router_sound(
+        saved in proptest::collection::vec(saved_session(), 0..12),
+        steps in proptest::collection::vec(step(), 0..80),
+    ) {
+        let cfg = RouterConfig { max_sessions: 6, max_pending: 4, ..RouterConfig::default() };
+        let mut h = Harness::with(cfg);
+        let mut open: std::collections::HashSet<SessionSlot> = Default::default();
+        let mut slots: Vec<SessionSlot> = Vec::new();
+        let mut known: std::collections::HashSet<SocketAddr> = Default::default();
+        let mut track = |h: &mut Harness, open: &mut std::collections::HashSet<SessionSlot>,
+                         slots: &mut Vec<SessionSlot>| -> Result<(), TestCaseError> {
+            for cmd in h.commands() {
+                match cmd {
+                    Command::OpenExitSocket { slot, exit, .. } => {
+                        prop_assert!(exit == exit_addr(1) || exit == exit_addr(2));
+                        prop_assert!(open.insert(slot));
+                        slots.push(slot);
+                    }
+                    Command::CloseExitSocket { slot } => prop_assert!(open.remove(&slot)),
+                    _ => {}
+                }
+            }
+            prop_assert!(h.r.session_count() <= 6);
+            prop_assert!(h.r.pending_count() <= 4);
+            prop_assert_eq!(h.r.session_count(), open.len());
+            Ok(())
+        };
+        for snap in &saved {
+            match h.r.restore(h.now, MAIN, snap) {
+                Ok(_) => {
+                    let endpoint = if snap.exit_key == key(1) { exit_addr(1) } else { exit_addr(2) };
+                    prop_assert!(
+                        (snap.exit_key == key(1) || snap.exit_key == key(2))
+                            && snap.exit_endpoint == endpoint,
+                        "restored a session of an exit not in the table: {:?}", snap
+                    );
+                    known.insert(snap.client);
+                }
+                Err(reason) => prop_assert!(matches!(
+                    reason,
+                    DropReason::NoExit | DropReason::ClientSessionLimit
+                        | DropReason::SessionsFull | DropReason::PendingFull
+                ), "{:?}", reason),
+            }
+            track(&mut h, &mut open, &mut slots)?;
+        }
+        for step in steps {
+            let action = match &step {
+                Step::ClientInit { client: c, exit, sender } => {
+                    let a = h.client(MAIN, client(u16::from(*c)), &initiation(key(*exit), *sender));
+                    if matches!(a, Action::ToExit(_)) {
+                        known.insert(client(u16::from(*c)));
+                    }
+                    a
+                }
+                Step::ClientTransport { client: c, index, len } => {
+                    h.client(MAIN, client(u16::from(*c)), &transport(*index, usize::from(*len)))
+                }
+                Step::ClientRaw { client: c, bytes } => h.client(MAIN, client(u16::from(*c)), bytes),
+                Step::ExitResponse { slot, sender } => {
+                    let Some(&s) = slots.get(usize::from(*slot)) else { continue };
+                    h.exit(s, &response(*sender, 0))
+                }
+                Step::ExitInit { slot, sender } => {
+                    let Some(&s) = slots.get(usize::from(*slot)) else { continue };
+                    h.exit(s, &initiation(key(0xEE), *sender))
+                }
+                Step::ExitTransport { slot, len } => {
+                    let Some(&s) = slots.get(usize::from(*slot)) else { continue };
+                    h.exit(s, &transport(0, usize::from(*len)))
+                }
+                Step::ExitRaw { slot, bytes } => {
+                    let Some(&s) = slots.get(usize::from(*slot)) else { continue };
+                    h.exit(s, bytes)
+                }
+                Step::Advance { millis } => {
+                    h.advance(Duration::from_millis(u64::from(*millis)));
+                    Action::Drop(DropReason::NoSession)
+                }
+                Step::DropExit2 => continue,
+            };
+            // The sockets the step opened or closed first, as the worker carries them out.
+            track(&mut h, &mut open, &mut slots)?;
+            match action {
+                Action::ToExit(slot) => prop_assert!(open.contains(&slot), "sent through a closed socket"),
+                Action::ToClient { client: to, .. } => {
+                    prop_assert!(known.contains(&to), "sent to {} which was neither restored nor initiated", to);
+                }
+                Action::Drop(_) => {}
+            }
+        }
+    }
+}
