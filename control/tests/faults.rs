@@ -532,7 +532,8 @@ fn a_pinned_port_taken_at_start_is_bound_once_it_is_free() {
     let node = Child::start(&dir, exit_addr, &exit_key, 1024);
     assert_eq!(node.counter("wraithgate_pinned_ports_unbound"), 1);
     assert!(
-        node.log(&dir).contains("pinned listen port cannot be bound"),
+        node.log(&dir)
+            .contains("pinned listen port cannot be bound"),
         "{}",
         node.log(&dir)
     );

@@ -1716,7 +1716,7 @@ proptest! {
         let mut open: std::collections::HashSet<SessionSlot> = Default::default();
         let mut slots: Vec<SessionSlot> = Vec::new();
         let mut known: std::collections::HashSet<SocketAddr> = Default::default();
-        let mut track = |h: &mut Harness, open: &mut std::collections::HashSet<SessionSlot>,
+        let track = |h: &mut Harness, open: &mut std::collections::HashSet<SessionSlot>,
                          slots: &mut Vec<SessionSlot>| -> Result<(), TestCaseError> {
             for cmd in h.commands() {
                 match cmd {
