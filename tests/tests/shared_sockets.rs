@@ -6,10 +6,11 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use wraithgate_control::endpoints::{
-    ipv4_udp, tunnel_addrs, udp_payload, PeerOptions, Received, WgNode,
+    ipv4_udp, tunnel_addrs, udp_payload, KeyPair, PeerOptions, Received, WgNode, ZhopClient,
 };
 use wraithgate_relay::io::{BackendChoice, DataPlaneConfig, ExitSockets};
-use wraithgate_relay::table::ExitTable;
+use wraithgate_relay::table::{ExitTable, PeerSpec};
+use wraithgate_relay::zhop::NodeKey;
 use wraithgate_relay::DropReason;
 use wraithgate_tests::{backends, exit_spec, node, pump, Relay};
 
@@ -369,5 +370,106 @@ fn gro_trains_cross_a_shared_socket_both_ways() {
             .map(|r| r.io.gso_sends)
             .sum();
         assert!(io >= 4, "trains left as GSO sends: {io}");
+    });
+}
+
+/// A Z-HOP flow takes a shared socket like a DoubleHop session: a flow to exit `x` and a
+/// DoubleHop session to exit `y` share one, and both carry traffic both ways.
+#[test]
+fn a_zhop_flow_and_a_doublehop_session_of_another_exit_share_a_socket() {
+    for_each_backend(|backend| {
+        let node_secret: [u8; 32] = rand::random();
+        let node_key = NodeKey::from_secret(node_secret);
+        let (mut x, mut y, mut b) = (node(), node(), node());
+        let (outer, inner) = (KeyPair::generate(), KeyPair::generate());
+        let xz = x.add_peer(inner.public, PeerOptions::default());
+        let peer = PeerSpec {
+            public_key: outer.relay_key(),
+            name: "zed".into(),
+            allowed_ips: vec!["10.7.0.0/24".parse().unwrap()],
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            allowed_exits: vec![x.keys().relay_key()],
+        };
+        let table = ExitTable::new(1, vec![exit_spec("x", &x, None), exit_spec("y", &y, None)])
+            .unwrap()
+            .with_peers(vec![peer])
+            .unwrap();
+        let relay = Relay::start_config(
+            table,
+            DataPlaneConfig {
+                backend,
+                workers: 1,
+                node_key: Some(node_secret),
+                exit_sockets: ExitSockets::Shared,
+                ..Relay::config()
+            },
+        );
+        let mut z = ZhopClient::new(
+            outer,
+            inner,
+            relay.addr,
+            boringtun::x25519::PublicKey::from(node_key.public_key().0),
+            x.keys().public,
+            x.local_addr(),
+            "10.7.0.2:40000".parse().unwrap(),
+        )
+        .unwrap();
+        // Pumps the Z-HOP client and exit x until `want` arrives at the client (`true`) or x.
+        let zhop = |z: &mut ZhopClient, x: &mut WgNode, to_client: bool, want: &[u8]| {
+            let end = Instant::now() + WAIT;
+            let mut tick = Instant::now();
+            while Instant::now() < end {
+                let got = |r: Option<Received>| matches!(r, Some(Received::Packet { data, .. }) if udp_payload(&data) == Some(want));
+                if got(z.try_recv().unwrap()) && to_client {
+                    return true;
+                }
+                if got(x.try_recv().unwrap()) && !to_client {
+                    return true;
+                }
+                if tick.elapsed() > Duration::from_millis(100) {
+                    z.tick();
+                    x.tick();
+                    tick = Instant::now();
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            false
+        };
+        let (src, dst) = tunnel_addrs(2);
+        z.send_ip(&ipv4_udp(src, dst, 1000, 9, b"zhop out"))
+            .unwrap();
+        assert!(
+            zhop(&mut z, &mut x, false, b"zhop out"),
+            "the flow reached x"
+        );
+        let (bp, yb) = pair(relay.addr, &mut y, &mut b);
+        assert_eq!(
+            deliver(&mut b, bp, &mut y, &mut [], &ip(1, b"hop")),
+            Some(yb)
+        );
+        assert_eq!(
+            deliver(&mut y, yb, &mut b, &mut [], &reply(1, b"hop")),
+            Some(bp)
+        );
+        let flow = x.endpoint(xz).expect("x learned the flow's endpoint");
+        assert_eq!(
+            y.endpoint(yb),
+            Some(flow),
+            "the flow and the session share a socket"
+        );
+        assert_eq!(shared_sockets(&relay), 1);
+        x.send_ip(xz, &ipv4_udp(dst, src, 9, 1000, b"zhop back"))
+            .unwrap();
+        assert!(
+            zhop(&mut z, &mut x, true, b"zhop back"),
+            "x's answer reached the client"
+        );
+        z.send_ip(&ipv4_udp(src, dst, 1000, 9, b"zhop again"))
+            .unwrap();
+        assert!(zhop(&mut z, &mut x, false, b"zhop again"));
+        let s = relay.stats();
+        assert_eq!(s.total_drops(), 0, "{s:?}");
     });
 }
