@@ -473,3 +473,74 @@ fn a_zhop_flow_and_a_doublehop_session_of_another_exit_share_a_socket() {
         assert_eq!(s.total_drops(), 0, "{s:?}");
     });
 }
+
+/// A restart restores sessions sharing a socket onto one socket again, on the port their
+/// exits know (a pinned port joins the shared socket bound there): no new handshake, and
+/// the exits see nothing change.
+#[test]
+fn restored_sessions_share_their_socket_again_on_the_same_port() {
+    for_each_backend(|backend| {
+        let (mut x, mut y) = (node(), node());
+        let (mut a, mut b, mut c) = (node(), node(), node());
+        let relay = shared_relay(backend, &[("x", &x), ("y", &y)]);
+        let (ap, xa) = pair(relay.addr, &mut x, &mut a);
+        let (bp, yb) = pair(relay.addr, &mut y, &mut b);
+        let (cp, xc) = pair(relay.addr, &mut x, &mut c);
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a")).is_some());
+        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b")).is_some());
+        assert!(deliver(&mut c, cp, &mut x, &mut [], &ip(3, b"c")).is_some());
+        let (seen_a, seen_b, seen_c) = (x.endpoint(xa), y.endpoint(yb), x.endpoint(xc));
+        assert_eq!(seen_a, seen_b);
+        let snaps = relay.dp.snapshot(WAIT);
+        assert_eq!(snaps.len(), 3, "{snaps:?}");
+        let Relay { dp, table, addr } = relay;
+        dp.shutdown();
+
+        let dp = wraithgate_relay::io::DataPlane::start_restoring(
+            DataPlaneConfig {
+                backend,
+                workers: 1,
+                listen: vec![addr],
+                exit_sockets: ExitSockets::Shared,
+                ..Relay::config()
+            },
+            table.clone(),
+            snaps,
+        )
+        .expect("restarts");
+        let relay = Relay { dp, table, addr };
+        assert_eq!(relay.dp.sessions(WAIT).len(), 3, "restored");
+        assert_eq!(shared_sockets(&relay), 2);
+        let handshakes = (a.handshakes(ap), b.handshakes(bp), c.handshakes(cp));
+        for (round, body) in [b"one".as_slice(), b"two"].iter().enumerate() {
+            assert_eq!(
+                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body)),
+                Some(xa),
+                "{round}"
+            );
+            assert_eq!(
+                deliver(&mut x, xa, &mut a, &mut [], &reply(1, body)),
+                Some(ap)
+            );
+            assert_eq!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, body)), Some(yb));
+            assert_eq!(
+                deliver(&mut y, yb, &mut b, &mut [], &reply(2, body)),
+                Some(bp)
+            );
+            assert_eq!(deliver(&mut c, cp, &mut x, &mut [], &ip(3, body)), Some(xc));
+            assert_eq!(
+                deliver(&mut x, xc, &mut c, &mut [], &reply(3, body)),
+                Some(cp)
+            );
+        }
+        assert_eq!(
+            (a.handshakes(ap), b.handshakes(bp), c.handshakes(cp)),
+            handshakes,
+            "no new handshake"
+        );
+        assert_eq!(
+            (x.endpoint(xa), y.endpoint(yb), x.endpoint(xc)),
+            (seen_a, seen_b, seen_c)
+        );
+    });
+}
