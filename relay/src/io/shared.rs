@@ -132,6 +132,8 @@ impl<H> ExitSockets<H> {
         let peers = &self.peers;
         let f = &mut self.families[fam];
         let carries = |i: u32| peers.contains_key(&(pool_id(fam, i), exit));
+        // Whether the index came off the exit's holes (it goes back if no socket opens).
+        let mut from_hole = false;
         let index = match local_port {
             Some(port) => match f.by_port.get(&port) {
                 Some(&i) if carries(i) => return Err(io::ErrorKind::AddrInUse.into()),
@@ -147,6 +149,7 @@ impl<H> ExitSockets<H> {
                         break;
                     }
                 }
+                from_hole = found.is_some();
                 match found {
                     Some(i) => i,
                     None => loop {
@@ -161,7 +164,21 @@ impl<H> ExitSockets<H> {
         };
         let mut new_socket = false;
         if f.slots.get(index as usize).is_none_or(Option::is_none) {
-            let (handle, port) = make(local_port.unwrap_or(0), pool_id(fam, index))?;
+            let (handle, port) = match make(local_port.unwrap_or(0), pool_id(fam, index)) {
+                Ok(made) => made,
+                Err(e) => {
+                    // As it was: the hole stays free, an exit with no session has no entry.
+                    if let Some(fill) = f.by_exit.get_mut(&exit) {
+                        if from_hole {
+                            fill.holes.push(index);
+                        }
+                        if fill.sessions == 0 {
+                            f.by_exit.remove(&exit);
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             if f.slots.len() <= index as usize {
                 f.slots.resize_with(index as usize + 1, || None);
             }
@@ -380,6 +397,35 @@ mod tests {
             let (pool, e) = p.p.of(owner(o)).unwrap();
             assert!(seen.insert((pool, e)));
         }
+    }
+
+    #[test]
+    fn a_socket_that_cannot_open_changes_nothing() {
+        let mut p = Pool {
+            p: ExitSockets::default(),
+            next: 0,
+        };
+        let a = p.open(0, 0, None).unwrap();
+        p.open(1, 0, None).unwrap();
+        p.open(2, 1, None).unwrap();
+        assert_eq!(p.p.close(owner(0)).map(|(_, h)| h), Some(None));
+        assert_eq!(
+            p.p.close(owner(2)).map(|(_, h)| h),
+            Some(Some(1)),
+            "emptied"
+        );
+        // Exit 0's hole is socket a's index, now without a socket; opening one fails.
+        let failed = p.p.open(owner(3), exit(0), None, |_, _| {
+            Err(io::ErrorKind::Other.into())
+        });
+        assert!(failed.is_err());
+        let failed = p.p.open(owner(4), exit(9), None, |_, _| {
+            Err(io::ErrorKind::Other.into())
+        });
+        assert!(failed.is_err());
+        assert!(!p.p.families[0].by_exit.contains_key(&exit(9)));
+        // The hole is still exit 0's first choice.
+        assert_eq!(p.open(5, 0, None).unwrap().pool, a.pool);
     }
 
     #[test]
