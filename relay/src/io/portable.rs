@@ -18,11 +18,11 @@ use mio::{Events, Interest, Token};
 use socket2::Socket;
 
 use super::runs::{self, Run, Target};
-use super::shared::ExitSockets;
+use super::shared::SharedExitSockets;
 use super::sys::{RecvBatch, SendBatch, Transmit};
 use super::train::{self, SyncSend, TrainSockets, Trains};
 use super::worker::{self, Datapath, Source, Worker};
-use super::{BoundListener, DataPlaneConfig, ExitSockets as Sharing, IoStats, WorkerContext};
+use super::{BoundListener, DataPlaneConfig, ExitSockets, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
 use crate::role::Listener;
 use crate::role::{RoleId, SocketOwner};
@@ -96,7 +96,7 @@ struct Loop {
     /// Sockets roles own, by role id, then by the owner's slot index.
     owned: Vec<Vec<Option<OwnedSocket>>>,
     /// Shared exit-facing sockets and who is on them.
-    shared: ExitSockets<PooledSocket>,
+    shared: SharedExitSockets<PooledSocket>,
     recv: RecvBatch,
     send: SendBatch,
     /// Z-HOP's datagrams of the current batch, per destination (`train.rs`).
@@ -126,7 +126,7 @@ pub(crate) fn run(ctx: WorkerContext) {
         poll: ctx.poll,
         listeners: Vec::new(),
         owned: Vec::new(),
-        shared: ExitSockets::default(),
+        shared: SharedExitSockets::default(),
         io: IoStats::default(),
     };
     w.worker
@@ -398,7 +398,7 @@ struct PortableIo<'a> {
     poll: &'a mio::Poll,
     listeners: &'a mut Vec<Option<ListenerSocket>>,
     owned: &'a mut Vec<Vec<Option<OwnedSocket>>>,
-    shared: &'a mut ExitSockets<PooledSocket>,
+    shared: &'a mut SharedExitSockets<PooledSocket>,
     io: &'a mut IoStats,
     send: &'a mut SendBatch,
     trains: &'a mut Trains,
@@ -408,7 +408,7 @@ struct PortableIo<'a> {
 struct TrainSocketsView<'a> {
     listeners: &'a mut [Option<ListenerSocket>],
     owned: &'a mut [Vec<Option<OwnedSocket>>],
-    shared: &'a mut ExitSockets<PooledSocket>,
+    shared: &'a mut SharedExitSockets<PooledSocket>,
 }
 
 impl TrainSocketsView<'_> {
@@ -448,7 +448,7 @@ impl TrainSockets for TrainSocketsView<'_> {
 /// the destination its sends name (the exit, on a shared socket).
 fn exit_socket(
     owned_sockets: &[Vec<Option<OwnedSocket>>],
-    shared: &ExitSockets<PooledSocket>,
+    shared: &SharedExitSockets<PooledSocket>,
     owner: SocketOwner,
 ) -> Option<(i32, bool, Option<SocketAddr>)> {
     if let Some(s) = owned(owned_sockets, owner) {
@@ -461,7 +461,7 @@ fn exit_socket(
 
 fn exit_socket_mut<'a>(
     owned_sockets: &'a mut [Vec<Option<OwnedSocket>>],
-    shared: &'a mut ExitSockets<PooledSocket>,
+    shared: &'a mut SharedExitSockets<PooledSocket>,
     owner: SocketOwner,
 ) -> Option<(i32, &'a mut bool, Option<SocketAddr>)> {
     if let Some(s) = owned_mut(owned_sockets, owner) {
@@ -540,7 +540,7 @@ impl Datapath for PortableIo<'_> {
         peer: SocketAddr,
         local_port: Option<u16>,
     ) -> io::Result<()> {
-        if self.cfg.exit_sockets == Sharing::Shared {
+        if self.cfg.exit_sockets == ExitSockets::Shared {
             let (cfg, poll) = (self.cfg, self.poll);
             let opened = self.shared.open(owner, peer, local_port, |port, pool| {
                 let socket = cfg.shared_exit_socket(peer, port)?;

@@ -31,7 +31,7 @@ const V6_BIT: u32 = 1 << 31;
 
 /// A worker's shared exit-facing sockets; `H` is how its backend holds a socket.
 #[derive(Debug)]
-pub(crate) struct ExitSockets<H> {
+pub(crate) struct SharedExitSockets<H> {
     families: [Family<H>; 2],
     /// What each pooled socket carries: (pool id, exit) → the session or flow.
     peers: HashMap<(u32, SocketAddr), SocketOwner>,
@@ -70,9 +70,9 @@ struct Fill {
     sessions: u32,
 }
 
-impl<H> Default for ExitSockets<H> {
+impl<H> Default for SharedExitSockets<H> {
     fn default() -> Self {
-        ExitSockets {
+        SharedExitSockets {
             families: [Family::default(), Family::default()],
             peers: HashMap::new(),
             owners: Vec::new(),
@@ -90,7 +90,7 @@ impl<H> Default for Family<H> {
     }
 }
 
-/// What [`ExitSockets::open`] did.
+/// What [`SharedExitSockets::open`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Opened {
     pub pool: u32,
@@ -114,7 +114,7 @@ fn split(pool: u32) -> (usize, usize) {
     (usize::from(pool & V6_BIT != 0), (pool & !V6_BIT) as usize)
 }
 
-impl<H> ExitSockets<H> {
+impl<H> SharedExitSockets<H> {
     /// Places `owner`, a session or flow towards `exit`, on a pooled socket carrying no
     /// session to `exit` yet, opening one with `make` (given the local port to bind, 0 for
     /// any, and the new socket's pool id; it returns the socket and the port it is bound
@@ -320,7 +320,7 @@ mod tests {
 
     /// A pool whose "sockets" are numbers (their port is 40000 + the number).
     struct Pool {
-        p: ExitSockets<u16>,
+        p: SharedExitSockets<u16>,
         next: u16,
     }
 
@@ -338,7 +338,7 @@ mod tests {
     #[test]
     fn sessions_of_different_exits_share_and_of_one_exit_never_do() {
         let mut p = Pool {
-            p: ExitSockets::default(),
+            p: SharedExitSockets::default(),
             next: 0,
         };
         let a = p.open(0, 0, None).unwrap();
@@ -366,7 +366,7 @@ mod tests {
     #[test]
     fn sockets_needed_are_the_busiest_exits_sessions_under_churn() {
         let mut p = Pool {
-            p: ExitSockets::default(),
+            p: SharedExitSockets::default(),
             next: 0,
         };
         let mut open = Vec::new();
@@ -402,7 +402,7 @@ mod tests {
     #[test]
     fn a_socket_that_cannot_open_changes_nothing() {
         let mut p = Pool {
-            p: ExitSockets::default(),
+            p: SharedExitSockets::default(),
             next: 0,
         };
         let a = p.open(0, 0, None).unwrap();
@@ -431,7 +431,7 @@ mod tests {
     #[test]
     fn a_pinned_port_joins_its_socket_or_opens_it() {
         let mut p = Pool {
-            p: ExitSockets::default(),
+            p: SharedExitSockets::default(),
             next: 0,
         };
         let a = p.open(0, 0, Some(40100)).unwrap();

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use socket2::Socket;
 
 use crate::io::runs::Target;
-use crate::io::shared::ExitSockets;
+use crate::io::shared::SharedExitSockets;
 use crate::io::train::TrainSockets;
 use crate::role::{Listener, SocketOwner};
 
@@ -45,7 +45,7 @@ pub(super) struct Sockets {
     /// no socket).
     pub(super) owned: Vec<Vec<u32>>,
     /// Shared exit-facing sockets (their socket ids) and who is on them.
-    pub(super) shared: ExitSockets<u32>,
+    pub(super) shared: SharedExitSockets<u32>,
 }
 
 pub(super) const NONE: u32 = u32::MAX;
