@@ -544,3 +544,50 @@ fn restored_sessions_share_their_socket_again_on_the_same_port() {
         );
     });
 }
+
+/// IPv6 exits get sockets of their own family: two IPv6 exits' sessions share one, an
+/// IPv4 exit's session is on another, and every session works both ways.
+#[test]
+fn exits_of_each_address_family_share_sockets_of_that_family() {
+    for_each_backend(|backend| {
+        let v6 =
+            || WgNode::bind("[::1]:0".parse().unwrap(), KeyPair::generate()).expect("bind ::1");
+        let (mut x, mut y, mut z) = (node(), v6(), v6());
+        let (mut a, mut b, mut c) = (node(), node(), node());
+        let relay = shared_relay(backend, &[("x", &x), ("y", &y), ("z", &z)]);
+        let (ap, xa) = pair(relay.addr, &mut x, &mut a);
+        let (bp, yb) = pair(relay.addr, &mut y, &mut b);
+        let (cp, zc) = pair(relay.addr, &mut z, &mut c);
+        for (n, body) in [b"one".as_slice(), b"two"].iter().enumerate() {
+            assert_eq!(
+                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body)),
+                Some(xa),
+                "{n}"
+            );
+            assert_eq!(
+                deliver(&mut x, xa, &mut a, &mut [], &reply(1, body)),
+                Some(ap)
+            );
+            assert_eq!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, body)), Some(yb));
+            assert_eq!(
+                deliver(&mut y, yb, &mut b, &mut [], &reply(2, body)),
+                Some(bp)
+            );
+            assert_eq!(deliver(&mut c, cp, &mut z, &mut [], &ip(3, body)), Some(zc));
+            assert_eq!(
+                deliver(&mut z, zc, &mut c, &mut [], &reply(3, body)),
+                Some(cp)
+            );
+        }
+        let (sx, sy, sz) = (
+            x.endpoint(xa).unwrap(),
+            y.endpoint(yb).unwrap(),
+            z.endpoint(zc).unwrap(),
+        );
+        assert!(sx.is_ipv4() && sy.is_ipv6(), "{sx} {sy}");
+        assert_eq!(sy, sz, "two IPv6 exits share a socket");
+        assert_eq!(shared_sockets(&relay), 2);
+        let s = relay.stats();
+        assert_eq!(s.total_drops(), 0, "{s:?}");
+    });
+}
