@@ -18,6 +18,11 @@
 //! costs O(1) whatever the number of sockets. The entry of `E` goes when its last session
 //! does. A session with a pinned local port (restored after a restart) joins the pooled
 //! socket bound to that port, or opens one there.
+//!
+//! What an unconnected socket changes besides: an exit's ICMP errors (port unreachable)
+//! are no longer reported on it (`recv_errors` misses them), and a late datagram of a
+//! session that has just left a socket others still use counts as a stranger instead of
+//! vanishing with its socket.
 
 use std::collections::HashMap;
 use std::io;
