@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
-use wraithgate_relay::io::{BackendChoice, DataPlaneConfig, FastPathChoice};
+use wraithgate_relay::io::{BackendChoice, DataPlaneConfig, ExitSockets, FastPathChoice};
 use wraithgate_relay::router::RouterConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable, IpNet, TableError};
 use wraithgate_relay::tun::{TunConfig, TunOffload};
@@ -207,6 +207,10 @@ pub struct RelaySection {
     /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket, bytes.
     #[serde(default = "default_exit_socket_buffer")]
     pub exit_socket_buffer: usize,
+    /// "per-session" (the default: a connected exit-facing socket per session) or "shared"
+    /// (sockets shared between sessions of different exits).
+    #[serde(default)]
+    pub exit_sockets: ExitSockets,
     /// The kernel fast path for established DoubleHop sessions: "off" (the default) or
     /// "auto".
     #[serde(default)]
@@ -229,6 +233,7 @@ impl Default for RelaySection {
             ring_buffers: default_ring_buffers(),
             socket_buffer: default_socket_buffer(),
             exit_socket_buffer: default_exit_socket_buffer(),
+            exit_sockets: ExitSockets::PerSession,
             fast_path: FastPathChoice::Off,
             fast_path_interfaces: Vec::new(),
         }
@@ -581,6 +586,7 @@ impl Config {
             ring_buffers: r.ring_buffers,
             listener_socket_buffer: r.socket_buffer,
             exit_socket_buffer: r.exit_socket_buffer,
+            exit_sockets: r.exit_sockets,
             fast_path: r.fast_path,
             fast_path_interfaces: r.fast_path_interfaces.clone(),
             tun,
@@ -664,8 +670,17 @@ backend = "auto"
 # queue every forwarded packet waits in (16 MiB ≈ 100 ms at 1 Gb/s), so latency-sensitive
 # nodes may want less. See BENCHMARKS.md, "Socket buffers".
 # socket_buffer = 16777216
-# Kernel buffer of each exit-facing socket (one per session), bytes.
+# Kernel buffer of each exit-facing socket (one per session, or per shared socket), bytes.
 # exit_socket_buffer = 1048576
+# Exit-facing sockets. "per-session" (the default): each DoubleHop session and Z-HOP flow
+# has a socket of its own, connected to its exit, so a node needs a descriptor per session
+# (RLIMIT_NOFILE bounds its sessions). "shared": a socket carries sessions of different
+# exits, at most one per exit, so each exit still sees every client at a relay port of its
+# own, and a worker needs only as many sockets as its busiest exit has sessions. The cost:
+# the sockets are not connected, so the kernel no longer filters by source; the worker
+# looks up each exit-side datagram's source (one hash lookup) and drops datagrams from any
+# other address (counted as shared_socket_stranger).
+# exit_sockets = "shared"
 # Source address of the sockets that talk to exits (by default the kernel picks).
 # exit_source = "203.0.113.5"
 # Kernel fast path: "auto" forwards the transport messages of established DoubleHop
@@ -813,6 +828,22 @@ mod tests {
         );
         assert_eq!(l, 3, "{m}");
         assert!(m.contains("\"a/b\" is not an interface name"), "{m}");
+    }
+
+    #[test]
+    fn exit_sockets_are_per_session_by_default_and_a_bad_value_names_its_line() {
+        let c = parse("[relay]\nlisten = [\"0.0.0.0:51820\"]\n").unwrap();
+        assert_eq!(c.data_plane.exit_sockets, ExitSockets::PerSession);
+        let c = parse("[relay]\nexit_sockets = \"shared\"\n").unwrap();
+        assert_eq!(c.data_plane.exit_sockets, ExitSockets::Shared);
+        let c = parse("[relay]\nexit_sockets = \"per-session\"\n").unwrap();
+        assert_eq!(c.data_plane.exit_sockets, ExitSockets::PerSession);
+        let (l, m) =
+            line(parse("[relay]\nworkers = 1\n\nexit_sockets = \"pooled\"\n").unwrap_err());
+        assert_eq!(l, 4, "{m}");
+        assert!(m.contains("per-session") && m.contains("shared"), "{m}");
+        let (l, m) = line(parse("[relay]\nexit_sockets = true\n").unwrap_err());
+        assert_eq!(l, 2, "{m}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn render(c: &Control) -> String {
     w.header("wraithgate_workers", "gauge", "Data-plane worker threads.");
     w.sample("wraithgate_workers", &[], reports.len() as u64);
 
-    let per_worker: [(&str, &str, ReportField); 43] = [
+    let per_worker: [(&str, &str, ReportField); 44] = [
         (
             "wraithgate_packets_to_exit_total",
             "Packets forwarded from clients to exits.",
@@ -256,6 +256,11 @@ pub fn render(c: &Control) -> String {
             "wraithgate_sessions_pending",
             "Sessions waiting for the exit's first answer.",
             |r| r.pending as u64,
+        ),
+        (
+            "wraithgate_exit_shared_sockets",
+            "Shared exit-facing sockets open ([relay] exit_sockets = \"shared\"): the descriptors the worker's sessions and flows use between them.",
+            |r| r.io.shared_exit_sockets,
         ),
     ];
     for (name, help, get) in per_worker {

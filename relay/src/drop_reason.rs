@@ -72,11 +72,16 @@ pub enum DropReason {
     /// Exit: a read from an offloading TUN device (a `virtio_net_hdr` and its packet) that
     /// could not be split into packets (a header or packet the kernel should not produce).
     ExitTunReadUnsplittable,
+    /// A datagram on a shared exit-facing socket (`[relay] exit_sockets = "shared"`) from an
+    /// address that is the exit of no session or flow on that socket: a stranger the
+    /// kernel would have filtered out on a connected socket, or a late packet of a session
+    /// that has just closed.
+    SharedSocketStranger,
 }
 
 impl DropReason {
     /// Every reason, in the order of [`DropReason::index`].
-    pub const ALL: [DropReason; 29] = [
+    pub const ALL: [DropReason; 30] = [
         DropReason::Truncated,
         DropReason::BadLength,
         DropReason::ReservedNonZero,
@@ -106,6 +111,7 @@ impl DropReason {
         DropReason::ExitHandoffFull,
         DropReason::ExitTunWriteFailed,
         DropReason::ExitTunReadUnsplittable,
+        DropReason::SharedSocketStranger,
     ];
     /// Number of distinct reasons.
     pub const COUNT: usize = Self::ALL.len();
@@ -147,6 +153,7 @@ impl DropReason {
             DropReason::ExitHandoffFull => "exit_handoff_full",
             DropReason::ExitTunWriteFailed => "exit_tun_write_failed",
             DropReason::ExitTunReadUnsplittable => "exit_tun_read_unsplittable",
+            DropReason::SharedSocketStranger => "shared_socket_stranger",
         }
     }
 }

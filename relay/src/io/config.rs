@@ -54,6 +54,30 @@ impl FastPathChoice {
     }
 }
 
+/// How exit-facing sockets are held: one per DoubleHop session and Z-HOP flow, or shared
+/// between sessions of different exits (`io/shared.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExitSockets {
+    /// A socket of its own per session, connected to its exit: the kernel filters by source.
+    #[default]
+    PerSession,
+    /// A socket carries at most one session per exit endpoint, so each exit still sees every
+    /// client at a relay port of its own; a worker needs as many sockets as its busiest exit
+    /// has sessions. Unconnected: the worker demultiplexes by source and drops strangers
+    /// (`shared_socket_stranger`).
+    Shared,
+}
+
+impl ExitSockets {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitSockets::PerSession => "per-session",
+            ExitSockets::Shared => "shared",
+        }
+    }
+}
+
 /// Descriptors the data plane leaves to the rest of the node: the operator API's
 /// connections, state-file writes, logs. A node at its open-files limit still answers its
 /// operator, who can kill sessions to make room, instead of refusing every connection.
@@ -81,6 +105,8 @@ pub struct DataPlaneConfig {
     pub listener_socket_buffer: usize,
     /// SO_RCVBUF/SO_SNDBUF of each exit-facing socket.
     pub exit_socket_buffer: usize,
+    /// One exit-facing socket per session, or sockets shared between exits.
+    pub exit_sockets: ExitSockets,
     /// Use UDP GSO on send (each socket still falls back on its own when the kernel refuses).
     pub gso: bool,
     /// The node's static private key; Z-HOP (terminating provisioned peers' outer tunnels)
@@ -117,6 +143,7 @@ impl Default for DataPlaneConfig {
             recv_buffer: 65_536,
             listener_socket_buffer: 16 << 20,
             exit_socket_buffer: 1 << 20,
+            exit_sockets: ExitSockets::PerSession,
             gso: true,
             node_key: None,
             ring_buffers: 256,
@@ -143,6 +170,26 @@ impl DataPlaneConfig {
     ) -> io::Result<Socket> {
         let (socket, _gro) =
             sys::exit_socket(exit, self.exit_source, local_port, self.exit_socket_buffer)?;
+        self.within_ceiling(socket)
+    }
+
+    /// An unconnected socket for sessions towards exits of `exit`'s address family, bound
+    /// as [`DataPlaneConfig::exit_socket`] binds (port `local_port`, 0 for any).
+    pub(crate) fn shared_exit_socket(
+        &self,
+        exit: SocketAddr,
+        local_port: u16,
+    ) -> io::Result<Socket> {
+        let (socket, _gro) = sys::unconnected_exit_socket(
+            exit,
+            self.exit_source,
+            local_port,
+            self.exit_socket_buffer,
+        )?;
+        self.within_ceiling(socket)
+    }
+
+    fn within_ceiling(&self, socket: Socket) -> io::Result<Socket> {
         // Descriptors are handed out lowest first, so a socket's number is about how many
         // are open: at the ceiling this one is closed again and the session refused.
         if std::os::fd::AsRawFd::as_raw_fd(&socket) as u64 >= self.descriptor_ceiling {

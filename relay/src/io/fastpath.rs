@@ -161,11 +161,18 @@ impl FastSessions {
         };
         let client = v4(client).ok_or("IPv6 client")?;
         let exit = v4(exit).ok_or("IPv6 exit")?;
-        let exit_facing = d
+        let mut exit_facing = d
             .local_addr(socket)
             .and_then(v4)
-            .filter(|a| !a.ip().is_unspecified())
-            .ok_or("exit-facing socket has no IPv4 source address")?;
+            .ok_or("exit-facing socket has no IPv4 address")?;
+        // A shared (unconnected) socket bound to the wildcard address sends from the address
+        // the kernel routes to the exit by, as a connected one does: the exit answers there.
+        // The program's exit-side key is the whole 4-tuple, and a shared socket carries one
+        // session per exit, so sessions sharing a socket never share a key.
+        if exit_facing.ip().is_unspecified() {
+            let source = route_source(exit).ok_or("no route to the exit")?;
+            exit_facing = SocketAddrV4::new(source, exit_facing.port());
+        }
         let mut listen = d
             .listener_local(listener.id)
             .and_then(v4)
@@ -297,9 +304,9 @@ fn delta(before: &Counters, now: &Counters) -> (Traffic, Traffic, bool) {
 
 /// The source address the kernel picks for a datagram to `client` (a connected UDP
 /// socket's local address; nothing is sent).
-fn route_source(client: SocketAddrV4) -> Option<std::net::Ipv4Addr> {
+fn route_source(peer: SocketAddrV4) -> Option<std::net::Ipv4Addr> {
     let probe = UdpSocket::bind("0.0.0.0:0").ok()?;
-    probe.connect(client).ok()?;
+    probe.connect(peer).ok()?;
     match probe.local_addr().ok()? {
         SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(*a.ip()),
         _ => None,

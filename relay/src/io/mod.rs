@@ -21,6 +21,7 @@ mod handoff;
 mod listeners;
 pub mod portable;
 mod runs;
+mod shared;
 mod stats;
 pub mod sys;
 mod train;
@@ -29,7 +30,8 @@ mod worker;
 
 use self::backend::{choose_backend, Chosen};
 pub use self::config::{
-    default_workers, BackendChoice, DataPlaneConfig, FastPathChoice, CONTROL_DESCRIPTORS,
+    default_workers, BackendChoice, DataPlaneConfig, ExitSockets, FastPathChoice,
+    CONTROL_DESCRIPTORS,
 };
 pub use self::exit::ExitStats;
 use self::listeners::{bind_group, pinned_exit_name};

@@ -18,10 +18,11 @@ use mio::{Events, Interest, Token};
 use socket2::Socket;
 
 use super::runs::{self, Run, Target};
+use super::shared::SharedExitSockets;
 use super::sys::{RecvBatch, SendBatch, Transmit};
 use super::train::{self, SyncSend, TrainSockets, Trains};
 use super::worker::{self, Datapath, Source, Worker};
-use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
+use super::{BoundListener, DataPlaneConfig, ExitSockets, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
 use crate::role::Listener;
 use crate::role::{RoleId, SocketOwner};
@@ -33,6 +34,9 @@ pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX);
 /// above [`ROLE_SHIFT`], the owner's slot index below.
 const OWNED_TOKEN_BASE: usize = 1 << 16;
 const ROLE_SHIFT: u32 = 40;
+/// The "role" under which shared exit-facing sockets' tokens are made (by pool id): no
+/// role has this id.
+const SHARED_TOKENS: usize = 0xff;
 /// Batches taken from one socket before the others get their turn.
 const BATCHES_PER_TURN: usize = 4;
 
@@ -46,6 +50,7 @@ macro_rules! portable_io {
             poll: &$w.poll,
             listeners: &mut $w.listeners,
             owned: &mut $w.owned,
+            shared: &mut $w.shared,
             io: &mut $w.io,
             send: &mut $w.send,
             trains: &mut $w.trains,
@@ -75,6 +80,13 @@ struct OwnedSocket {
     gso: bool,
 }
 
+/// A shared exit-facing socket (`io/shared.rs`), by pool id.
+struct PooledSocket {
+    socket: Socket,
+    /// Whether sends on this socket may use GSO; cleared for good when the kernel refuses.
+    gso: bool,
+}
+
 /// A portable worker: the [`Worker`] and the sockets and batches that serve it.
 struct Loop {
     worker: Worker,
@@ -83,6 +95,8 @@ struct Loop {
     listeners: Vec<Option<ListenerSocket>>,
     /// Sockets roles own, by role id, then by the owner's slot index.
     owned: Vec<Vec<Option<OwnedSocket>>>,
+    /// Shared exit-facing sockets and who is on them.
+    shared: SharedExitSockets<PooledSocket>,
     recv: RecvBatch,
     send: SendBatch,
     /// Z-HOP's datagrams of the current batch, per destination (`train.rs`).
@@ -112,6 +126,7 @@ pub(crate) fn run(ctx: WorkerContext) {
         poll: ctx.poll,
         listeners: Vec::new(),
         owned: Vec::new(),
+        shared: SharedExitSockets::default(),
         io: IoStats::default(),
     };
     w.worker
@@ -190,24 +205,31 @@ impl Loop {
                 }
             } else {
                 let t = token.0 - OWNED_TOKEN_BASE;
-                let role = RoleId((t >> ROLE_SHIFT) as u8);
                 let index = t & ((1 << ROLE_SHIFT) - 1);
-                match self
-                    .owned
-                    .get(usize::from(role.0))
-                    .and_then(|v| v.get(index))
-                {
-                    Some(Some(s)) => (
-                        s.socket.as_raw_fd(),
-                        Source::Socket(SocketOwner {
-                            role,
-                            slot: SessionSlot {
-                                index: index as u32,
-                                generation: s.generation,
-                            },
-                        }),
-                    ),
-                    _ => return false,
+                if t >> ROLE_SHIFT == SHARED_TOKENS {
+                    match self.shared.handle(index as u32) {
+                        Some(s) => (s.socket.as_raw_fd(), Source::Shared(index as u32)),
+                        None => return false,
+                    }
+                } else {
+                    let role = RoleId((t >> ROLE_SHIFT) as u8);
+                    match self
+                        .owned
+                        .get(usize::from(role.0))
+                        .and_then(|v| v.get(index))
+                    {
+                        Some(Some(s)) => (
+                            s.socket.as_raw_fd(),
+                            Source::Socket(SocketOwner {
+                                role,
+                                slot: SessionSlot {
+                                    index: index as u32,
+                                    generation: s.generation,
+                                },
+                            }),
+                        ),
+                        _ => return false,
+                    }
                 }
             };
             self.io.recv_calls += 1;
@@ -289,7 +311,7 @@ impl Loop {
     }
 
     fn send_to_socket(&mut self, owner: SocketOwner, run: &Run) {
-        let s = match owned_mut(&mut self.owned, owner) {
+        let (fd, gso, dest) = match exit_socket_mut(&mut self.owned, &mut self.shared, owner) {
             Some(s) => s,
             // The session went away while its packets were being routed.
             None => {
@@ -300,18 +322,12 @@ impl Loop {
             }
         };
         let tx = Transmit {
-            dest: None,
+            dest,
             contents: &self.recv.payload(run.msg)[run.start..run.start + run.len],
             segment_size: run.segment_size(),
         };
-        let mut failed = runs::send_all(
-            &mut self.send,
-            s.socket.as_raw_fd(),
-            &[tx],
-            &mut s.gso,
-            &mut self.io,
-            self.worker.id,
-        );
+        let mut failed =
+            runs::send_all(&mut self.send, fd, &[tx], gso, &mut self.io, self.worker.id);
         self.worker.record_send_failures(&mut failed);
     }
 
@@ -382,6 +398,7 @@ struct PortableIo<'a> {
     poll: &'a mio::Poll,
     listeners: &'a mut Vec<Option<ListenerSocket>>,
     owned: &'a mut Vec<Vec<Option<OwnedSocket>>>,
+    shared: &'a mut SharedExitSockets<PooledSocket>,
     io: &'a mut IoStats,
     send: &'a mut SendBatch,
     trains: &'a mut Trains,
@@ -391,6 +408,7 @@ struct PortableIo<'a> {
 struct TrainSocketsView<'a> {
     listeners: &'a mut [Option<ListenerSocket>],
     owned: &'a mut [Vec<Option<OwnedSocket>>],
+    shared: &'a mut SharedExitSockets<PooledSocket>,
 }
 
 impl TrainSocketsView<'_> {
@@ -401,21 +419,21 @@ impl TrainSocketsView<'_> {
                 .get_mut(usize::from(listener))?
                 .as_mut()
                 .map(|l| &mut l.gso),
-            Target::Socket(owner) => owned_mut(self.owned, owner).map(|s| &mut s.gso),
+            Target::Socket(owner) => {
+                exit_socket_mut(self.owned, self.shared, owner).map(|(_, gso, _)| gso)
+            }
         }
     }
 }
 
 impl TrainSockets for TrainSocketsView<'_> {
-    fn socket(&self, target: Target) -> Option<(i32, bool)> {
+    fn socket(&self, target: Target) -> Option<(i32, bool, Option<SocketAddr>)> {
         match target {
-            Target::Client { listener, .. } => {
+            Target::Client { listener, addr } => {
                 let l = open_listener(self.listeners, usize::from(listener))?;
-                Some((l.socket.as_raw_fd(), l.gso))
+                Some((l.socket.as_raw_fd(), l.gso, Some(addr)))
             }
-            Target::Socket(owner) => {
-                owned(self.owned, owner).map(|s| (s.socket.as_raw_fd(), s.gso))
-            }
+            Target::Socket(owner) => exit_socket(self.owned, self.shared, owner),
         }
     }
 
@@ -424,6 +442,34 @@ impl TrainSockets for TrainSocketsView<'_> {
             *gso = false;
         }
     }
+}
+
+/// `owner`'s socket, its own or a shared one: its descriptor, whether it may use GSO, and
+/// the destination its sends name (the exit, on a shared socket).
+fn exit_socket(
+    owned_sockets: &[Vec<Option<OwnedSocket>>],
+    shared: &SharedExitSockets<PooledSocket>,
+    owner: SocketOwner,
+) -> Option<(i32, bool, Option<SocketAddr>)> {
+    if let Some(s) = owned(owned_sockets, owner) {
+        return Some((s.socket.as_raw_fd(), s.gso, None));
+    }
+    let (pool, exit) = shared.of(owner)?;
+    let s = shared.handle(pool)?;
+    Some((s.socket.as_raw_fd(), s.gso, Some(exit)))
+}
+
+fn exit_socket_mut<'a>(
+    owned_sockets: &'a mut [Vec<Option<OwnedSocket>>],
+    shared: &'a mut SharedExitSockets<PooledSocket>,
+    owner: SocketOwner,
+) -> Option<(i32, &'a mut bool, Option<SocketAddr>)> {
+    if let Some(s) = owned_mut(owned_sockets, owner) {
+        return Some((s.socket.as_raw_fd(), &mut s.gso, None));
+    }
+    let (pool, exit) = shared.of(owner)?;
+    let s = shared.handle_mut(pool)?;
+    Some((s.socket.as_raw_fd(), &mut s.gso, Some(exit)))
 }
 
 impl PortableIo<'_> {
@@ -470,6 +516,7 @@ impl PortableIo<'_> {
             TrainSocketsView {
                 listeners: self.listeners,
                 owned: self.owned,
+                shared: self.shared,
             },
             SyncSend {
                 send: self.send,
@@ -493,6 +540,25 @@ impl Datapath for PortableIo<'_> {
         peer: SocketAddr,
         local_port: Option<u16>,
     ) -> io::Result<()> {
+        if self.cfg.exit_sockets == ExitSockets::Shared {
+            let (cfg, poll) = (self.cfg, self.poll);
+            let opened = self.shared.open(owner, peer, local_port, |port, pool| {
+                let socket = cfg.shared_exit_socket(peer, port)?;
+                let token = OWNED_TOKEN_BASE + (SHARED_TOKENS << ROLE_SHIFT) + pool as usize;
+                poll.registry().register(
+                    &mut SourceFd(&socket.as_raw_fd()),
+                    Token(token),
+                    Interest::READABLE,
+                )?;
+                let port = socket.local_addr()?.as_socket().map_or(port, |a| a.port());
+                let gso = cfg.gso;
+                Ok((PooledSocket { socket, gso }, port))
+            })?;
+            if opened.new_socket {
+                self.io.shared_exit_sockets += 1;
+            }
+            return Ok(());
+        }
         let i = owner.slot.index as usize;
         let token = OWNED_TOKEN_BASE + (usize::from(owner.role.0) << ROLE_SHIFT) + i;
         let socket = self.open_socket(peer, local_port, Token(token))?;
@@ -515,6 +581,16 @@ impl Datapath for PortableIo<'_> {
     fn close(&mut self, owner: SocketOwner) -> bool {
         let target = Target::Socket(owner);
         self.flush_trains(|t| t == target);
+        if let Some((_, emptied)) = self.shared.close(owner) {
+            if let Some(s) = emptied {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&s.socket.as_raw_fd()));
+                self.io.shared_exit_sockets -= 1;
+            }
+            return true;
+        }
         let Some(entry) = self
             .owned
             .get_mut(usize::from(owner.role.0))
@@ -591,8 +667,15 @@ impl Datapath for PortableIo<'_> {
     }
 
     fn local_addr(&self, owner: SocketOwner) -> Option<SocketAddr> {
-        let s = owned(self.owned, owner)?;
-        s.socket.local_addr().ok()?.as_socket()
+        let socket = match owned(self.owned, owner) {
+            Some(s) => &s.socket,
+            None => &self.shared.handle(self.shared.of(owner)?.0)?.socket,
+        };
+        socket.local_addr().ok()?.as_socket()
+    }
+
+    fn shared_owner(&self, pool: u32, from: SocketAddr) -> Option<SocketOwner> {
+        self.shared.owner(pool, from)
     }
 
     fn listener_local(&self, id: u16) -> Option<SocketAddr> {

@@ -58,6 +58,9 @@ pub struct IoStats {
     /// The relay's own cookie replies the kernel refused to send.
     pub cookie_send_errors: u64,
     pub exit_sockets_open: u64,
+    /// Shared exit-facing sockets open (`[relay] exit_sockets = "shared"`): the descriptors
+    /// the sessions and flows counted above (and Z-HOP's) use between them.
+    pub shared_exit_sockets: u64,
     /// Longest single housekeeping step (table pick-up, expiry, control requests), in ns:
     /// what a table swap costs a worker's loop.
     pub housekeeping_max_ns: u64,
@@ -90,6 +93,7 @@ impl IoStats {
         self.recv_errors += o.recv_errors;
         self.cookie_send_errors += o.cookie_send_errors;
         self.exit_sockets_open += o.exit_sockets_open;
+        self.shared_exit_sockets += o.shared_exit_sockets;
         self.housekeeping_max_ns = self.housekeeping_max_ns.max(o.housekeeping_max_ns);
         self.swap_step_max_cpu_ns = self.swap_step_max_cpu_ns.max(o.swap_step_max_cpu_ns);
         self.cpu_ns += o.cpu_ns;

@@ -505,6 +505,20 @@ pub fn exit_socket(
     local_port: Option<u16>,
     buffer: usize,
 ) -> io::Result<(Socket, bool)> {
+    let (s, gro) = unconnected_exit_socket(exit, source, local_port.unwrap_or(0), buffer)?;
+    s.connect(&exit.into())?;
+    Ok((s, gro))
+}
+
+/// An exit-facing socket shared by sessions of several exits of `exit`'s address family:
+/// bound as [`exit_socket`] binds (port `local_port`, 0 for an ephemeral one), not
+/// connected, so it receives from anyone and sends name their destination.
+pub fn unconnected_exit_socket(
+    exit: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    local_port: u16,
+    buffer: usize,
+) -> io::Result<(Socket, bool)> {
     let s = udp_socket(&exit)?;
     set_buffer(&s, buffer, true);
     set_buffer(&s, buffer, false);
@@ -513,8 +527,7 @@ pub fn exit_socket(
         SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
     });
-    s.bind(&SocketAddr::new(bind_ip, local_port.unwrap_or(0)).into())?;
-    s.connect(&exit.into())?;
+    s.bind(&SocketAddr::new(bind_ip, local_port).into())?;
     Ok((s, gro))
 }
 

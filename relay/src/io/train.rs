@@ -92,9 +92,10 @@ impl std::fmt::Debug for Trains {
 
 /// The sockets trains leave from, as a backend keeps them.
 pub(crate) trait TrainSockets {
-    /// The descriptor a train to `target` is sent on and whether that socket may use GSO;
-    /// `None` when the socket is gone.
-    fn socket(&self, target: Target) -> Option<(RawFd, bool)>;
+    /// The descriptor a train to `target` is sent on, whether that socket may use GSO, and
+    /// the destination to name (`None` on a connected socket); `None` when the socket is
+    /// gone.
+    fn socket(&self, target: Target) -> Option<(RawFd, bool, Option<SocketAddr>)>;
     /// The kernel refused GSO on the socket of `target`.
     fn refuse_gso(&mut self, target: Target);
 }
@@ -250,12 +251,12 @@ impl Trains {
                 Some(b) => self.send_now(b, sockets, out),
                 None => {
                     out.io.zhop_unbatched += 1;
-                    let Some((fd, gso)) = sockets.socket(target) else {
+                    let Some((fd, gso, dest)) = sockets.socket(target) else {
                         self.failed += 1;
                         return;
                     };
                     let tx = Transmit {
-                        dest: target.address(),
+                        dest,
                         contents: bytes,
                         segment_size: None,
                     };
@@ -289,7 +290,7 @@ impl Trains {
         out: &mut SyncSend<'_>,
     ) {
         let target = self.target(b);
-        let Some((fd, gso)) = sockets.socket(target) else {
+        let Some((fd, gso, dest)) = sockets.socket(target) else {
             self.failed += self.slot(b).segments;
             self.release(b);
             return;
@@ -305,7 +306,7 @@ impl Trains {
         let mut n = 0;
         let bytes = self.bytes(b);
         for run in self.runs(b) {
-            let (dest, seg) = (target.address(), run.segment_size());
+            let seg = run.segment_size();
             if gso && seg.is_some() {
                 out.io.zhop_trains_sent += 1;
                 out.io.zhop_segments_in_trains += run.segments as u64;

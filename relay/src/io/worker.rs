@@ -61,8 +61,12 @@ pub(crate) trait Datapath {
     fn add_listener(&mut self, l: BoundListener);
     /// Closes the listener bound to `local` (a port no longer pinned), if any.
     fn remove_listener(&mut self, local: SocketAddr) -> Option<Listener>;
-    /// The local address of `owner`'s socket (its source address once connected).
+    /// The local address of `owner`'s socket (its source address once connected; a shared
+    /// socket's bound address).
     fn local_addr(&self, owner: SocketOwner) -> Option<SocketAddr>;
+    /// The owner of a datagram from `from` on shared socket `pool`: the session or flow
+    /// whose exit `from` is, if any.
+    fn shared_owner(&self, pool: u32, from: SocketAddr) -> Option<SocketOwner>;
     /// The local port of `owner`'s socket.
     fn local_port(&self, owner: SocketOwner) -> Option<u16> {
         self.local_addr(owner).map(|a| a.port())
@@ -439,6 +443,19 @@ impl Worker {
         } = msg;
         let len = payload.len();
         let stride = if stride == 0 { len } else { stride };
+        // A shared exit-facing socket: the source says whose it is (a GRO train has one).
+        let source = match source {
+            Source::Shared(pool) => match d.shared_owner(pool, from) {
+                Some(owner) => Source::Socket(owner),
+                None => {
+                    for _ in 0..len.div_ceil(stride).max(1) {
+                        self.router.record_drop(DropReason::SharedSocketStranger);
+                    }
+                    return;
+                }
+            },
+            s => s,
+        };
         let mut offset = 0;
         // At least one pass, so that an empty datagram reaches the router too and is
         // counted (as truncated) like any other malformed one.
@@ -472,6 +489,7 @@ impl Worker {
                     Zhop::ID => self.zhop.handle_socket(now, slot, seg, &mut out),
                     _ => {}
                 },
+                Source::Shared(_) => {}
             }
         }
     }
@@ -581,6 +599,8 @@ pub(crate) enum Source {
     Client(Listener),
     /// A socket a role owns.
     Socket(SocketOwner),
+    /// A shared exit-facing socket, by pool id: its owner is the datagram's source's.
+    Shared(u32),
 }
 /// One received message: a datagram, or a GRO train of `stride`-sized datagrams.
 #[derive(Debug, Clone, Copy)]

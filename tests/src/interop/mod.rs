@@ -207,7 +207,8 @@ impl Lab {
     /// `WRAITHGATE_REQUIRE_ALL_TESTS` forbids them).
     ///
     /// `WRAITHGATE_INTEROP_FAST_PATH=1` runs the suite with the kernel fast path on
-    /// ([`LabOptions::fast_path`]).
+    /// ([`LabOptions::fast_path`]); `WRAITHGATE_INTEROP_EXIT_SOCKETS=shared` with shared
+    /// exit-facing sockets.
     pub fn start_or_skip(test: &str) -> Option<Lab> {
         let backend = std::env::var("WRAITHGATE_INTEROP_BACKEND").unwrap_or_else(|_| "auto".into());
         Self::start_or_skip_with(test, &backend)
@@ -391,6 +392,11 @@ impl Lab {
         let mut relay_extra = String::new();
         if options.fast_path {
             relay_extra += "fast_path = \"auto\"\n";
+        }
+        // `WRAITHGATE_INTEROP_EXIT_SOCKETS=shared` runs any suite with shared exit-facing
+        // sockets (`[relay] exit_sockets`).
+        if let Ok(mode) = std::env::var("WRAITHGATE_INTEROP_EXIT_SOCKETS") {
+            relay_extra += &format!("exit_sockets = \"{mode}\"\n");
         }
         if options.ipv6 {
             relay_extra += &format!("listen = [\"0.0.0.0:{RELAY_PORT}\", \"[::]:{RELAY_PORT}\"]\n");

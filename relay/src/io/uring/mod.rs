@@ -54,7 +54,7 @@ use super::runs::{self, Run, Target};
 use super::sys::{self, is_gso_errno, SendBatch, MAX_GSO_SEGMENTS};
 use super::train::{self, SyncSend, Trains};
 use super::worker::{self, Datapath, Source, Worker, MAX_WAIT};
-use super::{BoundListener, DataPlaneConfig, IoStats, WorkerContext};
+use super::{BoundListener, DataPlaneConfig, ExitSockets, IoStats, WorkerContext};
 use crate::drop_reason::DropReason;
 use crate::role::{Listener, SocketOwner};
 /// Deferred completions the kernel runs in an enter that waits for one
@@ -204,6 +204,47 @@ impl Plane {
     }
 }
 
+impl Plane {
+    /// Puts `owner` on a shared socket (`io/shared.rs`), opening, registering and arming
+    /// one when none is free for `peer`.
+    fn open_shared(
+        &mut self,
+        owner: SocketOwner,
+        peer: SocketAddr,
+        local_port: Option<u16>,
+    ) -> io::Result<()> {
+        let cfg = &self.cfg;
+        let mut made = None;
+        let opened = self
+            .sockets
+            .shared
+            .open(owner, peer, local_port, |port, _| {
+                let socket = cfg.shared_exit_socket(peer, port)?;
+                let bound = socket.local_addr()?.as_socket().map_or(port, |a| a.port());
+                made = Some(socket);
+                // The id is set below, once the registry holds the socket.
+                Ok((NONE, bound))
+            })?;
+        if let Some(socket) = made {
+            let sid = self.sockets.insert(IoSocket {
+                socket,
+                role: Role::Shared(opened.pool),
+                local: None,
+                gso: self.cfg.gso,
+                recv_armed: false,
+                closing: false,
+                refs: 0,
+            });
+            if let Some(h) = self.sockets.shared.handle_mut(opened.pool) {
+                *h = sid;
+            }
+            self.io.shared_exit_sockets += 1;
+            self.arm_recv(sid);
+        }
+        Ok(())
+    }
+}
+
 impl Datapath for Plane {
     /// Registers the socket under its owner and arms its receive.
     fn open(
@@ -212,6 +253,9 @@ impl Datapath for Plane {
         peer: SocketAddr,
         local_port: Option<u16>,
     ) -> io::Result<()> {
+        if self.cfg.exit_sockets == ExitSockets::Shared {
+            return self.open_shared(owner, peer, local_port);
+        }
         let socket = self.cfg.exit_socket(peer, local_port)?;
         let sid = self.sockets.insert(IoSocket {
             socket,
@@ -238,6 +282,13 @@ impl Datapath for Plane {
             self.submit_queued();
             let (trains, sockets, mut out) = self.train_parts();
             trains.flush_now(|t| t == target, sockets, &mut out);
+        }
+        if let Some((_, emptied)) = self.sockets.shared.close(owner) {
+            if let Some(sid) = emptied {
+                self.io.shared_exit_sockets -= 1;
+                self.close_socket(sid);
+            }
+            return true;
         }
         let Some(sid) = self.sockets.owned(owner) else {
             return false;
@@ -320,6 +371,10 @@ impl Datapath for Plane {
     fn local_addr(&self, owner: SocketOwner) -> Option<SocketAddr> {
         let s = self.sockets.get(self.sockets.owned(owner)?)?;
         s.socket.local_addr().ok()?.as_socket()
+    }
+
+    fn shared_owner(&self, pool: u32, from: SocketAddr) -> Option<SocketOwner> {
+        self.sockets.shared.owner(pool, from)
     }
 
     fn listener_local(&self, id: u16) -> Option<SocketAddr> {
@@ -766,6 +821,7 @@ impl Loop {
             Some(s) if !s.closing => match s.role {
                 Role::Listener(l) => Source::Client(l),
                 Role::Owned(owner) => Source::Socket(owner),
+                Role::Shared(pool) => Source::Shared(pool),
             },
             // Its session ended after the message arrived: as if it arrived a moment later.
             _ => return,
@@ -825,7 +881,7 @@ impl Loop {
             }
             return;
         };
-        let dest = run.target.address();
+        let dest = self.plane.sockets.dest(run.target);
         let gso = self.plane.sockets.get(socket).is_some_and(|s| s.gso);
         let info = SendInfo {
             socket,

@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use socket2::Socket;
 
 use crate::io::runs::Target;
+use crate::io::shared::SharedExitSockets;
 use crate::io::train::TrainSockets;
 use crate::role::{Listener, SocketOwner};
 
@@ -17,6 +18,8 @@ pub(super) enum Role {
     Listener(Listener),
     /// A socket a role owns (towards an exit).
     Owned(SocketOwner),
+    /// A shared exit-facing socket (`io/shared.rs`), by pool id.
+    Shared(u32),
 }
 
 pub(super) struct IoSocket {
@@ -41,6 +44,8 @@ pub(super) struct Sockets {
     /// Socket id by owning role, then by the owner's slot index (`NONE` when the slot has
     /// no socket).
     pub(super) owned: Vec<Vec<u32>>,
+    /// Shared exit-facing sockets (their socket ids) and who is on them.
+    pub(super) shared: SharedExitSockets<u32>,
 }
 
 pub(super) const NONE: u32 = u32::MAX;
@@ -67,8 +72,26 @@ impl Sockets {
         self.slots.get_mut(id as usize).and_then(Option::as_mut)
     }
 
-    /// The open socket of `owner`, if it has one.
+    /// The open socket of `owner`, its own or a shared one, if it has one.
     pub(super) fn owned(&self, owner: SocketOwner) -> Option<u32> {
+        if let Some(id) = self.own(owner) {
+            return Some(id);
+        }
+        let (pool, _) = self.shared.of(owner)?;
+        let id = *self.shared.handle(pool)?;
+        self.get(id).filter(|s| !s.closing).map(|_| id)
+    }
+
+    /// The destination a send to `target` names: `None` on a connected socket.
+    pub(super) fn dest(&self, target: Target) -> Option<SocketAddr> {
+        match target {
+            Target::Client { addr, .. } => Some(addr),
+            Target::Socket(owner) => self.shared.of(owner).map(|(_, exit)| exit),
+        }
+    }
+
+    /// The open socket of its own of `owner`, if it has one.
+    fn own(&self, owner: SocketOwner) -> Option<u32> {
         let table = self.owned.get(usize::from(owner.role.0))?;
         let id = *table.get(owner.slot.index as usize)?;
         match self.get(id)? {
@@ -142,9 +165,9 @@ impl Sockets {
 }
 
 impl TrainSockets for Sockets {
-    fn socket(&self, target: Target) -> Option<(i32, bool)> {
+    fn socket(&self, target: Target) -> Option<(i32, bool, Option<SocketAddr>)> {
         let s = self.get(self.for_target(target)?)?;
-        Some((s.socket.as_raw_fd(), s.gso))
+        Some((s.socket.as_raw_fd(), s.gso, self.dest(target)))
     }
 
     fn refuse_gso(&mut self, target: Target) {
