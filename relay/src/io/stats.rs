@@ -57,6 +57,9 @@ pub struct IoStats {
     pub recv_errors: u64,
     /// The relay's own cookie replies the kernel refused to send.
     pub cookie_send_errors: u64,
+    /// DoubleHop sessions with an exit-facing socket: one descriptor each with
+    /// `exit_sockets = "per-session"`; with `"shared"`, sessions placed on the shared
+    /// sockets counted below.
     pub exit_sockets_open: u64,
     /// Shared exit-facing sockets open (`[relay] exit_sockets = "shared"`): the descriptors
     /// the sessions and flows counted above (and Z-HOP's) use between them.
