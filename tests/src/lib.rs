@@ -10,7 +10,9 @@ pub mod netns;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use wraithgate_control::endpoints::{any_loopback, KeyPair, Received, WgNode};
+use wraithgate_control::endpoints::{
+    any_loopback, udp_payload, KeyPair, PeerOptions, Received, WgNode,
+};
 use wraithgate_relay::io::{BackendChoice, DataPlane, DataPlaneConfig};
 use wraithgate_relay::router::RouterConfig;
 use wraithgate_relay::table::{ExitSpec, ExitTable, SharedTable};
@@ -226,6 +228,49 @@ pub fn pump(
         }
     }
     false
+}
+
+/// A DoubleHop pair through a relay at `relay`: `client`'s peer for `exit` (its endpoint the
+/// relay) and `exit`'s peer for `client` (no endpoint: it learns the relay's). Returns the
+/// two peer numbers, the client's first.
+pub fn pair(relay: SocketAddr, exit: &mut WgNode, client: &mut WgNode) -> (usize, usize) {
+    let cp = client.add_peer(
+        exit.keys().public,
+        PeerOptions {
+            endpoint: Some(relay),
+            ..Default::default()
+        },
+    );
+    let ep = exit.add_peer(client.keys().public, PeerOptions::default());
+    (cp, ep)
+}
+
+/// Sends the IPv4/UDP `packet` from `from` over `peer`, pumping every node for up to
+/// `timeout`, until `to` receives it. Returns the peer it arrived from; panics if any of
+/// `others` receives a data packet meanwhile (a relay must never deliver one to the wrong
+/// node).
+pub fn deliver(
+    from: &mut WgNode,
+    peer: usize,
+    to: &mut WgNode,
+    others: &mut [&mut WgNode],
+    packet: &[u8],
+    timeout: Duration,
+) -> Option<usize> {
+    from.send_ip(peer, packet).expect("send");
+    let want = udp_payload(packet).expect("an IPv4/UDP packet").to_vec();
+    let mut got = None;
+    let mut nodes: Vec<&mut WgNode> = vec![to, from];
+    nodes.extend(others.iter_mut().map(|n| &mut **n));
+    pump(&mut nodes, timeout, |i, r| match r {
+        Received::Packet { peer, data } if i == 0 && udp_payload(data) == Some(&want[..]) => {
+            got = Some(*peer);
+            true
+        }
+        Received::Packet { .. } if i >= 2 => panic!("node {i} received another's packet"),
+        _ => false,
+    });
+    got
 }
 
 /// The worker a relay with two workers (as [`Relay::start`] and the Exit tests run) steers

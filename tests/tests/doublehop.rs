@@ -12,7 +12,7 @@ use wraithgate_control::endpoints::{
 };
 use wraithgate_relay::io::BackendChoice;
 use wraithgate_relay::DropReason;
-use wraithgate_tests::{backends, exit_spec, node, pump, under_qemu, Relay};
+use wraithgate_tests::{backends, deliver, exit_spec, node, pair, pump, under_qemu, Relay};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -24,47 +24,6 @@ fn ip(client: u8, body: &[u8]) -> Vec<u8> {
 fn reply(client: u8, body: &[u8]) -> Vec<u8> {
     let (s, d) = tunnel_addrs(client);
     ipv4_udp(d, s, 9, 40000, body)
-}
-
-/// Client `c` (peer `cp` = the exit) and exit `e` (peer `ep` = the client).
-fn pair(
-    relay_endpoint: std::net::SocketAddr,
-    exit: &mut WgNode,
-    client: &mut WgNode,
-) -> (usize, usize) {
-    let cp = client.add_peer(
-        exit.keys().public,
-        PeerOptions {
-            endpoint: Some(relay_endpoint),
-            ..Default::default()
-        },
-    );
-    let ep = exit.add_peer(client.keys().public, PeerOptions::default());
-    (cp, ep)
-}
-
-/// Sends `body` from `from` over `peer` and pumps until `to` receives it. Returns the
-/// receiving peer number.
-fn deliver(
-    from: &mut WgNode,
-    peer: usize,
-    to: &mut WgNode,
-    others: &mut [&mut WgNode],
-    packet: &[u8],
-) -> Option<usize> {
-    from.send_ip(peer, packet).expect("send");
-    let want = udp_payload(packet).unwrap().to_vec();
-    let mut got = None;
-    let mut nodes: Vec<&mut WgNode> = vec![to, from];
-    nodes.extend(others.iter_mut().map(|n| &mut **n));
-    pump(&mut nodes, WAIT, |i, r| match r {
-        Received::Packet { peer, data } if i == 0 && udp_payload(data) == Some(&want[..]) => {
-            got = Some(*peer);
-            true
-        }
-        _ => false,
-    });
-    got
 }
 
 fn for_each_backend(f: impl Fn(BackendChoice)) {
@@ -83,7 +42,14 @@ fn handshake_and_data_both_ways() {
         let (cp, ep) = pair(relay.addr, &mut exit, &mut client);
 
         assert_eq!(
-            deliver(&mut client, cp, &mut exit, &mut [], &ip(1, b"hello exit")),
+            deliver(
+                &mut client,
+                cp,
+                &mut exit,
+                &mut [],
+                &ip(1, b"hello exit"),
+                WAIT
+            ),
             Some(ep)
         );
         assert_eq!(
@@ -92,21 +58,29 @@ fn handshake_and_data_both_ways() {
                 ep,
                 &mut client,
                 &mut [],
-                &reply(1, b"hello client")
+                &reply(1, b"hello client"),
+                WAIT
             ),
             Some(cp)
         );
         for i in 0..50u32 {
             let body = format!("payload {i}").repeat(40);
-            assert!(
-                deliver(&mut client, cp, &mut exit, &mut [], &ip(1, body.as_bytes())).is_some()
-            );
+            assert!(deliver(
+                &mut client,
+                cp,
+                &mut exit,
+                &mut [],
+                &ip(1, body.as_bytes()),
+                WAIT
+            )
+            .is_some());
             assert!(deliver(
                 &mut exit,
                 ep,
                 &mut client,
                 &mut [],
-                &reply(1, body.as_bytes())
+                &reply(1, body.as_bytes()),
+                WAIT
             )
             .is_some());
         }
@@ -166,7 +140,14 @@ fn auto_runs_io_uring_exactly_where_the_probe_allows_and_forwards() {
     for i in 0..20u32 {
         let body = format!("auto {i}");
         assert_eq!(
-            deliver(&mut client, cp, &mut exit, &mut [], &ip(1, body.as_bytes())),
+            deliver(
+                &mut client,
+                cp,
+                &mut exit,
+                &mut [],
+                &ip(1, body.as_bytes()),
+                WAIT
+            ),
             Some(ep)
         );
         assert_eq!(
@@ -175,7 +156,8 @@ fn auto_runs_io_uring_exactly_where_the_probe_allows_and_forwards() {
                 ep,
                 &mut client,
                 &mut [],
-                &reply(1, body.as_bytes())
+                &reply(1, body.as_bytes()),
+                WAIT
             ),
             Some(cp)
         );
@@ -216,7 +198,15 @@ fn rekey_mid_stream_keeps_traffic_flowing() {
             }
             let body = format!("seq {i}");
             assert!(
-                deliver(&mut client, cp, &mut exit, &mut [], &ip(1, body.as_bytes())).is_some(),
+                deliver(
+                    &mut client,
+                    cp,
+                    &mut exit,
+                    &mut [],
+                    &ip(1, body.as_bytes()),
+                    WAIT
+                )
+                .is_some(),
                 "packet {i} client->exit lost"
             );
             assert!(
@@ -225,7 +215,8 @@ fn rekey_mid_stream_keeps_traffic_flowing() {
                     ep,
                     &mut client,
                     &mut [],
-                    &reply(1, body.as_bytes())
+                    &reply(1, body.as_bytes()),
+                    WAIT
                 )
                 .is_some(),
                 "packet {i} exit->client lost"
@@ -257,11 +248,11 @@ fn exit_initiated_handshake_reaches_the_right_client() {
         let (ap, ea) = pair(relay.addr, &mut exit, &mut a);
         let (bp, eb) = pair(relay.addr, &mut exit, &mut b);
         assert_eq!(
-            deliver(&mut a, ap, &mut exit, &mut [], &ip(1, b"a")),
+            deliver(&mut a, ap, &mut exit, &mut [], &ip(1, b"a"), WAIT),
             Some(ea)
         );
         assert_eq!(
-            deliver(&mut b, bp, &mut exit, &mut [&mut a], &ip(2, b"b")),
+            deliver(&mut b, bp, &mut exit, &mut [&mut a], &ip(2, b"b"), WAIT),
             Some(eb)
         );
         assert_ne!(
@@ -287,11 +278,25 @@ fn exit_initiated_handshake_reaches_the_right_client() {
         );
         assert_eq!(a.handshakes(ap), a_before, "a must not see b's handshake");
         assert_eq!(
-            deliver(&mut exit, eb, &mut b, &mut [&mut a], &reply(2, b"to b")),
+            deliver(
+                &mut exit,
+                eb,
+                &mut b,
+                &mut [&mut a],
+                &reply(2, b"to b"),
+                WAIT
+            ),
             Some(bp)
         );
         assert_eq!(
-            deliver(&mut exit, ea, &mut a, &mut [&mut b], &reply(1, b"to a")),
+            deliver(
+                &mut exit,
+                ea,
+                &mut a,
+                &mut [&mut b],
+                &reply(1, b"to a"),
+                WAIT
+            ),
             Some(ap)
         );
         assert!(relay.stats().exit_handshakes >= 1);
@@ -334,7 +339,14 @@ fn cookie_reply_reaches_the_client() {
         pump(&mut nodes, Duration::from_millis(500), |_, _| false);
         assert_eq!(exit.handshakes(ep), 1, "handshake with mac2 completed");
         assert_eq!(
-            deliver(&mut client, cp, &mut exit, &mut [], &ip(1, b"after cookie")),
+            deliver(
+                &mut client,
+                cp,
+                &mut exit,
+                &mut [],
+                &ip(1, b"after cookie"),
+                WAIT
+            ),
             Some(ep)
         );
     });
@@ -354,19 +366,19 @@ fn two_clients_reach_two_exits_chosen_by_mac1() {
         let (ap, xa) = pair(relay.addr, &mut x, &mut a);
         let (bp, yb) = pair(relay.addr, &mut y, &mut b);
         assert_eq!(
-            deliver(&mut a, ap, &mut x, &mut [&mut y], &ip(1, b"for x")),
+            deliver(&mut a, ap, &mut x, &mut [&mut y], &ip(1, b"for x"), WAIT),
             Some(xa)
         );
         assert_eq!(
-            deliver(&mut b, bp, &mut y, &mut [&mut x], &ip(2, b"for y")),
+            deliver(&mut b, bp, &mut y, &mut [&mut x], &ip(2, b"for y"), WAIT),
             Some(yb)
         );
         assert_eq!(
-            deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"from x")),
+            deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"from x"), WAIT),
             Some(ap)
         );
         assert_eq!(
-            deliver(&mut y, yb, &mut b, &mut [], &reply(2, b"from y")),
+            deliver(&mut y, yb, &mut b, &mut [], &reply(2, b"from y"), WAIT),
             Some(bp)
         );
         assert_eq!(relay.stats().sessions_established, 2);
@@ -407,12 +419,13 @@ fn pinned_listen_port_routes_to_its_exit_only() {
                 bp,
                 &mut y,
                 &mut [&mut x],
-                &ip(2, b"via pinned port")
+                &ip(2, b"via pinned port"),
+                WAIT
             ),
             Some(yb)
         );
         assert_eq!(
-            deliver(&mut y, yb, &mut b, &mut [], &reply(2, b"back")),
+            deliver(&mut y, yb, &mut b, &mut [], &reply(2, b"back"), WAIT),
             Some(bp)
         );
         assert_eq!(y.endpoint(yb).map(|e| e.ip()), Some(relay.addr.ip()));
@@ -438,8 +451,8 @@ fn a_port_no_longer_pinned_is_released_and_its_sessions_closed() {
         let (ap, _) = pair(relay.addr, &mut x, &mut a);
         let mut b = node();
         let (bp, _) = pair(pinned, &mut y, &mut b);
-        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a")).is_some());
-        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b")).is_some());
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a"), WAIT).is_some());
+        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b"), WAIT).is_some());
         assert!(
             UdpSocket::bind(pinned).is_err(),
             "the relay holds the pinned port"
@@ -460,10 +473,10 @@ fn a_port_no_longer_pinned_is_released_and_its_sessions_closed() {
         }
         assert_eq!(relay.stats().sessions_closed_by_table, 1);
         // The session through the main port carries on; y is reached through it by mac1.
-        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a again")).is_some());
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a again"), WAIT).is_some());
         let mut c = node();
         let (cp, _) = pair(relay.addr, &mut y, &mut c);
-        assert!(deliver(&mut c, cp, &mut y, &mut [], &ip(3, b"c")).is_some());
+        assert!(deliver(&mut c, cp, &mut y, &mut [], &ip(3, b"c"), WAIT).is_some());
     });
 }
 
@@ -479,7 +492,7 @@ fn garbage_and_spoofed_packets_move_nothing() {
             1,
         );
         let (cp, ep) = pair(relay.addr, &mut exit, &mut client);
-        assert!(deliver(&mut client, cp, &mut exit, &mut [], &ip(1, b"first")).is_some());
+        assert!(deliver(&mut client, cp, &mut exit, &mut [], &ip(1, b"first"), WAIT).is_some());
 
         // An attacker elsewhere: junk of every shape, and transport headers with real and
         // made-up indices.
@@ -503,9 +516,24 @@ fn garbage_and_spoofed_packets_move_nothing() {
         }
         std::thread::sleep(Duration::from_millis(100));
         // The tunnel carries on, to and from the real client.
-        assert!(deliver(&mut client, cp, &mut exit, &mut [], &ip(1, b"still here")).is_some());
+        assert!(deliver(
+            &mut client,
+            cp,
+            &mut exit,
+            &mut [],
+            &ip(1, b"still here"),
+            WAIT
+        )
+        .is_some());
         assert_eq!(
-            deliver(&mut exit, ep, &mut client, &mut [], &reply(1, b"and back")),
+            deliver(
+                &mut exit,
+                ep,
+                &mut client,
+                &mut [],
+                &reply(1, b"and back"),
+                WAIT
+            ),
             Some(cp)
         );
         let s = relay.stats();
@@ -536,13 +564,13 @@ fn removing_an_exit_ends_its_sessions_and_keeps_the_others() {
         );
         let (ap, xa) = pair(relay.addr, &mut x, &mut a);
         let (bp, yb) = pair(relay.addr, &mut y, &mut b);
-        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a")).is_some());
-        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b")).is_some());
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a"), WAIT).is_some());
+        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b"), WAIT).is_some());
 
         relay.set_exits(2, vec![exit_spec("x", &x, None)]);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
-            deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a again")),
+            deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a again"), WAIT),
             Some(xa)
         );
         b.send_ip(bp, &ip(2, b"into the void")).unwrap();
@@ -564,7 +592,7 @@ fn removing_an_exit_ends_its_sessions_and_keeps_the_others() {
         });
         assert_eq!(b.handshakes(bp), before + 1);
         assert_eq!(
-            deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b is back")),
+            deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b is back"), WAIT),
             Some(yb)
         );
     });
@@ -577,7 +605,7 @@ fn killed_session_stops_forwarding_and_a_new_handshake_reopens_it() {
         let mut a = node();
         let relay = Relay::start(backend, vec![exit_spec("x", &x, None)]);
         let (ap, xa) = pair(relay.addr, &mut x, &mut a);
-        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"first")).is_some());
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"first"), WAIT).is_some());
         // Kill and reopen a few times: the relay recycles the slot (and its socket id) while
         // the killed socket's receive may still be completing.
         for round in 1..=3u64 {
@@ -605,10 +633,18 @@ fn killed_session_stops_forwarding_and_a_new_handshake_reopens_it() {
             assert_eq!(a.handshakes(ap), before + 1, "round {round}");
             let body = format!("round {round}");
             assert_eq!(
-                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body.as_bytes())),
+                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body.as_bytes()), WAIT),
                 Some(xa)
             );
-            assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, body.as_bytes())).is_some());
+            assert!(deliver(
+                &mut x,
+                xa,
+                &mut a,
+                &mut [],
+                &reply(1, body.as_bytes()),
+                WAIT
+            )
+            .is_some());
         }
         // Workers publish at most every 50 ms and wake at least every 100 ms when idle.
         std::thread::sleep(Duration::from_millis(300));
@@ -683,8 +719,8 @@ fn one_session(
         1,
     );
     let (ap, xa) = pair(relay.addr, x, a);
-    assert!(deliver(a, ap, x, &mut [], &ip(1, b"hello")).is_some());
-    assert!(deliver(x, xa, a, &mut [], &reply(1, b"hello")).is_some());
+    assert!(deliver(a, ap, x, &mut [], &ip(1, b"hello"), WAIT).is_some());
+    assert!(deliver(x, xa, a, &mut [], &reply(1, b"hello"), WAIT).is_some());
     let relay_exit_side = x.endpoint(xa).expect("exit knows the relay's socket");
     (relay, ap, xa, relay_exit_side)
 }

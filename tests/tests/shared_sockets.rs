@@ -12,7 +12,7 @@ use wraithgate_relay::io::{BackendChoice, DataPlaneConfig, ExitSockets};
 use wraithgate_relay::table::{ExitTable, PeerSpec};
 use wraithgate_relay::zhop::NodeKey;
 use wraithgate_relay::DropReason;
-use wraithgate_tests::{backends, exit_spec, node, pump, Relay};
+use wraithgate_tests::{backends, deliver, exit_spec, node, pair, pump, Relay};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -39,44 +39,6 @@ fn shared_relay(backend: BackendChoice, exits: &[(&str, &WgNode)]) -> Relay {
             ..Relay::config()
         },
     )
-}
-
-/// Client peer (towards the exit) and exit peer (towards the client).
-fn pair(relay: SocketAddr, exit: &mut WgNode, client: &mut WgNode) -> (usize, usize) {
-    let cp = client.add_peer(
-        exit.keys().public,
-        PeerOptions {
-            endpoint: Some(relay),
-            ..Default::default()
-        },
-    );
-    let ep = exit.add_peer(client.keys().public, PeerOptions::default());
-    (cp, ep)
-}
-
-/// Sends `packet` from `from` over `peer`, pumping every node, until `to` receives it.
-/// Returns the peer it arrived from; fails if any *other* node receives a packet.
-fn deliver(
-    from: &mut WgNode,
-    peer: usize,
-    to: &mut WgNode,
-    others: &mut [&mut WgNode],
-    packet: &[u8],
-) -> Option<usize> {
-    from.send_ip(peer, packet).expect("send");
-    let want = udp_payload(packet).unwrap().to_vec();
-    let mut got = None;
-    let mut nodes: Vec<&mut WgNode> = vec![to, from];
-    nodes.extend(others.iter_mut().map(|n| &mut **n));
-    pump(&mut nodes, WAIT, |i, r| match r {
-        Received::Packet { peer, data } if i == 0 && udp_payload(data) == Some(&want[..]) => {
-            got = Some(*peer);
-            true
-        }
-        Received::Packet { .. } if i >= 2 => panic!("node {i} received another's packet"),
-        _ => false,
-    });
-    got
 }
 
 fn for_each_backend(f: impl Fn(BackendChoice)) {
@@ -124,7 +86,8 @@ fn sessions_of_two_exits_share_a_socket_and_one_exits_sessions_never_do() {
                     ap,
                     &mut x,
                     &mut [&mut y, &mut b, &mut c],
-                    &ip(1, body)
+                    &ip(1, body),
+                    WAIT
                 ),
                 Some(xa)
             );
@@ -134,7 +97,8 @@ fn sessions_of_two_exits_share_a_socket_and_one_exits_sessions_never_do() {
                     bp,
                     &mut y,
                     &mut [&mut x, &mut a, &mut c],
-                    &ip(2, body)
+                    &ip(2, body),
+                    WAIT
                 ),
                 Some(yb)
             );
@@ -144,7 +108,8 @@ fn sessions_of_two_exits_share_a_socket_and_one_exits_sessions_never_do() {
                     cp,
                     &mut x,
                     &mut [&mut y, &mut a, &mut b],
-                    &ip(3, body)
+                    &ip(3, body),
+                    WAIT
                 ),
                 Some(xc)
             );
@@ -154,7 +119,8 @@ fn sessions_of_two_exits_share_a_socket_and_one_exits_sessions_never_do() {
                     xa,
                     &mut a,
                     &mut [&mut y, &mut b, &mut c],
-                    &reply(1, body)
+                    &reply(1, body),
+                    WAIT
                 ),
                 Some(ap)
             );
@@ -164,7 +130,8 @@ fn sessions_of_two_exits_share_a_socket_and_one_exits_sessions_never_do() {
                     yb,
                     &mut b,
                     &mut [&mut x, &mut a, &mut c],
-                    &reply(2, body)
+                    &reply(2, body),
+                    WAIT
                 ),
                 Some(bp)
             );
@@ -174,7 +141,8 @@ fn sessions_of_two_exits_share_a_socket_and_one_exits_sessions_never_do() {
                     xc,
                     &mut c,
                     &mut [&mut y, &mut a, &mut b],
-                    &reply(3, body)
+                    &reply(3, body),
+                    WAIT
                 ),
                 Some(cp)
             );
@@ -218,11 +186,25 @@ fn sessions_of_two_exits_share_a_socket_and_one_exits_sessions_never_do() {
             let body = format!("after a closed {round}");
             let body = body.as_bytes();
             assert_eq!(
-                deliver(&mut b, bp, &mut y, &mut [&mut x, &mut c], &ip(2, body)),
+                deliver(
+                    &mut b,
+                    bp,
+                    &mut y,
+                    &mut [&mut x, &mut c],
+                    &ip(2, body),
+                    WAIT
+                ),
                 Some(yb)
             );
             assert_eq!(
-                deliver(&mut y, yb, &mut b, &mut [&mut x, &mut c], &reply(2, body)),
+                deliver(
+                    &mut y,
+                    yb,
+                    &mut b,
+                    &mut [&mut x, &mut c],
+                    &reply(2, body),
+                    WAIT
+                ),
                 Some(bp)
             );
         }
@@ -240,11 +222,18 @@ fn sessions_of_two_exits_share_a_socket_and_one_exits_sessions_never_do() {
         assert_eq!(shared_sockets(&relay), 1);
         assert!(port_taken(seen_c.port()));
         assert_eq!(
-            deliver(&mut c, cp, &mut x, &mut [&mut y], &ip(3, b"c still")),
+            deliver(&mut c, cp, &mut x, &mut [&mut y], &ip(3, b"c still"), WAIT),
             Some(xc)
         );
         assert_eq!(
-            deliver(&mut x, xc, &mut c, &mut [&mut y], &reply(3, b"c still")),
+            deliver(
+                &mut x,
+                xc,
+                &mut c,
+                &mut [&mut y],
+                &reply(3, b"c still"),
+                WAIT
+            ),
             Some(cp)
         );
     });
@@ -261,8 +250,24 @@ fn a_stranger_on_a_shared_socket_is_dropped_and_counted() {
         let relay = shared_relay(backend, &[("x", &x), ("y", &y)]);
         let (ap, xa) = pair(relay.addr, &mut x, &mut a);
         let (bp, yb) = pair(relay.addr, &mut y, &mut b);
-        assert!(deliver(&mut a, ap, &mut x, &mut [&mut y, &mut b], &ip(1, b"a")).is_some());
-        assert!(deliver(&mut b, bp, &mut y, &mut [&mut x, &mut a], &ip(2, b"b")).is_some());
+        assert!(deliver(
+            &mut a,
+            ap,
+            &mut x,
+            &mut [&mut y, &mut b],
+            &ip(1, b"a"),
+            WAIT
+        )
+        .is_some());
+        assert!(deliver(
+            &mut b,
+            bp,
+            &mut y,
+            &mut [&mut x, &mut a],
+            &ip(2, b"b"),
+            WAIT
+        )
+        .is_some());
         let port = x.endpoint(xa).expect("learned").port();
         assert_eq!(y.endpoint(yb).map(|e| e.port()), Some(port), "shared");
 
@@ -291,8 +296,8 @@ fn a_stranger_on_a_shared_socket_is_dropped_and_counted() {
             "no client hears the stranger"
         );
         // The exits are still heard.
-        assert!(deliver(&mut x, xa, &mut a, &mut [&mut b], &reply(1, b"x")).is_some());
-        assert!(deliver(&mut y, yb, &mut b, &mut [&mut a], &reply(2, b"y")).is_some());
+        assert!(deliver(&mut x, xa, &mut a, &mut [&mut b], &reply(1, b"x"), WAIT).is_some());
+        assert!(deliver(&mut y, yb, &mut b, &mut [&mut a], &reply(2, b"y"), WAIT).is_some());
     });
 }
 
@@ -350,10 +355,10 @@ fn gro_trains_cross_a_shared_socket_both_ways() {
         let relay = shared_relay(backend, &[("x", &x), ("y", &y)]);
         let (ap, xa) = pair(relay.addr, &mut x, &mut a);
         let (bp, yb) = pair(relay.addr, &mut y, &mut b);
-        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a")).is_some());
-        assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"a")).is_some());
-        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b")).is_some());
-        assert!(deliver(&mut y, yb, &mut b, &mut [], &reply(2, b"b")).is_some());
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a"), WAIT).is_some());
+        assert!(deliver(&mut x, xa, &mut a, &mut [], &reply(1, b"a"), WAIT).is_some());
+        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b"), WAIT).is_some());
+        assert!(deliver(&mut y, yb, &mut b, &mut [], &reply(2, b"b"), WAIT).is_some());
         let shared = x.endpoint(xa).expect("learned");
         assert_eq!(y.endpoint(yb), Some(shared));
         train_through(&mut a, ap, &mut x, relay.addr, |b| ip(1, b));
@@ -446,11 +451,11 @@ fn a_zhop_flow_and_a_doublehop_session_of_another_exit_share_a_socket() {
         );
         let (bp, yb) = pair(relay.addr, &mut y, &mut b);
         assert_eq!(
-            deliver(&mut b, bp, &mut y, &mut [], &ip(1, b"hop")),
+            deliver(&mut b, bp, &mut y, &mut [], &ip(1, b"hop"), WAIT),
             Some(yb)
         );
         assert_eq!(
-            deliver(&mut y, yb, &mut b, &mut [], &reply(1, b"hop")),
+            deliver(&mut y, yb, &mut b, &mut [], &reply(1, b"hop"), WAIT),
             Some(bp)
         );
         let flow = x.endpoint(xz).expect("x learned the flow's endpoint");
@@ -486,9 +491,9 @@ fn restored_sessions_share_their_socket_again_on_the_same_port() {
         let (ap, xa) = pair(relay.addr, &mut x, &mut a);
         let (bp, yb) = pair(relay.addr, &mut y, &mut b);
         let (cp, xc) = pair(relay.addr, &mut x, &mut c);
-        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a")).is_some());
-        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b")).is_some());
-        assert!(deliver(&mut c, cp, &mut x, &mut [], &ip(3, b"c")).is_some());
+        assert!(deliver(&mut a, ap, &mut x, &mut [], &ip(1, b"a"), WAIT).is_some());
+        assert!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, b"b"), WAIT).is_some());
+        assert!(deliver(&mut c, cp, &mut x, &mut [], &ip(3, b"c"), WAIT).is_some());
         let (seen_a, seen_b, seen_c) = (x.endpoint(xa), y.endpoint(yb), x.endpoint(xc));
         assert_eq!(seen_a, seen_b);
         let snaps = relay.dp.snapshot(WAIT);
@@ -514,22 +519,28 @@ fn restored_sessions_share_their_socket_again_on_the_same_port() {
         let handshakes = (a.handshakes(ap), b.handshakes(bp), c.handshakes(cp));
         for (round, body) in [b"one".as_slice(), b"two"].iter().enumerate() {
             assert_eq!(
-                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body)),
+                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body), WAIT),
                 Some(xa),
                 "{round}"
             );
             assert_eq!(
-                deliver(&mut x, xa, &mut a, &mut [], &reply(1, body)),
+                deliver(&mut x, xa, &mut a, &mut [], &reply(1, body), WAIT),
                 Some(ap)
             );
-            assert_eq!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, body)), Some(yb));
             assert_eq!(
-                deliver(&mut y, yb, &mut b, &mut [], &reply(2, body)),
+                deliver(&mut b, bp, &mut y, &mut [], &ip(2, body), WAIT),
+                Some(yb)
+            );
+            assert_eq!(
+                deliver(&mut y, yb, &mut b, &mut [], &reply(2, body), WAIT),
                 Some(bp)
             );
-            assert_eq!(deliver(&mut c, cp, &mut x, &mut [], &ip(3, body)), Some(xc));
             assert_eq!(
-                deliver(&mut x, xc, &mut c, &mut [], &reply(3, body)),
+                deliver(&mut c, cp, &mut x, &mut [], &ip(3, body), WAIT),
+                Some(xc)
+            );
+            assert_eq!(
+                deliver(&mut x, xc, &mut c, &mut [], &reply(3, body), WAIT),
                 Some(cp)
             );
         }
@@ -560,22 +571,28 @@ fn exits_of_each_address_family_share_sockets_of_that_family() {
         let (cp, zc) = pair(relay.addr, &mut z, &mut c);
         for (n, body) in [b"one".as_slice(), b"two"].iter().enumerate() {
             assert_eq!(
-                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body)),
+                deliver(&mut a, ap, &mut x, &mut [], &ip(1, body), WAIT),
                 Some(xa),
                 "{n}"
             );
             assert_eq!(
-                deliver(&mut x, xa, &mut a, &mut [], &reply(1, body)),
+                deliver(&mut x, xa, &mut a, &mut [], &reply(1, body), WAIT),
                 Some(ap)
             );
-            assert_eq!(deliver(&mut b, bp, &mut y, &mut [], &ip(2, body)), Some(yb));
             assert_eq!(
-                deliver(&mut y, yb, &mut b, &mut [], &reply(2, body)),
+                deliver(&mut b, bp, &mut y, &mut [], &ip(2, body), WAIT),
+                Some(yb)
+            );
+            assert_eq!(
+                deliver(&mut y, yb, &mut b, &mut [], &reply(2, body), WAIT),
                 Some(bp)
             );
-            assert_eq!(deliver(&mut c, cp, &mut z, &mut [], &ip(3, body)), Some(zc));
             assert_eq!(
-                deliver(&mut z, zc, &mut c, &mut [], &reply(3, body)),
+                deliver(&mut c, cp, &mut z, &mut [], &ip(3, body), WAIT),
+                Some(zc)
+            );
+            assert_eq!(
+                deliver(&mut z, zc, &mut c, &mut [], &reply(3, body), WAIT),
                 Some(cp)
             );
         }
