@@ -159,7 +159,6 @@ fn main() {
     let _ = exit_thread.join();
     let _ = std::fs::remove_dir_all(&dir);
 
-    let delta_kib = loaded.saturating_sub(idle);
     println!("backend              {backend}");
     println!("relay alive          {alive}");
     println!("sessions requested   {sessions}");
@@ -168,14 +167,7 @@ fn main() {
         responses.load(Ordering::Relaxed)
     );
     println!("established (client got the response) {answered}");
-    println!("set-up time          {:.1} s", setup.as_secs_f64());
-    println!("relay RSS idle       {:.1} MiB", idle as f64 / 1024.0);
-    println!("relay RSS loaded     {:.1} MiB", loaded as f64 / 1024.0);
-    println!("RSS above idle       {:.1} MiB", delta_kib as f64 / 1024.0);
-    println!(
-        "bytes/session (RSS)  {:.0}",
-        delta_kib as f64 * 1024.0 / answered.max(1) as f64
-    );
+    print_memory(setup, idle, loaded, answered as usize);
     println!(
         "kernel UDP memory    {} -> {} pages (all UDP sockets on the machine, for context)",
         kernel_idle, kernel_loaded
@@ -312,7 +304,6 @@ fn shared(binary: &str, backend: &str, sessions: usize, exits: usize) {
     let _ = std::fs::remove_dir_all(&dir);
 
     let established = held.saturating_sub(pending);
-    let delta_kib = loaded.saturating_sub(idle);
     println!("backend              {backend} (exit_sockets = \"shared\", {exits} exits)");
     println!("relay alive          {alive}");
     println!("sessions requested   {sessions}");
@@ -323,13 +314,20 @@ fn shared(binary: &str, backend: &str, sessions: usize, exits: usize) {
     println!("node: sessions held  {held}, pending {pending}, established {established}");
     println!("node: shared sockets {sockets}, stranger drops {strangers}");
     println!("relay descriptors    {fds_idle} idle -> {fds_loaded} loaded");
+    print_memory(setup, idle, loaded, established as usize);
+}
+
+/// The set-up time and the relay's resident memory, idle and with `sessions` established
+/// (`idle` and `loaded` in KiB).
+fn print_memory(setup: Duration, idle: u64, loaded: u64, sessions: usize) {
+    let delta_kib = loaded.saturating_sub(idle);
     println!("set-up time          {:.1} s", setup.as_secs_f64());
     println!("relay RSS idle       {:.1} MiB", idle as f64 / 1024.0);
     println!("relay RSS loaded     {:.1} MiB", loaded as f64 / 1024.0);
     println!("RSS above idle       {:.1} MiB", delta_kib as f64 / 1024.0);
     println!(
         "bytes/session (RSS)  {:.0}",
-        delta_kib as f64 * 1024.0 / established.max(1) as f64
+        delta_kib as f64 * 1024.0 / sessions.max(1) as f64
     );
 }
 
